@@ -1,0 +1,131 @@
+"""`miles-router`: run the router, check a config, or run one simulated SGLang worker.
+
+    miles-router --config router.toml [--host H] [--port P] [--log-level L]
+    miles-router check --config router.toml
+    miles-router sim-worker --port 31000 [--tokenizer builtin:qwen] [--seed 0] [--token-latency-s 0.01]
+
+A bad config or pipeline prints one line (file, key, reason) on stderr and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="miles-router", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run the router (the default)")
+    for q in (p, run):
+        q.add_argument("--config", help="router TOML file (default: built-in defaults)")
+        q.add_argument("--host")
+        q.add_argument("--port", type=int)
+        q.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    chk = sub.add_parser("check", help="validate a config and print the resolved configuration")
+    chk.add_argument("--config", required=True)
+    sim = sub.add_parser("sim-worker", help="run one simulated SGLang worker")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=31000)
+    sim.add_argument("--tokenizer", default="builtin:qwen")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--token-latency-s", type=float, default=0.0)
+    sim.add_argument("--weight-version", default="default")
+    sim.add_argument("--no-routed-experts", action="store_true")
+    sim.add_argument("--name", default="sim")
+    return p
+
+
+def _load(path: str | None):
+    from router.config import ConfigError, default_config, load_config
+    from router.core.pipeline import PipelineError, load_pipeline
+
+    try:
+        cfg = load_config(path) if path else default_config()
+        pipelines = {(r.method, r.path): load_pipeline(r.pipeline, cfg.base_dir) for r in cfg.routes}
+    except (ConfigError, PipelineError) as e:
+        print(f"miles-router: config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return cfg, pipelines
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_run(args) -> int:
+    import trio
+
+    from router.net.server import run_router
+
+    cfg, _ = _load(args.config)
+    if args.host:
+        cfg.server.host = args.host
+    if args.port is not None:
+        cfg.server.port = args.port
+    if args.log_level:
+        cfg.server.log_level = args.log_level
+    _setup_logging(cfg.server.log_level)
+    try:
+        trio.run(run_router, cfg)
+    except KeyboardInterrupt:
+        pass
+    except OSError as e:
+        print(f"miles-router: cannot start: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_check(args) -> int:
+    import msgspec
+
+    cfg, pipelines = _load(args.config)
+    out = msgspec.to_builtins(cfg)
+    out["routes"] = [
+        {**msgspec.to_builtins(r), "stages": pipelines[(r.method, r.path)].describe()} for r in cfg.routes
+    ]
+    out["routes"].append({"path": "(any other path)", "pipeline": "passthrough", "stages": [{"stage": "forward", "phase": "forward", "options": {}}]})
+    print(json.dumps(out, indent=2))
+    print(f"{args.config}: OK", file=sys.stderr)
+    return 0
+
+
+def cmd_sim_worker(args) -> int:
+    import trio
+
+    from router.sim import SimOptions, serve_sim_worker
+
+    _setup_logging("info")
+    opts = SimOptions(tokenizer=args.tokenizer, seed=args.seed, token_latency_s=args.token_latency_s,
+                      weight_version=args.weight_version, enable_routed_experts=not args.no_routed_experts,
+                      name=args.name)
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            url, _ = await n.start(serve_sim_worker, opts, args.host, args.port)
+            logging.getLogger("miles_router").info("simulated SGLang worker on %s", url)
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check":
+        return cmd_check(args)
+    if args.command == "sim-worker":
+        return cmd_sim_worker(args)
+    return cmd_run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

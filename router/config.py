@@ -1,0 +1,200 @@
+"""The router's TOML configuration, decoded straight into msgspec Structs.
+
+Every table forbids unknown keys, so a typo fails at startup instead of being ignored.
+`load_config` turns any problem into a `ConfigError` whose message is one line:
+``<file>: <key path>: <reason>``.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+
+class ConfigError(Exception):
+    """A configuration problem, already formatted as one line: file, key path, reason."""
+
+
+class _Table(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Table):
+    host: str = "127.0.0.1"
+    port: int = 30000
+    max_body_bytes: int = 512 * 1024 * 1024
+    request_timeout_s: float = 1800.0
+    drain_timeout_s: float = 30.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Optional shared secret for the admin surface (add/remove workers, fan-out);
+    # the env var MILES_ROUTER_ADMIN_KEY overrides it.
+    admin_api_key: str | None = None
+
+
+class WorkersConfig(_Table):
+    urls: list[str] = msgspec.field(default_factory=list)
+    health_interval_s: float = 5.0
+    # SGLang's /health runs a 1-token generation and answers after >= 1 s.
+    health_timeout_s: float = 5.0
+    failure_threshold: int = 3
+    success_threshold: int = 2
+    connect_timeout_s: float = 3.0
+    # Below uvicorn's 5 s keep-alive, so we never reuse a socket the worker is closing.
+    keepalive_expiry_s: float = 4.0
+    # Hosts or CIDRs that /add_worker accepts; empty = any host.
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)
+
+
+class SimulateConfig(_Table):
+    """Embedded simulated SGLang workers, started when `workers > 0`."""
+
+    workers: int = 0
+    host: str = "127.0.0.1"
+    base_port: int = 0  # 0: pick free ports
+    tokenizer: str = "builtin:qwen"
+    seed: int = 0
+    token_latency_s: float = 0.0
+    num_layers: int = 2
+    top_k: int = 2
+    num_experts: int = 64
+    enable_routed_experts: bool = True
+    weight_version: str = "default"
+    prefix_cache_tokens: int = 1 << 20
+    noncanonical_rate: float = 0.15
+
+
+class TokenizerConfig(_Table):
+    # A Hugging Face tokenizer folder, or "builtin:qwen" / "builtin:tiny" (built offline).
+    path: str = "builtin:qwen"
+
+
+class CacheConfig(_Table):
+    budget_bytes: int = 1 << 30
+    # Past this, even trajectories nobody retrieved yet are evicted (with a warning).
+    hard_budget_bytes: int = 2 << 30
+    cleanup_interval_s: float = 5.0
+    # Weight versions older than the newest N seen are evicted first.
+    keep_weight_versions: int = 2
+
+
+class RouteConfig(_Table):
+    path: str
+    method: str = "POST"
+    pipeline: str = "passthrough"
+    policy: Literal["least_inflight", "prefix_affinity", "sticky"] = "least_inflight"
+
+
+class Config(_Table):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    workers: WorkersConfig = msgspec.field(default_factory=WorkersConfig)
+    simulate: SimulateConfig = msgspec.field(default_factory=SimulateConfig)
+    tokenizer: TokenizerConfig = msgspec.field(default_factory=TokenizerConfig)
+    cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
+    routes: list[RouteConfig] = msgspec.field(default_factory=list)
+    # Folder the config came from; relative pipeline paths resolve against it.
+    base_dir: str = "."
+
+
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+
+
+def format_validation_error(file: str | Path, err: Exception) -> str:
+    """`Expected int, got str - at $.server.port` -> `FILE: server.port: expected int, got str`."""
+    m = _AT.match(str(err))
+    msg = (m.group("msg") if m else str(err)).strip()
+    path = (m.group("path") or "").lstrip(".") if m else ""
+    unknown = re.match(r"Object contains unknown field `([^`]+)`", msg)
+    if unknown:
+        path = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+        msg = "unknown key"
+    msg = msg[:1].lower() + msg[1:]
+    return f"{file}: {path or '(top level)'}: {msg.replace('`', '')}"
+
+
+def _check_values(cfg: Config) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+
+    def need(cond: bool, key: str, reason: str) -> None:
+        if not cond:
+            problems.append((key, reason))
+
+    need(0 <= cfg.server.port <= 65535, "server.port", "must be in 0..65535")
+    need(cfg.server.max_body_bytes > 0, "server.max_body_bytes", "must be > 0")
+    need(cfg.server.request_timeout_s > 0, "server.request_timeout_s", "must be > 0")
+    need(cfg.server.drain_timeout_s >= 0, "server.drain_timeout_s", "must be >= 0")
+    w = cfg.workers
+    need(w.health_interval_s > 0, "workers.health_interval_s", "must be > 0")
+    need(w.health_timeout_s > 0, "workers.health_timeout_s", "must be > 0")
+    need(w.failure_threshold >= 1, "workers.failure_threshold", "must be >= 1")
+    need(w.success_threshold >= 1, "workers.success_threshold", "must be >= 1")
+    need(w.connect_timeout_s > 0, "workers.connect_timeout_s", "must be > 0")
+    need(w.keepalive_expiry_s > 0, "workers.keepalive_expiry_s", "must be > 0")
+    from router.core.urls import WorkerUrlError, normalize_worker_url
+
+    for i, url in enumerate(w.urls):
+        try:
+            normalize_worker_url(url)
+        except WorkerUrlError as e:
+            problems.append((f"workers.urls[{i}]", str(e)))
+    s = cfg.simulate
+    need(0 <= s.workers <= 64, "simulate.workers", "must be in 0..64")
+    need(0 <= s.base_port <= 65535, "simulate.base_port", "must be in 0..65535")
+    need(s.token_latency_s >= 0, "simulate.token_latency_s", "must be >= 0")
+    need(0.0 <= s.noncanonical_rate <= 1.0, "simulate.noncanonical_rate", "must be in [0, 1]")
+    need(s.num_layers >= 1 and s.top_k >= 1, "simulate.num_layers", "num_layers and top_k must be >= 1")
+    c = cfg.cache
+    need(c.budget_bytes > 0, "cache.budget_bytes", "must be > 0")
+    need(c.hard_budget_bytes >= c.budget_bytes, "cache.hard_budget_bytes", "must be >= cache.budget_bytes")
+    need(c.cleanup_interval_s > 0, "cache.cleanup_interval_s", "must be > 0")
+    need(c.keep_weight_versions >= 1, "cache.keep_weight_versions", "must be >= 1")
+    seen: set[tuple[str, str]] = set()
+    for i, r in enumerate(cfg.routes):
+        need(r.path.startswith("/"), f"routes[{i}].path", "must start with '/'")
+        r.method = r.method.upper()
+        need(
+            r.method in {"GET", "POST", "PUT", "DELETE", "PATCH"},
+            f"routes[{i}].method",
+            "must be one of GET, POST, PUT, DELETE, PATCH",
+        )
+        need((r.method, r.path) not in seen, f"routes[{i}]", f"duplicate route {r.method} {r.path}")
+        seen.add((r.method, r.path))
+    return problems
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; raise ConfigError with a one-line message."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{p}: (file): cannot read: {e.strerror or e}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: (file): not UTF-8: {e.reason}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: (syntax): invalid TOML: {e}") from None
+    if "base_dir" in data:
+        raise ConfigError(f"{p}: base_dir: unknown key")
+    data["base_dir"] = str(p.resolve().parent)
+    try:
+        cfg = msgspec.convert(data, Config)
+    except msgspec.ValidationError as e:
+        raise ConfigError(format_validation_error(p, e)) from None
+    problems = _check_values(cfg)
+    if problems:
+        key, reason = problems[0]
+        raise ConfigError(f"{p}: {key}: {reason}")
+    return cfg
+
+
+def default_config() -> Config:
+    return Config()
+
+
+def to_builtins(cfg: Config) -> dict:
+    return msgspec.to_builtins(cfg)

@@ -1,0 +1,221 @@
+"""Pipelines: ordered stages declared in TOML, checked before the router starts.
+
+A pipeline file names its stages in order and gives each optional options:
+
+    stages = ["tokenize", "radix_lookup", "forward", "capture", "insert"]
+    [options.capture]
+    routed_experts = true
+
+A stage is a class with:
+  * `name`      the TOML name (built-ins) — custom stages are named by import path `pkg.mod:Class`;
+  * `phase`     "request" (before the worker is called; may answer the request itself),
+                "forward" (exactly one: calls a worker and relays its reply), or
+                "response" (after the worker answered, before the client sees the end of the reply);
+  * `requires` / `provides`  names of `Exchange.scratch` keys, so an order that cannot work
+                (e.g. insert before capture) is refused at startup;
+  * `Options`   a msgspec Struct (unknown keys are errors) built from `[options.<name>]`;
+  * `__init__(self, options, services)` and `async on_request(ex) -> Reply | None`,
+    `async forward(ex, client) -> None` or `async on_response(ex) -> None`.
+
+Assembly here is pure (imports and validation only); the I/O edge instantiates the stages.
+"""
+
+from __future__ import annotations
+
+import importlib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import msgspec
+
+BUILTIN_STAGES = {
+    "tokenize": "router.stages.tokenize:Tokenize",
+    "radix_lookup": "router.stages.radix_lookup:RadixLookup",
+    "forward": "router.stages.forward:Forward",
+    "capture": "router.stages.capture:Capture",
+    "insert": "router.stages.insert:Insert",
+    "set_fields": "router.stages.set_fields:SetFields",
+}
+PHASES = ("request", "forward", "response")
+
+
+class PipelineError(Exception):
+    """One line: pipeline file, stage index and the problem."""
+
+
+class StageError(Exception):
+    """Raised by a stage to fail the request with `status` and a JSON error naming the stage."""
+
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.extra = extra
+
+
+@dataclass(slots=True)
+class Reply:
+    """A complete answer produced by the router itself (short-circuit or error)."""
+
+    status: int
+    body: bytes
+    headers: list[tuple[bytes, bytes]] = field(default_factory=lambda: [(b"content-type", b"application/json")])
+
+
+class NoOptions(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+class Stage:
+    """Base class for stages (subclassing is optional; the attributes are the contract)."""
+
+    name: ClassVar[str] = ""
+    phase: ClassVar[str] = "request"
+    requires: ClassVar[frozenset[str]] = frozenset()
+    provides: ClassVar[frozenset[str]] = frozenset()
+    Options: ClassVar[type[msgspec.Struct]] = NoOptions
+
+    def __init__(self, options: Any, services: Any) -> None:
+        self.options = options
+        self.services = services
+
+
+@dataclass(slots=True)
+class Exchange:
+    """Everything one request carries through its pipeline."""
+
+    method: str
+    path: str
+    query: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes  # the client's bytes, never modified
+    route: Any = None  # the RouteConfig, when the route is configured
+    upstream_body: bytes | None = None  # set by a stage that rewrites the request
+    scratch: dict[str, Any] = field(default_factory=dict)  # stage-to-stage values
+    worker: Any = None  # the Worker that served the request
+    route_reason: str = ""
+    status: int | None = None  # the worker's status
+    response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    response_body: bytes | None = None  # whole body (non-stream) when a response stage needs it
+    final_event: bytes | None = None  # last SSE `data:` payload before [DONE] (stream)
+    extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # added to the client reply
+    stage_errors: list[str] = field(default_factory=list)
+
+    @property
+    def body_for_upstream(self) -> bytes:
+        return self.body if self.upstream_body is None else self.upstream_body
+
+
+@dataclass(frozen=True, slots=True)
+class StageSpec:
+    index: int
+    ref: str  # as written in TOML
+    cls: type
+    options: Any
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSpec:
+    name: str
+    source: str  # file path or "(builtin passthrough)"
+    stages: tuple[StageSpec, ...]
+
+    @property
+    def needs_response(self) -> bool:
+        return any(s.cls.phase == "response" for s in self.stages)
+
+    def describe(self) -> list[dict]:
+        return [{"stage": s.ref, "phase": s.cls.phase, "options": msgspec.to_builtins(s.options)}
+                for s in self.stages]
+
+
+class _PipelineFile(msgspec.Struct, forbid_unknown_fields=True):
+    stages: list[str]
+    description: str = ""
+    options: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+
+
+def resolve_stage(ref: str) -> type:
+    """`tokenize` (built-in) or `package.module:ClassName` -> the class."""
+    target = BUILTIN_STAGES.get(ref, ref)
+    if ":" not in target:
+        raise ValueError(f"unknown stage {ref!r} (built-ins: {', '.join(BUILTIN_STAGES)}; custom: 'pkg.module:Class')")
+    mod_name, _, attr = target.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ValueError(f"cannot import stage module {mod_name!r}: {e}") from None
+    cls = getattr(mod, attr, None)
+    if cls is None:
+        raise ValueError(f"module {mod_name!r} has no stage {attr!r}")
+    phase = getattr(cls, "phase", None)
+    if phase not in PHASES:
+        raise ValueError(f"stage {ref!r} has phase {phase!r}; expected one of {', '.join(PHASES)}")
+    method = {"request": "on_request", "forward": "forward", "response": "on_response"}[phase]
+    if not callable(getattr(cls, method, None)):
+        raise ValueError(f"stage {ref!r} (phase {phase}) must define {method}()")
+    return cls
+
+
+def build_pipeline(name: str, source: str, refs: list[str], options: dict[str, dict[str, Any]]) -> PipelineSpec:
+    """Resolve and validate a stage list; raise PipelineError naming source, stage index and problem."""
+    specs: list[StageSpec] = []
+    provided: set[str] = set()
+    phase_rank = {p: i for i, p in enumerate(PHASES)}
+    last_rank = 0
+    forwards = 0
+    unused_options = set(options)
+    for i, ref in enumerate(refs):
+        where = f"{source}: stages[{i}] ({ref})"
+        try:
+            cls = resolve_stage(ref)
+        except ValueError as e:
+            raise PipelineError(f"{where}: {e}") from None
+        rank = phase_rank[cls.phase]
+        if rank < last_rank:
+            raise PipelineError(f"{where}: a {cls.phase}-phase stage cannot come after a {PHASES[last_rank]}-phase stage")
+        last_rank = rank
+        forwards += cls.phase == "forward"
+        missing = set(getattr(cls, "requires", ())) - provided
+        if missing:
+            raise PipelineError(
+                f"{where}: requires {', '.join(sorted(missing))}, which no earlier stage provides")
+        provided |= set(getattr(cls, "provides", ()))
+        key = ref if ref in options else getattr(cls, "name", ref)
+        unused_options.discard(key)
+        opts_cls = getattr(cls, "Options", NoOptions)
+        try:
+            opts = msgspec.convert(options.get(key, {}), opts_cls)
+        except msgspec.ValidationError as e:
+            raise PipelineError(f"{where}: bad option: {str(e).replace('`', '').replace(' - at $', ' at options')}") from None
+        specs.append(StageSpec(i, ref, cls, opts))
+    if forwards != 1:
+        raise PipelineError(f"{source}: a pipeline needs exactly one forward-phase stage (found {forwards})")
+    if unused_options:
+        raise PipelineError(f"{source}: options.{sorted(unused_options)[0]}: no stage of that name in this pipeline")
+    return PipelineSpec(name, source, tuple(specs))
+
+
+PASSTHROUGH = "passthrough"
+
+
+def load_pipeline(ref: str, base_dir: str | Path) -> PipelineSpec:
+    """`passthrough` (built-in) or a TOML file path (relative to the config's folder)."""
+    if ref == PASSTHROUGH:
+        return build_pipeline(PASSTHROUGH, "(builtin passthrough)", ["forward"], {})
+    path = Path(ref)
+    if not path.is_absolute():
+        path = Path(base_dir) / path
+    try:
+        data = tomllib.loads(path.read_text("utf-8"))
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot read pipeline file: {e.strerror or e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{path}: invalid TOML: {e}") from None
+    try:
+        pf = msgspec.convert(data, _PipelineFile)
+    except msgspec.ValidationError as e:
+        raise PipelineError(f"{path}: {str(e).replace('`', '')}") from None
+    return build_pipeline(path.stem, str(path), pf.stages, pf.options)

@@ -1,0 +1,320 @@
+"""The router's ASGI app: its own endpoints, and every other path run through a pipeline.
+
+Plain ASGI (no framework): one dict lookup decides between a router endpoint and the proxy.
+Request bodies are read once, bounded by `server.max_body_bytes` (413 before reading when the
+Content-Length already says too much), and forwarded as the same bytes unless a stage rewrote them.
+A watcher task turns a client disconnect into cancellation of the upstream call, which closes
+that upstream connection and frees the worker slot.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qs
+
+import msgspec
+import trio
+
+from router.core.headers import header_value
+from router.core.pipeline import Exchange, Reply, StageError
+from router.core.urls import WorkerUrlError, host_allowed, normalize_worker_url
+from router.net.runtime import RoutePipeline, Runtime
+from router.wire.api import error_body, json_encoder, worker_url_decoder
+
+log = logging.getLogger("miles_router")
+
+_JSON = [(b"content-type", b"application/json")]
+_PROXY_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+class ClientStream:
+    """The reply to the client: started once, body relayed in pieces, ended exactly once."""
+
+    __slots__ = ("_send", "started", "deferred", "pipeline_needs_response", "status", "body_bytes")
+
+    def __init__(self, send, pipeline_needs_response: bool) -> None:
+        self._send = send
+        self.started = False
+        self.deferred = b""
+        self.pipeline_needs_response = pipeline_needs_response
+        self.status = 0
+        self.body_bytes = 0
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.started = True
+        self.status = status
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def send(self, chunk: bytes) -> None:
+        if chunk:
+            self.body_bytes += len(chunk)
+            await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    def defer(self, data: bytes) -> None:
+        self.deferred += data
+
+    async def finish(self) -> None:
+        await self._send({"type": "http.response.body", "body": self.deferred, "more_body": False})
+
+    @staticmethod
+    def route_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
+        out = list(ex.extra_headers)
+        if ex.worker is not None:
+            out.append((b"x-miles-router-worker", ex.worker.url.encode()))
+            out.append((b"x-miles-router-route-reason", ex.route_reason.encode()))
+        return out
+
+
+async def send_reply(send, reply: Reply) -> None:
+    headers = reply.headers + [(b"content-length", str(len(reply.body)).encode())]
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": reply.body, "more_body": False})
+
+
+def json_reply(status: int, obj) -> Reply:
+    return Reply(status, json_encoder.encode(obj))
+
+
+def error_reply(status: int, message: str, **extra) -> Reply:
+    return Reply(status, error_body(message, **extra))
+
+
+def _ascii(s: str) -> bytes:
+    return s.encode("ascii", "backslashreplace")[:1024]
+
+
+Handler = Callable[[dict, bytes], Awaitable[Reply]]
+
+
+class RouterApp:
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        cfg = runtime.config
+        self.max_body = cfg.server.max_body_bytes
+        self.admin_key = os.environ.get("MILES_ROUTER_ADMIN_KEY") or cfg.server.admin_api_key
+        # (method, path) -> (handler, needs admin key)
+        self.endpoints: dict[tuple[str, str], tuple[Handler, bool]] = {
+            ("POST", "/add_worker"): (self.add_worker, True),
+            ("POST", "/remove_worker"): (self.remove_worker, True),
+            ("GET", "/list_workers"): (self.list_workers, False),
+            ("GET", "/workers"): (self.workers, False),
+            ("GET", "/health"): (self.health, False),
+            ("GET", "/metrics"): (self.metrics, False),
+        }
+        self.extra_endpoints_hook: list = []
+
+    def register(self, method: str, path: str, handler: Handler, admin: bool = False) -> None:
+        self.endpoints[(method, path)] = (handler, admin)
+
+    # ---- ASGI -------------------------------------------------------------------------------
+    async def __call__(self, scope, receive, send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+
+    async def _http(self, scope, receive, send) -> None:
+        t0 = time.perf_counter()
+        method = scope["method"]
+        path = scope["path"]
+        endpoint = self.endpoints.get((method, path))
+        try:
+            body = await self._read_body(scope, receive)
+        except ClientGone:
+            return
+        except BodyTooLarge:
+            await send_reply(send, error_reply(413, f"request body exceeds server.max_body_bytes ({self.max_body})",
+                                               limit=self.max_body))
+            self.rt.metrics.observe_request(path if endpoint else "(proxy)", 413, time.perf_counter() - t0)
+            return
+        if endpoint is not None:
+            handler, admin = endpoint
+            if admin and not self._admin_ok(scope):
+                reply = error_reply(401, "admin endpoint: missing or wrong admin API key "
+                                         "(send 'Authorization: Bearer <key>')")
+            else:
+                try:
+                    reply = await handler(scope, body)
+                except StageError as e:
+                    reply = error_reply(e.status, e.message, **e.extra)
+            await send_reply(send, reply)
+            self.rt.metrics.observe_request(path, reply.status, time.perf_counter() - t0)
+            return
+        if method not in _PROXY_METHODS:
+            await send_reply(send, error_reply(405, f"method {method} is not proxied"))
+            return
+        pipe = self.rt.pipeline_for(method, path)
+        status = await self._proxy(scope, receive, send, body, pipe)
+        route = pipe.route.path if pipe.route is not None else "(proxy)"
+        self.rt.metrics.observe_request(route, status, time.perf_counter() - t0)
+
+    async def _read_body(self, scope, receive) -> bytes:
+        declared = header_value(scope["headers"], b"content-length")
+        if declared is not None:
+            try:
+                if int(declared) > self.max_body:
+                    raise BodyTooLarge
+            except ValueError:
+                pass
+        chunks = []
+        size = 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = msg.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > self.max_body:
+                    raise BodyTooLarge
+                chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _admin_ok(self, scope) -> bool:
+        if not self.admin_key:
+            return True
+        got = header_value(scope["headers"], b"authorization") or b""
+        if got.lower().startswith(b"bearer "):
+            got = got[7:].strip()
+        else:
+            got = header_value(scope["headers"], b"x-admin-key") or b""
+        return hmac.compare_digest(got, self.admin_key.encode())
+
+    # ---- proxy ------------------------------------------------------------------------------
+    async def _proxy(self, scope, receive, send, body: bytes, pipe: RoutePipeline) -> int:
+        ex = Exchange(scope["method"], scope["path"], scope["query_string"], scope["headers"], body, route=pipe.route)
+        if scope.get("raw_path"):
+            # Forward the path as the client spelled it (percent-encoding included), never re-quoted.
+            ex.path = scope["raw_path"].decode("latin-1").split("?", 1)[0]
+        client = ClientStream(send, pipe.needs_response)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope)
+            try:
+                await self._run(pipe, ex, client)
+            finally:
+                nursery.cancel_scope.cancel()
+        return client.status
+
+    @staticmethod
+    async def _watch_disconnect(receive, scope: trio.CancelScope) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                scope.cancel()
+                return
+
+    async def _run(self, pipe: RoutePipeline, ex: Exchange, client: ClientStream) -> None:
+        stage = None
+        try:
+            for stage in pipe.request_stages:
+                reply = await stage.on_request(ex)
+                if reply is not None:
+                    client.status = reply.status
+                    await send_reply(client._send, reply)
+                    return
+            stage = pipe.forward_stage
+            await stage.forward(ex, client)
+        except StageError as e:
+            self.rt.metrics.stage_errors.labels(stage.name).inc()
+            if client.started:
+                raise
+            client.status = e.status
+            await send_reply(client._send, error_reply(e.status, e.message, stage=stage.name, **e.extra))
+            return
+        except Exception as e:
+            self.rt.metrics.stage_errors.labels(getattr(stage, "name", "?")).inc()
+            if client.started:
+                log.warning("%s %s: reply broken off after it started: %s: %s", ex.method, ex.path,
+                            type(e).__name__, e)
+                raise
+            log.exception("stage %s failed", getattr(stage, "name", "?"))
+            client.status = 500
+            await send_reply(client._send, error_reply(500, f"stage {getattr(stage, 'name', '?')} failed: "
+                                                            f"{type(e).__name__}: {e}", stage=getattr(stage, "name", "?")))
+            return
+        # The worker answered. Response stages never cost the client its reply: a failure is
+        # logged, counted and reported in a header, and the worker's bytes go out unchanged.
+        for stage in pipe.response_stages:
+            try:
+                await stage.on_response(ex)
+            except Exception as e:
+                self.rt.metrics.stage_errors.labels(stage.name).inc()
+                log.warning("response stage %s failed for %s %s: %s: %s", stage.name, ex.method, ex.path,
+                            type(e).__name__, e)
+                ex.stage_errors.append(f"{stage.name}: {type(e).__name__}: {e}")
+        if not client.started:
+            headers = ex.scratch.get("client_headers", [])
+            headers = headers + ex.extra_headers
+            if ex.stage_errors:
+                headers.append((b"x-miles-router-stage-error", _ascii("; ".join(ex.stage_errors))))
+            await client.start(ex.status or 502, headers)
+            await client.send(ex.response_body or b"")
+        await client.finish()
+
+    # ---- worker endpoints -------------------------------------------------------------------
+    def _worker_url_from(self, scope, body: bytes) -> str:
+        qs = parse_qs(scope["query_string"].decode("latin-1"))
+        url = (qs.get("url") or qs.get("worker_url") or [None])[0]
+        if url is None and body.strip():
+            try:
+                b = worker_url_decoder.decode(body)
+            except msgspec.DecodeError as e:
+                raise StageError(400, f"invalid JSON body: {e}") from None
+            url = b.url or b.worker_url
+        if not url:
+            raise StageError(400, "worker_url is required (use query ?url=... or JSON body {\"url\": ...})")
+        try:
+            return normalize_worker_url(url)
+        except WorkerUrlError as e:
+            raise StageError(400, str(e)) from None
+
+    async def add_worker(self, scope, body: bytes) -> Reply:
+        url = self._worker_url_from(scope, body)
+        if not host_allowed(url, self.rt.config.workers.allowed_hosts):
+            return error_reply(403, f"worker host not in workers.allowed_hosts: {url}")
+        self.rt.add_worker(url)
+        return json_reply(200, {"status": "success", "worker_urls": self.rt.pool.inflight_by_url()})
+
+    async def remove_worker(self, scope, body: bytes) -> Reply:
+        url = self._worker_url_from(scope, body)
+        w = self.rt.remove_worker(url)
+        if w is None:
+            return error_reply(404, f"unknown worker: {url}")
+        return json_reply(200, {"status": "success", "removed": url, "inflight": w.inflight,
+                                "worker_urls": self.rt.pool.inflight_by_url()})
+
+    async def list_workers(self, scope, body: bytes) -> Reply:
+        return json_reply(200, {"urls": [w.url for w in self.rt.pool.active]})
+
+    async def workers(self, scope, body: bytes) -> Reply:
+        ws = [w.describe() for w in self.rt.pool.all]
+        return json_reply(200, {"workers": ws, "total": len(ws),
+                                "healthy": sum(1 for w in self.rt.pool.all if w.selectable)})
+
+    async def health(self, scope, body: bytes) -> Reply:
+        healthy = len(self.rt.pool.healthy())
+        return json_reply(200, {"status": "ok", "healthy_workers": healthy, "total_workers": len(self.rt.pool)})
+
+    async def metrics(self, scope, body: bytes) -> Reply:
+        return Reply(200, self.rt.metrics.render(), [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])

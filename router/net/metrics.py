@@ -1,0 +1,93 @@
+"""Prometheus metrics (prometheus_client), one registry per router so tests can run several.
+
+Per-request counters are cached label children (a dict lookup and an add on the hot path);
+pool and cache gauges are read from their owners only when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+class _StateCollector:
+    def __init__(self, runtime) -> None:
+        self.runtime = runtime
+
+    def collect(self):
+        pool = self.runtime.pool
+        inflight = GaugeMetricFamily("miles_router_worker_inflight_requests", "In-flight requests per worker",
+                                     labels=["worker"])
+        state = GaugeMetricFamily("miles_router_worker_state", "1 for the worker's current state",
+                                  labels=["worker", "state"])
+        healthy = GaugeMetricFamily("miles_router_worker_healthy", "1 if the worker receives traffic",
+                                    labels=["worker"])
+        failures = CounterMetricFamily("miles_router_worker_failures", "Failed health checks and connects",
+                                       labels=["worker"])
+        quarantines = CounterMetricFamily("miles_router_worker_quarantines", "Times a worker was quarantined",
+                                          labels=["worker"])
+        for w in pool.all:
+            inflight.add_metric([w.url], w.inflight)
+            for s in ("healthy", "quarantined", "draining"):
+                state.add_metric([w.url, s], 1.0 if w.state.value == s else 0.0)
+            healthy.add_metric([w.url], 1.0 if w.selectable else 0.0)
+            failures.add_metric([w.url], w.failures_total)
+            quarantines.add_metric([w.url], w.quarantines_total)
+        yield from (inflight, state, healthy, failures, quarantines)
+        yield GaugeMetricFamily("miles_router_workers", "Registered workers", value=len(pool))
+        tree = self.runtime.tree_if_loaded
+        if tree is not None:
+            st = tree.stats()
+            for key, kind in (("nodes", "gauge"), ("tokens", "gauge"), ("bytes", "gauge"), ("trajectories", "gauge"),
+                              ("hits", "counter"), ("misses", "counter"), ("evictions", "counter"),
+                              ("evicted_unretrieved", "counter"), ("inserts", "counter")):
+                if key not in st:
+                    continue
+                name = f"miles_router_trajectory_cache_{key}"
+                fam = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, f"Trajectory cache {key}")
+                fam.add_metric([], st[key])
+                yield fam
+
+
+class Metrics:
+    def __init__(self, runtime) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.requests = Counter("miles_router_requests", "Requests handled, by route and status",
+                                ["route", "status"], registry=r)
+        self.latency = Histogram("miles_router_request_duration_seconds", "Time to the end of the reply",
+                                 ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.selections = Counter("miles_router_selections", "Worker selections by reason", ["reason"], registry=r)
+        self.retries = Counter("miles_router_retries", "Requests resent to another worker after a connect failure",
+                               registry=r)
+        self.stage_errors = Counter("miles_router_stage_errors", "Stage failures", ["stage"], registry=r)
+        self.routed_experts_bytes = Counter("miles_router_routed_experts_bytes",
+                                            "Bytes of routed_experts relayed to clients", registry=r)
+        self.fanout = Counter("miles_router_fanout_requests", "Admin fan-out calls per worker outcome",
+                              ["path", "outcome"], registry=r)
+        r.register(_StateCollector(runtime))
+        self._req_children: dict[tuple[str, int], object] = {}
+        self._lat_children: dict[str, object] = {}
+        self._sel_children: dict[str, object] = {}
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        key = (route, status)
+        c = self._req_children.get(key)
+        if c is None:
+            c = self._req_children[key] = self.requests.labels(route, str(status))
+        c.inc()
+        h = self._lat_children.get(route)
+        if h is None:
+            h = self._lat_children[route] = self.latency.labels(route)
+        h.observe(seconds)
+
+    def selected(self, reason: str) -> None:
+        c = self._sel_children.get(reason)
+        if c is None:
+            c = self._sel_children[reason] = self.selections.labels(reason)
+        c.inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,99 @@
+"""Start the router: one root nursery owns the server, the probers, the embedded simulated workers
+and the cache maintenance task. SIGINT/SIGTERM stop accepting, let in-flight requests finish for
+up to `server.drain_timeout_s`, then cancel everything; a second signal cancels at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass
+from functools import partial
+
+import trio
+
+from router.config import Config
+from router.net.app import RouterApp
+from router.net.runtime import Runtime
+from router.net.serving import serve_asgi
+
+log = logging.getLogger("miles_router")
+
+
+@dataclass
+class RouterHandle:
+    url: str
+    runtime: Runtime
+    app: RouterApp
+    shutdown: trio.Event
+    sim_workers: list
+
+
+async def _signal_watcher(shutdown: trio.Event, root: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if shutdown.is_set():
+                log.warning("second %s: stopping now", signal.Signals(signum).name)
+                root.cancel()
+                return
+            log.info("%s: draining (up to the drain timeout), then stopping", signal.Signals(signum).name)
+            shutdown.set()
+
+
+async def start_sim_workers(config: Config, nursery: trio.Nursery) -> list:
+    if config.simulate.workers <= 0:
+        return []
+    from router.sim import SimOptions, serve_sim_worker
+
+    s = config.simulate
+    started = []
+    for i in range(s.workers):
+        opts = SimOptions(tokenizer=s.tokenizer, seed=s.seed, token_latency_s=s.token_latency_s,
+                          num_layers=s.num_layers, top_k=s.top_k, num_experts=s.num_experts,
+                          enable_routed_experts=s.enable_routed_experts, weight_version=s.weight_version,
+                          prefix_cache_tokens=s.prefix_cache_tokens, noncanonical_rate=s.noncanonical_rate,
+                          name=f"sim-{i}")
+        port = s.base_port + i if s.base_port else 0
+        url, worker = await nursery.start(partial(serve_sim_worker, opts, s.host, port))
+        started.append((url, worker))
+        log.info("simulated SGLang worker %d listening on %s", i, url)
+    return started
+
+
+async def run_router(config: Config, *, install_signals: bool = True, shutdown: trio.Event | None = None,
+                     task_status: trio.TaskStatus[RouterHandle] = trio.TASK_STATUS_IGNORED) -> None:
+    shutdown = shutdown or trio.Event()
+    async with trio.open_nursery() as root:
+        runtime = Runtime(config, root)
+        try:
+            runtime.load_pipelines()
+            if runtime.needs_tokenizer():
+                await runtime.load_tokenizer()
+            app = RouterApp(runtime)
+            install_extra_endpoints(app, runtime)
+            sims = await start_sim_workers(config, root)
+            for url, _ in sims:
+                runtime.add_worker(url)
+            for url in config.workers.urls:
+                runtime.add_worker(url)
+            if install_signals:
+                root.start_soon(_signal_watcher, shutdown, root.cancel_scope)
+            if runtime.tree_wanted():
+                root.start_soon(runtime.cache_maintenance)
+            async with trio.open_nursery() as server_nursery:
+                bound = await server_nursery.start(partial(
+                    serve_asgi, app, config.server.host, config.server.port,
+                    shutdown_trigger=shutdown.wait, graceful_timeout_s=config.server.drain_timeout_s))
+                log.info("miles-router listening on %s with %d worker(s)", bound, len(runtime.pool))
+                task_status.started(RouterHandle(bound, runtime, app, shutdown, [w for _, w in sims]))
+            log.info("stopped accepting; in-flight requests drained")
+        finally:
+            root.cancel_scope.cancel()
+            await runtime.aclose()
+
+
+def install_extra_endpoints(app: RouterApp, runtime: Runtime) -> None:
+    """Endpoints that live in their own modules (trajectory retrieval, admin fan-out)."""
+    from router.net import endpoints
+
+    endpoints.install(app, runtime)

@@ -1,0 +1,47 @@
+"""Helpers the /generate stages share: decode the request once, describe its prompt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+import numpy as np
+
+from router.core.pipeline import Exchange, StageError
+from router.wire.sglang import GenerateRequest, generate_request_decoder, input_ids_decoder
+
+
+def generate_request(ex: Exchange) -> GenerateRequest:
+    """The request's routing fields, decoded once per request (the body itself is untouched)."""
+    req = ex.scratch.get("request")
+    if req is None:
+        try:
+            req = generate_request_decoder.decode(ex.body)
+        except msgspec.DecodeError as e:
+            raise StageError(400, f"invalid /generate body: {e}") from None
+        ex.scratch["request"] = req
+    return req
+
+
+def single_input_ids(req: GenerateRequest) -> np.ndarray | None:
+    """`input_ids` of a single-prompt request as int32, or None (absent or batch form)."""
+    if req.input_ids is None:
+        return None
+    try:
+        ids = input_ids_decoder.decode(req.input_ids)
+    except msgspec.DecodeError:
+        return None  # batch form (list of lists): passed through, not cached
+    try:
+        return np.asarray(ids, dtype=np.int32)
+    except OverflowError:
+        raise StageError(400, "input_ids: token id out of int32 range") from None
+
+
+@dataclass(slots=True)
+class Prompt:
+    """One prompt as the worker will see it."""
+
+    tokens: np.ndarray  # int32 ids sent to the worker
+    text: bytes | None  # the client's prompt text (UTF-8), None for input_ids requests
+    cached_tokens: int = 0  # leading tokens taken from the trajectory cache
+    matched_bytes: int = 0  # bytes of `text` those tokens cover

@@ -1,0 +1,122 @@
+"""capture: read what the engine produced for this prompt into trajectory records.
+
+Reads `scratch["prompt"]` and the worker's reply: `ex.response_body` (one JSON object, or an
+array for `n > 1`) or, for streams, `ex.final_event` (the last cumulative chunk). Takes the
+generated ids from `output_ids` (stop token included), their logprobs from
+`meta_info.output_token_logprobs`, `weight_version`, `finish_reason.type` and, when present,
+`meta_info.routed_experts`. Writes `scratch["trajectory"]`: a list of TrajectoryInput, one per
+sample. Non-200 replies, error frames and incomplete streams record nothing. The reply bytes
+are never touched.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+import msgspec
+import numpy as np
+
+from router.core.pipeline import Exchange, Stage, StageError
+from router.core.radix import TrajectoryInput
+from router.stages._generate import Prompt
+from router.wire.sglang import GenerateOutput, generate_output_decoder
+
+_outputs_decoder = msgspec.json.Decoder(list[GenerateOutput])
+
+
+class Options(msgspec.Struct, forbid_unknown_fields=True):
+    routed_experts: bool = True  # keep routed_experts rows when the worker returns them
+    require_routed_experts: bool = False  # report a reply without them as a stage error
+    # Layers and top_k of the served model, to report routed_experts as [rows, layers, top_k]
+    # (without them rows are kept as [rows, layers*top_k]; the bytes are the same either way).
+    routed_experts_layers: int = 0
+
+
+class Capture(Stage):
+    name = "capture"
+    phase = "response"
+    requires = frozenset({"prompt", "response"})
+    provides = frozenset({"trajectory"})
+    Options = Options
+    uses_tokenizer = True
+
+    async def on_response(self, ex: Exchange) -> None:
+        prompt: Prompt | None = ex.scratch.get("prompt")
+        if prompt is None or ex.status != 200:
+            return
+        payload = ex.final_event if ex.final_event is not None else ex.response_body
+        if not payload:
+            return
+        try:
+            outputs = (_outputs_decoder.decode(payload) if payload.lstrip()[:1] == b"["
+                       else [generate_output_decoder.decode(payload)])
+        except msgspec.DecodeError:
+            if b'"error"' in payload[:64]:
+                return  # an SGLang error frame: nothing was generated
+            raise StageError(502, "worker reply is not an SGLang /generate output") from None
+        prompt_text = prompt.text if prompt.text is not None else self.services.tokenizer.text_bytes(prompt.tokens)
+        records = []
+        for i, out in enumerate(outputs):
+            meta = out.meta_info
+            if meta.finish_reason is None:
+                continue  # stream cut short: no final chunk
+            ids, logps = self._tokens(out)
+            if ids.size == 0:
+                continue
+            experts = self._experts(meta.routed_experts, prompt.tokens.size + ids.size, ex)
+            self.services.note_weight_version(meta.weight_version)
+            records.append(TrajectoryInput(
+                rid=meta.id or f"{i}",
+                prompt_ids=prompt.tokens,
+                output_ids=ids,
+                output_logprobs=logps,
+                visible_text=prompt_text + (out.text or "").encode("utf-8", "surrogatepass"),
+                weight_version=meta.weight_version,
+                worker=ex.worker.url if ex.worker is not None else None,
+                finish=meta.finish_reason.type,
+                routed_experts=experts,
+            ))
+        ex.scratch["trajectory"] = records
+
+    @staticmethod
+    def _tokens(out: GenerateOutput) -> tuple[np.ndarray, np.ndarray]:
+        triples = out.meta_info.output_token_logprobs
+        if out.output_ids is not None:
+            ids = np.asarray(out.output_ids, dtype=np.int32)
+        elif triples is not None:
+            ids = np.asarray([t[1] for t in triples], dtype=np.int32)
+        else:
+            raise StageError(502, "worker reply has neither output_ids nor output_token_logprobs")
+        if triples is None:
+            # No logprobs requested: the trajectory is kept, with NaN marking "unknown".
+            return ids, np.full(ids.size, np.nan, np.float32)
+        if len(triples) != ids.size:
+            raise StageError(502, f"{len(triples)} output logprobs for {ids.size} output ids")
+        logps = np.asarray([np.nan if t[0] is None else t[0] for t in triples], dtype=np.float32)
+        return ids, logps
+
+    def _experts(self, b64: str | None, total_tokens: int, ex: Exchange) -> np.ndarray | None:
+        if b64 is None:
+            if self.options.require_routed_experts:
+                raise StageError(502, "worker reply has no meta_info.routed_experts "
+                                      "(is it running with --enable-return-routed-experts?)")
+            return None
+        self.services.metrics.routed_experts_bytes.inc(len(b64))
+        if not self.options.routed_experts:
+            return None
+        try:
+            raw = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise StageError(502, "meta_info.routed_experts is not valid base64") from None
+        rows = total_tokens - 1
+        flat = np.frombuffer(raw, dtype="<i4")
+        if rows <= 0 or flat.size % rows:
+            # e.g. routed_experts_start_len > 0: not whole-sequence rows, so not stitchable.
+            raise StageError(502, f"routed_experts holds {flat.size} int32 values, not a multiple of "
+                                  f"{rows} rows (prompt+completion-1)")
+        width = flat.size // rows
+        layers = self.options.routed_experts_layers
+        if layers and width % layers == 0:
+            return flat.reshape(rows, layers, width // layers)
+        return flat.reshape(rows, width, 1)

@@ -1,0 +1,105 @@
+"""forward: pick a worker, send it the request, relay its reply to the client.
+
+Reads `ex.body_for_upstream` (the client's bytes unless an earlier stage rewrote them), the
+method, path, query and end-to-end headers. Writes `ex.worker`, `ex.route_reason`, `ex.status`,
+`ex.response_headers` and, when a later stage needs it, `ex.response_body` (non-stream) or
+`ex.final_event` (the last SSE event). Bytes are relayed unchanged as they arrive; when response
+stages follow, the end of the reply (the whole body for JSON, `data: [DONE]` for SSE) is held
+back until they ran, so a trajectory is stored before the client can ask for it.
+"""
+
+from __future__ import annotations
+
+from router.core.headers import header_value, request_headers_for_upstream, response_headers_for_client
+from router.core.pipeline import Exchange, Stage, StageError
+from router.net.upstream import UpstreamConnectError, UpstreamDisconnect, UpstreamTimeout
+
+_DONE = b"data: [DONE]"
+
+
+class Forward(Stage):
+    name = "forward"
+    phase = "forward"
+    provides = frozenset({"response"})
+
+    async def forward(self, ex: Exchange, client) -> None:
+        svc = self.services
+        cfg = svc.config.server
+        target = ex.path + ("?" + ex.query.decode("latin-1") if ex.query else "")
+        headers = request_headers_for_upstream(ex.headers)
+        body = ex.body_for_upstream
+        capture = client.pipeline_needs_response
+        tried = []
+        last_error = ""
+        # One retry, and only for a connect failure: nothing reached the worker, so resending is safe.
+        for _attempt in range(2):
+            worker, reason = svc.select(ex, exclude=tried)
+            if worker is None:
+                break
+            ex.worker, ex.route_reason = worker, reason
+            svc.pool.acquire(worker)
+            try:
+                async with svc.upstream.request(worker.url, ex.method, target, headers, body,
+                                                timeout_s=cfg.request_timeout_s) as resp:
+                    ex.status = resp.status
+                    ex.response_headers = resp.headers
+                    out_headers = response_headers_for_client(resp.headers) + client.route_headers(ex)
+                    sse = (header_value(resp.headers, b"content-type") or b"").startswith(b"text/event-stream")
+                    if not capture:
+                        await client.start(resp.status, out_headers)
+                        async for chunk in resp.iter_chunks():
+                            await client.send(chunk)
+                    elif sse:
+                        await client.start(resp.status, out_headers)
+                        await self._relay_sse(ex, resp, client)
+                    else:
+                        ex.response_body = await resp.read()
+                        ex.scratch["client_headers"] = out_headers
+                svc.on_worker_ok(worker)
+                return
+            except UpstreamConnectError as e:
+                last_error = f"{worker.url}: {e}"
+                svc.on_worker_error(worker, f"connect failed: {e}")
+                tried.append(worker)
+            except UpstreamTimeout as e:
+                if client.started:
+                    raise
+                raise StageError(504, f"worker {worker.url} did not answer within the timeout: {e}",
+                                 worker=worker.url) from None
+            except UpstreamDisconnect as e:
+                if client.started:
+                    raise
+                svc.on_worker_error(worker, f"disconnected: {e}")
+                raise StageError(502, f"worker {worker.url} closed the connection: {e}", worker=worker.url) from None
+            finally:
+                svc.pool.release(worker)
+        if tried:
+            raise StageError(502, f"could not connect to a worker ({last_error})")
+        raise StageError(503, "no healthy worker available", workers=len(svc.pool))
+
+    @staticmethod
+    async def _relay_sse(ex: Exchange, resp, client) -> None:
+        """Relay whole SSE events; remember the last data event; hold back [DONE] and after."""
+        pending = b""
+        held = b""
+        async for chunk in resp.iter_chunks():
+            if held:
+                held += chunk
+                continue
+            pending += chunk
+            cut = pending.rfind(b"\n\n")
+            if cut < 0:
+                continue
+            events, pending = pending[: cut + 2], pending[cut + 2 :]
+            done_at = events.find(_DONE)
+            if done_at >= 0:
+                events, held = events[:done_at], events[done_at:] + pending
+                pending = b""
+            if events:
+                # The last event starts after the previous blank line (a JSON string may contain "data: ").
+                prev = events.rfind(b"\n\n", 0, len(events) - 2)
+                start = prev + 2 if prev >= 0 else 0
+                if events.startswith(b"data: ", start):
+                    ex.final_event = events[start + 6 : -2]
+                await client.send(events)
+        client.defer(held + pending)

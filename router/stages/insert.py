@@ -1,0 +1,30 @@
+"""insert: store captured trajectories in the radix trajectory cache.
+
+Reads `scratch["trajectory"]` (from capture). Inserts each record into the cache (shared
+prefixes are stored once; the record becomes retrievable by its visible text via
+/retrieve_from_text), then enforces the cache budget if the insert pushed it over. Runs
+before the client sees the end of the reply, so a retrieve right after can't miss.
+"""
+
+from __future__ import annotations
+
+import time
+
+from router.core.pipeline import Exchange, Stage
+
+
+class Insert(Stage):
+    name = "insert"
+    phase = "response"
+    requires = frozenset({"trajectory"})
+    uses_tokenizer = True
+    uses_tree = True
+
+    async def on_response(self, ex: Exchange) -> None:
+        records = ex.scratch.get("trajectory") or ()
+        tree = self.services.tree
+        now = time.time()
+        for rec in records:
+            tree.insert(rec, now=now)
+        if records:
+            self.services.evict_cache()

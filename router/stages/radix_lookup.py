@@ -1,0 +1,51 @@
+"""radix_lookup: find the longest cached prefix of a text prompt that ends on an anchor.
+
+Reads the request's single `text` prompt. Writes `scratch["prefix"]` = (token ids, matched bytes)
+from the trajectory cache: the exact tokens the engine saw and produced for that prefix, ending
+where reuse is safe (after a generated token, a prompt's end, or a finished trajectory). The
+match never ends inside a UTF-8 character, so the remainder can be tokenized as text.
+Requests with `input_ids`, batches and n>1 prompts built from lists are left alone.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+
+from router.core.pipeline import Exchange, Stage
+from router.stages._generate import generate_request
+
+
+class Options(msgspec.Struct, forbid_unknown_fields=True):
+    # Reuse any token boundary, not only anchors (may hand the engine a non-canonical split of a fresh prompt).
+    any_boundary: bool = False
+
+
+class RadixLookup(Stage):
+    name = "radix_lookup"
+    phase = "request"
+    provides = frozenset({"prefix"})
+    Options = Options
+    uses_tokenizer = True
+    uses_tree = True
+
+    async def on_request(self, ex: Exchange) -> None:
+        req = generate_request(ex)
+        if not isinstance(req.text, str) or req.input_ids is not None:
+            return None
+        text = req.text.encode("utf-8", "surrogatepass")
+        tree = self.services.tree
+        limit = len(text)
+        while True:
+            m = tree.match_text(text[:limit], now=time.time(), anchors_only=not self.options.any_boundary)
+            cut = m.matched_bytes
+            # Back off to a character boundary: the remainder must be decodable text.
+            if cut == 0 or cut == len(text) or (text[cut] & 0xC0) != 0x80:
+                break
+            limit = cut - 1
+            while limit > 0 and (text[limit] & 0xC0) == 0x80:
+                limit -= 1
+        ex.scratch["prefix"] = (m.tokens, cut)
+        ex.scratch["prefix_worker"] = m.worker
+        return None

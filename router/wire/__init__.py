@@ -1,0 +1,1 @@
+"""Wire formats: msgspec Structs for every body the router reads or writes."""

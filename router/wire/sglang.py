@@ -1,0 +1,58 @@
+"""The slices of SGLang's native /generate protocol the router reads (see shared/sglang_api.md).
+
+Only the fields a stage needs are decoded; unknown fields are ignored on decode and the
+original bytes are what gets forwarded, so nothing the router doesn't know is ever lost.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class GenerateRequest(msgspec.Struct):
+    """The request fields routing and the trajectory cache care about."""
+
+    text: str | list[str] | None = None
+    # list[int] for one prompt, list[list[int]] for a batch: kept raw until someone needs it.
+    input_ids: msgspec.Raw | None = None
+    stream: bool = False
+    rid: str | list[str] | None = None
+    return_logprob: bool | list[bool] | None = None
+    return_routed_experts: bool = False
+    sampling_params: msgspec.Raw | None = None
+
+
+class SamplingParamsN(msgspec.Struct):
+    n: int = 1
+
+
+class FinishReason(msgspec.Struct):
+    type: str
+    matched: int | str | list[int] | None = None
+    message: str | None = None
+    status_code: int | None = None
+
+
+class MetaInfo(msgspec.Struct):
+    id: str | None = None
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int | None = None
+    weight_version: str | None = None
+    output_token_logprobs: list[tuple[float | None, int, Any]] | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    routed_experts: str | None = None
+
+
+class GenerateOutput(msgspec.Struct):
+    meta_info: MetaInfo
+    text: str | None = None
+    output_ids: list[int] | None = None
+
+
+generate_request_decoder = msgspec.json.Decoder(GenerateRequest)
+input_ids_decoder = msgspec.json.Decoder(list[int])
+sampling_n_decoder = msgspec.json.Decoder(SamplingParamsN)
+generate_output_decoder = msgspec.json.Decoder(GenerateOutput)
