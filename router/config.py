@@ -81,6 +81,26 @@ class CacheConfig(_Table):
     keep_weight_versions: int = 2
 
 
+FANOUT_PATHS = ["/abort_request", "/pause_generation", "/continue_generation", "/update_weight_version",
+                "/flush_cache"]
+
+
+class RoutingConfig(_Table):
+    # Spill from the preferred (affinity/sticky) worker when it is both this many requests
+    # and this many times busier than the least-loaded healthy worker.
+    balance_abs_threshold: int = 8
+    balance_rel_threshold: float = 1.5
+    prefix_block_tokens: int = 16
+    prefix_capacity_blocks: int = 1 << 20
+    sticky_header: str = "x-smg-routing-key"
+    sticky_body_field: str | None = None  # e.g. "session_id"; used when the header is absent
+    sticky_idle_s: float = 600.0
+    # Re-admit a recovered worker only when its weight version is the pool's current one.
+    weight_version_gate: bool = True
+    # Admin calls sent to every healthy worker; remove a path to proxy it to one worker instead.
+    fanout_paths: list[str] = msgspec.field(default_factory=lambda: list(FANOUT_PATHS))
+
+
 class RouteConfig(_Table):
     path: str
     method: str = "POST"
@@ -94,6 +114,7 @@ class Config(_Table):
     simulate: SimulateConfig = msgspec.field(default_factory=SimulateConfig)
     tokenizer: TokenizerConfig = msgspec.field(default_factory=TokenizerConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
+    routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     routes: list[RouteConfig] = msgspec.field(default_factory=list)
     # Folder the config came from; relative pipeline paths resolve against it.
     base_dir: str = "."
@@ -151,6 +172,15 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
     need(c.hard_budget_bytes >= c.budget_bytes, "cache.hard_budget_bytes", "must be >= cache.budget_bytes")
     need(c.cleanup_interval_s > 0, "cache.cleanup_interval_s", "must be > 0")
     need(c.keep_weight_versions >= 1, "cache.keep_weight_versions", "must be >= 1")
+    g = cfg.routing
+    need(g.balance_abs_threshold >= 0, "routing.balance_abs_threshold", "must be >= 0")
+    need(g.balance_rel_threshold >= 1.0, "routing.balance_rel_threshold", "must be >= 1.0")
+    need(g.prefix_block_tokens >= 1, "routing.prefix_block_tokens", "must be >= 1")
+    need(g.prefix_capacity_blocks >= 1, "routing.prefix_capacity_blocks", "must be >= 1")
+    need(g.sticky_idle_s > 0, "routing.sticky_idle_s", "must be > 0")
+    g.sticky_header = g.sticky_header.lower()
+    for i, fp in enumerate(g.fanout_paths):
+        need(fp in FANOUT_PATHS, f"routing.fanout_paths[{i}]", f"must be one of {', '.join(FANOUT_PATHS)}")
     seen: set[tuple[str, str]] = set()
     for i, r in enumerate(cfg.routes):
         need(r.path.startswith("/"), f"routes[{i}].path", "must start with '/'")

@@ -264,8 +264,7 @@ class RouterApp:
                             type(e).__name__, e)
                 ex.stage_errors.append(f"{stage.name}: {type(e).__name__}: {e}")
         if not client.started:
-            headers = ex.scratch.get("client_headers", [])
-            headers = headers + ex.extra_headers
+            headers = list(ex.scratch.get("client_headers", ()))
             if ex.stage_errors:
                 headers.append((b"x-miles-router-stage-error", _ascii("; ".join(ex.stage_errors))))
             await client.start(ex.status or 502, headers)

@@ -18,6 +18,7 @@ import trio
 
 from router.config import Config
 from router.core.pipeline import PipelineSpec, load_pipeline
+from router.core.selection import PrefixIndex, SpillRule, StickyTable, choose
 from router.core.urls import normalize_worker_url
 from router.core.workers import Transition, Worker, WorkerPool
 from router.net.metrics import Metrics
@@ -58,6 +59,12 @@ class Runtime:
         self.started_at = time.time()
         # weight version -> order first seen; the newest `cache.keep_weight_versions` are current
         self.versions_seen: dict[str, int] = {}
+        g = config.routing
+        self.spill = SpillRule(g.balance_abs_threshold, g.balance_rel_threshold)
+        self.prefix_index = PrefixIndex(block_tokens=g.prefix_block_tokens, capacity_blocks=g.prefix_capacity_blocks)
+        self.sticky = StickyTable(idle_s=g.sticky_idle_s)
+        if g.weight_version_gate:
+            self.pool.admission_check = self._version_hold
 
     # ---- pipelines ------------------------------------------------------------------------
     def load_pipelines(self) -> None:
@@ -177,22 +184,129 @@ class Runtime:
     async def _probe_forever(self, worker: Worker, scope: trio.CancelScope) -> None:
         with scope:
             interval = self.config.workers.health_interval_s
+            await self.fetch_weight_version(worker)
             while True:
                 ok, error = await self.probe_once(worker)
                 if ok:
+                    if not worker.selectable:
+                        # Re-admission is gated on the version the worker serves now.
+                        await self.fetch_weight_version(worker)
                     self._transition(self.pool.record_success(worker))
                 else:
                     self.on_worker_error(worker, error)
                 await trio.sleep(interval)
 
+    # ---- weight versions ------------------------------------------------------------------
+    def current_weight_version(self) -> str | None:
+        """The newest version (by first sighting) among healthy workers; None if none is known."""
+        versions = [w.weight_version for w in self.pool.healthy() if w.weight_version is not None]
+        if not versions:
+            return None
+        for v in versions:
+            self.note_weight_version(v)
+        return max(versions, key=self.versions_seen.__getitem__)
+
+    def _version_hold(self, worker: Worker) -> str | None:
+        current = self.current_weight_version()
+        if current is None or worker.weight_version == current:
+            return None
+        return (f"weight version {worker.weight_version!r} differs from the pool's current {current!r}; "
+                f"kept out to avoid off-policy samples")
+
+    def observe_weight_version(self, worker: Worker, version: str | None) -> None:
+        if version is not None and worker.weight_version != version:
+            worker.weight_version = version
+            self.note_weight_version(version)
+
+    async def fetch_weight_version(self, worker: Worker) -> None:
+        try:
+            r = await self.control.get(worker.url + "/model_info", timeout=self.config.workers.health_timeout_s)
+            if r.status_code == 200:
+                self.observe_weight_version(worker, r.json().get("weight_version"))
+        except (httpx.HTTPError, ValueError, AttributeError):
+            pass  # not an SGLang worker, or not answering: the version stays unknown
+
     # ---- selection ------------------------------------------------------------------------
     def select(self, ex, exclude=()) -> tuple[Worker | None, str]:
-        w = self.pool.pick(exclude)
-        reason = "least_inflight" if not exclude else "retry"
+        policy = ex.route.policy if ex.route is not None else "least_inflight"
+        if exclude:
+            w, reason = self.pool.pick(exclude), "retry"
+            if w is not None:
+                self.metrics.retries.inc()
+        elif policy == "prefix_affinity":
+            w, reason = self._select_by_prefix(ex)
+        elif policy == "sticky":
+            w, reason = self._select_sticky(ex)
+        else:
+            w, reason = self.pool.pick(), "least_inflight"
         if w is not None:
             self.metrics.selected(reason)
-            if exclude:
-                self.metrics.retries.inc()
+        return w, reason
+
+    def _prefix_of(self, ex):
+        """Token ids (or text bytes) identifying the request's prompt, if it has one."""
+        prompt = ex.scratch.get("prompt")
+        if prompt is not None:
+            return prompt.tokens
+        from router.stages._generate import generate_request, single_input_ids
+
+        try:
+            req = generate_request(ex)
+        except Exception:
+            return None
+        ids = single_input_ids(req)
+        if ids is not None:
+            return ids
+        if isinstance(req.text, str):
+            return req.text.encode("utf-8", "surrogatepass")
+        return None
+
+    def _select_by_prefix(self, ex) -> tuple[Worker | None, str]:
+        seq = self._prefix_of(ex)
+        if seq is None:
+            return self.pool.pick(), "least_inflight"
+        url, _ = self.prefix_index.lookup(seq, usable=lambda u: (w := self.pool.get(u)) is not None and w.selectable)
+        w, reason = choose(self.pool, self.pool.get(url) if url else None, self.spill, "affinity_hit")
+        if reason == "least_inflight":
+            reason = "affinity_miss"
+        if w is not None:
+            self.prefix_index.record(seq, w.url)
+        return w, reason
+
+    def record_served(self, tokens, worker_url: str) -> None:
+        """A worker now holds these tokens in its KV cache (prompt + generated)."""
+        self.prefix_index.record(tokens, worker_url)
+
+    def _routing_key(self, ex) -> str | None:
+        g = self.config.routing
+        for k, v in ex.headers:
+            if k == g.sticky_header.encode():
+                return v.decode("latin-1")
+        if g.sticky_body_field:
+            import msgspec
+
+            try:
+                val = msgspec.json.decode(ex.body).get(g.sticky_body_field)
+            except (msgspec.DecodeError, AttributeError):
+                return None
+            return None if val is None else str(val)
+        return None
+
+    def _select_sticky(self, ex) -> tuple[Worker | None, str]:
+        key = self._routing_key(ex)
+        if key is None:
+            return self.pool.pick(), "least_inflight"
+        now = time.monotonic()
+        url = self.sticky.get(key, now)
+        pinned = self.pool.get(url) if url else None
+        w, reason = choose(self.pool, pinned, self.spill, "sticky")
+        if w is None:
+            return None, "none"
+        if reason == "sticky":
+            self.sticky.put(key, w.url, now)
+        elif reason != "spill":  # new key, or its worker is gone: re-pin (a spill is one request only)
+            self.sticky.put(key, w.url, now)
+            reason = "sticky_new"
         return w, reason
 
     async def aclose(self) -> None:

@@ -25,7 +25,7 @@ def generate_request(ex: Exchange) -> GenerateRequest:
 
 def single_input_ids(req: GenerateRequest) -> np.ndarray | None:
     """`input_ids` of a single-prompt request as int32, or None (absent or batch form)."""
-    if req.input_ids is None:
+    if not req.has_input_ids:
         return None
     try:
         ids = input_ids_decoder.decode(req.input_ids)

@@ -66,6 +66,8 @@ class Capture(Stage):
                 continue
             experts = self._experts(meta.routed_experts, prompt.tokens.size + ids.size, ex)
             self.services.note_weight_version(meta.weight_version)
+            if ex.worker is not None:
+                self.services.observe_weight_version(ex.worker, meta.weight_version)
             records.append(TrajectoryInput(
                 rid=meta.id or f"{i}",
                 prompt_ids=prompt.tokens,

@@ -2,13 +2,16 @@
 
 Reads `scratch["trajectory"]` (from capture). Inserts each record into the cache (shared
 prefixes are stored once; the record becomes retrievable by its visible text via
-/retrieve_from_text), then enforces the cache budget if the insert pushed it over. Runs
-before the client sees the end of the reply, so a retrieve right after can't miss.
+/retrieve_from_text), tells prefix-affinity routing that the serving worker now holds these
+tokens, then enforces the cache budget if the insert pushed it over. Runs before the client
+sees the end of the reply, so a retrieve right after can't miss.
 """
 
 from __future__ import annotations
 
 import time
+
+import numpy as np
 
 from router.core.pipeline import Exchange, Stage
 
@@ -26,5 +29,7 @@ class Insert(Stage):
         now = time.time()
         for rec in records:
             tree.insert(rec, now=now)
+            if rec.worker is not None:
+                self.services.record_served(np.concatenate([rec.prompt_ids, rec.output_ids]), rec.worker)
         if records:
             self.services.evict_cache()

@@ -32,7 +32,7 @@ class RadixLookup(Stage):
 
     async def on_request(self, ex: Exchange) -> None:
         req = generate_request(ex)
-        if not isinstance(req.text, str) or req.input_ids is not None:
+        if not isinstance(req.text, str) or req.has_input_ids:
             return None
         text = req.text.encode("utf-8", "surrogatepass")
         tree = self.services.tree

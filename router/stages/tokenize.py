@@ -38,7 +38,7 @@ class Tokenize(Stage):
                 raise StageError(400, "input_ids cannot be empty")
             ex.scratch["prompt"] = Prompt(tokens=ids, text=None)
             return None
-        if not isinstance(req.text, str) or req.input_ids is not None:
+        if not isinstance(req.text, str) or req.has_input_ids:
             return None  # batch: forwarded as is
         tok = self.services.tokenizer
         text = req.text.encode("utf-8", "surrogatepass")

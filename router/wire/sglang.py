@@ -15,13 +15,18 @@ class GenerateRequest(msgspec.Struct):
     """The request fields routing and the trajectory cache care about."""
 
     text: str | list[str] | None = None
-    # list[int] for one prompt, list[list[int]] for a batch: kept raw until someone needs it.
-    input_ids: msgspec.Raw | None = None
+    # list[int] for one prompt, list[list[int]] for a batch: kept raw until someone needs it
+    # (msgspec.Raw can't sit in a union; an empty Raw means the key was absent).
+    input_ids: msgspec.Raw = msgspec.Raw()
     stream: bool = False
     rid: str | list[str] | None = None
     return_logprob: bool | list[bool] | None = None
     return_routed_experts: bool = False
-    sampling_params: msgspec.Raw | None = None
+    sampling_params: msgspec.Raw = msgspec.Raw()
+
+    @property
+    def has_input_ids(self) -> bool:
+        return len(self.input_ids) > 0 and bytes(self.input_ids) != b"null"
 
 
 class SamplingParamsN(msgspec.Struct):

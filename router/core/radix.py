@@ -1,0 +1,561 @@
+"""Exact text -> token trajectory cache: a token-keyed radix tree with a text index.
+
+RL rollout code that speaks TEXT needs, at training time, the EXACT token ids the engine saw and produced, their
+logprobs and a loss mask (`/retrieve_from_text {"text": P+R}`). The text-keyed radix tree that miles and slime
+shipped for this got it wrong in four ways and was deleted (peers.md §2.3-2.4):
+
+1. no node splitting: a branch diverging inside a node was stored again as a sibling, and a query ending inside a
+   node matched nothing;
+2. token/text misalignment: on a partial hit the leftover text was re-tokenized on its own and glued on, so BPE
+   merges across the cut differed from what the engine saw (and got logprob 0 / mask 0);
+3. unstable keys: the key was `decode(ids)` as str, which does not round-trip (special tokens, partial UTF-8);
+4. the rewrite never reached the worker (a pipeline problem, handled by the stages that call this module).
+
+This module is the pure data structure (no I/O, no clock, no tokenizer import). Its answers:
+
+* The tree is keyed by TOKENS (a compressed trie over token ids, split on divergence like SGLang's RadixCache), so
+  every cached sequence is exactly what an engine produced; text is only an index. Each node holds a run of tokens
+  as compact numpy arrays (`tokens` int32, `logprobs` float32, `flags` uint8 with bit0 = loss mask and bit1 =
+  "anchor after this token", optional routed-expert rows `r3` int32 [n, L*K] with -1 for unknown rows) plus the
+  run's exact text as ONE bytes blob and `ends` (uint32 cumulative byte end of each token). All text is bytes
+  (`token_bytes` gives each token's exact bytes; a token may hold half a UTF-8 character): nothing is decoded.
+* A text walk compares blobs (memcmp via `==`, numpy for the mismatch position) and maps bytes to whole tokens with
+  `searchsorted(ends)`, so a query ending inside a token or a node matches up to the last whole-token boundary.
+* Anchors: a text-keyed request may reuse cached tokens only up to a boundary the ENGINE produced: after each
+  generated token, at the end of each trajectory's prompt, at terminals. A boundary inside someone else's prompt
+  is not one: reusing half of another prompt's tokenization would hand the engine a non-canonical tokenization.
+* Terminals: inserting a trajectory splits nodes so its end is a node end and records a `Terminal` there, indexed
+  by `blake2b(visible_text)`. The engine strips the stop token's text (and may trim stop strings) from the text it
+  returns, so the client's P+R is usually a strict prefix of the token text: the digest makes the exact lookup
+  O(len) and uniform, and `retrieve(P+R)` returns prompt + output INCLUDING the eos whose text R lacks.
+* Merge rule when paths overlap: "generated wins" (a later trajectory never turns generated tokens back into prompt
+  tokens; its own generated range is written with its logprobs); the newest trajectory's routed-expert rows
+  overwrite the path's rows where it has them; version/worker/last_access are updated along the whole path.
+* Eviction removes leaves only, least recently used first, in three phases (stale weight version; fully retrieved
+  or terminal-less; anything, past the hard budget), using lazily invalidated heaps: O(k log n) for k evictions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+from typing import Any, Callable, Sequence
+
+import msgspec
+import numpy as np
+
+MASK = 1  # flags bit0: generated token (loss mask 1)
+ANCHOR = 2  # flags bit1: a text-keyed request may cut right after this token
+# Fixed per-object estimates for `nbytes` (CPython 3.11, numpy 2; calibrated with tracemalloc by
+# tests/test_radix.py::test_nbytes_tracks_real_memory): the Node object, its numpy array headers, the bytes
+# header, the dicts/lists that hold it, its heap entries; a Terminal plus its digest-dict entry.
+NODE_OVERHEAD = 1000
+TERMINAL_OVERHEAD = 300
+
+TokenBytes = Callable[[np.ndarray], "tuple[bytes, np.ndarray]"]
+_EMPTY_I32 = np.zeros(0, np.int32)
+
+
+def text_digest(text: bytes) -> bytes:
+    return hashlib.blake2b(text, digest_size=16).digest()
+
+
+class VocabBytes:
+    """A vectorized `token_bytes` callable built from one exact byte string per token id."""
+
+    def __init__(self, pieces: Sequence[bytes]):
+        lens = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
+        self._blob = np.frombuffer(b"".join(pieces), dtype=np.uint8)
+        self._starts = np.cumsum(lens) - lens
+        self._lens = lens.astype(np.uint32)
+
+    def __call__(self, ids: np.ndarray) -> tuple[bytes, np.ndarray]:
+        ids = np.asarray(ids, dtype=np.int64)
+        lens = self._lens[ids]
+        total = int(lens.sum())
+        if total == 0:
+            return b"", lens
+        out_start = np.cumsum(lens, dtype=np.int64) - lens
+        idx = np.repeat(self._starts[ids] - out_start, lens) + np.arange(total)
+        return self._blob[idx].tobytes(), lens
+
+
+class TrajectoryInput(msgspec.Struct, kw_only=True):
+    """One finished /generate call, as the worker saw and produced it."""
+
+    rid: str
+    prompt_ids: Any  # int array-like: the prompt tokens as sent to the worker
+    output_ids: Any  # int array-like: generated tokens, including a trailing stop/eos token
+    output_logprobs: Any  # float array-like, one per output token
+    visible_text: bytes  # what the client sees: prompt text + response text (stop text stripped/trimmed)
+    weight_version: str | None = None
+    worker: str | None = None
+    finish: str = "stop"  # "stop" | "length" | "abort"
+    routed_experts: Any = None  # int32 [len(prompt)+len(output)-1, L, K] or None
+
+
+class InsertResult(msgspec.Struct):
+    shared_tokens: int  # leading tokens already cached
+    new_tokens: int  # tokens stored by this insert
+    splits: int
+    replaced_rid: str | None  # an earlier trajectory with the same visible text, no longer retrievable exactly
+
+
+class PrefixMatch(msgspec.Struct):
+    tokens: np.ndarray  # int32: the matched prefix
+    matched_bytes: int
+    worker: str | None  # worker of the deepest matched node (prefix affinity)
+    version: str | None
+
+
+class Retrieved(msgspec.Struct):
+    exact: bool  # a terminal matched the whole text
+    tokens: np.ndarray  # int32
+    logprobs: np.ndarray  # float32, 0.0 on prompt tokens
+    loss_mask: np.ndarray  # uint8, 1 = generated
+    matched_bytes: int
+    versions: list  # weight versions of the terminals along the path, oldest first, deduplicated
+    routed_experts: np.ndarray | None  # int32 [len(tokens)-1, L, K]; None when any needed row is unknown
+    rid: str | None = None
+    finish: str | None = None
+    version: str | None = None  # the matched terminal's weight version
+
+
+class EvictionReport(msgspec.Struct):
+    nodes: int = 0
+    tokens: int = 0
+    freed_bytes: int = 0
+    evicted_stale: int = 0  # terminals dropped in phase 1
+    evicted_retrieved: int = 0  # terminals dropped in phase 2
+    evicted_unretrieved: int = 0  # never-retrieved terminals dropped in phase 3 (the caller should warn)
+    rids: list = msgspec.field(default_factory=list)
+
+
+class Terminal:
+    __slots__ = ("rid", "version", "finish", "created", "retrieved", "digest", "vlen", "node")
+
+    def __init__(self, rid, version, finish, created, digest, vlen, node):
+        self.rid, self.version, self.finish, self.created = rid, version, finish, created
+        self.retrieved, self.digest, self.vlen, self.node = False, digest, vlen, node
+
+
+class Node:
+    __slots__ = ("tokens", "logprobs", "flags", "text", "ends", "r3", "version", "worker", "last_access",
+                 "children", "by_byte", "parent", "terminals", "alive", "hseq")
+
+    def __init__(self, tokens, logprobs, flags, text, ends, r3, parent):
+        self.tokens, self.logprobs, self.flags, self.text, self.ends, self.r3 = tokens, logprobs, flags, text, ends, r3
+        self.version = self.worker = None
+        self.last_access = 0.0
+        self.children: dict[int, Node] = {}
+        self.by_byte: dict[int, list[Node]] = {}
+        self.parent: Node | None = parent
+        self.terminals: list[Terminal] = []
+        self.alive = True
+        self.hseq = 0
+
+    def byte_key(self) -> int:
+        return self.text[0] if self.text else -1  # -1: an all-empty-text run, reachable by tokens only
+
+    def nbytes(self) -> int:
+        n = self.tokens.nbytes + self.logprobs.nbytes + self.flags.nbytes + self.ends.nbytes + len(self.text)
+        if self.r3 is not None:
+            n += self.r3.nbytes
+        return n + NODE_OVERHEAD + TERMINAL_OVERHEAD * len(self.terminals)
+
+    def reclaimable(self) -> bool:
+        return all(t.retrieved for t in self.terminals)
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(a.size, b.size)
+    neq = a[:n] != b[:n]
+    i = int(neq.argmax()) if n else 0
+    return i if n and neq[i] else n
+
+
+def _common_bytes(a: bytes, b: bytes) -> int:
+    if a == b:
+        return len(a)
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    return _common_prefix(np.frombuffer(a, np.uint8, n), np.frombuffer(b, np.uint8, n))
+
+
+def _newer(old: str | None, new: str | None) -> str | None:
+    if new is None or old is None:
+        return old if new is None else new
+    try:
+        return new if int(new) >= int(old) else old
+    except ValueError:
+        return new  # non-numeric versions: the most recent insert wins
+
+
+def _dedup(xs) -> list:
+    seen: set = set()
+    return [x for x in xs if not (x in seen or seen.add(x))]
+
+
+class RadixTree:
+    def __init__(self, token_bytes: TokenBytes):
+        self._token_bytes = token_bytes
+        self.root = Node(_EMPTY_I32, np.zeros(0, np.float32), np.zeros(0, np.uint8), b"",
+                         np.zeros(0, np.uint32), None, None)
+        self._by_digest: dict[bytes, Terminal] = {}
+        self._r3_shape: tuple[int, int] | None = None
+        self._nbytes = 0
+        self._nodes = 0
+        self._ntokens = 0
+        self._heaps: dict[tuple, list] = {}  # (version, reclaimable) -> [(last_access, seq, node)]
+        self._heap_entries = 0
+        self._seq = 0
+        self._stats = dict(hits=0, misses=0, inserts=0, splits=0, evictions=0, evicted_unretrieved=0,
+                           retrieve_exact=0, retrieve_partial=0, superseded=0)
+
+    # ----------------------------------------------------------------------------------------------- insert
+    def insert(self, t: TrajectoryInput, *, now: float) -> InsertResult:
+        prompt = np.asarray(t.prompt_ids, dtype=np.int32).ravel()
+        out = np.asarray(t.output_ids, dtype=np.int32).ravel()
+        lps = np.asarray(t.output_logprobs, dtype=np.float32).ravel()
+        P, n = prompt.size, prompt.size + out.size
+        if n == 0 or lps.size != out.size:
+            raise ValueError(f"trajectory {t.rid!r}: {n} tokens, {out.size} outputs, {lps.size} logprobs")
+        toks = np.concatenate((prompt, out))
+        r3 = None
+        if t.routed_experts is not None:
+            a = np.asarray(t.routed_experts, dtype=np.int32)
+            if a.ndim != 3 or a.shape[0] != n - 1:
+                raise ValueError(f"routed_experts shape {a.shape}, expected [{n - 1}, L, K]")
+            if self._r3_shape is None:
+                self._r3_shape = (a.shape[1], a.shape[2])
+            elif a.shape[1:] != self._r3_shape:
+                raise ValueError(f"routed_experts shape {a.shape[1:]} != cached {self._r3_shape}")
+            r3 = a.reshape(n - 1, -1)
+        args = (P, n, lps, r3, t.weight_version, t.worker, now)
+        node, pos, splits = self.root, 0, 0
+        while pos < n:
+            child = node.children.get(int(toks[pos]))
+            if child is None:
+                break
+            m = _common_prefix(child.tokens, toks[pos:pos + child.tokens.size])
+            if m < child.tokens.size:
+                child = self._split(child, m)
+                splits += 1
+            self._write(child, pos, *args)
+            node, pos = child, pos + m
+        shared = pos
+        if pos < n:
+            node = self._new_leaf(node, toks[pos:].copy(), pos, args)
+        digest = text_digest(t.visible_text)
+        old = self._by_digest.get(digest)
+        if old is not None:
+            self._drop_terminal(old)
+            self._stats["superseded"] += 1
+        term = Terminal(t.rid, t.weight_version, t.finish, now, digest, len(t.visible_text), node)
+        node.terminals.append(term)
+        self._by_digest[digest] = term
+        self._nbytes += TERMINAL_OVERHEAD
+        self._push(node)
+        self._stats["inserts"] += 1
+        return InsertResult(shared, n - shared, splits, old.rid if old is not None else None)
+
+    def _write(self, node: Node, pos, P, n, lps, r3, version, worker, now) -> None:
+        """Merge one trajectory into `node`, which holds its positions [pos, pos+len)."""
+        L = node.tokens.size
+        lo = max(P - pos, 0)  # first generated position, node-local
+        if lo < L:
+            node.flags[lo:] |= MASK | ANCHOR
+            node.logprobs[lo:] = lps[pos + lo - P:pos + L - P]
+        if 0 <= P - pos < L:
+            node.flags[P - 1 - pos] |= ANCHOR  # end of the prompt
+        hi = min(L, n - 1 - pos)  # routed-expert rows: none for the trajectory's last token
+        if r3 is not None and hi > 0:
+            rows = r3[pos:pos + hi]
+            have = rows[:, 0] >= 0  # -1 rows = not reported (e.g. routed_experts_start_len): keep ours
+            if have.any():
+                if node.r3 is None:
+                    node.r3 = np.full((L, r3.shape[1]), -1, np.int32)
+                    self._nbytes += node.r3.nbytes
+                if have.all():
+                    node.r3[:hi] = rows
+                else:
+                    node.r3[:hi][have] = rows[have]
+        node.version = _newer(node.version, version)
+        if worker is not None:
+            node.worker = worker
+        node.last_access = now
+
+    def _new_leaf(self, parent: Node, toks: np.ndarray, pos: int, args) -> Node:
+        blob, lens = self._token_bytes(toks)
+        lens = np.asarray(lens)
+        ends = np.cumsum(lens, dtype=np.uint32)
+        if lens.size != toks.size or (ends[-1] if ends.size else 0) != len(blob):
+            raise ValueError("token_bytes returned inconsistent lengths")
+        L = toks.size
+        node = Node(toks, np.zeros(L, np.float32), np.zeros(L, np.uint8), bytes(blob), ends, None, parent)
+        self._nbytes += node.nbytes()  # before _write, which accounts for the r3 rows it allocates
+        self._write(node, pos, *args)
+        self._attach(parent, node)
+        self._nodes += 1
+        self._ntokens += L
+        return node
+
+    def _attach(self, parent: Node, node: Node) -> None:
+        node.parent = parent
+        parent.children[int(node.tokens[0])] = node
+        parent.by_byte.setdefault(node.byte_key(), []).append(node)
+
+    def _detach(self, parent: Node, node: Node) -> None:
+        del parent.children[int(node.tokens[0])]
+        key = node.byte_key()
+        lst = parent.by_byte[key]
+        lst.remove(node)
+        if not lst:
+            del parent.by_byte[key]
+
+    def _split(self, node: Node, m: int) -> Node:
+        """Cut `node` after its first m tokens; return the new upper part (the lower part keeps its identity,
+        children and terminals, so Terminal.node never moves)."""
+        parent = node.parent
+        cut = int(node.ends[m - 1])
+        r3 = node.r3
+        up = Node(node.tokens[:m].copy(), node.logprobs[:m].copy(), node.flags[:m].copy(), node.text[:cut],
+                  node.ends[:m].copy(), None if r3 is None else r3[:m].copy(), parent)
+        up.version, up.worker, up.last_access = node.version, node.worker, node.last_access
+        self._detach(parent, node)
+        node.tokens, node.logprobs, node.flags = node.tokens[m:].copy(), node.logprobs[m:].copy(), node.flags[m:].copy()
+        node.text, node.ends = node.text[cut:], node.ends[m:] - np.uint32(cut)
+        node.r3 = None if r3 is None else r3[m:].copy()
+        self._attach(parent, up)
+        self._attach(up, node)
+        self._nodes += 1
+        self._nbytes += NODE_OVERHEAD
+        self._stats["splits"] += 1
+        return up
+
+    def _drop_terminal(self, term: Terminal) -> None:
+        node = term.node
+        if self._by_digest.get(term.digest) is term:
+            del self._by_digest[term.digest]
+        if node.alive and term in node.terminals:
+            node.terminals.remove(term)
+            self._nbytes -= TERMINAL_OVERHEAD
+            self._push(node)
+
+    # ----------------------------------------------------------------------------------------------- lookups
+    def match_tokens(self, tokens: np.ndarray, *, now: float) -> PrefixMatch:
+        q = np.asarray(tokens, dtype=np.int32).ravel()
+        node, pos, nbytes, segs = self.root, 0, 0, []
+        while pos < q.size:
+            child = node.children.get(int(q[pos]))
+            if child is None:
+                break
+            m = _common_prefix(child.tokens, q[pos:pos + child.tokens.size])
+            segs.append((child, m))
+            pos, nbytes = pos + m, nbytes + int(child.ends[m - 1])
+            if m < child.tokens.size:
+                break
+            node = child
+        return self._matched(segs, q[:pos].copy(), nbytes, now)
+
+    def match_text(self, text: bytes, *, now: float, anchors_only: bool = True) -> PrefixMatch:
+        """Longest prefix of `text` spelled by cached tokens that ends on an anchor (any token boundary when
+        anchors_only=False). Ties between different token paths go to the most recently used."""
+        segs, nbytes = self._text_walk(text, anchors_only)
+        toks = np.concatenate([nd.tokens[:k] for nd, k in segs]) if segs else _EMPTY_I32.copy()
+        return self._matched(segs, toks, nbytes, now)
+
+    def _matched(self, segs, toks, nbytes, now) -> PrefixMatch:
+        self._stats["hits" if segs else "misses"] += 1
+        for nd, _ in segs:
+            nd.last_access = now
+        if not segs:
+            return PrefixMatch(toks, 0, None, None)
+        last = segs[-1][0]
+        self._push(last)
+        return PrefixMatch(toks, nbytes, last.worker, last.version)
+
+    def _text_walk(self, text: bytes, anchors_only: bool) -> tuple[list, int]:
+        """Depth-first over children whose text matches (normally one per level; several only where
+        different tokenizations spell the same bytes). Returns the best [(node, k tokens)] path and its bytes."""
+        best: tuple = (0, 0.0, None)  # (bytes, recency, linked path)
+        stack = [(self.root, 0, None)]
+        while stack:
+            node, pos, path = stack.pop()
+            if pos >= len(text):
+                continue
+            for child in node.by_byte.get(text[pos], ()):
+                size = len(child.text)
+                c = _common_bytes(child.text, text[pos:pos + size])
+                k = int(np.searchsorted(child.ends, c, side="right"))  # whole tokens inside the match
+                if k == 0:
+                    continue
+                j = k - 1
+                if anchors_only and not child.flags[j] & ANCHOR:
+                    idx = np.flatnonzero(child.flags[:j] & ANCHOR)
+                    j = int(idx[-1]) if idx.size else -1
+                if j >= 0:
+                    b = pos + int(child.ends[j])
+                    if (b, child.last_access) > best[:2]:
+                        best = (b, child.last_access, ((child, j + 1), path))
+                if c == size:
+                    stack.append((child, pos + size, ((child, k), path)))
+        segs, link = [], best[2]
+        while link is not None:
+            segs.append(link[0])
+            link = link[1]
+        segs.reverse()
+        return segs, best[0]
+
+    # ----------------------------------------------------------------------------------------------- retrieve
+    def retrieve(self, text: bytes, *, now: float) -> Retrieved:
+        """Exact trajectory for a full visible text (digest hit), else the longest token-boundary prefix."""
+        term = self._by_digest.get(text_digest(text))
+        if term is not None and term.vlen == len(text):
+            path = self.path(term.node)
+            segs = [(nd, nd.tokens.size) for nd in path]
+            versions = [tm.version for nd in path[:-1] for tm in nd.terminals] + [term.version]
+            if not term.retrieved:
+                term.retrieved = True
+                self._push(term.node)
+            self._stats["retrieve_exact"] += 1
+            toks, lps, mask, r3 = self.gather(segs)
+            return Retrieved(True, toks, lps, mask, len(text), _dedup(versions), r3, term.rid, term.finish,
+                             term.version)
+        segs, nbytes = self._text_walk(text, anchors_only=False)
+        versions = [tm.version for nd, k in segs if k == nd.tokens.size for tm in nd.terminals]
+        self._stats["retrieve_partial"] += 1
+        toks, lps, mask, r3 = self.gather(segs)
+        return Retrieved(False, toks, lps, mask, nbytes, _dedup(versions), r3)
+
+    def path(self, node: Node) -> list[Node]:
+        """Nodes from the root's child down to `node`."""
+        out = []
+        while node is not self.root:
+            out.append(node)
+            node = node.parent
+        out.reverse()
+        return out
+
+    def gather(self, segs: list[tuple[Node, int]]):
+        """(tokens, logprobs, loss_mask, routed_experts|None) for the first k tokens of each node in `segs`."""
+        if not segs:
+            return _EMPTY_I32.copy(), np.zeros(0, np.float32), np.zeros(0, np.uint8), self._r3_rows([], 0)
+        toks = np.concatenate([nd.tokens[:k] for nd, k in segs])
+        lps = np.concatenate([nd.logprobs[:k] for nd, k in segs])
+        mask = np.concatenate([nd.flags[:k] for nd, k in segs]) & MASK
+        return toks, lps, mask, self._r3_rows(segs, toks.size - 1)
+
+    def _r3_rows(self, segs, need: int) -> np.ndarray | None:
+        if self._r3_shape is None:
+            return None
+        parts, got = [], 0
+        for nd, k in segs:
+            take = min(k, need - got)
+            if take <= 0:
+                break
+            if nd.r3 is None or (nd.r3[:take, 0] < 0).any():
+                return None
+            parts.append(nd.r3[:take])
+            got += take
+        rows = np.concatenate(parts) if parts else np.zeros((0, 1), np.int32)
+        return rows.reshape(max(need, 0), *self._r3_shape)
+
+    def path_arrays(self, node: Node):
+        """Full (tokens, logprobs, loss_mask, routed_experts|None) of the path ending at `node`."""
+        return self.gather([(nd, nd.tokens.size) for nd in self.path(node)])
+
+    # ----------------------------------------------------------------------------------------------- eviction
+    def _push(self, node: Node) -> None:
+        """(Re)register a leaf in the heap of its (version, reclaimable) group; older entries go stale."""
+        if node.children or not node.alive or node is self.root:
+            return
+        self._seq += 1
+        node.hseq = self._seq
+        heapq.heappush(self._heaps.setdefault((node.version, node.reclaimable()), []),
+                       (node.last_access, self._seq, node))
+        self._heap_entries += 1
+        if self._heap_entries > 4 * self._nodes + 1024:
+            self._rebuild_heaps()
+
+    def _rebuild_heaps(self) -> None:
+        self._heaps, self._heap_entries = {}, 0
+        stack = list(self.root.children.values())
+        while stack:
+            nd = stack.pop()
+            if nd.children:
+                stack.extend(nd.children.values())
+            else:
+                self._heaps.setdefault((nd.version, nd.reclaimable()), []).append((nd.last_access, nd.hseq, nd))
+                self._heap_entries += 1
+        for h in self._heaps.values():
+            heapq.heapify(h)
+
+    def evict(self, *, budget_bytes: int, hard_budget_bytes: int,
+              stale_versions: Callable[[str | None], bool] | None = None) -> EvictionReport:
+        rep = EvictionReport()
+        stale_cache: dict = {}
+
+        def is_stale(v):
+            if v not in stale_cache:
+                stale_cache[v] = bool(stale_versions(v))
+            return stale_cache[v]
+
+        while True:  # phases 1-2 again after each phase-3 eviction: it may expose a reclaimable parent
+            if stale_versions is not None:
+                self._evict_while(budget_bytes, lambda key: is_stale(key[0]), "evicted_stale", rep)
+            self._evict_while(budget_bytes, lambda key: key[1], "evicted_retrieved", rep)
+            if not self._evict_while(hard_budget_bytes, lambda key: True, "evicted_unretrieved", rep, 1):
+                break
+        self._stats["evictions"] += rep.nodes
+        return rep
+
+    def _evict_while(self, limit: int, eligible, counter: str, rep: EvictionReport, most: int = -1) -> int:
+        done = 0
+        while self._nbytes > limit and done != most:
+            best_key = best = None
+            for key in list(self._heaps):  # one heap per (version, reclaimable): few groups
+                h = self._heaps[key]
+                while h and (h[0][2].hseq != h[0][1] or h[0][2].children or not h[0][2].alive):
+                    heapq.heappop(h)  # stale entry
+                    self._heap_entries -= 1
+                if not h:
+                    del self._heaps[key]
+                elif eligible(key) and (best is None or h[0] < best):
+                    best_key, best = key, h[0]
+            if best is None:
+                break
+            heapq.heappop(self._heaps[best_key])
+            self._heap_entries -= 1
+            self._evict_node(best[2], counter, rep)
+            done += 1
+        return done
+
+    def _evict_node(self, node: Node, counter: str, rep: EvictionReport) -> None:
+        parent = node.parent
+        self._detach(parent, node)
+        freed = node.nbytes()
+        for term in node.terminals:
+            if self._by_digest.get(term.digest) is term:
+                del self._by_digest[term.digest]
+            rep.rids.append(term.rid)
+            if counter != "evicted_unretrieved" or not term.retrieved:
+                setattr(rep, counter, getattr(rep, counter) + 1)
+        if counter == "evicted_unretrieved":
+            self._stats["evicted_unretrieved"] += sum(not t.retrieved for t in node.terminals)
+        node.alive, node.parent = False, None
+        self._nbytes -= freed
+        self._nodes -= 1
+        self._ntokens -= node.tokens.size
+        rep.nodes, rep.tokens, rep.freed_bytes = rep.nodes + 1, rep.tokens + node.tokens.size, rep.freed_bytes + freed
+        self._push(parent)  # a parent becomes a candidate once its last child goes
+
+    # ----------------------------------------------------------------------------------------------- stats
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def stats(self) -> dict:
+        return dict(nodes=self._nodes, tokens=self._ntokens, bytes=self._nbytes,
+                    trajectories=len(self._by_digest), **self._stats)

@@ -1,0 +1,128 @@
+"""Worker selection policies beyond least-in-flight: prefix affinity and sticky keys, both with
+bounded-load spill.
+
+`PrefixIndex` remembers, per block of a token (or text) prefix, which worker last received it,
+so it is exact at block granularity (chained 64-bit block hashes, like a worker's own radix KV
+cache) and it learns at routing time: the 16 samples of a GRPO group that arrive together
+already agree on one worker. `StickyTable` pins a routing key (`X-SMG-Routing-Key`) to a worker
+with an idle expiry. `choose` applies the spill rule both share: keep the preferred worker unless
+it is both `abs_threshold` requests and `rel_threshold` times busier than the least-loaded one —
+affinity must never lock a saturated worker into thrash (prime-rl#3255) nor drop affinity under
+ordinary load (sglang#32195).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from router.core.workers import Worker, WorkerPool
+
+
+@dataclass(frozen=True, slots=True)
+class SpillRule:
+    abs_threshold: int = 8
+    rel_threshold: float = 1.5
+
+    def overloaded(self, preferred: Worker, least: Worker) -> bool:
+        gap = preferred.inflight - least.inflight
+        return gap > self.abs_threshold and preferred.inflight > self.rel_threshold * max(least.inflight, 1)
+
+
+def choose(pool: WorkerPool, preferred: Worker | None, rule: SpillRule, hit_reason: str,
+           exclude=()) -> tuple[Worker | None, str]:
+    """The preferred worker unless it is unusable or overloaded; else the least-loaded one."""
+    least = pool.pick(exclude)
+    if least is None:
+        return None, "none"
+    if preferred is None:
+        return least, "least_inflight"
+    if not preferred.selectable or preferred in exclude:
+        return least, "least_inflight"
+    if preferred is not least and rule.overloaded(preferred, least):
+        return least, "spill"
+    return preferred, hit_reason
+
+
+def _block_keys(data: bytes, block_bytes: int) -> list[bytes]:
+    """Chained hashes of every whole block: key i identifies the prefix data[:(i+1)*block]."""
+    keys = []
+    h = b""
+    for start in range(0, len(data) - block_bytes + 1, block_bytes):
+        h = hashlib.blake2b(h + data[start:start + block_bytes], digest_size=8).digest()
+        keys.append(h)
+    return keys
+
+
+class PrefixIndex:
+    """Longest known prefix -> the worker that holds it (LRU over blocks, bounded)."""
+
+    def __init__(self, block_tokens: int = 16, block_bytes: int = 64, capacity_blocks: int = 1 << 20) -> None:
+        self.block_tokens = block_tokens
+        self.block_bytes = block_bytes
+        self.capacity = capacity_blocks
+        self._owner: OrderedDict[bytes, str] = OrderedDict()
+
+    def _keys(self, seq: np.ndarray | bytes) -> list[bytes]:
+        if isinstance(seq, (bytes, bytearray)):
+            return [b"t" + k for k in _block_keys(bytes(seq), self.block_bytes)]
+        raw = np.ascontiguousarray(seq, dtype="<i4").tobytes()
+        return _block_keys(raw, self.block_tokens * 4)
+
+    def lookup(self, seq: np.ndarray | bytes, usable=None) -> tuple[str | None, int]:
+        """(worker url, matched blocks) of the longest prefix whose owner is `usable` (if given)."""
+        keys = self._keys(seq)
+        for i in range(len(keys) - 1, -1, -1):
+            url = self._owner.get(keys[i])
+            if url is not None and (usable is None or usable(url)):
+                return url, i + 1
+        return None, 0
+
+    def record(self, seq: np.ndarray | bytes, url: str) -> None:
+        owner = self._owner
+        for k in self._keys(seq):
+            owner[k] = url
+            owner.move_to_end(k)
+        while len(owner) > self.capacity:
+            owner.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+
+class StickyTable:
+    """Routing key -> worker url, forgotten after `idle_s` without use."""
+
+    def __init__(self, idle_s: float = 600.0, capacity: int = 1 << 20) -> None:
+        self.idle_s = idle_s
+        self.capacity = capacity
+        self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    def get(self, key: str, now: float) -> str | None:
+        e = self._entries.get(key)
+        if e is None:
+            return None
+        url, last = e
+        if now - last > self.idle_s:
+            del self._entries[key]
+            return None
+        return url
+
+    def put(self, key: str, url: str, now: float) -> None:
+        self._entries[key] = (url, now)
+        self._entries.move_to_end(key)
+        self._expire(now)
+
+    def _expire(self, now: float) -> None:
+        entries = self._entries
+        while entries:
+            key, (url, last) = next(iter(entries.items()))
+            if now - last <= self.idle_s and len(entries) <= self.capacity:
+                break
+            entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)

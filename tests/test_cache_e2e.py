@@ -1,0 +1,289 @@
+"""The exact trajectory cache end to end: router (radix-cache pipeline) + simulated workers +
+Qwen's real vocabulary, over loopback. These are the exactness properties of issue #3."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+
+from harness import client, start_router, start_sim
+from router.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+EOS = 151645  # <|im_end|>
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return load_tokenizer("builtin:qwen")
+
+
+def chat(messages, gen=True):
+    out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return out + ("<|im_start|>assistant\n" if gen else "")
+
+
+async def cache_router(nursery, n_workers=1, pipeline="pipelines/radix-cache.toml", **sim_kw):
+    sim_kw.setdefault("tokenizer", "builtin:qwen")
+    sims = [await start_sim(nursery, seed=i, **sim_kw) for i in range(n_workers)]
+    router = await start_router(
+        nursery,
+        workers={"urls": [s.url for s in sims]},
+        tokenizer={"path": "builtin:qwen"},
+        routes=[{"path": "/generate", "pipeline": str(ROOT / pipeline)}],
+    )
+    return router, sims
+
+
+async def last_received(sim) -> dict:
+    async with client(sim.url) as c:
+        return (await c.get("/_sim/stats")).json()["last_bodies"][-1]
+
+
+async def retrieve(c, text):
+    r = await c.post("/retrieve_from_text", json={"text": text})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def test_text_request_is_rewritten_and_retrieved_exactly(nursery, qwen):
+    router, (sim,) = await cache_router(nursery)
+    prompt = chat([{"role": "user", "content": "Name three prime numbers."}])
+    body = {"text": prompt, "sampling_params": {"max_new_tokens": 40, "temperature": 0.7},
+            "return_logprob": True, "x_custom_field": {"keep": [1, 2.5, None]}, "rid": "req-1"}
+    async with client(router) as c:
+        r = await c.post("/generate", json=body)
+        assert r.status_code == 200
+        out = r.json()
+        sent = await last_received(sim)
+        # The rewrite reached the worker: input_ids instead of text, every other field kept.
+        assert "text" not in sent and sent["input_ids"] == qwen.encode(prompt)
+        assert {k: v for k, v in sent.items() if k != "input_ids"} == {k: v for k, v in body.items() if k != "text"}
+        assert r.headers["x-miles-router-cached-prompt-tokens"] == "0"
+        assert int(r.headers["x-miles-router-fresh-prompt-tokens"]) == len(sent["input_ids"])
+
+        got = await retrieve(c, prompt + out["text"])
+    O = out["output_ids"]
+    assert got["exact"] is True and got["fresh_tokens"] == 0
+    assert got["tokens"] == qwen.encode(prompt) + O
+    if out["meta_info"]["finish_reason"]["type"] == "stop":
+        assert O[-1] == EOS and not out["text"].endswith("<|im_end|>")  # stop token kept though its text was stripped
+    P = len(qwen.encode(prompt))
+    assert got["loss_mask"] == [0] * P + [1] * len(O)
+    assert got["rollout_logp"][:P] == [0.0] * P
+    assert got["rollout_logp"][P:] == [t[0] for t in out["meta_info"]["output_token_logprobs"]]
+    assert got["token_length"] == got["loss_mask_length"] == P + len(O)
+    assert got["weight_version"] == "default"
+
+
+async def test_multi_turn_stop_token_neither_doubled_nor_lost(nursery, qwen):
+    router, (sim,) = await cache_router(nursery)
+    msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hi in 中文 🙂"}]
+    sp = {"max_new_tokens": 256}
+    async with client(router) as c:
+        p1 = chat(msgs)
+        for seed in range(20):  # find a sample that ended on the stop token
+            o1 = (await c.post("/generate", json={"text": p1, "sampling_params": {**sp, "sampling_seed": seed}})).json()
+            if o1["output_ids"][-1] == EOS:
+                break
+        assert o1["output_ids"][-1] == EOS
+        # The next turn's text continues with the chat template, starting with the stop token's text.
+        p2 = p1 + o1["text"] + "<|im_end|>\n" + "<|im_start|>user\nAnd in French?<|im_end|>\n<|im_start|>assistant\n"
+        r2 = await c.post("/generate", json={"text": p2, "sampling_params": sp})
+        o2 = r2.json()
+        sent2 = (await last_received(sim))["input_ids"]
+        new_part = qwen.encode("\n<|im_start|>user\nAnd in French?<|im_end|>\n<|im_start|>assistant\n")
+        turn1 = qwen.encode(p1) + o1["output_ids"]
+        assert sent2 == turn1 + new_part  # prompt_ids(P) + O + only the new part
+        assert sent2.count(EOS) == turn1.count(EOS) + new_part.count(EOS)
+        assert int(r2.headers["x-miles-router-cached-prompt-tokens"]) == len(turn1)
+        assert int(r2.headers["x-miles-router-fresh-prompt-tokens"]) == len(new_part)
+
+        whole = await retrieve(c, p2 + o2["text"])
+        assert whole["exact"] and whole["tokens"] == sent2 + o2["output_ids"]
+        P1, O1, N, O2 = len(qwen.encode(p1)), len(o1["output_ids"]), len(new_part), len(o2["output_ids"])
+        assert whole["loss_mask"] == [0] * P1 + [1] * O1 + [0] * N + [1] * O2
+        lp = whole["rollout_logp"]
+        assert lp[P1:P1 + O1] == [t[0] for t in o1["meta_info"]["output_token_logprobs"]]
+        assert lp[P1 + O1 + N:] == [t[0] for t in o2["meta_info"]["output_token_logprobs"]]
+        # Turn 1 is still retrievable on its own.
+        first = await retrieve(c, p1 + o1["text"])
+        assert first["exact"] and first["tokens"] == turn1
+
+
+async def test_engine_tokens_win_over_retokenization(nursery, qwen):
+    """The simulator emits valid but non-canonical tokenizations; retrieve returns the engine's ids."""
+    router, _ = await cache_router(nursery, noncanonical_rate=0.6)
+    differs = 0
+    async with client(router) as c:
+        for i in range(6):
+            p = chat([{"role": "user", "content": f"Question {i}: tell me a story"}])
+            o = (await c.post("/generate", json={"text": p, "sampling_params": {"max_new_tokens": 60}})).json()
+            got = await retrieve(c, p + o["text"])
+            assert got["tokens"] == qwen.encode(p) + o["output_ids"]
+            ids = o["output_ids"][:-1] if o["output_ids"][-1] == EOS else o["output_ids"]
+            differs += qwen.encode(o["text"]) != ids
+    assert differs > 0
+
+
+async def test_grpo_samples_share_the_prompt(nursery, qwen):
+    router, _ = await cache_router(nursery, n_workers=2)
+    p = chat([{"role": "user", "content": "Solve 17 * 23 step by step."}])
+    outs = []
+    async with client(router) as c:
+        async with trio.open_nursery() as n:
+            async def sample(seed):
+                r = await c.post("/generate", json={"text": p, "sampling_params": {"max_new_tokens": 50,
+                                                                                   "sampling_seed": seed}})
+                outs.append(r.json())
+            for s in range(8):
+                n.start_soon(sample, s)
+        assert len({o["text"] for o in outs}) > 1
+        for o in outs:
+            got = await retrieve(c, p + o["text"])
+            assert got["exact"] and got["tokens"] == qwen.encode(p) + o["output_ids"]
+        stats = (await c.get("/cache/stats")).json()
+    total = sum(len(qwen.encode(p)) + len(o["output_ids"]) for o in outs)
+    assert stats["tokens"] <= total - 6 * len(qwen.encode(p))  # the prompt is stored (at most) twice, not 8 times
+
+
+async def test_n_samples_in_one_request_are_each_recorded(nursery, qwen):
+    router, _ = await cache_router(nursery)
+    p = chat([{"role": "user", "content": "Give me a word."}])
+    async with client(router) as c:
+        outs = (await c.post("/generate", json={"text": p, "sampling_params": {"max_new_tokens": 20, "n": 3}})).json()
+        assert isinstance(outs, list) and len(outs) == 3
+        for o in outs:
+            got = await retrieve(c, p + o["text"])
+            assert got["exact"] and got["tokens"] == qwen.encode(p) + o["output_ids"]
+
+
+async def test_unicode_split_across_tokens_round_trips(nursery, qwen):
+    router, _ = await cache_router(nursery)
+    p = chat([{"role": "user", "content": "表情符号 🧑‍🚀🏳️‍🌈 and ñandú — «quotes» 𝔘𝔫𝔦𝔠𝔬𝔡𝔢"}])
+    async with client(router) as c:
+        o = (await c.post("/generate", json={"text": p, "sampling_params": {"max_new_tokens": 80}})).json()
+        got = await retrieve(c, p + o["text"])
+    assert got["exact"] and got["tokens"] == qwen.encode(p) + o["output_ids"]
+    assert qwen.decode(got["tokens"], skip_special_tokens=False).startswith(p)
+
+
+async def test_unmatched_text_is_fresh_and_reported(nursery, qwen):
+    router, _ = await cache_router(nursery)
+    async with client(router) as c:
+        got = await retrieve(c, "never seen before")
+        assert got["exact"] is False and got["matched_chars"] == 0
+        assert got["tokens"] == qwen.encode("never seen before") and got["fresh_tokens"] == len(got["tokens"])
+        assert set(got["loss_mask"]) == {0}
+        p = chat([{"role": "user", "content": "hello"}])
+        o = (await c.post("/generate", json={"text": p, "sampling_params": {"max_new_tokens": 10}})).json()
+        # A text that extends a trajectory with something new: exact prefix, fresh tail, reported.
+        got = await retrieve(c, p + o["text"] + " extra words")
+        assert got["exact"] is False and got["fresh_tokens"] > 0
+        assert got["matched_chars"] >= len(p)
+        assert got["tokens"][:len(qwen.encode(p))] == qwen.encode(p)
+
+
+async def test_stream_is_honoured_and_captured(nursery, qwen):
+    router, _ = await cache_router(nursery, token_latency_s=0.01)
+    p = chat([{"role": "user", "content": "stream please"}])
+    async with client(router) as c:
+        events = []
+        async with c.stream("POST", "/generate", json={"text": p, "stream": True,
+                                                       "sampling_params": {"max_new_tokens": 15}}) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+        assert events[-1] == "[DONE]" and len(events) > 2
+        final = json.loads(events[-2])
+        got = await retrieve(c, p + final["text"])
+    assert got["exact"] and got["tokens"] == qwen.encode(p) + final["output_ids"]
+
+
+async def test_input_ids_request_forwarded_unchanged_and_recorded(nursery, qwen):
+    router, (sim,) = await cache_router(nursery)
+    p = chat([{"role": "user", "content": "tokens in"}])
+    ids = qwen.encode(p)
+    raw = json.dumps({"input_ids": ids, "sampling_params": {"max_new_tokens": 12}, "return_logprob": True,
+                      "zz": 1}, separators=(",", " : ")).encode()
+    async with client(router) as c:
+        r = await c.post("/generate", content=raw, headers={"content-type": "application/json"})
+        o = r.json()
+        async with client(sim.url) as d:
+            last = (await d.get("/_sim/stats")).json()["last_requests"][-1]
+        assert last["body"] == json.loads(raw)
+        got = await retrieve(c, p + o["text"])
+    assert got["exact"] and got["tokens"] == ids + o["output_ids"]
+
+
+async def test_routed_experts_are_captured_and_stitched(nursery, qwen):
+    router, (sim,) = await cache_router(nursery, pipeline="pipelines/radix-cache-r3.toml", num_layers=3, top_k=2)
+    p1 = chat([{"role": "user", "content": "route me"}])
+    async with client(router) as c:
+        o1 = (await c.post("/generate", json={"text": p1, "sampling_params": {"max_new_tokens": 12}})).json()
+        assert (await last_received(sim))["return_routed_experts"] is True
+        rows1 = np.frombuffer(base64.b64decode(o1["meta_info"]["routed_experts"]), np.int32)
+        got = await retrieve(c, p1 + o1["text"])
+        assert got["routed_experts"] == o1["meta_info"]["routed_experts"]
+        n1 = len(got["tokens"])
+        assert got["routed_experts_shape"][0] == n1 - 1 and rows1.size == (n1 - 1) * 6
+        p2 = p1 + o1["text"] + "<|im_end|>\n<|im_start|>user\nagain<|im_end|>\n<|im_start|>assistant\n"
+        o2 = (await c.post("/generate", json={"text": p2, "sampling_params": {"max_new_tokens": 12}})).json()
+        got2 = await retrieve(c, p2 + o2["text"])
+    # Turn 2's engine rows cover the whole conversation; the cache returns exactly those.
+    assert got2["routed_experts"] == o2["meta_info"]["routed_experts"]
+    assert got2["routed_experts_shape"][0] == len(got2["tokens"]) - 1
+
+
+async def test_abort_is_recorded_not_retried(nursery, qwen):
+    router, (sim,) = await cache_router(nursery, token_latency_s=0.05)
+    p = chat([{"role": "user", "content": "long answer"}])
+    result = {}
+
+    async def gen(c):
+        r = await c.post("/generate", json={"text": p, "sampling_params": {"max_new_tokens": 500, "ignore_eos": True}})
+        result["out"] = r.json()
+
+    async with client(router) as c:
+        async with trio.open_nursery() as n:
+            n.start_soon(gen, c)
+            await trio.sleep(0.3)
+            async with client(sim.url) as d:
+                assert (await d.post("/abort_request", json={"abort_all": True})).status_code == 200
+        out = result["out"]
+        assert out["meta_info"]["finish_reason"]["type"] == "abort"
+        got = await retrieve(c, p + out["text"])
+        async with client(sim.url) as d:
+            assert (await d.get("/_sim/stats")).json()["generate_requests"] == 1  # not retried
+    assert got["exact"] and got["tokens"] == qwen.encode(p) + out["output_ids"]
+
+
+async def test_retrieve_bad_bodies_and_batch(nursery, qwen):
+    router, _ = await cache_router(nursery)
+    async with client(router) as c:
+        for bad in (b"{", b"[]", b'{"text": 5}', b'{"text": "a", "texts": ["b"]}', b"{}", b'{"txt": "a"}'):
+            r = await c.post("/retrieve_from_text", content=bad)
+            assert r.status_code == 400, bad
+            assert "error" in r.json()
+        p = chat([{"role": "user", "content": "batch"}])
+        o = (await c.post("/generate", json={"text": p, "sampling_params": {"max_new_tokens": 8}})).json()
+        r = await c.post("/retrieve_from_text", json={"texts": [p + o["text"], "unknown"]})
+        res = r.json()["results"]
+        assert res[0]["exact"] and not res[1]["exact"]
+
+
+async def test_response_stage_failure_keeps_the_workers_reply(nursery):
+    router, (sim,) = await cache_router(nursery)
+    async with client(sim.url) as d:
+        await d.post("/_sim/faults", json={"echo": True})
+    async with client(router) as c:
+        r = await c.post("/generate", json={"text": "echo me", "sampling_params": {"max_new_tokens": 4}})
+    assert r.status_code == 200
+    assert json.loads(r.content)["input_ids"]  # the worker's bytes (here: the rewritten request) arrived
+    assert "capture" in r.headers["x-miles-router-stage-error"]

@@ -1,0 +1,229 @@
+"""Routing that knows prefixes, sessions and weights; admin fan-out (issue #4), end to end."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import trio
+
+from harness import client, start_router, start_sim, wait_until
+from router.core.selection import PrefixIndex, SpillRule, StickyTable, choose
+from router.core.workers import WorkerPool
+
+ROOT = Path(__file__).resolve().parent.parent
+LONG = "You are a careful math tutor. Explain every step and check the answer twice. " * 4
+
+
+# ---- pure logic ----------------------------------------------------------------------------
+
+def test_prefix_index_longest_block_match():
+    idx = PrefixIndex(block_tokens=4)
+    a = np.arange(40, dtype=np.int32)
+    idx.record(a[:20], "http://w1:1")
+    idx.record(a[:12], "http://w2:1")  # w2 received the shorter prefix last
+    assert idx.lookup(a) == ("http://w1:1", 5)
+    assert idx.lookup(a[:13]) == ("http://w2:1", 3)
+    assert idx.lookup(np.arange(3, dtype=np.int32)) == (None, 0)  # shorter than a block
+    assert idx.lookup(a, usable=lambda u: u != "http://w1:1") == ("http://w2:1", 3)
+    b = a.copy()
+    b[0] = 99  # differs in the first block: nothing matches
+    assert idx.lookup(b) == (None, 0)
+
+
+def test_prefix_index_is_bounded():
+    idx = PrefixIndex(block_tokens=1, capacity_blocks=10)
+    idx.record(np.arange(100, dtype=np.int32), "http://w:1")
+    assert len(idx) == 10
+
+
+def test_spill_rule():
+    pool = WorkerPool()
+    a, _ = pool.add("http://a:1")
+    b, _ = pool.add("http://b:1")
+    rule = SpillRule(abs_threshold=4, rel_threshold=2.0)
+    a.inflight, b.inflight = 4, 0
+    assert choose(pool, a, rule, "hit") == (a, "hit")  # gap 4 is not > 4
+    a.inflight = 5
+    assert choose(pool, a, rule, "hit") == (b, "spill")
+    b.inflight = 3  # gap 2: within bounds
+    assert choose(pool, a, rule, "hit") == (a, "hit")
+
+
+def test_sticky_table_expires_idle_keys():
+    t = StickyTable(idle_s=10)
+    t.put("k", "http://w:1", now=0)
+    assert t.get("k", now=5) == "http://w:1"
+    assert t.get("k", now=16) is None
+
+
+# ---- end to end ------------------------------------------------------------------------------
+
+async def routed(nursery, n, policy, pipeline="passthrough", **routing):
+    sims = [await start_sim(nursery, token_latency_s=0.01) for _ in range(n)]
+    router = await start_router(nursery, workers={"urls": [s.url for s in sims]}, routing=routing,
+                                routes=[{"path": "/generate", "pipeline": pipeline, "policy": policy}])
+    return router, sims
+
+
+async def test_prefix_affinity_keeps_a_grpo_group_together(nursery):
+    router, sims = await routed(nursery, 4, "prefix_affinity")
+    got = []
+    async with client(router) as c:
+        async def sample(prompt, seed):
+            r = await c.post("/generate", json={"text": prompt, "sampling_params": {"max_new_tokens": 8,
+                                                                                    "sampling_seed": seed}})
+            got.append((prompt, r.headers["x-miles-router-worker"], r.headers["x-miles-router-route-reason"]))
+
+        for g in range(4):
+            prompt = f"{LONG} Problem {g}: what is {g} + {g}?"
+            async with trio.open_nursery() as n:
+                for s in range(8):
+                    n.start_soon(sample, prompt, s)
+    by_prompt = {}
+    for prompt, worker, _ in got:
+        by_prompt.setdefault(prompt, set()).add(worker)
+    assert all(len(ws) == 1 for ws in by_prompt.values()), by_prompt  # each group on one worker
+    reasons = Counter(r for _, _, r in got)
+    assert reasons["affinity_hit"] >= 4 * 7 - 2 and reasons["spill"] == 0
+
+
+async def test_prefix_affinity_spills_a_hot_prefix(nursery):
+    router, sims = await routed(nursery, 4, "prefix_affinity", balance_abs_threshold=2, balance_rel_threshold=1.5)
+    got = []
+    async with client(router) as c:
+        async def sample(seed):
+            r = await c.post("/generate", json={"text": LONG, "sampling_params": {"max_new_tokens": 30,
+                                                                                  "ignore_eos": True,
+                                                                                  "sampling_seed": seed}})
+            got.append(r.headers["x-miles-router-route-reason"])
+
+        async with trio.open_nursery() as n:
+            for s in range(40):
+                n.start_soon(sample, s)
+    assert Counter(got)["spill"] > 0
+    peak = max(w.requests_total for w in router.runtime.pool.all)
+    assert peak < 40
+
+
+async def test_multi_turn_follows_its_worker_through_the_cache(nursery):
+    router, sims = await routed(nursery, 4, "prefix_affinity", pipeline=str(ROOT / "pipelines/radix-cache.toml"))
+    async with client(router) as c:
+        p = f"<|im_start|>user\n{LONG}<|im_end|>\n<|im_start|>assistant\n"
+        r1 = await c.post("/generate", json={"text": p, "sampling_params": {"max_new_tokens": 20}})
+        w1 = r1.headers["x-miles-router-worker"]
+        text = p + r1.json()["text"]
+        for turn in range(3):
+            text += f"<|im_end|>\n<|im_start|>user\nfollow-up {turn}<|im_end|>\n<|im_start|>assistant\n"
+            r = await c.post("/generate", json={"text": text, "sampling_params": {"max_new_tokens": 20}})
+            assert r.headers["x-miles-router-worker"] == w1
+            assert r.headers["x-miles-router-route-reason"] == "affinity_hit"
+            assert r.json()["meta_info"]["cached_tokens"] > 0  # the worker's KV cache was reused
+            text += r.json()["text"]
+
+
+async def test_input_ids_use_the_token_prefix(nursery):
+    router, sims = await routed(nursery, 3, "prefix_affinity")
+    ids = list(range(100, 400))
+    async with client(router) as c:
+        first = await c.post("/generate", json={"input_ids": ids, "sampling_params": {"max_new_tokens": 4}})
+        for k in range(5):
+            r = await c.post("/generate", json={"input_ids": ids + [k, k + 1], "sampling_params": {"max_new_tokens": 4}})
+            assert r.headers["x-miles-router-worker"] == first.headers["x-miles-router-worker"]
+
+
+async def test_sticky_routing_key(nursery):
+    router, sims = await routed(nursery, 3, "sticky")
+    async with client(router) as c:
+        seen = {}
+        for i in range(12):
+            key = f"session-{i % 4}"
+            r = await c.post("/generate", json={"text": "hi"}, headers={"X-SMG-Routing-Key": key})
+            seen.setdefault(key, set()).add(r.headers["x-miles-router-worker"])
+            assert r.headers["x-miles-router-route-reason"] in ("sticky", "sticky_new")
+        assert all(len(v) == 1 for v in seen.values())
+        assert len({next(iter(v)) for v in seen.values()}) >= 2  # new keys spread by load
+        # No key: plain least-in-flight.
+        r = await c.post("/generate", json={"text": "hi"})
+        assert r.headers["x-miles-router-route-reason"] == "least_inflight"
+
+
+async def test_sticky_repins_when_its_worker_leaves(nursery):
+    router, sims = await routed(nursery, 2, "sticky")
+    async with client(router) as c:
+        r = await c.post("/generate", json={"text": "x"}, headers={"x-smg-routing-key": "s"})
+        first = r.headers["x-miles-router-worker"]
+        await c.post("/remove_worker", params={"url": first})
+        r = await c.post("/generate", json={"text": "x"}, headers={"x-smg-routing-key": "s"})
+        assert r.headers["x-miles-router-worker"] != first
+        assert r.headers["x-miles-router-route-reason"] == "sticky_new"
+
+
+async def test_recovery_is_gated_on_weight_version(nursery):
+    a, b = await start_sim(nursery), await start_sim(nursery)
+    router = await start_router(nursery, workers={"urls": [a.url, b.url], "health_interval_s": 0.05,
+                                                  "failure_threshold": 1, "success_threshold": 1})
+    pool = router.runtime.pool
+    await wait_until(lambda: pool.get(a.url).weight_version == "default")
+    async with client(a.url) as da:
+        await da.post("/_sim/faults", json={"health_status": 503})
+    await wait_until(lambda: pool.get(a.url).state.value == "quarantined")
+    async with client(router) as c:
+        # Weights move on while `a` is out: only healthy workers get the update.
+        r = await c.post("/update_weight_version", json={"new_version": "step-2", "abort_all_requests": False})
+        assert r.status_code == 200 and list(r.json()["results"]) == [b.url]
+        assert pool.get(b.url).weight_version == "step-2"
+        async with client(a.url) as da:
+            await da.post("/_sim/faults", json={"health_status": 200})
+        await wait_until(lambda: pool.get(a.url).held_reason is not None)
+        w = next(w for w in (await c.get("/workers")).json()["workers"] if w["url"] == a.url)
+        assert w["state"] == "quarantined" and "step-2" in w["held_reason"]
+        # Once `a` serves the current weights it is re-admitted.
+        async with client(a.url) as da:
+            await da.post("/update_weight_version", json={"new_version": "step-2"})
+        await wait_until(lambda: pool.get(a.url).state.value == "healthy")
+
+
+async def test_admin_fanout_reaches_every_healthy_worker(nursery):
+    sims = [await start_sim(nursery, token_latency_s=0.05) for _ in range(3)]
+    router = await start_router(nursery, workers={"urls": [s.url for s in sims], "health_interval_s": 30})
+    outs = []
+    async with client(router) as c:
+        async def long_gen():
+            r = await c.post("/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 1000,
+                                                                                 "ignore_eos": True}})
+            outs.append(r.json()["meta_info"]["finish_reason"]["type"])
+
+        async with trio.open_nursery() as n:
+            for _ in range(3):
+                n.start_soon(long_gen)
+            await wait_until(lambda: sum(w.inflight for w in router.runtime.pool.all) == 3)
+            r = await c.post("/abort_request", json={"abort_all": True})
+            assert r.status_code == 200
+            body = r.json()
+            assert body["succeeded"] == 3 and set(body["results"]) == {s.url for s in sims}
+        assert outs == ["abort"] * 3
+        r = await c.post("/flush_cache")
+        assert r.status_code == 200 and all(v["status"] == 200 for v in r.json()["results"].values())
+        sims[2].kill()
+        r = await c.post("/pause_generation", json={"mode": "abort"})
+        assert r.status_code == 207
+        res = r.json()["results"]
+        assert res[sims[2].url]["ok"] is False and res[sims[2].url]["error"]
+        assert res[sims[0].url] == {"ok": True, "status": 200, "body": {"message": "Generation paused successfully.",
+                                                                        "status": "ok"}}
+        r = await c.post("/continue_generation", json={})
+        assert r.status_code == 207
+        text = (await c.get("/metrics")).text
+        assert 'miles_router_fanout_requests_total{outcome="error",path="/pause_generation"} 1.0' in text
+
+
+async def test_fanout_can_be_turned_off_per_path(nursery):
+    sims = [await start_sim(nursery) for _ in range(2)]
+    router = await start_router(nursery, workers={"urls": [s.url for s in sims]},
+                                routing={"fanout_paths": ["/abort_request"]})
+    async with client(router) as c:
+        r = await c.post("/flush_cache")
+        assert r.status_code == 200 and r.text.startswith("Cache flushed.")  # one worker's own reply
+        assert "x-miles-router-worker" in r.headers
