@@ -57,6 +57,9 @@ def _load(path: str | None):
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One line per health probe is noise; the router logs state changes itself.
+    for noisy in ("httpx", "httpcore", "hypercorn"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def cmd_run(args) -> int:

@@ -81,6 +81,7 @@ class Server:
         self.accepted = 0
         self.requests = 0
         self.client_closes = 0  # the client closed while the server was waiting for a request / in wait_client_close
+        self.connections_done = 0
         self.url = ""
 
     async def start(self, nursery: trio.Nursery) -> Server:
@@ -131,6 +132,7 @@ class Server:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
+            self.connections_done += 1
             if stream.socket.fileno() != -1:
                 await stream.aclose()
 
@@ -514,6 +516,25 @@ async def test_body_stall_is_a_timeout(start, pool):
     await eventually(lambda: server.client_closes == 1)
 
 
+async def test_dead_pooled_socket_then_refused_connect_is_a_connect_error(nursery, pool):
+    async def serve_until_cancelled(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as inner:
+                listeners = await inner.start(partial(trio.serve_tcp, Server(ok_handler)._serve_connection, 0,
+                                                      host="127.0.0.1"))
+                task_status.started((scope, listeners[0].socket.getsockname()[1]))
+
+    scope, port = await nursery.start(serve_until_cancelled)
+    url = f"http://127.0.0.1:{port}"
+    await get(pool, url)
+    scope.cancel()  # the worker goes away: listener and kept-alive connection closed
+    await trio.sleep(0.05)
+    with pytest.raises(UpstreamConnectError):
+        await get(pool, url)
+    stats = pool.stats()
+    assert (stats["stale_discarded"], stats["idle"], stats["in_use"]) == (1, {}, 0)
+
+
 async def test_connect_refused(pool):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -721,6 +742,52 @@ async def test_200_concurrent_requests(start):
         assert stats["opened"] <= 600 and stats["reused"] >= 1
         assert stats["idle"] == {server.url: 64}  # capped
         assert stats["in_use"] == 0
+
+
+async def test_chaos_no_cross_talk_and_no_leaks(start):
+    rng = random.Random(1234)
+
+    async def handler(ex: Exchange) -> bool | None:
+        roll = rng.random()
+        echo = b"re:" + ex.body
+        if roll < 0.05 and ex.index_on_connection > 0:
+            ex.abort()  # RST on a kept-alive connection
+            return False
+        if roll < 0.15:
+            return False  # dropped without a response
+        if roll < 0.25:
+            await ex.respond(body=echo)
+            return False  # closed right after the response, unannounced
+        if roll < 0.30:
+            await ex.respond(headers=[(b"content-length", b"%d" % len(echo)), (b"connection", b"close")], body=echo)
+            return None
+        if roll < 0.40:
+            await trio.sleep(rng.random() * 0.01)
+        await ex.respond(body=echo)
+        return None
+
+    server = await start(handler)
+    outcomes = {"ok": 0, "disconnect": 0}
+    async with UpstreamPool() as pool:
+        async def client(i: int) -> None:
+            for j in range(5):
+                body = b"%d-%d" % (i, j)
+                try:
+                    _, _, got = await get(pool, server.url, method="POST", body=body)
+                except UpstreamDisconnect:
+                    outcomes["disconnect"] += 1
+                    continue
+                assert got == b"re:" + body  # never another request's answer
+                outcomes["ok"] += 1
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i in range(200):
+                    nursery.start_soon(client, i)
+        assert outcomes["ok"] > 600 and outcomes["disconnect"] > 0
+        assert pool.stats()["in_use"] == 0
+        assert pool.stats()["keepalive_retries"] > 0
+    await eventually(lambda: server.connections_done == server.accepted)
 
 
 async def test_against_hypercorn(nursery, pool):

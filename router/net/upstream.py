@@ -1,21 +1,24 @@
 """Keep-alive HTTP/1.1 connection pool for the data path: raw non-blocking sockets under trio, parsed by h11.
 
-Why not httpx: measured on this machine (stack_notes §3), a trio+httpx proxy spends 1.6-2.4 ms CPU per request;
+Why not httpx: measured on this machine (stack_notes §3), a trio+httpx proxy spends 1.6-2.4 ms CPU per request.
 httpcore's pool walks every connection twice per request (O(pool)), `is_readable()` builds a new poll object on
-every reuse, and the httpx layers (request building, cookies, auth/redirect wrappers) add ~30%. A minimal trio+h11
-keep-alive pool costs ~0.15-0.2 ms client-side. The router's whole data path has a budget of <= 500 us CPU per
-request including hypercorn (~450 us), so this module keeps only what the data path needs:
+every reuse, and the httpx layers (request building, cookies, auth/redirect wrappers) add ~30%. The router's whole
+data path has a budget of <= 500 us CPU per request including hypercorn (~450 us) and <= 80 us per relayed SSE
+chunk, so this module keeps only what the data path needs. Client CPU measured with bench/bench_upstream_client.py
+(2-core VM, noisy): ~110 us/request at 64 concurrent requests (httpx: ~1.2-1.8 ms), ~200-250 us at concurrency 1
+(httpx: ~0.7-0.8 ms), ~47 us per received SSE chunk (httpx: ~130 us).
 
 * h11 (the parser httpcore itself uses) does all HTTP/1.1 framing: Content-Length, chunked, close-delimited,
-  HEAD/204/304, 1xx skipping, keep-alive rules (`connection: close`, HTTP/1.0). It is ~45 us of the ~90 us a pooled
-  request costs here; everything else is kept close to the syscalls.
+  HEAD/204/304, 1xx skipping, keep-alive rules (`connection: close`, HTTP/1.0). Its validation and state machine
+  are about half of the per-request cost above; everything else is kept close to the syscalls.
 * Sockets are plain stdlib sockets in non-blocking mode; we wait with `trio.lowlevel.wait_readable/writable` only
   when a call would block. trio's SocketStream/trio.socket wrap every call in a checkpoint sandwich (~7 us each);
   we instead yield explicitly after `_YIELD_EVERY_BYTES` of back-to-back data so a fast large body can't starve
-  other tasks.
+  other tasks. Receives go into one preallocated buffer per pool (`recv_into`) and straight into h11, which copies:
+  `recv(n)` would malloc n bytes per call.
 * One idle stack per origin (a deque: reuse from the right = LIFO, expire from the left = oldest), so a request is
-  O(1): no scans over the pool. Connections idle longer than `keepalive_expiry_s` (below uvicorn's 5 s) are never
-  reused; expired ones are dropped lazily (on checkout, on check-in, and in a sweep at most once per expiry period).
+  O(1): no scans over the pool. Connections idle for `keepalive_expiry_s` (below uvicorn's 5 s) are never reused;
+  expired ones are dropped lazily (on checkout, on check-in, and in a sweep at most once per expiry period).
 * A pooled socket that is readable while idle means the peer closed it (or sent something unsolicited): one
   poll(0) syscall on a reused poll object tells us, and we drop it.
 * The keep-alive race (the worker closes an idle connection just as we reuse it) is retried once on a fresh
@@ -23,11 +26,11 @@ request including hypercorn (~450 us), so this module keeps only what the data p
 * Cancellation/exception safety: a connection goes back to the pool only from one place, after h11 reports both
   sides DONE at the end of the response body. Every other exit (timeout, cancellation, error, body not read,
   failed write) closes the socket synchronously, so a half-used connection can never be reused.
-* Timeouts use trio cancel scopes (~6 us each): one scope around send + response head, and for the body a scope
-  per wait that actually blocks (none when data is already there).
-* No unbounded buffering: the body is yielded chunk by chunk as it is received (`_RECEIVE_SIZE` per recv),
-  `read(limit)` stops at the limit, and bodies over `_COALESCE_BODY_LIMIT` are written without being copied
-  into the request head.
+* Timeouts use trio cancel scopes (~6 us each): one around send + response head, and for the body one per wait
+  that actually blocks (none when data is already there).
+* No unbounded buffering: the body is yielded chunk by chunk as it is received (<= `_RECEIVE_SIZE` per recv),
+  `read(limit)` stops at the limit, and bodies over `_COALESCE_BODY_LIMIT` are written from the caller's buffer
+  instead of being copied into the request head.
 """
 
 from __future__ import annotations
@@ -160,7 +163,7 @@ class _Connection:
             try:
                 sent = sock.send(data)
             except BlockingIOError:
-                await _wait_writable(sock)
+                await _wait_writable(self.fd)
                 continue
             if sent == len(data):
                 return
@@ -177,7 +180,7 @@ class _Connection:
         if sock is None:
             raise trio.ClosedResourceError("connection closed")
         if wait_first:
-            await _wait_readable(sock)
+            await _wait_readable(self.fd)
         buffer = self.receive_buffer
         while True:
             try:
@@ -185,10 +188,10 @@ class _Connection:
             except BlockingIOError:
                 self.unyielded_bytes = 0
                 if stall_timeout_s is None:
-                    await _wait_readable(sock)
+                    await _wait_readable(self.fd)
                 else:
                     with trio.move_on_after(stall_timeout_s) as scope:
-                        await _wait_readable(sock)
+                        await _wait_readable(self.fd)
                     if scope.cancelled_caught:
                         raise _Stalled from None
                 continue

@@ -12,11 +12,12 @@ from router.wire.sglang import GenerateRequest, generate_request_decoder, input_
 
 
 def generate_request(ex: Exchange) -> GenerateRequest:
-    """The request's routing fields, decoded once per request (the body itself is untouched)."""
+    """The request's routing fields as the worker would get them (earlier stages' rewrites
+    included), decoded once per request; the body itself is untouched."""
     req = ex.scratch.get("request")
     if req is None:
         try:
-            req = generate_request_decoder.decode(ex.body)
+            req = generate_request_decoder.decode(ex.body_for_upstream)
         except msgspec.DecodeError as e:
             raise StageError(400, f"invalid /generate body: {e}") from None
         ex.scratch["request"] = req

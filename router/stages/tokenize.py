@@ -50,7 +50,7 @@ class Tokenize(Stage):
             raise StageError(400, "text is empty")
         ex.scratch["prompt"] = Prompt(tokens=tokens, text=text, cached_tokens=int(prefix_tokens.size),
                                       matched_bytes=matched)
-        body = msgspec.json.decode(ex.body)
+        body = msgspec.json.decode(ex.body_for_upstream)
         body.pop("text", None)
         body["input_ids"] = tokens.tolist()
         if self.options.force_return_logprob and not body.get("return_logprob"):
