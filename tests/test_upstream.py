@@ -1,13 +1,14 @@
-"""UpstreamPool against real loopback servers: raw trio + h11 servers whose behaviour each test scripts, plus hypercorn."""
+"""UpstreamPool against real loopback servers: scripted raw trio + h11 servers, plus hypercorn."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 
 import h11
@@ -160,6 +161,24 @@ async def get(pool: UpstreamPool, url: str, target: str = "/", *, method: str = 
               headers: list[tuple[bytes, bytes]] | None = None, timeout_s: float = 5.0):
     async with pool.request(url, method, target, headers or [], body, timeout_s=timeout_s) as resp:
         return resp.status, resp.headers, await resp.read()
+
+
+@contextlib.contextmanager
+def listener_that_never_accepts() -> Iterator[int]:
+    """A listener whose accept queue is full: the kernel drops further SYNs, so connect() hangs. Yields its port."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = [socket.socket() for _ in range(4)]
+    try:
+        for filler in fillers:
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(listener.getsockname())
+        yield listener.getsockname()[1]
+    finally:
+        for s in [*fillers, listener]:
+            s.close()
 
 
 async def eventually(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
@@ -546,29 +565,12 @@ async def test_connect_refused(pool):
 
 
 async def test_connect_timeout():
-    # A listener whose accept queue is full drops SYNs, so connect() hangs.
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    fillers = []
-    for _ in range(4):
-        filler = socket.socket()
-        filler.setblocking(False)
-        try:
-            filler.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
-        fillers.append(filler)
-    try:
+    with listener_that_never_accepts() as port:
         async with UpstreamPool(connect_timeout_s=0.2) as pool:
             started = trio.current_time()
             with pytest.raises(UpstreamConnectError, match="timed out"):
                 await get(pool, f"http://127.0.0.1:{port}", timeout_s=5)
             assert 0.2 <= trio.current_time() - started < 1.0
-    finally:
-        for s in [*fillers, listener]:
-            s.close()
 
 
 async def test_https_origin_is_refused(pool):
@@ -644,25 +646,12 @@ async def test_cancel_mid_body_closes_connection(start, pool):
 
 
 async def test_cancel_during_connect_leaks_nothing():
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    fillers = [socket.socket() for _ in range(4)]
-    for filler in fillers:
-        filler.setblocking(False)
-        try:
-            filler.connect(listener.getsockname())
-        except BlockingIOError:
-            pass
-    try:
+    with listener_that_never_accepts() as port:
         async with UpstreamPool() as pool:
             with trio.move_on_after(0.1) as scope:
-                await get(pool, f"http://127.0.0.1:{listener.getsockname()[1]}")
+                await get(pool, f"http://127.0.0.1:{port}")
             assert scope.cancelled_caught
             assert pool.stats()["opened"] == pool.stats()["closed"] == 0
-    finally:
-        for s in [*fillers, listener]:
-            s.close()
 
 
 async def test_leaving_without_reading_the_body_closes_the_connection(start, pool):

@@ -453,7 +453,12 @@ class _RequestContext:
 
 
 class UpstreamPool:
-    """Per-origin keep-alive HTTP/1.1 connection pool. Use from one trio run (sockets are registered with it)."""
+    """Per-origin keep-alive HTTP/1.1 connection pool (http:// only).
+
+    Create and use it inside one trio run (its sockets are registered with that run's I/O manager) and `aclose()` it
+    (or `async with` it) before the run ends. No limit on concurrent connections: a request that finds no idle
+    connection opens one, so the caller's own concurrency limit is the connection limit.
+    """
 
     def __init__(
         self,
@@ -532,6 +537,7 @@ class UpstreamPool:
                 self._discard(idle.pop())
 
     def stats(self) -> dict:
+        """Idle connections per origin (and in total), connections in use, and lifetime counters."""
         idle = {url: len(origin.idle) for url, origin in self._origins.items() if origin.idle}
         total_idle = sum(idle.values())
         return {
