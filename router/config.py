@@ -92,6 +92,7 @@ class RoutingConfig(_Table):
     balance_rel_threshold: float = 1.5
     prefix_block_tokens: int = 16
     prefix_capacity_blocks: int = 1 << 20
+    prefix_owners_per_block: int = 4
     sticky_header: str = "x-smg-routing-key"
     sticky_body_field: str | None = None  # e.g. "session_id"; used when the header is absent
     sticky_idle_s: float = 600.0
@@ -177,6 +178,7 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
     need(g.balance_rel_threshold >= 1.0, "routing.balance_rel_threshold", "must be >= 1.0")
     need(g.prefix_block_tokens >= 1, "routing.prefix_block_tokens", "must be >= 1")
     need(g.prefix_capacity_blocks >= 1, "routing.prefix_capacity_blocks", "must be >= 1")
+    need(g.prefix_owners_per_block >= 1, "routing.prefix_owners_per_block", "must be >= 1")
     need(g.sticky_idle_s > 0, "routing.sticky_idle_s", "must be > 0")
     g.sticky_header = g.sticky_header.lower()
     for i, fp in enumerate(g.fanout_paths):

@@ -59,6 +59,9 @@ _TINY_CORPUS = (
 _BUILTIN_VERSION = "v1"
 
 
+_GATHER_MIN_TOKENS = 64
+
+
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
@@ -100,6 +103,7 @@ class Tokenizer:
         self.vocab_size: int = self.raw.get_vocab_size(with_added_tokens=True)
         self._hf_cleans_up_spaces = bool(getattr(hf, "clean_up_tokenization_spaces", False))
         self._pieces, self._lengths, self.bytes_blob, self.bytes_offsets = _token_byte_table(self.raw, added)
+        self._blob_u8 = np.frombuffer(self.bytes_blob, dtype=np.uint8)
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos={self.eos_token_id})"
@@ -128,9 +132,23 @@ class Tokenizer:
 
     def token_bytes(self, ids: Sequence[int] | np.ndarray) -> tuple[bytes, np.ndarray]:
         """(the concatenated exact bytes of `ids`, uint32 byte length of each token)."""
-        if isinstance(ids, np.ndarray):
-            ids = ids.tolist()
-        return self.text_bytes(ids), self._lengths[np.array(ids, dtype=np.intp)]
+        arr = np.asarray(ids, dtype=np.int64).ravel()
+        if arr.size >= _GATHER_MIN_TOKENS:
+            # One numpy gather beats a per-token join past a few dozen tokens (2-3x at 300+).
+            if int(arr.min()) < 0 or int(arr.max()) >= len(self._pieces):
+                raise ValueError(f"token id out of range for {self.name!r} (size {len(self._pieces)})")
+            return self._gather(arr)
+        return self.text_bytes(arr.tolist()), self._lengths[arr]
+
+    def _gather(self, ids: np.ndarray) -> tuple[bytes, np.ndarray]:
+        """token_bytes for in-range int64 ids via one fancy-index over the blob."""
+        lens = self._lengths[ids]
+        total = int(lens.sum(dtype=np.int64))
+        if total == 0:
+            return b"", lens
+        out_starts = np.cumsum(lens, dtype=np.int64) - lens
+        idx = np.repeat(self.bytes_offsets[ids] - out_starts, lens) + np.arange(total, dtype=np.int64)
+        return self._blob_u8[idx].tobytes(), lens
 
     def text_bytes(self, ids: Sequence[int] | np.ndarray) -> bytes:
         """The exact bytes `ids` stand for; NFC(s).encode() for ids = encode(s) (byte-level BPE)."""

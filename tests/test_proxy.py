@@ -313,14 +313,20 @@ async def wait_until_async(fetch, check, timeout=5.0):
             await trio.sleep(0.05)
 
 
-async def test_worker_dropping_connection_mid_body_breaks_the_reply(nursery):
-    sim = await start_sim(nursery)
+async def test_worker_dropping_connection_mid_body_never_looks_complete(nursery):
+    sim = await start_sim(nursery, token_latency_s=0.01)
     router = await start_router(nursery, workers={"urls": [sim.url]})
     await set_faults(sim, drop_after_bytes=50)
     async with client(router) as c:
+        # A small Content-Length reply is read whole before the client sees anything: a clean 502.
+        r = await c.post("/generate", json={"text": "drop", "sampling_params": {"max_new_tokens": 64}})
+        assert r.status_code == 502 and "closed the connection" in r.json()["error"]
+        # A stream already under way can only be broken off: the client must see an error.
         with pytest.raises(httpx.HTTPError):
-            r = await c.post("/generate", json={"text": "drop", "sampling_params": {"max_new_tokens": 64}})
-            json.loads(r.content)  # a truncated body must not look like a complete reply
+            async with c.stream("POST", "/generate", json={"text": "drop", "stream": True,
+                                                           "sampling_params": {"max_new_tokens": 64}}) as s:
+                async for _ in s.aiter_lines():
+                    pass
     assert router.runtime.pool.get(sim.url).inflight == 0
     await set_faults(sim, drop_after_bytes=None)
     async with client(router) as c:
@@ -359,3 +365,26 @@ async def test_metrics_endpoint(nursery):
     assert 'miles_router_requests_total{route="(proxy)",status="200"} 1.0' in text
     assert f'miles_router_worker_healthy{{worker="{sim.url}"}} 1.0' in text
     assert 'miles_router_selections_total{reason="least_inflight"} 1.0' in text
+
+
+async def test_router_out_of_fds_does_not_blame_the_worker(nursery, monkeypatch):
+    """EMFILE on connect is the router's problem: 503, no retry, the worker's health untouched."""
+    import errno
+
+    import router.net.upstream as upstream
+
+    sim = await start_sim(nursery)
+    router = await start_router(nursery, workers={"urls": [sim.url], "failure_threshold": 1, "health_interval_s": 30})
+    router.runtime.upstream.drop_origin(sim.url)  # no pooled socket to reuse: force a connect
+
+    async def no_fds(host, port):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(upstream, "_open_socket", no_fds)
+    async with client(router) as c:
+        r = await c.post("/generate", json={"text": "x"})
+        assert r.status_code == 503 and "router overloaded" in r.json()["error"]
+        w = router.runtime.pool.get(sim.url)
+        assert w.state.value == "healthy" and w.failures_total == 0 and w.inflight == 0
+        monkeypatch.undo()
+        assert (await c.post("/generate", json={"text": "x"})).status_code == 200

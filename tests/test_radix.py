@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from router.core.radix import (
     ANCHOR,
@@ -29,9 +29,10 @@ from router.core.radix import (
 
 EXTRA = [b"ab", b"abc", b"bc", b"the", b" the", b"hello", b" world", b" wor", b"ld", b" answer", b"user",
          b"assistant", b"<|im_start|>", b"<|im_end|>", "好".encode(), "你".encode()[:2], "🙂".encode()[1:],
-         b"\n\n", b"STOP"]
+         b"\n\n", b"STOP", b"ab"]  # the second b"ab": two token ids with the same bytes (like some real vocabs)
 VOCAB = [bytes([i]) for i in range(256)] + EXTRA
-ID = {p: i for i, p in enumerate(VOCAB)}
+ID = {p: i for i, p in reversed(list(enumerate(VOCAB)))}  # enc() uses the first id of a duplicate
+AB2 = len(VOCAB) - 1
 EOS = ID[b"<|im_end|>"]
 MAXLEN = max(map(len, VOCAB))
 token_bytes = VocabBytes(VOCAB)
@@ -75,7 +76,19 @@ def walk(tree):
         stack.extend(nd.children.values())
 
 
+def check_child_index(nd) -> None:
+    """children keyed by first token id; by_first keyed by the first token's bytes; first_lens = key lengths."""
+    for key, ch in nd.children.items():
+        assert ch.parent is nd and int(ch.tokens[0]) == key
+        assert ch in nd.by_first[VOCAB[key]]
+    assert sum(map(len, nd.by_first.values())) == len(nd.children)
+    for key, lst in nd.by_first.items():
+        assert lst and all(VOCAB[int(ch.tokens[0])] == key and nd.children[int(ch.tokens[0])] is ch for ch in lst)
+    assert nd.first_lens == tuple(sorted({len(k) for k in nd.by_first}))
+
+
 def check_invariants(tree: RadixTree) -> None:
+    check_child_index(tree.root)
     total, nodes, tokens, terms = 0, 0, 0, 0
     for nd in walk(tree):
         n = nd.tokens.size
@@ -88,12 +101,7 @@ def check_invariants(tree: RadixTree) -> None:
         assert int(nd.ends[-1]) == len(nd.text) and nd.text == dec(nd.tokens)
         assert not np.any(nd.flags & ~np.uint8(MASK | ANCHOR))
         assert np.all(nd.logprobs[(nd.flags & MASK) == 0] == 0)
-        for key, ch in nd.children.items():
-            assert ch.parent is nd and int(ch.tokens[0]) == key
-            assert ch in nd.by_byte[ch.text[0]]
-        assert sum(map(len, nd.by_byte.values())) == len(nd.children)
-        for key, lst in nd.by_byte.items():
-            assert all(ch.text[0] == key and nd.children[int(ch.tokens[0])] is ch for ch in lst)
+        check_child_index(nd)
         for tm in nd.terminals:
             assert tm.node is nd and tree._by_digest[tm.digest] is tm
         terms += len(nd.terminals)
@@ -234,6 +242,12 @@ def test_non_canonical_engine_tokenization_is_preserved():
     assert tree.retrieve(P1 + b"abc the", now=5).tokens.tolist() == p + canon
     assert tree.match_text(P1 + b"abc the<|im_end|>", now=6).tokens.tolist() == p + canon
     assert tree.stats()["trajectories"] == 1  # same visible text: the newer terminal replaced the older
+    # two token ids with the same bytes: both branches are explored, the longer match wins
+    tree.insert(traj("dup1", p, [ID[b"ab"], ID[b"c"]], finish="length"), now=7)
+    tree.insert(traj("dup2", p, [AB2, ID[b"c"], ID[b"d"], ID[b"e"], EOS]), now=8)
+    tree.match_tokens(np.array(p + [ID[b"ab"]]), now=9)  # make dup1's branch the most recently used
+    m = tree.match_text(P1 + b"abcde<|im_end|>", now=10)
+    assert m.tokens.tolist() == p + [AB2, ID[b"c"], ID[b"d"], ID[b"e"], EOS]
     check_invariants(tree)
 
 
@@ -350,7 +364,9 @@ def test_superseded_and_retouched_terminals_keep_heaps_consistent():
     check_invariants(tree)
 
 
-def test_nbytes_tracks_real_memory():
+@pytest.mark.parametrize("shape", ["grpo", "tiny_nodes", "multi_turn_r3"])
+def test_nbytes_tracks_real_memory(shape):
+    """nbytes (numpy data + text + fixed per-node/terminal estimates) within 30% of what tracemalloc sees."""
     rng = np.random.default_rng(2)
     system = rng.integers(300, 5000, 120).tolist()
     big = VocabBytes([b"tok%d" % i for i in range(5000)])
@@ -358,17 +374,70 @@ def test_nbytes_tracks_real_memory():
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     tree = RadixTree(big)
-    for i in range(150):
+    for i in range(30 if shape == "multi_turn_r3" else 100):
         prompt = system + rng.integers(300, 5000, int(rng.integers(50, 300))).tolist()
         for s in range(8):
-            out = rng.integers(300, 5000, int(rng.integers(20, 200))).tolist()
-            tree.insert(TrajectoryInput(rid=f"{i}.{s}", prompt_ids=prompt, output_ids=out,
-                                        output_logprobs=np.zeros(len(out), np.float32),
-                                        visible_text=b"%d.%d" % (i, s)), now=i)
+            p = prompt
+            for turn in range(3 if shape == "multi_turn_r3" else 1):
+                n = int(rng.integers(1, 5)) if shape == "tiny_nodes" else int(rng.integers(20, 200))
+                out = rng.integers(300, 5000, n).tolist()
+                r3 = rng.integers(0, 64, (len(p) + n - 1, 2, 4)) if shape == "multi_turn_r3" else None
+                visible = big(np.array(p + out[:-1]))[0] if s % 2 else b"%d.%d.%d" % (i, s, turn)
+                tree.insert(TrajectoryInput(rid=f"{i}.{s}", prompt_ids=p, output_ids=out, routed_experts=r3,
+                                            output_logprobs=np.zeros(n, np.float32), visible_text=visible), now=i)
+                p = p + out + rng.integers(300, 5000, 30).tolist()
     gc.collect()
     used = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
     assert 0.7 < tree.nbytes / used < 1.3, (tree.nbytes, used)
+    tree.evict(budget_bytes=0, hard_budget_bytes=0)
+    assert tree.nbytes == 0 and tree.stats()["nodes"] == 0
+
+
+def test_version_is_newest_not_last_written():
+    tree = RadixTree(token_bytes)
+    p = enc(P1)
+    tree.insert(traj("new", p, enc(b"ab") + [EOS], version="7"), now=1)
+    tree.insert(traj("straggler", p, enc(b"bc") + [EOS], version="6"), now=2)  # older weights, finished later
+    prompt_node = next(iter(tree.root.children.values()))
+    assert prompt_node.version == "7"
+    rep = tree.evict(budget_bytes=0, hard_budget_bytes=10**9, stale_versions=lambda v: v == "6")
+    assert rep.rids == ["straggler"] and rep.evicted_stale == 1  # the shared prompt node is not stale
+    assert tree.retrieve(P1 + b"ab", now=3).exact
+
+
+def test_visible_text_not_spelled_by_tokens_and_hash_collisions_fall_back_to_digest():
+    tree = RadixTree(token_bytes)
+    p, o = enc(P1), enc(b"hello") + [EOS]
+    tree.insert(traj("odd", p, o, visible=P1 + b"hell\xef\xbf\xbd"), now=1)  # detokenizer output differs
+    tree.insert(traj("ok", p, enc(b"abc") + [EOS]), now=2)
+    assert not tree._by_digest[text_digest(P1 + b"hell\xef\xbf\xbd")].hkey  # not in the hash index
+    r = tree.retrieve(P1 + b"hell\xef\xbf\xbd", now=3)
+    assert r.exact and r.rid == "odd" and r.tokens.tolist() == p + o
+    # a forged hash-index entry pointing at the wrong terminal must not be believed
+    ok = tree._by_digest[text_digest(P1 + b"abc")]
+    tree._by_hash[hash(P1 + b"hel")] = ok  # same length as ok's visible text
+    r = tree.retrieve(P1 + b"hel", now=4)
+    assert not r.exact and r.tokens.tolist() == p  # "hello" is one token: "hel" stops at the prompt
+    assert tree.retrieve(P1 + b"abc", now=5).rid == "ok"
+
+
+def test_eviction_pops_only_what_it_evicts(monkeypatch):
+    import router.core.radix as radix
+
+    tree = RadixTree(token_bytes)
+    for i in range(2000):
+        tree.insert(traj(f"x{i}", enc(b"<|im_start|>%d\n" % i), [ID[b"a"], EOS]), now=i)
+    pops = []
+    real = radix.heapq.heappop
+    monkeypatch.setattr(radix.heapq, "heappop", lambda h: pops.append(1) or real(h))
+    monkeypatch.setattr(radix.heapq, "heapify", lambda h: pytest.fail("no re-sort on evict"))
+    rep = tree.evict(budget_bytes=tree.nbytes - 1, hard_budget_bytes=tree.nbytes - 1)
+    assert rep.rids == ["x0"] and rep.evicted_unretrieved == 1 and len(pops) == 1
+    pops.clear()
+    five = sum(tree._by_digest[text_digest(b"<|im_start|>%d\na" % i)].node.nbytes() for i in range(1, 6))
+    rep = tree.evict(budget_bytes=0, hard_budget_bytes=tree.nbytes - five)
+    assert len(pops) == rep.nodes and rep.rids == ["x1", "x2", "x3", "x4", "x5"]
 
 
 def test_rejects_malformed_trajectories():
@@ -382,7 +451,7 @@ def test_rejects_malformed_trajectories():
 
 # ------------------------------------------------------------------------------------------------ stateful
 SMALL = [ID[x] for x in (b"a", b"b", b"c", b"ab", b"abc", b"bc", "你".encode()[:2], b"\xa0", b"\xf0",
-                         "🙂".encode()[1:], b"\n")]
+                         "🙂".encode()[1:], b"\n")] + [AB2]
 TOK = st.sampled_from(SMALL)
 SEQ = st.lists(TOK, min_size=0, max_size=6)
 
@@ -466,7 +535,7 @@ class RadixMachine(RuleBasedStateMachine):
 
     # -------------------------------------------------------------------------------------------- rules
     @rule(data=st.data(), extend=st.booleans(), version=st.sampled_from(["1", "2", "3"]),
-          vis=st.sampled_from(["full", "strip", "trim"]), with_r3=st.sampled_from(["none", "full", "partial"]))
+          vis=st.sampled_from(["full", "strip", "trim", "differ"]), with_r3=st.sampled_from(["none", "full", "partial"]))
     def insert(self, data, extend, version, vis, with_r3):
         base = []
         if extend and self.recs:
@@ -481,6 +550,8 @@ class RadixMachine(RuleBasedStateMachine):
             visible = text[:-len(b"<|im_end|>")]
         elif vis == "trim":
             visible = text[:len(text) - data.draw(st.integers(0, min(3, len(text))))]
+        elif vis == "differ":  # not a prefix of the token text (e.g. detokenizer replaced a byte)
+            visible = text[:data.draw(st.integers(0, len(text)))] + data.draw(st.sampled_from([b"?", b"\xef\xbf\xbd"]))
         else:
             visible = text
         lps = np.array(data.draw(st.lists(st.integers(-1000, 0), min_size=len(output), max_size=len(output))),

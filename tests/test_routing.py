@@ -19,17 +19,19 @@ LONG = "You are a careful math tutor. Explain every step and check the answer tw
 # ---- pure logic ----------------------------------------------------------------------------
 
 def test_prefix_index_longest_block_match():
-    idx = PrefixIndex(block_tokens=4)
+    idx = PrefixIndex(block_tokens=4, owners_per_block=2)
     a = np.arange(40, dtype=np.int32)
     idx.record(a[:20], "http://w1:1")
     idx.record(a[:12], "http://w2:1")  # w2 received the shorter prefix last
-    assert idx.lookup(a) == ("http://w1:1", 5)
-    assert idx.lookup(a[:13]) == ("http://w2:1", 3)
-    assert idx.lookup(np.arange(3, dtype=np.int32)) == (None, 0)  # shorter than a block
-    assert idx.lookup(a, usable=lambda u: u != "http://w1:1") == ("http://w2:1", 3)
+    assert idx.lookup(a) == (["http://w1:1"], 5)
+    assert idx.lookup(a[:13]) == (["http://w2:1", "http://w1:1"], 3)  # most recent first
+    assert idx.lookup(np.arange(3, dtype=np.int32)) == ([], 0)  # shorter than a block
+    assert idx.lookup(a, usable=lambda u: u != "http://w1:1") == (["http://w2:1"], 3)
+    idx.record(a[:4], "http://w3:1")  # a third owner pushes out the oldest
+    assert idx.lookup(a[:4]) == (["http://w3:1", "http://w2:1"], 1)
     b = a.copy()
     b[0] = 99  # differs in the first block: nothing matches
-    assert idx.lookup(b) == (None, 0)
+    assert idx.lookup(b) == ([], 0)
 
 
 def test_prefix_index_is_bounded():
@@ -139,23 +141,26 @@ async def test_sticky_routing_key(nursery):
         seen = {}
         for i in range(12):
             key = f"session-{i % 4}"
-            r = await c.post("/generate", json={"text": "hi"}, headers={"X-SMG-Routing-Key": key})
+            r = await c.post("/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 4}},
+                             headers={"X-SMG-Routing-Key": key})
             seen.setdefault(key, set()).add(r.headers["x-miles-router-worker"])
             assert r.headers["x-miles-router-route-reason"] in ("sticky", "sticky_new")
         assert all(len(v) == 1 for v in seen.values())
         assert len({next(iter(v)) for v in seen.values()}) >= 2  # new keys spread by load
         # No key: plain least-in-flight.
-        r = await c.post("/generate", json={"text": "hi"})
+        r = await c.post("/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 4}})
         assert r.headers["x-miles-router-route-reason"] == "least_inflight"
 
 
 async def test_sticky_repins_when_its_worker_leaves(nursery):
     router, sims = await routed(nursery, 2, "sticky")
     async with client(router) as c:
-        r = await c.post("/generate", json={"text": "x"}, headers={"x-smg-routing-key": "s"})
+        r = await c.post("/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 4}},
+                         headers={"x-smg-routing-key": "s"})
         first = r.headers["x-miles-router-worker"]
         await c.post("/remove_worker", params={"url": first})
-        r = await c.post("/generate", json={"text": "x"}, headers={"x-smg-routing-key": "s"})
+        r = await c.post("/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 4}},
+                         headers={"x-smg-routing-key": "s"})
         assert r.headers["x-miles-router-worker"] != first
         assert r.headers["x-miles-router-route-reason"] == "sticky_new"
 
@@ -227,3 +232,26 @@ async def test_fanout_can_be_turned_off_per_path(nursery):
         r = await c.post("/flush_cache")
         assert r.status_code == 200 and r.text.startswith("Cache flushed.")  # one worker's own reply
         assert "x-miles-router-worker" in r.headers
+
+
+async def test_next_turn_returns_to_the_worker_that_generated_it(nursery):
+    """Passthrough + input_ids: the index learns each reply's output_ids, so a conversation's next
+    turn follows its own history even when its GRPO siblings were spread over several workers."""
+    router, sims = await routed(nursery, 4, "prefix_affinity", balance_abs_threshold=0, balance_rel_threshold=1.0)
+    prompt = list(range(1000, 1100))
+    first = {}
+    async with client(router) as c:
+        async def turn0(i):
+            r = await c.post("/generate", json={"input_ids": prompt, "sampling_params": {
+                "max_new_tokens": 40, "ignore_eos": True, "sampling_seed": i}})
+            first[i] = (r.headers["x-miles-router-worker"], r.json()["output_ids"])
+
+        async with trio.open_nursery() as n:
+            for i in range(8):
+                n.start_soon(turn0, i)
+        assert len({w for w, _ in first.values()}) > 1  # spill spread the siblings
+        for i, (worker, out) in first.items():
+            r = await c.post("/generate", json={"input_ids": prompt + out + [7, 8, 9],
+                                                "sampling_params": {"max_new_tokens": 4}})
+            assert r.headers["x-miles-router-worker"] == worker, i
+            assert r.json()["meta_info"]["cached_tokens"] >= len(prompt)

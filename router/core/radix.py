@@ -19,7 +19,10 @@ This module is the pure data structure (no I/O, no clock, no tokenizer import). 
   "anchor after this token", optional routed-expert rows `r3` int32 [n, L*K] with -1 for unknown rows) plus the
   run's exact text as ONE bytes blob and `ends` (uint32 cumulative byte end of each token). All text is bytes
   (`token_bytes` gives each token's exact bytes; a token may hold half a UTF-8 character): nothing is decoded.
-* A text walk compares blobs (memcmp via `==`, numpy for the mismatch position) and maps bytes to whole tokens with
+* Text walk: each node indexes its children by the exact bytes of their first token, so only children whose first
+  token matches are visited (several only where different tokenizations spell the same bytes: then all are
+  explored and the longest match wins, ties to the most recently used). A node's blob is compared with
+  `bytes.startswith` (memcmp; galloping + bisection for the mismatch position) and bytes map to whole tokens with
   `searchsorted(ends)`, so a query ending inside a token or a node matches up to the last whole-token boundary.
 * Anchors: a text-keyed request may reuse cached tokens only up to a boundary the ENGINE produced: after each
   generated token, at the end of each trajectory's prompt, at terminals. A boundary inside someone else's prompt
@@ -27,7 +30,9 @@ This module is the pure data structure (no I/O, no clock, no tokenizer import). 
 * Terminals: inserting a trajectory splits nodes so its end is a node end and records a `Terminal` there, indexed
   by `blake2b(visible_text)`. The engine strips the stop token's text (and may trim stop strings) from the text it
   returns, so the client's P+R is usually a strict prefix of the token text: the digest makes the exact lookup
-  O(len) and uniform, and `retrieve(P+R)` returns prompt + output INCLUDING the eos whose text R lacks.
+  O(len) and uniform, and `retrieve(P+R)` returns prompt + output INCLUDING the eos whose text R lacks. When the
+  visible text is a prefix of the path's token text (the usual case) a second index keyed by Python's own bytes
+  hash is tried first and its hit is verified byte by byte against the path (cheaper than blake2b, and exact).
 * Merge rule when paths overlap: "generated wins" (a later trajectory never turns generated tokens back into prompt
   tokens; its own generated range is written with its logprobs); the newest trajectory's routed-expert rows
   overwrite the path's rows where it has them; version/worker/last_access are updated along the whole path.
@@ -49,11 +54,12 @@ ANCHOR = 2  # flags bit1: a text-keyed request may cut right after this token
 # Fixed per-object estimates for `nbytes` (CPython 3.11, numpy 2; calibrated with tracemalloc by
 # tests/test_radix.py::test_nbytes_tracks_real_memory): the Node object, its numpy array headers, the bytes
 # header, the dicts/lists that hold it, its heap entries; a Terminal plus its digest-dict entry.
-NODE_OVERHEAD = 1000
-TERMINAL_OVERHEAD = 300
+NODE_OVERHEAD = 1100
+TERMINAL_OVERHEAD = 350
 
 TokenBytes = Callable[[np.ndarray], "tuple[bytes, np.ndarray]"]
 _EMPTY_I32 = np.zeros(0, np.int32)
+_MASK8 = np.uint8(MASK)
 
 
 def text_digest(text: bytes) -> bytes:
@@ -91,7 +97,9 @@ class TrajectoryInput(msgspec.Struct, kw_only=True):
     weight_version: str | None = None
     worker: str | None = None
     finish: str = "stop"  # "stop" | "length" | "abort"
-    routed_experts: Any = None  # int32 [len(prompt)+len(output)-1, L, K] or None
+    # int32 [len(prompt)+len(output)-1, L, K] or None; rows of -1 mean "not reported" (e.g. the worker was asked
+    # for rows from routed_experts_start_len on) and leave the cached rows in place
+    routed_experts: Any = None
 
 
 class InsertResult(msgspec.Struct):
@@ -132,30 +140,34 @@ class EvictionReport(msgspec.Struct):
 
 
 class Terminal:
-    __slots__ = ("rid", "version", "finish", "created", "retrieved", "digest", "vlen", "node")
+    __slots__ = ("rid", "version", "finish", "created", "retrieved", "digest", "vlen", "hkey", "node")
 
-    def __init__(self, rid, version, finish, created, digest, vlen, node):
+    def __init__(self, rid, version, finish, created, digest, vlen, hkey, node):
         self.rid, self.version, self.finish, self.created = rid, version, finish, created
         self.retrieved, self.digest, self.vlen, self.node = False, digest, vlen, node
+        self.hkey = hkey  # hash(visible) when the visible text is spelled by the path's token text, else None
 
 
 class Node:
     __slots__ = ("tokens", "logprobs", "flags", "text", "ends", "r3", "version", "worker", "last_access",
-                 "children", "by_byte", "parent", "terminals", "alive", "hseq")
+                 "children", "by_first", "first_lens", "parent", "terminals", "alive", "hseq")
 
     def __init__(self, tokens, logprobs, flags, text, ends, r3, parent):
         self.tokens, self.logprobs, self.flags, self.text, self.ends, self.r3 = tokens, logprobs, flags, text, ends, r3
         self.version = self.worker = None
         self.last_access = 0.0
         self.children: dict[int, Node] = {}
-        self.by_byte: dict[int, list[Node]] = {}
+        # text index of the children: the exact bytes of their FIRST TOKEN -> children (normally one), and the
+        # distinct lengths of those keys, so a text walk probes len(first_lens) slices, not every sibling
+        self.by_first: dict[bytes, list[Node]] = {}
+        self.first_lens: tuple[int, ...] = ()
         self.parent: Node | None = parent
         self.terminals: list[Terminal] = []
         self.alive = True
         self.hseq = 0
 
-    def byte_key(self) -> int:
-        return self.text[0] if self.text else -1  # -1: an all-empty-text run, reachable by tokens only
+    def first_key(self) -> bytes:
+        return self.text[:self.ends.item(0)]
 
     def nbytes(self) -> int:
         n = self.tokens.nbytes + self.logprobs.nbytes + self.flags.nbytes + self.ends.nbytes + len(self.text)
@@ -164,7 +176,10 @@ class Node:
         return n + NODE_OVERHEAD + TERMINAL_OVERHEAD * len(self.terminals)
 
     def reclaimable(self) -> bool:
-        return all(t.retrieved for t in self.terminals)
+        for t in self.terminals:
+            if not t.retrieved:
+                return False
+        return True
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -174,13 +189,22 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return i if n and neq[i] else n
 
 
-def _common_bytes(a: bytes, b: bytes) -> int:
-    if a == b:
-        return len(a)
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
+def _match_len(a: bytes, mv: memoryview, pos: int) -> int:
+    """Common prefix length of `a` and mv[pos:] (memcmp via startswith: galloping, then bisection)."""
+    n = min(len(a), len(mv) - pos)
+    if a.startswith(mv[pos:pos + n]):
         return n
-    return _common_prefix(np.frombuffer(a, np.uint8, n), np.frombuffer(b, np.uint8, n))
+    lo, hi, step = 0, n, 8  # a[:lo] matches, a[:hi] does not
+    while lo + step < hi and a.startswith(mv[pos:pos + lo + step]):
+        lo, step = lo + step, step * 2
+    hi = min(hi, lo + step)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a.startswith(mv[pos:pos + mid]):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _newer(old: str | None, new: str | None) -> str | None:
@@ -203,6 +227,10 @@ class RadixTree:
         self.root = Node(_EMPTY_I32, np.zeros(0, np.float32), np.zeros(0, np.uint8), b"",
                          np.zeros(0, np.uint32), None, None)
         self._by_digest: dict[bytes, Terminal] = {}
+        # retrieve's fast path: Python's hash (SipHash, keyed per process, ~5x cheaper than blake2b) of a visible
+        # text that is a prefix of its path's token text -> its terminal. Only a hint: a hit is verified byte by
+        # byte against the path's text; a miss or a failed check falls back to the digest.
+        self._by_hash: dict[int, Terminal] = {}
         self._r3_shape: tuple[int, int] | None = None
         self._nbytes = 0
         self._nodes = 0
@@ -252,13 +280,28 @@ class RadixTree:
         if old is not None:
             self._drop_terminal(old)
             self._stats["superseded"] += 1
-        term = Terminal(t.rid, t.weight_version, t.finish, now, digest, len(t.visible_text), node)
+        hkey = hash(t.visible_text) if self._spells(self.path(node), t.visible_text) else None
+        term = Terminal(t.rid, t.weight_version, t.finish, now, digest, len(t.visible_text), hkey, node)
         node.terminals.append(term)
         self._by_digest[digest] = term
+        if hkey is not None:
+            self._by_hash[hkey] = term
         self._nbytes += TERMINAL_OVERHEAD
         self._push(node)
         self._stats["inserts"] += 1
         return InsertResult(shared, n - shared, splits, old.rid if old is not None else None)
+
+    @staticmethod
+    def _spells(path: list[Node], visible: bytes) -> bool:
+        """True when `visible` is a prefix of the token text of `path` (memcmp per node)."""
+        off, mv = 0, memoryview(visible)
+        for nd in path:
+            if off + len(nd.text) >= len(visible):
+                return nd.text.startswith(mv[off:])
+            if not visible.startswith(nd.text, off):
+                return False
+            off += len(nd.text)
+        return off == len(visible)
 
     def _write(self, node: Node, pos, P, n, lps, r3, version, worker, now) -> None:
         """Merge one trajectory into `node`, which holds its positions [pos, pos+len)."""
@@ -267,7 +310,7 @@ class RadixTree:
         if lo < L:
             node.flags[lo:] |= MASK | ANCHOR
             node.logprobs[lo:] = lps[pos + lo - P:pos + L - P]
-        if 0 <= P - pos < L:
+        if 0 <= P - 1 - pos < L:
             node.flags[P - 1 - pos] |= ANCHOR  # end of the prompt
         hi = min(L, n - 1 - pos)  # routed-expert rows: none for the trajectory's last token
         if r3 is not None and hi > 0:
@@ -304,15 +347,24 @@ class RadixTree:
     def _attach(self, parent: Node, node: Node) -> None:
         node.parent = parent
         parent.children[int(node.tokens[0])] = node
-        parent.by_byte.setdefault(node.byte_key(), []).append(node)
+        key = node.first_key()
+        lst = parent.by_first.get(key)
+        if lst is None:
+            parent.by_first[key] = [node]
+            if len(key) not in parent.first_lens:
+                parent.first_lens = tuple(sorted((*parent.first_lens, len(key))))
+        else:
+            lst.append(node)
 
     def _detach(self, parent: Node, node: Node) -> None:
         del parent.children[int(node.tokens[0])]
-        key = node.byte_key()
-        lst = parent.by_byte[key]
+        key = node.first_key()
+        lst = parent.by_first[key]
         lst.remove(node)
         if not lst:
-            del parent.by_byte[key]
+            del parent.by_first[key]
+            if not any(len(k) == len(key) for k in parent.by_first):
+                parent.first_lens = tuple(n for n in parent.first_lens if n != len(key))
 
     def _split(self, node: Node, m: int) -> Node:
         """Cut `node` after its first m tokens; return the new upper part (the lower part keeps its identity,
@@ -323,21 +375,27 @@ class RadixTree:
         up = Node(node.tokens[:m].copy(), node.logprobs[:m].copy(), node.flags[:m].copy(), node.text[:cut],
                   node.ends[:m].copy(), None if r3 is None else r3[:m].copy(), parent)
         up.version, up.worker, up.last_access = node.version, node.worker, node.last_access
-        self._detach(parent, node)
+        parent.children[int(up.tokens[0])] = up  # same first token, so the same keys in both indexes
+        lst = parent.by_first[node.first_key()]
+        lst[lst.index(node)] = up
         node.tokens, node.logprobs, node.flags = node.tokens[m:].copy(), node.logprobs[m:].copy(), node.flags[m:].copy()
         node.text, node.ends = node.text[cut:], node.ends[m:] - np.uint32(cut)
         node.r3 = None if r3 is None else r3[m:].copy()
-        self._attach(parent, up)
         self._attach(up, node)
         self._nodes += 1
         self._nbytes += NODE_OVERHEAD
         self._stats["splits"] += 1
         return up
 
-    def _drop_terminal(self, term: Terminal) -> None:
-        node = term.node
+    def _forget(self, term: Terminal) -> None:
         if self._by_digest.get(term.digest) is term:
             del self._by_digest[term.digest]
+        if term.hkey is not None and self._by_hash.get(term.hkey) is term:
+            del self._by_hash[term.hkey]
+
+    def _drop_terminal(self, term: Terminal) -> None:
+        node = term.node
+        self._forget(term)
         if node.alive and term in node.terminals:
             node.terminals.remove(term)
             self._nbytes -= TERMINAL_OVERHEAD
@@ -377,30 +435,43 @@ class RadixTree:
         return PrefixMatch(toks, nbytes, last.worker, last.version)
 
     def _text_walk(self, text: bytes, anchors_only: bool) -> tuple[list, int]:
-        """Depth-first over children whose text matches (normally one per level; several only where
-        different tokenizations spell the same bytes). Returns the best [(node, k tokens)] path and its bytes."""
+        """Depth-first over the children whose first token matches the text (normally one per level; several
+        only where different tokenizations spell the same bytes). Returns the best [(node, k tokens)] path
+        (most bytes, ties to the most recently used) and its length in bytes."""
         best: tuple = (0, 0.0, None)  # (bytes, recency, linked path)
         stack = [(self.root, 0, None)]
+        pending = []  # matched runs whose last matched token is no anchor: searched only if they could win
+        mv, tlen = memoryview(text), len(text)
         while stack:
             node, pos, path = stack.pop()
-            if pos >= len(text):
-                continue
-            for child in node.by_byte.get(text[pos], ()):
-                size = len(child.text)
-                c = _common_bytes(child.text, text[pos:pos + size])
-                k = int(np.searchsorted(child.ends, c, side="right"))  # whole tokens inside the match
-                if k == 0:
-                    continue
-                j = k - 1
-                if anchors_only and not child.flags[j] & ANCHOR:
-                    idx = np.flatnonzero(child.flags[:j] & ANCHOR)
-                    j = int(idx[-1]) if idx.size else -1
-                if j >= 0:
-                    b = pos + int(child.ends[j])
-                    if (b, child.last_access) > best[:2]:
-                        best = (b, child.last_access, ((child, j + 1), path))
-                if c == size:
-                    stack.append((child, pos + size, ((child, k), path)))
+            for flen in node.first_lens:
+                if pos + flen > tlen:
+                    break
+                for child in node.by_first.get(text[pos:pos + flen], ()):
+                    size = len(child.text)
+                    if text.startswith(child.text, pos):  # the whole node matches (memcmp)
+                        c, k = size, child.tokens.size
+                    else:
+                        c = _match_len(child.text, mv, pos)
+                        k = int(child.ends.searchsorted(c, side="right"))  # whole tokens inside the match (>= 1)
+                    end = pos + child.ends.item(k - 1)
+                    if anchors_only and not child.flags.item(k - 1) & ANCHOR:
+                        pending.append((end, pos, child, k, path))
+                    else:
+                        b = end
+                        if b > best[0] or (b == best[0] and child.last_access > best[1]):
+                            best = (b, child.last_access, ((child, k), path))
+                    if c == size:
+                        stack.append((child, pos + size, ((child, k), path)))
+        pending.sort(key=lambda p: p[0], reverse=True)
+        for bound, pos, child, k, path in pending:  # an anchor inside the run ends before `bound`
+            if bound <= best[0]:
+                break
+            idx = np.flatnonzero(child.flags[:k - 1] & ANCHOR)
+            if idx.size:
+                b = pos + child.ends.item(idx[-1])
+                if b > best[0] or (b == best[0] and child.last_access > best[1]):
+                    best = (b, child.last_access, ((child, int(idx[-1]) + 1), path))
         segs, link = [], best[2]
         while link is not None:
             segs.append(link[0])
@@ -410,20 +481,23 @@ class RadixTree:
 
     # ----------------------------------------------------------------------------------------------- retrieve
     def retrieve(self, text: bytes, *, now: float) -> Retrieved:
-        """Exact trajectory for a full visible text (digest hit), else the longest token-boundary prefix."""
-        term = self._by_digest.get(text_digest(text))
-        if term is not None and term.vlen == len(text):
-            path = self.path(term.node)
-            segs = [(nd, nd.tokens.size) for nd in path]
+        """Exact trajectory for a full visible text (exact=True, tokens include the stripped eos), else the
+        longest prefix of `text` ending on any cached token boundary (exact=False)."""
+        tlen = len(text)
+        term = self._by_hash.get(hash(text))
+        path = self.path(term.node) if term is not None and term.vlen == tlen else None
+        if path is None or not self._spells(path, text):
+            term = self._by_digest.get(text_digest(text))
+            path = self.path(term.node) if term is not None and term.vlen == tlen else None
+        if path is not None:
             versions = [tm.version for nd in path[:-1] for tm in nd.terminals] + [term.version]
             if not term.retrieved:
                 term.retrieved = True
                 self._push(term.node)
             self._stats["retrieve_exact"] += 1
-            toks, lps, mask, r3 = self.gather(segs)
-            return Retrieved(True, toks, lps, mask, len(text), _dedup(versions), r3, term.rid, term.finish,
-                             term.version)
-        segs, nbytes = self._text_walk(text, anchors_only=False)
+            toks, lps, mask, r3 = self.gather([(nd, nd.tokens.size) for nd in path])
+            return Retrieved(True, toks, lps, mask, tlen, _dedup(versions), r3, term.rid, term.finish, term.version)
+        segs, nbytes = self._text_walk(text, False)
         versions = [tm.version for nd, k in segs if k == nd.tokens.size for tm in nd.terminals]
         self._stats["retrieve_partial"] += 1
         toks, lps, mask, r3 = self.gather(segs)
@@ -442,9 +516,16 @@ class RadixTree:
         """(tokens, logprobs, loss_mask, routed_experts|None) for the first k tokens of each node in `segs`."""
         if not segs:
             return _EMPTY_I32.copy(), np.zeros(0, np.float32), np.zeros(0, np.uint8), self._r3_rows([], 0)
-        toks = np.concatenate([nd.tokens[:k] for nd, k in segs])
-        lps = np.concatenate([nd.logprobs[:k] for nd, k in segs])
-        mask = np.concatenate([nd.flags[:k] for nd, k in segs]) & MASK
+        if segs[-1][1] == segs[-1][0].tokens.size:  # only the last node can be cut (and, in an exact hit, isn't)
+            nodes = [nd for nd, _ in segs]
+            toks = np.concatenate([nd.tokens for nd in nodes])
+            lps = np.concatenate([nd.logprobs for nd in nodes])
+            mask = np.concatenate([nd.flags for nd in nodes])
+        else:
+            toks = np.concatenate([nd.tokens[:k] for nd, k in segs])
+            lps = np.concatenate([nd.logprobs[:k] for nd, k in segs])
+            mask = np.concatenate([nd.flags[:k] for nd, k in segs])
+        np.bitwise_and(mask, _MASK8, out=mask)
         return toks, lps, mask, self._r3_rows(segs, toks.size - 1)
 
     def _r3_rows(self, segs, need: int) -> np.ndarray | None:
@@ -537,8 +618,7 @@ class RadixTree:
         self._detach(parent, node)
         freed = node.nbytes()
         for term in node.terminals:
-            if self._by_digest.get(term.digest) is term:
-                del self._by_digest[term.digest]
+            self._forget(term)
             rep.rids.append(term.rid)
             if counter != "evicted_unretrieved" or not term.retrieved:
                 setattr(rep, counter, getattr(rep, counter) + 1)

@@ -1,10 +1,13 @@
 """Worker selection policies beyond least-in-flight: prefix affinity and sticky keys, both with
 bounded-load spill.
 
-`PrefixIndex` remembers, per block of a token (or text) prefix, which worker last received it,
-so it is exact at block granularity (chained 64-bit block hashes, like a worker's own radix KV
-cache) and it learns at routing time: the 16 samples of a GRPO group that arrive together
-already agree on one worker. `StickyTable` pins a routing key (`X-SMG-Routing-Key`) to a worker
+`PrefixIndex` remembers, per block of a token (or text) prefix, the few workers that most
+recently received it, so it is exact at block granularity (chained 64-bit block hashes, like a
+worker's own radix KV cache) and it learns at routing time: the 16 samples of a GRPO group that
+arrive together already agree on one worker. Keeping several owners per block matters: a spill
+adds an owner instead of dragging a group's shared prefix (and so every later turn of its
+conversations) to the spill target, and a prefix every worker holds (a common system prompt)
+doesn't pin new groups to whichever worker saw it last (measured in bench/bench_routing.py). `StickyTable` pins a routing key (`X-SMG-Routing-Key`) to a worker
 with an idle expiry. `choose` applies the spill rule both share: keep the preferred worker unless
 it is both `abs_threshold` requests and `rel_threshold` times busier than the least-loaded one —
 affinity must never lock a saturated worker into thrash (prime-rl#3255) nor drop affinity under
@@ -58,13 +61,16 @@ def _block_keys(data: bytes, block_bytes: int) -> list[bytes]:
 
 
 class PrefixIndex:
-    """Longest known prefix -> the worker that holds it (LRU over blocks, bounded)."""
+    """Longest known prefix -> the workers that hold it (up to `owners_per_block`, most recent
+    first; LRU over blocks, bounded)."""
 
-    def __init__(self, block_tokens: int = 16, block_bytes: int = 64, capacity_blocks: int = 1 << 20) -> None:
+    def __init__(self, block_tokens: int = 16, block_bytes: int = 64, capacity_blocks: int = 1 << 20,
+                 owners_per_block: int = 4) -> None:
         self.block_tokens = block_tokens
         self.block_bytes = block_bytes
         self.capacity = capacity_blocks
-        self._owner: OrderedDict[bytes, str] = OrderedDict()
+        self.owners_per_block = owners_per_block
+        self._owners: OrderedDict[bytes, tuple[str, ...]] = OrderedDict()
 
     def _keys(self, seq: np.ndarray | bytes) -> list[bytes]:
         if isinstance(seq, (bytes, bytearray)):
@@ -72,25 +78,30 @@ class PrefixIndex:
         raw = np.ascontiguousarray(seq, dtype="<i4").tobytes()
         return _block_keys(raw, self.block_tokens * 4)
 
-    def lookup(self, seq: np.ndarray | bytes, usable=None) -> tuple[str | None, int]:
-        """(worker url, matched blocks) of the longest prefix whose owner is `usable` (if given)."""
+    def lookup(self, seq: np.ndarray | bytes, usable=None) -> tuple[list[str], int]:
+        """(owners, matched blocks) of the longest prefix with an owner that is `usable` (if given);
+        owners most recent first, unusable ones left out."""
         keys = self._keys(seq)
         for i in range(len(keys) - 1, -1, -1):
-            url = self._owner.get(keys[i])
-            if url is not None and (usable is None or usable(url)):
-                return url, i + 1
-        return None, 0
+            owners = self._owners.get(keys[i])
+            if owners:
+                found = [u for u in owners if usable is None or usable(u)]
+                if found:
+                    return found, i + 1
+        return [], 0
 
     def record(self, seq: np.ndarray | bytes, url: str) -> None:
-        owner = self._owner
-        for k in self._keys(seq):
-            owner[k] = url
-            owner.move_to_end(k)
-        while len(owner) > self.capacity:
-            owner.popitem(last=False)
+        table, k = self._owners, self.owners_per_block
+        for key in self._keys(seq):
+            owners = table.get(key, ())
+            if owners[:1] != (url,):
+                table[key] = ((url,) + tuple(o for o in owners if o != url))[:k]
+            table.move_to_end(key)
+        while len(table) > self.capacity:
+            table.popitem(last=False)
 
     def __len__(self) -> int:
-        return len(self._owner)
+        return len(self._owners)
 
 
 class StickyTable:

@@ -21,7 +21,7 @@ import trio
 
 from router.core.headers import header_value
 from router.core.pipeline import Exchange, Reply, StageError
-from router.core.urls import WorkerUrlError, host_allowed, normalize_worker_url
+from router.core.urls import TargetError, WorkerUrlError, host_allowed, normalize_worker_url, origin_form
 from router.net.runtime import RoutePipeline, Runtime
 from router.wire.api import error_body, json_encoder, worker_url_decoder
 
@@ -135,7 +135,19 @@ class RouterApp:
     async def _http(self, scope, receive, send) -> None:
         t0 = time.perf_counter()
         method = scope["method"]
-        path = scope["path"]
+        try:
+            raw_path, path = origin_form(method, scope.get("raw_path") or scope["path"].encode("latin-1"))
+        except TargetError as e:
+            await send_reply(send, error_reply(400, str(e)))
+            self.rt.metrics.observe_request("(proxy)", 400, time.perf_counter() - t0)
+            return
+        if path != scope["path"]:  # absolute-form target: from here on only its path counts
+            scope = {**scope, "path": path, "raw_path": raw_path}
+        if self.admin_key:
+            # The router's admin credential is the router's: never forwarded to a worker, whether
+            # the request is a fan-out or proxied (tests/test_admin_security.py).
+            scope = {**scope, "headers": self._without_admin_credentials(scope["headers"]),
+                     "admin_headers": scope["headers"]}
         endpoint = self.endpoints.get((method, path))
         try:
             body = await self._read_body(scope, receive)
@@ -151,6 +163,7 @@ class RouterApp:
             if admin and not self._admin_ok(scope):
                 reply = error_reply(401, "admin endpoint: missing or wrong admin API key "
                                          "(send 'Authorization: Bearer <key>')")
+                reply.headers.append((b"www-authenticate", b'Bearer realm="miles-router admin"'))
             else:
                 try:
                     reply = await handler(scope, body)
@@ -194,12 +207,26 @@ class RouterApp:
     def _admin_ok(self, scope) -> bool:
         if not self.admin_key:
             return True
-        got = header_value(scope["headers"], b"authorization") or b""
+        # Checked on the original headers (`_http` strips the credential before handlers run).
+        headers = scope.get("admin_headers", scope["headers"])
+        got = header_value(headers, b"authorization") or b""
         if got.lower().startswith(b"bearer "):
             got = got[7:].strip()
         else:
-            got = header_value(scope["headers"], b"x-admin-key") or b""
+            got = header_value(headers, b"x-admin-key") or b""
         return hmac.compare_digest(got, self.admin_key.encode())
+
+    def _without_admin_credentials(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """`headers` minus X-Admin-Key and an `Authorization: Bearer <admin key>` (other auth passes)."""
+        key = self.admin_key.encode()
+        out = []
+        for k, v in headers:
+            if k == b"x-admin-key":
+                continue
+            if k == b"authorization" and v.lower().startswith(b"bearer ") and hmac.compare_digest(v[7:].strip(), key):
+                continue
+            out.append((k, v))
+        return out
 
     # ---- proxy ------------------------------------------------------------------------------
     async def _proxy(self, scope, receive, send, body: bytes, pipe: RoutePipeline) -> int:
@@ -207,21 +234,37 @@ class RouterApp:
         if scope.get("raw_path"):
             # Forward the path as the client spelled it (percent-encoding included), never re-quoted.
             ex.path = scope["raw_path"].decode("latin-1").split("?", 1)[0]
-        client = ClientStream(send, pipe.needs_response)
+        # Once the last body message is handed to hypercorn, the exchange is over: hypercorn then
+        # reports "http.disconnect" *from inside that send* (it closes the stream, and for
+        # `Connection: close` the socket, before the send returns). Cancelling then interrupted
+        # hypercorn's close: a client that sent `Connection: close` to a proxied path never saw the
+        # connection close and waited forever (tests/test_fuzz.py::test_fuzz_raw_requests,
+        # tests/test_bad_input.py::test_connection_close_is_honoured_on_proxied_paths).
+        finished = False
+
+        async def send_and_mark(message) -> None:
+            nonlocal finished
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                finished = True
+            await send(message)
+
+        client = ClientStream(send_and_mark, pipe.needs_response)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope)
+            nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope, lambda: finished)
             try:
                 await self._run(pipe, ex, client)
             finally:
                 nursery.cancel_scope.cancel()
-        return client.status
+        # 499 (nginx's "client closed request"): the client left before any reply started.
+        return client.status or 499
 
     @staticmethod
-    async def _watch_disconnect(receive, scope: trio.CancelScope) -> None:
+    async def _watch_disconnect(receive, scope: trio.CancelScope, finished) -> None:
         while True:
             msg = await receive()
             if msg["type"] == "http.disconnect":
-                scope.cancel()
+                if not finished():  # a real disconnect: cancel the upstream call
+                    scope.cancel()
                 return
 
     async def _run(self, pipe: RoutePipeline, ex: Exchange, client: ClientStream) -> None:
@@ -280,6 +323,10 @@ class RouterApp:
                 b = worker_url_decoder.decode(body)
             except msgspec.DecodeError as e:
                 raise StageError(400, f"invalid JSON body: {e}") from None
+            except (UnicodeDecodeError, RecursionError) as e:
+                # msgspec raises these, not DecodeError, for invalid UTF-8 in a string and for deeply
+                # nested JSON; both escaped as a 500 (tests/test_bad_input.py)
+                raise StageError(400, f"invalid JSON body: {type(e).__name__}: {e}") from None
             url = b.url or b.worker_url
         if not url:
             raise StageError(400, "worker_url is required (use query ?url=... or JSON body {\"url\": ...})")

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import base64
 import time
+from dataclasses import dataclass
 
 import msgspec
 import numpy as np
+import trio
 
 from router.core.pipeline import Reply, StageError
 from router.wire.api import RetrieveBatch, Trajectory, json_encoder, retrieve_request_decoder
@@ -31,7 +33,28 @@ def _need_tree(runtime):
     return runtime.tree
 
 
-async def retrieve_one(runtime, text: str) -> Trajectory:
+# A reply covering more tokens than this is built (array -> list -> JSON) in a worker thread: for
+# a text of megabytes that takes a few hundred ms, which on the event loop would stall every other
+# request (tests/test_bad_input.py::test_megabyte_retrieve_is_bounded_and_does_not_stall).
+_OFFLOAD_TOKENS = 32_768
+
+
+@dataclass(slots=True)
+class _Found:
+    """What the cache (and, for an unmatched tail, the tokenizer) gave for one text: arrays only."""
+
+    text: str
+    exact: bool
+    tokens: np.ndarray
+    logp: np.ndarray
+    mask: np.ndarray
+    matched_chars: int
+    fresh: int
+    versions: list
+    experts: np.ndarray | None
+
+
+async def _lookup(runtime, text: str) -> _Found:
     tree = _need_tree(runtime)
     data = text.encode("utf-8", "surrogatepass")
     r = tree.retrieve(data, now=time.time())
@@ -46,35 +69,63 @@ async def retrieve_one(runtime, text: str) -> Trajectory:
         keep = _char_aligned_prefix(runtime.tokenizer, tokens, data)
         tokens, logp, mask = tokens[:keep], logp[:keep], mask[:keep]
         matched = len(runtime.tokenizer.text_bytes(tokens))
-        tail = np.asarray(await runtime.tokenizer.encode_async(data[matched:].decode("utf-8", "surrogatepass")),
-                          dtype=np.int32)
+        tail = await _encode_tail(runtime.tokenizer, data[matched:].decode("utf-8", "surrogatepass"))
         fresh = int(tail.size)
         tokens = np.concatenate([tokens, tail])
         logp = np.concatenate([logp, np.zeros(fresh, np.float32)])
         mask = np.concatenate([mask, np.zeros(fresh, np.uint8)])
-    experts = None
-    shape = None
-    if r.routed_experts is not None and fresh == 0:
-        experts = base64.b64encode(np.ascontiguousarray(r.routed_experts, dtype="<i4").tobytes()).decode()
-        shape = list(r.routed_experts.shape)
     matched_chars = len(data[:matched].decode("utf-8", "ignore"))
     versions = [v for v in r.versions if v is not None]
+    return _Found(text, bool(r.exact or (fresh == 0 and matched == len(data))), tokens, logp, mask,
+                  matched_chars, fresh, versions, r.routed_experts if fresh == 0 else None)
+
+
+async def _encode_tail(tokenizer, text: str) -> np.ndarray:
+    if len(text) < _OFFLOAD_TOKENS:
+        return np.asarray(await tokenizer.encode_async(text), dtype=np.int32)
+    # Long: tokenize (Rust, GIL released) *and* turn the ids into an array off the event loop.
+    return await trio.to_thread.run_sync(
+        lambda: np.asarray(tokenizer.raw.encode_batch([text], False)[0].ids, dtype=np.int32))
+
+
+def _trajectory(f: _Found) -> Trajectory:
+    experts = None
+    shape = None
+    if f.experts is not None:
+        experts = base64.b64encode(np.ascontiguousarray(f.experts, dtype="<i4").tobytes()).decode()
+        shape = list(f.experts.shape)
     return Trajectory(
-        response=text,
-        tokens=tokens.tolist(),
-        loss_mask=mask.tolist(),
-        rollout_logp=logp.astype(np.float64).tolist(),
-        token_length=int(tokens.size),
-        loss_mask_length=int(mask.size),
-        exact=bool(r.exact or (fresh == 0 and matched == len(data))),
-        matched_chars=matched_chars,
-        text_chars=len(text),
-        fresh_tokens=fresh,
-        weight_version=versions[-1] if versions else None,
-        weight_versions=versions,
+        response=f.text,
+        tokens=f.tokens.tolist(),
+        loss_mask=f.mask.tolist(),
+        rollout_logp=f.logp.astype(np.float64).tolist(),
+        token_length=int(f.tokens.size),
+        loss_mask_length=int(f.mask.size),
+        exact=f.exact,
+        matched_chars=f.matched_chars,
+        text_chars=len(f.text),
+        fresh_tokens=f.fresh,
+        weight_version=f.versions[-1] if f.versions else None,
+        weight_versions=f.versions,
         routed_experts=experts,
         routed_experts_shape=shape,
     )
+
+
+async def retrieve_one(runtime, text: str) -> Trajectory:
+    return _trajectory(await _lookup(runtime, text))
+
+
+async def _retrieve_body(runtime, texts: list[str], single: bool) -> bytes:
+    found = [await _lookup(runtime, t) for t in texts]  # the cache itself is only touched here, on the loop
+
+    def build() -> bytes:
+        trajectories = [_trajectory(f) for f in found]
+        return json_encoder.encode(trajectories[0] if single else RetrieveBatch(trajectories))
+
+    if sum(f.tokens.size for f in found) > _OFFLOAD_TOKENS:
+        return await trio.to_thread.run_sync(build)
+    return build()
 
 
 def _char_aligned_prefix(tokenizer, tokens: np.ndarray, data: bytes) -> int:
@@ -95,12 +146,15 @@ def _retrieve_handler(runtime):
             raise StageError(400, f"invalid /retrieve_from_text body: {e}") from None
         except msgspec.DecodeError as e:
             raise StageError(400, f"invalid JSON body: {e}") from None
+        except (UnicodeDecodeError, RecursionError) as e:
+            # msgspec raises these, not DecodeError, for invalid UTF-8 in a string and for deeply
+            # nested JSON; both escaped as a 500 (tests/test_bad_input.py)
+            raise StageError(400, f"invalid JSON body: {type(e).__name__}: {e}") from None
         if (req.text is None) == (req.texts is None):
             raise StageError(400, 'send exactly one of {"text": "..."} or {"texts": ["...", ...]}')
         if req.text is not None:
-            return Reply(200, json_encoder.encode(await retrieve_one(runtime, req.text)))
-        results = [await retrieve_one(runtime, t) for t in req.texts]
-        return Reply(200, json_encoder.encode(RetrieveBatch(results)))
+            return Reply(200, await _retrieve_body(runtime, [req.text], single=True))
+        return Reply(200, await _retrieve_body(runtime, req.texts, single=False))
 
     return handler
 

@@ -2,8 +2,11 @@
 every healthy worker at once, with a per-worker result map.
 
 200 when every worker succeeded, 207 when some failed, 502 when all failed, 503 when there is
-no healthy worker. A successful `/update_weight_version` also updates the router's record of
-each worker's weights, which gates re-admission of quarantined workers.
+no healthy worker. A body that is not empty or a JSON object is refused with 400 before any
+worker sees it, and when every worker rejects the call with the same 4xx, that 4xx is the answer
+(the client's request is wrong, not the workers). A successful `/update_weight_version` also
+updates the router's record of each worker's weights, which gates re-admission of quarantined
+workers.
 """
 
 from __future__ import annotations
@@ -30,12 +33,33 @@ def _decode(r: httpx.Response):
         return None
     try:
         return msgspec.json.decode(r.content)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):  # a worker's odd reply is no 500
         return r.text
+
+
+def _check_body(path: str, body: bytes) -> Reply | None:
+    """400 unless `body` is empty or a JSON object. Malformed bodies used to be fanned out and come
+    back as 502 "all workers failed" (every worker said 400), and invalid UTF-8 or deep nesting
+    crashed the handler (msgspec raises UnicodeDecodeError / RecursionError, not DecodeError)
+    (tests/test_bad_input.py)."""
+    if not body.strip():
+        return None
+    try:
+        obj = msgspec.json.decode(body)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+        problem = f"invalid JSON body for {path}: {type(e).__name__}: {e}"
+    else:
+        if isinstance(obj, dict):
+            return None
+        problem = f"{path} takes a JSON object, got {type(obj).__name__}"
+    return Reply(400, json_encoder.encode({"error": problem}))
 
 
 def _handler(runtime, method: str, path: str):
     async def handler(scope, body: bytes) -> Reply:
+        bad = _check_body(path, body)
+        if bad is not None:
+            return bad
         workers = runtime.pool.healthy()
         if not workers:
             return Reply(503, json_encoder.encode({"error": "no healthy worker available", "results": {}}))
@@ -68,6 +92,9 @@ def _handler(runtime, method: str, path: str):
                 nursery.start_soon(call, w)
         ok = sum(1 for r in results.values() if r["ok"])
         status = 200 if ok == len(results) else (207 if ok else 502)
+        rejected = {r["status"] for r in results.values()}
+        if not ok and len(rejected) == 1 and 400 <= (next(iter(rejected)) or 0) < 500:
+            status = rejected.pop()  # every worker refused the same request the same way: a client error
         ordered = {w.url: results[w.url] for w in workers}
         return Reply(status, json_encoder.encode({"succeeded": ok, "failed": len(results) - ok, "results": ordered}))
 

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 
 import httpx
+import msgspec
+import numpy as np
 import trio
 
 from router.config import Config
@@ -25,6 +27,14 @@ from router.net.metrics import Metrics
 from router.net.upstream import UpstreamPool
 
 log = logging.getLogger("miles_router")
+
+
+class _ReplyTokens(msgspec.Struct):
+    output_ids: list[int] | None = None
+    text: str | None = None
+
+
+_reply_decoder = msgspec.json.Decoder(_ReplyTokens)
 
 
 @dataclass(slots=True)
@@ -61,7 +71,8 @@ class Runtime:
         self.versions_seen: dict[str, int] = {}
         g = config.routing
         self.spill = SpillRule(g.balance_abs_threshold, g.balance_rel_threshold)
-        self.prefix_index = PrefixIndex(block_tokens=g.prefix_block_tokens, capacity_blocks=g.prefix_capacity_blocks)
+        self.prefix_index = PrefixIndex(block_tokens=g.prefix_block_tokens, capacity_blocks=g.prefix_capacity_blocks,
+                                        owners_per_block=g.prefix_owners_per_block)
         self.sticky = StickyTable(idle_s=g.sticky_idle_s)
         if g.weight_version_gate:
             self.pool.admission_check = self._version_hold
@@ -124,6 +135,12 @@ class Runtime:
             await trio.sleep(self.config.cache.cleanup_interval_s)
             self.evict_cache()
 
+    async def upstream_maintenance(self) -> None:
+        """Close idle upstream sockets past their keep-alive even when no traffic comes."""
+        while True:
+            await trio.sleep(self.config.workers.keepalive_expiry_s)
+            self.upstream.sweep_idle()
+
     @property
     def tree(self):
         if self.tree_if_loaded is None:
@@ -152,6 +169,7 @@ class Runtime:
             scope = self._probers.pop(url, None)
             if scope is not None:
                 scope.cancel()
+            self.upstream.drop_origin(url)
             log.info("worker removed: %s (%d in flight)", url, worker.inflight)
         return worker
 
@@ -265,17 +283,39 @@ class Runtime:
         seq = self._prefix_of(ex)
         if seq is None:
             return self.pool.pick(), "least_inflight"
-        url, _ = self.prefix_index.lookup(seq, usable=lambda u: (w := self.pool.get(u)) is not None and w.selectable)
-        w, reason = choose(self.pool, self.pool.get(url) if url else None, self.spill, "affinity_hit")
+        owners, _ = self.prefix_index.lookup(seq, usable=self._usable)
+        preferred = min((self.pool.get(u) for u in owners), key=lambda w: w.inflight) if owners else None
+        w, reason = choose(self.pool, preferred, self.spill, "affinity_hit")
         if reason == "least_inflight":
             reason = "affinity_miss"
         if w is not None:
             self.prefix_index.record(seq, w.url)
+            ex.scratch["affinity_seq"] = seq
         return w, reason
+
+    def _usable(self, url: str) -> bool:
+        w = self.pool.get(url)
+        return w is not None and w.selectable
 
     def record_served(self, tokens, worker_url: str) -> None:
         """A worker now holds these tokens in its KV cache (prompt + generated)."""
         self.prefix_index.record(tokens, worker_url)
+
+    def note_reply(self, ex, body: bytes) -> None:
+        """Prefix affinity on a passthrough route: learn the generated part from the worker's reply,
+        so the conversation's next turn finds the worker that holds its whole history."""
+        seq = ex.scratch.get("affinity_seq")
+        if seq is None or ex.status != 200 or ex.worker is None:
+            return
+        try:
+            out = _reply_decoder.decode(body)
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            return
+        if isinstance(seq, bytes):
+            if out.text:
+                self.prefix_index.record(seq + out.text.encode("utf-8", "surrogatepass"), ex.worker.url)
+        elif out.output_ids:
+            self.prefix_index.record(np.concatenate([seq, np.asarray(out.output_ids, np.int32)]), ex.worker.url)
 
     def _routing_key(self, ex) -> str | None:
         g = self.config.routing
@@ -283,8 +323,6 @@ class Runtime:
             if k == g.sticky_header.encode():
                 return v.decode("latin-1")
         if g.sticky_body_field:
-            import msgspec
-
             try:
                 val = msgspec.json.decode(ex.body).get(g.sticky_body_field)
             except (msgspec.DecodeError, AttributeError):

@@ -80,6 +80,7 @@ async def run_router(config: Config, *, install_signals: bool = True, shutdown: 
                 root.start_soon(_signal_watcher, shutdown, root.cancel_scope)
             if runtime.tree_wanted():
                 root.start_soon(runtime.cache_maintenance)
+            root.start_soon(runtime.upstream_maintenance)
             async with trio.open_nursery() as server_nursery:
                 bound = await server_nursery.start(partial(
                     serve_asgi, app, config.server.host, config.server.port,

@@ -52,6 +52,7 @@ __all__ = [
     "UpstreamConnectError",
     "UpstreamDisconnect",
     "UpstreamError",
+    "UpstreamLocalError",
     "UpstreamPool",
     "UpstreamResponse",
     "UpstreamTimeout",
@@ -68,6 +69,8 @@ _COALESCE_BODY_LIMIT = 64 * 1024
 # Yield to the scheduler after this many bytes were received without blocking, for fairness.
 _YIELD_EVERY_BYTES = 1024 * 1024
 # Header names this module sets itself; a caller's copy would conflict with the real framing or origin.
+# Connect failures that are about this process or host, not the worker.
+_LOCAL_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL))
 _POOL_OWNED_HEADERS = frozenset((b"host", b"content-length", b"transfer-encoding"))
 
 _NEED_DATA = h11.NEED_DATA
@@ -92,6 +95,11 @@ class UpstreamConnectError(UpstreamError):
 
     The caller may retry on another worker.
     """
+
+
+class UpstreamLocalError(UpstreamConnectError):
+    """The ROUTER is out of a local resource (file descriptors, buffers, ephemeral ports): not the
+    worker's fault, so it must not count against the worker's health, and another worker won't help."""
 
 
 class UpstreamTimeout(UpstreamError):
@@ -589,6 +597,8 @@ class UpstreamPool:
             try:
                 sock = await _open_socket(origin.host, origin.port)
             except OSError as exc:
+                if exc.errno in _LOCAL_ERRNOS:
+                    raise UpstreamLocalError(f"router out of resources connecting to {origin.url}: {exc}") from exc
                 raise UpstreamConnectError(f"cannot connect to {origin.url}: {exc}") from exc
         if scope.cancelled_caught:
             raise UpstreamConnectError(f"connecting to {origin.url} timed out")
@@ -621,6 +631,17 @@ class UpstreamPool:
             self._discard(idle.popleft())
         if now >= self._next_sweep:
             self._sweep(now)
+
+    def sweep_idle(self) -> None:
+        """Drop expired idle connections now (called periodically, so a burst's sockets don't linger)."""
+        self._sweep(_current_time())
+
+    def drop_origin(self, url: str) -> None:
+        """Close every idle connection to `url` (a removed worker); in-use ones close when done."""
+        for key, origin in list(self._origins.items()):
+            if origin.url == url:
+                while origin.idle:
+                    self._discard(origin.idle.pop())
 
     def _sweep(self, now: float) -> None:
         """Drop expired idle connections of every origin (bounded: at most once per expiry period)."""

@@ -20,6 +20,10 @@ def generate_request(ex: Exchange) -> GenerateRequest:
             req = generate_request_decoder.decode(ex.body_for_upstream)
         except msgspec.DecodeError as e:
             raise StageError(400, f"invalid /generate body: {e}") from None
+        except (UnicodeDecodeError, RecursionError) as e:
+            # msgspec raises these (not DecodeError) for invalid UTF-8 inside a JSON string and for
+            # deeply nested JSON; both used to escape as a 500 (tests/test_bad_input.py).
+            raise StageError(400, f"invalid /generate body: {type(e).__name__}: {e}") from None
         ex.scratch["request"] = req
     return req
 

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from router.core.headers import header_value, request_headers_for_upstream, response_headers_for_client
 from router.core.pipeline import Exchange, Stage, StageError
-from router.net.upstream import UpstreamConnectError, UpstreamDisconnect, UpstreamTimeout
+from router.net.upstream import UpstreamConnectError, UpstreamDisconnect, UpstreamLocalError, UpstreamTimeout
 
 _DONE = b"data: [DONE]"
+# A reply this small with a Content-Length is read whole and sent in one message (one write
+# through the server instead of three); larger ones stream.
+_ONE_SHOT_BYTES = 1 << 20
 
 
 class Forward(Stage):
@@ -46,9 +49,17 @@ class Forward(Stage):
                     out_headers = response_headers_for_client(resp.headers) + client.route_headers(ex)
                     sse = (header_value(resp.headers, b"content-type") or b"").startswith(b"text/event-stream")
                     if not capture:
-                        await client.start(resp.status, out_headers)
-                        async for chunk in resp.iter_chunks():
-                            await client.send(chunk)
+                        length = header_value(resp.headers, b"content-length")
+                        if not sse and length is not None and length.isdigit() and int(length) <= _ONE_SHOT_BYTES:
+                            body = await resp.read()
+                            await client.start(resp.status, out_headers)
+                            client.defer(body)
+                            if "affinity_seq" in ex.scratch:
+                                svc.note_reply(ex, body)
+                        else:
+                            await client.start(resp.status, out_headers)
+                            async for chunk in resp.iter_chunks():
+                                await client.send(chunk)
                     elif sse:
                         await client.start(resp.status, out_headers)
                         await self._relay_sse(ex, resp, client)
@@ -57,6 +68,9 @@ class Forward(Stage):
                         ex.scratch["client_headers"] = out_headers
                 svc.on_worker_ok(worker)
                 return
+            except UpstreamLocalError as e:
+                # The router is out of sockets or memory: not the worker's fault, and no retry helps.
+                raise StageError(503, f"router overloaded: {e}", worker=worker.url) from None
             except UpstreamConnectError as e:
                 last_error = f"{worker.url}: {e}"
                 svc.on_worker_error(worker, f"connect failed: {e}")

@@ -50,7 +50,13 @@ class Tokenize(Stage):
             raise StageError(400, "text is empty")
         ex.scratch["prompt"] = Prompt(tokens=tokens, text=text, cached_tokens=int(prefix_tokens.size),
                                       matched_bytes=matched)
-        body = msgspec.json.decode(ex.body_for_upstream)
+        try:
+            body = msgspec.json.decode(ex.body_for_upstream)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+            # The routing-fields decode skips unknown fields without checking their UTF-8, so
+            # `{"text": "hi", "x": "<invalid UTF-8>"}` only fails here: a 400, not a 500
+            # (tests/test_bad_input.py::test_invalid_utf8_in_json_is_400).
+            raise StageError(400, f"invalid /generate body: {type(e).__name__}: {e}") from None
         body.pop("text", None)
         body["input_ids"] = tokens.tolist()
         if self.options.force_return_logprob and not body.get("return_logprob"):
