@@ -14,6 +14,8 @@ from typing import Literal
 
 import msgspec
 
+from router.wire.sim import SimOptions
+
 
 class ConfigError(Exception):
     """A configuration problem, already formatted as one line: file, key path, reason."""
@@ -49,22 +51,17 @@ class WorkersConfig(_Table):
     allowed_hosts: list[str] = msgspec.field(default_factory=list)
 
 
-class SimulateConfig(_Table):
-    """Embedded simulated SGLang workers, started when `workers > 0`."""
+class SimulateConfig(SimOptions, forbid_unknown_fields=True, kw_only=True):
+    """Embedded simulated SGLang workers, started when `workers > 0`; every other key is a
+    simulator option (router/wire/sim.py), applied to each of them."""
 
     workers: int = 0
     host: str = "127.0.0.1"
     base_port: int = 0  # 0: pick free ports
-    tokenizer: str = "builtin:qwen"
-    seed: int = 0
-    token_latency_s: float = 0.0
-    num_layers: int = 2
-    top_k: int = 2
-    num_experts: int = 64
-    enable_routed_experts: bool = True
-    weight_version: str = "default"
-    prefix_cache_tokens: int = 1 << 20
-    noncanonical_rate: float = 0.15
+
+    def options_for(self, index: int) -> SimOptions:
+        shared = {f: getattr(self, f) for f in SimOptions.__struct_fields__}
+        return SimOptions(**{**shared, "name": f"{self.name}-{index}"})
 
 
 class TokenizerConfig(_Table):

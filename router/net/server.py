@@ -43,16 +43,12 @@ async def _signal_watcher(shutdown: trio.Event, root: trio.CancelScope) -> None:
 async def start_sim_workers(config: Config, nursery: trio.Nursery) -> list:
     if config.simulate.workers <= 0:
         return []
-    from router.sim import SimOptions, serve_sim_worker
+    from router.sim import serve_sim_worker
 
     s = config.simulate
     started = []
     for i in range(s.workers):
-        opts = SimOptions(tokenizer=s.tokenizer, seed=s.seed, token_latency_s=s.token_latency_s,
-                          num_layers=s.num_layers, top_k=s.top_k, num_experts=s.num_experts,
-                          enable_routed_experts=s.enable_routed_experts, weight_version=s.weight_version,
-                          prefix_cache_tokens=s.prefix_cache_tokens, noncanonical_rate=s.noncanonical_rate,
-                          name=f"sim-{i}")
+        opts = s.options_for(i)
         port = s.base_port + i if s.base_port else 0
         url, worker = await nursery.start(partial(serve_sim_worker, opts, s.host, port))
         started.append((url, worker))

@@ -25,46 +25,11 @@ import msgspec
 import numpy as np
 
 from router.tokenizer import Tokenizer
+from router.wire.sim import Faults, SimOptions  # noqa: F401  (re-exported)
 
 SGLANG_VERSION = "0.5.12"
 DEFAULT_MAX_NEW_TOKENS = 128
 PREFIX_BLOCK_TOKENS = 16
-
-
-class Faults(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Failure knobs; mutable at runtime through `POST /_sim/faults`."""
-
-    health_status: int = 200  # status of /health and /health_generate (empty body either way)
-    generate_status: int | None = None  # force /generate to answer this status with an SGLang error body
-    hang: bool = False  # /generate waits until this is cleared or the client disconnects
-    drop_after_bytes: int | None = None  # close the connection after this many /generate body bytes
-    delay_s: float = 0.0  # extra latency before /generate starts
-    echo: bool = False  # /generate answers the raw request body with the request's content-type
-
-
-class SimOptions(msgspec.Struct, kw_only=True):
-    tokenizer: str = "builtin:qwen"
-    seed: int = 0
-    token_latency_s: float = 0.0
-    num_layers: int = 2
-    top_k: int = 2
-    num_experts: int = 64
-    enable_routed_experts: bool = True
-    weight_version: str = "default"
-    prefix_cache_tokens: int = 1 << 20
-    noncanonical_rate: float = 0.15
-    prefill_latency_s_per_token: float = 0.0
-    model_path: str = "sim/qwen"
-    name: str = "sim"
-    context_length: int = 131072
-    faults: Faults = msgspec.field(default_factory=Faults)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.faults, dict):  # SimOptions(faults={"hang": True}) from tests and configs
-            self.faults = msgspec.convert(self.faults, Faults)
-
-
-# --- errors ---------------------------------------------------------------------------------
 
 
 class RequestError(Exception):
