@@ -13,8 +13,9 @@ Each round opens every stream at once and checks each one: status 200, `text/eve
 `data:` event is JSON until a final `data: [DONE]`, and the last chunk reports `completion_tokens ==
 --tokens`. Anything else counts as an error, by kind. The router's RSS (/proc/<pid>/status) is sampled
 before the load, every 0.25 s during it, after each round and after an idle pause: with nothing cached
-on the passthrough path it should come back flat. Peak concurrency is read from the router's own
-`GET /workers` (sum of in-flight) while the streams run.
+on the passthrough path it should come back flat. Concurrency: the router's own `GET /workers` (sum
+of in-flight) is sampled while the streams run, and each worker reports its peak in-flight
+(`/_sim/stats`); their sum is the number of streams that were open at the workers at once.
 
 Prints one JSON document (and writes it with --json).
 """
@@ -253,8 +254,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--streams", type=int, default=2000)
     ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--tokens", type=int, default=32, help="max_new_tokens (ignore_eos) per stream")
-    ap.add_argument("--token-latency-s", type=float, default=0.05, help="sim time per token (keeps streams open)")
+    ap.add_argument("--tokens", type=int, default=16, help="max_new_tokens (ignore_eos) per stream")
+    # Slow tokens keep every stream open at once: 2,000 streams x 1.3 tokens/s is ~2.7k events/s, about
+    # what 2 cores can move through sims + router + client (the sims cost most per event).
+    ap.add_argument("--token-latency-s", type=float, default=0.75, help="sim time per token (keeps streams open)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of --streams streams (RSS should be flat across)")
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args()
@@ -278,6 +281,7 @@ def main() -> None:
     ws = get_json(url, "/workers")["workers"]
     out["router_inflight_after"] = sum(w["inflight"] for w in ws)
     out["sims_peak_in_flight"] = [get_json(s, "/_sim/stats")["peak_in_flight"] for s in sims]
+    out["sims_peak_in_flight_sum"] = sum(out["sims_peak_in_flight"])
     total = args.streams * args.rounds
     ok = sum(r["ok"] for r in out["rounds"])
     rss = out["router_rss_mb"]

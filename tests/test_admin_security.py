@@ -9,9 +9,8 @@ from __future__ import annotations
 from functools import partial
 
 import pytest
-import trio
 
-from harness import client, make_config, start_router, start_sim
+from harness import client, start_router, start_sim
 from router.net.serving import serve_asgi
 
 KEY = "s3cret-admin-key"
@@ -176,8 +175,3 @@ def test_host_allowed_unit(entry, url, ok):
     from router.core.urls import host_allowed, normalize_worker_url
 
     assert host_allowed(normalize_worker_url(url), [entry]) is ok
-
-
-def test_config_key_field_exists():
-    cfg = make_config(server={"port": 0, "admin_api_key": "k"})
-    assert cfg.server.admin_api_key == "k"

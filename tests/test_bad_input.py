@@ -267,6 +267,19 @@ async def test_generate_bad_bodies_through_the_radix_pipeline(nursery):
         await still_serving(c)
 
 
+@pytest.mark.xfail(strict=True, reason="router/net/runtime.py Runtime._routing_key catches only msgspec.DecodeError: "
+                                       "invalid UTF-8 / deep nesting in the body escape as a 500 from the forward stage "
+                                       "(not a file this suite may fix; reported)")
+async def test_sticky_body_field_with_bad_utf8_is_400(nursery):
+    sim = await start_sim(nursery)
+    router = await start_router(nursery, workers={"urls": [sim.url]}, routing={"sticky_body_field": "session_id"},
+                                routes=[{"path": "/generate", "pipeline": "passthrough", "policy": "sticky"}])
+    async with client(router) as c:
+        for body in (b'{"session_id": "a\xff", "text": "x"}', b'{"x": ' + b"[" * 5000 + b"]" * 5000 + b', "text": "x"}'):
+            r = await c.post("/generate", content=body)
+            assert r.status_code < 500, r.text
+
+
 # ---- bodies over server.max_body_bytes -------------------------------------------------------
 
 async def test_declared_huge_body_is_413_before_it_is_sent(nursery):
@@ -511,7 +524,7 @@ async def test_megabyte_retrieve_is_bounded_and_does_not_stall(nursery):
           f"concurrent /health, slowest {pinger.worst * 1000:.0f} ms, longest handler step "
           f"{loop.worst * 1000:.0f} ms")
     assert len(pinger.latencies) > 20 and pinger.worst < 0.25, (len(pinger.latencies), pinger.worst)
-    assert loop.worst < 0.06, loop.worst
+    assert loop.worst < 0.035, loop.worst
 
 
 async def test_megabyte_exact_retrieve_does_not_stall(nursery):
@@ -542,4 +555,4 @@ async def test_megabyte_exact_retrieve_does_not_stall(nursery):
           f"{len(pinger.latencies)} concurrent /health, slowest {pinger.worst * 1000:.0f} ms, "
           f"longest handler step {loop.worst * 1000:.0f} ms")
     assert pinger.worst < 0.25, pinger.worst
-    assert loop.worst < 0.03, loop.worst
+    assert loop.worst < 0.05, loop.worst

@@ -287,3 +287,36 @@ async def test_response_stage_failure_keeps_the_workers_reply(nursery):
     assert r.status_code == 200
     assert json.loads(r.content)["input_ids"]  # the worker's bytes (here: the rewritten request) arrived
     assert "capture" in r.headers["x-miles-router-stage-error"]
+
+
+async def test_abort_retry_is_opt_in_and_goes_elsewhere_at_once(nursery, tmp_path, qwen):
+    """[options.forward] abort_retries = 1: an aborted reply is resent at once to another healthy
+    worker (no sleep); the client and the cache see only the final, complete trajectory."""
+    pipe = tmp_path / "retry.toml"
+    pipe.write_text('stages = ["radix_lookup", "tokenize", "forward", "capture", "insert"]\n'
+                    "[options.forward]\nabort_retries = 1\n")
+    sims = [await start_sim(nursery, tokenizer="builtin:qwen", seed=i, token_latency_s=0.02) for i in range(2)]
+    router = await start_router(nursery, workers={"urls": [s.url for s in sims]}, tokenizer={"path": "builtin:qwen"},
+                                routes=[{"path": "/generate", "pipeline": str(pipe)}])
+    p = chat([{"role": "user", "content": "retry me"}])
+    result = {}
+
+    async def gen(c):
+        r = await c.post("/generate", json={"text": p, "sampling_params": {"max_new_tokens": 40, "ignore_eos": True}})
+        result["r"] = r
+
+    async with client(router) as c:
+        async with trio.open_nursery() as n:
+            n.start_soon(gen, c)
+            await trio.sleep(0.3)
+            first = next(w for w in router.runtime.pool.all if w.inflight == 1)
+            async with client(first.url) as d:
+                await d.post("/abort_request", json={"abort_all": True})
+        r = result["r"]
+        out = r.json()
+        assert out["meta_info"]["finish_reason"]["type"] == "length"
+        assert r.headers["x-miles-router-worker"] != first.url
+        assert r.headers["x-miles-router-route-reason"] == "retry"
+        got = await retrieve(c, p + out["text"])
+        assert got["exact"] and got["tokens"] == qwen.encode(p) + out["output_ids"]
+        assert "miles_router_abort_retries_total 1.0" in (await c.get("/metrics")).text

@@ -88,6 +88,17 @@ async def _encode_tail(tokenizer, text: str) -> np.ndarray:
         lambda: np.asarray(tokenizer.raw.encode_batch([text], False)[0].ids, dtype=np.int32))
 
 
+def _tolist(a: np.ndarray, piece: int = 1 << 16) -> list:
+    """`a.tolist()` in pieces: one call on a million elements holds the GIL for tens of ms, which
+    (from the worker thread) would stall the event loop just the same."""
+    if a.size <= piece:
+        return a.tolist()
+    out: list = []
+    for i in range(0, a.size, piece):
+        out.extend(a[i:i + piece].tolist())
+    return out
+
+
 def _trajectory(f: _Found) -> Trajectory:
     experts = None
     shape = None
@@ -96,9 +107,9 @@ def _trajectory(f: _Found) -> Trajectory:
         shape = list(f.experts.shape)
     return Trajectory(
         response=f.text,
-        tokens=f.tokens.tolist(),
-        loss_mask=f.mask.tolist(),
-        rollout_logp=f.logp.astype(np.float64).tolist(),
+        tokens=_tolist(f.tokens),
+        loss_mask=_tolist(f.mask),
+        rollout_logp=_tolist(f.logp.astype(np.float64)),
         token_length=int(f.tokens.size),
         loss_mask_length=int(f.mask.size),
         exact=f.exact,

@@ -62,6 +62,8 @@ class Metrics:
         self.selections = Counter("miles_router_selections", "Worker selections by reason", ["reason"], registry=r)
         self.retries = Counter("miles_router_retries", "Requests resent to another worker after a connect failure",
                                registry=r)
+        self.abort_retries = Counter("miles_router_abort_retries", "Aborted replies resent to another worker",
+                                     registry=r)
         self.stage_errors = Counter("miles_router_stage_errors", "Stage failures", ["stage"], registry=r)
         self.routed_experts_bytes = Counter("miles_router_routed_experts_bytes",
                                             "Bytes of routed_experts relayed to clients", registry=r)

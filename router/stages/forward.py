@@ -10,6 +10,8 @@ back until they ran, so a trajectory is stored before the client can ask for it.
 
 from __future__ import annotations
 
+import msgspec
+
 from router.core.headers import header_value, request_headers_for_upstream, response_headers_for_client
 from router.core.pipeline import Exchange, Stage, StageError
 from router.net.upstream import UpstreamConnectError, UpstreamDisconnect, UpstreamLocalError, UpstreamTimeout
@@ -20,10 +22,45 @@ _DONE = b"data: [DONE]"
 _ONE_SHOT_BYTES = 1 << 20
 
 
+class Options(msgspec.Struct, forbid_unknown_fields=True):
+    # Resend a reply whose finish_reason is "abort" to another healthy worker, at once (never after
+    # a blind sleep), at most this many times. Off by default: aborts are usually deliberate
+    # (abort_all at the end of a rollout) and are recorded as what they are. Applies to replies
+    # the router reads whole (non-stream); a stream already relayed can't be taken back.
+    abort_retries: int = 0
+
+
+class _Finish(msgspec.Struct):
+    type: str = ""
+
+
+class _Meta(msgspec.Struct):
+    finish_reason: _Finish | None = None
+
+
+class _Out(msgspec.Struct):
+    meta_info: _Meta | None = None
+
+
+_one_decoder = msgspec.json.Decoder(_Out)
+_many_decoder = msgspec.json.Decoder(list[_Out])
+
+
+def is_abort(reply: bytes) -> bool:
+    """True if an SGLang /generate reply (one object or an n>1 array) finished with an abort."""
+    try:
+        outs = _many_decoder.decode(reply) if reply.lstrip()[:1] == b"[" else [_one_decoder.decode(reply)]
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return False
+    return any(o.meta_info and o.meta_info.finish_reason and o.meta_info.finish_reason.type == "abort"
+               for o in outs)
+
+
 class Forward(Stage):
     name = "forward"
     phase = "forward"
     provides = frozenset({"response"})
+    Options = Options
 
     async def forward(self, ex: Exchange, client) -> None:
         svc = self.services
@@ -34,8 +71,9 @@ class Forward(Stage):
         capture = client.pipeline_needs_response
         tried = []
         last_error = ""
-        # One retry, and only for a connect failure: nothing reached the worker, so resending is safe.
-        for _attempt in range(2):
+        connect_retries = 1  # only for a connect failure: nothing reached the worker, so resending is safe
+        abort_retries = self.options.abort_retries
+        while True:
             worker, reason = svc.select(ex, exclude=tried)
             if worker is None:
                 break
@@ -48,24 +86,31 @@ class Forward(Stage):
                     ex.response_headers = resp.headers
                     out_headers = response_headers_for_client(resp.headers) + client.route_headers(ex)
                     sse = (header_value(resp.headers, b"content-type") or b"").startswith(b"text/event-stream")
-                    if not capture:
-                        length = header_value(resp.headers, b"content-length")
-                        if not sse and length is not None and length.isdigit() and int(length) <= _ONE_SHOT_BYTES:
-                            body = await resp.read()
-                            await client.start(resp.status, out_headers)
-                            client.defer(body)
-                            if "affinity_seq" in ex.scratch:
-                                svc.note_reply(ex, body)
+                    length = header_value(resp.headers, b"content-length")
+                    whole = capture or (length is not None and length.isdigit() and int(length) <= _ONE_SHOT_BYTES)
+                    if sse or not whole:
+                        await client.start(resp.status, out_headers)
+                        if capture:
+                            await self._relay_sse(ex, resp, client)
                         else:
-                            await client.start(resp.status, out_headers)
                             async for chunk in resp.iter_chunks():
                                 await client.send(chunk)
-                    elif sse:
-                        await client.start(resp.status, out_headers)
-                        await self._relay_sse(ex, resp, client)
                     else:
-                        ex.response_body = await resp.read()
-                        ex.scratch["client_headers"] = out_headers
+                        reply = await resp.read()
+                        if (abort_retries and resp.status == 200 and is_abort(reply)
+                                and svc.pool.pick(exclude=[*tried, worker]) is not None):
+                            abort_retries -= 1
+                            tried.append(worker)
+                            svc.metrics.abort_retries.inc()
+                            continue
+                        if capture:
+                            ex.response_body = reply
+                            ex.scratch["client_headers"] = out_headers
+                        else:
+                            await client.start(resp.status, out_headers)
+                            client.defer(reply)
+                            if "affinity_seq" in ex.scratch:
+                                svc.note_reply(ex, reply)
                 svc.on_worker_ok(worker)
                 return
             except UpstreamLocalError as e:
@@ -75,6 +120,9 @@ class Forward(Stage):
                 last_error = f"{worker.url}: {e}"
                 svc.on_worker_error(worker, f"connect failed: {e}")
                 tried.append(worker)
+                if not connect_retries:
+                    break
+                connect_retries -= 1
             except UpstreamTimeout as e:
                 if client.started:
                     raise
