@@ -78,12 +78,28 @@ def _cleanup() -> None:
 atexit.register(_cleanup)
 
 
-def spawn(args: list[str], log_path: str | None = None) -> subprocess.Popen:
+# hypercorn 0.18's trio TCPServer keeps a connection the client has closed until its keep-alive idle
+# timer fires (the router sets 75 s): its idle task isn't stopped on EOF, so the socket sits in
+# CLOSE-WAIT. --hypercorn-eof-fix runs the router with this one-line patch, to measure the difference.
+_EOF_FIX = (
+    "from hypercorn.trio.tcp_server import TCPServer as T\n"
+    "_r = T._read_data\n"
+    "async def _read_data(self):\n"
+    "    await _r(self)\n"
+    "    await self.idle_task.stop()\n"
+    "T._read_data = _read_data\n"
+    "import runpy, sys\n"
+    "sys.argv[0] = 'router'\n"
+    "runpy.run_module('router', run_name='__main__', alter_sys=True)\n"
+)
+
+
+def spawn(args: list[str], log_path: str | None = None, eof_fix: bool = False) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL
-    p = subprocess.Popen([sys.executable, "-m", "router", *args], cwd=REPO, env=env, stdout=out, stderr=out,
-                         start_new_session=True)
+    cmd = [sys.executable, "-c", _EOF_FIX, *args] if eof_fix else [sys.executable, "-m", "router", *args]
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=out, start_new_session=True)
     PROCS.append(p)
     return p
 
@@ -117,12 +133,12 @@ def start_sims(n: int, latency: float, tokenizer: str = "builtin:tiny", logdir: 
     return urls
 
 
-def start_router(toml: str, logdir: str) -> tuple[subprocess.Popen, str]:
+def start_router(toml: str, logdir: str, eof_fix: bool = False) -> tuple[subprocess.Popen, str]:
     port = free_port()
     path = os.path.join(logdir, "router.toml")
     with open(path, "w") as f:
         f.write(toml.replace("@PORT@", str(port)))
-    proc = spawn(["--config", path], os.path.join(logdir, "router.log"))
+    proc = spawn(["--config", path], os.path.join(logdir, "router.log"), eof_fix=eof_fix)
     url = f"http://127.0.0.1:{port}"
     wait_http(url)
     return proc, url
@@ -134,6 +150,22 @@ def rss_mb(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def close_wait(port: int) -> int:
+    """Sockets of the router's listening port in CLOSE-WAIT (the client closed, the router didn't)."""
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    local, state = line.split()[1], line.split()[3]
+                    if state == "08" and int(local.rsplit(":", 1)[1], 16) == port:
+                        n += 1
+        except OSError:
+            pass
+    return n
 
 
 def open_fds(pid: int) -> int:
@@ -259,6 +291,8 @@ def main() -> None:
     # what 2 cores can move through sims + router + client (the sims cost most per event).
     ap.add_argument("--token-latency-s", type=float, default=0.75, help="sim time per token (keeps streams open)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of --streams streams (RSS should be flat across)")
+    ap.add_argument("--hypercorn-eof-fix", action="store_true",
+                    help="run the router with hypercorn patched to release client-closed connections at once")
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args()
 
@@ -268,16 +302,18 @@ def main() -> None:
     toml = (f'[server]\nhost = "127.0.0.1"\nport = @PORT@\nlog_level = "warning"\nrequest_timeout_s = 120\n'
             f'[workers]\nurls = {json.dumps(sims)}\nhealth_interval_s = 1.0\n'
             '[tokenizer]\npath = "builtin:tiny"\n')
-    router, url = start_router(toml, logdir)
+    router, url = start_router(toml, logdir, eof_fix=args.hypercorn_eof_fix)
     time.sleep(1.0)
     out = {"config": vars(args), "nofile_limit": list(limit), "router_rss_mb": {"idle_before": round(rss_mb(router.pid), 1)},
            "rounds": []}
     for r in range(args.rounds):
         out["rounds"].append(trio.run(run_round, url, router.pid, args.streams, args.tokens, r))
         out["router_rss_mb"][f"after_round_{r + 1}"] = round(rss_mb(router.pid), 1)
+        out["rounds"][-1]["router_close_wait_after"] = close_wait(int(url.rsplit(":", 1)[1]))
     time.sleep(2.0)
     out["router_rss_mb"]["idle_after"] = round(rss_mb(router.pid), 1)
     out["router_fds_idle_after"] = open_fds(router.pid)
+    out["router_close_wait_idle_after"] = close_wait(int(url.rsplit(":", 1)[1]))
     ws = get_json(url, "/workers")["workers"]
     out["router_inflight_after"] = sum(w["inflight"] for w in ws)
     out["sims_peak_in_flight"] = [get_json(s, "/_sim/stats")["peak_in_flight"] for s in sims]
