@@ -524,7 +524,7 @@ async def test_megabyte_retrieve_is_bounded_and_does_not_stall(nursery):
           f"concurrent /health, slowest {pinger.worst * 1000:.0f} ms, longest handler step "
           f"{loop.worst * 1000:.0f} ms")
     assert len(pinger.latencies) > 20 and pinger.worst < 0.25, (len(pinger.latencies), pinger.worst)
-    assert loop.worst < 0.035, loop.worst
+    assert loop.worst < 0.1, loop.worst  # tokenizing 1.2 MB on the loop would be ~1 s
 
 
 async def test_megabyte_exact_retrieve_does_not_stall(nursery):
@@ -555,4 +555,4 @@ async def test_megabyte_exact_retrieve_does_not_stall(nursery):
           f"{len(pinger.latencies)} concurrent /health, slowest {pinger.worst * 1000:.0f} ms, "
           f"longest handler step {loop.worst * 1000:.0f} ms")
     assert pinger.worst < 0.25, pinger.worst
-    assert loop.worst < 0.05, loop.worst
+    assert loop.worst < 0.06, loop.worst  # was 75-90 ms with the reply built on the loop

@@ -309,7 +309,7 @@ class Runtime:
             return
         try:
             out = _reply_decoder.decode(body)
-        except (msgspec.DecodeError, UnicodeDecodeError):
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             return
         if isinstance(seq, bytes):
             if out.text:
@@ -325,7 +325,9 @@ class Runtime:
         if g.sticky_body_field:
             try:
                 val = msgspec.json.decode(ex.body).get(g.sticky_body_field)
-            except (msgspec.DecodeError, AttributeError):
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, AttributeError):
+                # msgspec raises UnicodeDecodeError (bad UTF-8) and RecursionError (deep nesting)
+                # outside DecodeError; a body without a usable key simply routes by load.
                 return None
             return None if val is None else str(val)
         return None

@@ -8,6 +8,31 @@ from collections.abc import Awaitable, Callable
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
+from hypercorn.trio import tcp_server as _tcp_server
+
+
+def _release_closed_connections_promptly() -> None:
+    """hypercorn 0.18 (trio): when a client closes an idle keep-alive connection, the connection's
+    task group still waits for the keep-alive idle timer (keep_alive_timeout) before it closes the
+    socket, so every such connection sits in CLOSE-WAIT holding an fd for that long; clients that
+    open and close connections quickly pile up thousands. Once the read loop has seen the peer go,
+    stop that timer. (tests/test_faults.py::test_client_closed_connections_are_released_promptly)"""
+    server = _tcp_server.TCPServer
+    original = getattr(server, "_read_data", None)
+    if original is None or getattr(original, "_miles_patched", False):
+        return
+
+    async def _read_data(self) -> None:
+        await original(self)
+        idle = getattr(self, "idle_task", None)
+        if idle is not None:
+            await idle.stop()
+
+    _read_data._miles_patched = True
+    server._read_data = _read_data
+
+
+_release_closed_connections_promptly()
 
 
 def hypercorn_config(host: str, port: int, *, graceful_timeout_s: float = 3.0) -> HypercornConfig:
