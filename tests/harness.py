@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from functools import partial
 
@@ -36,6 +37,15 @@ async def start_sim(nursery: trio.Nursery, **options) -> Sim:
 
     url, worker = await nursery.start(run)
     return Sim(url, worker, scope)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (right now)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
 
 
 def make_config(**sections) -> Config:

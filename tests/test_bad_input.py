@@ -267,9 +267,6 @@ async def test_generate_bad_bodies_through_the_radix_pipeline(nursery):
         await still_serving(c)
 
 
-@pytest.mark.xfail(strict=True, reason="router/net/runtime.py Runtime._routing_key catches only msgspec.DecodeError: "
-                                       "invalid UTF-8 / deep nesting in the body escape as a 500 from the forward stage "
-                                       "(not a file this suite may fix; reported)")
 async def test_sticky_body_field_with_bad_utf8_is_400(nursery):
     sim = await start_sim(nursery)
     router = await start_router(nursery, workers={"urls": [sim.url]}, routing={"sticky_body_field": "session_id"},

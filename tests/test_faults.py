@@ -15,17 +15,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
-import pytest
 import trio
 
-from harness import Sim, client, start_router, start_sim, wait_until
+from harness import Sim, client, free_port, start_router, start_sim, wait_until
 from router.sim import SimOptions, serve_sim_worker
 from router.tokenizer import load_tokenizer
 
@@ -148,14 +146,6 @@ async def start_sim_at(nursery, port: int, **options) -> Sim:
 
     url, worker = await nursery.start(run)
     return Sim(url, worker, scope)
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 # ---- worker process killed mid-request -------------------------------------------------------
@@ -511,13 +501,6 @@ def close_wait_on(port: int) -> int:
     return n
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pre-existing: hypercorn 0.18's trio TCPServer doesn't stop its keep-alive idle task when the client "
-    "closes an idle connection, so the socket stays in CLOSE-WAIT for keep_alive_timeout (75 s, set in "
-    "router/net/serving.py), on every path: clients that open and close connections quickly pile up "
-    "thousands of fds (bench/load_streams.py). Fix belongs in router/net/serving.py, not this suite's "
-    "files: after TCPServer._read_data returns, `await self.idle_task.stop()` "
-    "(bench/load_streams.py --hypercorn-eof-fix runs the router with it)."))
 async def test_client_closed_connections_are_released_promptly(nursery):
     sim = await start_sim(nursery)
     router = await start_router(nursery, workers={"urls": [sim.url]})

@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 
 import httpx
-import msgspec
 import pytest
 import trio
 
-from harness import client, start_router, start_sim, wait_until
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from harness import client, free_port, start_router, start_sim, wait_until
 
 
 async def set_faults(sim, **faults):

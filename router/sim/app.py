@@ -73,7 +73,7 @@ class SimStats:
         def decoded(body: bytes) -> Any:
             try:
                 return msgspec.json.decode(body)
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
                 return {"raw_b64": base64.b64encode(body).decode()}
 
         return {
@@ -352,7 +352,7 @@ class SimWorker:
             return {}
         try:
             obj = msgspec.json.decode(body)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise ValidationError(f"JSON decode error: {exc}") from None
         if not isinstance(obj, dict):
             raise ValidationError("Input should be a valid dictionary")
@@ -494,7 +494,7 @@ class SimWorker:
         received = trio.current_time()
         try:
             decoded = msgspec.json.decode(body)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             err = ValidationError(f"JSON decode error: {exc}")
             await reply.json(err.status, err.body())
             return
