@@ -49,7 +49,8 @@ async def test_worker_api_add_list_remove(nursery):
     "kwargs, status, fragment",
     [
         ({}, 400, "worker_url is required"),
-        ({"params": {"url": "ftp://x:1"}}, 400, "http:// or https://"),
+        ({"params": {"url": "ftp://x:1"}}, 400, "must be http://host:port"),
+        ({"params": {"url": "https://x:1"}}, 400, "https:// workers are not supported"),
         ({"params": {"url": "http://u:p@h:1"}}, 400, "credentials"),
         ({"content": b"{not json"}, 400, "invalid JSON"),
         ({"json": {"url": 5}}, 400, "invalid JSON"),

@@ -255,3 +255,11 @@ async def test_next_turn_returns_to_the_worker_that_generated_it(nursery):
                                                 "sampling_params": {"max_new_tokens": 4}})
             assert r.headers["x-miles-router-worker"] == worker, i
             assert r.json()["meta_info"]["cached_tokens"] >= len(prompt)
+
+
+async def test_prefix_index_is_kept_only_when_a_route_uses_it(nursery):
+    router, _ = await routed(nursery, 1, "least_inflight", pipeline=str(ROOT / "pipelines/radix-cache.toml"))
+    async with client(router) as c:
+        for i in range(3):
+            await c.post("/generate", json={"text": f"{LONG} {i}", "sampling_params": {"max_new_tokens": 20}})
+    assert len(router.runtime.prefix_index) == 0

@@ -21,8 +21,12 @@ def normalize_worker_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError as e:  # e.g. "http://[::1" (unbalanced bracket): a 400, not a crash (tests/test_bad_input.py)
         raise WorkerUrlError(f"worker url is malformed: {e}") from None
-    if parts.scheme not in ("http", "https"):
-        raise WorkerUrlError(f"worker url must be http:// or https://, got {url!r}")
+    if parts.scheme == "https":
+        # Refused up front: accepting it would pass health probes (httpx speaks TLS) and then fail
+        # every data request (the h11 pool speaks plain HTTP/1.1), churning quarantine.
+        raise WorkerUrlError(f"https:// workers are not supported (the data path is plain HTTP/1.1), got {url!r}")
+    if parts.scheme != "http":
+        raise WorkerUrlError(f"worker url must be http://host:port, got {url!r}")
     if parts.username is not None or parts.password is not None:
         raise WorkerUrlError("worker url must not carry credentials")
     if not parts.hostname:

@@ -74,6 +74,8 @@ class Runtime:
         self.prefix_index = PrefixIndex(block_tokens=g.prefix_block_tokens, capacity_blocks=g.prefix_capacity_blocks,
                                         owners_per_block=g.prefix_owners_per_block)
         self.sticky = StickyTable(idle_s=g.sticky_idle_s)
+        # The index costs ~200 B per 16-token block: only keep one when a route routes by it.
+        self.uses_prefix_affinity = any(r.policy == "prefix_affinity" for r in config.routes)
         if g.weight_version_gate:
             self.pool.admission_check = self._version_hold
 
@@ -299,7 +301,8 @@ class Runtime:
 
     def record_served(self, tokens, worker_url: str) -> None:
         """A worker now holds these tokens in its KV cache (prompt + generated)."""
-        self.prefix_index.record(tokens, worker_url)
+        if self.uses_prefix_affinity:
+            self.prefix_index.record(tokens, worker_url)
 
     def note_reply(self, ex, body: bytes) -> None:
         """Prefix affinity on a passthrough route: learn the generated part from the worker's reply,
