@@ -263,3 +263,16 @@ async def test_prefix_index_is_kept_only_when_a_route_uses_it(nursery):
         for i in range(3):
             await c.post("/generate", json={"text": f"{LONG} {i}", "sampling_params": {"max_new_tokens": 20}})
     assert len(router.runtime.prefix_index) == 0
+
+
+async def test_passthrough_replies_update_the_workers_weight_version(nursery):
+    sim = await start_sim(nursery)
+    router = await start_router(nursery, workers={"urls": [sim.url], "health_interval_s": 30})
+    w = router.runtime.pool.get(sim.url)
+    await wait_until(lambda: w.weight_version == "default")
+    async with client(sim.url) as d:  # the engine's weights change behind the router's back
+        await d.post("/update_weight_version", json={"new_version": "step-9"})
+    async with client(router) as c:
+        r = await c.post("/generate", json={"text": "v", "sampling_params": {"max_new_tokens": 2}})
+        assert r.json()["meta_info"]["weight_version"] == "step-9"
+    assert w.weight_version == "step-9"

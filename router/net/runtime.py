@@ -29,9 +29,14 @@ from router.net.upstream import UpstreamPool
 log = logging.getLogger("miles_router")
 
 
+class _ReplyMeta(msgspec.Struct):
+    weight_version: str | None = None
+
+
 class _ReplyTokens(msgspec.Struct):
     output_ids: list[int] | None = None
     text: str | None = None
+    meta_info: _ReplyMeta | None = None
 
 
 _reply_decoder = msgspec.json.Decoder(_ReplyTokens)
@@ -305,14 +310,19 @@ class Runtime:
             self.prefix_index.record(tokens, worker_url)
 
     def note_reply(self, ex, body: bytes) -> None:
-        """Prefix affinity on a passthrough route: learn the generated part from the worker's reply,
-        so the conversation's next turn finds the worker that holds its whole history."""
-        seq = ex.scratch.get("affinity_seq")
-        if seq is None or ex.status != 200 or ex.worker is None:
+        """Learn from a passthrough /generate reply read whole: the worker's weight version, and
+        (prefix affinity) the generated part, so the conversation's next turn finds the worker
+        that holds its whole history. Not a /generate reply: nothing to learn."""
+        if ex.status != 200 or ex.worker is None or body[:1] not in (b"{", b" "):
             return
         try:
             out = _reply_decoder.decode(body)
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            return
+        if out.meta_info is not None and out.meta_info.weight_version is not None:
+            self.observe_weight_version(ex.worker, out.meta_info.weight_version)
+        seq = ex.scratch.get("affinity_seq")
+        if seq is None:
             return
         if isinstance(seq, bytes):
             if out.text:

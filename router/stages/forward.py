@@ -69,6 +69,7 @@ class Forward(Stage):
         headers = request_headers_for_upstream(ex.headers)
         body = ex.body_for_upstream
         capture = client.pipeline_needs_response
+        is_generate = ex.path == "/generate"
         tried = []
         last_error = ""
         connect_retries = 1  # only for a connect failure: nothing reached the worker, so resending is safe
@@ -109,7 +110,7 @@ class Forward(Stage):
                         else:
                             await client.start(resp.status, out_headers)
                             client.defer(reply)
-                            if "affinity_seq" in ex.scratch:
+                            if is_generate:
                                 svc.note_reply(ex, reply)
                 svc.on_worker_ok(worker)
                 return
