@@ -78,27 +78,17 @@ def _cleanup() -> None:
 atexit.register(_cleanup)
 
 
-# hypercorn 0.18's trio TCPServer keeps a connection the client has closed until its keep-alive idle
-# timer fires (the router sets 75 s): its idle task isn't stopped on EOF, so the socket sits in
-# CLOSE-WAIT. --hypercorn-eof-fix runs the router with this one-line patch, to measure the difference.
-_EOF_FIX = (
-    "from hypercorn.trio.tcp_server import TCPServer as T\n"
-    "_r = T._read_data\n"
-    "async def _read_data(self):\n"
-    "    await _r(self)\n"
-    "    await self.idle_task.stop()\n"
-    "T._read_data = _read_data\n"
-    "import runpy, sys\n"
-    "sys.argv[0] = 'router'\n"
-    "runpy.run_module('router', run_name='__main__', alter_sys=True)\n"
-)
-
-
-def spawn(args: list[str], log_path: str | None = None, eof_fix: bool = False) -> subprocess.Popen:
+def spawn(args: list[str], log_path: str | None = None, prelude: str | None = None) -> subprocess.Popen:
+    """`python -m router ARGS` in its own session; with `prelude`, that Python code runs first in the
+    same process (e.g. to try a patch against a soak without editing the router)."""
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL
-    cmd = [sys.executable, "-c", _EOF_FIX, *args] if eof_fix else [sys.executable, "-m", "router", *args]
+    if prelude:
+        code = prelude + "\nimport runpy, sys\nsys.argv[0] = 'router'\nrunpy.run_module('router', run_name='__main__', alter_sys=True)\n"
+        cmd = [sys.executable, "-c", code, *args]
+    else:
+        cmd = [sys.executable, "-m", "router", *args]
     p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=out, start_new_session=True)
     PROCS.append(p)
     return p
@@ -133,12 +123,12 @@ def start_sims(n: int, latency: float, tokenizer: str = "builtin:tiny", logdir: 
     return urls
 
 
-def start_router(toml: str, logdir: str, eof_fix: bool = False) -> tuple[subprocess.Popen, str]:
+def start_router(toml: str, logdir: str, prelude: str | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     path = os.path.join(logdir, "router.toml")
     with open(path, "w") as f:
         f.write(toml.replace("@PORT@", str(port)))
-    proc = spawn(["--config", path], os.path.join(logdir, "router.log"), eof_fix=eof_fix)
+    proc = spawn(["--config", path], os.path.join(logdir, "router.log"), prelude=prelude)
     url = f"http://127.0.0.1:{port}"
     wait_http(url)
     return proc, url
@@ -291,8 +281,6 @@ def main() -> None:
     # what 2 cores can move through sims + router + client (the sims cost most per event).
     ap.add_argument("--token-latency-s", type=float, default=0.75, help="sim time per token (keeps streams open)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of --streams streams (RSS should be flat across)")
-    ap.add_argument("--hypercorn-eof-fix", action="store_true",
-                    help="run the router with hypercorn patched to release client-closed connections at once")
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args()
 
@@ -302,7 +290,7 @@ def main() -> None:
     toml = (f'[server]\nhost = "127.0.0.1"\nport = @PORT@\nlog_level = "warning"\nrequest_timeout_s = 120\n'
             f'[workers]\nurls = {json.dumps(sims)}\nhealth_interval_s = 1.0\n'
             '[tokenizer]\npath = "builtin:tiny"\n')
-    router, url = start_router(toml, logdir, eof_fix=args.hypercorn_eof_fix)
+    router, url = start_router(toml, logdir)
     time.sleep(1.0)
     out = {"config": vars(args), "nofile_limit": list(limit), "router_rss_mb": {"idle_before": round(rss_mb(router.pid), 1)},
            "rounds": []}

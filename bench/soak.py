@@ -261,6 +261,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--extra-toml", default="", help="appended to the router's config, e.g. "
                     "'[routing]\\nprefix_capacity_blocks = 1000' (to see what a setting costs)")
+    ap.add_argument("--router-prelude", default="", help="Python code run in the router process before it "
+                    "starts (to measure a patch without editing the router)")
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args()
 
@@ -275,7 +277,7 @@ def main() -> None:
             f'[cache]\nbudget_bytes = {budget}\nhard_budget_bytes = {budget * 3 // 2}\ncleanup_interval_s = 1.0\n'
             + args.extra_toml.replace("\\n", "\n") + "\n"
             f'[[routes]]\npath = "/generate"\npipeline = "{os.path.join(REPO, "pipelines/radix-cache.toml")}"\n')
-    router, url = start_router(toml, logdir)
+    router, url = start_router(toml, logdir, prelude=args.router_prelude or None)
     time.sleep(1.0)
     soak = Soak(args, url, router.pid, sims)
     t0 = time.monotonic()

@@ -519,6 +519,30 @@ async def test_client_closed_connections_are_released_promptly(nursery):
     assert close_wait_on(int(port)) == 0
 
 
+def test_evicted_cache_nodes_are_freed_without_the_cycle_collector():
+    import gc
+    import weakref
+
+    import numpy as np
+
+    from router.core.radix import RadixTree, TrajectoryInput
+
+    t = tok()
+    tree = RadixTree(t.token_bytes)
+    prompt = np.asarray(t.encode("evict me|"), np.int32)
+    out = np.asarray(t.encode(" gone"), np.int32)
+    tree.insert(TrajectoryInput(rid="x", prompt_ids=prompt, output_ids=out, output_logprobs=np.zeros(out.size, np.float32),
+                                visible_text=t.text_bytes(prompt) + t.text_bytes(out), finish="length"), now=0.0)
+    arrays = [weakref.ref(nd.tokens) for nd in tree.root.children.values()]
+    gc.disable()
+    try:
+        tree.evict(budget_bytes=0, hard_budget_bytes=0)
+        assert tree.stats()["nodes"] == 0
+        assert all(r() is None for r in arrays)  # freed by refcounting, at once
+    finally:
+        gc.enable()
+
+
 # ---- abort from the engine -------------------------------------------------------------------
 
 async def test_abort_mid_stream_via_fanout_is_recorded_not_retried(nursery):
