@@ -267,6 +267,22 @@ async def test_generate_bad_bodies_through_the_radix_pipeline(nursery):
         await still_serving(c)
 
 
+async def test_odd_worker_replies_are_relayed_not_500(nursery, tmp_path):
+    """A worker reply the router reads (abort check, weight version) but cannot decode -- nested past
+    msgspec's limit, bad UTF-8 -- is relayed as the worker sent it, never turned into a router 500."""
+    pipe = tmp_path / "retry.toml"
+    pipe.write_text('stages = ["forward"]\n[options.forward]\nabort_retries = 1\n')
+    sims = [await start_sim(nursery, faults={"echo": True}) for _ in range(2)]
+    router = await start_router(nursery, workers={"urls": [s.url for s in sims]},
+                                routes=[{"path": "/generate", "pipeline": str(pipe)}])
+    nested = b'{"x": ' + b"[" * 5000 + b"]" * 5000 + b"}"  # skipped unknown field, still too deep
+    async with client(router) as c:
+        for body in (nested, b'{"meta_info": {"weight_version": "\xff"}}', b'{"meta_info": 5}'):
+            r = await c.post("/generate", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 200 and r.content == body, (r.status_code, r.text[:200])
+    assert sum(s.worker.stats.generate_requests for s in sims) == 3  # none was retried
+
+
 async def test_sticky_body_field_with_bad_utf8_is_400(nursery):
     sim = await start_sim(nursery)
     router = await start_router(nursery, workers={"urls": [sim.url]}, routing={"sticky_body_field": "session_id"},

@@ -16,9 +16,9 @@ import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs
 
-import msgspec
 import trio
 
+from router.wire import DECODE_ERRORS, decode_error_text
 from router.core.headers import header_value
 from router.core.pipeline import Exchange, Reply, StageError
 from router.core.urls import TargetError, WorkerUrlError, host_allowed, normalize_worker_url, origin_form
@@ -321,12 +321,8 @@ class RouterApp:
         if url is None and body.strip():
             try:
                 b = worker_url_decoder.decode(body)
-            except msgspec.DecodeError as e:
-                raise StageError(400, f"invalid JSON body: {e}") from None
-            except (UnicodeDecodeError, RecursionError) as e:
-                # msgspec raises these, not DecodeError, for invalid UTF-8 in a string and for deeply
-                # nested JSON; both escaped as a 500 (tests/test_bad_input.py)
-                raise StageError(400, f"invalid JSON body: {type(e).__name__}: {e}") from None
+            except DECODE_ERRORS as e:
+                raise StageError(400, f"invalid JSON body: {decode_error_text(e)}") from None
             url = b.url or b.worker_url
         if not url:
             raise StageError(400, "worker_url is required (use query ?url=... or JSON body {\"url\": ...})")

@@ -14,6 +14,7 @@ import msgspec
 import numpy as np
 import trio
 
+from router.wire import DECODE_ERRORS, decode_error_text
 from router.core.pipeline import Reply, StageError
 from router.wire.api import RetrieveBatch, Trajectory, json_encoder, retrieve_request_decoder
 
@@ -155,12 +156,8 @@ def _retrieve_handler(runtime):
             req = retrieve_request_decoder.decode(body)
         except msgspec.ValidationError as e:
             raise StageError(400, f"invalid /retrieve_from_text body: {e}") from None
-        except msgspec.DecodeError as e:
-            raise StageError(400, f"invalid JSON body: {e}") from None
-        except (UnicodeDecodeError, RecursionError) as e:
-            # msgspec raises these, not DecodeError, for invalid UTF-8 in a string and for deeply
-            # nested JSON; both escaped as a 500 (tests/test_bad_input.py)
-            raise StageError(400, f"invalid JSON body: {type(e).__name__}: {e}") from None
+        except DECODE_ERRORS as e:
+            raise StageError(400, f"invalid JSON body: {decode_error_text(e)}") from None
         if (req.text is None) == (req.texts is None):
             raise StageError(400, 'send exactly one of {"text": "..."} or {"texts": ["...", ...]}')
         if req.text is not None:

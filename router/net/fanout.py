@@ -15,6 +15,7 @@ import httpx
 import msgspec
 import trio
 
+from router.wire import DECODE_ERRORS
 from router.core.headers import request_headers_for_upstream
 from router.core.pipeline import Reply
 from router.wire.api import json_encoder
@@ -33,7 +34,7 @@ def _decode(r: httpx.Response):
         return None
     try:
         return msgspec.json.decode(r.content)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):  # a worker's odd reply is no 500
+    except DECODE_ERRORS:  # a worker's odd reply is no 500
         return r.text
 
 
@@ -46,7 +47,7 @@ def _check_body(path: str, body: bytes) -> Reply | None:
         return None
     try:
         obj = msgspec.json.decode(body)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+    except DECODE_ERRORS as e:
         problem = f"invalid JSON body for {path}: {type(e).__name__}: {e}"
     else:
         if isinstance(obj, dict):
@@ -83,7 +84,7 @@ def _handler(runtime, method: str, path: str):
             if ok and path == "/update_weight_version":
                 try:
                     version = msgspec.json.decode(body).get("new_version")
-                except (msgspec.DecodeError, AttributeError):
+                except (*DECODE_ERRORS, AttributeError):
                     version = None
                 runtime.observe_weight_version(worker, None if version is None else str(version))
 

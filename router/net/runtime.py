@@ -18,6 +18,7 @@ import msgspec
 import numpy as np
 import trio
 
+from router.wire import DECODE_ERRORS
 from router.config import Config
 from router.core.pipeline import PipelineSpec, load_pipeline
 from router.core.selection import PrefixIndex, SpillRule, StickyTable, choose
@@ -317,7 +318,7 @@ class Runtime:
             return
         try:
             out = _reply_decoder.decode(body)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        except DECODE_ERRORS:
             return
         if out.meta_info is not None and out.meta_info.weight_version is not None:
             self.observe_weight_version(ex.worker, out.meta_info.weight_version)
@@ -338,9 +339,8 @@ class Runtime:
         if g.sticky_body_field:
             try:
                 val = msgspec.json.decode(ex.body).get(g.sticky_body_field)
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, AttributeError):
-                # msgspec raises UnicodeDecodeError (bad UTF-8) and RecursionError (deep nesting)
-                # outside DecodeError; a body without a usable key simply routes by load.
+            except (*DECODE_ERRORS, AttributeError):
+                # a body without a usable key simply routes by load
                 return None
             return None if val is None else str(val)
         return None

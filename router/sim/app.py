@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 import trio
 
+from router.wire import DECODE_ERRORS
 from router.net.serving import serve_asgi
 from router.sim.model import (
     ABORTED,
@@ -73,7 +74,7 @@ class SimStats:
         def decoded(body: bytes) -> Any:
             try:
                 return msgspec.json.decode(body)
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            except DECODE_ERRORS:
                 return {"raw_b64": base64.b64encode(body).decode()}
 
         return {
@@ -352,7 +353,7 @@ class SimWorker:
             return {}
         try:
             obj = msgspec.json.decode(body)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        except DECODE_ERRORS as exc:
             raise ValidationError(f"JSON decode error: {exc}") from None
         if not isinstance(obj, dict):
             raise ValidationError("Input should be a valid dictionary")
@@ -494,7 +495,7 @@ class SimWorker:
         received = trio.current_time()
         try:
             decoded = msgspec.json.decode(body)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        except DECODE_ERRORS as exc:
             err = ValidationError(f"JSON decode error: {exc}")
             await reply.json(err.status, err.body())
             return

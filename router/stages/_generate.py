@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import msgspec
 import numpy as np
 
+from router.wire import DECODE_ERRORS, decode_error_text
 from router.core.pipeline import Exchange, StageError
 from router.wire.sglang import GenerateRequest, generate_request_decoder, input_ids_decoder
 
@@ -18,12 +18,8 @@ def generate_request(ex: Exchange) -> GenerateRequest:
     if req is None:
         try:
             req = generate_request_decoder.decode(ex.body_for_upstream)
-        except msgspec.DecodeError as e:
-            raise StageError(400, f"invalid /generate body: {e}") from None
-        except (UnicodeDecodeError, RecursionError) as e:
-            # msgspec raises these (not DecodeError) for invalid UTF-8 inside a JSON string and for
-            # deeply nested JSON; both used to escape as a 500 (tests/test_bad_input.py).
-            raise StageError(400, f"invalid /generate body: {type(e).__name__}: {e}") from None
+        except DECODE_ERRORS as e:
+            raise StageError(400, f"invalid /generate body: {decode_error_text(e)}") from None
         ex.scratch["request"] = req
     return req
 
@@ -34,7 +30,7 @@ def single_input_ids(req: GenerateRequest) -> np.ndarray | None:
         return None
     try:
         ids = input_ids_decoder.decode(req.input_ids)
-    except msgspec.DecodeError:
+    except DECODE_ERRORS:
         return None  # batch form (list of lists): passed through, not cached
     try:
         return np.asarray(ids, dtype=np.int32)

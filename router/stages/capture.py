@@ -17,6 +17,7 @@ import binascii
 import msgspec
 import numpy as np
 
+from router.wire import DECODE_ERRORS
 from router.core.pipeline import Exchange, Stage, StageError
 from router.core.radix import TrajectoryInput
 from router.stages._generate import Prompt
@@ -51,7 +52,7 @@ class Capture(Stage):
         try:
             outputs = (_outputs_decoder.decode(payload) if payload.lstrip()[:1] == b"["
                        else [generate_output_decoder.decode(payload)])
-        except msgspec.DecodeError:
+        except DECODE_ERRORS:
             if b'"error"' in payload[:64]:
                 return  # an SGLang error frame: nothing was generated
             raise StageError(502, "worker reply is not an SGLang /generate output") from None

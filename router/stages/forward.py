@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import msgspec
 
+from router.wire import DECODE_ERRORS
 from router.core.headers import header_value, request_headers_for_upstream, response_headers_for_client
 from router.core.pipeline import Exchange, Stage, StageError
 from router.net.upstream import UpstreamConnectError, UpstreamDisconnect, UpstreamLocalError, UpstreamTimeout
@@ -50,7 +51,7 @@ def is_abort(reply: bytes) -> bool:
     """True if an SGLang /generate reply (one object or an n>1 array) finished with an abort."""
     try:
         outs = _many_decoder.decode(reply) if reply.lstrip()[:1] == b"[" else [_one_decoder.decode(reply)]
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except DECODE_ERRORS:
         return False
     return any(o.meta_info and o.meta_info.finish_reason and o.meta_info.finish_reason.type == "abort"
                for o in outs)

@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 
+from router.wire import DECODE_ERRORS
 from router.core.pipeline import Exchange, Stage, StageError
 
 
@@ -26,7 +27,7 @@ class SetFields(Stage):
     async def on_request(self, ex: Exchange) -> None:
         try:
             body = msgspec.json.decode(ex.body_for_upstream)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+        except DECODE_ERRORS as e:
             # bad UTF-8 / deep nesting raise the latter two: a 400, not a 500 (tests/test_bad_input.py)
             raise StageError(400, f"request body is not JSON: {e}") from None
         if not isinstance(body, dict):

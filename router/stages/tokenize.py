@@ -14,6 +14,7 @@ from __future__ import annotations
 import msgspec
 import numpy as np
 
+from router.wire import DECODE_ERRORS
 from router.core.pipeline import Exchange, Stage, StageError
 from router.stages._generate import Prompt, generate_request, single_input_ids
 
@@ -52,7 +53,7 @@ class Tokenize(Stage):
                                       matched_bytes=matched)
         try:
             body = msgspec.json.decode(ex.body_for_upstream)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+        except DECODE_ERRORS as e:
             # The routing-fields decode skips unknown fields without checking their UTF-8, so
             # `{"text": "hi", "x": "<invalid UTF-8>"}` only fails here: a 400, not a 500
             # (tests/test_bad_input.py::test_invalid_utf8_in_json_is_400).
