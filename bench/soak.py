@@ -22,7 +22,8 @@ Lost trajectories: every few seconds a sample of stored trajectories, and at the
 retrieved again. One that no longer comes back exactly equal to its reference is
   * "evicted" if the cache's eviction counter moved since it was stored (the budget was reached; the
     cache evicts retrieved trajectories first, so that is allowed) -- "evicted, then re-covered" when
-    its text still came back exact, from the tokens of a longer trajectory that covers it;
+    its text still came back exact (`match: "prefix"`: a longer trajectory covers it up to a point where
+    a generation started or ended);
   * otherwise "lost" (the target is 0).
 The router's RSS is sampled every second; the verdict also requires it to stay under start + 1.5 x
 budget (the hard budget) + 150 MB of fixed overhead.
@@ -173,9 +174,10 @@ class Soak:
             self.evictions = (await c.get("/cache/stats")).json().get("evictions", 0)
             if self.evictions > ref["evictions_at_store"]:
                 # The cache reached its budget since this was stored, so it may have been evicted. Its
-                # text can then still be covered by a longer trajectory (e.g. the next turn, whose
-                # prompt re-tokenized a character the engine had cut in half): that answer is
-                # engine-seen tokens too, just not this trajectory's. Either way: evicted, allowed.
+                # text can then still be covered by a longer trajectory: exact (match "prefix") when
+                # that one covers it up to a generation boundary; not exact (match "inside_prompt")
+                # when e.g. the next turn's prompt re-tokenized a character the engine had cut in half.
+                # Either way: evicted, allowed.
                 self.checks["evicted, then re-covered" if got.get("exact") else "evicted"] += 1
                 del self.stored[text]
                 continue

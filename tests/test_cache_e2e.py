@@ -320,3 +320,44 @@ async def test_abort_retry_is_opt_in_and_goes_elsewhere_at_once(nursery, tmp_pat
         got = await retrieve(c, p + out["text"])
         assert got["exact"] and got["tokens"] == qwen.encode(p) + out["output_ids"]
         assert "miles_router_abort_retries_total 1.0" in (await c.get("/metrics")).text
+
+
+async def test_evicted_trajectory_recovered_by_a_later_prompt_is_not_exact(nursery, qwen):
+    """RELIABILITY.md open item 2 (found by the 4 MB soak): a reply cut inside a UTF-8 character shows
+    U+FFFD in its text, so the next turn's text differs from turn 1's token bytes there and its prompt is
+    tokenized fresh from that point. Once turn 1 is evicted, turn 1's text is still *covered* by turn 2's
+    prompt tokens -- but they are not turn 1's tokens (a re-tokenized U+FFFD, loss mask 0 where turn 1
+    generated), and no generation started or ended where the text ends. That is `exact: false`,
+    `match: "inside_prompt"`; before eviction the same text is `match: "trajectory"`."""
+    router, (sim,) = await cache_router(nursery)
+    p1 = chat([{"role": "user", "content": "question 1"}])
+    async with client(router) as c:
+        # with sim seed 0, two tokens end inside a multi-byte character (found by searching SimModel)
+        o1 = (await c.post("/generate", json={"text": p1, "sampling_params": {"max_new_tokens": 2}})).json()
+        assert o1["text"].endswith("\ufffd")
+        turn1 = qwen.encode(p1) + o1["output_ids"]
+        t1 = p1 + o1["text"]
+        first = await retrieve(c, t1)  # retrieved once: evictable before anything unretrieved
+        assert first["exact"] and first["match"] == "trajectory" and first["tokens"] == turn1
+        p2 = t1 + "<|im_end|>\n<|im_start|>user\nmore<|im_end|>\n<|im_start|>assistant\n"
+        o2 = (await c.post("/generate", json={"text": p2, "sampling_params": {"max_new_tokens": 4}})).json()
+        sent2 = (await last_received(sim))["input_ids"]
+        assert sent2[:len(turn1)] != turn1  # turn 2 left turn 1's path inside its output
+        # evict what was retrieved (turn 1's own tail); turn 2 was never retrieved and stays
+        report = router.runtime.tree.evict(budget_bytes=0, hard_budget_bytes=1 << 40)
+        assert report.evicted_retrieved == 1 and report.evicted_unretrieved == 0
+
+        again = await retrieve(c, t1)
+        assert again["fresh_tokens"] == 0 and again["matched_chars"] == len(t1)  # covered by turn 2's prompt...
+        assert again["tokens"] == sent2[:len(again["tokens"])] and again["tokens"] != turn1
+        assert sum(again["loss_mask"]) < len(o1["output_ids"])  # ...with loss mask 0 where turn 1 generated
+        assert again["exact"] is False and again["match"] == "inside_prompt"
+        # turn 2's own prompt ends where the engine started generating: exact, but a prefix, not a trajectory
+        prompt2 = await retrieve(c, p2)
+        assert prompt2["exact"] is True and prompt2["match"] == "prefix" and prompt2["tokens"] == sent2
+        whole2 = await retrieve(c, p2 + o2["text"])
+        assert whole2["exact"] and whole2["match"] == "trajectory" and whole2["tokens"] == sent2 + o2["output_ids"]
+        none = await retrieve(c, "never seen before")
+        assert none["exact"] is False and none["match"] == "none"
+        partial = await retrieve(c, p2 + "something else entirely")
+        assert partial["exact"] is False and partial["match"] == "partial" and partial["fresh_tokens"] > 0

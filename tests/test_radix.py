@@ -262,6 +262,38 @@ def test_stop_string_trimming_mid_token():
     check_invariants(tree)
 
 
+def test_text_recovered_only_by_a_later_prompt_is_not_anchored():
+    """RELIABILITY.md open item 2: turn 1 stopped inside a UTF-8 character, so its visible text shows U+FFFD
+    and turn 2's prompt leaves turn 1's path there (fresh bytes EF BF BD). After turn 1 is evicted, its text
+    is still covered -- by turn 2's prompt tokens, cut where no generation started or ended: `anchored` is
+    False (the endpoint reports exact: false). A spelling of the same text that ends on an anchor wins."""
+    tree = RadixTree(token_bytes)
+    p = enc(P1)
+    o1 = [ID[b"hello"], ID["你".encode()[:2]]]  # finish=length inside "你"
+    t1 = P1 + b"hello\xef\xbf\xbd"  # what the detokenizer shows
+    tree.insert(traj("t1", p, o1, visible=t1, finish="length"), now=1)
+    assert tree.retrieve(t1, now=2).exact
+    p2 = p + [ID[b"hello"]] + enc(b"\xef\xbf\xbd<|im_end|>\n<|im_start|>user\nmore")
+    tree.insert(traj("t2", p2, enc(b"abc") + [EOS]), now=4)
+    rep = tree.evict(budget_bytes=0, hard_budget_bytes=10**9)  # only t1 was retrieved
+    assert rep.rids == ["t1"]
+    r = tree.retrieve(t1, now=5)
+    assert not r.exact and r.matched_bytes == len(t1)  # fully covered...
+    assert r.tokens.tolist() == p2[:len(p) + 4] and r.loss_mask.tolist() == [0] * len(p) + [1, 0, 0, 0]
+    assert not r.anchored  # ...but inside turn 2's prompt
+    assert tree.retrieve(dec(p2), now=5).anchored  # turn 2's whole prompt: a generation started there
+    assert tree.retrieve(P1 + b"hello", now=5).anchored  # after turn 1's generated token (still cached)
+    assert not tree.retrieve(P1 + b"hello\xef", now=5).anchored
+    # another spelling of turn 1's text ending on an anchor (a prompt that is exactly that text; less recently
+    # used than turn 2's path, so the any-boundary walk alone would pick turn 2's)
+    p3 = p + enc(b"hel") + [ID[b"l"], ID[b"o"], 0xEF, 0xBF, 0xBD]
+    assert dec(p3) == t1
+    tree.insert(traj("t3", p3, [ID[b"a"]], finish="length"), now=3)
+    r = tree.retrieve(t1, now=6)
+    assert not r.exact and r.anchored and r.tokens.tolist() == p3 and r.matched_bytes == len(t1)
+    check_invariants(tree)
+
+
 def test_routed_experts_rows_and_stitching():
     L, K = 3, 2
     rng = np.random.default_rng(1)
@@ -604,7 +636,7 @@ class RadixMachine(RuleBasedStateMachine):
         if owners:
             rec = owners[0]
             assert r.exact and r.rid == rec.rid and r.tokens.tolist() == rec.toks
-            assert r.matched_bytes == len(text)
+            assert r.matched_bytes == len(text) and r.anchored
             prev = sorted((x for x in self.recs if x.term_alive and len(x.toks) < len(rec.toks)
                            and x.toks == rec.toks[:len(x.toks)]), key=lambda x: (len(x.toks), x.idx))
             assert r.versions == list(dict.fromkeys([x.version for x in prev] + [rec.version]))
@@ -613,6 +645,11 @@ class RadixMachine(RuleBasedStateMachine):
             assert r.matched_bytes == self.best_text_match(text, anchors_only=False)
             assert dec(r.tokens) == text[:r.matched_bytes]
             S = r.tokens.tolist()
+            # anchored: the match ends where some cached trajectory's generation started or ended; a whole-text
+            # match is anchored whenever any cached spelling of the text is
+            assert r.anchored == (bool(S) and self.prefixes()[tuple(S)])
+            if text and r.matched_bytes == len(text):
+                assert r.anchored == any(a and dec(k) == text for k, a in self.prefixes().items())
             prev = sorted((x for x in self.recs if x.term_alive and len(x.toks) <= len(S)
                            and x.toks == S[:len(x.toks)]), key=lambda x: (len(x.toks), x.idx))
             assert r.versions == list(dict.fromkeys(x.version for x in prev))

@@ -127,6 +127,9 @@ class Retrieved(msgspec.Struct):
     rid: str | None = None
     finish: str | None = None
     version: str | None = None  # the matched terminal's weight version
+    # The matched tokens end on an anchor: where a generation started or ended (a prompt's end, after a generated
+    # token, a terminal), not at a cut inside somebody else's prompt. Always True when exact.
+    anchored: bool = False
 
 
 class EvictionReport(msgspec.Struct):
@@ -482,7 +485,8 @@ class RadixTree:
     # ----------------------------------------------------------------------------------------------- retrieve
     def retrieve(self, text: bytes, *, now: float) -> Retrieved:
         """Exact trajectory for a full visible text (exact=True, tokens include the stripped eos), else the
-        longest prefix of `text` ending on any cached token boundary (exact=False)."""
+        longest prefix of `text` ending on any cached token boundary (exact=False; `anchored` says whether it ends
+        on an anchor, and a whole-text match prefers a spelling that does)."""
         tlen = len(text)
         term = self._by_hash.get(hash(text))
         path = self.path(term.node) if term is not None and term.vlen == tlen else None
@@ -496,12 +500,20 @@ class RadixTree:
                 self._push(term.node)
             self._stats["retrieve_exact"] += 1
             toks, lps, mask, r3 = self.gather([(nd, nd.tokens.size) for nd in path])
-            return Retrieved(True, toks, lps, mask, tlen, _dedup(versions), r3, term.rid, term.finish, term.version)
+            return Retrieved(True, toks, lps, mask, tlen, _dedup(versions), r3, term.rid, term.finish, term.version,
+                             anchored=True)
         segs, nbytes = self._text_walk(text, False)
+        anchored = bool(segs) and bool(segs[-1][0].flags.item(segs[-1][1] - 1) & ANCHOR)
+        if segs and nbytes == tlen and not anchored:
+            # The whole text is covered, but the cut is inside somebody else's prompt (e.g. a later turn's prompt
+            # over an evicted trajectory's text). Another spelling of the same bytes may end on an anchor.
+            asegs, abytes = self._text_walk(text, True)
+            if abytes == tlen:
+                segs, anchored = asegs, True
         versions = [tm.version for nd, k in segs if k == nd.tokens.size for tm in nd.terminals]
         self._stats["retrieve_partial"] += 1
         toks, lps, mask, r3 = self.gather(segs)
-        return Retrieved(False, toks, lps, mask, nbytes, _dedup(versions), r3)
+        return Retrieved(False, toks, lps, mask, nbytes, _dedup(versions), r3, anchored=anchored)
 
     def path(self, node: Node) -> list[Node]:
         """Nodes from the root's child down to `node`."""

@@ -46,6 +46,7 @@ class _Found:
 
     text: str
     exact: bool
+    match: str
     tokens: np.ndarray
     logp: np.ndarray
     mask: np.ndarray
@@ -77,8 +78,33 @@ async def _lookup(runtime, text: str) -> _Found:
         mask = np.concatenate([mask, np.zeros(fresh, np.uint8)])
     matched_chars = len(data[:matched].decode("utf-8", "ignore"))
     versions = [v for v in r.versions if v is not None]
-    return _Found(text, bool(r.exact or (fresh == 0 and matched == len(data))), tokens, logp, mask,
+    match = _match_kind(r.exact, r.anchored, covered=data != b"" and fresh == 0 and matched == len(data),
+                        cached_tokens=int(tokens.size) - fresh)
+    return _Found(text, match in _EXACT_MATCHES, match, tokens, logp, mask,
                   matched_chars, fresh, versions, r.routed_experts if fresh == 0 else None)
+
+
+# `exact` is true only when the tokens are exactly what an engine saw or produced for this text, cut where
+# the engine itself started or stopped generating (README, "What `exact` means").
+_EXACT_MATCHES = frozenset(("trajectory", "prefix"))
+
+
+def _match_kind(exact: bool, anchored: bool, *, covered: bool, cached_tokens: int) -> str:
+    """How the text was answered:
+    - "trajectory": a stored trajectory's visible text; its own record (prompt + output incl. the stop token);
+    - "prefix": covered by a longer cached trajectory up to a generation boundary (a prompt's end or right
+      after a generated token): the engine's own tokens for this text, but no stop token, and loss mask /
+      logprobs are those of whichever trajectories cover it;
+    - "inside_prompt": covered by cached tokens, but the text ends inside another trajectory's prompt where
+      no generation started or ended (e.g. an evicted trajectory's text re-covered by a later turn's prompt):
+      somebody else's prompt tokenization, not exact;
+    - "partial": a cached prefix, then a freshly tokenized tail (`fresh_tokens`);
+    - "none": nothing cached; all tokens fresh."""
+    if exact:
+        return "trajectory"
+    if covered:
+        return "prefix" if anchored else "inside_prompt"
+    return "partial" if cached_tokens > 0 else "none"
 
 
 async def _encode_tail(tokenizer, text: str) -> np.ndarray:
@@ -114,6 +140,7 @@ def _trajectory(f: _Found) -> Trajectory:
         token_length=int(f.tokens.size),
         loss_mask_length=int(f.mask.size),
         exact=f.exact,
+        match=f.match,
         matched_chars=f.matched_chars,
         text_chars=len(f.text),
         fresh_tokens=f.fresh,

@@ -25,6 +25,7 @@ class Trajectory(msgspec.Struct, omit_defaults=False):
     token_length: int
     loss_mask_length: int
     exact: bool
+    match: str  # "trajectory" | "prefix" | "inside_prompt" | "partial" | "none" (router/net/endpoints.py)
     matched_chars: int
     text_chars: int
     fresh_tokens: int
