@@ -3,7 +3,7 @@
     python bench/bench_proxy.py                 # full run, 10 s per point (about 2.5 min)
     python bench/bench_proxy.py --quick         # 3 s per point (about 1 min)
     python bench/bench_proxy.py --no-sglang-router --concurrency 64 --skip-sse
-    python bench/bench_proxy.py --gc-variant 20000  # adds miles-router with CPython's GC tuned (same run)
+    python bench/bench_proxy.py --compare-ref HEAD~1  # adds miles-router as of another commit (same run)
     python bench/bench_proxy.py --profile /tmp/prof # then a py-spy (+ perf) breakdown of miles-router
     python bench/bench_proxy.py --serve         # just start nginx + routers, for wrk/py-spy/strace by hand
 
@@ -490,21 +490,9 @@ def start_sse_server(tmp: str, port: int, events: int, interval: float, cpus: st
 
 # ------------------------------------------------------------------ routers
 
-# --gc-variant: the same router with CPython's cyclic GC tuned (no code change in router/): freeze the startup heap
-# and raise the generation-0 threshold from 700 allocations.
-GC_WRAPPER = """
-import gc, sys
-threshold = int(sys.argv.pop(1))
-import router.cli, router.net.server, router.net.app, router.net.runtime, router.stages.forward
-gc.collect()
-gc.freeze()
-gc.set_threshold(threshold, 10, 10)
-raise SystemExit(router.cli.main(sys.argv[1:]))
-"""
-
-
 def start_miles(tmp: str, port: int, upstream_port: int, name: str, cpus: str | None,
-                gc_threshold: int | None = None) -> subprocess.Popen:
+                repo: str = REPO) -> subprocess.Popen:
+    """miles-router (the passthrough pipeline) from `repo`: this checkout, or --compare-ref's worktree."""
     cfg = os.path.join(tmp, f"{name}.toml")
     with open(cfg, "w") as f:
         f.write(f"""
@@ -519,13 +507,10 @@ urls = ["http://127.0.0.1:{upstream_port}"]
 [simulate]
 workers = 0
 """)
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
-    if gc_threshold:
-        cmd = [sys.executable, "-c", GC_WRAPPER, str(gc_threshold), "--config", cfg]
-    else:
-        cmd = [sys.executable, "-m", "router", "--config", cfg]
-    p = spawn(name, cmd, tmp, env=env, cpus=cpus, cwd=REPO)
+    cmd = [sys.executable, "-m", "router", "--config", cfg]
+    p = spawn(name, cmd, tmp, env=env, cpus=cpus, cwd=repo)
 
     def ok(port):
         st, body = http_call(port, "GET", "/health")
@@ -1025,8 +1010,8 @@ def main() -> int:
     ap.add_argument("--sse-streams", type=int, default=64)
     ap.add_argument("--sse-events", type=int, default=100)
     ap.add_argument("--sse-interval-ms", type=float, default=10.0)
-    ap.add_argument("--gc-variant", type=int, metavar="N",
-                    help="also measure miles-router with gc.freeze() after startup and gc.set_threshold(N, 10, 10)")
+    ap.add_argument("--compare-ref", metavar="GITREF",
+                    help="also measure miles-router as of GITREF (a git worktree) in the same run: an A/B of a change")
     ap.add_argument("--pin", action="store_true",
                     help="taskset: routers on CPU 0, upstreams on the last CPU, load generators unpinned")
     ap.add_argument("--profile", metavar="DIR",
@@ -1069,6 +1054,13 @@ def main() -> int:
     profile_reports: list[tuple[str, str]] = []
     print(f"bench_proxy: {ncpu} CPUs, load avg {os.getloadavg()[0]:.2f}, {args.duration} s per point, "
           f"tmp {tmp}", flush=True)
+    compare_repo = None
+    if args.compare_ref:
+        compare_repo = os.path.join(tmp, "compare_ref")
+        subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", compare_repo, args.compare_ref],
+                       check=True, capture_output=True)
+        atexit.register(subprocess.run, ["git", "-C", REPO, "worktree", "remove", "--force", compare_repo],
+                        capture_output=True)
     try:
         if args.serve:
             ports = free_ports(4)
@@ -1087,15 +1079,15 @@ def main() -> int:
             raise RuntimeError("a served process exited")
         if not args.skip_json:
             ports = free_ports(6)
-            nginx_port, miles_port, smg_port, smg_prom, gc_port = ports[:5]
+            nginx_port, miles_port, smg_port, smg_prom, ref_port = ports[:5]
             nginx = start_nginx(tmp, nginx_port, upstream_cpus)
             t = time.monotonic()
             miles = start_miles(tmp, miles_port, nginx_port, "miles_json", router_cpus)
             print(f"  miles-router ready in {time.monotonic() - t:.1f} s", flush=True)
             targets = [("direct", nginx_port, None), ("miles-router", miles_port, miles.pid)]
-            if args.gc_variant:
-                mgc = start_miles(tmp, gc_port, nginx_port, "miles_gc_json", router_cpus, args.gc_variant)
-                targets.append((f"miles-router gc0={args.gc_variant}", gc_port, mgc.pid))
+            if compare_repo:
+                ref = start_miles(tmp, ref_port, nginx_port, "miles_ref_json", router_cpus, compare_repo)
+                targets.append((f"miles-router @{args.compare_ref}", ref_port, ref.pid))
             if use_smg:
                 try:
                     t = time.monotonic()
@@ -1130,13 +1122,13 @@ def main() -> int:
 
         if not args.skip_sse:
             ports = free_ports(5)
-            sse_port, miles_port, smg_port, smg_prom, gc_port = ports
+            sse_port, miles_port, smg_port, smg_prom, ref_port = ports
             up = start_sse_server(tmp, sse_port, args.sse_events, args.sse_interval_ms / 1e3, upstream_cpus)
             miles = start_miles(tmp, miles_port, sse_port, "miles_sse", router_cpus)
             targets = [("direct", sse_port, None), ("miles-router", miles_port, miles.pid)]
-            if args.gc_variant:
-                mgc = start_miles(tmp, gc_port, sse_port, "miles_gc_sse", router_cpus, args.gc_variant)
-                targets.append((f"miles-router gc0={args.gc_variant}", gc_port, mgc.pid))
+            if compare_repo:
+                ref = start_miles(tmp, ref_port, sse_port, "miles_ref_sse", router_cpus, compare_repo)
+                targets.append((f"miles-router @{args.compare_ref}", ref_port, ref.pid))
             if use_smg:
                 try:
                     smg = start_smg(tmp, smg_port, smg_prom, sse_port, "smg_sse", router_cpus)

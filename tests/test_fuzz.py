@@ -102,11 +102,12 @@ def http(stack):
 
 
 def router_reply_ok(status: int, headers, body: bytes) -> None:
-    """The core property: a 5xx must be a worker's own; the router's own replies are JSON errors."""
+    """The core property: a 5xx must be a worker's own; the router's own replies are JSON errors
+    (those of the HTTP layer too, for requests that never reach the app)."""
     from_worker = "x-miles-router-worker" in headers
     if not from_worker:
         assert status < 500, (status, body[:500])
-        if status >= 400 and body:
+        if status >= 400:
             assert isinstance(json.loads(body)["error"], str), body[:500]
 
 

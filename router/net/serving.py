@@ -8,34 +8,14 @@ from collections.abc import Awaitable, Callable
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
-from hypercorn.trio import tcp_server as _tcp_server
+
+from router.net import _hypercorn_fixes
+
+_hypercorn_fixes.apply()
 
 
-def _release_closed_connections_promptly() -> None:
-    """hypercorn 0.18 (trio): when a client closes an idle keep-alive connection, the connection's
-    task group still waits for the keep-alive idle timer (keep_alive_timeout) before it closes the
-    socket, so every such connection sits in CLOSE-WAIT holding an fd for that long; clients that
-    open and close connections quickly pile up thousands. Once the read loop has seen the peer go,
-    stop that timer. (tests/test_faults.py::test_client_closed_connections_are_released_promptly)"""
-    server = _tcp_server.TCPServer
-    original = getattr(server, "_read_data", None)
-    if original is None or getattr(original, "_miles_patched", False):
-        return
-
-    async def _read_data(self) -> None:
-        await original(self)
-        idle = getattr(self, "idle_task", None)
-        if idle is not None:
-            await idle.stop()
-
-    _read_data._miles_patched = True
-    server._read_data = _read_data
-
-
-_release_closed_connections_promptly()
-
-
-def hypercorn_config(host: str, port: int, *, graceful_timeout_s: float = 3.0) -> HypercornConfig:
+def hypercorn_config(host: str, port: int, *, graceful_timeout_s: float = 3.0,
+                     keep_alive_timeout_s: float = 75.0) -> HypercornConfig:
     cfg = HypercornConfig()
     cfg.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     cfg.accesslog = None
@@ -44,7 +24,7 @@ def hypercorn_config(host: str, port: int, *, graceful_timeout_s: float = 3.0) -
     cfg.backlog = 2048
     # Clients (trainers) hold keep-alive connections for a whole rollout.
     cfg.keep_alive_max_requests = 1 << 30
-    cfg.keep_alive_timeout = 75.0
+    cfg.keep_alive_timeout = keep_alive_timeout_s
     # Bodies are bounded by the app itself (413 with a JSON error), not by h11's default.
     cfg.h11_max_incomplete_size = 64 * 1024
     cfg.max_app_queue_size = 64
@@ -58,6 +38,7 @@ async def serve_asgi(
     *,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     graceful_timeout_s: float = 3.0,
+    keep_alive_timeout_s: float = 75.0,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `app` until `shutdown_trigger` returns; `task_status.started(url)` once bound.
@@ -65,7 +46,7 @@ async def serve_asgi(
     After the trigger fires hypercorn stops accepting and waits up to `graceful_timeout_s`
     for in-flight requests before returning.
     """
-    cfg = hypercorn_config(host, port, graceful_timeout_s=graceful_timeout_s)
+    cfg = hypercorn_config(host, port, graceful_timeout_s=graceful_timeout_s, keep_alive_timeout_s=keep_alive_timeout_s)
     if shutdown_trigger is None:
         shutdown_trigger = trio.sleep_forever
 

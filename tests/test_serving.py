@@ -1,0 +1,177 @@
+"""The server edge (router/net/serving.py + router/net/_hypercorn_fixes.py): hypercorn's trio worker
+with our fixes, checked over real sockets with a tiny ASGI app so each behaviour is isolated."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import trio
+
+from router.net import _hypercorn_fixes
+from router.net.serving import serve_asgi
+
+BIG = bytes(range(256)) * (8 * 4096)  # 8 MiB: far more than a socket buffer takes at once
+
+
+async def app(scope, receive, send):
+    """/sleep?S: answer after S seconds; /stream: head, then a body only once `release` is set;
+    /big: 8 MiB with a Content-Length; anything else: a small JSON reply."""
+    if scope["type"] == "lifespan":
+        while True:
+            kind = (await receive())["type"].rsplit(".", 1)[1]
+            await send({"type": f"lifespan.{kind}.complete"})
+            if kind == "shutdown":
+                return
+    path, query = scope["path"], scope["query_string"].decode()
+    if path == "/sleep":
+        await trio.sleep(float(query))
+    if path == "/stream":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await app.release.wait()
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": False})
+        return
+    body = BIG if path == "/big" else json.dumps({"path": path}).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def start(nursery, **kw):
+    app.release = trio.Event()
+    stop = trio.Event()
+    url = await nursery.start(lambda task_status: serve_asgi(app, "127.0.0.1", 0, shutdown_trigger=stop.wait,
+                                                             task_status=task_status, **kw))
+    host, port = url.split("//")[1].rsplit(":", 1)
+    return host, int(port), stop
+
+
+async def read_response(stream, buf=b""):
+    """One Content-Length response from `stream`: (head, body, leftover)."""
+    while b"\r\n\r\n" not in buf:
+        data = await stream.receive_some(65536)
+        assert data, f"connection closed mid-head: {buf!r}"
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(rest) < length:
+        data = await stream.receive_some(1 << 20)
+        assert data, "connection closed mid-body"
+        rest += data
+    return head, rest[:length], rest[length:]
+
+
+async def closed_by_server(stream, within: float) -> bool:
+    with trio.move_on_after(within):
+        while await stream.receive_some(65536):
+            pass
+        return True
+    return False
+
+
+def test_fixes_are_in_place():
+    assert _hypercorn_fixes.applied()
+
+
+async def test_keepalive_deadline_spares_busy_requests_and_closes_idle_connections(nursery):
+    host, port, _ = await start(nursery, keep_alive_timeout_s=0.3)
+    s = await trio.open_tcp_stream(host, port)
+    # A request that takes longer than the keep-alive timeout is not cut: the timer is off while busy.
+    await s.send_all(b"GET /sleep?0.8 HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, body, _ = await read_response(s)
+    assert head.startswith(b"HTTP/1.1 200") and json.loads(body) == {"path": "/sleep"}
+    # Idle for less than the timeout, then another request on the same connection: re-armed, not expired.
+    for _ in range(3):
+        await trio.sleep(0.15)
+        await s.send_all(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, body, _ = await read_response(s)
+        assert json.loads(body) == {"path": "/again"}
+    # Then silence: the server hangs up after ~0.3 s.
+    t0 = trio.current_time()
+    assert await closed_by_server(s, within=3)
+    assert 0.25 <= trio.current_time() - t0 < 2
+    await s.aclose()
+
+
+async def test_shutdown_closes_idle_connections_and_lets_busy_ones_finish(nursery):
+    host, port, stop = await start(nursery, graceful_timeout_s=5)
+    idle = await trio.open_tcp_stream(host, port)
+    await idle.send_all(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+    await read_response(idle)
+    busy = await trio.open_tcp_stream(host, port)
+    await busy.send_all(b"GET /sleep?0.5 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await trio.sleep(0.1)
+    stop.set()
+    assert await closed_by_server(idle, within=1)  # idle: closed at once, not after the keep-alive timeout
+    head, body, rest = await read_response(busy)  # busy: answered in full, then closed
+    assert head.startswith(b"HTTP/1.1 200") and json.loads(body) == {"path": "/sleep"}
+    assert not rest and await closed_by_server(busy, within=2)
+
+
+async def test_content_length_reply_is_written_with_its_head_and_streams_get_theirs_at_once(nursery, monkeypatch):
+    writes = []
+    real_write = os.write
+
+    def recording_write(fd, data):
+        n = real_write(fd, data)
+        writes.append(bytes(data[:n]))
+        return n
+
+    monkeypatch.setattr(_hypercorn_fixes.os, "write", recording_write)
+    host, port, _ = await start(nursery)
+    s = await trio.open_tcp_stream(host, port)
+    await s.send_all(b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, body, _ = await read_response(s)
+    heads = [w for w in writes if w.startswith(b"HTTP/1.1 200")]
+    assert len(heads) == 1 and heads[0].endswith(b'{"path": "/small"}'), writes  # one write: head + body
+
+    # A stream's head is not held back: the client has it while the app still waits for its first event.
+    await s.send_all(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    with trio.fail_after(2):
+        got = await s.receive_some(65536)
+    assert got.startswith(b"HTTP/1.1 200") and b"text/event-stream" in got and b"data:" not in got
+    app.release.set()
+    with trio.fail_after(2):
+        while b"0\r\n\r\n" not in got:
+            got += await s.receive_some(65536)
+    assert b"data: 1\n\n" in got
+    await s.aclose()
+
+
+async def test_large_body_to_a_slow_reader_arrives_whole(nursery):
+    """Writes the kernel takes only in part continue through trio, in order and complete."""
+    host, port, _ = await start(nursery)
+    s = await trio.open_tcp_stream(host, port)
+    await s.send_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\nGET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+    await trio.sleep(0.3)  # the server's socket buffer fills while we do not read
+    head, body, rest = await read_response(s)
+    assert body == BIG
+    head, body, _ = await read_response(s, rest)  # the connection is still in step
+    assert json.loads(body) == {"path": "/after"}
+    await s.aclose()
+
+
+async def test_client_gone_mid_write_does_not_break_the_server(nursery):
+    host, port, _ = await start(nursery)
+    for _ in range(3):
+        s = await trio.open_tcp_stream(host, port)
+        await s.send_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        await s.receive_some(1024)
+        s.socket.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        await s.aclose()  # RST while the server is still writing
+    s = await trio.open_tcp_stream(host, port)
+    await s.send_all(b"GET /fine HTTP/1.1\r\nHost: x\r\n\r\n")
+    _, body, _ = await read_response(s)
+    assert json.loads(body) == {"path": "/fine"}
+
+
+async def test_malformed_request_gets_a_json_400(nursery):
+    host, port, _ = await start(nursery)
+    for raw in (b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n"):
+        s = await trio.open_tcp_stream(host, port)
+        await s.send_all(raw)
+        head, body, _ = await read_response(s)
+        assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, head
+        assert "malformed HTTP request" in json.loads(body)["error"]
+        await s.aclose()
