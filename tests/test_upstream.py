@@ -259,9 +259,17 @@ async def test_peer_closed_idle_socket_is_detected_and_skipped(start, pool):
     assert (stats["stale_discarded"], stats["keepalive_retries"], server.accepted, server.requests) == (1, 0, 2, 2)
 
 
+def blind_idle_check(pool: UpstreamPool) -> None:
+    """Make the pool's readability check before reuse see nothing: the worker's FIN now arrives "after the check",
+    which is the keep-alive race the check cannot catch."""
+    pool._poller = type("BlindPoll", (), {"register": lambda *a: None, "unregister": lambda *a: None,
+                                          "poll": lambda *a: []})()
+
+
 @pytest.mark.parametrize("how", ["fin", "rst"])
-async def test_keepalive_race_is_retried_once_on_a_fresh_connection(start, pool, how):
-    # The worker drops a kept-alive connection just as our next request arrives on it.
+async def test_safe_request_is_resent_once_after_the_keepalive_race(start, pool, how):
+    # The worker drops a kept-alive connection just as our next request arrives on it. A GET may be resent
+    # whatever the worker did with it.
     async def handler(ex: Exchange) -> bool | None:
         if ex.index_on_connection == 1:
             if how == "rst":
@@ -272,10 +280,87 @@ async def test_keepalive_race_is_retried_once_on_a_fresh_connection(start, pool,
 
     server = await start(handler)
     assert (await get(pool, server.url))[2] == b"fine"
-    assert (await get(pool, server.url, method="POST", body=b"payload"))[2] == b"fine"
+    assert (await get(pool, server.url, target="/get_model_info"))[2] == b"fine"
     stats = pool.stats()
-    assert (stats["keepalive_retries"], server.accepted, server.requests) == (1, 2, 3)
+    assert (stats["keepalive_retries"], stats["not_resent"], server.accepted, server.requests) == (1, 0, 2, 3)
     assert stats["in_use"] == 0
+
+
+@pytest.mark.parametrize("how", ["fin", "rst"])
+async def test_delivered_post_is_not_resent(start, pool, how):
+    """A live worker reads a whole POST on a reused connection, then closes it without replying (FIN) or resets
+    it: it may have run the request, so the pool must not resend it (RELIABILITY.md, keep-alive race)."""
+    async def handler(ex: Exchange) -> bool | None:
+        if ex.index_on_connection == 1:
+            if how == "rst":
+                ex.abort()
+            return False
+        await ex.respond(body=b"fine")
+        return None
+
+    server = await start(handler)
+    assert (await get(pool, server.url, "/generate", method="POST", body=b'{"text":"a"}'))[2] == b"fine"
+    with pytest.raises(UpstreamDisconnect) as info:
+        await get(pool, server.url, "/generate", method="POST", body=b'{"text":"b"}')
+    assert "not resent" in str(info.value) and info.value.bytes_received == 0
+    stats = pool.stats()
+    assert (server.accepted, server.requests) == (1, 2)  # the second POST reached the worker exactly once
+    assert (stats["keepalive_retries"], stats["not_resent"], stats["in_use"]) == (0, 1, 0)
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
+async def test_request_on_a_connection_the_worker_closed_before_it_arrived_is_resent(start, pool, method):
+    """The race itself, for a non-idempotent request: the worker closed the idle connection (FIN) before our
+    request reached it, and our idle check missed it. Its TCP never acknowledged the request: resend it."""
+    async def close_after_response(ex: Exchange) -> bool:
+        await ex.respond(body=b"n=%d" % server.requests)
+        return False
+
+    server = await start(close_after_response)
+    blind_idle_check(pool)
+    assert (await get(pool, server.url, "/generate", method=method, body=b"one"))[2] == b"n=1"
+    await eventually(lambda: server.connections_done == 1)  # the worker has closed it; the pool still holds it
+    assert pool.stats()["idle"] == {server.url: 1}
+    assert (await get(pool, server.url, "/generate", method=method, body=b"two"))[2] == b"n=2"
+    stats = pool.stats()
+    assert (stats["keepalive_retries"], stats["not_resent"], stats["stale_discarded"]) == (1, 0, 0)
+    assert (server.accepted, server.requests) == (2, 2)  # the first connection never saw the second request
+
+
+async def test_post_whose_write_failed_is_resent(nursery, pool):
+    """The worker resets a reused connection after reading only the head of a large POST: part of the body
+    never left this host, so the worker cannot have the request and it is resent on a fresh connection."""
+    body = os.urandom(32 << 20)
+    complete: list[int] = []  # connection index of each request read in full
+
+    async def serve(stream: trio.SocketStream) -> None:
+        index = len(connections)
+        connections.append(stream)
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=1 << 20)
+        number = 0
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(1 << 16))
+                continue
+            if isinstance(event, h11.Request) and index == 0 and number == 1:
+                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                stream.socket.close()  # RST with most of the body unread
+                return
+            if isinstance(event, h11.EndOfMessage):
+                complete.append(index)
+                await stream.send_all(conn.send(h11.Response(status_code=200, headers=[(b"content-length", b"2")]))
+                                      + conn.send(h11.Data(data=b"ok")) + conn.send(h11.EndOfMessage()))
+                conn.start_next_cycle()
+                number += 1
+
+    connections: list[trio.SocketStream] = []
+    listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+    url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    assert (await get(pool, url, "/generate", method="POST", body=b"small"))[2] == b"ok"
+    assert (await get(pool, url, "/generate", method="POST", body=body, timeout_s=30))[2] == b"ok"
+    assert complete == [0, 1]  # the big POST was read in full once, on the fresh connection
+    assert (pool.stats()["keepalive_retries"], pool.stats()["not_resent"]) == (1, 0)
 
 
 async def test_server_closing_right_after_response_never_fails_the_next_request(start, pool):
@@ -312,7 +397,7 @@ async def test_retry_happens_at_most_once(start, pool):
     server = await start(handler)
     await get(pool, server.url)
     with pytest.raises(UpstreamDisconnect):
-        await get(pool, server.url, method="POST", body=b"x")
+        await get(pool, server.url, method="HEAD")
     assert (server.requests, pool.stats()["keepalive_retries"]) == (3, 1)
 
 
@@ -755,7 +840,13 @@ async def test_chaos_no_cross_talk_and_no_leaks(start):
         await ex.respond(body=echo)
         return None
 
-    server = await start(handler)
+    seen: dict[bytes, int] = {}
+
+    async def counting_handler(ex: Exchange) -> bool | None:
+        seen[ex.body] = seen.get(ex.body, 0) + 1
+        return await handler(ex)
+
+    server = await start(counting_handler)
     outcomes = {"ok": 0, "disconnect": 0}
     async with UpstreamPool() as pool:
         async def client(i: int) -> None:
@@ -775,7 +866,8 @@ async def test_chaos_no_cross_talk_and_no_leaks(start):
                     nursery.start_soon(client, i)
         assert outcomes["ok"] > 600 and outcomes["disconnect"] > 0
         assert pool.stats()["in_use"] == 0
-        assert pool.stats()["keepalive_retries"] > 0
+        assert pool.stats()["not_resent"] > 0  # POSTs read, then dropped or reset on kept-alive connections
+        assert max(seen.values()) == 1  # ... and none of them reached the worker twice
     await eventually(lambda: server.connections_done == server.accepted)
 
 

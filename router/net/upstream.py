@@ -21,8 +21,20 @@ chunk, so this module keeps only what the data path needs. Client CPU measured w
   expired ones are dropped lazily (on checkout, on check-in, and in a sweep at most once per expiry period).
 * A pooled socket that is readable while idle means the peer closed it (or sent something unsolicited): one
   poll(0) syscall on a reused poll object tells us, and we drop it.
-* The keep-alive race (the worker closes an idle connection just as we reuse it) is retried once on a fresh
-  connection, only when the connection was a reused one and not a single response byte arrived.
+* The keep-alive race (the worker closes an idle connection just as we reuse it, after the poll above) is
+  retried once on a fresh connection, only when the connection was a reused one, not a single response byte
+  arrived, and the worker cannot have run the request (RFC 9112 §9.3.1: a non-idempotent request is not retried
+  automatically unless the client can tell the original was never applied). That is the case when
+  - the method is safe (GET, HEAD, OPTIONS, TRACE): resending is harmless. PUT and DELETE are not included,
+    because SGLang serves /generate on PUT too;
+  - writing the request failed: part of it never left this host, so the worker never had all of it;
+  - the worker closed in order (FIN, not a reset) and its TCP stack never acknowledged the whole request
+    (TCP_INFO bytes_acked, Linux): it closed before the request arrived, which is the race itself. A worker that
+    read the request acknowledged it, at the latest in its FIN.
+  Everything else is not resent: a live worker that read a POST /generate and closed without replying may have
+  run it, and resending would run the generation twice. A reset is not evidence either way (an abortive close
+  after reading the request looks the same as one before it), so it is not resent. The caller gets
+  UpstreamDisconnect, i.e. a 502.
 * Cancellation/exception safety: a connection goes back to the pool only from one place, after h11 reports both
   sides DONE at the end of the response body. Every other exit (timeout, cancellation, error, body not read,
   failed write) closes the socket synchronously, so a half-used connection can never be reused.
@@ -40,6 +52,7 @@ import math
 import os
 import select
 import socket
+import sys
 from collections import deque
 from collections.abc import AsyncIterator
 from types import TracebackType
@@ -72,6 +85,12 @@ _YIELD_EVERY_BYTES = 1024 * 1024
 # Connect failures that are about this process or host, not the worker.
 _LOCAL_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL))
 _POOL_OWNED_HEADERS = frozenset((b"host", b"content-length", b"transfer-encoding"))
+# Methods whose request may be resent after the keep-alive race whatever happened to it (RFC 9110 §9.2.1).
+_SAFE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
+# struct tcp_info (linux/tcp.h): tcpi_bytes_acked is a u64 at this offset (Linux >= 4.2; shorter replies: unknown).
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+_TCPI_BYTES_ACKED_OFFSET = 120
+_TCP_INFO_LEN = 192
 
 _NEED_DATA = h11.NEED_DATA
 _DONE = h11.DONE
@@ -123,7 +142,21 @@ class _Stalled(Exception):
 
 
 class _ReusedConnectionDied(Exception):
-    """Internal: a reused connection failed before any response byte arrived (the keep-alive race)."""
+    """Internal: a reused connection failed before any response byte arrived, and the worker cannot have run the
+    request (the keep-alive race): resend it once on a fresh connection."""
+
+
+def _tcp_bytes_acked(sock: socket.socket | None) -> int | None:
+    """Bytes of ours the peer's TCP acknowledged (the SYN counts as one), or None where TCP_INFO can't tell."""
+    if sock is None or _TCP_INFO is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)
+    except OSError:
+        return None
+    if len(info) < _TCPI_BYTES_ACKED_OFFSET + 8:
+        return None
+    return int.from_bytes(info[_TCPI_BYTES_ACKED_OFFSET:_TCPI_BYTES_ACKED_OFFSET + 8], sys.byteorder)
 
 
 class _Origin:
@@ -146,7 +179,7 @@ class _Origin:
 
 class _Connection:
     __slots__ = ("sock", "fd", "h11", "origin", "receive_buffer", "idle_since", "reused", "broken",
-                 "unyielded_bytes")
+                 "unyielded_bytes", "sent", "acked_at_connect")
 
     def __init__(self, sock: socket.socket, origin: _Origin, receive_buffer: memoryview) -> None:
         self.sock: socket.socket | None = sock
@@ -162,6 +195,10 @@ class _Connection:
         # A write failed: whatever h11 thinks, the byte stream is unusable for another exchange.
         self.broken = False
         self.unyielded_bytes = 0
+        # Request bytes handed to the kernel over the connection's life, and TCP's acknowledged-bytes counter
+        # right after connecting (the SYN): together they tell whether the worker's TCP stack received a request.
+        self.sent = 0
+        self.acked_at_connect = _tcp_bytes_acked(sock)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         sock = self.sock
@@ -409,6 +446,7 @@ class _RequestContext:
         pool = self._pool
         h = conn.h11
         head_bytes_received = 0
+        send_failed = False
         try:
             with trio.CancelScope(deadline=deadline) as scope:
                 body = self._body
@@ -423,9 +461,10 @@ class _RequestContext:
                     else:
                         await conn.send_all(head)
                         await conn.send_all(body)
+                    conn.sent += len(head) + len(body)
                 except OSError:
                     # The worker may have answered (e.g. 413) and closed; read whatever response it left.
-                    conn.broken = True
+                    conn.broken = send_failed = True
                 # Nothing can be buffered yet (responses are only read here), so wait before parsing.
                 head_bytes_received = await conn.receive(None, wait_first=True)
                 while True:
@@ -442,11 +481,22 @@ class _RequestContext:
                 # The scope swallowed the Cancelled; raising here (inside the try) still closes conn below.
                 raise UpstreamTimeout(f"{conn.origin.url} did not answer within {self._timeout_s} s")
         except (h11.RemoteProtocolError, OSError) as exc:
+            if head_bytes_received:
+                pool._discard(conn)
+                raise UpstreamDisconnect(
+                    f"{conn.origin.url} closed the connection without a complete response: {exc}"
+                ) from exc
+            # EOF before any response byte shows up as h11's error; a reset as the OSError from recv.
+            resend = conn.reused and self._never_applied(conn, send_failed,
+                                                         orderly_close=not isinstance(exc, OSError))
             pool._discard(conn)
-            if conn.reused and head_bytes_received == 0:
+            if resend:
                 raise _ReusedConnectionDied from exc
+            if conn.reused:
+                pool.not_resent += 1
             raise UpstreamDisconnect(
-                f"{conn.origin.url} closed the connection without a complete response: {exc}"
+                f"{conn.origin.url} closed the connection without responding ({exc}); the request was not resent, "
+                f"since the worker may have received and run it"
             ) from exc
         except BaseException:
             pool._discard(conn)
@@ -458,6 +508,16 @@ class _RequestContext:
             pool,
             self._body_timeout_s,
         )
+
+    def _never_applied(self, conn: _Connection, send_failed: bool, *, orderly_close: bool) -> bool:
+        """After a reused connection died before any response byte: may the request be resent? (See the module
+        docstring: safe method, failed write, or an orderly close before the worker's TCP had all of it.)"""
+        if self._request.method in _SAFE_METHODS or send_failed:
+            return True
+        if not orderly_close:
+            return False
+        acked, base = _tcp_bytes_acked(conn.sock), conn.acked_at_connect
+        return acked is not None and base is not None and acked - base < conn.sent
 
 
 class UpstreamPool:
@@ -488,6 +548,8 @@ class UpstreamPool:
         self.reused = 0
         self.closed = 0
         self.keepalive_retries = 0
+        # reused connections that died before any response byte, with the request not resent (it may have run)
+        self.not_resent = 0
         self.stale_discarded = 0
         self.expired = 0
 
@@ -556,6 +618,7 @@ class UpstreamPool:
             "reused": self.reused,
             "closed": self.closed,
             "keepalive_retries": self.keepalive_retries,
+            "not_resent": self.not_resent,
             "stale_discarded": self.stale_discarded,
             "expired": self.expired,
         }
