@@ -42,15 +42,17 @@ class ClientGone(Exception):
 class ClientStream:
     """The reply to the client: started once, body relayed in pieces, ended exactly once."""
 
-    __slots__ = ("_send", "started", "deferred", "pipeline_needs_response", "status", "body_bytes")
+    __slots__ = ("_send", "started", "finished", "deferred", "pipeline_needs_response", "status")
 
     def __init__(self, send, pipeline_needs_response: bool) -> None:
         self._send = send
         self.started = False
+        # Set before the last body message goes to hypercorn: it reports "http.disconnect" from
+        # inside that send, which is then the normal end of the exchange, not a client leaving.
+        self.finished = False
         self.deferred = b""
         self.pipeline_needs_response = pipeline_needs_response
         self.status = 0
-        self.body_bytes = 0
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.started = True
@@ -59,14 +61,20 @@ class ClientStream:
 
     async def send(self, chunk: bytes) -> None:
         if chunk:
-            self.body_bytes += len(chunk)
             await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
 
     def defer(self, data: bytes) -> None:
         self.deferred += data
 
     async def finish(self) -> None:
+        self.finished = True
         await self._send({"type": "http.response.body", "body": self.deferred, "more_body": False})
+
+    async def reply(self, reply: Reply) -> None:
+        """A whole reply of the router's own (an error, or a stage's short-circuit)."""
+        self.status = reply.status
+        self.finished = True
+        await send_reply(self._send, reply)
 
     @staticmethod
     def route_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
@@ -234,23 +242,9 @@ class RouterApp:
         if scope.get("raw_path"):
             # Forward the path as the client spelled it (percent-encoding included), never re-quoted.
             ex.path = scope["raw_path"].decode("latin-1").split("?", 1)[0]
-        # Once the last body message is handed to hypercorn, the exchange is over: hypercorn then
-        # reports "http.disconnect" *from inside that send* (it closes the stream, and for
-        # `Connection: close` the socket, before the send returns). Cancelling then interrupted
-        # hypercorn's close: a client that sent `Connection: close` to a proxied path never saw the
-        # connection close and waited forever (tests/test_fuzz.py::test_fuzz_raw_requests,
-        # tests/test_bad_input.py::test_connection_close_is_honoured_on_proxied_paths).
-        finished = False
-
-        async def send_and_mark(message) -> None:
-            nonlocal finished
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                finished = True
-            await send(message)
-
-        client = ClientStream(send_and_mark, pipe.needs_response)
+        client = ClientStream(send, pipe.needs_response)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope, lambda: finished)
+            nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope, client)
             try:
                 await self._run(pipe, ex, client)
             finally:
@@ -259,11 +253,16 @@ class RouterApp:
         return client.status or 499
 
     @staticmethod
-    async def _watch_disconnect(receive, scope: trio.CancelScope, finished) -> None:
+    async def _watch_disconnect(receive, scope: trio.CancelScope, client: ClientStream) -> None:
         while True:
             msg = await receive()
             if msg["type"] == "http.disconnect":
-                if not finished():  # a real disconnect: cancel the upstream call
+                # After the last body message it is hypercorn closing the stream (and, for
+                # `Connection: close`, the socket) from inside that send: cancelling then broke
+                # the close and the client waited forever (tests/test_bad_input.py::
+                # test_connection_close_is_honoured_on_proxied_paths). Before it, the client left:
+                # cancel the upstream call.
+                if not client.finished:
                     scope.cancel()
                 return
 
@@ -273,8 +272,7 @@ class RouterApp:
             for stage in pipe.request_stages:
                 reply = await stage.on_request(ex)
                 if reply is not None:
-                    client.status = reply.status
-                    await send_reply(client._send, reply)
+                    await client.reply(reply)
                     return
             stage = pipe.forward_stage
             await stage.forward(ex, client)
@@ -282,8 +280,7 @@ class RouterApp:
             self.rt.metrics.stage_errors.labels(stage.name).inc()
             if client.started:
                 raise
-            client.status = e.status
-            await send_reply(client._send, error_reply(e.status, e.message, stage=stage.name, **e.extra))
+            await client.reply(error_reply(e.status, e.message, stage=stage.name, **e.extra))
             return
         except Exception as e:
             self.rt.metrics.stage_errors.labels(getattr(stage, "name", "?")).inc()
@@ -292,9 +289,8 @@ class RouterApp:
                             type(e).__name__, e)
                 raise
             log.exception("stage %s failed", getattr(stage, "name", "?"))
-            client.status = 500
-            await send_reply(client._send, error_reply(500, f"stage {getattr(stage, 'name', '?')} failed: "
-                                                            f"{type(e).__name__}: {e}", stage=getattr(stage, "name", "?")))
+            name = getattr(stage, "name", "?")
+            await client.reply(error_reply(500, f"stage {name} failed: {type(e).__name__}: {e}", stage=name))
             return
         # The worker answered. Response stages never cost the client its reply: a failure is
         # logged, counted and reported in a header, and the worker's bytes go out unchanged.
@@ -311,7 +307,7 @@ class RouterApp:
             if ex.stage_errors:
                 headers.append((b"x-miles-router-stage-error", _ascii("; ".join(ex.stage_errors))))
             await client.start(ex.status or 502, headers)
-            await client.send(ex.response_body or b"")
+            client.defer(ex.response_body or b"")
         await client.finish()
 
     # ---- worker endpoints -------------------------------------------------------------------
