@@ -609,15 +609,36 @@ async def test_body_stall_is_a_timeout(start, pool):
         return False
 
     server = await start(stall)
-    with trio.fail_after(5):
+    with trio.fail_after(5), pytest.raises(UpstreamTimeout, match="no body data for 0.2 s"):
+        # Like trio.fail_after, the stall cancels the body and surfaces as UpstreamTimeout where it ends.
         async with pool.request(server.url, "GET", "/", [], b"", timeout_s=5, body_timeout_s=0.2) as resp:
             chunks = resp.iter_chunks()
             assert await chunks.__anext__() == b"0123456789"
             started = trio.current_time()
-            with pytest.raises(UpstreamTimeout):
-                await chunks.__anext__()
-            assert 0.2 <= trio.current_time() - started < 1.0
+            await chunks.__anext__()
+    assert 0.2 <= trio.current_time() - started < 1.0
     await eventually(lambda: server.client_closes == 1)
+    assert pool.stats()["in_use"] == 0
+
+
+async def test_slow_consumer_is_not_a_stall(start, pool):
+    """The body timeout counts only time spent waiting for the worker, not time the caller spends between chunks
+    (e.g. writing them to a slow client)."""
+    async def trickle(ex: Exchange) -> bool:
+        await ex.send_raw(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for i in range(4):
+            await ex.send_raw(b"1\r\n%d\r\n" % i)
+            await trio.sleep(0.05)
+        await ex.send_raw(b"0\r\n\r\n")
+        return True
+
+    server = await start(trickle)
+    got = b""
+    async with pool.request(server.url, "GET", "/", [], b"", timeout_s=5, body_timeout_s=0.2) as resp:
+        async for chunk in resp.iter_chunks():
+            got += chunk
+            await trio.sleep(0.3)  # longer than the body timeout, but we are the slow one
+    assert got == b"0123"
 
 
 async def test_dead_pooled_socket_then_refused_connect_is_a_connect_error(nursery, pool):

@@ -38,8 +38,9 @@ chunk, so this module keeps only what the data path needs. Client CPU measured w
 * Cancellation/exception safety: a connection goes back to the pool only from one place, after h11 reports both
   sides DONE at the end of the response body. Every other exit (timeout, cancellation, error, body not read,
   failed write) closes the socket synchronously, so a half-used connection can never be reused.
-* Timeouts use trio cancel scopes (~6 us each): one around send + response head, and for the body one per wait
-  that actually blocks (none when data is already there).
+* Timeouts use trio cancel scopes (~6 us each to create): one around send + response head, and one around the
+  whole body (entered in `__aenter__`, left in `__aexit__`) whose deadline is armed only while a body wait
+  blocks: a stall between chunks times out, and a relayed SSE chunk costs two deadline updates, not a scope.
 * No unbounded buffering: the body is yielded chunk by chunk as it is received (<= `_RECEIVE_SIZE` per recv),
   `read(limit)` stops at the limit, and bodies over `_COALESCE_BODY_LIMIT` are written from the caller's buffer
   instead of being copied into the request head.
@@ -137,10 +138,6 @@ class UpstreamDisconnect(UpstreamError):
         self.bytes_received = bytes_received
 
 
-class _Stalled(Exception):
-    """Internal: a body wait exceeded body_timeout_s."""
-
-
 class _ReusedConnectionDied(Exception):
     """Internal: a reused connection failed before any response byte arrived, and the worker cannot have run the
     request (the keep-alive race): resend it once on a fresh connection."""
@@ -214,12 +211,12 @@ class _Connection:
                 return
             data = memoryview(data)[sent:]
 
-    async def receive(self, stall_timeout_s: float | None, *, wait_first: bool = False) -> int:
+    async def receive(self, stall: _StallDeadline | None, *, wait_first: bool = False) -> int:
         """Feed the next bytes from the socket to h11 (EOF included); returns how many (0 on EOF).
 
-        Waits without a timeout when `stall_timeout_s` is None (the caller's cancel scope bounds it); raises
-        _Stalled when a wait exceeds `stall_timeout_s`. `wait_first` skips the recv attempt that would almost
-        surely fail (right after sending a request).
+        A wait that blocks arms `stall` (the body's timeout) for its duration; without one, the caller's cancel
+        scope bounds it. `wait_first` skips the recv attempt that would almost surely fail (right after sending
+        a request).
         """
         sock = self.sock
         if sock is None:
@@ -232,13 +229,15 @@ class _Connection:
                 received = sock.recv_into(buffer)
             except BlockingIOError:
                 self.unyielded_bytes = 0
-                if stall_timeout_s is None:
+                if stall is None:
                     await _wait_readable(self.fd)
                 else:
-                    with trio.move_on_after(stall_timeout_s) as scope:
+                    scope = stall.scope
+                    scope.deadline = _current_time() + stall.timeout_s
+                    try:
                         await _wait_readable(self.fd)
-                    if scope.cancelled_caught:
-                        raise _Stalled from None
+                    finally:
+                        scope.deadline = math.inf
                 continue
             self.h11.receive_data(buffer[:received] if received else b"")
             self.unyielded_bytes += received
@@ -292,7 +291,7 @@ class UpstreamResponse:
     `headers` are as received (lower-cased names, hop-by-hop headers included).
     """
 
-    __slots__ = ("status", "headers", "bytes_received", "_conn", "_pool", "_body_timeout_s", "_finished")
+    __slots__ = ("status", "headers", "bytes_received", "_conn", "_pool", "_stall", "_finished")
 
     def __init__(
         self,
@@ -300,14 +299,14 @@ class UpstreamResponse:
         headers: list[tuple[bytes, bytes]],
         conn: _Connection,
         pool: UpstreamPool,
-        body_timeout_s: float | None,
+        stall: _StallDeadline | None,
     ) -> None:
         self.status = status
         self.headers = headers
         self.bytes_received = 0
         self._conn: _Connection | None = conn
         self._pool = pool
-        self._body_timeout_s = body_timeout_s
+        self._stall = stall
         self._finished = False
 
     def iter_chunks(self) -> AsyncIterator[bytes]:
@@ -357,7 +356,7 @@ class UpstreamResponse:
             while True:
                 event = h.next_event()
                 if event is _NEED_DATA:
-                    await conn.receive(self._body_timeout_s)
+                    await conn.receive(self._stall)
                     continue
                 event_type = type(event)
                 if event_type is _Data:
@@ -366,11 +365,6 @@ class UpstreamResponse:
                 if event_type is _EndOfMessage:
                     break
                 raise h11.RemoteProtocolError(f"unexpected {event_type.__name__} in response body")
-        except _Stalled:
-            self._abandon(conn)
-            raise UpstreamTimeout(
-                f"{conn.origin.url} sent no body data for {self._body_timeout_s} s"
-            ) from None
         except (h11.RemoteProtocolError, OSError) as exc:
             self._abandon(conn)
             raise UpstreamDisconnect(
@@ -389,10 +383,21 @@ class UpstreamResponse:
         self._pool._discard(conn)
 
 
+class _StallDeadline:
+    """The body timeout of one response: a cancel scope around the whole body whose deadline is armed only while
+    a body wait blocks (`_Connection.receive`)."""
+
+    __slots__ = ("scope", "timeout_s")
+
+    def __init__(self, timeout_s: float) -> None:
+        self.scope = trio.CancelScope()
+        self.timeout_s = timeout_s
+
+
 class _RequestContext:
     """What `UpstreamPool.request()` returns: sends on enter, closes/releases the connection on exit."""
 
-    __slots__ = ("_pool", "_origin", "_request", "_body", "_timeout_s", "_body_timeout_s", "_response")
+    __slots__ = ("_pool", "_origin", "_request", "_body", "_timeout_s", "_body_timeout_s", "_response", "_stall")
 
     def __init__(
         self,
@@ -410,6 +415,7 @@ class _RequestContext:
         self._timeout_s = timeout_s
         self._body_timeout_s = body_timeout_s
         self._response: UpstreamResponse | None = None
+        self._stall: _StallDeadline | None = None
 
     async def __aenter__(self) -> UpstreamResponse:
         pool = self._pool
@@ -428,6 +434,10 @@ class _RequestContext:
             conn = await pool._connect(origin, deadline)
             response = await self._exchange(conn, deadline)
         self._response = response
+        if self._body_timeout_s is not None:
+            # Entered last and left first in __aexit__: the caller's own scopes nest inside it.
+            stall = self._stall = response._stall = _StallDeadline(self._body_timeout_s)
+            stall.scope.__enter__()
         return response
 
     async def __aexit__(
@@ -436,10 +446,17 @@ class _RequestContext:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        stall = self._stall
+        timed_out = False
+        if stall is not None:
+            self._stall = None
+            timed_out = stall.scope.__exit__(exc_type, exc, tb) and stall.scope.cancelled_caught
         response = self._response
         if response is not None:
             self._response = None
             await response.aclose()
+        if timed_out:
+            raise UpstreamTimeout(f"{self._origin.url} sent no body data for {self._body_timeout_s} s")
 
     async def _exchange(self, conn: _Connection, deadline: float) -> UpstreamResponse:
         """Send the request on `conn` and read the response head; `conn` is closed on any failure."""
@@ -506,7 +523,7 @@ class _RequestContext:
             list(event.headers),  # type: ignore[union-attr]
             conn,
             pool,
-            self._body_timeout_s,
+            None,
         )
 
     def _never_applied(self, conn: _Connection, send_failed: bool, *, orderly_close: bool) -> bool:
@@ -569,7 +586,8 @@ class UpstreamPool:
         `target` (path + "?" + query) is sent verbatim. `host` and `content-length` are set here; `headers` are the
         end-to-end headers with lower-case names (any host/content-length/transfer-encoding in them is dropped).
         `timeout_s` bounds connect + send + response head; `body_timeout_s` (default timeout_s) bounds each wait
-        for the next body chunk. Invalid method/target/headers raise ValueError before anything is sent.
+        for the next body chunk: a stall cancels the `async with` body and raises UpstreamTimeout as it exits (like
+        `trio.fail_after`). Invalid method/target/headers raise ValueError before anything is sent.
         """
         origin_state = self._origins.get(origin)
         if origin_state is None:
