@@ -82,6 +82,8 @@ _MAX_RESPONSE_HEAD_BYTES = 256 * 1024
 _COALESCE_BODY_LIMIT = 64 * 1024
 # Yield to the scheduler after this many bytes were received without blocking, for fairness.
 _YIELD_EVERY_BYTES = 1024 * 1024
+# A recv that returned less than this emptied the socket: the next receive waits before trying (see receive()).
+_TRICKLE_BYTES = 4096
 # Header names this module sets itself; a caller's copy would conflict with the real framing or origin.
 # Connect failures that are about this process or host, not the worker.
 _LOCAL_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL))
@@ -176,7 +178,7 @@ class _Origin:
 
 class _Connection:
     __slots__ = ("sock", "fd", "h11", "origin", "receive_buffer", "idle_since", "reused", "broken",
-                 "unyielded_bytes", "sent", "acked_at_connect")
+                 "unyielded_bytes", "trickling", "sent", "acked_at_connect")
 
     def __init__(self, sock: socket.socket, origin: _Origin, receive_buffer: memoryview) -> None:
         self.sock: socket.socket | None = sock
@@ -192,6 +194,7 @@ class _Connection:
         # A write failed: whatever h11 thinks, the byte stream is unusable for another exchange.
         self.broken = False
         self.unyielded_bytes = 0
+        self.trickling = False
         # Request bytes handed to the kernel over the connection's life, and TCP's acknowledged-bytes counter
         # right after connecting (the SYN): together they tell whether the worker's TCP stack received a request.
         self.sent = 0
@@ -215,19 +218,17 @@ class _Connection:
         """Feed the next bytes from the socket to h11 (EOF included); returns how many (0 on EOF).
 
         A wait that blocks arms `stall` (the body's timeout) for its duration; without one, the caller's cancel
-        scope bounds it. `wait_first` skips the recv attempt that would almost surely fail (right after sending
-        a request).
+        scope bounds it. The recv attempt is skipped when it would almost surely fail: with `wait_first` (right
+        after sending a request), and after a small read (a trickle such as SSE events: the socket was empty
+        then, and the next event is usually far away), which saves a failed syscall and its exception.
         """
         sock = self.sock
         if sock is None:
             raise trio.ClosedResourceError("connection closed")
-        if wait_first:
-            await _wait_readable(self.fd)
         buffer = self.receive_buffer
+        wait = wait_first or self.trickling
         while True:
-            try:
-                received = sock.recv_into(buffer)
-            except BlockingIOError:
+            if wait:
                 self.unyielded_bytes = 0
                 if stall is None:
                     await _wait_readable(self.fd)
@@ -238,7 +239,12 @@ class _Connection:
                         await _wait_readable(self.fd)
                     finally:
                         scope.deadline = math.inf
+            try:
+                received = sock.recv_into(buffer)
+            except BlockingIOError:
+                wait = True
                 continue
+            self.trickling = 0 < received < _TRICKLE_BYTES
             self.h11.receive_data(buffer[:received] if received else b"")
             self.unyielded_bytes += received
             if self.unyielded_bytes > _YIELD_EVERY_BYTES:
