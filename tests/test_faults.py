@@ -361,6 +361,7 @@ async def test_health_flapping_does_not_churn(nursery):
         states.clear()
         await answer_probes(a, [200, 503], 12)
         assert set(states) == {"quarantined"} and w.quarantines_total == 1
+        a.worker.set_faults(health_status=503)  # hold it there (answer_probes left 200 armed for the next probe)
         for i in range(5):  # meanwhile only b serves
             r = await c.post("/generate", json={"text": "q", "sampling_params": {"max_new_tokens": 2}})
             assert r.headers["x-miles-router-worker"] == b.url
