@@ -32,6 +32,7 @@ from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import TCPServer
 
 _MARK = "_miles_router_fix"
+_POSIX = os.name == "posix"  # a socket is a file descriptor os.write() can take
 _ERROR_TEXT = {
     400: "malformed HTTP request (request line, headers or framing)",
     413: "request head too large",
@@ -103,7 +104,7 @@ def _fix_tcp_server() -> None:
 
     async def protocol_send(self, event) -> None:
         sock = getattr(self.stream, "socket", None)  # None for TLS, which the router does not serve
-        if type(event) is not RawData or sock is None:
+        if type(event) is not RawData or sock is None or not _POSIX:
             return await original_protocol_send(self, event)
         if not event.data:
             return  # h11's end of a Content-Length body: nothing to write
