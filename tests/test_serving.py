@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import os
 
+import h11
 import trio
 
 from router.net import _hypercorn_fixes
 from router.net.serving import serve_asgi
 
 BIG = bytes(range(256)) * (8 * 4096)  # 8 MiB: far more than a socket buffer takes at once
+CHUNKS = [b"a", b"", b"x" * 300, b"\r\n0\r\n\r\n", BIG[:70000], b"tail"]  # an empty one must not end the body
 
 
 async def app(scope, receive, send):
@@ -30,6 +32,12 @@ async def app(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
         await app.release.wait()
         await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": False})
+        return
+    if path == "/chunks":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for piece in CHUNKS:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
         return
     body = BIG if path == "/big" else json.dumps({"path": path}).encode()
     await send({"type": "http.response.start", "status": 200,
@@ -132,9 +140,27 @@ async def test_content_length_reply_is_written_with_its_head_and_streams_get_the
     assert got.startswith(b"HTTP/1.1 200") and b"text/event-stream" in got and b"data:" not in got
     app.release.set()
     with trio.fail_after(2):
-        while b"0\r\n\r\n" not in got:
+        while not got.endswith(b"0\r\n\r\n"):
             got += await s.receive_some(65536)
-    assert b"data: 1\n\n" in got
+    # Framed exactly as h11 frames a chunk (router/net/_hypercorn_fixes.py writes it without h11).
+    assert got.split(b"\r\n\r\n", 1)[1] == b"9\r\ndata: 1\n\n\r\n0\r\n\r\n"
+    await s.aclose()
+
+
+async def test_streamed_chunks_are_framed_exactly_as_h11_frames_them(nursery):
+    host, port, _ = await start(nursery)
+    s = await trio.open_tcp_stream(host, port)
+    await s.send_all(b"GET /chunks HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = b""
+    with trio.fail_after(5):
+        while not got.endswith(b"\r\n0\r\n\r\n"):
+            got += await s.receive_some(1 << 20)
+    expected = h11.Connection(h11.SERVER)
+    expected.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    expected.next_event()
+    expected.send(h11.Response(status_code=200, headers=[]))
+    framing = b"".join(expected.send(h11.Data(data=piece)) or b"" for piece in CHUNKS) + expected.send(h11.EndOfMessage())
+    assert got.split(b"\r\n\r\n", 1)[1] == framing
     await s.aclose()
 
 
