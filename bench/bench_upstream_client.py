@@ -4,7 +4,7 @@ A minimal trio + h11 keep-alive server runs in a separate process (pinned to the
 more); the client runs in this process (pinned to CPU 0) and its CPU is read with time.process_time(), so server
 work is not counted. Each request is a ~200-byte JSON POST answered with a ~200-byte JSON body.
 A second table streams SSE: 64 concurrent responses of 101 chunked events sent 10 ms apart (as in
-stack_notes §3), and reports client CPU per received chunk.
+bench_proxy.py), and reports client CPU per received chunk.
 
     python bench/bench_upstream_client.py [--requests 20000] [--rounds 3] [--no-stream]
 """

@@ -1,9 +1,9 @@
 """Keep-alive HTTP/1.1 connection pool for the data path: raw non-blocking sockets under trio, parsed by h11.
 
-Why not httpx: measured on this machine (stack_notes §3), a trio+httpx proxy spends 1.6-2.4 ms CPU per request.
+Why not httpx: measured on this machine (BENCHMARKS.md §1), a trio+httpx proxy spends 1.6-2.4 ms CPU per request.
 httpcore's pool walks every connection twice per request (O(pool)), `is_readable()` builds a new poll object on
 every reuse, and the httpx layers (request building, cookies, auth/redirect wrappers) add ~30%. The router's whole
-data path has a budget of <= 500 us CPU per request including hypercorn (~450 us) and <= 80 us per relayed SSE
+data path has a budget of <= 500 us CPU per request, hypercorn included, and <= 80 us per relayed SSE
 chunk, so this module keeps only what the data path needs. Client CPU measured with bench/bench_upstream_client.py
 (2-core VM, noisy): ~110 us/request at 64 concurrent requests (httpx: ~1.2-1.8 ms), ~200-250 us at concurrency 1
 (httpx: ~0.7-0.8 ms), ~47 us per received SSE chunk (httpx: ~130 us).
