@@ -266,10 +266,8 @@ def blind_idle_check(pool: UpstreamPool) -> None:
                                           "poll": lambda *a: []})()
 
 
-@pytest.mark.parametrize("how", ["fin", "rst"])
-async def test_safe_request_is_resent_once_after_the_keepalive_race(start, pool, how):
-    # The worker drops a kept-alive connection just as our next request arrives on it. A GET may be resent
-    # whatever the worker did with it.
+def drop_second_request(how: str):
+    """A handler that answers "fine", except the second request on a connection: it closes (FIN) or resets."""
     async def handler(ex: Exchange) -> bool | None:
         if ex.index_on_connection == 1:
             if how == "rst":
@@ -278,7 +276,14 @@ async def test_safe_request_is_resent_once_after_the_keepalive_race(start, pool,
         await ex.respond(body=b"fine")
         return None
 
-    server = await start(handler)
+    return handler
+
+
+@pytest.mark.parametrize("how", ["fin", "rst"])
+async def test_safe_request_is_resent_once_after_the_keepalive_race(start, pool, how):
+    # The worker drops a kept-alive connection just as our next request arrives on it. A GET may be resent
+    # whatever the worker did with it.
+    server = await start(drop_second_request(how))
     assert (await get(pool, server.url))[2] == b"fine"
     assert (await get(pool, server.url, target="/get_model_info"))[2] == b"fine"
     stats = pool.stats()
@@ -290,15 +295,7 @@ async def test_safe_request_is_resent_once_after_the_keepalive_race(start, pool,
 async def test_delivered_post_is_not_resent(start, pool, how):
     """A live worker reads a whole POST on a reused connection, then closes it without replying (FIN) or resets
     it: it may have run the request, so the pool must not resend it (RELIABILITY.md, keep-alive race)."""
-    async def handler(ex: Exchange) -> bool | None:
-        if ex.index_on_connection == 1:
-            if how == "rst":
-                ex.abort()
-            return False
-        await ex.respond(body=b"fine")
-        return None
-
-    server = await start(handler)
+    server = await start(drop_second_request(how))
     assert (await get(pool, server.url, "/generate", method="POST", body=b'{"text":"a"}'))[2] == b"fine"
     with pytest.raises(UpstreamDisconnect) as info:
         await get(pool, server.url, "/generate", method="POST", body=b'{"text":"b"}')
