@@ -26,21 +26,9 @@ from router.core.urls import normalize_worker_url
 from router.core.workers import Transition, Worker, WorkerPool
 from router.net.metrics import Metrics
 from router.net.upstream import UpstreamPool
+from router.wire.sglang import ReplySummary
 
 log = logging.getLogger("miles_router")
-
-
-class _ReplyMeta(msgspec.Struct):
-    weight_version: str | None = None
-
-
-class _ReplyTokens(msgspec.Struct):
-    output_ids: list[int] | None = None
-    text: str | None = None
-    meta_info: _ReplyMeta | None = None
-
-
-_reply_decoder = msgspec.json.Decoder(_ReplyTokens)
 
 
 @dataclass(slots=True)
@@ -310,16 +298,13 @@ class Runtime:
         if self.uses_prefix_affinity:
             self.prefix_index.record(tokens, worker_url)
 
-    def note_reply(self, ex, body: bytes) -> None:
+    def note_reply(self, ex, outputs: list[ReplySummary]) -> None:
         """Learn from a passthrough /generate reply read whole: the worker's weight version, and
         (prefix affinity) the generated part, so the conversation's next turn finds the worker
-        that holds its whole history. Not a /generate reply: nothing to learn."""
-        if ex.status != 200 or ex.worker is None or body[:1] not in (b"{", b" "):
+        that holds its whole history. An n>1 reply holds several samples: nothing to learn."""
+        if ex.status != 200 or ex.worker is None or len(outputs) != 1:
             return
-        try:
-            out = _reply_decoder.decode(body)
-        except DECODE_ERRORS:
-            return
+        out = outputs[0]
         if out.meta_info is not None and out.meta_info.weight_version is not None:
             self.observe_weight_version(ex.worker, out.meta_info.weight_version)
         seq = ex.scratch.get("affinity_seq")

@@ -305,14 +305,13 @@ class UpstreamResponse:
         headers: list[tuple[bytes, bytes]],
         conn: _Connection,
         pool: UpstreamPool,
-        stall: _StallDeadline | None,
     ) -> None:
         self.status = status
         self.headers = headers
         self.bytes_received = 0
         self._conn: _Connection | None = conn
         self._pool = pool
-        self._stall = stall
+        self._stall: _StallDeadline | None = None  # set by _RequestContext once the head has arrived
         self._finished = False
 
     def iter_chunks(self) -> AsyncIterator[bytes]:
@@ -529,7 +528,6 @@ class _RequestContext:
             list(event.headers),  # type: ignore[union-attr]
             conn,
             pool,
-            None,
         )
 
     def _never_applied(self, conn: _Connection, send_failed: bool, *, orderly_close: bool) -> bool:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import msgspec
 
-from router.wire import DECODE_ERRORS
 from router.core.headers import header_value, request_headers_for_upstream, response_headers_for_client
 from router.core.pipeline import Exchange, Stage, StageError
 from router.net.upstream import UpstreamConnectError, UpstreamDisconnect, UpstreamLocalError, UpstreamTimeout
+from router.wire.sglang import reply_summaries
 
 _DONE = b"data: [DONE]"
 # A reply this small with a Content-Length is read whole and sent in one message (one write
@@ -29,32 +29,6 @@ class Options(msgspec.Struct, forbid_unknown_fields=True):
     # (abort_all at the end of a rollout) and are recorded as what they are. Applies to replies
     # the router reads whole (non-stream); a stream already relayed can't be taken back.
     abort_retries: int = 0
-
-
-class _Finish(msgspec.Struct):
-    type: str = ""
-
-
-class _Meta(msgspec.Struct):
-    finish_reason: _Finish | None = None
-
-
-class _Out(msgspec.Struct):
-    meta_info: _Meta | None = None
-
-
-_one_decoder = msgspec.json.Decoder(_Out)
-_many_decoder = msgspec.json.Decoder(list[_Out])
-
-
-def is_abort(reply: bytes) -> bool:
-    """True if an SGLang /generate reply (one object or an n>1 array) finished with an abort."""
-    try:
-        outs = _many_decoder.decode(reply) if reply.lstrip()[:1] == b"[" else [_one_decoder.decode(reply)]
-    except DECODE_ERRORS:
-        return False
-    return any(o.meta_info and o.meta_info.finish_reason and o.meta_info.finish_reason.type == "abort"
-               for o in outs)
 
 
 class Forward(Stage):
@@ -99,7 +73,8 @@ class Forward(Stage):
                                 await client.send(chunk)
                     else:
                         reply = await resp.read()
-                        if (abort_retries and resp.status == 200 and is_abort(reply)
+                        outputs = reply_summaries(reply) if resp.status == 200 and (is_generate or abort_retries) else None
+                        if (abort_retries and outputs and any(o.aborted for o in outputs)
                                 and svc.pool.pick(exclude=[*tried, worker]) is not None):
                             abort_retries -= 1
                             tried.append(worker)
@@ -111,8 +86,8 @@ class Forward(Stage):
                         else:
                             await client.start(resp.status, out_headers)
                             client.defer(reply)
-                            if is_generate:
-                                svc.note_reply(ex, reply)
+                            if is_generate and outputs:
+                                svc.note_reply(ex, outputs)
                 svc.on_worker_ok(worker)
                 return
             except UpstreamLocalError as e:

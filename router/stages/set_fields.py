@@ -28,7 +28,6 @@ class SetFields(Stage):
         try:
             body = msgspec.json.decode(ex.body_for_upstream)
         except DECODE_ERRORS as e:
-            # bad UTF-8 / deep nesting raise the latter two: a 400, not a 500 (tests/test_bad_input.py)
             raise StageError(400, f"request body is not JSON: {e}") from None
         if not isinstance(body, dict):
             raise StageError(400, "request body must be a JSON object")

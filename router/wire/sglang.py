@@ -10,6 +10,8 @@ from typing import Any
 
 import msgspec
 
+from router.wire import DECODE_ERRORS
+
 
 class GenerateRequest(msgspec.Struct):
     """The request fields routing and the trajectory cache care about."""
@@ -55,6 +57,45 @@ class GenerateOutput(msgspec.Struct):
     meta_info: MetaInfo
     text: str | None = None
     output_ids: list[int] | None = None
+
+
+class ReplyFinish(msgspec.Struct):
+    type: str = ""
+
+
+class ReplyMeta(msgspec.Struct):
+    finish_reason: ReplyFinish | None = None
+    weight_version: str | None = None
+
+
+class ReplySummary(msgspec.Struct):
+    """What the router reads off a /generate reply it forwards untouched: the abort check, the
+    worker's weight version, and the generated part for prefix affinity. Logprobs and routed
+    experts are skipped by the decoder, not built."""
+
+    meta_info: ReplyMeta | None = None
+    text: str | None = None
+    output_ids: list[int] | None = None
+
+    @property
+    def aborted(self) -> bool:
+        meta = self.meta_info
+        return meta is not None and meta.finish_reason is not None and meta.finish_reason.type == "abort"
+
+
+_reply_summary_decoder = msgspec.json.Decoder(ReplySummary)
+_reply_summaries_decoder = msgspec.json.Decoder(list[ReplySummary])
+
+
+def reply_summaries(body: bytes) -> list[ReplySummary] | None:
+    """One summary per output of a /generate reply (an n>1 or batch reply is an array), or None if
+    `body` is not one."""
+    try:
+        if body.lstrip()[:1] == b"[":
+            return _reply_summaries_decoder.decode(body)
+        return [_reply_summary_decoder.decode(body)]
+    except DECODE_ERRORS:
+        return None
 
 
 generate_request_decoder = msgspec.json.Decoder(GenerateRequest)
