@@ -347,6 +347,34 @@ async def test_chunked_body_is_cut_off_at_the_limit(nursery):
         await still_serving(c)
 
 
+async def test_refused_body_is_drained_so_the_client_reads_the_413(nursery):
+    """The 413 goes out while the body is still coming; the rest is read and dropped, then a clean FIN.
+
+    Closing with the body unread would make the kernel reset the connection: the client's next
+    write fails and a reset can destroy the reply before the client reads it.
+    """
+    sim, router = await setup(nursery)
+    size = LIMIT + 1000
+    stream = await trio.open_tcp_stream(*host_port(router.url))
+    await stream.send_all(b"POST /generate HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n" % size
+                          + b" " * 65536)
+    got = b""
+    with trio.fail_after(10):
+        while b"\r\n\r\n" not in got:
+            got += await stream.receive_some(65536)
+        assert got.startswith(b"HTTP/1.1 413"), got[:200]
+        head = got.split(b"\r\n\r\n")[0].lower()
+        assert b"\r\nconnection: close" in head  # the client must not reuse this connection
+        await stream.send_all(b" " * (size - 65536))  # a reset here would be BrokenResourceError
+        while data := await stream.receive_some(65536):  # ends with b"": FIN, not a reset
+            got += data
+    await stream.aclose()
+    assert json.loads(got.split(b"\r\n\r\n", 1)[1])["limit"] == LIMIT
+    assert sim.worker.stats.generate_requests == 0
+    async with client(router) as c:
+        await still_serving(c)
+
+
 # ---- huge input_ids through the radix-cache pipeline -----------------------------------------
 
 async def test_huge_input_ids_through_the_radix_pipeline(nursery):

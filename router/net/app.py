@@ -32,7 +32,9 @@ _PROXY_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OP
 
 
 class BodyTooLarge(Exception):
-    pass
+    def __init__(self, body_complete: bool) -> None:
+        super().__init__()
+        self.body_complete = body_complete  # the request's last body message has been received
 
 
 class ClientGone(Exception):
@@ -91,6 +93,33 @@ async def send_reply(send, reply: Reply) -> None:
     await send({"type": "http.response.body", "body": reply.body, "more_body": False})
 
 
+# Bounds on reading and dropping a refused request's body (see send_reply_before_body).
+_LINGER_BYTES = 64 << 20
+_LINGER_S = 5.0
+
+
+async def send_reply_before_body(send, receive, reply: Reply) -> None:
+    """Refuse a request whose body is still arriving (413, a bad target), then read and drop the rest.
+
+    Closing a socket with unread bytes makes the kernel answer with a reset, which can reach the
+    client before it has read the reply: it then sees "connection reset" or, having been told
+    nothing, reuses the dead keep-alive connection. So the reply says `Connection: close` and goes
+    out first; the rest of the body is then drained (bounded in bytes and time, as nginx's
+    lingering close is) before hypercorn closes the connection.
+    """
+    headers = reply.headers + [(b"content-length", str(len(reply.body)).encode()), (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": reply.body, "more_body": True})
+    drained = 0
+    with trio.move_on_after(_LINGER_S):
+        while drained < _LINGER_BYTES:
+            msg = await receive()
+            if msg["type"] == "http.disconnect" or not msg.get("more_body", False):
+                break
+            drained += len(msg.get("body", b""))
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 def json_reply(status: int, obj) -> Reply:
     return Reply(status, json_encoder.encode(obj))
 
@@ -146,7 +175,7 @@ class RouterApp:
         try:
             raw_path, path = origin_form(method, scope.get("raw_path") or scope["path"].encode("latin-1"))
         except TargetError as e:
-            await send_reply(send, error_reply(400, str(e)))
+            await send_reply_before_body(send, receive, error_reply(400, str(e)))
             self.rt.metrics.observe_request("(proxy)", 400, time.perf_counter() - t0)
             return
         if path != scope["path"]:  # absolute-form target: from here on only its path counts
@@ -161,9 +190,13 @@ class RouterApp:
             body = await self._read_body(scope, receive)
         except ClientGone:
             return
-        except BodyTooLarge:
-            await send_reply(send, error_reply(413, f"request body exceeds server.max_body_bytes ({self.max_body})",
-                                               limit=self.max_body))
+        except BodyTooLarge as e:
+            reply = error_reply(413, f"request body exceeds server.max_body_bytes ({self.max_body})",
+                                limit=self.max_body)
+            if e.body_complete:  # the connection is clean and stays open
+                await send_reply(send, reply)
+            else:
+                await send_reply_before_body(send, receive, reply)
             self.rt.metrics.observe_request(path if endpoint else "(proxy)", 413, time.perf_counter() - t0)
             return
         if endpoint is not None:
@@ -193,7 +226,7 @@ class RouterApp:
         if declared is not None:
             try:
                 if int(declared) > self.max_body:
-                    raise BodyTooLarge
+                    raise BodyTooLarge(body_complete=False)
             except ValueError:
                 pass
         chunks = []
@@ -206,7 +239,7 @@ class RouterApp:
             if chunk:
                 size += len(chunk)
                 if size > self.max_body:
-                    raise BodyTooLarge
+                    raise BodyTooLarge(body_complete=not msg.get("more_body", False))
                 chunks.append(chunk)
             if not msg.get("more_body", False):
                 break
