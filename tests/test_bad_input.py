@@ -199,7 +199,8 @@ BAD_BODIES = {
         (b"{", "invalid JSON"), (b"[]", "/retrieve_from_text"), (b'{"text": 5}', "/retrieve_from_text"),
         (b'{"texts": "a"}', "/retrieve_from_text"), (b'{"texts": [1]}', "/retrieve_from_text"),
         (b'{"text": "a", "extra": 1}', "unknown field"), (b'{"text": "a\xffb"}', "invalid JSON"),
-        (b'{"text": "\\ud800"}', "invalid JSON"), (b'{"texts": ' + b"[" * 5000, ""), (b"{}", "exactly one"),
+        (b'{"text": "\\ud800"}', "invalid JSON body: JSON is malformed: lone utf-16 high surrogate"),
+        (b'{"texts": ' + b"[" * 5000, ""), (b"{}", "exactly one"),
     ],
 }
 FANOUT = ["/abort_request", "/pause_generation", "/continue_generation", "/update_weight_version", "/flush_cache"]
@@ -250,7 +251,7 @@ async def test_generate_bad_bodies_through_the_radix_pipeline(nursery):
         (b'{"text": "a\xffb"}', "UnicodeDecodeError"),
         (b'{"text": "hi", "x_custom": "\xff"}', "UnicodeDecodeError"),  # only a full decode sees it
         (b'{"text": "hi", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "RecursionError"),
-        (b'{"text": "\\ud800"}', "invalid /generate body"),
+        (b'{"text": "\\ud800"}', "lone utf-16 high surrogate escape \\ud800 (byte 10)"),  # msgspec: "truncated"
         (b'{"text": 5}', "$.text"), (b'{"text": "a", "stream": "yes"}', "$.stream"),
         (b"[1, 2]", "Expected `object`"), (b"{", "truncated"), (b"", "invalid /generate body"),
         (b'{"input_ids": []}', "input_ids cannot be empty"),

@@ -32,6 +32,7 @@ from harness import make_config, start_sim
 from router.core.urls import normalize_worker_url
 from router.net.server import run_router
 from router.tokenizer import load_tokenizer
+from router.wire import DECODE_ERRORS, decode_error_text
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "fuzz-admin-key"
@@ -336,3 +337,32 @@ def test_fuzz_raw_requests(stack, method, path, query, headers, body):
 def test_fuzz_raw_left_the_router_healthy(stack, http):
     still_healthy(stack, http)
     assert stack.sim.worker.faults.hang is False and not stack.sim.worker.paused
+
+
+# ---- decode error texts ------------------------------------------------------------------------
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(s=st.text(alphabet=st.sampled_from(["a", "\\", '"', "u", "\ud800", "\udbff", "\udc00", "\U0001f600"]),
+                 max_size=12))
+def test_a_complete_body_is_never_called_truncated(s):
+    """msgspec says "Input data was truncated" for a lone high surrogate escape; the router's text for
+    a decode error never does for a body that is complete (json.dumps escapes every surrogate)."""
+    body = json.dumps({"text": s}).encode()
+    try:
+        assert msgspec.json.decode(body) == json.loads(body)  # no lone surrogate: decodes
+        valid = True
+    except DECODE_ERRORS as e:
+        text = decode_error_text(e, body)
+        assert "truncated" not in text and "surrogate" in text, (body, text)
+        valid = False
+    cut = body[:-2]  # and a body that is cut off is called truncated, unless it was bad before the cut
+    text = decode_error_text(_decode_error(cut), cut)
+    assert "truncated" in text or (not valid and "surrogate" in text), (cut, text)
+
+
+def _decode_error(body: bytes) -> Exception:
+    try:
+        msgspec.json.decode(body)
+    except DECODE_ERRORS as e:
+        return e
+    raise AssertionError(f"{body!r} decoded")

@@ -351,7 +351,7 @@ class RouterApp:
             try:
                 b = worker_url_decoder.decode(body)
             except DECODE_ERRORS as e:
-                raise StageError(400, f"invalid JSON body: {decode_error_text(e)}") from None
+                raise StageError(400, f"invalid JSON body: {decode_error_text(e, body)}") from None
             url = b.url or b.worker_url
         if not url:
             raise StageError(400, "worker_url is required (use query ?url=... or JSON body {\"url\": ...})")

@@ -184,7 +184,7 @@ def _retrieve_handler(runtime):
         except msgspec.ValidationError as e:
             raise StageError(400, f"invalid /retrieve_from_text body: {e}") from None
         except DECODE_ERRORS as e:
-            raise StageError(400, f"invalid JSON body: {decode_error_text(e)}") from None
+            raise StageError(400, f"invalid JSON body: {decode_error_text(e, body)}") from None
         if (req.text is None) == (req.texts is None):
             raise StageError(400, 'send exactly one of {"text": "..."} or {"texts": ["...", ...]}')
         if req.text is not None:

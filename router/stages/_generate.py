@@ -19,7 +19,7 @@ def generate_request(ex: Exchange) -> GenerateRequest:
         try:
             req = generate_request_decoder.decode(ex.body_for_upstream)
         except DECODE_ERRORS as e:
-            raise StageError(400, f"invalid /generate body: {decode_error_text(e)}") from None
+            raise StageError(400, f"invalid /generate body: {decode_error_text(e, ex.body_for_upstream)}") from None
         ex.scratch["request"] = req
     return req
 
