@@ -9,9 +9,12 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from router.net import _hypercorn_fixes
+from router.net import _hypercorn_fixes, _trio_accept
 
 _hypercorn_fixes.apply()
+# A burst of new connections is accepted in one scheduler round, not one per round
+# (router/net/_trio_accept.py).
+_trio_accept.apply()
 
 
 def hypercorn_config(host: str, port: int, *, graceful_timeout_s: float = 3.0,
