@@ -618,24 +618,39 @@ async def test_body_stall_is_a_timeout(start, pool):
     assert pool.stats()["in_use"] == 0
 
 
-async def test_slow_consumer_is_not_a_stall(start, pool):
-    """The body timeout counts only time spent waiting for the worker, not time the caller spends between chunks
-    (e.g. writing them to a slow client)."""
-    async def trickle(ex: Exchange) -> bool:
-        await ex.send_raw(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-        for i in range(4):
-            await ex.send_raw(b"1\r\n%d\r\n" % i)
-            await trio.sleep(0.05)
-        await ex.send_raw(b"0\r\n\r\n")
-        return True
+async def _trickle(ex: Exchange) -> bool:
+    await ex.send_raw(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+    for i in range(6):
+        await ex.send_raw(b"1\r\n%d\r\n" % i)
+        await trio.sleep(0.02)
+    await ex.send_raw(b"0\r\n\r\n")
+    return True
 
-    server = await start(trickle)
+
+async def test_slow_consumer_is_not_a_stall(start, pool):
+    """The body timeout bounds the gap between chunks received, not the body's whole time: a caller that takes
+    each chunk within it (e.g. writing to a slow client) may take far longer than the timeout in all."""
+    server = await start(_trickle)
     got = b""
+    started = trio.current_time()
     async with pool.request(server.url, "GET", "/", [], b"", timeout_s=5, body_timeout_s=0.2) as resp:
         async for chunk in resp.iter_chunks():
             got += chunk
-            await trio.sleep(0.3)  # longer than the body timeout, but we are the slow one
-    assert got == b"0123"
+            await trio.sleep(0.15)  # we are the slow one, but within the timeout each time
+    assert got == b"012345"
+    assert trio.current_time() - started > 0.6  # 3x the body timeout: the deadline moved with the bytes
+
+
+async def test_consumer_that_takes_nothing_for_the_timeout_ends_the_exchange(start, pool):
+    """The same clock runs while the caller is stuck relaying a chunk (a client that accepts nothing): the
+    exchange ends, the connection is closed, and the error names the client, not the worker."""
+    server = await start(_trickle)
+    with trio.fail_after(5), pytest.raises(UpstreamTimeout, match="client accepted nothing"):
+        async with pool.request(server.url, "GET", "/", [], b"", timeout_s=5, body_timeout_s=0.2) as resp:
+            async for _ in resp.iter_chunks():
+                await trio.sleep(0.5)
+    stats = pool.stats()
+    assert (stats["in_use"], stats["idle"]) == (0, {})  # closed, not pooled mid-body
 
 
 async def test_dead_pooled_socket_then_refused_connect_is_a_connect_error(nursery, pool):

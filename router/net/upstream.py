@@ -39,8 +39,9 @@ chunk, so this module keeps only what the data path needs. Client CPU measured w
   sides DONE at the end of the response body. Every other exit (timeout, cancellation, error, body not read,
   failed write) closes the socket synchronously, so a half-used connection can never be reused.
 * Timeouts use trio cancel scopes (~6 us each to create): one around send + response head, and one around the
-  whole body (entered in `__aenter__`, left in `__aexit__`) whose deadline is armed only while a body wait
-  blocks: a stall between chunks times out, and a relayed SSE chunk costs two deadline updates, not a scope.
+  whole body (entered in `__aenter__`, left in `__aexit__`), armed at the first body wait that blocks and kept at
+  least the body timeout ahead of the last body data handed out (`_StallDeadline`): a stall between chunks times out,
+  and a relayed SSE chunk costs a clock read, not a scope or a deadline update.
 * No unbounded buffering: the body is yielded chunk by chunk as it is received (<= `_RECEIVE_SIZE` per recv),
   `read(limit)` stops at the limit, and bodies over `_COALESCE_BODY_LIMIT` are written from the caller's buffer
   instead of being copied into the request head.
@@ -217,8 +218,7 @@ class _Connection:
     async def receive(self, stall: _StallDeadline | None, *, wait_first: bool = False) -> int:
         """Feed the next bytes from the socket to h11 (EOF included); returns how many (0 on EOF).
 
-        A wait that blocks arms `stall` (the body's timeout) for its duration; without one, the caller's cancel
-        scope bounds it. The recv attempt is skipped when it would almost surely fail: with `wait_first` (right
+        A wait that blocks arms `stall` (the body's timeout); without one, the caller's cancel scope bounds it. The recv attempt is skipped when it would almost surely fail: with `wait_first` (right
         after sending a request), and after a small read (a trickle such as SSE events: the socket was empty
         then, and the next event is usually far away), which saves a failed syscall and its exception.
         """
@@ -233,12 +233,11 @@ class _Connection:
                 if stall is None:
                     await _wait_readable(self.fd)
                 else:
-                    scope = stall.scope
-                    scope.deadline = _current_time() + stall.timeout_s
-                    try:
-                        await _wait_readable(self.fd)
-                    finally:
-                        scope.deadline = math.inf
+                    if stall.deadline == _NOT_ARMED:
+                        stall.extend(_current_time())
+                    stall.waiting = True
+                    await _wait_readable(self.fd)
+                    stall.waiting = False  # (left True by a timeout: it is the worker that stalled)
             try:
                 received = sock.recv_into(buffer)
             except BlockingIOError:
@@ -366,6 +365,9 @@ class UpstreamResponse:
                 event_type = type(event)
                 if event_type is _Data:
                     self.bytes_received += len(event.data)  # type: ignore[union-attr]
+                    stall = self._stall
+                    if stall is not None and stall.deadline != _NOT_ARMED:
+                        stall.extend(_current_time())
                     return event.data  # type: ignore[union-attr, return-value]
                 if event_type is _EndOfMessage:
                     break
@@ -388,15 +390,34 @@ class UpstreamResponse:
         self._pool._discard(conn)
 
 
-class _StallDeadline:
-    """The body timeout of one response: a cancel scope around the whole body whose deadline is armed only while
-    a body wait blocks (`_Connection.receive`)."""
+_NOT_ARMED = -math.inf
+_STALL_SLACK = 1.1
 
-    __slots__ = ("scope", "timeout_s")
+
+class _StallDeadline:
+    """The body timeout of one response: a cancel scope around the whole body (`_RequestContext`).
+
+    It is armed at the first body wait that blocks (a body that arrived with its head never touches it), and from
+    then on kept at least `timeout_s` ahead of the last body data handed to the caller (`_next_data`). Moving a trio
+    deadline costs a context manager and a re-registration, ~6% of a relayed SSE chunk when done around every
+    wait, so it moves only when less than `timeout_s` is left, and then to `_STALL_SLACK` x `timeout_s` ahead:
+    a busy body moves it about once per `timeout_s / 10`, and a stall times out after 1 to 1.1 x `timeout_s`.
+    The clock also runs while the caller relays to its client, so a client that takes nothing for that long
+    ends the exchange as well; `waiting` says which side it was.
+    """
+
+    __slots__ = ("scope", "timeout_s", "deadline", "waiting")
 
     def __init__(self, timeout_s: float) -> None:
         self.scope = trio.CancelScope()
         self.timeout_s = timeout_s
+        self.deadline = _NOT_ARMED
+        self.waiting = False
+
+    def extend(self, now: float) -> None:
+        if self.deadline - now < self.timeout_s:
+            self.deadline = now + self.timeout_s * _STALL_SLACK
+            self.scope.deadline = self.deadline
 
 
 class _RequestContext:
@@ -461,7 +482,10 @@ class _RequestContext:
             self._response = None
             await response.aclose()
         if timed_out:
-            raise UpstreamTimeout(f"{self._origin.url} sent no body data for {self._body_timeout_s} s")
+            if stall.waiting:
+                raise UpstreamTimeout(f"{self._origin.url} sent no body data for {self._body_timeout_s} s")
+            raise UpstreamTimeout(f"the client accepted nothing of {self._origin.url}'s response for "
+                                  f"{self._body_timeout_s} s")
 
     async def _exchange(self, conn: _Connection, deadline: float) -> UpstreamResponse:
         """Send the request on `conn` and read the response head; `conn` is closed on any failure."""
@@ -589,9 +613,10 @@ class UpstreamPool:
 
         `target` (path + "?" + query) is sent verbatim. `host` and `content-length` are set here; `headers` are the
         end-to-end headers with lower-case names (any host/content-length/transfer-encoding in them is dropped).
-        `timeout_s` bounds connect + send + response head; `body_timeout_s` (default timeout_s) bounds each wait
-        for the next body chunk: a stall cancels the `async with` body and raises UpstreamTimeout as it exits (like
-        `trio.fail_after`). Invalid method/target/headers raise ValueError before anything is sent.
+        `timeout_s` bounds connect + send + response head; `body_timeout_s` (default timeout_s) bounds the time
+        between body chunks, within 10% (see `_StallDeadline`): a stall cancels the `async with` body and raises
+        UpstreamTimeout as it exits (like `trio.fail_after`). Invalid method/target/headers raise ValueError before
+        anything is sent.
         """
         origin_state = self._origins.get(origin)
         if origin_state is None:
