@@ -8,6 +8,7 @@ counted here with a task that steps once per round, not with timing.
 from __future__ import annotations
 
 import socket
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -24,14 +25,21 @@ def test_the_router_installs_it():
     assert trio.SocketListener.accept is _trio_accept.accept
 
 
-async def _listener() -> tuple[trio.SocketListener, tuple[str, int]]:
+@asynccontextmanager
+async def queued(n: int):
+    """A listener with n plain client sockets already connected (the kernel queues them until accepted).
+    Closes the listener (if the test did not), the clients, and every stream the test hands to `streams`."""
     (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1", backlog=512)
-    return listener, listener.socket.getsockname()
-
-
-def _connect(addr, n: int) -> list[socket.socket]:
-    """n plain client sockets, connected: the kernel queues them until the listener accepts."""
-    return [socket.create_connection(addr) for _ in range(n)]
+    clients = [socket.create_connection(listener.socket.getsockname()) for _ in range(n)]
+    streams: list[trio.SocketStream] = []
+    try:
+        yield listener, clients, streams
+    finally:
+        for stream in streams:
+            await stream.aclose()
+        await listener.aclose()
+        for c in clients:
+            c.close()
 
 
 async def _rounds_to_accept(accept, listener, n: int) -> tuple[int, list[trio.SocketStream]]:
@@ -58,70 +66,45 @@ async def _rounds_to_accept(accept, listener, n: int) -> tuple[int, list[trio.So
 
 @pytest.mark.parametrize("n", [40, 300])
 async def test_queued_connections_are_accepted_in_a_round_or_two(n):
-    listener, addr = await _listener()
-    clients = _connect(addr, n)
-    try:
-        rounds, streams = await _rounds_to_accept(_trio_accept.accept, listener, n)
+    async with queued(n) as (listener, clients, streams):
+        rounds, accepted = await _rounds_to_accept(_trio_accept.accept, listener, n)
+        streams += accepted
         # One round for the first accept, one per further batch of _BATCH connections.
         assert rounds <= 1 + n // _trio_accept._BATCH, rounds
         # Each stream is the client's own connection, in the order they connected.
-        for stream, client in zip(streams, clients):
+        for stream, client in zip(accepted, clients):
             assert stream.socket.getpeername() == client.getsockname()
-        for stream in streams:
-            await stream.aclose()
-    finally:
-        await listener.aclose()
-        for c in clients:
-            c.close()
 
 
 async def test_trio_alone_takes_a_round_per_connection():
     """The measurement can tell: trio's accept yields once per connection."""
-    listener, addr = await _listener()
-    clients = _connect(addr, 40)
-    try:
-        rounds, streams = await _rounds_to_accept(_trio_accept.original_accept(), listener, 40)
+    async with queued(40) as (listener, _, streams):
+        rounds, accepted = await _rounds_to_accept(_trio_accept.original_accept(), listener, 40)
+        streams += accepted
         assert rounds >= 39, rounds
-        for stream in streams:
-            await stream.aclose()
-    finally:
-        await listener.aclose()
-        for c in clients:
-            c.close()
 
 
 async def test_closing_the_listener_closes_connections_taken_but_not_handed_out():
-    listener, addr = await _listener()
-    clients = _connect(addr, 5)
-    first = await listener.accept()  # takes the other four into the listener's queue
-    await listener.aclose()
-    for c in clients[1:]:
-        c.settimeout(5)
-        try:
-            assert c.recv(1) == b""  # closed, not left hanging
-        except ConnectionResetError:
-            pass
-        c.close()
-    await first.aclose()
-    clients[0].close()
-    with pytest.raises(trio.ClosedResourceError):
-        await listener.accept()
+    async with queued(5) as (listener, clients, streams):
+        streams.append(await listener.accept())  # takes the other four into the listener's queue
+        await listener.aclose()
+        for c in clients[1:]:
+            c.settimeout(5)
+            try:
+                assert c.recv(1) == b""  # closed, not left hanging
+            except ConnectionResetError:
+                pass
+        with pytest.raises(trio.ClosedResourceError):
+            await listener.accept()
 
 
 async def test_a_cancelled_accept_takes_nothing():
-    listener, addr = await _listener()
-    clients = _connect(addr, 3)
-    try:
-        first = await listener.accept()
+    async with queued(3) as (listener, clients, streams):
+        streams.append(await listener.accept())
         with trio.CancelScope() as scope:
             scope.cancel()
             await listener.accept()  # raises Cancelled at its checkpoint: the queued one stays
         assert scope.cancelled_caught
-        second = await listener.accept()
-        assert second.socket.getpeername() == clients[1].getsockname()
-        for s in (first, second, await listener.accept()):
-            await s.aclose()
-    finally:
-        await listener.aclose()
-        for c in clients:
-            c.close()
+        streams.append(await listener.accept())
+        assert streams[1].socket.getpeername() == clients[1].getsockname()
+        streams.append(await listener.accept())

@@ -34,7 +34,8 @@ from hypercorn.protocol.events import Body
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import TCPServer
 
-_MARK = "_miles_router_fix"
+from router.net._patch import replace, replaced
+
 _POSIX = os.name == "posix"  # a socket is a file descriptor os.write() can take
 _ERROR_TEXT = {
     400: "malformed HTTP request (request line, headers or framing)",
@@ -137,8 +138,7 @@ def _fix_tcp_server() -> None:
 
     original_protocol_send = TCPServer.protocol_send
     for name, fn in (("__init__", __init__), ("_read_data", _read_data), ("protocol_send", protocol_send)):
-        setattr(fn, _MARK, True)
-        setattr(TCPServer, name, fn)
+        replace(TCPServer, name, fn)
 
 
 def _fix_h11_protocol() -> None:
@@ -184,13 +184,12 @@ def _fix_h11_protocol() -> None:
 
     for name, fn in (("stream_send", stream_send), ("_send_h11_event", _send_h11_event),
                      ("_send_error_response", _send_error_response)):
-        setattr(fn, _MARK, True)
-        setattr(H11Protocol, name, fn)
+        replace(H11Protocol, name, fn)
     H11Protocol._miles_held_head = b""  # class default; set per connection while a head is held
 
 
 def applied() -> bool:
-    return all(getattr(getattr(cls, name), _MARK, False) for cls, name in (
+    return all(replaced(cls, name) for cls, name in (
         (TCPServer, "__init__"), (TCPServer, "_read_data"), (TCPServer, "protocol_send"),
         (H11Protocol, "stream_send"), (H11Protocol, "_send_h11_event"), (H11Protocol, "_send_error_response")))
 

@@ -20,7 +20,8 @@ import collections
 
 import trio
 
-_MARK = "_miles_router_fix"
+from router.net._patch import replace, replaced
+
 _BATCH = 128
 _original_accept = None
 _original_aclose = None
@@ -51,12 +52,8 @@ async def aclose(self: trio.SocketListener) -> None:
     await _original_aclose(self)
 
 
-for _fn in (accept, aclose):
-    setattr(_fn, _MARK, True)
-
-
 def applied() -> bool:
-    return getattr(trio.SocketListener.accept, _MARK, False)
+    return replaced(trio.SocketListener, "accept")
 
 
 def original_accept():
@@ -67,6 +64,5 @@ def apply() -> None:
     global _original_accept, _original_aclose
     if applied():
         return
-    _original_accept, _original_aclose = trio.SocketListener.accept, trio.SocketListener.aclose
-    trio.SocketListener.accept = accept
-    trio.SocketListener.aclose = aclose
+    _original_accept = replace(trio.SocketListener, "accept", accept)
+    _original_aclose = replace(trio.SocketListener, "aclose", aclose)

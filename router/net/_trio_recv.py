@@ -28,7 +28,8 @@ import threading
 
 import trio
 
-_MARK = "_miles_router_fix"
+from router.net._patch import replace, replaced
+
 _DEFAULT_RECEIVE_SIZE = 65536  # trio's default when max_bytes is None
 _local = threading.local()
 _original = None  # trio's own receive_some, kept for tests/test_trio_recv.py
@@ -71,11 +72,8 @@ async def receive_some(self: trio.SocketStream, max_bytes: int | None = None) ->
     return data
 
 
-setattr(receive_some, _MARK, True)
-
-
 def applied() -> bool:
-    return getattr(trio.SocketStream.receive_some, _MARK, False)
+    return replaced(trio.SocketStream, "receive_some")
 
 
 def original_receive_some():
@@ -86,5 +84,4 @@ def apply() -> None:
     global _original
     if applied() or not hasattr(os, "readv"):  # readv: POSIX; elsewhere trio's own receive stays
         return
-    _original = trio.SocketStream.receive_some
-    trio.SocketStream.receive_some = receive_some
+    _original = replace(trio.SocketStream, "receive_some", receive_some)

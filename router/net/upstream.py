@@ -218,9 +218,10 @@ class _Connection:
     async def receive(self, stall: _StallDeadline | None, *, wait_first: bool = False) -> int:
         """Feed the next bytes from the socket to h11 (EOF included); returns how many (0 on EOF).
 
-        A wait that blocks arms `stall` (the body's timeout); without one, the caller's cancel scope bounds it. The recv attempt is skipped when it would almost surely fail: with `wait_first` (right
-        after sending a request), and after a small read (a trickle such as SSE events: the socket was empty
-        then, and the next event is usually far away), which saves a failed syscall and its exception.
+        A wait that blocks arms `stall` (the body's timeout); without one, the caller's cancel scope bounds it.
+        The recv attempt is skipped when it would almost surely fail: with `wait_first` (right after sending a
+        request), and after a small read (a trickle such as SSE events: the socket was empty then, and the next
+        event is usually far away), which saves a failed syscall and its exception.
         """
         sock = self.sock
         if sock is None:
@@ -233,8 +234,7 @@ class _Connection:
                 if stall is None:
                     await _wait_readable(self.fd)
                 else:
-                    if stall.deadline == _NOT_ARMED:
-                        stall.extend(_current_time())
+                    stall.before_wait()
                     stall.waiting = True
                     await _wait_readable(self.fd)
                     stall.waiting = False  # (left True by a timeout: it is the worker that stalled)
@@ -365,9 +365,8 @@ class UpstreamResponse:
                 event_type = type(event)
                 if event_type is _Data:
                     self.bytes_received += len(event.data)  # type: ignore[union-attr]
-                    stall = self._stall
-                    if stall is not None and stall.deadline != _NOT_ARMED:
-                        stall.extend(_current_time())
+                    if self._stall is not None:
+                        self._stall.data_handed_out()
                     return event.data  # type: ignore[union-attr, return-value]
                 if event_type is _EndOfMessage:
                     break
@@ -414,10 +413,21 @@ class _StallDeadline:
         self.deadline = _NOT_ARMED
         self.waiting = False
 
-    def extend(self, now: float) -> None:
-        if self.deadline - now < self.timeout_s:
-            self.deadline = now + self.timeout_s * _STALL_SLACK
-            self.scope.deadline = self.deadline
+    def before_wait(self) -> None:
+        """A body wait is about to block: the first one arms the deadline."""
+        if self.deadline == _NOT_ARMED:
+            self._move_ahead(_current_time())
+
+    def data_handed_out(self) -> None:
+        """Body data reached the caller: once armed, keep at least `timeout_s` ahead."""
+        if self.deadline != _NOT_ARMED:
+            now = _current_time()
+            if self.deadline - now < self.timeout_s:
+                self._move_ahead(now)
+
+    def _move_ahead(self, now: float) -> None:
+        self.deadline = now + self.timeout_s * _STALL_SLACK
+        self.scope.deadline = self.deadline
 
 
 class _RequestContext:
