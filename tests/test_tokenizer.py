@@ -139,10 +139,10 @@ def test_builtin_builds_into_cache_dir_concurrently(tmp_path: Path, tiny: Tokeni
         t.start()
     for t in threads:
         t.join()
-    assert folders == [tmp_path / "tiny-v1"] * 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-v1"]  # no leftover build dirs
+    assert folders == [tmp_path / "tiny-v2"] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-v2"]  # no leftover build dirs
     built = load_tokenizer("builtin:tiny", tmp_path)
-    assert built.folder == tmp_path / "tiny-v1"
+    assert built.folder == tmp_path / "tiny-v2"
     assert built.encode("Hello world! 你好") == tiny.encode("Hello world! 你好")
 
 
