@@ -329,10 +329,10 @@ async def test_evicted_trajectory_recovered_by_a_later_prompt_is_not_exact(nurse
     prompt tokens -- but they are not turn 1's tokens (a re-tokenized U+FFFD, loss mask 0 where turn 1
     generated), and no generation started or ended where the text ends. That is `exact: false`,
     `match: "inside_prompt"`; before eviction the same text is `match: "trajectory"`."""
-    router, (sim,) = await cache_router(nursery)
+    router, (sim,) = await cache_router(nursery, chat_replies=False)
     p1 = chat([{"role": "user", "content": "question 1"}])
     async with client(router) as c:
-        # with sim seed 0, two tokens end inside a multi-byte character (found by searching SimModel)
+        # with sim seed 0 (plain-text replies), two tokens end inside a multi-byte character (found by searching SimModel)
         o1 = (await c.post("/generate", json={"text": p1, "sampling_params": {"max_new_tokens": 2}})).json()
         assert o1["text"].endswith("\ufffd")
         turn1 = qwen.encode(p1) + o1["output_ids"]

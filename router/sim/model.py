@@ -8,7 +8,9 @@ A completion is a deterministic function of (worker seed, sampling_seed, prompt 
 a planned number of "pieces" (words, CJK words, emoji, punctuation, newlines, numbers) is drawn,
 joined into text and tokenized. With probability `noncanonical_rate` a piece is cut in two and the
 halves are tokenized separately, so the ids are a valid but non-canonical tokenization of the text:
-re-encoding the decoded text gives different ids, like a real model sometimes does.
+re-encoding the decoded text gives different ids, like a real model sometimes does. A ChatML
+prompt awaiting an assistant turn gets a chat-model reply instead (`router.sim.chat`, switch
+`chat_replies`): optional reasoning, content and tool calls built from the same pieces, then EOS.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from router.sim.chat import ChatPlan, chat_mode, prompt_tools
 from router.tokenizer import Tokenizer
 from router.wire.sim import Faults, SimOptions  # noqa: F401  (re-exported)
 
@@ -516,8 +519,11 @@ class SimModel:
         # ignore_eos runs to max_new_tokens; min_new_tokens holds EOS back until then
         target = max_new if params.ignore_eos else min(params.min_new_tokens, max_new)
         content: list[int] = []
+        mode = chat_mode(self.tokenizer, prompt_ids) if self.options.chat_replies and max_new > 0 else None
+        if mode is not None:
+            content = self._chat_reply(prompt_ids, mode, key, target)
         drawn = 0
-        while max_new > 0 and (drawn < planned_pieces or len(content) < target):
+        while mode is None and max_new > 0 and (drawn < planned_pieces or len(content) < target):
             count = planned_pieces if drawn == 0 else _PIECE_BLOCK
             for piece, cut in self._piece_stream(key, drawn, count):
                 content.extend(self._piece_ids(piece, cut))
@@ -529,6 +535,39 @@ class SimModel:
         positions = np.arange(len(prompt_ids), len(prompt_ids) + len(output_ids), dtype=np.uint64)
         logprobs = self.logprobs(key, positions, output_ids)
         return Completion(self, key, output_ids, logprobs, finish, params)
+
+    def _chat_reply(self, prompt_ids: Sequence[int], mode: str, key: int, target: int) -> list[int]:
+        """A chat model's reply (router/sim/chat.py), without the eos: at least `target` tokens."""
+        plan = ChatPlan(mode, prompt_tools(self.tokenizer, prompt_ids), key)
+        raw = self.tokenizer.raw
+        head: list[int] = []
+        if plan.think:
+            head += raw.encode(plan.think_prefix(), add_special_tokens=False).ids
+            head += self._pieces(_hash_ints(key, 21), 0, 4 + _hash_ints(key, 22) % 37)
+            head += raw.encode(plan.think_suffix(), add_special_tokens=False).ids
+        content_key, drawn = _hash_ints(key, 23), 0
+        content: list[int] = []
+        if plan.has_content:
+            drawn = 4 + _hash_ints(key, 24) % 57
+            content = self._pieces(content_key, 0, drawn)
+        calls = raw.encode(plan.calls_text(True), add_special_tokens=False).ids if plan.calls else []
+        while len(head) + len(content) + len(calls) < target:  # ignore_eos / min_new_tokens: keep talking
+            content += self._pieces(content_key, drawn, _PIECE_BLOCK)
+            drawn += _PIECE_BLOCK
+        if plan.calls and not content:
+            calls = raw.encode(plan.calls_text(False), add_special_tokens=False).ids
+        return head + content + calls
+
+    def _pieces(self, key: int, start: int, count: int) -> list[int]:
+        """Ids of pieces `start..start+count` of `key`'s stream; a text's first piece loses its
+        leading space (a reply or a thought doesn't start with one)."""
+        ids: list[int] = []
+        for i, (piece, cut) in enumerate(self._piece_stream(key, start, count)):
+            if start + i == 0 and PIECES[piece].startswith(" "):
+                ids += self.tokenizer.raw.encode(PIECES[piece].lstrip(" "), add_special_tokens=False).ids
+            else:
+                ids += self._piece_ids(piece, cut)
+        return ids
 
     def _finish(self, seq: list[int], params: SamplingParams, max_new: int) -> tuple[int, dict[str, Any]]:
         """(number of output tokens, finish_reason), checked in Req.check_finished's order."""

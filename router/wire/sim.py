@@ -34,6 +34,7 @@ class SimOptions(msgspec.Struct, kw_only=True):
     model_path: str = "sim/qwen"
     name: str = "sim"
     context_length: int = 131072
+    chat_replies: bool = True  # a ChatML prompt awaiting an assistant turn gets a chat-model reply (sim/chat.py)
     faults: Faults = msgspec.field(default_factory=Faults)
 
     def __post_init__(self) -> None:
