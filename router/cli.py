@@ -3,8 +3,9 @@
     miles-router --config router.toml [--host H] [--port P] [--log-level L]
     miles-router check --config router.toml
     miles-router sim-worker --port 31000 [--tokenizer builtin:qwen] [--seed 0] [--token-latency-s 0.01]
+    miles-router store stats|export|vacuum --config router.toml [--out FILE] [--all]
 
-A bad config or pipeline prints one line (file, key, reason) on stderr and exits 2.
+A bad config or pipeline, or a trajectory store that cannot be opened, prints one line on stderr and exits 2.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--weight-version", default="default")
     sim.add_argument("--no-routed-experts", action="store_true")
     sim.add_argument("--name", default="sim")
+    st = sub.add_parser("store", help="inspect or maintain the durable trajectory store")
+    st.add_argument("action", choices=["stats", "export", "vacuum"])
+    st.add_argument("--config", required=True)
+    st.add_argument("--out", help="export: the safetensors file to write (default: stdout is refused)")
+    st.add_argument("--all", action="store_true", help="export: retrieved trajectories too")
     return p
 
 
@@ -53,6 +59,25 @@ def _load(path: str | None):
         print(f"miles-router: config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     return cfg, pipelines
+
+
+def _persisting(pipelines) -> bool:
+    return any(getattr(s.cls, "uses_store", False) for p in pipelines.values() for s in p.stages)
+
+
+def _check_store(cfg, pipelines) -> None:
+    """Refuse to start on a store that cannot be opened: one line saying why, exit 2."""
+    if not (cfg.store.enabled and _persisting(pipelines)):
+        return
+    from router.config import store_path
+    from router.core.store import StoreOpenError
+    from router.net.store_sqlite import check_openable
+
+    try:
+        check_openable(store_path(cfg))
+    except StoreOpenError as e:
+        print(f"miles-router: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _setup_logging(level: str) -> None:
@@ -83,7 +108,8 @@ def cmd_run(args) -> int:
 
     from router.net.server import run_router
 
-    cfg, _ = _load(args.config)
+    cfg, pipelines = _load(args.config)
+    _check_store(cfg, pipelines)
     if args.host:
         cfg.server.host = args.host
     if args.port is not None:
@@ -138,8 +164,37 @@ def cmd_sim_worker(args) -> int:
     return 0
 
 
+def cmd_store(args) -> int:
+    from router.config import store_path
+    from router.core.store import StoreOpenError
+
+    cfg, _ = _load(args.config)
+    path = store_path(cfg)
+    if not path.exists():
+        print(f"miles-router: trajectory store {path}: does not exist", file=sys.stderr)
+        return 2
+    from router.net import store_tools
+
+    try:
+        if args.action == "stats":
+            print(json.dumps(store_tools.stats(path), indent=2))
+        elif args.action == "vacuum":
+            print(json.dumps(store_tools.vacuum(path, cfg), indent=2))
+        else:
+            if not args.out:
+                print("miles-router: store export needs --out FILE", file=sys.stderr)
+                return 2
+            print(json.dumps(store_tools.export(path, cfg, args.out, unretrieved_only=not args.all), indent=2))
+    except StoreOpenError as e:
+        print(f"miles-router: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "store":
+        return cmd_store(args)
     if args.command == "check":
         return cmd_check(args)
     if args.command == "sim-worker":

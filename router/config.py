@@ -78,6 +78,21 @@ class CacheConfig(_Table):
     keep_weight_versions: int = 2
 
 
+class StoreConfig(_Table):
+    """The durable trajectory store (router/net/store_sqlite.py). Opened only when a route's pipeline has the
+    `persist` stage; `enabled = false` keeps everything in memory (as before the store existed)."""
+
+    enabled: bool = True
+    path: str = "miles-router-store.db"  # relative paths resolve against the config file's folder
+    # "commit": the end of a /generate reply waits until its trajectory is committed (fsynced);
+    # "off": written in the background, a crash may lose the last few ms.
+    sync: Literal["commit", "off"] = "commit"
+    # Retrieved (or stale-weight-version) trajectories older than this are deleted; 0 keeps them.
+    retention_s: float = 86400.0
+    # Past this many bytes of records the oldest retrieved go first, then (with a warning) unretrieved; 0 = no cap.
+    max_bytes: int = 0
+
+
 FANOUT_PATHS = ["/abort_request", "/pause_generation", "/continue_generation", "/update_weight_version",
                 "/flush_cache"]
 
@@ -113,6 +128,7 @@ class Config(_Table):
     tokenizer: TokenizerConfig = msgspec.field(default_factory=TokenizerConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     routes: list[RouteConfig] = msgspec.field(default_factory=list)
     # Folder the config came from; relative pipeline paths resolve against it.
     base_dir: str = "."
@@ -170,6 +186,10 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
     need(c.hard_budget_bytes >= c.budget_bytes, "cache.hard_budget_bytes", "must be >= cache.budget_bytes")
     need(c.cleanup_interval_s > 0, "cache.cleanup_interval_s", "must be > 0")
     need(c.keep_weight_versions >= 1, "cache.keep_weight_versions", "must be >= 1")
+    st = cfg.store
+    need(bool(st.path.strip()), "store.path", "must not be empty")
+    need(st.retention_s >= 0, "store.retention_s", "must be >= 0 (0 keeps everything)")
+    need(st.max_bytes >= 0, "store.max_bytes", "must be >= 0 (0 = no cap)")
     g = cfg.routing
     need(g.balance_abs_threshold >= 0, "routing.balance_abs_threshold", "must be >= 0")
     need(g.balance_rel_threshold >= 1.0, "routing.balance_rel_threshold", "must be >= 1.0")
@@ -222,7 +242,16 @@ def load_config(path: str | Path) -> Config:
 
 
 def default_config() -> Config:
-    return Config()
+    # No config file: nothing to put a store file next to, so trajectories stay in memory.
+    cfg = Config()
+    cfg.store.enabled = False
+    return cfg
+
+
+def store_path(cfg: Config) -> Path:
+    """The store file: `store.path`, relative to the config file's folder."""
+    p = Path(cfg.store.path)
+    return p if p.is_absolute() else Path(cfg.base_dir) / p
 
 
 def to_builtins(cfg: Config) -> dict:

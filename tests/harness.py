@@ -54,6 +54,8 @@ def make_config(**sections) -> Config:
         "server": {"port": 0, "drain_timeout_s": 5.0},
         "workers": {"health_interval_s": 0.1, "health_timeout_s": 1.0},
         "tokenizer": {"path": "builtin:tiny"},
+        # In-process test routers keep trajectories in memory unless a test gives the store a path.
+        "store": {"enabled": False},
     }
     for key, value in sections.items():
         if isinstance(value, dict):

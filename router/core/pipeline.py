@@ -37,6 +37,7 @@ BUILTIN_STAGES = {
     "capture": "router.stages.capture:Capture",
     "insert": "router.stages.insert:Insert",
     "set_fields": "router.stages.set_fields:SetFields",
+    "persist": "router.stages.persist:Persist",
 }
 PHASES = ("request", "forward", "response")
 
@@ -53,6 +54,13 @@ class StageError(Exception):
         self.status = status
         self.message = message
         self.extra = extra
+
+
+class CommitError(StageError):
+    """Raised by a response stage when the reply must not reach the client as a success, because what it
+    promises could not be made true (e.g. its trajectory could not be made durable). Unlike any other response
+    stage failure this costs the client the worker's reply: before the reply started the client gets this
+    status and error instead; once a stream has started it is broken off, never completed."""
 
 
 @dataclass(slots=True)

@@ -649,6 +649,19 @@ class RadixTree:
         rep.nodes, rep.tokens, rep.freed_bytes = rep.nodes + 1, rep.tokens + node.tokens.size, rep.freed_bytes + freed
         self._push(parent)  # a parent becomes a candidate once its last child goes
 
+    # ----------------------------------------------------------------------------------------------- store hook
+    def peek_exact(self, text: bytes) -> Retrieved | None:
+        """What `retrieve(text)` answers for an exact hit, without marking it retrieved or counting it, or None.
+        The durable store (router/stages/persist.py) records this answer right after the insert."""
+        term = self._by_digest.get(text_digest(text))
+        if term is None or term.vlen != len(text) or term.node is None:
+            return None
+        path = self.path(term.node)
+        versions = [tm.version for nd in path[:-1] for tm in nd.terminals] + [term.version]
+        toks, lps, mask, r3 = self.gather([(nd, nd.tokens.size) for nd in path])
+        return Retrieved(True, toks, lps, mask, len(text), _dedup(versions), r3, term.rid, term.finish, term.version,
+                         anchored=True)
+
     # ----------------------------------------------------------------------------------------------- stats
     @property
     def nbytes(self) -> int:

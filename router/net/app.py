@@ -20,7 +20,7 @@ import trio
 
 from router.wire import DECODE_ERRORS, decode_error_text
 from router.core.headers import header_value
-from router.core.pipeline import Exchange, Reply, StageError
+from router.core.pipeline import CommitError, Exchange, Reply, StageError
 from router.core.urls import TargetError, WorkerUrlError, host_allowed, normalize_worker_url, origin_form
 from router.net.runtime import RoutePipeline, Runtime
 from router.wire.api import error_body, json_encoder, worker_url_decoder
@@ -330,6 +330,15 @@ class RouterApp:
         for stage in pipe.response_stages:
             try:
                 await stage.on_response(ex)
+            except CommitError as e:
+                # What the reply promises could not be made true (e.g. the store could not write): the
+                # client must not receive it as a success. A started stream is broken off, never completed.
+                self.rt.metrics.stage_errors.labels(stage.name).inc()
+                log.warning("response stage %s failed for %s %s: %s", stage.name, ex.method, ex.path, e.message)
+                if client.started:
+                    raise
+                await client.reply(error_reply(e.status, e.message, stage=stage.name, **e.extra))
+                return
             except Exception as e:
                 self.rt.metrics.stage_errors.labels(stage.name).inc()
                 log.warning("response stage %s failed for %s %s: %s: %s", stage.name, ex.method, ex.path,

@@ -16,6 +16,8 @@ import trio
 
 from router.wire import DECODE_ERRORS, decode_error_text
 from router.core.pipeline import Reply, StageError
+from router.core.radix import text_digest
+from router.wire import store as store_wire
 from router.wire.api import RetrieveBatch, Trajectory, json_encoder, retrieve_request_decoder
 
 
@@ -60,6 +62,17 @@ async def _lookup(runtime, text: str) -> _Found:
     tree = _need_tree(runtime)
     data = text.encode("utf-8", "surrogatepass")
     r = tree.retrieve(data, now=time.time())
+    store = runtime.store
+    if store is not None:
+        digest = text_digest(data)
+        if not r.exact:
+            # Not in memory (evicted, or stored before a restart): the store has it if it was ever acknowledged.
+            rec = await store.get(digest)
+            if rec is not None:
+                store.mark_retrieved(digest)
+                return _stored(text, rec)
+        else:
+            store.mark_retrieved(digest)
     tokens = r.tokens.astype(np.int32, copy=False)
     logp = r.logprobs.astype(np.float32, copy=False)
     mask = r.loss_mask.astype(np.uint8, copy=False)
@@ -82,6 +95,13 @@ async def _lookup(runtime, text: str) -> _Found:
                         cached_tokens=int(tokens.size) - fresh)
     return _Found(text, match in _EXACT_MATCHES, match, tokens, logp, mask,
                   matched_chars, fresh, versions, r.routed_experts if fresh == 0 else None)
+
+
+def _stored(text: str, rec) -> _Found:
+    """A trajectory read back from the durable store: the memory cache's exact answer, as it was recorded."""
+    tokens = store_wire.tokens_of(rec)
+    return _Found(text, True, "trajectory", tokens, store_wire.logprobs_of(rec), store_wire.loss_mask_of(rec),
+                  len(text), 0, [v for v in rec.versions if v is not None], store_wire.experts_of(rec))
 
 
 # `exact` is true only when the tokens are exactly what an engine saw or produced for this text, cut where
@@ -200,6 +220,8 @@ def _stats_handler(runtime):
         stats = tree.stats() if tree is not None else {}
         c = runtime.config.cache
         stats.update(enabled=runtime.tree_wanted(), budget_bytes=c.budget_bytes, hard_budget_bytes=c.hard_budget_bytes)
+        if runtime.store is not None:
+            stats["store"] = runtime.store.stats()
         return Reply(200, json_encoder.encode(stats))
 
     return handler

@@ -49,6 +49,23 @@ class _StateCollector:
                 fam = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, f"Trajectory cache {key}")
                 fam.add_metric([], st[key])
                 yield fam
+        store = getattr(self.runtime, "store", None)
+        if store is not None:
+            s = store.stats()
+            for name, kind, value, doc in (
+                    ("bytes", "gauge", s.file_bytes, "Bytes the store occupies on disk (database and WAL)"),
+                    ("payload_bytes", "gauge", s.payload_bytes, "Bytes of stored trajectory records"),
+                    ("rows", "gauge", s.rows, "Stored trajectories"),
+                    ("unretrieved", "gauge", s.unretrieved, "Stored trajectories nobody retrieved yet"),
+                    ("pending_writes", "gauge", s.pending_writes, "Trajectories queued for the writer"),
+                    ("writable", "gauge", 1.0 if s.writable else 0.0, "1 while writes succeed"),
+                    ("commits", "counter", s.commits, "Committed write batches"),
+                    ("deleted", "counter", s.deleted, "Trajectories deleted by retention"),
+                    ("deleted_unretrieved", "counter", s.deleted_unretrieved,
+                     "Trajectories nobody retrieved, deleted because the store was over store.max_bytes")):
+                fam = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(f"miles_router_store_{name}", doc)
+                fam.add_metric([], value)
+                yield fam
 
 
 class Metrics:
@@ -69,6 +86,14 @@ class Metrics:
                                             "Bytes of routed_experts relayed to clients", registry=r)
         self.fanout = Counter("miles_router_fanout_requests", "Admin fan-out calls per worker outcome",
                               ["path", "outcome"], registry=r)
+        self.store_commit_seconds = Histogram(
+            "miles_router_store_commit_seconds", "Trajectory store: time to write and commit one batch",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
+        self.store_batch_records = Histogram(
+            "miles_router_store_batch_records", "Trajectory store: trajectories per commit (group commit)",
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 1024), registry=r)
+        self.store_write_errors = Counter("miles_router_store_write_errors", "Trajectory store: failed commits",
+                                          registry=r)
         r.register(_StateCollector(runtime))
         self._req_children: dict[tuple[str, int], object] = {}
         self._lat_children: dict[str, object] = {}
@@ -84,6 +109,13 @@ class Metrics:
         if h is None:
             h = self._lat_children[route] = self.latency.labels(route)
         h.observe(seconds)
+
+    def store_commit(self, seconds: float, records: int, failed: bool) -> None:
+        """Called from the store's writer thread (prometheus_client metrics are thread-safe)."""
+        self.store_commit_seconds.observe(seconds)
+        self.store_batch_records.observe(records)
+        if failed:
+            self.store_write_errors.inc()
 
     def selected(self, reason: str) -> None:
         c = self._sel_children.get(reason)

@@ -58,6 +58,7 @@ class Runtime:
         self._probers: dict[str, trio.CancelScope] = {}
         self.tokenizer = None
         self.tree_if_loaded = None
+        self.store = None  # the durable trajectory store (a TrajectoryStore), when a pipeline persists
         self.pipelines: dict[tuple[str, str], RoutePipeline] = {}
         self.passthrough = self._instantiate(load_pipeline("passthrough", config.base_dir), None)
         self.started_at = time.time()
@@ -86,6 +87,10 @@ class Runtime:
             {"request": req, "response": resp}.get(s.cls.phase, []).append(stage)
             if s.cls.phase == "forward":
                 fwd = stage
+        for stage in resp:  # a stage that depends on what follows it looks at its pipeline once
+            bind = getattr(stage, "bind_pipeline", None)
+            if bind is not None:
+                bind(resp)
         return RoutePipeline(spec, req, fwd, resp, route)
 
     def pipeline_for(self, method: str, path: str) -> RoutePipeline:
@@ -103,6 +108,42 @@ class Runtime:
     def tree_wanted(self) -> bool:
         return any(getattr(st, "uses_tree", False)
                    for p in self.pipelines.values() for st in (*p.request_stages, *p.response_stages))
+
+    def store_wanted(self) -> bool:
+        return self.config.store.enabled and any(
+            getattr(st, "uses_store", False) for p in self.pipelines.values() for st in p.response_stages)
+
+    def open_store(self) -> None:
+        """Open the durable store (raises StoreOpenError). Nothing is loaded: records are found by digest on disk
+        when the memory cache does not have them, so startup does not grow with the store."""
+        from router.config import store_path
+        from router.net.store_sqlite import SqliteStore
+
+        c = self.config.store
+        self.store = SqliteStore(store_path(self.config), sync=c.sync, retention_s=c.retention_s,
+                                 max_bytes=c.max_bytes, metrics=self.metrics)
+        self.store.start()
+        st = self.store.stats()
+        log.info("%s: %d trajectories (%d unretrieved), %d bytes%s", self.store.name, st.rows, st.unretrieved,
+                 st.file_bytes, "" if st.writable else f"; READ-ONLY ({st.write_error}): /generate on persisting "
+                 "routes will answer 503")
+
+    def stale_versions(self) -> frozenset:
+        return frozenset(v for v in self.versions_seen if self._is_stale(v))
+
+    async def store_maintenance(self) -> None:
+        from router.core.store import StoreError
+
+        while True:
+            await trio.sleep(self.config.cache.cleanup_interval_s)
+            try:
+                plan = await self.store.maintain(now=time.time(), stale_versions=self.stale_versions())
+            except StoreError as e:
+                log.warning("%s", e)
+                continue
+            if plan.evicted_unretrieved:
+                log.warning("%s over store.max_bytes (%d): deleted %d trajectories nobody retrieved yet",
+                            self.store.name, self.config.store.max_bytes, plan.evicted_unretrieved)
 
     def note_weight_version(self, version: str | None) -> None:
         if version is not None and version not in self.versions_seen:
@@ -122,7 +163,11 @@ class Runtime:
             return
         report = tree.evict(budget_bytes=c.budget_bytes, hard_budget_bytes=c.hard_budget_bytes,
                             stale_versions=self._is_stale)
-        if getattr(report, "evicted_unretrieved", 0):
+        if getattr(report, "evicted_unretrieved", 0) and self.store is not None:
+            # Out of memory, not out of existence: /retrieve_from_text reads them back from the store.
+            log.debug("trajectory cache over its hard budget: %d unretrieved trajectories left memory for the "
+                      "store", report.evicted_unretrieved)
+        elif getattr(report, "evicted_unretrieved", 0):
             log.warning("trajectory cache over its hard budget (%d bytes): evicted %d trajectories nobody "
                         "retrieved yet", c.hard_budget_bytes, report.evicted_unretrieved)
 
@@ -354,6 +399,8 @@ class Runtime:
         with trio.CancelScope(shield=True):
             await self.upstream.aclose()
             await self.control.aclose()
+            if self.store is not None:
+                await self.store.aclose()
 
 
 INF = math.inf

@@ -70,6 +70,8 @@ async def run_router(config: Config, *, install_signals: bool = True, shutdown: 
             runtime.load_pipelines()
             if runtime.needs_tokenizer():
                 await runtime.load_tokenizer()
+            if runtime.store_wanted():
+                runtime.open_store()
             app = RouterApp(runtime)
             install_extra_endpoints(app, runtime)
             sims = await start_sim_workers(config, root)
@@ -81,6 +83,8 @@ async def run_router(config: Config, *, install_signals: bool = True, shutdown: 
                 root.start_soon(_signal_watcher, shutdown, root.cancel_scope)
             if runtime.tree_wanted():
                 root.start_soon(runtime.cache_maintenance)
+            if runtime.store is not None:
+                root.start_soon(runtime.store_maintenance)
             root.start_soon(runtime.upstream_maintenance)
             async with trio.open_nursery() as server_nursery:
                 bound = await server_nursery.start(partial(

@@ -1,0 +1,133 @@
+"""The durable trajectory store: its interface and its retention policy (pure: no I/O, no clock).
+
+The memory cache (router/core/radix.py) is a cache over a store. A backend keeps, per trajectory, the record the
+cache would answer for its visible text (router/wire/store.py), found by the text's 16-byte digest. The embedded
+backend is SQLite (router/net/store_sqlite.py); a networked one (PostgreSQL, Valkey) implements the same
+`TrajectoryStore` protocol, so several routers can share it (README, "Scaling past one machine").
+
+Retention (`plan_retention`), applied by the backend on a schedule:
+1. age: records older than `retention_s` that were retrieved, or whose weight version is stale, are deleted;
+2. size: while the store holds more than `max_bytes`, the oldest retrieved records go;
+3. only then unretrieved ones (stale weight versions first, then oldest), each counted, and the caller warns:
+   that is data nobody trained on yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+from router.wire.store import StoredTrajectory
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked; the message names the store and the reason (one line)."""
+
+
+class StoreOpenError(StoreError):
+    """The store cannot be opened at all (the router refuses to start)."""
+
+
+class StoreWriteError(StoreError):
+    """A write failed (disk full, read-only file, I/O error): what needed it fails with 503."""
+
+
+class RowInfo(NamedTuple):
+    """What retention needs to know about one stored record."""
+
+    id: int  # insertion order
+    created: float
+    retrieved: bool
+    version: str | None
+    nbytes: int
+
+
+@dataclass
+class RetentionPlan:
+    delete: list[int] = field(default_factory=list)  # ids, in the order chosen
+    freed_bytes: int = 0
+    expired: int = 0  # phase 1
+    evicted_retrieved: int = 0  # phase 2
+    evicted_unretrieved: int = 0  # phase 3: the caller warns and counts
+
+
+def plan_retention(rows: Iterable[RowInfo], *, now: float, total_bytes: int, retention_s: float, max_bytes: int,
+                   stale_versions: frozenset = frozenset()) -> RetentionPlan:
+    """Which records to delete. `rows` are candidates (any order); `total_bytes` is what the whole store holds.
+    `retention_s` <= 0 disables phase 1, `max_bytes` <= 0 disables phases 2 and 3."""
+    plan = RetentionPlan()
+    left = sorted(rows, key=lambda r: r.id)
+    remaining = total_bytes
+    if retention_s > 0:
+        cutoff = now - retention_s
+        keep = []
+        for r in left:
+            if r.created < cutoff and (r.retrieved or r.version in stale_versions):
+                plan.delete.append(r.id)
+                plan.expired += 1
+                remaining -= r.nbytes
+            else:
+                keep.append(r)
+        left = keep
+    if max_bytes > 0 and remaining > max_bytes:
+        for r in left:
+            if remaining <= max_bytes:
+                break
+            if r.retrieved:
+                plan.delete.append(r.id)
+                plan.evicted_retrieved += 1
+                remaining -= r.nbytes
+        if remaining > max_bytes:
+            unretrieved = sorted((r for r in left if not r.retrieved),
+                                 key=lambda r: (r.version not in stale_versions, r.id))
+            for r in unretrieved:
+                if remaining <= max_bytes:
+                    break
+                plan.delete.append(r.id)
+                plan.evicted_unretrieved += 1
+                remaining -= r.nbytes
+    plan.freed_bytes = total_bytes - remaining
+    return plan
+
+
+@dataclass
+class StoreStats:
+    path: str
+    rows: int
+    unretrieved: int
+    payload_bytes: int  # bytes of the records themselves
+    file_bytes: int  # what the backend occupies (database + log files)
+    pending_writes: int
+    writable: bool
+    write_error: str | None
+    commits: int = 0
+    deleted: int = 0
+    deleted_unretrieved: int = 0
+
+
+class TrajectoryStore(Protocol):
+    """What the router needs from a durable store. Async methods run on the router's event loop and must not
+    block it; `scan` is for offline tools (`miles-router store export`)."""
+
+    name: str  # "trajectory store <where>", used in every error message
+
+    async def put(self, records: Sequence[tuple[bytes, StoredTrajectory]], *, wait: bool) -> None:
+        """Store (digest, record) pairs. With wait=True return only once they are durable; raise StoreWriteError
+        if they cannot be. With wait=False they are written in the background (a crash may lose the last ones)."""
+
+    async def get(self, digest: bytes) -> StoredTrajectory | None:
+        """The newest record stored under this digest (pending writes included), or None."""
+
+    def mark_retrieved(self, digest: bytes) -> None:
+        """Best effort, in the background: retention treats retrieved records as reclaimable."""
+
+    async def maintain(self, *, now: float, stale_versions: frozenset) -> RetentionPlan:
+        """Apply the retention policy once."""
+
+    def stats(self) -> StoreStats: ...
+
+    def scan(self, *, unretrieved_only: bool) -> Iterator[tuple[int, StoredTrajectory]]:
+        """Every record, oldest first (offline use)."""
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,387 @@
+"""The embedded trajectory store: SQLite (the standard library's sqlite3) in WAL mode.
+
+One writer thread owns the write connection, off the event loop. It takes everything queued, writes it in ONE
+transaction and commits (group commit): records that finish while a commit is in progress share the next one,
+so the fsync cost is paid per batch, not per record, and no artificial delay is added at low load. Each caller
+is woken (from the writer thread, via `TrioToken.run_sync_soon`) once its batch committed or failed.
+
+`sync = "commit"`: PRAGMA synchronous=FULL (the WAL is fsynced at every commit) and the reply's end waits for its
+commit. `sync = "off"`: synchronous=NORMAL and nobody waits (a crash may lose the last few ms; a read still sees
+records not yet committed, from `_pending`).
+
+Reads (the /retrieve_from_text fallback) run in worker threads on their own connections: WAL readers never wait
+for the writer. Torn writes (kill -9 mid-commit) are SQLite's job: an uncommitted transaction is simply absent.
+
+Schema: `trajectories` holds one small row per record (digest, created, retrieved, version, sizes) and is what
+startup, statistics and retention scan; `payloads` holds the record blobs, read only by id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from urllib.parse import quote
+
+import trio
+
+from router.core.store import (RetentionPlan, RowInfo, StoreOpenError, StoreStats, StoreWriteError,
+                               plan_retention)
+from router.wire import store as wire
+from router.wire.store import StoredTrajectory
+
+log = logging.getLogger("miles_router")
+
+SCHEMA_VERSION = "1"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS trajectories (
+    id INTEGER PRIMARY KEY,
+    digest BLOB NOT NULL,
+    created REAL NOT NULL,
+    retrieved INTEGER NOT NULL DEFAULT 0,
+    version TEXT,
+    ntokens INTEGER NOT NULL,
+    nbytes INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS trajectories_digest ON trajectories (digest);
+CREATE TABLE IF NOT EXISTS payloads (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
+"""
+
+
+def _describe(e: BaseException) -> str:
+    return str(e) or type(e).__name__
+
+
+def _connect(path: Path, *, read_only: bool, immutable: bool = False) -> sqlite3.Connection:
+    if read_only:
+        uri = f"file:{quote(str(path))}?mode=ro" + ("&immutable=1" if immutable else "")
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=10.0)
+    else:
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10.0)
+    return conn
+
+
+def open_database(path: Path, *, sync: str = "commit") -> tuple[sqlite3.Connection, str | None]:
+    """Open (creating if needed) the store at `path`: (connection, None) when writable, or a read-only
+    connection and the reason writes are impossible. Raises StoreOpenError when it cannot be read at all."""
+    name = f"trajectory store {path}"
+    if not path.parent.is_dir():
+        raise StoreOpenError(f"{name}: folder {path.parent} does not exist")
+    writable = os.access(path.parent, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
+    try:
+        if writable:
+            conn = _connect(path, read_only=False)
+            try:
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if tables and "meta" not in tables:
+                    raise StoreOpenError(f"{name}: not a miles-router store (it holds tables "
+                                         f"{', '.join(sorted(tables))})")
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if mode != "wal":
+                    raise StoreOpenError(f"{name}: cannot switch to WAL mode (journal_mode={mode})")
+                conn.execute(f"PRAGMA synchronous={'FULL' if sync == 'commit' else 'NORMAL'}")
+                conn.executescript(_SCHEMA)
+                _check_schema(conn, name, create=True)
+                return conn, None
+            except sqlite3.OperationalError as e:
+                if "readonly" not in str(e):
+                    raise
+                conn.close()
+                writable = False
+        if not path.exists():
+            raise StoreOpenError(f"{name}: file does not exist and its folder is read-only")
+        reason = "the store is read-only"
+        for immutable in (False, True):  # a read-only WAL database without its -shm file needs immutable
+            try:
+                conn = _connect(path, read_only=True, immutable=immutable)
+                _check_schema(conn, name, create=False)
+                return conn, reason
+            except sqlite3.OperationalError:
+                if immutable:
+                    raise
+    except sqlite3.DatabaseError as e:
+        raise StoreOpenError(f"{name}: cannot open: {_describe(e)}") from None
+    raise AssertionError("unreachable")
+
+
+def _check_schema(conn: sqlite3.Connection, name: str, *, create: bool) -> None:
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        conn.execute("SELECT id, digest, created, retrieved, version, ntokens, nbytes FROM trajectories LIMIT 0")
+        conn.execute("SELECT id, data FROM payloads LIMIT 0")
+    except sqlite3.OperationalError as e:
+        raise StoreOpenError(f"{name}: not a miles-router store: {_describe(e)}") from None
+    if row is None and create:
+        conn.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
+    elif row is None or row[0] != SCHEMA_VERSION:
+        raise StoreOpenError(f"{name}: store schema {row[0] if row else '(none)'}, this router reads {SCHEMA_VERSION}")
+
+
+def check_openable(path: Path) -> str | None:
+    """Startup check (before the event loop): raises StoreOpenError, or returns why it is read-only."""
+    conn, reason = open_database(path)
+    conn.close()
+    return reason
+
+
+class _Op:
+    __slots__ = ("kind", "args", "done", "error", "result")
+
+    def __init__(self, kind: str, args, done: trio.Event | None) -> None:
+        self.kind, self.args, self.done = kind, args, done
+        self.error: str | None = None
+        self.result = None
+
+
+_STOP = _Op("stop", None, None)
+
+
+class SqliteStore:
+    """A TrajectoryStore (router/core/store.py) on one SQLite file."""
+
+    def __init__(self, path: str | Path, *, sync: str = "commit", retention_s: float = 0.0, max_bytes: int = 0,
+                 metrics=None) -> None:
+        self.path = Path(path)
+        self.name = f"trajectory store {self.path}"
+        self.sync = sync
+        self.retention_s = retention_s
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+        self._conn, self.write_error = open_database(self.path, sync=sync)
+        self.read_only = self.write_error is not None
+        row = self._conn.execute("SELECT count(*), total(nbytes), total(retrieved = 0) FROM trajectories").fetchone()
+        self.rows, self.payload_bytes, self.unretrieved = int(row[0]), int(row[1]), int(row[2])
+        self.commits = self.deleted = self.deleted_unretrieved = 0
+        self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
+        self._pending: dict[bytes, StoredTrajectory] = {}  # digest -> record not yet committed
+        self._pending_writes = 0
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the writer thread; wake-ups go to the calling trio loop."""
+        self._token = trio.lowlevel.current_trio_token()
+        self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
+        self._thread.start()
+
+    async def aclose(self) -> None:
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            await trio.to_thread.run_sync(self._thread.join)
+            self._thread = None
+        with self._readers_lock:
+            for c in self._readers:
+                c.close()
+            self._readers.clear()
+        self._conn.close()
+
+    # ---- writes ------------------------------------------------------------------------------------
+    async def put(self, records: Sequence[tuple[bytes, StoredTrajectory]], *, wait: bool) -> None:
+        if not records:
+            return
+        if self.read_only:
+            raise StoreWriteError(f"{self.name}: cannot write: {self.write_error}")
+        for digest, rec in records:
+            self._pending[digest] = rec
+        self._pending_writes += len(records)
+        op = _Op("put", list(records), trio.Event() if wait else None)
+        self._queue.put(op)
+        if op.done is not None:
+            await op.done.wait()
+            if op.error is not None:
+                raise StoreWriteError(f"{self.name}: cannot write: {op.error}")
+
+    def mark_retrieved(self, digest: bytes) -> None:
+        if not self.read_only:
+            self._queue.put(_Op("retrieved", digest, None))
+
+    async def maintain(self, *, now: float, stale_versions: frozenset = frozenset()) -> RetentionPlan:
+        if self.read_only or (self.retention_s <= 0 and not (0 < self.max_bytes < self.payload_bytes)):
+            return RetentionPlan()
+        op = _Op("maintain", (now, stale_versions), trio.Event())
+        self._queue.put(op)
+        await op.done.wait()
+        if op.error is not None:
+            raise StoreWriteError(f"{self.name}: retention pass failed: {op.error}")
+        return op.result
+
+    def _writer(self) -> None:
+        conn = self._conn
+        while True:
+            batch = [self._queue.get()]
+            while True:  # group commit: everything that queued up meanwhile shares this transaction
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(op is _STOP for op in batch)
+            batch = [op for op in batch if op is not _STOP]
+            if batch:
+                self._run_batch(conn, batch)
+            if stop:
+                return
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        t0 = time.perf_counter()
+        added = added_bytes = added_unretrieved = retrieved = 0
+        records = 0
+        error = None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in batch:
+                if op.kind == "put":
+                    for digest, rec in op.args:
+                        blob = wire.encode(rec)
+                        cur = conn.execute(
+                            "INSERT INTO trajectories (digest, created, retrieved, version, ntokens, nbytes) "
+                            "VALUES (?, ?, 0, ?, ?, ?)", (digest, rec.created, rec.weight_version, rec.ntokens,
+                                                          len(blob)))
+                        conn.execute("INSERT INTO payloads (id, data) VALUES (?, ?)", (cur.lastrowid, blob))
+                        added += 1
+                        added_unretrieved += 1
+                        added_bytes += len(blob)
+                    records += len(op.args)
+                elif op.kind == "retrieved":
+                    retrieved += conn.execute("UPDATE trajectories SET retrieved = 1 WHERE digest = ? AND retrieved = 0",
+                                              (op.args,)).rowcount
+                elif op.kind == "maintain":
+                    op.result = self._apply_retention(conn, *op.args)
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            error = _describe(e)
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # no transaction left to roll back (SQLite rolled it back itself)
+        elapsed = time.perf_counter() - t0
+        if error is None:
+            self.commits += 1
+            self.rows += added
+            self.payload_bytes += added_bytes
+            self.unretrieved += added_unretrieved - retrieved
+            for op in batch:
+                plan = op.result if op.kind == "maintain" else None
+                if plan is not None and plan.delete:
+                    self.rows -= len(plan.delete)
+                    self.payload_bytes -= plan.freed_bytes
+                    self.deleted += len(plan.delete)
+                    self.deleted_unretrieved += plan.evicted_unretrieved
+            if any(op.kind == "maintain" and op.result is not None and op.result.delete for op in batch):
+                self.unretrieved = int(conn.execute("SELECT total(retrieved = 0) FROM trajectories").fetchone()[0])
+            if self.write_error is not None and not self.read_only:
+                log.info("%s: writes succeed again", self.name)
+                self.write_error = None
+        else:
+            if self.write_error != error:
+                log.error("%s: write failed: %s", self.name, error)
+            self.write_error = error
+            for op in batch:
+                op.error = error
+        if self.metrics is not None:
+            self.metrics.store_commit(elapsed, records, error is not None)
+        self._token.run_sync_soon(self._finish, batch)
+
+    def _finish(self, batch: list[_Op]) -> None:
+        """On the event loop: forget the pending records, wake the waiters."""
+        for op in batch:
+            if op.kind == "put":
+                self._pending_writes -= len(op.args)
+                for digest, rec in op.args:
+                    if self._pending.get(digest) is rec:
+                        del self._pending[digest]
+            if op.done is not None:
+                op.done.set()
+
+    def _apply_retention(self, conn: sqlite3.Connection, now: float, stale_versions: frozenset) -> RetentionPlan:
+        if self.max_bytes > 0 and self.payload_bytes > self.max_bytes:
+            rows = conn.execute("SELECT id, created, retrieved, version, nbytes FROM trajectories")
+        elif self.retention_s > 0:
+            rows = conn.execute("SELECT id, created, retrieved, version, nbytes FROM trajectories "
+                                "WHERE created < ?", (now - self.retention_s,))
+        else:
+            return RetentionPlan()
+        plan = plan_retention((RowInfo(i, c, bool(r), v, n) for i, c, r, v, n in rows), now=now,
+                              total_bytes=self.payload_bytes, retention_s=self.retention_s, max_bytes=self.max_bytes,
+                              stale_versions=stale_versions)
+        for i in range(0, len(plan.delete), 500):
+            chunk = [(x,) for x in plan.delete[i:i + 500]]
+            conn.executemany("DELETE FROM trajectories WHERE id = ?", chunk)
+            conn.executemany("DELETE FROM payloads WHERE id = ?", chunk)
+        return plan
+
+    # ---- reads -------------------------------------------------------------------------------------
+    def _reader(self) -> sqlite3.Connection:
+        with self._readers_lock:
+            if self._readers:
+                return self._readers.pop()
+        if self.read_only:
+            conn, _ = open_database(self.path)
+            return conn
+        return _connect(self.path, read_only=False)
+
+    def _release(self, conn: sqlite3.Connection) -> None:
+        with self._readers_lock:
+            self._readers.append(conn)
+
+    def _read(self, digest: bytes) -> bytes | None:
+        conn = self._reader()
+        try:
+            row = conn.execute("SELECT p.data FROM trajectories t JOIN payloads p ON p.id = t.id "
+                               "WHERE t.digest = ? ORDER BY t.id DESC LIMIT 1", (digest,)).fetchone()
+        finally:
+            self._release(conn)
+        return None if row is None else row[0]
+
+    async def get(self, digest: bytes) -> StoredTrajectory | None:
+        rec = self._pending.get(digest)
+        if rec is not None:
+            return rec
+        blob = await trio.to_thread.run_sync(self._read, digest)
+        return None if blob is None else wire.decode(blob)
+
+    def scan(self, *, unretrieved_only: bool) -> Iterator[tuple[int, StoredTrajectory]]:
+        conn = self._reader()
+        try:
+            sql = ("SELECT t.id, p.data FROM trajectories t JOIN payloads p ON p.id = t.id"
+                   + (" WHERE t.retrieved = 0" if unretrieved_only else "") + " ORDER BY t.id")
+            for rid, blob in conn.execute(sql):
+                yield rid, wire.decode(blob)
+        finally:
+            self._release(conn)
+
+    def close_sync(self) -> None:
+        """Close every connection (offline tools; the router uses aclose)."""
+        with self._readers_lock:
+            for c in self._readers:
+                c.close()
+            self._readers.clear()
+        self._conn.close()
+
+    def vacuum(self) -> None:
+        self._conn.execute("VACUUM")
+
+    # ---- statistics --------------------------------------------------------------------------------
+    def file_bytes(self) -> int:
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                total += os.stat(f"{self.path}{suffix}").st_size
+            except OSError:
+                pass
+        return total
+
+    def stats(self) -> StoreStats:
+        return StoreStats(path=str(self.path), rows=self.rows, unretrieved=self.unretrieved,
+                          payload_bytes=self.payload_bytes, file_bytes=self.file_bytes(),
+                          pending_writes=self._pending_writes, writable=self.write_error is None,
+                          write_error=self.write_error, commits=self.commits, deleted=self.deleted,
+                          deleted_unretrieved=self.deleted_unretrieved)

@@ -1,0 +1,104 @@
+"""`miles-router store stats|export|vacuum`: offline tools on the trajectory store (no event loop).
+
+Export writes the trajectories as one safetensors file in the per-trajectory layout of `/sessions/{id}/samples`
+(miles' samples wire format), so the trainer reads both the same way. For trajectory i:
+  tokens.i                  int64   [T]        prompt + response tokens
+  loss_mask.i               uint8   [R]        the response part (R = T - prompt tokens); 1 = generated
+  rollout_log_probs.i       float64 [R]        0.0 where the mask is 0
+  rollout_routed_experts.i  int32   [T-1, layers, top_k]   when routed experts were captured
+and `_samples_meta`, a uint8 tensor holding JSON {"samples": [{response, response_length, status,
+weight_versions, metadata, reward}], "session_metadata": {}, "empty_reason": null | "no_records"}.
+The response starts at the first generated token, so earlier turns of a multi-turn text conversation are part of
+it with their own mask (as miles merges turns).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from router.net.store_sqlite import SqliteStore
+from router.wire import store as wire
+
+_STATUS = {"stop": "COMPLETED", "length": "TRUNCATED", "abort": "ABORTED"}
+
+
+def stats(path: Path) -> dict:
+    store = SqliteStore(path)
+    try:
+        st = store.stats()
+        conn = store._conn
+        oldest, newest, tokens = conn.execute("SELECT min(created), max(created), total(ntokens) FROM trajectories").fetchone()
+        return {**st.__dict__, "tokens": int(tokens), "oldest": oldest, "newest": newest,
+                "bytes_per_token": round(st.payload_bytes / tokens, 3) if tokens else None}
+    finally:
+        store.close_sync()
+
+
+def vacuum(path: Path, cfg) -> dict:
+    """Apply the retention policy once (without knowledge of stale weight versions), then VACUUM."""
+    store = SqliteStore(path, retention_s=cfg.store.retention_s, max_bytes=cfg.store.max_bytes)
+    try:
+        if store.read_only:
+            from router.core.store import StoreOpenError
+
+            raise StoreOpenError(f"{store.name}: cannot vacuum: {store.write_error}")
+        before = store.file_bytes()
+        conn = store._conn
+        conn.execute("BEGIN IMMEDIATE")
+        plan = store._apply_retention(conn, time.time(), frozenset())
+        conn.execute("COMMIT")
+        store.vacuum()
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return {"deleted": len(plan.delete), "deleted_unretrieved": plan.evicted_unretrieved,
+                "file_bytes_before": before, "file_bytes_after": store.file_bytes()}
+    finally:
+        store.close_sync()
+
+
+def _tokenizer(cfg):
+    from router.tokenizer import load_tokenizer
+
+    return load_tokenizer(cfg.tokenizer.path)
+
+
+def export(path: Path, cfg, out: str, *, unretrieved_only: bool = True) -> dict:
+    from safetensors.numpy import save_file
+
+    store = SqliteStore(path)
+    tok = None
+    tensors: dict[str, np.ndarray] = {}
+    samples = []
+    try:
+        for i, (_, rec) in enumerate(store.scan(unretrieved_only=unretrieved_only)):
+            tokens = wire.tokens_of(rec)
+            mask = wire.loss_mask_of(rec)
+            logp = wire.logprobs_of(rec)
+            gen = np.flatnonzero(mask)
+            start = int(gen[0]) if gen.size else int(rec.prompt_len)
+            tensors[f"tokens.{i}"] = tokens.astype(np.int64)
+            tensors[f"loss_mask.{i}"] = np.ascontiguousarray(mask[start:], dtype=np.uint8)
+            tensors[f"rollout_log_probs.{i}"] = np.where(mask[start:] == 1, logp[start:], 0.0).astype(np.float64)
+            experts = wire.experts_of(rec)
+            if experts is not None:
+                tensors[f"rollout_routed_experts.{i}"] = np.ascontiguousarray(experts, dtype=np.int32)
+            if tok is None:
+                tok = _tokenizer(cfg)
+            samples.append({
+                "response": tok.text_bytes(tokens[start:]).decode("utf-8", "replace"),
+                "response_length": int(tokens.size - start),
+                "status": _STATUS.get(rec.finish or "", "COMPLETED"),
+                "weight_versions": [v for v in rec.versions if v is not None],
+                "metadata": {"rid": rec.rid, "finish": rec.finish, "worker": rec.worker, "created": rec.created,
+                             "prompt_tokens": start},
+                "reward": None,
+            })
+    finally:
+        store.close_sync()
+    meta = {"samples": samples, "session_metadata": {}, "empty_reason": None if samples else "no_records"}
+    tensors["_samples_meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8).copy()
+    save_file(tensors, out)
+    return {"exported": len(samples), "file": out, "bytes": Path(out).stat().st_size}

@@ -1,0 +1,301 @@
+"""The durable trajectory store: record format, retention policy, the SQLite backend, and the router over it
+(restart, eviction to disk, group commit, sync off), in process over loopback."""
+
+from __future__ import annotations
+
+import base64
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from harness import client, start_router, start_sim
+from router.core.radix import text_digest
+from router.core.store import RowInfo, StoreWriteError, plan_retention
+from router.net.store_sqlite import SqliteStore
+from router.wire import store as wire
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------------- record format
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 300), experts=st.sampled_from([None, 8, 256, 300, 70000]), layers=st.integers(1, 3),
+       seed=st.integers(0, 2**31 - 1))
+def test_record_roundtrip_is_exact(n, experts, layers, seed):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 2**31 - 1, n, dtype=np.int64).astype(np.int32)
+    logprobs = rng.normal(size=n).astype(np.float32)
+    mask = rng.integers(0, 2, n).astype(np.uint8)
+    rows = None if experts is None else rng.integers(0, experts, (n - 1, layers, 2)).astype(np.int32)
+    rec = wire.pack(rid="r", created=1.5, prompt_len=3, finish="stop", worker="w", weight_version="v2",
+                    versions=[None, "v1", "v2"], tokens=tokens, logprobs=logprobs, loss_mask=mask, experts=rows)
+    back = wire.decode(wire.encode(rec))
+    assert back == rec
+    assert np.array_equal(wire.tokens_of(back), tokens)
+    assert wire.logprobs_of(back).tobytes() == logprobs.tobytes()  # bit-exact, NaN included
+    assert np.array_equal(wire.loss_mask_of(back), mask)
+    if rows is None:
+        assert wire.experts_of(back) is None
+    else:
+        got = wire.experts_of(back)
+        assert got.dtype == np.int32 and np.array_equal(got, rows)
+        # stored at the width the ids need: 1 byte while every id is < 256, 2 while < 65536
+        top = int(rows.max()) if rows.size else 0
+        width = 1 if top < 256 else 2 if top < 65536 else 4
+        assert len(back.experts) == rows.size * width
+    # without routed experts: 8.125 bytes per token plus a fixed header
+    if rows is None:
+        assert len(wire.encode(rec)) <= 8.125 * n + 80
+
+
+# ---------------------------------------------------------------------------------------------- retention
+rows_strategy = st.lists(st.tuples(st.floats(0, 1000), st.booleans(), st.sampled_from([None, "a", "b"]),
+                                   st.integers(1, 100)), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=rows_strategy, retention=st.sampled_from([0.0, 100.0, 500.0]), max_bytes=st.integers(0, 2000),
+       stale=st.sampled_from([frozenset(), frozenset({"a"})]))
+def test_retention_plan_properties(rows, retention, max_bytes, stale):
+    infos = [RowInfo(i, c, r, v, n) for i, (c, r, v, n) in enumerate(rows)]
+    total = sum(r.nbytes for r in infos)
+    now = 1000.0
+    plan = plan_retention(infos, now=now, total_bytes=total, retention_s=retention, max_bytes=max_bytes,
+                          stale_versions=stale)
+    deleted = set(plan.delete)
+    assert len(deleted) == len(plan.delete)
+    kept = [r for r in infos if r.id not in deleted]
+    assert plan.freed_bytes == total - sum(r.nbytes for r in kept)
+    assert plan.expired + plan.evicted_retrieved + plan.evicted_unretrieved == len(plan.delete)
+    expired = [r for r in infos if retention > 0 and r.created < now - retention and (r.retrieved or r.version in stale)]
+    # phase 1 deletes exactly the expired reclaimable rows
+    assert {r.id for r in expired} <= deleted and plan.expired == len(expired)
+    after_age = total - sum(r.nbytes for r in expired)
+    if max_bytes <= 0 or after_age <= max_bytes:
+        assert plan.delete == [r.id for r in expired]  # nothing else goes
+        return
+    kept_bytes = sum(r.nbytes for r in kept)
+    assert kept_bytes <= max_bytes
+    # unretrieved rows are deleted only once no retrieved row is left
+    if plan.evicted_unretrieved:
+        assert all(not r.retrieved for r in kept)
+    # size phases are minimal: putting back the last row deleted for size would exceed the cap
+    size_deleted = [i for i in plan.delete if i not in {r.id for r in expired}]
+    last = next(r for r in infos if r.id == size_deleted[-1])
+    assert kept_bytes + last.nbytes > max_bytes
+    # retrieved rows go oldest first
+    gone_retrieved = [i for i in size_deleted if infos[i].retrieved]
+    left_retrieved = [r.id for r in kept if r.retrieved]
+    assert not gone_retrieved or not left_retrieved or max(gone_retrieved) < min(left_retrieved)
+
+
+def test_retention_examples():
+    rows = [RowInfo(0, 0.0, True, "v1", 10), RowInfo(1, 0.0, False, "v1", 10), RowInfo(2, 0.0, False, "v2", 10),
+            RowInfo(3, 990.0, True, "v2", 10)]
+    # age: old retrieved and old stale go, old fresh unretrieved stays, young retrieved stays
+    p = plan_retention(rows, now=1000.0, total_bytes=40, retention_s=100, max_bytes=0, stale_versions=frozenset({"v1"}))
+    assert p.delete == [0, 1] and p.expired == 2 and p.evicted_unretrieved == 0
+    # size: retrieved first (oldest first), then unretrieved with a count
+    p = plan_retention(rows, now=1000.0, total_bytes=40, retention_s=0, max_bytes=15)
+    assert p.delete == [0, 3, 1] and p.evicted_retrieved == 2 and p.evicted_unretrieved == 1
+
+
+# ---------------------------------------------------------------------------------------------- backend
+def _rec(i: int, n: int = 50) -> wire.StoredTrajectory:
+    return wire.pack(rid=f"r{i}", created=float(i), prompt_len=10, finish="stop", worker=None, weight_version="v",
+                     versions=["v"], tokens=np.arange(n, dtype=np.int32) + i, logprobs=np.full(n, -0.5, np.float32),
+                     loss_mask=np.r_[np.zeros(10, np.uint8), np.ones(n - 10, np.uint8)], experts=None)
+
+
+async def test_backend_put_get_reopen_and_retention(tmp_path):
+    path = tmp_path / "s.db"
+    store = SqliteStore(path, max_bytes=0)
+    store.start()
+    digests = [text_digest(f"text {i}".encode()) for i in range(20)]
+    await store.put([(d, _rec(i)) for i, d in enumerate(digests)], wait=True)
+    assert store.stats().rows == 20 and store.stats().unretrieved == 20
+    got = await store.get(digests[7])
+    assert got.rid == "r7" and np.array_equal(wire.tokens_of(got), np.arange(50) + 7)
+    assert await store.get(text_digest(b"never stored")) is None
+    for d in digests[:5]:
+        store.mark_retrieved(d)
+    await store.put([], wait=True)
+    await store.aclose()
+
+    # reopen: counts come back from disk; a cap deletes the oldest retrieved first
+    one = len(wire.encode(_rec(0)))
+    store = SqliteStore(path, retention_s=0, max_bytes=one * 12 + 20)  # r10..r19 are a byte longer
+    store.start()
+    assert store.stats().rows == 20 and store.stats().unretrieved == 15
+    plan = await store.maintain(now=100.0)
+    assert plan.evicted_retrieved == 5 and plan.evicted_unretrieved == 3
+    assert sorted(plan.delete) == [0 + 1, 1 + 1, 2 + 1, 3 + 1, 4 + 1, 5 + 1, 6 + 1, 7 + 1]  # ids are 1-based
+    assert await store.get(digests[4]) is None and await store.get(digests[7]) is None
+    assert (await store.get(digests[8])).rid == "r8"
+    st_ = store.stats()
+    assert st_.rows == 12 and st_.unretrieved == 12 and st_.deleted_unretrieved == 3
+    await store.aclose()
+
+
+async def test_backend_write_failure_is_a_store_error_and_recovers(tmp_path):
+    path = tmp_path / "s.db"
+    store = SqliteStore(path)
+    store.start()
+    await store.put([(b"a" * 16, _rec(0))], wait=True)
+    # fill the database to its page limit: SQLite's "disk is full"
+    pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
+    store._conn.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(StoreWriteError, match=rf"trajectory store {path}: cannot write: .*full"):
+        await store.put([(b"b" * 16, _rec(1, n=20_000))], wait=True)
+    assert store.stats().writable is False and store.stats().rows == 1
+    assert await store.get(b"b" * 16) is None  # a failed write leaves nothing behind
+    store._conn.execute("PRAGMA max_page_count = 1000000")
+    await store.put([(b"c" * 16, _rec(2))], wait=True)
+    assert store.stats().writable is True and (await store.get(b"c" * 16)).rid == "r2"
+    await store.aclose()
+
+
+def test_not_a_store_cannot_be_opened(tmp_path):
+    from router.core.store import StoreOpenError
+    from router.net.store_sqlite import check_openable
+
+    bad = tmp_path / "garbage.db"
+    bad.write_bytes(b"this is not an sqlite file" * 100)
+    with pytest.raises(StoreOpenError, match=rf"trajectory store {bad}: cannot open"):
+        check_openable(bad)
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.commit()
+    with pytest.raises(StoreOpenError, match="not a miles-router store"):
+        check_openable(other)
+    with pytest.raises(StoreOpenError, match="does not exist"):
+        check_openable(tmp_path / "missing-folder" / "s.db")
+
+
+# ---------------------------------------------------------------------------------------------- the router over it
+async def store_router(nursery, path, *, pipeline="pipelines/radix-cache-r3.toml", sims=None, cache=None,
+                       sync="commit", **sim_kw):
+    sims = sims or [await start_sim(nursery, seed=i, **sim_kw) for i in range(1)]
+    return await start_router(
+        nursery,
+        workers={"urls": [s.url for s in sims]},
+        routes=[{"path": "/generate", "pipeline": str(ROOT / pipeline)}],
+        store={"enabled": True, "path": str(path), "sync": sync},
+        cache=cache or {},
+    ), sims
+
+
+def _prompt(i: int) -> str:
+    return f"question {i}: how many {'abc'[i % 3]} are there in {i * 7919 % 1000}? "
+
+
+async def _generate(c, text, n=12):
+    r = await c.post("/generate", json={"text": text, "sampling_params": {"max_new_tokens": n},
+                                        "return_logprob": True})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def _retrieve(c, text):
+    r = await c.post("/retrieve_from_text", json={"text": text})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def test_restart_serves_retrieve_exactly_as_before(nursery, tmp_path):
+    """Multi-turn text conversations (merged loss mask over earlier turns, R3 over the whole sequence): after a
+    restart on the same store, /retrieve_from_text answers every trajectory byte for byte as before."""
+    path = tmp_path / "store.db"
+    sim = await start_sim(nursery, seed=3)
+    texts, before = [], {}
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as n1:
+            router, _ = await store_router(n1, path, sims=[sim])
+            async with client(router) as c:
+                for conv in range(6):
+                    text = _prompt(conv)
+                    for turn in range(3):
+                        out = await _generate(c, text)
+                        text = text + out["text"]
+                        texts.append(text)
+                        text = text + f" and then {turn}? "
+                for t in texts:
+                    before[t] = await _retrieve(c, t)
+            scope.cancel()
+    assert all(b["exact"] and b["match"] == "trajectory" and b["routed_experts"] for b in before.values())
+    # a multi-turn record carries the earlier turns' generated tokens in its loss mask
+    assert any(0 < b["loss_mask"].index(1) and 0 in b["loss_mask"][b["loss_mask"].index(1):] for b in before.values())
+
+    async with trio.open_nursery() as n2:
+        router, _ = await store_router(n2, path, sims=[sim])
+        assert router.runtime.tree.stats()["trajectories"] == 0  # nothing was loaded: read lazily
+        async with client(router) as c:
+            for t in texts:
+                assert await _retrieve(c, t) == before[t]
+            stats = (await c.get("/cache/stats")).json()["store"]
+            assert stats["rows"] == len(texts) and stats["unretrieved"] == 0
+            metrics = (await c.get("/metrics")).text
+            assert f"miles_router_store_rows {float(len(texts))}" in metrics
+        n2.cancel_scope.cancel()
+
+
+async def test_memory_budget_moves_trajectories_to_disk_not_out_of_existence(nursery, tmp_path):
+    path = tmp_path / "store.db"
+    router, (sim,) = await store_router(nursery, path, cache={"budget_bytes": 1, "hard_budget_bytes": 1})
+    replies = {}
+    async with client(router) as c:
+        for i in range(60):
+            out = await _generate(c, _prompt(i), n=20)
+            replies[_prompt(i) + out["text"]] = out
+            assert router.runtime.tree.nbytes < 64_000  # memory stays flat: at most the tree's skeleton
+        for text, out in replies.items():
+            got = await _retrieve(c, text)
+            assert got["exact"] and got["match"] == "trajectory"
+            assert got["tokens"][-len(out["output_ids"]):] == out["output_ids"]
+            assert got["rollout_logp"][-len(out["output_ids"]):] == pytest.approx(
+                [t[0] for t in out["meta_info"]["output_token_logprobs"]], abs=1e-6)
+            rows = np.frombuffer(base64.b64decode(got["routed_experts"]), "<i4")
+            assert rows.tobytes() == base64.b64decode(out["meta_info"]["routed_experts"])
+        assert router.runtime.tree.stats()["trajectories"] <= 1
+
+
+async def test_group_commit_shares_commits_between_concurrent_replies(nursery, tmp_path):
+    router, _ = await store_router(nursery, tmp_path / "store.db", token_latency_s=0.001)
+    async with client(router) as c:
+        async with trio.open_nursery() as n:
+            for i in range(48):
+                n.start_soon(_generate, c, _prompt(i), 8)
+    st_ = router.runtime.store.stats()
+    assert st_.rows == 48 and st_.pending_writes == 0
+    assert st_.commits < 48, "concurrent replies should share commits"
+
+
+async def test_sync_off_is_readable_at_once_and_durable_after_close(nursery, tmp_path):
+    path = tmp_path / "store.db"
+    sim = await start_sim(nursery, seed=1)
+    async with trio.open_nursery() as n1:
+        router, _ = await store_router(n1, path, sims=[sim], sync="off",
+                                       cache={"budget_bytes": 1, "hard_budget_bytes": 1})
+        async with client(router) as c:
+            out = await _generate(c, _prompt(1))
+            got = await _retrieve(c, _prompt(1) + out["text"])  # evicted from memory, maybe not committed yet
+            assert got["exact"] and got["tokens"][-len(out["output_ids"]):] == out["output_ids"]
+        n1.cancel_scope.cancel()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT count(*) FROM trajectories").fetchone()[0] == 1
+
+
+async def test_store_disabled_keeps_trajectories_in_memory_only(nursery, tmp_path):
+    sim = await start_sim(nursery)
+    router = await start_router(nursery, workers={"urls": [sim.url]},
+                                routes=[{"path": "/generate", "pipeline": str(ROOT / "pipelines/radix-cache.toml")}],
+                                store={"enabled": False, "path": str(tmp_path / "never.db")})
+    async with client(router) as c:
+        out = await _generate(c, _prompt(2))
+        assert (await _retrieve(c, _prompt(2) + out["text"]))["exact"]
+        assert "store" not in (await c.get("/cache/stats")).json()
+    assert router.runtime.store is None and not (tmp_path / "never.db").exists()
