@@ -98,13 +98,16 @@ def open_database(path: Path, *, sync: str = "commit") -> tuple[sqlite3.Connecti
             raise StoreOpenError(f"{name}: file does not exist and its folder is read-only")
         reason = "the store is read-only"
         for immutable in (False, True):  # a read-only WAL database without its -shm file needs immutable
+            conn = _connect(path, read_only=True, immutable=immutable)
             try:
-                conn = _connect(path, read_only=True, immutable=immutable)
-                _check_schema(conn, name, create=False)
-                return conn, reason
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
             except sqlite3.OperationalError:
+                conn.close()
                 if immutable:
                     raise
+                continue
+            _check_schema(conn, name, create=False)
+            return conn, reason
     except sqlite3.DatabaseError as e:
         raise StoreOpenError(f"{name}: cannot open: {_describe(e)}") from None
     raise AssertionError("unreachable")
