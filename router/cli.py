@@ -55,6 +55,8 @@ def _load(path: str | None):
     try:
         cfg = load_config(path) if path else default_config()
         pipelines = {(r.method, r.path): load_pipeline(r.pipeline, cfg.base_dir) for r in cfg.routes}
+        if cfg.sessions.enabled:
+            pipelines[("POST", "/sessions/{id}/v1/chat/completions")] = load_pipeline(cfg.sessions.pipeline, cfg.base_dir)
     except (ConfigError, PipelineError) as e:
         print(f"miles-router: config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -136,6 +138,10 @@ def cmd_check(args) -> int:
     out["routes"] = [
         {**msgspec.to_builtins(r), "stages": pipelines[(r.method, r.path)].describe()} for r in cfg.routes
     ]
+    if cfg.sessions.enabled:
+        key = ("POST", "/sessions/{id}/v1/chat/completions")
+        out["routes"].append({"path": key[1], "method": "POST", "pipeline": cfg.sessions.pipeline,
+                              "policy": "sticky (session id)", "stages": pipelines[key].describe()})
     out["routes"].append({"path": "(any other path)", "pipeline": "passthrough", "stages": [{"stage": "forward", "phase": "forward", "options": {}}]})
     print(json.dumps(out, indent=2))
     print(f"{args.config}: OK", file=sys.stderr)

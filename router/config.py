@@ -114,6 +114,18 @@ class RoutingConfig(_Table):
     fanout_paths: list[str] = msgspec.field(default_factory=lambda: list(FANOUT_PATHS))
 
 
+class SessionsConfig(_Table):
+    """Agent sessions (`/sessions/...`): OpenAI chat with exact token-in/token-out trajectories."""
+
+    enabled: bool = True
+    # `session-chat` (built-in) or a pipeline TOML (relative to the config), e.g. pipelines/session-chat.toml
+    pipeline: str = "session-chat"
+    idle_timeout_s: float = 3600.0  # a session unused this long is reclaimed (then 410, like a deleted one)
+    max_sessions: int = 100_000  # live sessions; POST /sessions beyond it gets 429
+    max_turns_per_session: int = 1024  # stored turns (tree nodes) per session; one more gets 409
+    prompt_cache_entries: int = 4096  # distinct first prompts kept tokenized (GRPO groups share one)
+
+
 class RouteConfig(_Table):
     path: str
     method: str = "POST"
@@ -129,6 +141,7 @@ class Config(_Table):
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    sessions: SessionsConfig = msgspec.field(default_factory=SessionsConfig)
     routes: list[RouteConfig] = msgspec.field(default_factory=list)
     # Folder the config came from; relative pipeline paths resolve against it.
     base_dir: str = "."
@@ -200,6 +213,11 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
     g.sticky_header = g.sticky_header.lower()
     for i, fp in enumerate(g.fanout_paths):
         need(fp in FANOUT_PATHS, f"routing.fanout_paths[{i}]", f"must be one of {', '.join(FANOUT_PATHS)}")
+    ss = cfg.sessions
+    need(ss.idle_timeout_s > 0, "sessions.idle_timeout_s", "must be > 0")
+    need(ss.max_sessions >= 1, "sessions.max_sessions", "must be >= 1")
+    need(ss.max_turns_per_session >= 1, "sessions.max_turns_per_session", "must be >= 1")
+    need(ss.prompt_cache_entries >= 0, "sessions.prompt_cache_entries", "must be >= 0")
     seen: set[tuple[str, str]] = set()
     for i, r in enumerate(cfg.routes):
         need(r.path.startswith("/"), f"routes[{i}].path", "must start with '/'")

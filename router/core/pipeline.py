@@ -38,6 +38,11 @@ BUILTIN_STAGES = {
     "insert": "router.stages.insert:Insert",
     "set_fields": "router.stages.set_fields:SetFields",
     "persist": "router.stages.persist:Persist",
+    "session_request": "router.stages.session_request:SessionRequest",
+    "chat_template": "router.stages.chat_template:ChatTemplate",
+    "session_generate": "router.stages.session_generate:SessionGenerate",
+    "chat_parse": "router.stages.chat_parse:ChatParse",
+    "session_reply": "router.stages.session_reply:SessionReply",
 }
 PHASES = ("request", "forward", "response")
 
@@ -207,12 +212,17 @@ def build_pipeline(name: str, source: str, refs: list[str], options: dict[str, d
 
 
 PASSTHROUGH = "passthrough"
+SESSION_CHAT = "session-chat"
+# The session chat pipeline when `[sessions] pipeline` names no file (pipelines/session-chat.toml is the same).
+SESSION_CHAT_STAGES = ["session_request", "chat_template", "session_generate", "forward", "chat_parse", "session_reply"]
 
 
 def load_pipeline(ref: str, base_dir: str | Path) -> PipelineSpec:
-    """`passthrough` (built-in) or a TOML file path (relative to the config's folder)."""
+    """`passthrough` / `session-chat` (built-in) or a TOML file path (relative to the config's folder)."""
     if ref == PASSTHROUGH:
         return build_pipeline(PASSTHROUGH, "(builtin passthrough)", ["forward"], {})
+    if ref == SESSION_CHAT:
+        return build_pipeline(SESSION_CHAT, "(builtin session-chat)", SESSION_CHAT_STAGES, {})
     path = Path(ref)
     if not path.is_absolute():
         path = Path(base_dir) / path

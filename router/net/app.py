@@ -151,6 +151,9 @@ class RouterApp:
             ("GET", "/metrics"): (self.metrics, False),
         }
         self.extra_endpoints_hook: list = []
+        # (path prefix, handler(scope, receive, send, body) -> status) for route families with ids in
+        # the path (/sessions/{id}/...); checked only when no exact endpoint matches.
+        self.prefix_routes: list[tuple[str, Callable]] = []
 
     def register(self, method: str, path: str, handler: Handler, admin: bool = False) -> None:
         self.endpoints[(method, path)] = (handler, admin)
@@ -213,6 +216,11 @@ class RouterApp:
             await send_reply(send, reply)
             self.rt.metrics.observe_request(path, reply.status, time.perf_counter() - t0)
             return
+        for prefix, handle in self.prefix_routes:
+            if path == prefix or path.startswith(prefix + "/"):
+                status = await handle(scope, receive, send, body)
+                self.rt.metrics.observe_request(prefix, status, time.perf_counter() - t0)
+                return
         if method not in _PROXY_METHODS:
             await send_reply(send, error_reply(405, f"method {method} is not proxied"))
             return
@@ -270,11 +278,16 @@ class RouterApp:
         return out
 
     # ---- proxy ------------------------------------------------------------------------------
-    async def _proxy(self, scope, receive, send, body: bytes, pipe: RoutePipeline) -> int:
+    async def _proxy(self, scope, receive, send, body: bytes, pipe: RoutePipeline, *,
+                     scratch: dict | None = None, upstream_path: str | None = None) -> int:
         ex = Exchange(scope["method"], scope["path"], scope["query_string"], scope["headers"], body, route=pipe.route)
-        if scope.get("raw_path"):
+        if upstream_path is not None:
+            ex.path = upstream_path
+        elif scope.get("raw_path"):
             # Forward the path as the client spelled it (percent-encoding included), never re-quoted.
             ex.path = scope["raw_path"].decode("latin-1").split("?", 1)[0]
+        if scratch:
+            ex.scratch.update(scratch)
         client = ClientStream(send, pipe.needs_response)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope, client)

@@ -60,6 +60,9 @@ class Runtime:
         self.tree_if_loaded = None
         self.store = None  # the durable trajectory store (a TrajectoryStore), when a pipeline persists
         self.pipelines: dict[tuple[str, str], RoutePipeline] = {}
+        self.sessions = None  # SessionRegistry when [sessions] enabled
+        self.session_pipeline: RoutePipeline | None = None
+        self.session_proxy: RoutePipeline | None = None
         self.passthrough = self._instantiate(load_pipeline("passthrough", config.base_dir), None)
         self.started_at = time.time()
         # weight version -> order first seen; the newest `cache.keep_weight_versions` are current
@@ -79,6 +82,27 @@ class Runtime:
         for r in self.config.routes:
             spec = load_pipeline(r.pipeline, self.config.base_dir)
             self.pipelines[(r.method, r.path)] = self._instantiate(spec, r)
+        ss = self.config.sessions
+        if ss.enabled:
+            from router.config import RouteConfig
+            from router.core.sessions.registry import SessionRegistry
+
+            self.sessions = SessionRegistry(max_sessions=ss.max_sessions, max_turns=ss.max_turns_per_session,
+                                            idle_timeout_s=ss.idle_timeout_s,
+                                            prompt_cache_entries=ss.prompt_cache_entries)
+            # Every session request is routed with the session id as its sticky key.
+            route = RouteConfig(path="/sessions", method="POST", pipeline=ss.pipeline, policy="sticky")
+            self.session_pipeline = self._instantiate(load_pipeline(ss.pipeline, self.config.base_dir), route)
+            self.session_proxy = self._instantiate(load_pipeline("passthrough", self.config.base_dir), route)
+
+    async def session_maintenance(self) -> None:
+        """Reclaim sessions idle past `sessions.idle_timeout_s` (checked a few times per timeout)."""
+        interval = min(max(self.config.sessions.idle_timeout_s / 4, 0.05), 30.0)
+        while True:
+            await trio.sleep(interval)
+            gone = self.sessions.expire_idle(time.monotonic())
+            if gone:
+                log.info("reclaimed %d idle session(s)", len(gone))
 
     def _instantiate(self, spec: PipelineSpec, route) -> RoutePipeline:
         req, fwd, resp = [], None, []
@@ -97,8 +121,9 @@ class Runtime:
         return self.pipelines.get((method, path)) or self.passthrough
 
     def needs_tokenizer(self) -> bool:
+        pipes = [*self.pipelines.values(), *([self.session_pipeline] if self.session_pipeline else [])]
         return any(getattr(st, "uses_tokenizer", False)
-                   for p in self.pipelines.values() for st in (*p.request_stages, *p.response_stages))
+                   for p in pipes for st in (*p.request_stages, *p.response_stages))
 
     async def load_tokenizer(self) -> None:
         from router.tokenizer import load_tokenizer
@@ -362,6 +387,9 @@ class Runtime:
             self.prefix_index.record(np.concatenate([seq, np.asarray(out.output_ids, np.int32)]), ex.worker.url)
 
     def _routing_key(self, ex) -> str | None:
+        key = ex.scratch.get("routing_key")  # set by the router itself (e.g. a session id)
+        if key is not None:
+            return key
         g = self.config.routing
         for k, v in ex.headers:
             if k == g.sticky_header.encode():

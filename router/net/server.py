@@ -86,6 +86,8 @@ async def run_router(config: Config, *, install_signals: bool = True, shutdown: 
             if runtime.store is not None:
                 root.start_soon(runtime.store_maintenance)
             root.start_soon(runtime.upstream_maintenance)
+            if runtime.sessions is not None:
+                root.start_soon(runtime.session_maintenance)
             async with trio.open_nursery() as server_nursery:
                 bound = await server_nursery.start(partial(
                     serve_asgi, app, config.server.host, config.server.port,
@@ -100,6 +102,7 @@ async def run_router(config: Config, *, install_signals: bool = True, shutdown: 
 
 def install_extra_endpoints(app: RouterApp, runtime: Runtime) -> None:
     """Endpoints that live in their own modules (trajectory retrieval, admin fan-out)."""
-    from router.net import endpoints
+    from router.net import endpoints, sessions
 
     endpoints.install(app, runtime)
+    sessions.install(app, runtime)

@@ -1,12 +1,13 @@
 """OpenAI chat-completions shapes the router writes (and reads back from clients).
 
-Only the assistant-message pieces live here so far: a parsed tool call and the reply message.
+Requests are decoded leniently (unknown fields ignored: agent frameworks send many), but the
+fields the router acts on are typed, so a wrong type is a 400 naming the field.
 Field order follows OpenAI's own JSON; `None` fields are written as ``null`` like OpenAI/SGLang do.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -35,3 +36,121 @@ class AssistantMessage(msgspec.Struct, kw_only=True):
     content: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[ToolCall] | None = None
+
+
+# ---- requests (the session API decodes these) ----------------------------------------------------------------------------------
+
+
+class ContentPart(msgspec.Struct):
+    type: str = "text"
+    text: str | None = None
+
+
+class FunctionCallIn(msgspec.Struct):
+    name: str = ""
+    # OpenAI sends a JSON string; some harnesses send the object itself.
+    arguments: str | dict[str, Any] | None = None
+
+
+class ToolCallIn(msgspec.Struct):
+    function: FunctionCallIn
+    id: str | None = None
+    type: str = "function"
+    index: int | None = None  # wire-only (stream deltas): ignored when matching
+
+
+class ChatMessageIn(msgspec.Struct, omit_defaults=True):
+    role: str
+    content: str | list[ContentPart] | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class ChatRequest(msgspec.Struct):
+    """The fields of a chat.completions request the router acts on."""
+
+    messages: list[ChatMessageIn]
+    model: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+
+
+chat_request_decoder = msgspec.json.Decoder(ChatRequest)
+
+
+# ---- reply ------------------------------------------------------------------------------------
+
+
+# ---- replies
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChoiceOut(msgspec.Struct):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None = None
+    meta_info: msgspec.Raw = msgspec.Raw(b"{}")
+
+
+class ChatCompletion(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChoiceOut]
+    usage: Usage
+    object: str = "chat.completion"
+
+
+class DeltaOut(msgspec.Struct, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class ChunkChoice(msgspec.Struct):
+    index: int
+    delta: DeltaOut
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    object: str = "chat.completion.chunk"
+
+
+json_encoder = msgspec.json.Encoder()

@@ -1,0 +1,143 @@
+"""The live sessions: ids, lookup (404 / 410), deletion, idle expiry, limits, shared prompts.
+
+Session ids are 32 hex digits: 16 random digits and a keyed hash of them. An id that carries a
+valid hash but is not live was issued here and is gone (deleted or expired): 410, for as long as
+the key lives, with no per-id memory at all. Any other unknown id was never created: 404.
+
+The prompt cache shares turn-1 tokens between sessions that start with the same messages (a GRPO
+group of n sessions): rendered and tokenized once, one read-only array referenced by every tree.
+
+State changes: `changed(session)` is called once a turn is committed and before its reply ends,
+so a durable store hooked there (`on_change`) writes the session before the client sees the reply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+
+import numpy as np
+
+from router.core.sessions.tree import SessionTree
+
+
+class SessionError(Exception):
+    status = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class SessionNotFound(SessionError):
+    status = 404
+
+
+class SessionGone(SessionError):
+    status = 410
+
+
+class SessionLimit(SessionError):
+    status = 429
+
+
+class Session:
+    __slots__ = ("id", "tree", "created_at", "last_used", "closed", "inflight")
+
+    def __init__(self, sid: str, now: float, max_turns: int) -> None:
+        self.id = sid
+        self.tree = SessionTree(max_turns=max_turns)
+        self.created_at = now
+        self.last_used = now
+        self.closed = False  # deleted or expired: in-flight turns finish but are not recorded
+        self.inflight = 0
+
+
+class PromptCache:
+    """LRU of turn-1 prompt tokens keyed by the exact request bytes that determine them."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: bytes) -> np.ndarray | None:
+        ids = self._items.get(key)
+        if ids is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return ids
+
+    def put(self, key: bytes, ids: np.ndarray) -> np.ndarray:
+        ids.setflags(write=False)
+        self._items[key] = ids
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+        return ids
+
+
+class SessionRegistry:
+    def __init__(self, *, max_sessions: int = 100_000, max_turns: int = 1024, idle_timeout_s: float = 3600.0,
+                 secret: bytes | None = None, prompt_cache_entries: int = 4096) -> None:
+        self.max_sessions = max_sessions
+        self.max_turns = max_turns
+        self.idle_timeout_s = idle_timeout_s
+        self._key = secret or os.urandom(32)
+        self.sessions: dict[str, Session] = {}
+        self.prompts = PromptCache(prompt_cache_entries)
+        self.on_change: Callable[[Session], None] | None = None
+        self.created_total = 0
+        self.deleted_total = 0
+        self.expired_total = 0
+
+    def _mac(self, head: str) -> str:
+        return hashlib.blake2b(head.encode(), key=self._key, digest_size=8).hexdigest()
+
+    def issued_here(self, sid: str) -> bool:
+        return len(sid) == 32 and self._mac(sid[:16]) == sid[16:]
+
+    def create(self, now: float) -> Session:
+        if len(self.sessions) >= self.max_sessions:
+            raise SessionLimit(f"too many live sessions: sessions.max_sessions ({self.max_sessions}) reached; "
+                               f"delete finished sessions")
+        head = os.urandom(8).hex()
+        session = Session(head + self._mac(head), now, self.max_turns)
+        self.sessions[session.id] = session
+        self.created_total += 1
+        return session
+
+    def get(self, sid: str, now: float | None = None) -> Session:
+        session = self.sessions.get(sid)
+        if session is None:
+            if self.issued_here(sid):
+                raise SessionGone(f"session reclaimed: session_id={sid} was deleted or expired")
+            raise SessionNotFound(f"session not found: session_id={sid}")
+        if now is not None:
+            session.last_used = now
+        return session
+
+    def delete(self, sid: str) -> Session:
+        session = self.get(sid)
+        del self.sessions[sid]
+        session.closed = True
+        self.deleted_total += 1
+        return session
+
+    def expire_idle(self, now: float) -> list[str]:
+        """Drop sessions idle for longer than `idle_timeout_s` (never one with a turn in flight)."""
+        cutoff = now - self.idle_timeout_s
+        gone = [s.id for s in self.sessions.values() if s.last_used < cutoff and s.inflight == 0]
+        for sid in gone:
+            self.sessions.pop(sid).closed = True
+        self.expired_total += len(gone)
+        return gone
+
+    def changed(self, session: Session) -> None:
+        if self.on_change is not None:
+            self.on_change(session)

@@ -1,0 +1,120 @@
+"""What the session stages hand each other through `ex.scratch`, and the worker-reply decode they share."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from router.wire import DECODE_ERRORS
+from router.core.pipeline import Exchange
+from router.wire.openai import ChatMessageIn, ChatRequest
+
+TURN = "session_turn"  # scratch key of the PendingTurn
+
+
+@dataclass(slots=True)
+class PendingTurn:
+    """One chat request on its way through the session pipeline."""
+
+    session: Any  # router.core.sessions.registry.Session
+    request: ChatRequest
+    parent: int  # attach point: the turn this one extends, -1 for a new root
+    new_messages: list[ChatMessageIn]  # the request's messages after the attach point's path
+    request_seq: int
+    requested_at: float
+    prompt_ids: np.ndarray | None = None  # tokens the new messages add (set by the template stage)
+    input_len: int = 0  # tokens the worker receives
+    upstream_fields: bytes = b"{}"  # the /generate body minus input_ids (for records)
+    r3_start: int = 0  # first position whose routed-experts row the worker returns
+    want_r3: bool = False
+    r3_shape: tuple[int, int] = (0, 0)  # (layers, top_k)
+    output: Any = None  # WorkerOutput (set by the output stage)
+    assistant: Any = None  # AssistantOutput: content, reasoning_content, tool_calls
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class FinishReason(msgspec.Struct):
+    type: str = "stop"
+    matched: Any = None
+
+
+class _Reply(msgspec.Struct):
+    meta_info: dict[str, msgspec.Raw]
+    text: str | None = None
+    output_ids: list[int] | None = None
+
+
+_reply_decoder = msgspec.json.Decoder(_Reply)
+_logprobs_decoder = msgspec.json.Decoder(list[tuple[float | None, int, msgspec.Raw]])
+_finish_decoder = msgspec.json.Decoder(FinishReason | None)
+_str_decoder = msgspec.json.Decoder(str | None)
+_int_decoder = msgspec.json.Decoder(int | None)
+
+
+class BadWorkerReply(Exception):
+    """The worker's 200 reply lacks what a session turn needs: 502."""
+
+
+@dataclass(slots=True)
+class WorkerOutput:
+    text: str
+    output_ids: np.ndarray  # int32, stop token included
+    logprobs: np.ndarray  # float64
+    finish_type: str  # SGLang: stop / length / abort
+    weight_version: str | None
+    response_id: str
+    routed_experts: np.ndarray | None  # int32 [rows, layers, top_k] as returned
+    client_meta: bytes  # meta_info JSON minus routed_experts
+
+
+def decode_worker_output(body: bytes, r3_shape: tuple[int, int]) -> WorkerOutput:
+    try:
+        reply = _reply_decoder.decode(body)
+    except DECODE_ERRORS as e:
+        raise BadWorkerReply(f"worker reply is not an SGLang /generate output: {e}") from None
+    meta = reply.meta_info
+    if reply.output_ids is None or reply.text is None:
+        raise BadWorkerReply("worker reply has no output_ids/text")
+    raw_lps = meta.get("output_token_logprobs")
+    if raw_lps is None:
+        raise BadWorkerReply("worker reply has no meta_info.output_token_logprobs (return_logprob was sent)")
+    try:
+        triples = _logprobs_decoder.decode(raw_lps)
+        finish = _finish_decoder.decode(meta["finish_reason"]) if "finish_reason" in meta else None
+        version = _str_decoder.decode(meta["weight_version"]) if "weight_version" in meta else None
+        rid = _str_decoder.decode(meta["id"]) if "id" in meta else None
+        completion = _int_decoder.decode(meta["completion_tokens"]) if "completion_tokens" in meta else None
+        experts_b64 = _str_decoder.decode(meta["routed_experts"]) if "routed_experts" in meta else None
+    except DECODE_ERRORS as e:
+        raise BadWorkerReply(f"worker reply meta_info is malformed: {e}") from None
+    ids = np.asarray(reply.output_ids, dtype=np.int32)
+    if len(triples) != len(ids) or (completion is not None and completion != len(ids)):
+        raise BadWorkerReply(f"worker reply has {len(triples)} output logprobs for {len(ids)} output ids "
+                             f"(completion_tokens={completion})")
+    if any(t[1] != i for t, i in zip(triples, reply.output_ids)):
+        raise BadWorkerReply("worker reply's output_token_logprobs ids differ from output_ids")
+    if finish is None:
+        raise BadWorkerReply("worker reply has no meta_info.finish_reason")
+    lps = np.array([t[0] if t[0] is not None else 0.0 for t in triples], dtype=np.float64)
+    experts = None
+    if experts_b64 is not None and r3_shape[0] > 0:
+        try:
+            flat = np.frombuffer(base64.b64decode(experts_b64, validate=True), dtype="<i4")
+        except (binascii.Error, ValueError) as e:
+            raise BadWorkerReply(f"worker reply's routed_experts is not base64 int32: {e}") from None
+        per_row = r3_shape[0] * r3_shape[1]
+        if flat.size % per_row:
+            raise BadWorkerReply(f"worker reply's routed_experts has {flat.size} values, not a multiple of "
+                                 f"layers x top_k = {per_row}")
+        experts = flat.astype(np.int32, copy=False).reshape(-1, r3_shape[0], r3_shape[1])
+    client_meta = msgspec.json.encode({k: v for k, v in meta.items() if k != "routed_experts"})
+    return WorkerOutput(reply.text, ids, lps, finish.type, version, rid or "", experts, client_meta)
+
+
+def pending(ex: Exchange) -> PendingTurn:
+    return ex.scratch[TURN]

@@ -1,0 +1,349 @@
+"""Sessions, pure logic and the session stages in-process: message matching, the turn tree, sample
+assembly, and a property test over random conversations (multi-byte text, tool calls, stop/length
+finishes, retries) driven through the real stages against an in-process worker model."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import msgspec
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from router.core.pipeline import Exchange, StageError
+from router.core.sessions.messages import messages_match
+from router.core.sessions.registry import SessionGone, SessionNotFound, SessionRegistry, SessionLimit
+from router.core.sessions.samples import SampleError, assemble, kept_leaves
+from router.core.sessions.tree import SessionTree, TurnLimit
+from router.stages.chat_parse import ChatParse
+from router.stages.chat_template import ChatTemplate
+from router.stages.session_generate import Options as GenerateOptions
+from router.stages.session_generate import SessionGenerate
+from router.stages.session_reply import SessionReply
+from router.stages.session_request import Options as RequestOptions
+from router.stages.session_request import SessionRequest
+from router.tokenizer import load_tokenizer
+from router.wire.openai import ChatMessageIn, ContentPart, FunctionCallIn, ToolCallIn
+
+
+def msg(role, content=None, calls=None, reasoning=None):
+    tc = [ToolCallIn(FunctionCallIn(n, a)) for n, a in calls] if calls else None
+    return ChatMessageIn(role=role, content=content, tool_calls=tc, reasoning_content=reasoning)
+
+
+# ---- message matching ---------------------------------------------------------------------------
+
+def test_empty_forms_match_and_ids_are_ignored():
+    assert messages_match(msg("assistant", None), msg("assistant", ""))
+    assert messages_match(msg("assistant", ""), ChatMessageIn(role="assistant", content=[]))
+    assert messages_match(msg("assistant", "x", calls=[]), msg("assistant", "x"))
+    a = ChatMessageIn(role="assistant", tool_calls=[ToolCallIn(FunctionCallIn("f", "{}"), id="call_1", index=0)])
+    b = ChatMessageIn(role="assistant", tool_calls=[ToolCallIn(FunctionCallIn("f", "{}"), id="other")])
+    assert messages_match(a, b)
+    assert messages_match(msg("user", "ab"), ChatMessageIn(role="user", content=[ContentPart(text="a"),
+                                                                                   ContentPart(text="b")]))
+
+
+def test_differences_do_not_match():
+    assert not messages_match(msg("user", "a"), msg("assistant", "a"))
+    assert not messages_match(msg("user", "a"), msg("user", "b"))
+    assert not messages_match(msg("assistant", "a", reasoning="r"), msg("assistant", "a"))
+    assert not messages_match(msg("assistant", calls=[("f", '{"a": 1}')]), msg("assistant", calls=[("g", '{"a": 1}')]))
+    # type-tagged: 1 is not 1.0, nor true
+    assert not messages_match(msg("assistant", calls=[("f", '{"a": 1}')]), msg("assistant", calls=[("f", '{"a": 1.0}')]))
+    assert not messages_match(msg("assistant", calls=[("f", '{"a": 1}')]), msg("assistant", calls=[("f", '{"a": true}')]))
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8)
+
+
+@given(st.dictionaries(st.text(max_size=6), json_values, max_size=5), st.randoms())
+def test_reserialized_arguments_match(args, rnd):
+    items = list(args.items())
+    rnd.shuffle(items)
+    spelled = json.dumps(dict(items), indent=rnd.choice([None, 2]), ensure_ascii=rnd.random() < 0.5,
+                         separators=rnd.choice([(",", ":"), (", ", ": ")]))
+    assert messages_match(msg("assistant", calls=[("f", json.dumps(args))]), msg("assistant", calls=[("f", spelled)]))
+    assert messages_match(msg("assistant", calls=[("f", json.dumps(args))]),
+                          ChatMessageIn(role="assistant", tool_calls=[ToolCallIn(FunctionCallIn("f", args))]))
+
+
+# ---- tree -------------------------------------------------------------------------------------------
+
+def commit(tree, parent, new, reply, out_len=3, finish="stop", request_seq=None, rows=False):
+    prompt = np.arange(2, dtype=np.int32) + 100 * (len(tree) + 1)
+    out = np.arange(out_len, dtype=np.int32) + 1000 * (len(tree) + 1)
+    start = tree.path_length(parent)
+    end = start + len(prompt) + out_len
+    experts = None
+    if rows:
+        experts = np.full((end - 1 - max(start - 1, 0), 1, 2), len(tree), np.int32)
+    return tree.commit(parent, request_seq=request_seq if request_seq is not None else tree.next_request_seq(),
+                       messages=new, assistant=reply, prompt_ids=prompt, output_ids=out,
+                       output_logprobs=np.full(out_len, -0.5), routed_experts=experts, finish_reason=finish)
+
+
+def test_attach_point_is_the_deepest_matching_turn():
+    tree = SessionTree()
+    u1, a1, t1, a2 = msg("user", "q"), msg("assistant", "A1"), msg("tool", "r"), msg("assistant", "A2")
+    assert tree.attach_point([u1]) == (-1, 0)
+    r = commit(tree, -1, [u1], a1)
+    assert tree.attach_point([u1, a1, t1]) == (r.id, 2)
+    c = commit(tree, r.id, [t1], a2)
+    assert tree.attach_point([u1, a1, t1, a2, msg("user", "next")]) == (c.id, 4)
+    # divergence inside the child's appended messages: attaches to the parent
+    assert tree.attach_point([u1, a1, msg("tool", "other")]) == (r.id, 2)
+    # divergence in the root: a new root
+    assert tree.attach_point([msg("user", "other")]) == (-1, 0)
+    # a resend of turn 2's request (without its reply) attaches at turn 1: a retry
+    assert tree.attach_point([u1, a1, t1]) == (r.id, 2)
+
+
+def test_ties_go_to_the_latest_turn_and_limit_is_loud():
+    tree = SessionTree(max_turns=3)
+    u, a = msg("user", "q"), msg("assistant", "A")
+    first = commit(tree, -1, [u], a)
+    second = commit(tree, -1, [u], a)
+    assert tree.attach_point([u, a, msg("user", "x")]) == (second.id, 2)
+    assert first.id != second.id
+    commit(tree, -1, [u], msg("assistant", "B"))
+    with pytest.raises(TurnLimit, match="max_turns_per_session"):
+        commit(tree, -1, [u], a)
+
+
+# ---- samples ----------------------------------------------------------------------------------------
+
+def test_retry_dropped_concurrent_kept():
+    tree = SessionTree()
+    u, a = msg("user", "q"), msg("assistant", "A")
+    root = commit(tree, -1, [u], a)
+    # concurrent siblings: both requests started before either committed
+    s1, s2 = tree.next_request_seq(), tree.next_request_seq()
+    b1 = commit(tree, root.id, [msg("user", "u2")], msg("assistant", "B1"), request_seq=s1)
+    b2 = commit(tree, root.id, [msg("user", "u2")], msg("assistant", "B2"), request_seq=s2)
+    assert [t.id for t in kept_leaves(tree)] == [b1.id, b2.id]
+    samples, _ = assemble(tree)
+    assert [s.leaf["node_id"] for s in samples] == [b1.id, b2.id]
+    # a retry: its request started after both were committed, so both are superseded
+    b3 = commit(tree, root.id, [msg("user", "u2")], msg("assistant", "B3"))
+    samples, reason = assemble(tree)
+    assert reason is None and [s.leaf["node_id"] for s in samples] == [b3.id]
+    assert samples[0].loss_mask.sum() == len(root.output_ids) + len(b3.output_ids)
+
+
+def test_shared_completion_trained_once_and_abandoned_line_kept():
+    tree = SessionTree()
+    u, a = msg("user", "q"), msg("assistant", "A")
+    root = commit(tree, -1, [u], a)
+    deep = commit(tree, root.id, [msg("user", "x")], msg("assistant", "X"))
+    deeper = commit(tree, deep.id, [msg("user", "y")], msg("assistant", "Y"))
+    # divergence one level up: the old line's leaf has no later sibling, so both lines are kept
+    other = commit(tree, root.id, [msg("user", "z")], msg("assistant", "Z"))
+    samples, _ = assemble(tree)
+    # `deep` was retried by `other` (a later sibling), but `deep` is not a leaf: the line stays
+    assert [s.leaf["node_id"] for s in samples] == [deeper.id, other.id]
+    first, second = samples
+    p = len(root.prompt_ids)
+    assert first.loss_mask[p:p + 3].tolist() == [1, 1, 1]
+    assert second.loss_mask[p:p + 3].tolist() == [0, 0, 0]  # root's completion trained once
+    assert second.rollout_log_probs[p:p + 3].tolist() == [-0.5] * 3
+    assert first.tokens[:root.end].tolist() == second.tokens[:root.end].tolist()
+
+
+def test_truncation_is_at_turn_level_and_rows_follow():
+    tree = SessionTree()
+    root = commit(tree, -1, [msg("user", "q")], msg("assistant", "A"), rows=True)  # 5 tokens
+    child = commit(tree, root.id, [msg("user", "x")], msg("assistant", "X"), rows=True)  # 10
+    (full,), _ = assemble(tree)
+    assert len(full.tokens) == 10 and full.routed_experts.shape == (9, 1, 2) and full.status == "COMPLETED"
+    assert full.routed_experts[:, 0, 0].tolist() == [0] * 4 + [1] * 5
+    (cut,), _ = assemble(tree, max_seq_len=7)
+    assert len(cut.tokens) == 7 and cut.status == "TRUNCATED" and cut.routed_experts.shape == (6, 1, 2)
+    assert cut.loss_mask.tolist() == [0, 0, 1, 1, 1, 0, 0]
+    assert cut.weight_versions == [[], []]
+    samples, reason = assemble(tree, max_seq_len=2)
+    assert samples == [] and reason == "all_truncated"
+    assert assemble(SessionTree()) == ([], "no_records")
+    with pytest.raises(SampleError):
+        assemble(tree, max_seq_len=0)
+    assert child.start == root.end
+
+
+def test_length_leaf_is_truncated_status():
+    tree = SessionTree()
+    commit(tree, -1, [msg("user", "q")], msg("assistant", "A"), finish="length")
+    (s,), _ = assemble(tree)
+    assert s.status == "TRUNCATED"
+
+
+# ---- registry -----------------------------------------------------------------------------------------
+
+def test_registry_ids_410_404_idle_and_limits():
+    reg = SessionRegistry(max_sessions=2, idle_timeout_s=10)
+    a = reg.create(0.0)
+    assert len(a.id) == 32 and int(a.id, 16) >= 0
+    b = reg.create(0.0)
+    with pytest.raises(SessionLimit, match="sessions.max_sessions"):
+        reg.create(0.0)
+    reg.delete(a.id)
+    assert a.closed
+    with pytest.raises(SessionGone):
+        reg.get(a.id)
+    with pytest.raises(SessionNotFound):
+        reg.get("0" * 32)
+    with pytest.raises(SessionNotFound):
+        reg.get(a.id[:16] + "0" * 16)
+    b.inflight = 1
+    assert reg.expire_idle(100.0) == []  # a session with a turn in flight never expires
+    b.inflight = 0
+    assert reg.expire_idle(100.0) == [b.id]
+    with pytest.raises(SessionGone):
+        reg.get(b.id)
+
+
+# ---- the stages, in-process, against a worker model ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def qwen():
+    return load_tokenizer("builtin:qwen")
+
+
+class WorkerModel:
+    """Answers /generate bodies like SGLang: given output text, finish and R3 rows per (position, token)."""
+
+    LAYERS, TOPK = 3, 2
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.calls = []  # (input_ids, output_ids)
+
+    @classmethod
+    def rows(cls, seq, start=0):
+        seq = np.asarray(seq, np.int64)
+        pos = np.arange(len(seq) - 1, dtype=np.int64)
+        base = (pos * 7 + seq[:-1] * 13) % 64
+        out = np.stack([base + 1000 * l + k for l in range(cls.LAYERS) for k in range(cls.TOPK)], axis=1)
+        return out.reshape(-1, cls.LAYERS, cls.TOPK).astype(np.int32)[start:]
+
+    def reply(self, body: bytes, text: str, length: int | None) -> bytes:
+        req = msgspec.json.decode(body)
+        ids = req["input_ids"]
+        out = self.tok.encode(text) + [self.tok.eos_token_id]
+        finish = {"type": "stop", "matched": self.tok.eos_token_id}
+        if length is not None and length < len(out):
+            out, finish = out[:length], {"type": "length", "length": length}
+        lps = [-(i % 7) / 3 - 0.01 for i in range(len(out))]
+        self.calls.append((list(ids), list(out)))
+        seq = ids + out
+        import base64
+        meta = {"id": f"r{len(self.calls)}", "finish_reason": finish, "prompt_tokens": len(ids),
+                "weight_version": "w1", "output_token_logprobs": [[lp, t, None] for lp, t in zip(lps, out)],
+                "completion_tokens": len(out),
+                "routed_experts": base64.b64encode(self.rows(seq, req.get("routed_experts_start_len", 0)).tobytes()).decode()}
+        shown = self.tok.decode(out[:-1] if finish["type"] == "stop" else out, skip_special_tokens=False)
+        return msgspec.json.encode({"text": shown, "output_ids": out, "meta_info": meta})
+
+
+class Pipeline:
+    def __init__(self, tok, start_len: bool):
+        self.reg = SessionRegistry()
+        self.services = SimpleNamespace(tokenizer=tok, sessions=self.reg)
+        gen = GenerateOptions(routed_experts=True, routed_experts_layers=WorkerModel.LAYERS,
+                              routed_experts_topk=WorkerModel.TOPK, routed_experts_start_len=start_len)
+        self.request_stages = [SessionRequest(RequestOptions(), self.services), ChatTemplate(None, self.services),
+                               SessionGenerate(gen, self.services)]
+        self.response_stages = [ChatParse(None, self.services), SessionReply(None, self.services)]
+        self.worker = WorkerModel(tok)
+
+    async def chat(self, session, body: dict, text: str, length: int | None = None):
+        ex = Exchange("POST", "/sessions/x/v1/chat/completions", b"", [], msgspec.json.encode(body))
+        ex.scratch["session"] = session
+        for s in self.request_stages:
+            await s.on_request(ex)
+        ex.status, ex.response_body = 200, self.worker.reply(ex.upstream_body, text, length)
+        ex.scratch["client_headers"] = []
+        for s in self.response_stages:
+            await s.on_response(ex)
+        return ex
+
+
+texts = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="<>\x00"), max_size=12)
+tool_calls = st.lists(st.tuples(st.sampled_from(["search", "read_file", "calc"]),
+                                st.dictionaries(st.sampled_from(["q", "path", "n", "ü"]), texts | st.integers(), max_size=2)),
+                      max_size=2)
+turn_plans = st.lists(st.tuples(texts, st.booleans(), tool_calls, st.sampled_from([None, None, None, 3]),
+                                st.integers(0, 3)), min_size=1, max_size=5)
+
+
+def assistant_text(content, think, calls):
+    out = f"<think>\nhmm {content}\n</think>\n\n" if think else ""
+    out += content
+    for name, args in calls:
+        out += "\n<tool_call>\n" + json.dumps({"name": name, "arguments": args}, ensure_ascii=False) + "\n</tool_call>"
+    return out
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(plan=turn_plans, start_len=st.booleans(), reserialize=st.booleans())
+async def test_random_conversations_give_exact_samples(qwen, plan, start_len, reserialize):
+    """Every kept sample's tokens are exactly what the worker received plus what it produced for the
+    leaf's turn; the loss mask is 1 exactly on produced tokens (each produced token trained once over
+    all samples), logprobs are the worker's there and 0 elsewhere, R3 rows equal a full-sequence reference."""
+    p = Pipeline(qwen, start_len)
+    session = p.reg.create(0.0)
+    tools = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+             for n in ("search", "read_file", "calc")]
+    messages = [{"role": "system", "content": "You are ü-helpful 🙂"}, {"role": "user", "content": "start ✓"}]
+    leaf_call = {}
+    for content, think, calls, length, retries in plan:
+        for attempt in range(retries % 2 + 1):  # a retry re-sends the same messages
+            ex = await p.chat(session, {"messages": messages, "tools": tools, "max_tokens": 10_000}, 
+                              assistant_text(content + "x" * attempt, think, calls), length)
+            reply = msgspec.json.decode(ex.response_body)
+            leaf_call[session.tree.turns[-1].id] = len(p.worker.calls) - 1
+        m = reply["choices"][0]["message"]
+        if reply["choices"][0]["finish_reason"] == "length":
+            # a length turn cannot be extended: 409
+            with pytest.raises(StageError) as e:
+                await p.chat(session, {"messages": messages + [m, {"role": "user", "content": "more"}]}, "x")
+            assert e.value.status == 409
+            break
+        echoed = {k: v for k, v in m.items() if v is not None}
+        if reserialize and m.get("tool_calls"):
+            for c in echoed["tool_calls"]:
+                c["function"]["arguments"] = json.dumps(json.loads(c["function"]["arguments"]), indent=1)
+                c.pop("index", None)
+        messages = messages + [echoed]
+        if m.get("tool_calls"):
+            messages += [{"role": "tool", "tool_call_id": c["id"], "content": f"result ✓ {i}"}
+                         for i, c in enumerate(m["tool_calls"])]
+        else:
+            messages.append({"role": "user", "content": content[::-1] + " ok"})
+    samples, reason = assemble(session.tree)
+    assert reason is None
+    trained = {}
+    for s in samples:
+        ids, out = p.worker.calls[leaf_call[s.leaf["node_id"]]]
+        assert s.tokens.tolist() == ids + out, (qwen.decode(s.tokens.tolist(), skip_special_tokens=False), qwen.decode(ids + out, skip_special_tokens=False), leaf_call, s.leaf)
+        produced = np.zeros(len(ids) + len(out), bool)
+        # produced tokens are the outputs of every turn on the path
+        for tid in s.leaf["path_node_ids"]:
+            t = session.tree.turns[tid]
+            produced[t.end - len(t.output_ids):t.end] = True
+            assert s.rollout_log_probs[t.end - len(t.output_ids):t.end].tolist() == t.output_logprobs.tolist()
+        assert not s.loss_mask[~produced].any() and not s.rollout_log_probs[~produced].any()
+        for tid in s.leaf["path_node_ids"]:
+            t = session.tree.turns[tid]
+            if s.loss_mask[t.end - 1]:
+                assert tid not in trained
+                trained[tid] = s.leaf["node_id"]
+                assert s.loss_mask[t.end - len(t.output_ids):t.end].all()
+        assert np.array_equal(s.routed_experts, WorkerModel.rows(s.tokens))
+    # no two calls re-rendered the history: each call's input extends a stored path verbatim
+    assert p.reg.prompts.misses == 1
