@@ -51,7 +51,7 @@ class SessionRoutes:
             return await _send(send, reply)
         sid, rest = parts[0], parts[1:]
         try:
-            session = self.registry.get(sid, time.monotonic())
+            session = self.registry.get(sid)  # reading a session is not using it: no idle refresh
         except SessionError as e:
             return await _send(send, error_reply(e.status, e.message))
         if not rest:
@@ -74,6 +74,7 @@ class SessionRoutes:
 
     async def _run(self, scope, receive, send, body, session: Session, pipe, upstream_path) -> int:
         session.inflight += 1
+        session.last_used = time.monotonic()
         try:
             return await self.app._proxy(scope, receive, send, body, pipe, upstream_path=upstream_path,
                                          scratch={"session": session, "routing_key": session.id})

@@ -48,7 +48,7 @@ class Turn(msgspec.Struct, kw_only=True):
     weight_version: str | None = None
     response_id: str = ""
     created_at: float = 0.0
-    record: Any = None  # router/core/sessions/records.py: what GET /sessions shows
+    record: Any = None  # what GET /sessions/{id} shows for the turn (router/stages/session_reply.py)
 
     @property
     def start(self) -> int:
