@@ -150,7 +150,7 @@ async def test_five_turn_tool_conversation_sample_is_exact(nursery, tmp_path, st
         sid = await new_session(c)
         oc = sdk(router, sid)
         messages, finishes = await agent_loop(oc, 5, stream)
-        assert len(finishes) == 5 and "length" not in finishes
+        assert len(finishes) == 5 and "length" not in finishes and "tool_calls" in finishes, finishes
         stats = await sim_stats(sim)
         bodies = stats["last_bodies"][-5:]
         turns_meta = [await _turn_output(c, sid, i) for i in range(5)]
@@ -191,6 +191,52 @@ async def _turn_output(c, sid, i):
     lps = [t[0] for t in rec["response"]["meta_info"]["output_token_logprobs"]]
     assert [t[1] for t in rec["response"]["meta_info"]["output_token_logprobs"]] == out
     return out, lps
+
+
+async def test_tool_calls_are_parsed_and_replies_strip_routed_experts(nursery, tmp_path):
+    router, _ = await session_router(nursery, tmp_path)
+    async with client(router) as c:
+        sid = await new_session(c)
+        oc = sdk(router, sid)
+        messages, finishes = await agent_loop(oc, 6, stream=False)
+        calls = [m for m in messages if m["role"] == "assistant" and m.get("tool_calls")]
+        assert calls, "the simulated chat model made no tool call in 6 turns"
+        for m in calls:
+            for i, tc in enumerate(m["tool_calls"]):
+                assert tc["id"].startswith("call_") and tc["type"] == "function"
+                assert isinstance(json.loads(tc["function"]["arguments"]), dict)
+        assert "tool_calls" in finishes
+        r = await c.post(f"/sessions/{sid}/v1/chat/completions",
+                         json={"messages": messages[:2], "tools": TOOLS, "max_tokens": 400})
+        meta = r.json()["choices"][0]["meta_info"]
+        assert "routed_experts" not in meta and meta["output_token_logprobs"]
+
+
+async def test_reserialized_arguments_replay_still_matches(nursery, tmp_path):
+    router, (sim,) = await session_router(nursery, tmp_path)
+    async with client(router) as c:
+        sid = await new_session(c)
+        oc = sdk(router, sid)
+        msgs = [{"role": "user", "content": "use a tool"}]
+        for attempt in range(8):  # until the model calls a tool
+            m, finish, _ = await complete(oc, msgs, False, max_tokens=400, seed=attempt, temperature=1.0)
+            if m.get("tool_calls"):
+                break
+        assert m.get("tool_calls"), "no tool call in 8 attempts"
+        for tc in m["tool_calls"]:
+            args = json.loads(tc["function"]["arguments"])
+            tc["function"]["arguments"] = json.dumps(dict(reversed(list(args.items()))), indent=2, ensure_ascii=True)
+            tc.pop("index", None)
+        msgs2 = msgs + [m] + [{"role": "tool", "tool_call_id": tc["id"], "content": "42"} for tc in m["tool_calls"]]
+        before = len((await c.get(f"/sessions/{sid}")).json()["metadata"]["tree"]["nodes"])
+        await complete(oc, msgs2, False, max_tokens=400)
+        tree = (await c.get(f"/sessions/{sid}")).json()["metadata"]["tree"]
+        assert tree["nodes"][-1]["parent"] == before - 1  # attached to the stored tool-call turn
+        stored = (await c.get(f"/sessions/{sid}")).json()["records"]
+        last_in = (await sim_stats(sim))["last_bodies"][-1]["input_ids"]
+        prev = stored[-2]
+        assert last_in[:len(prev["request"]["input_ids"]) + len(prev["response"]["output_ids"])] == \
+            prev["request"]["input_ids"] + prev["response"]["output_ids"]  # the stored spelling won
 
 
 async def test_grpo_group_shares_one_tokenized_prompt(nursery, tmp_path):
