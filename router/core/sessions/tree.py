@@ -24,6 +24,7 @@ from router.core.sessions.messages import messages_match
 from router.wire.openai import ChatMessageIn
 
 UNFINISHED = frozenset({"length", "abort"})
+_ids_encoder = msgspec.json.Encoder()
 
 
 class TurnLimit(Exception):
@@ -48,6 +49,9 @@ class Turn(msgspec.Struct, kw_only=True):
     weight_version: str | None = None
     response_id: str = ""
     created_at: float = 0.0
+    # The turn's prompt + output ids as JSON list items ("1,2,3"), so a later turn's input_ids are a
+    # join of per-turn pieces rather than a re-encode of the whole history. Derived: recomputed when empty.
+    ids_json: bytes = b""
     record: Any = None  # what GET /sessions/{id} shows for the turn (router/stages/session_reply.py)
 
     @property
@@ -88,9 +92,10 @@ class SessionTree:
             k = len(t.messages)
             if pos + k + 1 > n:
                 continue
-            if not all(messages_match(t.messages[i], messages[pos + i]) for i in range(k)):
+            # Struct equality (C) first: a client that echoes the history unchanged costs no more
+            if not all(_same(t.messages[i], messages[pos + i]) for i in range(k)):
                 continue
-            if not messages_match(t.assistant, messages[pos + k]):
+            if not _same(t.assistant, messages[pos + k]):
                 continue
             covered = pos + k + 1
             if covered > best_len or (covered == best_len and t.seq > best_seq):
@@ -115,6 +120,15 @@ class SessionTree:
             parts.append(t.prompt_ids)
             parts.append(t.output_ids)
         return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+    def path_ids_json(self, tid: int) -> list[bytes]:
+        """The path's token ids as JSON list items, one piece per turn (join with b",")."""
+        pieces = []
+        for t in self.path(tid):
+            if not t.ids_json:
+                t.ids_json = _ids_encoder.encode(np.concatenate([t.prompt_ids, t.output_ids]).tolist())[1:-1]
+            pieces.append(t.ids_json)
+        return pieces
 
     def path_length(self, tid: int) -> int:
         return 0 if tid < 0 else self.turns[tid].end
@@ -143,3 +157,7 @@ class SessionTree:
         self.children.setdefault(parent, []).append(tid)
         self.children[tid] = []
         return turn
+
+
+def _same(stored: ChatMessageIn, sent: ChatMessageIn) -> bool:
+    return stored == sent or messages_match(stored, sent)
