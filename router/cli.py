@@ -31,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     chk = sub.add_parser("check", help="validate a config and print the resolved configuration")
     chk.add_argument("--config", required=True)
+    demo = sub.add_parser("demo-agent", help="run a short tool-calling agent (openai SDK) through /sessions "
+                                             "and print its training samples' shapes")
+    demo.add_argument("--url", default="http://127.0.0.1:30000")
+    demo.add_argument("--turns", type=int, default=4)
     sim = sub.add_parser("sim-worker", help="run one simulated SGLang worker")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=31000)
@@ -205,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_check(args)
     if args.command == "sim-worker":
         return cmd_sim_worker(args)
+    if args.command == "demo-agent":
+        from router.demo import run
+
+        return run(args.url, args.turns)
     return cmd_run(args)
 
 

@@ -415,3 +415,13 @@ async def test_idle_expiry_and_limits(nursery, tmp_path):
                 while (await c.get(f"/sessions/{sid}")).status_code != 410:
                     await trio.sleep(0.1)
         assert (await c.post("/sessions")).status_code == 200
+
+
+async def test_readme_demo_agent_runs(nursery, tmp_path, capsys):
+    from router.demo import run
+
+    router, _ = await session_router(nursery, tmp_path)
+    assert await trio.to_thread.run_sync(run, router.url, 3) == 0
+    out = capsys.readouterr().out
+    assert "turn 3:" in out or "finish=length" in out
+    assert "rollout_routed_experts (" in out and "tokens (" in out and "status=" in out
