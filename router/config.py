@@ -35,6 +35,12 @@ class ServerConfig(_Table):
     # Optional shared secret for the admin surface (add/remove workers, fan-out);
     # the env var MILES_ROUTER_ADMIN_KEY overrides it.
     admin_api_key: str | None = None
+    # Admission control for proxied requests (router-owned endpoints are never queued): past
+    # `max_concurrent_requests` (0 = no limit) requests wait in a FIFO queue of `queue_size`
+    # (full -> 429) for up to `queue_timeout_s` (-> 408).
+    max_concurrent_requests: int = 0
+    queue_size: int = 100
+    queue_timeout_s: float = 60.0
 
 
 class WorkersConfig(_Table):
@@ -49,6 +55,29 @@ class WorkersConfig(_Table):
     keepalive_expiry_s: float = 4.0
     # Hosts or CIDRs that /add_worker accepts; empty = any host.
     allowed_hosts: list[str] = msgspec.field(default_factory=list)
+    # Per-worker cap on in-flight proxied requests (None = no cap). Requests beyond it wait in a
+    # FIFO queue and are placed when a slot frees, for up to `queue_timeout_s` (-> 503).
+    max_inflight_per_worker: int | None = None
+    queue_timeout_s: float = 60.0
+
+
+class BreakerConfig(_Table):
+    """Per-worker circuit breaker fed by request outcomes (connect failures, timeouts, 5xx)."""
+
+    enabled: bool = True
+    failures: int = 5
+    window_s: float = 60.0
+    failure_rate: float = 0.5
+    min_requests: int = 20
+    cooldown_s: float = 30.0
+
+
+class RetryConfig(_Table):
+    """Error replies (these statuses) are retried at once on another worker, before anything
+    reached the client; `max_attempts` counts the first one (1 = no retries)."""
+
+    max_attempts: int = 3
+    statuses: list[int] = msgspec.field(default_factory=lambda: [429, 500, 502, 503, 504])
 
 
 class SimulateConfig(SimOptions, forbid_unknown_fields=True, kw_only=True):
@@ -142,6 +171,8 @@ class Config(_Table):
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     sessions: SessionsConfig = msgspec.field(default_factory=SessionsConfig)
+    breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
+    retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
     routes: list[RouteConfig] = msgspec.field(default_factory=list)
     # Folder the config came from; relative pipeline paths resolve against it.
     base_dir: str = "."
@@ -181,6 +212,22 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
     need(w.success_threshold >= 1, "workers.success_threshold", "must be >= 1")
     need(w.connect_timeout_s > 0, "workers.connect_timeout_s", "must be > 0")
     need(w.keepalive_expiry_s > 0, "workers.keepalive_expiry_s", "must be > 0")
+    need(w.max_inflight_per_worker is None or w.max_inflight_per_worker >= 1, "workers.max_inflight_per_worker",
+         "must be >= 1 (leave it out for no cap)")
+    need(w.queue_timeout_s > 0, "workers.queue_timeout_s", "must be > 0")
+    sv = cfg.server
+    need(sv.max_concurrent_requests >= 0, "server.max_concurrent_requests", "must be >= 0 (0 = no limit)")
+    need(sv.queue_size >= 0, "server.queue_size", "must be >= 0")
+    need(sv.queue_timeout_s > 0, "server.queue_timeout_s", "must be > 0")
+    b = cfg.breaker
+    need(b.failures >= 1, "breaker.failures", "must be >= 1")
+    need(b.window_s > 0, "breaker.window_s", "must be > 0")
+    need(0 < b.failure_rate <= 1, "breaker.failure_rate", "must be in (0, 1]")
+    need(b.min_requests >= 1, "breaker.min_requests", "must be >= 1")
+    need(b.cooldown_s > 0, "breaker.cooldown_s", "must be > 0")
+    need(cfg.retry.max_attempts >= 1, "retry.max_attempts", "must be >= 1 (1 = no retries)")
+    for i, st in enumerate(cfg.retry.statuses):
+        need(400 <= st <= 599, f"retry.statuses[{i}]", "must be an HTTP error status (400..599)")
     from router.core.urls import WorkerUrlError, normalize_worker_url
 
     for i, url in enumerate(w.urls):

@@ -280,7 +280,7 @@ async def test_hanging_worker_times_out_frees_its_slots_and_cancels_upstream(nur
 
 # ---- worker answers 500 / 503 ----------------------------------------------------------------
 
-async def test_worker_5xx_passes_through_and_only_health_quarantines(nursery):
+async def test_worker_5xx_is_retried_elsewhere_recorded_once_and_only_health_quarantines(nursery):
     router, (a, b) = await cache_router(nursery, latency=0.0)
     pool = router.runtime.pool
     async with client(router) as c, client(a.url) as direct:
@@ -288,16 +288,30 @@ async def test_worker_5xx_passes_through_and_only_health_quarantines(nursery):
         n_before = await trajectories(c)
         a.worker.set_faults(generate_status=500)
         want = (await direct.post("/generate", json=body("direct"))).content
-        statuses = []
+        a_before = a.worker.stats.generate_requests
         for i in range(10):
-            r = await c.post("/generate", json=body(f"mixed-{i}"))
-            statuses.append(r.status_code)
-            if r.status_code != 200:  # the worker's own reply, byte for byte: not a router error
-                assert r.status_code == 500 and r.headers["x-miles-router-worker"] == a.url
-                assert r.content == want and "stage" not in r.json()
-        assert statuses.count(500) == 5 and statuses.count(200) == 5
+            b_ = body(f"mixed-{i}")
+            r = await c.post("/generate", json=b_)
+            # a's 500 said it did not do the work: the request went on to b, at once.
+            assert r.status_code == 200 and r.headers["x-miles-router-worker"] == b.url, r.text
+            if "x-miles-router-retried" in r.headers:
+                assert r.headers["x-miles-router-retried"] == f"{a.url} 500"
+                assert r.headers["x-miles-router-route-reason"] == "least_inflight, retry"
+            # The recorded trajectory is the attempt that succeeded (b's tokens), exactly.
+            await assert_recorded(c, b_, r.json())
+        tried_a = a.worker.stats.generate_requests - a_before
+        assert 1 <= tried_a <= 5  # the breaker opened after 5 consecutive failures
+        assert pool.get(a.url).breaker.state.value == "open"
         assert pool.get(a.url).state.value == "healthy" and pool.get(a.url).quarantines_total == 0
-        assert await trajectories(c) == n_before + 5  # nothing recorded for the 500s
+        assert await trajectories(c) == n_before + 10  # one per request, none for a 500
+        metrics = (await c.get("/metrics")).text
+        assert f'miles_router_status_retries_total{{status="500"}} {float(tried_a)}' in metrics
+        # Every worker answers 500: the client gets the last worker's reply, byte for byte.
+        b.worker.set_faults(generate_status=500)
+        r = await c.post("/generate", json=body("all-fail"))
+        assert r.status_code == 500 and r.content == want and "stage" not in r.json()
+        assert await trajectories(c) == n_before + 10
+        b.worker.set_faults(generate_status=None)
         # Now the health check fails too: quarantined, and all traffic goes to b.
         a.worker.set_faults(generate_status=503, health_status=503)
         await wait_until(lambda: pool.get(a.url).state.value == "quarantined")
@@ -305,10 +319,33 @@ async def test_worker_5xx_passes_through_and_only_health_quarantines(nursery):
             r = await c.post("/generate", json=body(f"only-b-{i}"))
             assert r.status_code == 200 and r.headers["x-miles-router-worker"] == b.url
         a.worker.set_faults(generate_status=None, health_status=200)
-        await wait_until(lambda: pool.get(a.url).state.value == "healthy")
+        # Back in rotation once its probes pass (they also close the breaker after its cooldown).
+        pool.get(a.url).breaker.opened_at -= router.runtime.config.breaker.cooldown_s
+        await wait_until(lambda: pool.get(a.url).state.value == "healthy"
+                         and pool.get(a.url).breaker.state.value == "closed")
         seen = {(await c.post("/generate", json=body(f"back-{i}"))).headers["x-miles-router-worker"] for i in range(4)}
         assert seen == {a.url, b.url}
         await assert_still_stored(c, stored)
+    await slots_free(router, [a, b])
+
+
+async def test_worker_5xx_passes_through_unchanged_without_retries(nursery):
+    router, (a, b) = await cache_router(nursery, latency=0.0)
+    router.runtime.config.retry.max_attempts = 1  # as `[retry] max_attempts = 1` would
+    async with client(router) as c, client(a.url) as direct:
+        await store(c, 2)
+        n_before = await trajectories(c)
+        a.worker.set_faults(generate_status=503)
+        want = (await direct.post("/generate", json=body("direct"))).content
+        statuses = []
+        for i in range(6):
+            r = await c.post("/generate", json=body(f"mixed-{i}"))
+            statuses.append(r.status_code)
+            if r.status_code != 200:  # the worker's own reply, byte for byte: not a router error
+                assert r.status_code == 503 and r.headers["x-miles-router-worker"] == a.url
+                assert r.content == want and "stage" not in r.json()
+        assert statuses.count(503) == 3 and statuses.count(200) == 3
+        assert await trajectories(c) == n_before + 3  # nothing recorded for the 503s
     await slots_free(router, [a, b])
 
 

@@ -17,8 +17,8 @@ URLS = [f"http://w{i}:1" for i in range(4)]
 # ---- PrefixIndex ------------------------------------------------------------------------------
 
 class RefPrefixIndex:
-    """Block-aligned prefixes (as tuples) -> the k most recent distinct owners, LRU over blocks:
-    what PrefixIndex promises."""
+    """Block-aligned prefixes (as tuples), plus the whole sequence when it ends in a partial block,
+    -> the k most recent distinct owners, LRU over blocks: what PrefixIndex promises."""
 
     def __init__(self, block: int, capacity: int, k: int = 4) -> None:
         self.block, self.capacity, self.k = block, capacity, k
@@ -26,7 +26,8 @@ class RefPrefixIndex:
 
     def _prefixes(self, seq) -> list[tuple]:
         seq = tuple(seq)
-        return [seq[:end] for end in range(self.block, len(seq) + 1, self.block)]
+        whole = [seq[:end] for end in range(self.block, len(seq) + 1, self.block)]
+        return whole + [seq] if len(seq) % self.block else whole
 
     def record(self, seq, url) -> None:
         for p in self._prefixes(seq):

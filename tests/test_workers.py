@@ -90,3 +90,117 @@ def test_readd_while_draining_keeps_inflight():
     assert created and w2 is w and w.inflight == 1 and w.state is WorkerState.HEALTHY
     pool.release(w)
     assert w.inflight == 0 and w.url in pool
+
+
+# ---- probes vs. request outcomes; the circuit breaker ------------------------------------------
+
+from router.core.workers import BreakerPolicy, BreakerState  # noqa: E402
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def breaker_pool(n=2, **policy):
+    clock = Clock()
+    pool = WorkerPool(failure_threshold=3, breaker=BreakerPolicy(**policy), clock=clock)
+    ws = [pool.add(f"http://127.0.0.1:{9000 + i}")[0] for i in range(n)]
+    return pool, ws, clock
+
+
+def test_request_outcomes_never_erase_failed_probes():
+    pool, (w, _), _ = breaker_pool()
+    pool.record_failure(w, "health 503")
+    pool.record_failure(w, "health 503")
+    for _ in range(50):  # served requests in between
+        pool.record_outcome(w, failed=False)
+    t = pool.record_failure(w, "health 503")
+    assert t is not None and w.state is WorkerState.QUARANTINED
+
+
+def test_breaker_opens_on_consecutive_failures_and_a_success_resets_the_run():
+    pool, (w, other), clock = breaker_pool(failures=3)
+    pool.record_outcome(w, True, "HTTP 500")
+    pool.record_outcome(w, True, "HTTP 500")
+    pool.record_outcome(w, False)
+    pool.record_outcome(w, True, "HTTP 500")
+    pool.record_outcome(w, True, "HTTP 500")
+    assert w.breaker.state is BreakerState.CLOSED
+    t = pool.record_outcome(w, True, "HTTP 502")
+    assert t.new is BreakerState.OPEN and "3 consecutive failed requests, last: HTTP 502" in w.breaker.reason
+    assert all(pool.pick() is other for _ in range(5)) and not pool.admits(w)
+    assert other.breaker.state is BreakerState.CLOSED  # per worker
+
+
+def test_breaker_failure_rate_over_the_window():
+    pool, (w, _), clock = breaker_pool(failures=100, failure_rate=0.5, min_requests=10, window_s=10)
+    for i in range(9):
+        pool.record_outcome(w, failed=bool(i % 2))
+        clock.t += 0.5
+    assert w.breaker.state is BreakerState.CLOSED  # 9 < min_requests
+    clock.t += 20  # the old outcomes leave the window
+    for i in range(9):
+        pool.record_outcome(w, failed=i % 2 == 0)
+    assert w.breaker.state is BreakerState.CLOSED
+    pool.record_outcome(w, failed=True)  # 6 of 10 failed
+    assert w.breaker.state is BreakerState.OPEN and "6 of 10 requests failed" in w.breaker.reason
+
+
+def test_half_open_admits_one_trial_and_its_outcome_decides():
+    pool, (w, other), clock = breaker_pool(failures=1, cooldown_s=5)
+    pool.record_outcome(w, True, "connect failed")
+    clock.t += 4.9
+    assert not pool.admits(w)
+    clock.t += 0.2
+    assert pool.admits(w)
+    trial = pool.acquire(w)
+    assert trial and w.breaker.state is BreakerState.HALF_OPEN
+    assert not pool.admits(w) and pool.pick() is other  # only one trial at a time
+    pool.record_outcome(w, False, trial=False)  # a request sent before it opened: doesn't decide
+    assert w.breaker.state is BreakerState.HALF_OPEN
+    pool.record_outcome(w, True, "HTTP 500", trial=True)
+    pool.release(w, trial)
+    assert w.breaker.state is BreakerState.OPEN and w.breaker.reason.startswith("trial request failed")
+    clock.t += 5.1
+    trial = pool.acquire(w)
+    pool.release(w, trial)  # the client left: no outcome; the next request is the trial
+    assert w.breaker.state is BreakerState.HALF_OPEN and pool.admits(w)
+    trial = pool.acquire(w)
+    pool.record_outcome(w, False, trial=trial)
+    pool.release(w, trial)
+    assert w.breaker.state is BreakerState.CLOSED and pool.admits(w)
+    assert w.breaker.transitions == {"closed->open": 1, "open->half_open": 2, "half_open->open": 1,
+                                     "half_open->closed": 1}
+
+
+def test_a_passing_probe_closes_the_breaker_only_after_the_cooldown():
+    pool, (w, _), clock = breaker_pool(failures=1, cooldown_s=5)
+    pool.record_outcome(w, True, "timed out")
+    pool.record_success(w)
+    assert w.breaker.state is BreakerState.OPEN
+    clock.t += 6
+    pool.record_success(w)
+    assert w.breaker.state is BreakerState.CLOSED
+
+
+def test_breaker_disabled_never_opens_and_cap_limits_admission():
+    pool, (w, _), _ = breaker_pool(enabled=False, failures=1)
+    for _ in range(10):
+        pool.record_outcome(w, True, "HTTP 500")
+    assert w.breaker.state is BreakerState.CLOSED and w.request_failures_total == 10
+    pool.max_inflight = 1
+    pool.acquire(w)
+    assert not pool.admits(w) and pool.routable() == pool.active
+
+
+def test_pick_for_key_least_loaded_then_key_hash():
+    pool, ws = make_pool(3)
+    assert {pool.pick_for_key(h).url for h in range(30)} == {w.url for w in ws}  # ties: by hash
+    assert all(pool.pick_for_key(7) is pool.pick_for_key(7) for _ in range(3))  # no cursor
+    pool.acquire(ws[0])
+    pool.acquire(ws[1])
+    assert {pool.pick_for_key(h) for h in range(30)} == {ws[2]}

@@ -43,7 +43,7 @@ def choose(pool: WorkerPool, preferred: Worker | None, rule: SpillRule, hit_reas
         return None, "none"
     if preferred is None:
         return least, "least_inflight"
-    if not preferred.selectable or preferred in exclude:
+    if preferred in exclude or not pool.admits(preferred):
         return least, "least_inflight"
     if preferred is not least and rule.overloaded(preferred, least):
         return least, "spill"
@@ -51,12 +51,18 @@ def choose(pool: WorkerPool, preferred: Worker | None, rule: SpillRule, hit_reas
 
 
 def _block_keys(data: bytes, block_bytes: int) -> list[bytes]:
-    """Chained hashes of every whole block: key i identifies the prefix data[:(i+1)*block]."""
+    """Chained hashes of every whole block: key i identifies the prefix data[:(i+1)*block]; then,
+    when a partial block is left, one more key for the whole of `data` (salted so it never equals
+    a whole block's key). That last key lets a prompt shorter than a block (or the tail of a longer
+    one) find the worker that received exactly this prompt before, e.g. the rest of a GRPO group."""
     keys = []
     h = b""
-    for start in range(0, len(data) - block_bytes + 1, block_bytes):
+    end = len(data) - len(data) % block_bytes
+    for start in range(0, end, block_bytes):
         h = hashlib.blake2b(h + data[start:start + block_bytes], digest_size=8).digest()
         keys.append(h)
+    if end < len(data):
+        keys.append(hashlib.blake2b(h + data[end:], digest_size=8, person=b"partial").digest())
     return keys
 
 
@@ -80,7 +86,8 @@ class PrefixIndex:
 
     def lookup(self, seq: np.ndarray | bytes, usable=None) -> tuple[list[str], int]:
         """(owners, matched blocks) of the longest prefix with an owner that is `usable` (if given);
-        owners most recent first, unusable ones left out."""
+        owners most recent first, unusable ones left out. A match of the whole of `seq` through
+        its trailing partial block counts that block too."""
         keys = self._keys(seq)
         for i in range(len(keys) - 1, -1, -1):
             owners = self._owners.get(keys[i])

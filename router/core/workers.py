@@ -1,15 +1,25 @@
-"""The worker pool: registration, health state machine, in-flight accounting and least-in-flight selection.
+"""The worker pool: registration, health state machine, circuit breaker, in-flight accounting and
+least-in-flight selection.
 
-Pure bookkeeping: the I/O edge calls `record_success`/`record_failure` from health probes and
-failed requests, and `acquire`/`release` around every proxied request. Nothing here sleeps or
-talks to a socket, so every transition is unit-tested directly.
+Two kinds of evidence, kept apart. Health probes (`record_success`/`record_failure`; a failed
+connect counts too) drive the health state: `failure_threshold` failed probes in a row quarantine a
+worker, and no served request erases a failed probe. Request outcomes (`record_outcome`: connect
+failures, timeouts, 5xx replies, replies broken off) drive a per-worker circuit breaker: it opens on
+`failures` consecutive failures or a failure rate over `window_s`, keeps the worker out of selection
+for `cooldown_s`, then admits one trial request (or a passing probe) whose success closes it. 4xx
+replies are the client's problem and SGLang's `abort` finishes are deliberate: neither is a failure.
+
+Pure bookkeeping: the I/O edge calls these around every proxied request and probe. Nothing here
+sleeps or talks to a socket; time comes from `clock` (injectable), so every transition is
+unit-tested directly.
 """
 
 from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 
@@ -17,6 +27,40 @@ class WorkerState(str, enum.Enum):
     HEALTHY = "healthy"
     QUARANTINED = "quarantined"
     DRAINING = "draining"  # removed; stays listed until its in-flight requests finish
+
+
+class BreakerState(str, enum.Enum):
+    CLOSED = "closed"  # in rotation
+    OPEN = "open"  # out of selection until the cooldown is over
+    HALF_OPEN = "half_open"  # one trial request (or a probe) decides
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerPolicy:
+    """When request outcomes take a worker out (`[breaker]` in the config)."""
+
+    enabled: bool = True
+    failures: int = 5  # consecutive failed requests -> open
+    window_s: float = 60.0  # ... or a failure rate over this window
+    failure_rate: float = 0.5  # fraction of failed requests in the window -> open
+    min_requests: int = 20  # the rate rule needs at least this many outcomes in the window
+    cooldown_s: float = 30.0  # open this long, then half-open
+
+
+@dataclass(slots=True)
+class Breaker:
+    state: BreakerState = BreakerState.CLOSED
+    consecutive_failures: int = 0
+    opened_at: float = 0.0
+    trial_inflight: bool = False
+    reason: str | None = None  # why it last opened
+    # (time, failed) of recent outcomes, for the rate rule
+    window: deque = field(default_factory=deque)
+    transitions: dict = field(default_factory=dict)  # "closed->open" -> count
+
+    def describe(self) -> dict:
+        return {"state": self.state.value, "consecutive_failures": self.consecutive_failures,
+                "reason": self.reason, "transitions": dict(self.transitions)}
 
 
 @dataclass(eq=False, slots=True)
@@ -33,6 +77,8 @@ class Worker:
     requests_total: int = 0
     failures_total: int = 0
     quarantines_total: int = 0
+    request_failures_total: int = 0  # failed request outcomes (what the breaker counts)
+    breaker: Breaker = field(default_factory=Breaker)
     added_at: float = field(default_factory=time.time)
 
     @property
@@ -52,6 +98,8 @@ class Worker:
             "requests_total": self.requests_total,
             "failures_total": self.failures_total,
             "quarantines_total": self.quarantines_total,
+            "request_failures_total": self.request_failures_total,
+            "breaker": self.breaker.describe(),
         }
 
 
@@ -65,6 +113,14 @@ class Transition:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class BreakerTransition:
+    worker: Worker
+    old: BreakerState
+    new: BreakerState
+    reason: str
+
+
 class WorkerPool:
     """Workers by URL, with least-in-flight selection (ties broken round-robin).
 
@@ -73,9 +129,14 @@ class WorkerPool:
     agrees, e.g. that the worker's weights are current.
     """
 
-    def __init__(self, *, failure_threshold: int = 3, success_threshold: int = 2) -> None:
+    def __init__(self, *, failure_threshold: int = 3, success_threshold: int = 2,
+                 breaker: BreakerPolicy | None = None, max_inflight: int | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.failure_threshold = failure_threshold
         self.success_threshold = success_threshold
+        self.breaker = breaker or BreakerPolicy()
+        self.max_inflight = max_inflight  # per worker; None = no cap
+        self.clock = clock
         self._workers: dict[str, Worker] = {}  # active (healthy or quarantined), insertion order
         self._draining: dict[str, Worker] = {}
         self._rr = 0
@@ -128,9 +189,34 @@ class WorkerPool:
         return [w for w in self._workers.values() if w.state is WorkerState.HEALTHY]
 
     # ---- selection ----------------------------------------------------------------------
+    def breaker_admits(self, w: Worker, now: float | None = None) -> bool:
+        """Whether the breaker lets a request through (a trial one when it is not closed)."""
+        b = w.breaker
+        if b.state is BreakerState.CLOSED or not self.breaker.enabled:
+            return True
+        if b.trial_inflight:
+            return False
+        if b.state is BreakerState.HALF_OPEN:
+            return True
+        return (self.clock() if now is None else now) >= b.opened_at + self.breaker.cooldown_s
+
+    def has_slot(self, w: Worker) -> bool:
+        return self.max_inflight is None or w.inflight < self.max_inflight
+
+    def admits(self, w: Worker, now: float | None = None) -> bool:
+        """Healthy, under the per-worker cap, and let through by its breaker."""
+        return w.state is WorkerState.HEALTHY and self.has_slot(w) and self.breaker_admits(w, now)
+
+    def routable(self, exclude: Iterable[Worker] = ()) -> list[Worker]:
+        """Workers a request could go to once a slot frees (healthy, breaker permitting), cap ignored."""
+        now = self.clock()
+        return [w for w in self._workers.values()
+                if w.state is WorkerState.HEALTHY and w not in exclude and self.breaker_admits(w, now)]
+
     def pick(self, exclude: Iterable[Worker] = ()) -> Worker | None:
-        """The healthy worker with the fewest in-flight requests; ties go round-robin."""
-        candidates = [w for w in self._workers.values() if w.state is WorkerState.HEALTHY and w not in exclude]
+        """The admissible worker with the fewest in-flight requests; ties go round-robin."""
+        now = self.clock()
+        candidates = [w for w in self._workers.values() if w not in exclude and self.admits(w, now)]
         if not candidates:
             return None
         n = len(candidates)
@@ -146,14 +232,37 @@ class WorkerPool:
         self._rr = (candidates.index(best) + 1) % n if n > 1 else 0
         return best
 
+    def pick_for_key(self, key_hash: int, exclude: Iterable[Worker] = ()) -> Worker | None:
+        """The admissible worker with the fewest in-flight requests; ties broken by `key_hash`
+        (not by a shared cursor, which every request moves: with two workers and an even number
+        of requests per key, a cursor sent every new key to the same worker)."""
+        now = self.clock()
+        candidates = [w for w in self._workers.values() if w not in exclude and self.admits(w, now)]
+        if not candidates:
+            return None
+        least = min(w.inflight for w in candidates)
+        ties = [w for w in candidates if w.inflight == least]
+        return ties[key_hash % len(ties)]
+
     def least_loaded(self, exclude: Iterable[Worker] = ()) -> Worker | None:
         return self.pick(exclude)
 
-    def acquire(self, w: Worker) -> None:
+    def acquire(self, w: Worker) -> bool:
+        """Count a request on `w`; True if it is the breaker's trial request (pass it to `release`)."""
         w.inflight += 1
         w.requests_total += 1
+        b = w.breaker
+        if b.state is BreakerState.CLOSED or not self.breaker.enabled:
+            return False
+        if b.state is BreakerState.OPEN:
+            self._breaker_to(w, BreakerState.HALF_OPEN, "cooldown over: one trial request")
+        b.trial_inflight = True
+        return True
 
-    def release(self, w: Worker) -> None:
+    def release(self, w: Worker, trial: bool = False) -> None:
+        if trial and w.breaker.trial_inflight:
+            # The trial ended without an outcome (the client left): the next request is the trial.
+            w.breaker.trial_inflight = False
         w.inflight -= 1
         if w.inflight <= 0:
             w.inflight = 0
@@ -174,8 +283,13 @@ class WorkerPool:
         return None
 
     def record_success(self, w: Worker) -> Transition | None:
+        """A passing health probe. It also closes a breaker whose cooldown is over."""
         w.consecutive_successes += 1
         w.consecutive_failures = 0
+        b = w.breaker
+        if (b.state is not BreakerState.CLOSED and not b.trial_inflight
+                and (b.state is BreakerState.HALF_OPEN or self.breaker_admits(w))):
+            self._breaker_to(w, BreakerState.CLOSED, "health probe passed after the cooldown")
         if w.state is not WorkerState.QUARANTINED:
             w.held_reason = None
             return None
@@ -190,6 +304,62 @@ class WorkerPool:
         w.last_error = None
         return Transition(w, WorkerState.QUARANTINED, WorkerState.HEALTHY,
                           f"{w.consecutive_successes} consecutive successful health checks")
+
+    # ---- circuit breaker ----------------------------------------------------------------
+    def record_outcome(self, w: Worker, failed: bool, reason: str = "", trial: bool = False
+                       ) -> BreakerTransition | None:
+        """A request's outcome. Only the trial request decides a half-open breaker; outcomes of
+        requests sent before the breaker opened only count toward the totals."""
+        b = w.breaker
+        if failed:
+            w.request_failures_total += 1
+        if not self.breaker.enabled:
+            return None
+        now = self.clock()
+        if b.state is not BreakerState.CLOSED:
+            if not trial:
+                return None
+            b.trial_inflight = False
+            if failed:
+                b.opened_at = now
+                b.reason = f"trial request failed: {reason}"
+                return self._breaker_to(w, BreakerState.OPEN, b.reason)
+            b.consecutive_failures = 0
+            b.window.clear()
+            return self._breaker_to(w, BreakerState.CLOSED, "trial request succeeded")
+        p = self.breaker
+        win = b.window
+        win.append((now, failed))
+        while win and win[0][0] < now - p.window_s:
+            win.popleft()
+        if not failed:
+            b.consecutive_failures = 0
+            return None
+        b.consecutive_failures += 1
+        why = None
+        if b.consecutive_failures >= p.failures:
+            why = f"{b.consecutive_failures} consecutive failed requests, last: {reason}"
+        elif len(win) >= p.min_requests:
+            bad = sum(1 for _, f in win if f)
+            if bad >= p.failure_rate * len(win):
+                why = f"{bad} of {len(win)} requests failed in {p.window_s:g}s, last: {reason}"
+        if why is None:
+            return None
+        b.opened_at = now
+        b.reason = why
+        win.clear()
+        return self._breaker_to(w, BreakerState.OPEN, why)
+
+    def _breaker_to(self, w: Worker, new: BreakerState, reason: str) -> BreakerTransition:
+        b = w.breaker
+        old = b.state
+        b.state = new
+        if new is BreakerState.CLOSED:
+            b.consecutive_failures = 0
+            b.trial_inflight = False
+        key = f"{old.value}->{new.value}"
+        b.transitions[key] = b.transitions.get(key, 0) + 1
+        return BreakerTransition(w, old, new, reason)
 
     def inflight_by_url(self) -> dict[str, int]:
         return {w.url: w.inflight for w in self._workers.values()}

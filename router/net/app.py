@@ -22,6 +22,7 @@ from router.wire import DECODE_ERRORS, decode_error_text
 from router.core.headers import header_value
 from router.core.pipeline import CommitError, Exchange, Reply, StageError
 from router.core.urls import TargetError, WorkerUrlError, host_allowed, normalize_worker_url, origin_form
+from router.net.admission import QueueFull, QueueTimeout
 from router.net.runtime import RoutePipeline, Runtime
 from router.wire.api import error_body, json_encoder, worker_url_decoder
 
@@ -292,11 +293,35 @@ class RouterApp:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope, client)
             try:
-                await self._run(pipe, ex, client)
+                admitted = await self._admit(client)
+                if admitted is not None:
+                    try:
+                        await self._run(pipe, ex, client)
+                    finally:
+                        if admitted:
+                            self.rt.admission.release()
             finally:
                 nursery.cancel_scope.cancel()
         # 499 (nginx's "client closed request"): the client left before any reply started.
         return client.status or 499
+
+    async def _admit(self, client: ClientStream) -> bool | None:
+        """Wait for an admission slot (server.max_concurrent_requests). True: held, release it;
+        False: no limit; None: refused (429 queue full, 408 waited too long), reply sent."""
+        adm = self.rt.admission
+        try:
+            return await adm.acquire()
+        except QueueFull:
+            self.rt.metrics.queue_rejected("admission", "full")
+            await client.reply(error_reply(
+                429, f"too many requests: {adm.limit} in progress and {adm.queue_size} waiting "
+                     f"(server.max_concurrent_requests, server.queue_size)"))
+        except QueueTimeout as e:
+            self.rt.metrics.queue_rejected("admission", "timeout")
+            await client.reply(error_reply(
+                408, f"waited {e.waited_s:.3g}s for an admission slot (server.queue_timeout_s = "
+                     f"{adm.timeout_s:g}s)"))
+        return None
 
     @staticmethod
     async def _watch_disconnect(receive, scope: trio.CancelScope, client: ClientStream) -> None:

@@ -35,7 +35,24 @@ class _StateCollector:
             healthy.add_metric([w.url], 1.0 if w.selectable else 0.0)
             failures.add_metric([w.url], w.failures_total)
             quarantines.add_metric([w.url], w.quarantines_total)
-        yield from (inflight, state, healthy, failures, quarantines)
+        breaker = GaugeMetricFamily("miles_router_worker_breaker_state",
+                                    "1 for the worker's circuit breaker state (closed/open/half_open)",
+                                    labels=["worker", "state"])
+        request_failures = CounterMetricFamily("miles_router_worker_request_failures",
+                                               "Failed request outcomes (connect failures, timeouts, 5xx, broken replies)",
+                                               labels=["worker"])
+        for w in pool.all:
+            for s in ("closed", "open", "half_open"):
+                breaker.add_metric([w.url, s], 1.0 if w.breaker.state.value == s else 0.0)
+            request_failures.add_metric([w.url], w.request_failures_total)
+        yield from (inflight, state, healthy, failures, quarantines, breaker, request_failures)
+        depth = GaugeMetricFamily("miles_router_queue_depth", "Requests waiting in a queue", labels=["queue"])
+        depth.add_metric(["admission"], len(self.runtime.admission.queue))
+        depth.add_metric(["worker_slot"], len(self.runtime.slot_queue))
+        yield depth
+        yield GaugeMetricFamily("miles_router_admitted_requests",
+                                "Proxied requests holding an admission slot (server.max_concurrent_requests)",
+                                value=self.runtime.admission.active)
         yield GaugeMetricFamily("miles_router_workers", "Registered workers", value=len(pool))
         tree = self.runtime.tree_if_loaded
         if tree is not None:
@@ -77,7 +94,8 @@ class Metrics:
         self.latency = Histogram("miles_router_request_duration_seconds", "Time to the end of the reply",
                                  ["route"], buckets=_LATENCY_BUCKETS, registry=r)
         self.selections = Counter("miles_router_selections", "Worker selections by reason", ["reason"], registry=r)
-        self.retries = Counter("miles_router_retries", "Requests resent to another worker after a connect failure",
+        self.retries = Counter("miles_router_retries",
+                               "Requests sent to another worker after a connect failure or a retryable error reply",
                                registry=r)
         self.abort_retries = Counter("miles_router_abort_retries", "Aborted replies resent to another worker",
                                      registry=r)
@@ -94,6 +112,23 @@ class Metrics:
             buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 1024), registry=r)
         self.store_write_errors = Counter("miles_router_store_write_errors", "Trajectory store: failed commits",
                                           registry=r)
+        self.status_retries = Counter("miles_router_status_retries",
+                                      "Error replies (retry.statuses) retried on another worker, by status",
+                                      ["status"], registry=r)
+        self.retries_exhausted = Counter("miles_router_retries_exhausted",
+                                         "Requests whose last attempt still got a retryable error reply",
+                                         registry=r)
+        self.breaker_transitions = Counter("miles_router_worker_breaker_transitions",
+                                           "Circuit breaker transitions", ["worker", "from_state", "to_state"],
+                                           registry=r)
+        self.affinity_unreadable = Counter("miles_router_affinity_unreadable",
+                                           "prefix_affinity requests whose prompt could not be read", ["route"],
+                                           registry=r)
+        self.queue_wait = Histogram("miles_router_queue_wait_seconds", "Time a request waited in a queue",
+                                    ["queue"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_rejections = Counter("miles_router_queue_rejections",
+                                        "Requests refused by a queue (full -> 429, timeout -> 408/503)",
+                                        ["queue", "reason"], registry=r)
         r.register(_StateCollector(runtime))
         self._req_children: dict[tuple[str, int], object] = {}
         self._lat_children: dict[str, object] = {}
@@ -122,6 +157,15 @@ class Metrics:
         if c is None:
             c = self._sel_children[reason] = self.selections.labels(reason)
         c.inc()
+
+    def queue_waited(self, queue: str, seconds: float) -> None:
+        self.queue_wait.labels(queue).observe(seconds)
+
+    def queue_rejected(self, queue: str, reason: str) -> None:
+        self.queue_rejections.labels(queue, reason).inc()
+
+    def breaker_transition(self, worker: str, old: str, new: str) -> None:
+        self.breaker_transitions.labels(worker, old, new).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,6 +8,7 @@ cancel scope so removing a worker cancels exactly its prober.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -23,9 +24,12 @@ from router.config import Config
 from router.core.pipeline import PipelineSpec, load_pipeline
 from router.core.selection import PrefixIndex, SpillRule, StickyTable, choose
 from router.core.urls import normalize_worker_url
-from router.core.workers import Transition, Worker, WorkerPool
+from router.core.workers import BreakerPolicy, BreakerState, BreakerTransition, Transition, Worker, WorkerPool
+from router.core.pipeline import StageError
+from router.net.admission import ConcurrencyLimit, FifoQueue, QueueTimeout
 from router.net.metrics import Metrics
 from router.net.upstream import UpstreamPool
+from router.wire.affinity import ids_decoder, openai_prompt_decoder, present, raw_list_decoder, str_decoder, strs_decoder
 from router.wire.sglang import ReplySummary
 
 log = logging.getLogger("miles_router")
@@ -49,12 +53,23 @@ class Runtime:
         self.config = config
         self.nursery = nursery
         w = config.workers
-        self.pool = WorkerPool(failure_threshold=w.failure_threshold, success_threshold=w.success_threshold)
+        b = config.breaker
+        self.pool = WorkerPool(failure_threshold=w.failure_threshold, success_threshold=w.success_threshold,
+                               breaker=BreakerPolicy(b.enabled, b.failures, b.window_s, b.failure_rate,
+                                                     b.min_requests, b.cooldown_s),
+                               max_inflight=w.max_inflight_per_worker)
+        self.retry_statuses = frozenset(config.retry.statuses)
         self.upstream = UpstreamPool(keepalive_expiry_s=w.keepalive_expiry_s, connect_timeout_s=w.connect_timeout_s)
         # Control plane (health probes, admin fan-out): httpx; the data path uses the h11 pool.
         self.control = httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(w.health_timeout_s),
                                          limits=httpx.Limits(max_connections=256, keepalive_expiry=w.keepalive_expiry_s))
         self.metrics = Metrics(self)
+        # Requests waiting for a worker slot (workers.max_inflight_per_worker), and for admission
+        # (server.max_concurrent_requests): one FIFO mechanism, router/net/admission.py.
+        self.slot_queue = FifoQueue("worker_slot", self.metrics.queue_waited)
+        sv = config.server
+        self.admission = ConcurrencyLimit(sv.max_concurrent_requests, sv.queue_size, sv.queue_timeout_s,
+                                          self.metrics.queue_waited)
         self._probers: dict[str, trio.CancelScope] = {}
         self.tokenizer = None
         self.tree_if_loaded = None
@@ -226,6 +241,7 @@ class Runtime:
             self._probers[url] = scope
             self.nursery.start_soon(self._probe_forever, worker, scope, name=f"prober {url}")
             log.info("worker added: %s", url)
+            self.slot_queue.wake()
         return worker, created
 
     def remove_worker(self, url: str) -> Worker | None:
@@ -239,19 +255,68 @@ class Runtime:
             log.info("worker removed: %s (%d in flight)", url, worker.inflight)
         return worker
 
-    def _transition(self, t: Transition | None) -> None:
-        if t is not None:
+    def _transition(self, t: Transition | BreakerTransition | None) -> None:
+        if t is None:
+            return
+        if isinstance(t, BreakerTransition):
+            lvl = logging.WARNING if t.new is BreakerState.OPEN else logging.INFO
+            log.log(lvl, "worker %s: breaker %s -> %s (%s)", t.worker.url, t.old.value, t.new.value, t.reason)
+            self.metrics.breaker_transition(t.worker.url, t.old.value, t.new.value)
+        else:
             lvl = logging.WARNING if t.new.value == "quarantined" else logging.INFO
             log.log(lvl, "worker %s: %s -> %s (%s)", t.worker.url, t.old.value, t.new.value, t.reason)
+        if t.new.value in ("healthy", "closed"):
+            self.slot_queue.wake()
 
     def on_worker_error(self, worker: Worker, error: str) -> None:
+        """Evidence as strong as a failed probe (a refused connect): counts toward quarantine."""
         self._transition(self.pool.record_failure(worker, error))
 
-    def on_worker_ok(self, worker: Worker) -> None:
-        # A served request says nothing about recovery (only probes re-admit), but it does
-        # reset the run of consecutive failures for a worker that is still in rotation.
-        if worker.selectable:
-            worker.consecutive_failures = 0
+    def on_outcome(self, worker: Worker, failed: bool, reason: str = "", trial: bool = False) -> None:
+        """A proxied request's outcome, for the breaker. It never touches the probe counters: a
+        served request says nothing about a failed /health, and a 5xx is not a success."""
+        self._transition(self.pool.record_outcome(worker, failed, reason, trial))
+
+    # ---- taking a worker for a request --------------------------------------------------------
+    def _take(self, ex, exclude) -> tuple[Worker, str, bool] | None:
+        worker, reason = self.select(ex, exclude)
+        if worker is None:
+            return None
+        before = worker.breaker.state
+        trial = self.pool.acquire(worker)
+        if worker.breaker.state is not before:
+            self._transition(BreakerTransition(worker, before, worker.breaker.state, "cooldown over: one trial request"))
+        return worker, reason, trial
+
+    async def take_worker(self, ex, exclude=()) -> tuple[Worker | None, str, bool]:
+        """Select a worker and count the request on it: (worker, route reason, is breaker trial).
+
+        With `workers.max_inflight_per_worker`, a request that finds every usable worker full waits
+        in the FIFO slot queue and is placed (by its route's policy) when a slot frees; a wait past
+        `workers.queue_timeout_s` fails the request with 503. (None, "none", False) when no worker is usable.
+        """
+        got = self._take(ex, exclude) if not len(self.slot_queue) else None
+        if got is not None:
+            return got
+        if not self.pool.routable(exclude):
+            return None, "none", False
+        if self.pool.max_inflight is None and not len(self.slot_queue):
+            return None, "none", False
+        timeout = self.config.workers.queue_timeout_s
+        try:
+            return await self.slot_queue.acquire(lambda: self._take(ex, exclude),
+                                                 lambda g: self.give_back(g[0], g[2]), timeout_s=timeout)
+        except QueueTimeout as e:
+            self.metrics.queue_rejected("worker_slot", "timeout")
+            raise StageError(503, f"no worker slot freed within workers.queue_timeout_s ({timeout:g}s): every "
+                                  f"usable worker has workers.max_inflight_per_worker "
+                                  f"({self.pool.max_inflight}) requests in flight", waited_s=round(e.waited_s, 3),
+                             ) from None
+
+    def give_back(self, worker: Worker, trial: bool = False) -> None:
+        self.pool.release(worker, trial)
+        if len(self.slot_queue):
+            self.slot_queue.wake()
 
     async def probe_once(self, worker: Worker) -> tuple[bool, str]:
         timeout = self.config.workers.health_timeout_s
@@ -276,6 +341,8 @@ class Runtime:
                         # Re-admission is gated on the version the worker serves now.
                         await self.fetch_weight_version(worker)
                     self._transition(self.pool.record_success(worker))
+                    if worker.breaker.state is BreakerState.CLOSED and len(self.slot_queue):
+                        self.slot_queue.wake()
                 else:
                     self.on_worker_error(worker, error)
                 await trio.sleep(interval)
@@ -328,27 +395,65 @@ class Runtime:
         return w, reason
 
     def _prefix_of(self, ex):
-        """Token ids (or text bytes) identifying the request's prompt, if it has one."""
+        """Token ids (or text bytes) identifying the request's prompt, or None when it can't be read.
+
+        `/generate`: `input_ids`, else `text`. `/v1/completions`: `prompt` (text or token ids).
+        `/v1/chat/completions`: `tools` + `messages`, rendered through the chat template when the
+        router has a tokenizer, else as the client's own JSON bytes of each message in order (both
+        grow by appending as a conversation goes on, so a next turn finds its history)."""
         prompt = ex.scratch.get("prompt")
         if prompt is not None:
             return prompt.tokens
+        if ex.path.endswith(("/v1/completions", "/v1/chat/completions")):
+            return self._openai_prefix(ex.body_for_upstream)
         from router.stages._generate import generate_request, single_input_ids
 
         try:
             req = generate_request(ex)
+            ids = single_input_ids(req)
         except Exception:
             return None
-        ids = single_input_ids(req)
         if ids is not None:
             return ids
         if isinstance(req.text, str):
             return req.text.encode("utf-8", "surrogatepass")
         return None
 
+    def _openai_prefix(self, body: bytes):
+        try:
+            f = openai_prompt_decoder.decode(body)
+            if present(f.prompt):
+                raw = bytes(f.prompt)
+                if raw.startswith(b'"'):
+                    return str_decoder.decode(raw).encode("utf-8", "surrogatepass")
+                try:
+                    return np.asarray(ids_decoder.decode(raw), dtype=np.int32)
+                except (*DECODE_ERRORS, OverflowError):
+                    texts = strs_decoder.decode(raw)  # a batch of one prompt routes by it
+                    return texts[0].encode("utf-8", "surrogatepass") if len(texts) == 1 else None
+            if not present(f.messages):
+                return None
+            if self.tokenizer is not None:
+                try:
+                    messages = msgspec.json.decode(bytes(f.messages))
+                    tools = msgspec.json.decode(bytes(f.tools)) if present(f.tools) else None
+                    text = self.tokenizer.hf.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                                 add_generation_prompt=True)
+                    return text.encode("utf-8", "surrogatepass")
+                except Exception:  # a template that can't render these messages: route by their bytes
+                    pass
+            parts = [bytes(f.tools) if present(f.tools) else b"", b"\n"]
+            parts += [bytes(m) + b"\n" for m in raw_list_decoder.decode(f.messages)]
+            return b"".join(parts)
+        except (*DECODE_ERRORS, UnicodeEncodeError):
+            return None
+
     def _select_by_prefix(self, ex) -> tuple[Worker | None, str]:
         seq = self._prefix_of(ex)
-        if seq is None:
-            return self.pool.pick(), "least_inflight"
+        if seq is None or len(seq) == 0:
+            # Said out loud: a route meant to keep prompts together that silently doesn't is a bug.
+            self.metrics.affinity_unreadable.labels(ex.route.path if ex.route is not None else ex.path).inc()
+            return self.pool.pick(), "affinity_unreadable"
         owners, _ = self.prefix_index.lookup(seq, usable=self._usable)
         preferred = min((self.pool.get(u) for u in owners), key=lambda w: w.inflight) if owners else None
         w, reason = choose(self.pool, preferred, self.spill, "affinity_hit")
@@ -361,7 +466,7 @@ class Runtime:
 
     def _usable(self, url: str) -> bool:
         w = self.pool.get(url)
-        return w is not None and w.selectable
+        return w is not None and self.pool.admits(w)
 
     def record_served(self, tokens, worker_url: str) -> None:
         """A worker now holds these tokens in its KV cache (prompt + generated)."""
@@ -410,15 +515,19 @@ class Runtime:
         now = time.monotonic()
         url = self.sticky.get(key, now)
         pinned = self.pool.get(url) if url else None
-        w, reason = choose(self.pool, pinned, self.spill, "sticky")
+        if pinned is not None and self.pool.admits(pinned):
+            w, reason = choose(self.pool, pinned, self.spill, "sticky")
+            if w is not None and reason == "sticky":
+                self.sticky.put(key, w.url, now)
+            return (w, reason) if w is not None else (None, "none")  # a spill is one request only
+        # A new key, or its worker is out: the least-loaded worker, ties broken by the key's hash.
+        key_hash = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                                  "little")
+        w = self.pool.pick_for_key(key_hash)
         if w is None:
             return None, "none"
-        if reason == "sticky":
-            self.sticky.put(key, w.url, now)
-        elif reason != "spill":  # new key, or its worker is gone: re-pin (a spill is one request only)
-            self.sticky.put(key, w.url, now)
-            reason = "sticky_new"
-        return w, reason
+        self.sticky.put(key, w.url, now)
+        return w, "sticky_new"
 
     async def aclose(self) -> None:
         for scope in self._probers.values():

@@ -46,20 +46,40 @@ class Forward(Stage):
         capture = client.pipeline_needs_response
         is_generate = ex.path == "/generate"
         tried = []
+        reasons = []  # one route reason per attempt, all shown in x-miles-router-route-reason
+        failed_attempts = []  # "url status" of error replies that were retried
         last_error = ""
         connect_retries = 1  # only for a connect failure: nothing reached the worker, so resending is safe
         abort_retries = self.options.abort_retries
+        # An error reply (retry.statuses) means the worker did not do the work: unlike a delivered
+        # request on a dropped connection, it is safe to send it to another worker, at once.
+        status_retries = svc.config.retry.max_attempts - 1
+        retry_statuses = svc.retry_statuses
         while True:
-            worker, reason = svc.select(ex, exclude=tried)
+            worker, reason, trial = await svc.take_worker(ex, exclude=tried)
             if worker is None:
                 break
-            ex.worker, ex.route_reason = worker, reason
-            svc.pool.acquire(worker)
+            reasons.append(reason)
+            ex.worker, ex.route_reason = worker, ", ".join(reasons)
+            outcome = None  # (failed, reason) once known; the breaker hears every outcome once
             try:
                 async with svc.upstream.request(worker.url, ex.method, target, headers, body,
                                                 timeout_s=cfg.request_timeout_s) as resp:
                     ex.status = resp.status
                     ex.response_headers = resp.headers
+                    # 5xx is a failure; 4xx (incl. 429) means the worker is alive and answering.
+                    outcome = (resp.status >= 500, f"HTTP {resp.status}")
+                    if (resp.status in retry_statuses and status_retries > 0
+                            and svc.pool.routable(exclude=[*tried, worker])):
+                        status_retries -= 1
+                        tried.append(worker)
+                        failed_attempts.append(f"{worker.url} {resp.status}")
+                        svc.metrics.status_retries.labels(str(resp.status)).inc()
+                        continue  # the reply is dropped with its connection; nothing reached the client
+                    if resp.status in retry_statuses and len(reasons) > 1:
+                        svc.metrics.retries_exhausted.inc()
+                    if failed_attempts:
+                        ex.extra_headers.append((b"x-miles-router-retried", ", ".join(failed_attempts).encode()))
                     out_headers = response_headers_for_client(resp.headers) + client.route_headers(ex)
                     sse = (header_value(resp.headers, b"content-type") or b"").startswith(b"text/event-stream")
                     length = header_value(resp.headers, b"content-length")
@@ -79,7 +99,7 @@ class Forward(Stage):
                             abort_retries -= 1
                             tried.append(worker)
                             svc.metrics.abort_retries.inc()
-                            continue
+                            continue  # an abort is deliberate, not a failure
                         if capture:
                             ex.response_body = reply
                             ex.scratch["client_headers"] = out_headers
@@ -88,12 +108,12 @@ class Forward(Stage):
                             client.defer(reply)
                             if is_generate and outputs:
                                 svc.note_reply(ex, outputs)
-                svc.on_worker_ok(worker)
                 return
             except UpstreamLocalError as e:
                 # The router is out of sockets or memory: not the worker's fault, and no retry helps.
                 raise StageError(503, f"router overloaded: {e}", worker=worker.url) from None
             except UpstreamConnectError as e:
+                outcome = (True, f"connect failed: {e}")
                 last_error = f"{worker.url}: {e}"
                 svc.on_worker_error(worker, f"connect failed: {e}")
                 tried.append(worker)
@@ -101,17 +121,21 @@ class Forward(Stage):
                     break
                 connect_retries -= 1
             except UpstreamTimeout as e:
+                outcome = (True, f"timed out: {e}")
                 if client.started:
                     raise
                 raise StageError(504, f"worker {worker.url} did not answer within the timeout: {e}",
                                  worker=worker.url) from None
             except UpstreamDisconnect as e:
+                outcome = (True, f"disconnected: {e}")
                 if client.started:
                     raise
                 svc.on_worker_error(worker, f"disconnected: {e}")
                 raise StageError(502, f"worker {worker.url} closed the connection: {e}", worker=worker.url) from None
             finally:
-                svc.pool.release(worker)
+                if outcome is not None:  # None: cancelled (the client left), which says nothing of the worker
+                    svc.on_outcome(worker, outcome[0], outcome[1], trial)
+                svc.give_back(worker, trial)
         if tried:
             raise StageError(502, f"could not connect to a worker ({last_error})")
         raise StageError(503, "no healthy worker available", workers=len(svc.pool))
