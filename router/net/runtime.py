@@ -452,8 +452,10 @@ class Runtime:
         seq = self._prefix_of(ex)
         if seq is None or len(seq) == 0:
             # Said out loud: a route meant to keep prompts together that silently doesn't is a bug.
-            self.metrics.affinity_unreadable.labels(ex.route.path if ex.route is not None else ex.path).inc()
-            return self.pool.pick(), "affinity_unreadable"
+            w = self.pool.pick()
+            if w is not None:  # counted once per request (a request waiting for a slot asks again)
+                self.metrics.affinity_unreadable.labels(ex.route.path if ex.route is not None else ex.path).inc()
+            return w, "affinity_unreadable"
         owners, _ = self.prefix_index.lookup(seq, usable=self._usable)
         preferred = min((self.pool.get(u) for u in owners), key=lambda w: w.inflight) if owners else None
         w, reason = choose(self.pool, preferred, self.spill, "affinity_hit")
