@@ -7,6 +7,7 @@ Every table forbids unknown keys, so a typo fails at startup instead of being ig
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Literal
 import msgspec
 
 from router.wire.sim import SimOptions
+from router.wire.errors import validation_problem
 
 
 class ConfigError(Exception):
@@ -178,20 +180,16 @@ class Config(_Table):
     base_dir: str = "."
 
 
-_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
-
-
 def format_validation_error(file: str | Path, err: Exception) -> str:
-    """`Expected int, got str - at $.server.port` -> `FILE: server.port: expected int, got str`."""
-    m = _AT.match(str(err))
-    msg = (m.group("msg") if m else str(err)).strip()
-    path = (m.group("path") or "").lstrip(".") if m else ""
-    unknown = re.match(r"Object contains unknown field `([^`]+)`", msg)
-    if unknown:
-        path = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
-        msg = "unknown key"
-    msg = msg[:1].lower() + msg[1:]
-    return f"{file}: {path or '(top level)'}: {msg.replace('`', '')}"
+    """A msgspec.ValidationError as `FILE: server.port: expected an integer, got a string`
+    (the router's words, router/wire/errors.py; never msgspec's, which change between releases)."""
+    path, reason = validation_problem(err)
+    path = path.removeprefix("$").lstrip(".")
+    if reason.startswith("unknown field "):
+        key = json.loads(reason.removeprefix("unknown field "))
+        path = f"{path}.{key}" if path else key
+        reason = "unknown key"
+    return f"{file}: {path or '(top level)'}: {reason}"
 
 
 def _check_values(cfg: Config) -> list[tuple[str, str]]:

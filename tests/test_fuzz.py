@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import threading
 import unicodedata
@@ -29,6 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness import make_config, start_sim
+from test_decode_errors import is_ours
 from router.core.urls import normalize_worker_url
 from router.net.server import run_router
 from router.tokenizer import load_tokenizer
@@ -109,7 +111,21 @@ def router_reply_ok(status: int, headers, body: bytes) -> None:
     if not from_worker:
         assert status < 500, (status, body[:500])
         if status >= 400:
-            assert isinstance(json.loads(body)["error"], str), body[:500]
+            error = json.loads(body)["error"]
+            assert isinstance(error, str), body[:500]
+            assert_decode_problem_is_ours(error)
+
+
+_DECODE_PREFIX = re.compile(r"(?:invalid JSON body(?: for /\w+)?|invalid /generate body|invalid /retrieve_from_text body"
+                            r"|request body is not JSON): (?P<problem>.*)", re.S)
+
+
+def assert_decode_problem_is_ours(error: str) -> None:
+    """A body the router could not decode is described in the router's words (never msgspec's)."""
+    m = _DECODE_PREFIX.fullmatch(error)
+    if m is not None:
+        assert is_ours(m.group("problem")), error
+    assert "`" not in error and "UnicodeDecodeError" not in error and "RecursionError" not in error, error
 
 
 def still_healthy(stack, http) -> None:

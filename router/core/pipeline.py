@@ -30,6 +30,8 @@ from typing import Any, ClassVar
 
 import msgspec
 
+from router.wire.errors import validation_error_text, validation_problem
+
 BUILTIN_STAGES = {
     "tokenize": "router.stages.tokenize:Tokenize",
     "radix_lookup": "router.stages.radix_lookup:RadixLookup",
@@ -202,13 +204,19 @@ def build_pipeline(name: str, source: str, refs: list[str], options: dict[str, d
         try:
             opts = msgspec.convert(options.get(key, {}), opts_cls)
         except msgspec.ValidationError as e:
-            raise PipelineError(f"{where}: bad option: {str(e).replace('`', '').replace(' - at $', ' at options')}") from None
+            raise PipelineError(f"{where}: bad option: {_option_problem(e)}") from None
         specs.append(StageSpec(i, ref, cls, opts))
     if forwards != 1:
         raise PipelineError(f"{source}: a pipeline needs exactly one forward-phase stage (found {forwards})")
     if unused_options:
         raise PipelineError(f"{source}: options.{sorted(unused_options)[0]}: no stage of that name in this pipeline")
     return PipelineSpec(name, source, tuple(specs))
+
+
+def _option_problem(err: Exception) -> str:
+    """`unknown field 'bogus'` / `expected an integer, got a string at options.max_new_tokens`."""
+    path, reason = validation_problem(err)
+    return f"{reason} at options{path.removeprefix('$')}" if path and path != "$" else reason
 
 
 PASSTHROUGH = "passthrough"
@@ -235,5 +243,5 @@ def load_pipeline(ref: str, base_dir: str | Path) -> PipelineSpec:
     try:
         pf = msgspec.convert(data, _PipelineFile)
     except msgspec.ValidationError as e:
-        raise PipelineError(f"{path}: {str(e).replace('`', '')}") from None
+        raise PipelineError(f"{path}: {validation_error_text(e)}") from None
     return build_pipeline(path.stem, str(path), pf.stages, pf.options)

@@ -202,7 +202,7 @@ def _retrieve_handler(runtime):
         try:
             req = retrieve_request_decoder.decode(body)
         except msgspec.ValidationError as e:
-            raise StageError(400, f"invalid /retrieve_from_text body: {e}") from None
+            raise StageError(400, f"invalid /retrieve_from_text body: {decode_error_text(e, body)}") from None
         except DECODE_ERRORS as e:
             raise StageError(400, f"invalid JSON body: {decode_error_text(e, body)}") from None
         if (req.text is None) == (req.texts is None):

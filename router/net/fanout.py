@@ -15,7 +15,7 @@ import httpx
 import msgspec
 import trio
 
-from router.wire import DECODE_ERRORS
+from router.wire import DECODE_ERRORS, decode_error_text
 from router.core.headers import request_headers_for_upstream
 from router.core.pipeline import Reply
 from router.wire.api import json_encoder
@@ -48,7 +48,7 @@ def _check_body(path: str, body: bytes) -> Reply | None:
     try:
         obj = msgspec.json.decode(body)
     except DECODE_ERRORS as e:
-        problem = f"invalid JSON body for {path}: {type(e).__name__}: {e}"
+        problem = f"invalid JSON body for {path}: {decode_error_text(e, body)}"
     else:
         if isinstance(obj, dict):
             return None

@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from router.wire import DECODE_ERRORS
+from router.wire import DECODE_ERRORS, decode_error_text
 from router.core.pipeline import Exchange, Stage, StageError
 
 
@@ -28,7 +28,7 @@ class SetFields(Stage):
         try:
             body = msgspec.json.decode(ex.body_for_upstream)
         except DECODE_ERRORS as e:
-            raise StageError(400, f"request body is not JSON: {e}") from None
+            raise StageError(400, f"request body is not JSON: {decode_error_text(e, ex.body_for_upstream)}") from None
         if not isinstance(body, dict):
             raise StageError(400, "request body must be a JSON object")
         body.update(self.options.fields)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import msgspec
 import numpy as np
 
-from router.wire import DECODE_ERRORS
+from router.wire import DECODE_ERRORS, decode_error_text
 from router.core.pipeline import Exchange, Stage, StageError
 from router.stages._generate import Prompt, generate_request, single_input_ids
 
@@ -57,7 +57,7 @@ class Tokenize(Stage):
             # The routing-fields decode skips unknown fields without checking their UTF-8, so
             # `{"text": "hi", "x": "<invalid UTF-8>"}` only fails here: a 400, not a 500
             # (tests/test_bad_input.py::test_invalid_utf8_in_json_is_400).
-            raise StageError(400, f"invalid /generate body: {type(e).__name__}: {e}") from None
+            raise StageError(400, f"invalid /generate body: {decode_error_text(e, ex.body_for_upstream)}") from None
         body.pop("text", None)
         body["input_ids"] = tokens.tolist()
         if self.options.force_return_logprob and not body.get("return_logprob"):
