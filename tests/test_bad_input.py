@@ -198,7 +198,8 @@ BAD_BODIES = {
     "/retrieve_from_text": [
         (b"{", "invalid JSON"), (b"[]", "/retrieve_from_text"), (b'{"text": 5}', "/retrieve_from_text"),
         (b'{"texts": "a"}', "/retrieve_from_text"), (b'{"texts": [1]}', "/retrieve_from_text"),
-        (b'{"text": "a", "extra": 1}', "unknown field"), (b'{"text": "a\xffb"}', "invalid JSON"),
+        (b'{"text": "a", "return_logp": 1}', "expected a boolean, got an integer at $.return_logp"),
+        (b'{"text": "a\xffb"}', "invalid JSON"),
         (b'{"text": "\\ud800"}', "invalid JSON body: lone UTF-16 surrogate escape \\ud800 at byte 10"),
         (b'{"texts": ' + b"[" * 5000, ""), (b"{}", "exactly one"),
     ],

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
+import msgspec
 import numpy as np
 import pytest
 import trio
@@ -44,7 +45,8 @@ async def start_sim(nursery: trio.Nursery) -> AsyncIterator[StartSim]:
 
 
 async def generate(client: httpx.AsyncClient, **body: Any) -> Any:
-    r = await client.post("/generate", json=body)
+    # compact JSON bytes of our own making (httpx's json= spacing differs between releases)
+    r = await client.post("/generate", content=msgspec.json.encode(body), headers={"content-type": "application/json"})
     assert r.status_code == 200, r.text
     return r.json()
 

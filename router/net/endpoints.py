@@ -175,11 +175,14 @@ async def retrieve_one(runtime, text: str) -> Trajectory:
     return _trajectory(await _lookup(runtime, text))
 
 
-async def _retrieve_body(runtime, texts: list[str], single: bool) -> bytes:
+async def _retrieve_body(runtime, texts: list[str], single: bool, return_logp: bool = True) -> bytes:
     found = [await _lookup(runtime, t) for t in texts]  # the cache itself is only touched here, on the loop
 
     def build() -> bytes:
         trajectories = [_trajectory(f) for f in found]
+        if not return_logp:  # miles' `return_logp: false`: the logprobs are zeros
+            for t in trajectories:
+                t.rollout_logp = [0.0] * t.token_length
         return json_encoder.encode(trajectories[0] if single else RetrieveBatch(trajectories))
 
     if sum(f.tokens.size for f in found) > _OFFLOAD_TOKENS:
@@ -208,8 +211,8 @@ def _retrieve_handler(runtime):
         if (req.text is None) == (req.texts is None):
             raise StageError(400, 'send exactly one of {"text": "..."} or {"texts": ["...", ...]}')
         if req.text is not None:
-            return Reply(200, await _retrieve_body(runtime, [req.text], single=True))
-        return Reply(200, await _retrieve_body(runtime, req.texts, single=False))
+            return Reply(200, await _retrieve_body(runtime, [req.text], single=True, return_logp=req.return_logp))
+        return Reply(200, await _retrieve_body(runtime, req.texts, single=False, return_logp=req.return_logp))
 
     return handler
 

@@ -5,14 +5,19 @@ from __future__ import annotations
 import msgspec
 
 
+# Router-owned request bodies ignore fields they do not know (clients such as miles' send extras,
+# and a newer client must not be refused by an older router); only the fields below are checked.
+
 class WorkerUrlBody(msgspec.Struct):
     url: str | None = None
     worker_url: str | None = None
 
 
-class RetrieveRequest(msgspec.Struct, forbid_unknown_fields=True):
+class RetrieveRequest(msgspec.Struct):
     text: str | None = None
     texts: list[str] | None = None
+    # miles' radix-tree client sends it; false -> rollout_logp is all zeros (as miles' router did)
+    return_logp: bool = True
 
 
 class Trajectory(msgspec.Struct, omit_defaults=False):
