@@ -143,6 +143,9 @@ class RoutingConfig(_Table):
     weight_version_gate: bool = True
     # Admin calls sent to every healthy worker; remove a path to proxy it to one worker instead.
     fanout_paths: list[str] = msgspec.field(default_factory=lambda: list(FANOUT_PATHS))
+    # The policy of every proxied path whose [[routes]] entry names none (or that has no entry),
+    # like the gateway's --policy.
+    default_policy: Literal["least_inflight", "prefix_affinity", "sticky"] = "least_inflight"
 
 
 class SessionsConfig(_Table):
@@ -161,7 +164,7 @@ class RouteConfig(_Table):
     path: str
     method: str = "POST"
     pipeline: str = "passthrough"
-    policy: Literal["least_inflight", "prefix_affinity", "sticky"] = "least_inflight"
+    policy: Literal["least_inflight", "prefix_affinity", "sticky"] | None = None  # None: routing.default_policy
 
 
 class Config(_Table):

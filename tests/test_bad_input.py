@@ -75,7 +75,7 @@ def get(target: bytes, *headers: bytes, host: bytes = b"r") -> bytes:
     return b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n"
 
 
-async def setup(nursery, **workers):
+async def start_stack(nursery, **workers):
     sim = await start_sim(nursery)
     router = await start_router(nursery, workers={"urls": [sim.url], **workers},
                                 server={"port": 0, "max_body_bytes": LIMIT},
@@ -211,7 +211,7 @@ for _p in FANOUT:
 
 
 async def test_router_endpoints_answer_bad_bodies_with_a_named_400(nursery):
-    sim, router = await setup(nursery)
+    sim, router = await start_stack(nursery)
     async with client(router) as c:
         for path, cases in BAD_BODIES.items():
             for body, fragment in cases:
@@ -247,7 +247,7 @@ async def still_serving_plain(c) -> None:
 
 
 async def test_generate_bad_bodies_through_the_radix_pipeline(nursery):
-    sim, router = await setup(nursery)
+    sim, router = await start_stack(nursery)
     # The router's own words (router/wire/errors.py), whatever the msgspec release says.
     cases = [
         (b'{"text": "a\xffb"}', "invalid /generate body: invalid UTF-8 in a JSON string at byte 11"),
@@ -304,7 +304,7 @@ async def test_sticky_body_field_with_bad_utf8_is_400(nursery):
 # ---- bodies over server.max_body_bytes -------------------------------------------------------
 
 async def test_declared_huge_body_is_413_before_it_is_sent(nursery):
-    sim, router = await setup(nursery)
+    sim, router = await start_stack(nursery)
     for expect in (b"", b"Expect: 100-continue\r\n"):
         t0 = time.monotonic()
         # 1 TB announced; not one body byte is sent, so only an answer before reading can arrive.
@@ -320,7 +320,7 @@ async def test_declared_huge_body_is_413_before_it_is_sent(nursery):
 
 async def test_chunked_body_is_cut_off_at_the_limit(nursery):
     """An endless chunked body is answered 413 once it passes the limit: the router can't have read it all."""
-    sim, router = await setup(nursery)
+    sim, router = await start_stack(nursery)
     stream = await trio.open_tcp_stream(*host_port(router.url))
     await stream.send_all(b"POST /generate HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n"
                           b"Content-Type: application/json\r\n\r\n")
@@ -361,7 +361,7 @@ async def test_refused_body_is_drained_so_the_client_reads_the_413(nursery):
     Closing with the body unread would make the kernel reset the connection: the client's next
     write fails and a reset can destroy the reply before the client reads it.
     """
-    sim, router = await setup(nursery)
+    sim, router = await start_stack(nursery)
     size = LIMIT + 1000
     stream = await trio.open_tcp_stream(*host_port(router.url))
     await stream.send_all(b"POST /generate HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n" % size
@@ -386,7 +386,7 @@ async def test_refused_body_is_drained_so_the_client_reads_the_413(nursery):
 # ---- huge input_ids through the radix-cache pipeline -----------------------------------------
 
 async def test_huge_input_ids_through_the_radix_pipeline(nursery):
-    sim, router = await setup(nursery)
+    sim, router = await start_stack(nursery)
     tok = load_tokenizer("builtin:tiny")
     ids = tok.encode("lorem ipsum dolor sit amet, consectetur adipiscing elit. ") * 2000  # 102k ids
     prompt = tok.text_bytes(ids).decode()
@@ -420,7 +420,7 @@ async def test_huge_input_ids_through_the_radix_pipeline(nursery):
     b"X-Injected : 1",
 ])
 async def test_header_injection_never_reaches_the_worker(nursery, header):
-    sim, router = await setup(nursery)
+    sim, router = await start_stack(nursery)
     r = await raw_http(router.url, get(b"/_sim/echo", header, b"Connection: close"))
     if r.status == 200:  # accepted by the HTTP parser: it must reach the worker as one harmless header
         assert r.headers["x-miles-router-worker"] == sim.url
@@ -458,7 +458,7 @@ def post(target: bytes, body: bytes, *headers: bytes, version: bytes = b"1.1") -
 async def test_connection_close_is_honoured_on_proxied_paths(nursery):
     """A client asking to close (Connection: close, or HTTP/1.0) gets its reply and then EOF. On
     proxied paths the router used to keep the connection open forever: the client hung."""
-    sim, router = await setup(nursery)
+    sim, router = await start_stack(nursery)
     gen = json.dumps({"text": "bye", "sampling_params": {"max_new_tokens": 4}}).encode()
     sse = json.dumps({"text": "bye", "stream": True, "sampling_params": {"max_new_tokens": 4}}).encode()
     cases = {
@@ -485,7 +485,7 @@ async def test_connection_close_is_honoured_on_proxied_paths(nursery):
 async def test_path_tricks_never_leave_the_worker(nursery):
     canary = await nursery.start(Canary().run)
     evil = f"127.0.0.1:{canary.port}".encode()
-    sim, router = await setup(nursery)
+    sim, router = await start_stack(nursery)
     sim_host = sim.url.split("//")[1]
     forwarded = {  # target -> the path the worker must see (the worker, on the worker's address)
         b"http://" + evil + b"/_sim/echo?q=1": "/_sim/echo",  # absolute-form: reduced to its path
@@ -526,7 +526,7 @@ async def test_path_tricks_never_leave_the_worker(nursery):
 async def test_add_worker_refuses_ssrf_and_odd_urls(nursery):
     canary = await nursery.start(Canary().run, "127.0.0.2")
     p = canary.port
-    sim, router = await setup(nursery, allowed_hosts=["127.0.0.1"], health_interval_s=0.02)
+    sim, router = await start_stack(nursery, allowed_hosts=["127.0.0.1"], health_interval_s=0.02)
     forbidden = [  # well-formed, but not an allowed host: 403
         f"http://127.0.0.2:{p}", f"http://localhost:{p}", f"http://127.1:{p}", f"http://2130706434:{p}",
         f"http://0x7f000002:{p}", f"http://[::ffff:127.0.0.2]:{p}", f"http://127.0.0.1.nip.io:{p}",
@@ -553,7 +553,7 @@ async def test_add_worker_refuses_ssrf_and_odd_urls(nursery):
 # ---- megabytes of text to /retrieve_from_text ------------------------------------------------
 
 async def test_megabyte_retrieve_is_bounded_and_does_not_stall(nursery):
-    sim, router = await setup(nursery)
+    sim, router = await start_stack(nursery)
     text = ("The quick brown fox jumps over the lazy dog. " * 40 + "naïve café 模型 🙂 ") * 650  # 1.2 MB
     async with client(router) as c:
         with HealthPinger(router.url) as pinger, LoopWatch() as loop:
@@ -581,7 +581,7 @@ async def test_megabyte_exact_retrieve_does_not_stall(nursery):
     """An exact hit on a trajectory of a million tokens: no tokenizing, only the reply to build
     (three 1M-element lists, ~14 MB of JSON). That used to run on the event loop, blocking every
     other request for ~0.1 s per million tokens; it now runs in a worker thread."""
-    sim, router = await setup(nursery)
+    sim, router = await start_stack(nursery)
     tok = load_tokenizer("builtin:tiny")
     ids = np.asarray(tok.encode("Lorem ipsum dolor sit amet, consectetur adipiscing elit. "), np.int32)
     prompt = np.tile(ids, 1_000_000 // ids.size)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RADIX = str(ROOT / "pipelines/radix-cache.toml")
 
 
-async def setup(nursery):
+async def start_stack(nursery):
     sim = await start_sim(nursery)
     router = await start_router(nursery, workers={"urls": [sim.url]},
                                 routes=[{"path": "/generate", "pipeline": RADIX}])
@@ -36,7 +36,7 @@ def miles_generate_payload(input_ids: list[int]) -> dict:
 
 
 async def test_miles_radix_client_retrieves_its_trajectory(nursery):
-    sim, router = await setup(nursery)
+    sim, router = await start_stack(nursery)
     tok = load_tokenizer("builtin:tiny")
     prompt = "Solve: what is two plus two? Answer:"
     input_ids = tok.encode(prompt)
@@ -75,7 +75,7 @@ async def test_miles_radix_client_retrieves_its_trajectory(nursery):
 
 
 async def test_router_owned_bodies_ignore_unknown_fields(nursery):
-    sim, router = await setup(nursery)
+    sim, router = await start_stack(nursery)
     extra = {"session_id": "s-1", "future_option": {"nested": [1, 2, {"x": None}]}, "rid": None}
     async with client(router) as c:
         r = await c.post("/retrieve_from_text", json={"text": "hello there", **extra})

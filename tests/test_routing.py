@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 import trio
 
 from harness import client, start_router, start_sim, wait_until
@@ -276,3 +277,52 @@ async def test_passthrough_replies_update_the_workers_weight_version(nursery):
         r = await c.post("/generate", json={"text": "v", "sampling_params": {"max_new_tokens": 2}})
         assert r.json()["meta_info"]["weight_version"] == "step-9"
     assert w.weight_version == "step-9"
+
+
+# ---- routing.default_policy ------------------------------------------------------------------
+
+async def test_default_policy_covers_every_path_and_routes_override_it(nursery):
+    sims = [await start_sim(nursery) for _ in range(3)]
+    router = await start_router(nursery, workers={"urls": [s.url for s in sims]},
+                                routing={"default_policy": "sticky"},
+                                routes=[{"path": "/generate", "pipeline": str(ROOT / "pipelines/radix-cache.toml")},
+                                        {"path": "/v1/completions", "policy": "least_inflight"}])
+    async with client(router) as c:
+        for key in ("session-a", "session-b", "session-c"):
+            pinned = set()
+            for i in range(4):
+                key_header = {"x-smg-routing-key": key}
+                # no [[routes]] entry: the default policy
+                r = await c.get(f"/_sim/echo?i={i}", headers=key_header)
+                assert r.status_code == 200
+                assert r.headers["x-miles-router-route-reason"] == ("sticky_new" if i == 0 else "sticky")
+                pinned.add(r.headers["x-miles-router-worker"])
+                # a route with a pipeline but no policy: the default policy too
+                r = await c.post("/generate", headers=key_header,
+                                 json={"text": f"turn {i}", "sampling_params": {"max_new_tokens": 2}})
+                assert r.status_code == 200 and r.headers["x-miles-router-route-reason"] == "sticky"
+                pinned.add(r.headers["x-miles-router-worker"])
+                # a route's own policy wins
+                r = await c.post("/v1/completions", headers=key_header,
+                                 json={"prompt": "x", "max_tokens": 1})
+                assert r.headers["x-miles-router-route-reason"] == "least_inflight"
+            assert len(pinned) == 1, pinned  # every sticky request of a key on one worker
+
+
+async def test_without_default_policy_paths_are_least_inflight(nursery):
+    sims = [await start_sim(nursery) for _ in range(2)]
+    router = await start_router(nursery, workers={"urls": [s.url for s in sims]})
+    async with client(router) as c:
+        r = await c.get("/_sim/echo", headers={"x-smg-routing-key": "k"})
+        assert r.headers["x-miles-router-route-reason"] == "least_inflight"
+
+
+def test_default_policy_is_checked_at_load(tmp_path):
+    from router.config import ConfigError, load_config
+
+    p = tmp_path / "r.toml"
+    p.write_text('[routing]\ndefault_policy = "fastest"\n')
+    with pytest.raises(ConfigError, match=r"routing.default_policy: invalid value 'fastest'"):
+        load_config(p)
+    p.write_text('[routing]\ndefault_policy = "prefix_affinity"\n')
+    assert load_config(p).routing.default_policy == "prefix_affinity"

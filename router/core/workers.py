@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -80,6 +81,10 @@ class Worker:
     request_failures_total: int = 0  # failed request outcomes (what the breaker counts)
     breaker: Breaker = field(default_factory=Breaker)
     added_at: float = field(default_factory=time.time)
+    # The SGLang Model Gateway's view (POST /workers): an id per registration and the engine's role.
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    worker_type: str = "regular"
+    bootstrap_port: int | None = None
 
     @property
     def selectable(self) -> bool:

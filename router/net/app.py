@@ -155,9 +155,24 @@ class RouterApp:
         # (path prefix, handler(scope, receive, send, body) -> status) for route families with ids in
         # the path (/sessions/{id}/...); checked only when no exact endpoint matches.
         self.prefix_routes: list[tuple[str, Callable]] = []
+        # (method, path prefix) -> (handler, needs admin key), for paths with an id in them
+        self.prefix_endpoints: dict[tuple[str, str], tuple[Handler, bool]] = {}
 
     def register(self, method: str, path: str, handler: Handler, admin: bool = False) -> None:
         self.endpoints[(method, path)] = (handler, admin)
+
+    def register_prefix(self, method: str, prefix: str, handler: Handler, admin: bool = False) -> None:
+        """Serve every `method` request whose path starts with `prefix` (e.g. /workers/{id})."""
+        self.prefix_endpoints[(method, prefix)] = (handler, admin)
+
+    def _endpoint_for(self, method: str, path: str) -> tuple[tuple[Handler, bool] | None, str]:
+        """(handler and admin flag, or None to proxy; the route label for metrics)."""
+        endpoint = self.endpoints.get((method, path))
+        if endpoint is None:
+            for (m, prefix), prefixed in self.prefix_endpoints.items():
+                if m == method and path.startswith(prefix) and len(path) > len(prefix):
+                    return prefixed, prefix + "{id}"  # one label, not one per id
+        return endpoint, path
 
     # ---- ASGI -------------------------------------------------------------------------------
     async def __call__(self, scope, receive, send) -> None:
@@ -189,7 +204,7 @@ class RouterApp:
             # the request is a fan-out or proxied (tests/test_admin_security.py).
             scope = {**scope, "headers": self._without_admin_credentials(scope["headers"]),
                      "admin_headers": scope["headers"]}
-        endpoint = self.endpoints.get((method, path))
+        endpoint, route_label = self._endpoint_for(method, path)
         try:
             body = await self._read_body(scope, receive)
         except ClientGone:
@@ -201,7 +216,7 @@ class RouterApp:
                 await send_reply(send, reply)
             else:
                 await send_reply_before_body(send, receive, reply)
-            self.rt.metrics.observe_request(path if endpoint else "(proxy)", 413, time.perf_counter() - t0)
+            self.rt.metrics.observe_request(route_label if endpoint else "(proxy)", 413, time.perf_counter() - t0)
             return
         if endpoint is not None:
             handler, admin = endpoint
@@ -215,7 +230,7 @@ class RouterApp:
                 except StageError as e:
                     reply = error_reply(e.status, e.message, **e.extra)
             await send_reply(send, reply)
-            self.rt.metrics.observe_request(path, reply.status, time.perf_counter() - t0)
+            self.rt.metrics.observe_request(route_label, reply.status, time.perf_counter() - t0)
             return
         for prefix, handle in self.prefix_routes:
             if path == prefix or path.startswith(prefix + "/"):
@@ -426,9 +441,9 @@ class RouterApp:
         return json_reply(200, {"urls": [w.url for w in self.rt.pool.active]})
 
     async def workers(self, scope, body: bytes) -> Reply:
-        ws = [w.describe() for w in self.rt.pool.all]
-        return json_reply(200, {"workers": ws, "total": len(ws),
-                                "healthy": sum(1 for w in self.rt.pool.all if w.selectable)})
+        from router.net.gateway import workers_listing
+
+        return json_reply(200, workers_listing(self.rt))
 
     async def health(self, scope, body: bytes) -> Reply:
         healthy = len(self.rt.pool.healthy())

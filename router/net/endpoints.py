@@ -24,9 +24,10 @@ from router.wire.api import RetrieveBatch, Trajectory, json_encoder, retrieve_re
 def install(app, runtime) -> None:
     app.register("POST", "/retrieve_from_text", _retrieve_handler(runtime))
     app.register("GET", "/cache/stats", _stats_handler(runtime))
-    from router.net import fanout
+    from router.net import fanout, gateway
 
     fanout.install(app, runtime)
+    gateway.install(app, runtime)
 
 
 def _need_tree(runtime):

@@ -88,7 +88,7 @@ class Runtime:
                                         owners_per_block=g.prefix_owners_per_block)
         self.sticky = StickyTable(idle_s=g.sticky_idle_s)
         # The index costs ~200 B per 16-token block: only keep one when a route routes by it.
-        self.uses_prefix_affinity = any(r.policy == "prefix_affinity" for r in config.routes)
+        self.uses_prefix_affinity = "prefix_affinity" in (g.default_policy, *(r.policy for r in config.routes))
         if g.weight_version_gate:
             self.pool.admission_check = self._version_hold
 
@@ -379,7 +379,7 @@ class Runtime:
 
     # ---- selection ------------------------------------------------------------------------
     def select(self, ex, exclude=()) -> tuple[Worker | None, str]:
-        policy = ex.route.policy if ex.route is not None else "least_inflight"
+        policy = (ex.route.policy if ex.route is not None else None) or self.config.routing.default_policy
         if exclude:
             w, reason = self.pool.pick(exclude), "retry"
             if w is not None:
@@ -406,7 +406,7 @@ class Runtime:
             return prompt.tokens
         if ex.path.endswith(("/v1/completions", "/v1/chat/completions")):
             return self._openai_prefix(ex.body_for_upstream)
-        from router.stages._generate import generate_request, single_input_ids
+        from router.core.generate import generate_request, single_input_ids
 
         try:
             req = generate_request(ex)

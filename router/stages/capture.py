@@ -20,7 +20,7 @@ import numpy as np
 from router.wire import DECODE_ERRORS
 from router.core.pipeline import Exchange, Stage, StageError
 from router.core.radix import TrajectoryInput
-from router.stages._generate import Prompt
+from router.core.generate import Prompt
 from router.wire.sglang import GenerateOutput, generate_output_decoder
 
 _outputs_decoder = msgspec.json.Decoder(list[GenerateOutput])

@@ -14,7 +14,7 @@ import msgspec
 
 from router.core.headers import header_value, request_headers_for_upstream, response_headers_for_client
 from router.core.pipeline import Exchange, Stage, StageError
-from router.net.upstream import UpstreamConnectError, UpstreamDisconnect, UpstreamLocalError, UpstreamTimeout
+from router.core.upstream_errors import UpstreamConnectError, UpstreamDisconnect, UpstreamLocalError, UpstreamTimeout
 from router.wire.sglang import reply_summaries
 
 _DONE = b"data: [DONE]"

@@ -14,7 +14,7 @@ import time
 import msgspec
 
 from router.core.pipeline import Exchange, Stage
-from router.stages._generate import generate_request
+from router.core.generate import generate_request
 
 
 class Options(msgspec.Struct, forbid_unknown_fields=True):

@@ -16,7 +16,7 @@ import numpy as np
 
 from router.wire import DECODE_ERRORS, decode_error_text
 from router.core.pipeline import Exchange, Stage, StageError
-from router.stages._generate import Prompt, generate_request, single_input_ids
+from router.core.generate import Prompt, generate_request, single_input_ids
 
 
 class Options(msgspec.Struct, forbid_unknown_fields=True):
