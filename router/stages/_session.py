@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from router.wire import DECODE_ERRORS
+from router.wire import DECODE_ERRORS, decode_error_text
 from router.core.pipeline import Exchange
 from router.wire.openai import ChatMessageIn, ChatRequest
 
@@ -76,7 +76,7 @@ def decode_worker_output(body: bytes, r3_shape: tuple[int, int]) -> WorkerOutput
     try:
         reply = _reply_decoder.decode(body)
     except DECODE_ERRORS as e:
-        raise BadWorkerReply(f"worker reply is not an SGLang /generate output: {e}") from None
+        raise BadWorkerReply(f"worker reply is not an SGLang /generate output: {decode_error_text(e, body)}") from None
     meta = reply.meta_info
     if reply.output_ids is None or reply.text is None:
         raise BadWorkerReply("worker reply has no output_ids/text")
@@ -91,7 +91,7 @@ def decode_worker_output(body: bytes, r3_shape: tuple[int, int]) -> WorkerOutput
         completion = _int_decoder.decode(meta["completion_tokens"]) if "completion_tokens" in meta else None
         experts_b64 = _str_decoder.decode(meta["routed_experts"]) if "routed_experts" in meta else None
     except DECODE_ERRORS as e:
-        raise BadWorkerReply(f"worker reply meta_info is malformed: {e}") from None
+        raise BadWorkerReply(f"worker reply meta_info is malformed: {decode_error_text(e)}") from None
     ids = np.asarray(reply.output_ids, dtype=np.int32)
     if len(triples) != len(ids) or (completion is not None and completion != len(ids)):
         raise BadWorkerReply(f"worker reply has {len(triples)} output logprobs for {len(ids)} output ids "

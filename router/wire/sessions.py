@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 
 
-class SamplesRequest(msgspec.Struct, forbid_unknown_fields=True):
+class SamplesRequest(msgspec.Struct):  # unknown fields ignored, like every router-owned body
     max_seq_len: int | None = None
     metadata: dict[str, Any] | None = None  # agent metadata, e.g. {"reward": 1.0}; server keys win
 
