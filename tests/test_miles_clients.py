@@ -93,3 +93,16 @@ async def test_router_owned_bodies_ignore_unknown_fields(nursery):
         assert r.status_code == 400
         assert r.json()["error"] == ("invalid /retrieve_from_text body: expected a boolean, got a string "
                                      "at $.return_logp")
+
+
+async def test_session_samples_body_ignores_unknown_fields(nursery, tmp_path):
+    from test_sessions_e2e import new_session, session_router
+
+    router, _ = await session_router(nursery, tmp_path)
+    async with client(router) as c:
+        sid = await new_session(c)
+        r = await c.post(f"/sessions/{sid}/samples", json={"max_seq_len": 64, "trainer_hint": {"x": [1]}})
+        assert r.status_code == 200, r.text
+        r = await c.post(f"/sessions/{sid}/samples", json={"max_seq_len": "64"})
+        assert r.status_code == 400
+        assert r.json()["error"] == "invalid samples body: expected an integer or null, got a string at $.max_seq_len"
