@@ -286,6 +286,36 @@ def test_fuzz_add_and_remove_worker(stack, admin, body, query, remove):
     assert admin.get("/list_workers").json() == {"urls": []}
 
 
+gateway_bodies = st.one_of(
+    mangled(st.fixed_dictionaries({}, optional={
+        "url": st.one_of(urls, anything), "bootstrap_port": st.one_of(st.integers(-2, 70000), anything),
+        "worker_type": st.one_of(st.sampled_from(["regular", "prefill", "decode", "", "REGULAR"]), anything),
+        "priority": anything, "labels": anything})),
+    st.binary(max_size=60),
+)
+worker_ids = st.one_of(st.uuids().map(str), st.text(max_size=40), urls)
+
+
+@FUZZ
+@given(body=gateway_bodies, worker_id=worker_ids, method=st.sampled_from(["GET", "DELETE", "PUT"]))
+def test_fuzz_gateway_workers_api(stack, admin, body, worker_id, method):
+    r = admin.post("/workers", content=body)
+    router_reply_ok(r.status_code, r.headers, r.content)
+    assert r.status_code in (202, 400, 403), (r.status_code, r.text)
+    if r.status_code >= 400:
+        assert r.json()["code"] in ("BAD_REQUEST", "FORBIDDEN"), r.text
+    else:
+        worker_id = r.json()["worker_id"]
+        assert r.headers["location"] == f"/workers/{worker_id}"
+    r = admin.request(method, f"/workers/{quote(worker_id, safe='')}")
+    router_reply_ok(r.status_code, r.headers, r.content)
+    assert "x-miles-router-worker" not in r.headers  # never proxied
+    assert r.status_code in {"GET": (200, 400, 404), "DELETE": (202, 400, 404), "PUT": (405,)}[method], r.text
+    for w in admin.get("/workers").json()["workers"]:  # leave the pool empty for the next example
+        assert admin.delete(f"/workers/{w['id']}").status_code == 202
+    assert admin.get("/list_workers").json() == {"urls": []}
+
+
 # ---- raw requests: random methods, paths, queries and headers ---------------------------------
 
 token_chars = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"

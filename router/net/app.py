@@ -170,7 +170,7 @@ class RouterApp:
         endpoint = self.endpoints.get((method, path))
         if endpoint is None:
             for (m, prefix), prefixed in self.prefix_endpoints.items():
-                if m == method and path.startswith(prefix) and len(path) > len(prefix):
+                if m == method and path.startswith(prefix):  # (an empty id is the handler's 400)
                     return prefixed, prefix + "{id}"  # one label, not one per id
         return endpoint, path
 
