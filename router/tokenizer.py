@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import json
 import os
 import shutil
 import tempfile
@@ -108,6 +109,113 @@ QWEN3_CHAT_TEMPLATE = r"""
 {%- endif %}
 """.strip()
 
+
+_TOOLS_PREAMBLE = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+_TOOLS_POSTAMBLE = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n'
+    "</tool_call><|im_end|>\n"
+)
+
+
+class _Unusual(Exception):
+    """A message shape the fast renderer leaves to the Jinja template (whose output is the spec)."""
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        parts = [p.get("text") for p in content if p.get("type") == "text"]
+        if all(isinstance(t, str) for t in parts):
+            return "".join(parts)
+    raise _Unusual
+
+
+def _tool_json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)  # transformers' `tojson` filter
+
+
+def render_qwen3(
+    messages: Sequence[dict], add_generation_prompt: bool, tools: Sequence[dict] | None, enable_thinking: Any = None
+) -> str | None:
+    """`QWEN3_CHAT_TEMPLATE` in plain Python (10-30x faster than the sandboxed Jinja render), or
+    None for message shapes it does not handle (non-dict messages, non-text content parts, tool
+    calls that aren't dicts with a string name and str/dict arguments): the caller renders those
+    with the template. tests/test_chat_template.py checks the two agree on random conversations."""
+    try:
+        if not all(isinstance(m, dict) for m in messages):
+            raise _Unusual
+        out: list[str] = []
+        first = messages[0] if messages else {}
+        if tools:
+            out.append("<|im_start|>system\n")
+            if first.get("role") == "system":
+                out.append(_text_of(first.get("content")) + "\n\n")
+            out.append(_TOOLS_PREAMBLE)
+            out.extend("\n" + _tool_json(tool) for tool in tools)
+            out.append(_TOOLS_POSTAMBLE)
+        elif first.get("role") == "system":
+            out.append("<|im_start|>system\n" + _text_of(first.get("content")) + "<|im_end|>\n")
+        last_query = len(messages) - 1
+        for i in range(len(messages) - 1, -1, -1):
+            m, c = messages[i], messages[i].get("content")
+            if m.get("role") == "user" and isinstance(c, str):
+                if not (c.startswith("<tool_response>") and c.endswith("</tool_response>")):
+                    last_query = i
+                    break
+        n = len(messages)
+        for i, m in enumerate(messages):
+            role = m.get("role")
+            content = _text_of(m.get("content"))
+            if role == "user" or (role == "system" and i > 0):
+                out.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
+            elif role == "assistant":
+                reasoning = m.get("reasoning_content")
+                if not isinstance(reasoning, str):
+                    reasoning = ""
+                    if "</think>" in content:
+                        reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+                        content = content.split("</think>")[-1].lstrip("\n")
+                if i > last_query and (i == n - 1 or reasoning):
+                    out.append(f"<|im_start|>assistant\n<think>\n{reasoning.strip(chr(10))}\n</think>\n\n")
+                    out.append(content.lstrip("\n"))
+                else:
+                    out.append("<|im_start|>assistant\n" + content)
+                calls = m.get("tool_calls") or []
+                if not isinstance(calls, list):
+                    raise _Unusual
+                for j, call in enumerate(calls):
+                    if not isinstance(call, dict):
+                        raise _Unusual
+                    fn = call.get("function") or call
+                    name, arguments = (fn.get("name"), fn.get("arguments")) if isinstance(fn, dict) else (None, None)
+                    if not isinstance(name, str) or not isinstance(arguments, (str, dict)):
+                        raise _Unusual
+                    if content or j:
+                        out.append("\n")
+                    args = arguments if isinstance(arguments, str) else _tool_json(arguments)
+                    out.append(f'<tool_call>\n{{"name": "{name}", "arguments": {args}}}\n</tool_call>')
+                out.append("<|im_end|>\n")
+            elif role == "tool":
+                if i == 0 or messages[i - 1].get("role") != "tool":
+                    out.append("<|im_start|>user")
+                out.append(f"\n<tool_response>\n{content}\n</tool_response>")
+                if i == n - 1 or messages[i + 1].get("role") != "tool":
+                    out.append("<|im_end|>\n")
+        if add_generation_prompt:
+            out.append("<|im_start|>assistant\n")
+            if enable_thinking is False:
+                out.append("<think>\n\n</think>\n\n")
+        return "".join(out)
+    except (_Unusual, TypeError, ValueError):  # ValueError: tools json.dumps can't write
+        return None
+
 QWEN_PRETOKENIZE_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 # Qwen2.5's 22 added tokens (ids 151643-151664) followed by Qwen3's four (151665-151668).
 QWEN_ADDED_TOKENS = (
@@ -157,6 +265,8 @@ class Tokenizer:
         self.hf = hf
         self.folder = folder
         self.raw = hf.backend_tokenizer
+        # the builtin template renders through `render_qwen3` (same text, no Jinja sandbox)
+        self.fast_qwen3_template = getattr(hf, "chat_template", None) == QWEN3_CHAT_TEMPLATE
         eos = hf.eos_token_id
         if eos is None:
             eos = hf.sep_token_id if hf.sep_token_id is not None else hf.pad_token_id
@@ -276,6 +386,10 @@ class Tokenizer:
         - ``add_generation_prompt=True`` appends ``<|im_start|>assistant\n``, plus
           ``<think>\n\n</think>\n\n`` when ``enable_thinking=False``.
         """
+        if self.fast_qwen3_template:  # the template reads no kwarg but enable_thinking
+            text = render_qwen3(messages, add_generation_prompt, tools, chat_template_kwargs.get("enable_thinking"))
+            if text is not None:
+                return text
         return self.hf.apply_chat_template(
             messages,
             tools=tools,
@@ -304,6 +418,8 @@ class Tokenizer:
         `new_messages` hold a user query or the history holds one (see `apply_chat_template`).
         ValueError if the template does not close the stand-in turn with the eos token.
         """
+        if self.fast_qwen3_template:
+            tools = None  # they only shape the first (system) turn, which is cut off below
         eos = self.hf.convert_ids_to_tokens(self.eos_token_id)
         sentinel = "\u2063stand-in assistant turn\u2063"
         stand_in = [{"role": "user", "content": "\u2063stand-in user turn\u2063"},
