@@ -413,7 +413,8 @@ class Tokenizer:
         Works for any template that writes an assistant turn's content verbatim followed by the
         eos token: `new_messages` are rendered after a fixed one-exchange stand-in history whose
         assistant content is a sentinel, and everything up to and including the eos token that
-        follows the sentinel is cut off. It assumes `new_messages` render the same after any
+        follows the sentinel is cut off. Tokenizing the result on its own gives the ids a full
+        render's tokenization has there: nothing merges across the eos, an added token. It assumes `new_messages` render the same after any
         history ending with an assistant turn, true for the builtin template when
         `new_messages` hold a user query or the history holds one (see `apply_chat_template`).
         ValueError if the template does not close the stand-in turn with the eos token.

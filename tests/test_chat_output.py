@@ -118,6 +118,10 @@ def test_wire_shapes() -> None:
         "tool_calls": [{"id": "call_x", "index": 0, "type": "function", "function": {"name": "f", "arguments": "{}"}}],
     }
     assert msgspec.json.decode(msgspec.json.encode(message), type=AssistantMessage) == message
+    out = parse_assistant_output('<tool_call>{"name": "f", "arguments": {}}</tool_call>', id_seed="s")
+    assert out.to_message() == AssistantMessage(content=None, tool_calls=[ToolCall(
+        id=tool_call_id("s", 0), index=0, function=FunctionCall(name="f", arguments="{}"))])  # fmt: skip
+    assert parse_assistant_output("hi").to_message() == AssistantMessage(content="hi")
 
 
 # --- round trip through the builtin chat template ------------------------------------------------

@@ -193,7 +193,11 @@ def test_tool_results_after_a_thinking_turn_are_prefix_stable(
     assert before.endswith("<|im_end|>\n")
     assert after.startswith(before)
     # the junction: `before` minus the "\n" after <|im_end|> (never generated) + what render_appended gives
-    assert after == before[:-1] + qwen.render_appended(results, **kwargs)
+    suffix = qwen.render_appended(results, **kwargs)
+    assert after == before[:-1] + suffix
+    # and token-exact: tokenization never merges across <|im_end|> (an added token), so the stored
+    # tokens through <|im_end|> + the appended text's own tokens are the fresh render's tokens
+    assert qwen.encode(after) == qwen.encode(before[:-1]) + qwen.encode(suffix)
 
 
 @settings(max_examples=60, deadline=None)

@@ -28,7 +28,7 @@ from typing import Literal
 
 import msgspec
 
-from router.wire.openai import FunctionCall, ToolCall
+from router.wire.openai import AssistantMessage, FunctionCall, ToolCall
 
 __all__ = ["AssistantOutput", "finish_reason", "parse_assistant_output", "tool_call_id"]
 
@@ -46,6 +46,12 @@ class AssistantOutput(msgspec.Struct, kw_only=True):
     content: str | None
     reasoning_content: str | None
     tool_calls: list[ToolCall]
+
+    def to_message(self) -> AssistantMessage:
+        """The OpenAI `choices[i].message` (``tool_calls`` null when there are none)."""
+        return AssistantMessage(
+            content=self.content, reasoning_content=self.reasoning_content, tool_calls=self.tool_calls or None
+        )
 
 
 def tool_call_id(seed: str, index: int) -> str:
