@@ -40,7 +40,7 @@ def test_empty_forms_match_and_ids_are_ignored():
     assert messages_match(msg("assistant", None), msg("assistant", ""))
     assert messages_match(msg("assistant", ""), ChatMessageIn(role="assistant", content=[]))
     assert messages_match(msg("assistant", "x", calls=[]), msg("assistant", "x"))
-    a = ChatMessageIn(role="assistant", tool_calls=[ToolCallIn(FunctionCallIn("f", "{}"), id="call_1", index=0)])
+    a = ChatMessageIn(role="assistant", tool_calls=[ToolCallIn(FunctionCallIn("f", "{}"), id="call_1")])
     b = ChatMessageIn(role="assistant", tool_calls=[ToolCallIn(FunctionCallIn("f", "{}"), id="other")])
     assert messages_match(a, b)
     assert messages_match(msg("user", "ab"), ChatMessageIn(role="user", content=[ContentPart(text="a"),
@@ -347,3 +347,20 @@ async def test_random_conversations_give_exact_samples(qwen, plan, start_len, re
         assert np.array_equal(s.routed_experts, WorkerModel.rows(s.tokens))
     # no two calls re-rendered the history: each call's input extends a stored path verbatim
     assert p.reg.prompts.misses == 1
+
+
+@given(layers=st.integers(1, 5), topk=st.integers(1, 4), rows=st.integers(0, 20), data=st.data())
+def test_routed_experts_tail_decode_equals_full_decode(layers, topk, rows, data):
+    import base64
+
+    from router.stages._session import BadWorkerReply, decode_rows
+
+    skip = data.draw(st.integers(0, rows))
+    arr = np.arange(rows * layers * topk, dtype=np.int32).reshape(rows, layers, topk) * 7 - 3
+    raw = msgspec.Raw(b'"' + base64.b64encode(arr.tobytes()) + b'"')
+    got = decode_rows(raw, (layers, topk), skip)
+    assert got.dtype == np.int32 and got.tobytes() == arr[skip:].tobytes()
+    with pytest.raises(BadWorkerReply):
+        decode_rows(msgspec.Raw(b'"' + base64.b64encode(arr.tobytes() + b"\x01") + b'"'), (layers, topk), 0)
+    with pytest.raises(BadWorkerReply):
+        decode_rows(msgspec.Raw(b'"####"'), (layers, topk), 0)

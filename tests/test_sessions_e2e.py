@@ -399,6 +399,24 @@ async def test_bad_worker_reply_is_502(nursery, tmp_path):
         assert r.status_code == 200
 
 
+async def test_broken_session_gives_422_and_the_router_stays_healthy(nursery, tmp_path):
+    router, _ = await session_router(nursery, tmp_path)
+    async with client(router) as c:
+        sid = await new_session(c)
+        msgs = [{"role": "user", "content": "x"}]
+        assert (await c.post(f"/sessions/{sid}/v1/chat/completions", json={"messages": msgs})).status_code == 200
+        r = await c.post(f"/sessions/{sid}/samples", json={"max_seq_len": 0})
+        assert r.status_code == 400 and "max_seq_len must be >= 1" in r.json()["error"]
+        turn = router.runtime.sessions.get(sid).tree.turns[0]
+        turn.routed_experts = turn.routed_experts[:-1]  # an internal inconsistency: one row missing
+        r = await c.post(f"/sessions/{sid}/samples", json={})
+        assert r.status_code == 422 and r.json()["error"].startswith("sample assembly failed: turn 0:")
+        assert (await c.get("/health")).status_code == 200
+        metrics = (await c.get("/metrics")).text
+        assert "miles_router_sessions_live 1.0" in metrics and "miles_router_sessions_turns 1.0" in metrics
+        assert "miles_router_sessions_created_total 1.0" in metrics
+
+
 async def test_idle_expiry_and_limits(nursery, tmp_path):
     router, _ = await session_router(nursery, tmp_path, sessions={"idle_timeout_s": 0.3, "max_sessions": 2,
                                                                    "max_turns_per_session": 1})

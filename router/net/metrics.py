@@ -66,6 +66,22 @@ class _StateCollector:
                 fam = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, f"Trajectory cache {key}")
                 fam.add_metric([], st[key])
                 yield fam
+        sessions = getattr(self.runtime, "sessions", None)
+        if sessions is not None:
+            live = sessions.sessions
+            for name, kind, value, doc in (
+                    ("live", "gauge", len(live), "Live agent sessions"),
+                    ("turns", "gauge", sum(len(x.tree) for x in live.values()), "Stored turns of live sessions"),
+                    ("inflight_turns", "gauge", sum(x.inflight for x in live.values()),
+                     "Session requests waiting for a worker"),
+                    ("created", "counter", sessions.created_total, "Sessions created"),
+                    ("deleted", "counter", sessions.deleted_total, "Sessions deleted by DELETE /sessions/{id}"),
+                    ("expired", "counter", sessions.expired_total, "Sessions reclaimed after sessions.idle_timeout_s"),
+                    ("prompt_cache_hits", "counter", sessions.prompts.hits,
+                     "First turns whose prompt tokens another session had already rendered (GRPO groups)")):
+                fam = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(f"miles_router_sessions_{name}", doc)
+                fam.add_metric([], value)
+                yield fam
         store = getattr(self.runtime, "store", None)
         if store is not None:
             s = store.stats()

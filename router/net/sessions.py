@@ -121,6 +121,8 @@ class SessionRoutes:
                 req = samples_request_decoder.decode(body)
             except DECODE_ERRORS as e:
                 return error_reply(400, f"invalid samples body: {decode_error_text(e, body)}")
+        if req.max_seq_len is not None and req.max_seq_len < 1:
+            return error_reply(400, f"max_seq_len must be >= 1 or null, got {req.max_seq_len}")
         try:
             samples, empty_reason = assemble(session.tree, req.max_seq_len)
         except SampleError as e:

@@ -27,7 +27,9 @@ class ChatParse(Stage):
         if ex.status != 200 or ex.response_body is None:
             return
         try:
-            turn.output = decode_worker_output(ex.response_body, turn.r3_shape)
+            # Only this turn's new positions keep routed-experts rows; earlier ones belong to earlier turns.
+            skip = max(turn.session.tree.path_length(turn.parent) - 1, 0) - turn.r3_start
+            turn.output = decode_worker_output(ex.response_body, turn.r3_shape, skip)
         except BadWorkerReply as e:
             fail(ex, 502, str(e))
             return

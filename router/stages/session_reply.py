@@ -106,11 +106,11 @@ class SessionReply(Stage):
         if out.routed_experts is not None:
             row_start = max(tree.path_length(turn.parent) - 1, 0)
             end = turn.input_len + len(out.output_ids)
-            returned = end - 1 - turn.r3_start
-            if len(out.routed_experts) != returned:
-                raise ValueError(f"worker returned {len(out.routed_experts)} routed-experts rows, expected {returned} "
+            if len(out.routed_experts) != end - 1 - row_start:
+                raise ValueError(f"worker returned {len(out.routed_experts) + row_start - turn.r3_start} "
+                                 f"routed-experts rows, expected {end - 1 - turn.r3_start} "
                                  f"(positions {turn.r3_start}..{end - 1})")
-            experts = np.ascontiguousarray(out.routed_experts[row_start - turn.r3_start:])
+            experts = np.ascontiguousarray(out.routed_experts)
         stored = ChatMessageIn(role="assistant", content=message.content, reasoning_content=message.reasoning_content,
                                tool_calls=[ToolCallIn(FunctionCallIn(c.function.name, c.function.arguments), id=c.id)
                                            for c in message.tool_calls] if message.tool_calls else None)

@@ -56,7 +56,7 @@ class ToolCallIn(msgspec.Struct):
     function: FunctionCallIn
     id: str | None = None
     type: str = "function"
-    index: int | None = None  # wire-only (stream deltas): ignored when matching
+    # `index` (wire-only, from stream deltas) is not decoded: it never takes part in matching.
 
 
 class ChatMessageIn(msgspec.Struct, omit_defaults=True):

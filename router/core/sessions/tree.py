@@ -92,11 +92,13 @@ class SessionTree:
             k = len(t.messages)
             if pos + k + 1 > n:
                 continue
-            # Struct equality (C) first: a client that echoes the history unchanged costs no more
-            if not all(_same(t.messages[i], messages[pos + i]) for i in range(k)):
-                continue
-            if not _same(t.assistant, messages[pos + k]):
-                continue
+            # List/Struct equality in C first (a client that echoes the history unchanged costs one
+            # comparison per turn); the lenient message-level match only where that fails.
+            if not (messages[pos:pos + k] == t.messages and messages[pos + k] == t.assistant):
+                if not all(messages_match(t.messages[i], messages[pos + i]) for i in range(k)):
+                    continue
+                if not messages_match(t.assistant, messages[pos + k]):
+                    continue
             covered = pos + k + 1
             if covered > best_len or (covered == best_len and t.seq > best_seq):
                 best, best_len, best_seq = tid, covered, t.seq
@@ -157,7 +159,3 @@ class SessionTree:
         self.children.setdefault(parent, []).append(tid)
         self.children[tid] = []
         return turn
-
-
-def _same(stored: ChatMessageIn, sent: ChatMessageIn) -> bool:
-    return stored == sent or messages_match(stored, sent)
