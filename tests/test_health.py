@@ -347,10 +347,14 @@ async def test_admission_queue_429_when_full_408_on_timeout_router_endpoints_not
         r = await c.post("/generate", json=gen_body("over"))
         assert r.status_code == 429 and "server.queue_size" in r.json()["error"]
         # Router-owned endpoints answer at once while generation traffic is queued.
-        with trio.fail_after(0.4):
+        with trio.fail_after(1.0):
             assert (await c.get("/health")).status_code == 200
             text = (await c.get("/metrics")).text
             assert (await c.get("/workers")).status_code == 200
+            r = await c.post("/retrieve_from_text", json={"text": "anything"})
+            assert r.status_code == 404 and "trajectory cache is not enabled" in r.json()["error"]  # answered
+            sid = (await c.post("/sessions")).json()["session_id"]  # sessions API control routes
+            assert (await c.get(f"/sessions/{sid}")).status_code == 200
         assert metric(text, "miles_router_queue_depth", queue="admission") == 2.0
         assert metric(text, "miles_router_admitted_requests") == 2.0
     assert results["run1"][0] == results["run2"][0] == 200
