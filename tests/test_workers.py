@@ -204,3 +204,60 @@ def test_pick_for_key_least_loaded_then_key_hash():
     pool.acquire(ws[0])
     pool.acquire(ws[1])
     assert {pool.pick_for_key(h) for h in range(30)} == {ws[2]}
+
+
+# ---- the breaker against a reference model (hypothesis) --------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_steps = st.lists(st.one_of(
+    st.tuples(st.just("wait"), st.floats(0, 4)),
+    st.tuples(st.just("request"), st.booleans()),  # a request that fails (True) or succeeds
+    st.tuples(st.just("left"), st.none()),  # a request whose client left: no outcome
+    st.tuples(st.just("probe_ok"), st.none()),
+), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=_steps, failures=st.integers(1, 4), cooldown=st.floats(0.5, 5), window=st.floats(1, 10),
+       rate=st.sampled_from([0.5, 0.75, 1.0]), min_requests=st.integers(2, 6))
+def test_breaker_matches_reference(steps, failures, cooldown, window, rate, min_requests):
+    pool, (w, _), clock = breaker_pool(failures=failures, cooldown_s=cooldown, window_s=window,
+                                       failure_rate=rate, min_requests=min_requests)
+    # Reference: state, opened_at, run of failures, outcomes in the window.
+    state, opened, run, outcomes = "closed", 0.0, 0, []
+    for op, arg in steps:
+        now = clock.t
+        admits = state == "closed" or state == "half_open" or (state == "open" and now >= opened + cooldown)
+        assert pool.breaker_admits(w) == admits, (op, state)
+        if op == "wait":
+            clock.t += arg
+        elif op == "probe_ok":
+            pool.record_success(w)
+            if state == "half_open" or (state == "open" and now >= opened + cooldown):
+                state, run, outcomes = "closed", 0, []
+        elif admits:  # a request is sent only when the breaker lets it through
+            trial = pool.acquire(w)
+            assert trial == (state != "closed")
+            if state == "open":
+                state = "half_open"
+            if op == "left":
+                pool.release(w, trial)
+            else:
+                failed = arg
+                pool.record_outcome(w, failed, "x", trial)
+                pool.release(w, trial)
+                if state == "half_open":
+                    state, run, outcomes = ("open", 0, []) if failed else ("closed", 0, [])
+                    if failed:
+                        opened = now
+                else:
+                    outcomes = [(t, f) for t, f in outcomes + [(now, failed)] if t >= now - window]
+                    run = run + 1 if failed else 0
+                    bad = sum(f for _, f in outcomes)
+                    if failed and (run >= failures or (len(outcomes) >= min_requests
+                                                       and bad >= rate * len(outcomes))):
+                        state, opened, outcomes = "open", now, []
+        assert w.breaker.state.value == state, (op, arg)
+        assert w.inflight == 0
