@@ -431,3 +431,49 @@ async def test_per_worker_cap_wait_past_timeout_is_503(nursery):
         text = (await c.get("/metrics")).text
         assert metric(text, "miles_router_queue_rejections_total", queue="worker_slot", reason="timeout") == 1.0
     assert sim.worker.stats.generate_requests == 1
+
+
+async def test_per_worker_cap_queue_is_fifo(nursery):
+    sim = await start_sim(nursery, token_latency_s=0.05)
+    router = await start_router(nursery, workers={"urls": [sim.url], "max_inflight_per_worker": 1,
+                                                  "queue_timeout_s": 20})
+    done = []
+
+    async def send(c, i):
+        r = await c.post("/generate", json=gen_body(f"w{i}", 40 if i == 0 else 2))
+        assert r.status_code == 200
+        done.append(i)
+
+    async with client(router) as c:
+        async with trio.open_nursery() as n:
+            n.start_soon(send, c, 0)
+            await wait_until(lambda: router.runtime.pool.get(sim.url).inflight == 1)
+            for i in range(1, 6):
+                n.start_soon(send, c, i)
+                await wait_until(lambda i=i: len(router.runtime.slot_queue) == i)
+    assert done == list(range(6)) and sim.worker.stats.peak_in_flight == 1
+
+
+async def test_stream_retry_through_the_radix_pipeline_records_only_the_attempt_that_succeeded(nursery):
+    from pathlib import Path
+
+    from router.tokenizer import load_tokenizer
+
+    root = Path(__file__).resolve().parent.parent
+    a = await start_sim(nursery, seed=0, faults={"generate_status": 503})
+    b = await start_sim(nursery, seed=1, token_latency_s=0.005)
+    router = await start_router(nursery, workers={"urls": [a.url, b.url]},
+                                routes=[{"path": "/generate", "pipeline": str(root / "pipelines/radix-cache.toml")}])
+    tok = load_tokenizer("builtin:tiny")
+    async with client(router) as c:
+        for i in range(4):
+            body = {**gen_body(f"rs{i}", 6), "stream": True}
+            async with c.stream("POST", "/generate", json=body) as r:
+                assert r.status_code == 200 and r.headers["x-miles-router-worker"] == b.url
+                data = [ln[6:] async for ln in r.aiter_lines() if ln.startswith("data: ")]
+            final = json.loads(data[-2])
+            got = (await c.post("/retrieve_from_text", json={"text": body["text"] + final["text"]})).json()
+            assert got["exact"] and got["tokens"] == tok.encode(body["text"]) + final["output_ids"]
+        stats = (await c.get("/cache/stats")).json()
+    assert stats["trajectories"] == 4
+    assert a.worker.stats.generate_requests >= 1  # a was tried (and its 503 retried), never recorded
