@@ -299,3 +299,23 @@ async def test_store_disabled_keeps_trajectories_in_memory_only(nursery, tmp_pat
         assert (await _retrieve(c, _prompt(2) + out["text"]))["exact"]
         assert "store" not in (await c.get("/cache/stats")).json()
     assert router.runtime.store is None and not (tmp_path / "never.db").exists()
+
+
+async def test_backend_sessions_survive_reopen_and_delete(tmp_path):
+    path = tmp_path / "s.db"
+    store = SqliteStore(path)
+    store.start()
+    await store.put_session("a" * 32, 1.0, b"header-a", [(0, b"turn0"), (1, b"turn1")], wait=True)
+    await store.put_session("b" * 32, 2.0, None, [(0, b"b0")], wait=True)
+    await store.put_session("a" * 32, 1.0, b"header-a2", [(2, b"turn2")], wait=True)
+    store.meta_set_now("k", "v")
+    await store.aclose()
+    store = SqliteStore(path)
+    store.start()
+    assert list(store.load_sessions()) == [("a" * 32, 1.0, b"header-a2", [b"turn0", b"turn1", b"turn2"]),
+                                           ("b" * 32, 2.0, None, [b"b0"])]
+    assert store.meta_get("k") == "v" and store.meta_get("nothing") is None
+    store.delete_session("a" * 32)
+    await store.put_session("c" * 32, 3.0, None, [], wait=True)  # a commit after the delete
+    assert [s[0] for s in store.load_sessions()] == ["b" * 32, "c" * 32]
+    await store.aclose()

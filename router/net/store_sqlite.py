@@ -51,6 +51,13 @@ CREATE TABLE IF NOT EXISTS trajectories (
 );
 CREATE INDEX IF NOT EXISTS trajectories_digest ON trajectories (digest);
 CREATE TABLE IF NOT EXISTS payloads (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, created REAL NOT NULL, data BLOB);
+CREATE TABLE IF NOT EXISTS session_turns (
+    session TEXT NOT NULL,
+    turn INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (session, turn)
+) WITHOUT ROWID;
 """
 
 
@@ -203,6 +210,45 @@ class SqliteStore:
             if op.error is not None:
                 raise StoreWriteError(f"{self.name}: cannot write: {op.error}")
 
+    # ---- sessions (opaque blobs: router/wire/session_store.py encodes them) --------------------------
+    async def put_session(self, sid: str, created: float, header: bytes | None,
+                          turns: Sequence[tuple[int, bytes]], *, wait: bool) -> None:
+        """Create or update a session (its header blob) and add turns; durable on return when wait=True."""
+        if self.read_only:
+            raise StoreWriteError(f"{self.name}: cannot write: {self.write_error}")
+        op = _Op("session", (sid, created, header, list(turns)), trio.Event() if wait else None)
+        self._queue.put(op)
+        if op.done is not None:
+            await op.done.wait()
+            if op.error is not None:
+                raise StoreWriteError(f"{self.name}: cannot write: {op.error}")
+
+    def delete_session(self, sid: str) -> None:
+        """In the background: a deleted session's turns go (410 for its id needs no per-id row)."""
+        if not self.read_only:
+            self._queue.put(_Op("session_delete", sid, None))
+
+    def load_sessions(self) -> Iterator[tuple[str, float, bytes | None, list[bytes]]]:
+        """Every stored session with its turns in turn order (startup)."""
+        conn = self._reader()
+        try:
+            turns: dict[str, list[bytes]] = {}
+            for sid, _, data in conn.execute("SELECT session, turn, data FROM session_turns ORDER BY session, turn"):
+                turns.setdefault(sid, []).append(data)
+            for sid, created, header in conn.execute("SELECT id, created, data FROM sessions ORDER BY created"):
+                yield sid, created, header, turns.get(sid, [])
+        finally:
+            self._release(conn)
+
+    def meta_get(self, key: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def meta_set_now(self, key: str, value: str) -> None:
+        """Synchronous, before the writer starts (startup only)."""
+        if not self.read_only:
+            self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
     def mark_retrieved(self, digest: bytes) -> None:
         if not self.read_only:
             self._queue.put(_Op("retrieved", digest, None))
@@ -256,6 +302,20 @@ class SqliteStore:
                 elif op.kind == "retrieved":
                     retrieved += conn.execute("UPDATE trajectories SET retrieved = 1 WHERE digest = ? AND retrieved = 0",
                                               (op.args,)).rowcount
+                elif op.kind == "session":
+                    sid, created, header, turns = op.args
+                    if header is not None:
+                        conn.execute("INSERT INTO sessions (id, created, data) VALUES (?, ?, ?) "
+                                     "ON CONFLICT (id) DO UPDATE SET data = excluded.data", (sid, created, header))
+                    else:
+                        conn.execute("INSERT OR IGNORE INTO sessions (id, created, data) VALUES (?, ?, NULL)",
+                                     (sid, created))
+                    conn.executemany("INSERT OR REPLACE INTO session_turns (session, turn, data) VALUES (?, ?, ?)",
+                                     [(sid, t, blob) for t, blob in turns])
+                    records += len(turns)
+                elif op.kind == "session_delete":
+                    conn.execute("DELETE FROM session_turns WHERE session = ?", (op.args,))
+                    conn.execute("DELETE FROM sessions WHERE id = ?", (op.args,))
                 elif op.kind == "maintain":
                     op.result = self._apply_retention(conn, *op.args)
             conn.execute("COMMIT")
