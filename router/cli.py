@@ -67,13 +67,18 @@ def _load(path: str | None):
     return cfg, pipelines
 
 
-def _persisting(pipelines) -> bool:
-    return any(getattr(s.cls, "uses_store", False) for p in pipelines.values() for s in p.stages)
+def _persisting(cfg, pipelines) -> bool:
+    specs = list(pipelines.values())
+    if cfg.sessions.enabled:
+        from router.core.pipeline import load_pipeline
+
+        specs.append(load_pipeline(cfg.sessions.pipeline, cfg.base_dir))
+    return any(getattr(s.cls, "uses_store", False) for p in specs for s in p.stages)
 
 
 def _check_store(cfg, pipelines) -> None:
     """Refuse to start on a store that cannot be opened: one line saying why, exit 2."""
-    if not (cfg.store.enabled and _persisting(pipelines)):
+    if not (cfg.store.enabled and _persisting(cfg, pipelines)):
         return
     from router.config import store_path
     from router.core.store import StoreOpenError

@@ -315,7 +315,7 @@ async def test_backend_sessions_survive_reopen_and_delete(tmp_path):
     assert list(store.load_sessions()) == [("a" * 32, 1.0, b"header-a2", [b"turn0", b"turn1", b"turn2"]),
                                            ("b" * 32, 2.0, None, [b"b0"])]
     assert store.meta_get("k") == "v" and store.meta_get("nothing") is None
-    store.delete_session("a" * 32)
+    await store.delete_session("a" * 32, wait=True)
     await store.put_session("c" * 32, 3.0, None, [], wait=True)  # a commit after the delete
     assert [s[0] for s in store.load_sessions()] == ["b" * 32, "c" * 32]
     await store.aclose()

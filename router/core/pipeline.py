@@ -40,6 +40,7 @@ BUILTIN_STAGES = {
     "insert": "router.stages.insert:Insert",
     "set_fields": "router.stages.set_fields:SetFields",
     "persist": "router.stages.persist:Persist",
+    "persist_session": "router.stages.persist_session:PersistSession",
     "session_request": "router.stages.session_request:SessionRequest",
     "chat_template": "router.stages.chat_template:ChatTemplate",
     "session_generate": "router.stages.session_generate:SessionGenerate",
@@ -222,7 +223,8 @@ def _option_problem(err: Exception) -> str:
 PASSTHROUGH = "passthrough"
 SESSION_CHAT = "session-chat"
 # The session chat pipeline when `[sessions] pipeline` names no file (pipelines/session-chat.toml is the same).
-SESSION_CHAT_STAGES = ["session_request", "chat_template", "session_generate", "forward", "chat_parse", "session_reply"]
+SESSION_CHAT_STAGES = ["session_request", "chat_template", "session_generate", "forward", "chat_parse", "session_reply",
+                       "persist_session"]
 
 
 def load_pipeline(ref: str, base_dir: str | Path) -> PipelineSpec:

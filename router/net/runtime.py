@@ -74,6 +74,7 @@ class Runtime:
         self.tokenizer = None
         self.tree_if_loaded = None
         self.store = None  # the durable trajectory store (a TrajectoryStore), when a pipeline persists
+        self.session_persister = None  # sessions over the store (router/net/session_persist.py)
         self.pipelines: dict[tuple[str, str], RoutePipeline] = {}
         self.sessions = None  # SessionRegistry when [sessions] enabled
         self.session_pipeline: RoutePipeline | None = None
@@ -116,6 +117,9 @@ class Runtime:
         while True:
             await trio.sleep(interval)
             gone = self.sessions.expire_idle(time.monotonic())
+            if self.session_persister is not None:
+                for sid in gone:  # in the background: an expired session coming back after a crash is harmless
+                    await self.session_persister.deleted(sid, wait=False)
             if gone:
                 log.info("reclaimed %d idle session(s)", len(gone))
 
@@ -150,8 +154,9 @@ class Runtime:
                    for p in self.pipelines.values() for st in (*p.request_stages, *p.response_stages))
 
     def store_wanted(self) -> bool:
+        pipes = [*self.pipelines.values(), *([self.session_pipeline] if self.session_pipeline is not None else [])]
         return self.config.store.enabled and any(
-            getattr(st, "uses_store", False) for p in self.pipelines.values() for st in p.response_stages)
+            getattr(st, "uses_store", False) for p in pipes for st in p.response_stages)
 
     def open_store(self) -> None:
         """Open the durable store (raises StoreOpenError). Nothing is loaded: records are found by digest on disk
@@ -162,6 +167,13 @@ class Runtime:
         c = self.config.store
         self.store = SqliteStore(store_path(self.config), sync=c.sync, retention_s=c.retention_s,
                                  max_bytes=c.max_bytes, metrics=self.metrics)
+        if self.sessions is not None:
+            from router.net.session_persist import SessionPersister
+
+            self.session_persister = SessionPersister(self.store, self.sessions, wait=c.sync == "commit")
+            restored = self.session_persister.restore()
+            if restored:
+                log.info("%s: %d sessions restored", self.store.name, restored)
         self.store.start()
         st = self.store.stats()
         log.info("%s: %d trajectories (%d unretrieved), %d bytes%s", self.store.name, st.rows, st.unretrieved,

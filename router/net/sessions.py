@@ -22,6 +22,7 @@ import trio
 from router.wire import DECODE_ERRORS, decode_error_text
 from router.core.pipeline import Reply
 from router.core.sessions.registry import Session, SessionError
+from router.core.store import StoreError
 from router.core.sessions.samples import SampleError, assemble, sample_meta
 from router.net.app import error_reply, json_reply, send_reply
 from router.wire.samples import CONTENT_TYPE, encode_samples
@@ -47,7 +48,7 @@ class SessionRoutes:
         method = scope["method"]
         parts = scope["path"].split("/")[2:]  # after "/sessions"
         if parts in ([], [""]):
-            reply = self.create() if method == "POST" else _method_not_allowed(method, "/sessions", "POST")
+            reply = await self.create() if method == "POST" else _method_not_allowed(method, "/sessions", "POST")
             return await _send(send, reply)
         sid, rest = parts[0], parts[1:]
         try:
@@ -59,6 +60,11 @@ class SessionRoutes:
                 return await _send(send, json_reply(200, self.describe(session)))
             if method == "DELETE":
                 self.registry.delete(sid)
+                if self.rt.session_persister is not None:
+                    try:
+                        await self.rt.session_persister.deleted(sid)
+                    except StoreError as e:
+                        return await _send(send, error_reply(503, str(e), store=self.rt.session_persister.where))
                 await send({"type": "http.response.start", "status": 204, "headers": []})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return 204
@@ -82,11 +88,17 @@ class SessionRoutes:
             session.inflight -= 1
             session.last_used = time.monotonic()
 
-    def create(self) -> Reply:
+    async def create(self) -> Reply:
         try:
             session = self.registry.create(time.monotonic())
         except SessionError as e:
             return error_reply(e.status, e.message)
+        if self.rt.session_persister is not None:
+            try:  # an id the client holds must survive a crash: committed before it is returned
+                await self.rt.session_persister.created(session)
+            except StoreError as e:
+                self.registry.sessions.pop(session.id, None)
+                return error_reply(503, str(e), store=self.rt.session_persister.where)
         return json_reply(200, {"session_id": session.id})
 
     def describe(self, session: Session) -> dict:

@@ -223,10 +223,18 @@ class SqliteStore:
             if op.error is not None:
                 raise StoreWriteError(f"{self.name}: cannot write: {op.error}")
 
-    def delete_session(self, sid: str) -> None:
-        """In the background: a deleted session's turns go (410 for its id needs no per-id row)."""
-        if not self.read_only:
-            self._queue.put(_Op("session_delete", sid, None))
+    async def delete_session(self, sid: str, *, wait: bool) -> None:
+        """A deleted (or expired) session's rows go; 410 for its id needs no per-id row (the registry's key)."""
+        if self.read_only:
+            if wait:
+                raise StoreWriteError(f"{self.name}: cannot write: {self.write_error}")
+            return
+        op = _Op("session_delete", sid, trio.Event() if wait else None)
+        self._queue.put(op)
+        if op.done is not None:
+            await op.done.wait()
+            if op.error is not None:
+                raise StoreWriteError(f"{self.name}: cannot write: {op.error}")
 
     def load_sessions(self) -> Iterator[tuple[str, float, bytes | None, list[bytes]]]:
         """Every stored session with its turns in turn order (startup)."""

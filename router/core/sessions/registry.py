@@ -138,6 +138,15 @@ class SessionRegistry:
         self.expired_total += len(gone)
         return gone
 
+    # ---- durable store hooks (router/net/session_persist.py) -----------------------------------
+    def use_secret(self, secret: bytes) -> None:
+        """Use the store's key: ids issued before a restart stay recognizable (410 once gone, not 404)."""
+        self._key = secret
+
+    def adopt(self, session: Session) -> None:
+        """A session read back from the store at startup."""
+        self.sessions[session.id] = session
+
     def changed(self, session: Session) -> None:
         if self.on_change is not None:
             self.on_change(session)

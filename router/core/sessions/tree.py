@@ -147,6 +147,16 @@ class SessionTree:
         if len(self.turns) >= self.max_turns:
             raise TurnLimit(f"the session holds its maximum of {self.max_turns} turns (sessions.max_turns_per_session)")
 
+    def restore(self, turns: list[Turn]) -> None:
+        """Rebuild the tree from stored turns, in id order (the durable store, after a restart)."""
+        for t in turns:
+            if t.id != len(self.turns):
+                raise ValueError(f"stored turns out of order: turn {t.id} at position {len(self.turns)}")
+            self.turns.append(t)
+            self.children.setdefault(t.parent, []).append(t.id)
+            self.children.setdefault(t.id, [])
+            self._clock = max(self._clock, t.seq, t.request_seq)
+
     def commit(self, parent: int, **fields: Any) -> Turn:
         """Store a finished generation as a child of `parent` (-1: a new root)."""
         self.check_room()

@@ -1,0 +1,121 @@
+"""Agent sessions survive a restart: the durable store keeps every session's tree (messages, tokens, logprobs,
+routed experts, records) and the registry's key (so deleted ids stay 410). After a restart on the same store,
+GET /sessions/{id} and the samples are byte-identical, and the next turn's worker input starts with the exact
+stored tokens. Also under kill -9 of a real router process."""
+
+from __future__ import annotations
+
+import httpx
+import trio
+
+from harness import client, start_router, start_sim
+from test_store_crash import RouterProcess, ROOT
+
+
+async def _router(nursery, sim, path):
+    return await start_router(
+        nursery, workers={"urls": [sim.url]},
+        sessions={"enabled": True, "pipeline": str(ROOT / "pipelines/session-chat-r3.toml")},
+        store={"enabled": True, "path": str(path)})
+
+
+async def _turn(c, sid: str, messages: list) -> dict:
+    r = await c.post(f"/sessions/{sid}/v1/chat/completions",
+                     json={"model": "sim", "messages": messages, "max_tokens": 400})
+    assert r.status_code == 200, r.text
+    msg = r.json()["choices"][0]["message"]
+    return {k: v for k, v in msg.items() if k in ("role", "content", "reasoning_content", "tool_calls") and v}
+
+
+async def _last_input_ids(sim) -> list:
+    async with client(sim.url) as c:
+        return (await c.get("/_sim/stats")).json()["last_bodies"][-1]["input_ids"]
+
+
+async def test_sessions_survive_restart_exactly(nursery, tmp_path):
+    path = tmp_path / "store.db"
+    sim = await start_sim(nursery, seed=4, chat_replies=True)
+    histories: dict[str, list] = {}
+    async with trio.open_nursery() as n1:
+        router = await _router(n1, sim, path)
+        async with client(router) as c:
+            for s in range(2):
+                sid = (await c.post("/sessions")).json()["session_id"]
+                msgs = [{"role": "system", "content": "You are terse."},
+                        {"role": "user", "content": f"Session {s}: what is {s} + 2?"}]
+                for t in range(3 - s):
+                    msgs.append(await _turn(c, sid, msgs))
+                    msgs.append({"role": "user", "content": f"and times {t + 3}?"})
+                histories[sid] = msgs
+            gone = (await c.post("/sessions")).json()["session_id"]
+            assert (await c.delete(f"/sessions/{gone}")).status_code == 204
+            before = {sid: (await c.get(f"/sessions/{sid}")).json() for sid in histories}
+            samples = {sid: (await c.post(f"/sessions/{sid}/samples", json={})).content for sid in histories}
+        n1.cancel_scope.cancel()
+
+    async with trio.open_nursery() as n2:
+        router = await _router(n2, sim, path)
+        async with client(router) as c:
+            for sid in histories:
+                assert (await c.get(f"/sessions/{sid}")).json() == before[sid]
+                assert (await c.post(f"/sessions/{sid}/samples", json={})).content == samples[sid]
+            assert (await c.get(f"/sessions/{gone}")).status_code == 410  # deleted before the restart
+            assert (await c.get("/sessions/" + "0" * 32)).status_code == 404  # never issued
+            # the next turn continues: the worker receives the stored tokens verbatim, then only the new part
+            for sid, msgs in histories.items():
+                stored = before[sid]["metadata"]["accumulated_token_ids"]
+                await _turn(c, sid, msgs)
+                sent = await _last_input_ids(sim)
+                assert sent[:len(stored)] == stored and len(sent) > len(stored)
+                assert len((await c.get(f"/sessions/{sid}")).json()["metadata"]["tree"]["nodes"]) == \
+                    len(before[sid]["metadata"]["tree"]["nodes"]) + 1
+        n2.cancel_scope.cancel()
+
+
+async def test_sessions_survive_kill9(tmp_path):
+    """A real router process with sessions: turns whose replies the client received survive kill -9."""
+    rp = RouterProcess(tmp_path)
+    rp.start(pipeline="pipelines/radix-cache-r3.toml",
+             store_extra=f'[sessions]\nenabled = true\npipeline = "{ROOT / "pipelines/session-chat-r3.toml"}"\n'
+)
+    try:
+        await rp.ready()
+        acked: dict[str, tuple[list, dict]] = {}
+
+        async def agent(i: int, c: httpx.AsyncClient) -> None:
+            sid = (await c.post("/sessions")).json()["session_id"]
+            msgs = [{"role": "user", "content": f"agent {i}: count to {i + 3}"}]
+            for t in range(1000):
+                try:
+                    msgs.append(await _turn(c, sid, msgs))
+                    state = (await c.get(f"/sessions/{sid}")).json()
+                except (httpx.HTTPError, AssertionError):
+                    return
+                acked[sid] = (list(msgs), state)
+                msgs.append({"role": "user", "content": f"next {t}"})
+
+        async with httpx.AsyncClient(base_url=rp.url, trust_env=False, timeout=30) as c:
+            async with trio.open_nursery() as n:
+                for i in range(6):
+                    n.start_soon(agent, i, c)
+                await trio.sleep(1.5)
+                rp.kill9()
+        assert acked, "no turn finished before the kill"
+        rp.start(pipeline="pipelines/radix-cache-r3.toml",
+                 store_extra=f'[sessions]\nenabled = true\npipeline = "{ROOT / "pipelines/session-chat-r3.toml"}"\n')
+        await rp.ready()
+        async with httpx.AsyncClient(base_url=rp.url, trust_env=False, timeout=30) as c:
+            for sid, (msgs, state) in acked.items():
+                now = (await c.get(f"/sessions/{sid}")).json()
+                # everything acknowledged is there, token for token (a later turn may have committed too)
+                ids = now["metadata"]["accumulated_token_ids"]
+                acked_ids = state["metadata"]["accumulated_token_ids"]
+                assert ids[:len(acked_ids)] == acked_ids
+                acked_nodes = {n["node_id"]: n for n in state["metadata"]["tree"]["nodes"]}
+                now_nodes = {n["node_id"]: n for n in now["metadata"]["tree"]["nodes"]}
+                assert all(now_nodes[k] == v for k, v in acked_nodes.items())
+                last = max(now["metadata"]["tree"]["nodes"], key=lambda n: n["seq"])
+                if last["finish_reason"] != "length":  # a turn cut by max_tokens cannot be extended (409)
+                    await _turn(c, sid, msgs + [{"role": "user", "content": "after the restart?"}])
+    finally:
+        rp.stop()
