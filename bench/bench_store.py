@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -172,6 +173,12 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int) -> dict:
         out, _ = client.communicate(timeout=args.seconds + 60)
         c1 = cpu_seconds(router.pid)
         res = json.loads(out)
+        if mode != "memory":  # group commit as the router saw it
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                m = dict(re.findall(r"^(miles_router_store_\w+(?:_sum|_count)) (\S+)$", r.read().decode(), re.M))
+            commits = float(m.get("miles_router_store_commit_seconds_count", 0)) or 1.0
+            res.update(batch=float(m["miles_router_store_batch_records_sum"]) / commits,
+                       commit_ms=1e3 * float(m["miles_router_store_commit_seconds_sum"]) / commits)
     finally:
         stop(router)
     res.update(mode=mode, rps=res["ok"] / res["elapsed"], cpu_us=(c1 - c0) * 1e6 / max(res["ok"], 1))
@@ -267,8 +274,10 @@ def main() -> int:
                 for mode in ("memory", "off", "commit") if r % 2 == 0 else ("commit", "off", "memory"):
                     res = measure(tmp, sims, mode, args, r)
                     results.append(res)
+                    extra = (f"  {res['batch']:.1f} trajectories/commit, {res['commit_ms']:.2f} ms/commit"
+                             if "batch" in res else "")
                     print(f"round {r} {mode:>6}: {res['rps']:7.0f} req/s  router {res['cpu_us']:6.0f} µs/req  "
-                          f"bad {res['bad']}", flush=True)
+                          f"bad {res['bad']}{extra}", flush=True)
             med = {m: statistics.median(x["rps"] for x in results if x["mode"] == m) for m in ("memory", "off", "commit")}
             cpu = {m: statistics.median(x["cpu_us"] for x in results if x["mode"] == m) for m in ("memory", "off", "commit")}
             print("\n| mode | req/s (median) | router CPU µs/req | vs off |\n|---|---|---|---|")
