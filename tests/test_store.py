@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import sqlite3
 from pathlib import Path
 
@@ -240,7 +241,18 @@ async def test_restart_serves_retrieve_exactly_as_before(nursery, tmp_path):
             assert stats["rows"] == len(texts) and stats["unretrieved"] == 0
             metrics = (await c.get("/metrics")).text
             assert f"miles_router_store_rows {float(len(texts))}" in metrics
+            assert "miles_router_store_pending_writes 0.0" in metrics and "miles_router_store_bytes " in metrics
         n2.cancel_scope.cancel()
+    async with trio.open_nursery() as n3:  # a fresh process-equivalent: the commit histogram counts batches
+        router, _ = await store_router(n3, path, sims=[sim])
+        async with client(router) as c:
+            await _generate(c, _prompt(99))
+            metrics = (await c.get("/metrics")).text
+            # one trajectory, in one commit (a retention pass may have committed an empty batch meanwhile)
+            assert "miles_router_store_batch_records_sum 1.0" in metrics
+            count = float(re.search(r"^miles_router_store_commit_seconds_count (\S+)$", metrics, re.M).group(1))
+            assert 1.0 <= count <= 3.0
+        n3.cancel_scope.cancel()
 
 
 async def test_memory_budget_moves_trajectories_to_disk_not_out_of_existence(nursery, tmp_path):
@@ -318,4 +330,23 @@ async def test_backend_sessions_survive_reopen_and_delete(tmp_path):
     await store.delete_session("a" * 32, wait=True)
     await store.put_session("c" * 32, 3.0, None, [], wait=True)  # a commit after the delete
     assert [s[0] for s in store.load_sessions()] == ["b" * 32, "c" * 32]
+    await store.aclose()
+
+
+async def test_backend_retention_by_age(tmp_path):
+    store = SqliteStore(tmp_path / "s.db", retention_s=100.0, max_bytes=0)
+    store.start()
+    recs = [_rec(i) for i in range(6)]
+    for i, r in enumerate(recs):
+        r.created = 1000.0 + i * 100  # 1000 .. 1500
+        r.weight_version = "old" if i == 1 else "v"
+    digests = [bytes([i]) * 16 for i in range(6)]
+    await store.put(list(zip(digests, recs)), wait=True)
+    store.mark_retrieved(digests[0])
+    store.mark_retrieved(digests[5])
+    plan = await store.maintain(now=1450.0, stale_versions=frozenset({"old"}))
+    # older than 1350: #0 retrieved and #1 stale go; #2, #3 (unretrieved, current version) stay; #5 is young
+    assert sorted(plan.delete) == [1, 2] and plan.expired == 2
+    assert [await store.get(d) is not None for d in digests] == [False, False, True, True, True, True]
+    assert store.stats().rows == 4 and store.stats().unretrieved == 3
     await store.aclose()

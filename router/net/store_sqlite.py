@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS trajectories (
     nbytes INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS trajectories_digest ON trajectories (digest);
+CREATE INDEX IF NOT EXISTS trajectories_created ON trajectories (created);
 CREATE TABLE IF NOT EXISTS payloads (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, created REAL NOT NULL, data BLOB);
 CREATE TABLE IF NOT EXISTS session_turns (
@@ -375,9 +376,11 @@ class SqliteStore:
     def _apply_retention(self, conn: sqlite3.Connection, now: float, stale_versions: frozenset) -> RetentionPlan:
         if self.max_bytes > 0 and self.payload_bytes > self.max_bytes:
             rows = conn.execute("SELECT id, created, retrieved, version, nbytes FROM trajectories")
-        elif self.retention_s > 0:
+        elif self.retention_s > 0:  # only what phase 1 may delete: old and retrieved or stale
+            stale = sorted(v for v in stale_versions if v is not None)
             rows = conn.execute("SELECT id, created, retrieved, version, nbytes FROM trajectories "
-                                "WHERE created < ?", (now - self.retention_s,))
+                                f"WHERE created < ? AND (retrieved = 1 OR version IN ({','.join('?' * len(stale))}))",
+                                (now - self.retention_s, *stale))
         else:
             return RetentionPlan()
         plan = plan_retention((RowInfo(i, c, bool(r), v, n) for i, c, r, v, n in rows), now=now,
@@ -429,6 +432,23 @@ class SqliteStore:
         finally:
             self._release(conn)
 
+    def summary(self) -> tuple[float | None, float | None, int]:
+        """(oldest created, newest created, stored tokens): offline statistics."""
+        oldest, newest, tokens = self._conn.execute(
+            "SELECT min(created), max(created), total(ntokens) FROM trajectories").fetchone()
+        return oldest, newest, int(tokens)
+
+    def apply_retention_now(self, now: float) -> RetentionPlan:
+        """Offline (no writer thread): one retention pass in its own transaction."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            plan = self._apply_retention(self._conn, now, frozenset())
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+        return plan
+
     def close_sync(self) -> None:
         """Close every connection (offline tools; the router uses aclose)."""
         with self._readers_lock:
@@ -439,6 +459,7 @@ class SqliteStore:
 
     def vacuum(self) -> None:
         self._conn.execute("VACUUM")
+        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # ---- statistics --------------------------------------------------------------------------------
     def file_bytes(self) -> int:

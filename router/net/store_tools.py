@@ -30,9 +30,8 @@ def stats(path: Path) -> dict:
     store = SqliteStore(path)
     try:
         st = store.stats()
-        conn = store._conn
-        oldest, newest, tokens = conn.execute("SELECT min(created), max(created), total(ntokens) FROM trajectories").fetchone()
-        return {**st.__dict__, "tokens": int(tokens), "oldest": oldest, "newest": newest,
+        oldest, newest, tokens = store.summary()
+        return {**st.__dict__, "tokens": tokens, "oldest": oldest, "newest": newest,
                 "bytes_per_token": round(st.payload_bytes / tokens, 3) if tokens else None}
     finally:
         store.close_sync()
@@ -47,12 +46,8 @@ def vacuum(path: Path, cfg) -> dict:
 
             raise StoreOpenError(f"{store.name}: cannot vacuum: {store.write_error}")
         before = store.file_bytes()
-        conn = store._conn
-        conn.execute("BEGIN IMMEDIATE")
-        plan = store._apply_retention(conn, time.time(), frozenset())
-        conn.execute("COMMIT")
+        plan = store.apply_retention_now(time.time())
         store.vacuum()
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return {"deleted": len(plan.delete), "deleted_unretrieved": plan.evicted_unretrieved,
                 "file_bytes_before": before, "file_bytes_after": store.file_bytes()}
     finally:
