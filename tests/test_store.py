@@ -350,3 +350,35 @@ async def test_backend_retention_by_age(tmp_path):
     assert [await store.get(d) is not None for d in digests] == [False, False, True, True, True, True]
     assert store.stats().rows == 4 and store.stats().unretrieved == 3
     await store.aclose()
+
+
+async def test_next_turn_after_restart_reuses_the_stored_tokens(nursery, tmp_path):
+    """A text conversation continued after a restart: the next turn's prompt starts with the exact tokens the
+    engine produced before the restart (loaded back from the store), not a fresh tokenization of the text."""
+    path = tmp_path / "store.db"
+    sim = await start_sim(nursery, seed=8, noncanonical_rate=0.5)
+    t1 = "You are a careful assistant who answers briefly and precisely. Question: what is 7 times 6? "
+    assert len(t1.encode()) >= 64
+    async with trio.open_nursery() as n1:
+        router, _ = await store_router(n1, path, sims=[sim])
+        async with client(router) as c:
+            out1 = await _generate(c, t1, n=24)
+            before = await _retrieve(c, t1 + out1["text"])
+        n1.cancel_scope.cancel()
+    stored = before["tokens"]
+    async with trio.open_nursery() as n2:
+        router, _ = await store_router(n2, path, sims=[sim])
+        async with client(router) as c:
+            t2 = t1 + out1["text"] + " Thanks. And 8 times 6?"
+            r = await c.post("/generate", json={"text": t2, "sampling_params": {"max_new_tokens": 8},
+                                                "return_logprob": True})
+            assert r.status_code == 200
+            cached = int(r.headers["x-miles-router-cached-prompt-tokens"])
+            async with client(sim.url) as s:
+                sent = (await s.get("/_sim/stats")).json()["last_bodies"][-1]["input_ids"]
+            # everything but a stop token whose text the reply does not show is reused, token for token
+            assert cached >= len(stored) - 1 and sent[:cached] == stored[:cached]
+            # and the restored turn answers exactly as before the restart, from memory now
+            assert await _retrieve(c, t1 + out1["text"]) == before
+            assert router.runtime.tree.peek_exact((t1 + out1["text"]).encode()) is not None
+        n2.cancel_scope.cancel()

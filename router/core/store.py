@@ -14,11 +14,33 @@ Retention (`plan_retention`), applied by the backend on a schedule:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from router.wire.store import StoredTrajectory
+
+
+HEAD_BYTES = 64  # a stored text is found as a prompt's prefix by the hash of its first HEAD_BYTES bytes
+
+
+def text_head(text: bytes) -> int | None:
+    """The prefix key of a text: a 63-bit hash of its first HEAD_BYTES bytes (None when shorter). Every text
+    that starts with a stored text at least HEAD_BYTES long has the same key, so a next turn's prompt finds
+    the earlier turns it continues without scanning."""
+    if len(text) < HEAD_BYTES:
+        return None
+    return int.from_bytes(hashlib.blake2b(text[:HEAD_BYTES], digest_size=8).digest(), "little") >> 1
+
+
+class Keyed(NamedTuple):
+    """A record and the keys it is found by."""
+
+    digest: bytes  # blake2b-16 of the visible text: /retrieve_from_text
+    record: StoredTrajectory
+    head: int | None = None  # text_head(visible text): continuing a conversation after a restart
+    vlen: int = 0  # bytes of the visible text
 
 
 class StoreError(Exception):
@@ -112,12 +134,22 @@ class TrajectoryStore(Protocol):
 
     name: str  # "trajectory store <where>", used in every error message
 
-    async def put(self, records: Sequence[tuple[bytes, StoredTrajectory]], *, wait: bool) -> None:
-        """Store (digest, record) pairs. With wait=True return only once they are durable; raise StoreWriteError
+    async def put(self, records: Sequence[Keyed], *, wait: bool) -> None:
+        """Store records under their keys. With wait=True return only once they are durable; raise StoreWriteError
         if they cannot be. With wait=False they are written in the background (a crash may lose the last ones)."""
 
     async def get(self, digest: bytes) -> StoredTrajectory | None:
         """The newest record stored under this digest (pending writes included), or None."""
+
+    def may_continue(self, head: int) -> bool:
+        """Whether a stored text with this prefix key may exist (cheap, in memory; false positives allowed)."""
+
+    async def prefix_candidates(self, head: int, max_len: int) -> list[tuple[int, int, bytes]]:
+        """(id, visible length, digest) of records with this prefix key and a text no longer than max_len,
+        newest first (bounded)."""
+
+    async def get_ids(self, ids: Sequence[int]) -> list[StoredTrajectory]:
+        """Records by id, in the order asked."""
 
     def mark_retrieved(self, digest: bytes) -> None:
         """Best effort, in the background: retention treats retrieved records as reclaimable."""

@@ -180,6 +180,36 @@ class Runtime:
                  st.file_bytes, "" if st.writable else f"; READ-ONLY ({st.write_error}): /generate on persisting "
                  "routes will answer 503")
 
+    async def continue_from_store(self, text: bytes, matched: int) -> bool:
+        """Load back into the memory cache the stored trajectories whose visible text is a prefix of `text`
+        longer than what the cache matched (a conversation's earlier turns, evicted or stored before a restart),
+        oldest first, as they were inserted the first time: the merged loss mask and anchors come out the same.
+        True if any was loaded. Texts shorter than the prefix key (64 bytes) are not found this way."""
+        from router.core.radix import TrajectoryInput, text_digest
+        from router.core.store import text_head
+        from router.wire import store as wire
+
+        store = self.store
+        head = text_head(text) if store is not None else None
+        if head is None or not store.may_continue(head):
+            return False
+        tree = self.tree
+        chosen = []
+        for rid, vlen, digest in await store.prefix_candidates(head, len(text)):
+            if vlen > matched and text_digest(text[:vlen]) == digest and tree.peek_exact(text[:vlen]) is None:
+                chosen.append((rid, vlen))
+        if not chosen:
+            return False
+        chosen.sort()
+        now = time.time()
+        for (_, vlen), rec in zip(chosen, await store.get_ids([rid for rid, _ in chosen])):
+            tokens, p = wire.tokens_of(rec), rec.prompt_len
+            tree.insert(TrajectoryInput(
+                rid=rec.rid, prompt_ids=tokens[:p], output_ids=tokens[p:], output_logprobs=wire.logprobs_of(rec)[p:],
+                visible_text=text[:vlen], weight_version=rec.weight_version, worker=rec.worker,
+                finish=rec.finish or "stop", routed_experts=wire.experts_of(rec)), now=now)
+        return True
+
     def stale_versions(self) -> frozenset:
         return frozenset(v for v in self.versions_seen if self._is_stale(v))
 

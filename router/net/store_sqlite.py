@@ -30,7 +30,7 @@ from urllib.parse import quote
 
 import trio
 
-from router.core.store import (RetentionPlan, RowInfo, StoreOpenError, StoreStats, StoreWriteError,
+from router.core.store import (Keyed, RetentionPlan, RowInfo, StoreOpenError, StoreStats, StoreWriteError,
                                plan_retention)
 from router.wire import store as wire
 from router.wire.store import StoredTrajectory
@@ -96,6 +96,7 @@ def open_database(path: Path, *, sync: str = "commit") -> tuple[sqlite3.Connecti
                 conn.execute(f"PRAGMA synchronous={'FULL' if sync == 'commit' else 'NORMAL'}")
                 conn.executescript(_SCHEMA)
                 _check_schema(conn, name, create=True)
+                _migrate(conn)
                 return conn, None
             except sqlite3.OperationalError as e:
                 if "readonly" not in str(e):
@@ -134,6 +135,15 @@ def _check_schema(conn: sqlite3.Connection, name: str, *, create: bool) -> None:
         raise StoreOpenError(f"{name}: store schema {row[0] if row else '(none)'}, this router reads {SCHEMA_VERSION}")
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Columns added after the first stores were written (ADD COLUMN: old rows get NULL, nothing is rewritten)."""
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(trajectories)")}
+    for col in ("head", "vlen"):
+        if col not in cols:
+            conn.execute(f"ALTER TABLE trajectories ADD COLUMN {col} INTEGER")
+    conn.execute("CREATE INDEX IF NOT EXISTS trajectories_head ON trajectories (head)")
+
+
 def check_openable(path: Path) -> str | None:
     """Startup check (before the event loop): raises StoreOpenError, or returns why it is read-only."""
     conn, reason = open_database(path)
@@ -169,6 +179,11 @@ class SqliteStore:
         row = self._conn.execute("SELECT count(*), total(nbytes), total(retrieved = 0) FROM trajectories").fetchone()
         self.rows, self.payload_bytes, self.unretrieved = int(row[0]), int(row[1]), int(row[2])
         self.commits = self.deleted = self.deleted_unretrieved = 0
+        # prefix keys of stored texts (router/core/store.py text_head): a cheap "maybe" before a query
+        cols = {r[1] for r in self._conn.execute("PRAGMA table_info(trajectories)")}
+        self._heads: set[int] = (
+            {h for (h,) in self._conn.execute("SELECT DISTINCT head FROM trajectories WHERE head IS NOT NULL")}
+            if "head" in cols else set())
         self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
         self._pending: dict[bytes, StoredTrajectory] = {}  # digest -> record not yet committed
         self._pending_writes = 0
@@ -201,10 +216,13 @@ class SqliteStore:
             return
         if self.read_only:
             raise StoreWriteError(f"{self.name}: cannot write: {self.write_error}")
-        for digest, rec in records:
-            self._pending[digest] = rec
+        records = [r if isinstance(r, Keyed) else Keyed(*r) for r in records]
+        for r in records:
+            self._pending[r.digest] = r.record
+            if r.head is not None:
+                self._heads.add(r.head)
         self._pending_writes += len(records)
-        op = _Op("put", list(records), trio.Event() if wait else None)
+        op = _Op("put", records, trio.Event() if wait else None)
         self._queue.put(op)
         if op.done is not None:
             await op.done.wait()
@@ -297,12 +315,12 @@ class SqliteStore:
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
                 if op.kind == "put":
-                    for digest, rec in op.args:
+                    for digest, rec, head, vlen in op.args:
                         blob = wire.encode(rec)
                         cur = conn.execute(
-                            "INSERT INTO trajectories (digest, created, retrieved, version, ntokens, nbytes) "
-                            "VALUES (?, ?, 0, ?, ?, ?)", (digest, rec.created, rec.weight_version, rec.ntokens,
-                                                          len(blob)))
+                            "INSERT INTO trajectories (digest, created, retrieved, version, ntokens, nbytes, head, "
+                            "vlen) VALUES (?, ?, 0, ?, ?, ?, ?, ?)",
+                            (digest, rec.created, rec.weight_version, rec.ntokens, len(blob), head, vlen))
                         conn.execute("INSERT INTO payloads (id, data) VALUES (?, ?)", (cur.lastrowid, blob))
                         added += 1
                         added_unretrieved += 1
@@ -367,9 +385,9 @@ class SqliteStore:
         for op in batch:
             if op.kind == "put":
                 self._pending_writes -= len(op.args)
-                for digest, rec in op.args:
-                    if self._pending.get(digest) is rec:
-                        del self._pending[digest]
+                for r in op.args:
+                    if self._pending.get(r.digest) is r.record:
+                        del self._pending[r.digest]
             if op.done is not None:
                 op.done.set()
 
@@ -421,6 +439,30 @@ class SqliteStore:
             return rec
         blob = await trio.to_thread.run_sync(self._read, digest)
         return None if blob is None else wire.decode(blob)
+
+    def may_continue(self, head: int) -> bool:
+        return head in self._heads
+
+    def _candidates(self, head: int, max_len: int) -> list[tuple[int, int, bytes]]:
+        conn = self._reader()
+        try:
+            return conn.execute("SELECT id, vlen, digest FROM trajectories WHERE head = ? AND vlen <= ? "
+                                "ORDER BY id DESC LIMIT 256", (head, max_len)).fetchall()
+        finally:
+            self._release(conn)
+
+    async def prefix_candidates(self, head: int, max_len: int) -> list[tuple[int, int, bytes]]:
+        return await trio.to_thread.run_sync(self._candidates, head, max_len)
+
+    def _by_ids(self, ids: Sequence[int]) -> list[bytes]:
+        conn = self._reader()
+        try:
+            return [conn.execute("SELECT data FROM payloads WHERE id = ?", (i,)).fetchone()[0] for i in ids]
+        finally:
+            self._release(conn)
+
+    async def get_ids(self, ids: Sequence[int]) -> list[StoredTrajectory]:
+        return [wire.decode(b) for b in await trio.to_thread.run_sync(self._by_ids, list(ids))]
 
     def scan(self, *, unretrieved_only: bool) -> Iterator[tuple[int, StoredTrajectory]]:
         conn = self._reader()

@@ -3,7 +3,8 @@
 Reads `scratch["cached"]` (the records `insert` just put in the memory cache) and, for each, the cache's own
 answer for its visible text (`RadixTree.peek_exact`: tokens, logprobs, loss mask, routed experts, weight
 versions, exactly what /retrieve_from_text answers). Writes them to the durable store (`[store]`) under the
-text's digest, then enforces the memory budget (eviction now only moves trajectories out of memory).
+text's digest (and its prefix key, so a later turn that continues the text finds it after a restart),
+then enforces the memory budget (eviction now only moves trajectories out of memory).
 
 With `store.sync = "commit"` the end of the reply waits for the commit (group commit: concurrent replies share
 one). If the store cannot write (disk full, read-only file, I/O error) the request fails with 503 naming the
@@ -17,7 +18,7 @@ import time
 
 from router.core.pipeline import CommitError, Exchange, Stage
 from router.core.radix import text_digest
-from router.core.store import StoreWriteError
+from router.core.store import Keyed, StoreWriteError, text_head
 from router.wire import store as wire
 
 
@@ -43,10 +44,11 @@ class Persist(Stage):
             ans = tree.peek_exact(rec.visible_text)
             if ans is None:  # superseded by a later sample of the same reply with the same text
                 continue
-            items.append((text_digest(rec.visible_text), wire.pack(
+            items.append(Keyed(text_digest(rec.visible_text), wire.pack(
                 rid=rec.rid, created=now, prompt_len=len(rec.prompt_ids), finish=ans.finish, worker=rec.worker,
                 weight_version=ans.version, versions=ans.versions, tokens=ans.tokens, logprobs=ans.logprobs,
-                loss_mask=ans.loss_mask, experts=ans.routed_experts)))
+                loss_mask=ans.loss_mask, experts=ans.routed_experts),
+                text_head(rec.visible_text), len(rec.visible_text)))
         svc.evict_cache()
         try:
             await store.put(items, wait=svc.config.store.sync == "commit")

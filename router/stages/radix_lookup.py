@@ -3,7 +3,9 @@
 Reads the request's single `text` prompt. Writes `scratch["prefix"]` = (token ids, matched bytes)
 from the trajectory cache: the exact tokens the engine saw and produced for that prefix, ending
 where reuse is safe (after a generated token, a prompt's end, or a finished trajectory). The
-match never ends inside a UTF-8 character, so the remainder can be tokenized as text.
+match never ends inside a UTF-8 character, so the remainder can be tokenized as text. With the durable
+store, earlier turns the prompt continues that are no longer in memory (evicted, or stored before a
+restart) are loaded back into the cache first, so the next turn reuses their exact tokens.
 Requests with `input_ids`, batches and n>1 prompts built from lists are left alone.
 """
 
@@ -35,6 +37,15 @@ class RadixLookup(Stage):
         if not isinstance(req.text, str) or req.has_input_ids:
             return None
         text = req.text.encode("utf-8", "surrogatepass")
+        m, cut = self._match(text)
+        continue_from_store = getattr(self.services, "continue_from_store", None)
+        if continue_from_store is not None and cut < len(text) and await continue_from_store(text, cut):
+            m, cut = self._match(text)  # earlier turns this text continues came back from the durable store
+        ex.scratch["prefix"] = (m.tokens, cut)
+        ex.scratch["prefix_worker"] = m.worker
+        return None
+
+    def _match(self, text: bytes):
         tree = self.services.tree
         limit = len(text)
         while True:
@@ -42,10 +53,7 @@ class RadixLookup(Stage):
             cut = m.matched_bytes
             # Back off to a character boundary: the remainder must be decodable text.
             if cut == 0 or cut == len(text) or (text[cut] & 0xC0) != 0x80:
-                break
+                return m, cut
             limit = cut - 1
             while limit > 0 and (text[limit] & 0xC0) == 0x80:
                 limit -= 1
-        ex.scratch["prefix"] = (m.tokens, cut)
-        ex.scratch["prefix_worker"] = m.worker
-        return None
