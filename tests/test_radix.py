@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from router.core.radix import (
+    ALIAS_OVERHEAD,
     ANCHOR,
+    MAX_ALIASES,
     MASK,
     NODE_OVERHEAD,
     TERMINAL_OVERHEAD,
@@ -103,13 +105,20 @@ def check_invariants(tree: RadixTree) -> None:
         assert np.all(nd.logprobs[(nd.flags & MASK) == 0] == 0)
         check_child_index(nd)
         for tm in nd.terminals:
-            assert tm.node is nd and tree._by_digest[tm.digest] is tm
+            assert tm.node is nd and tm in tree._by_digest[tm.digest]
+            assert len(tm.rids()) == len(set(tm.rids())) <= MAX_ALIASES
         terms += len(nd.terminals)
         nodes, tokens = nodes + 1, tokens + n
         total += (nd.tokens.nbytes + nd.logprobs.nbytes + nd.flags.nbytes + nd.ends.nbytes + len(nd.text)
-                  + (nd.r3.nbytes if nd.r3 is not None else 0) + NODE_OVERHEAD + TERMINAL_OVERHEAD * len(nd.terminals))
-    assert terms == len(tree._by_digest)
-    assert all(tm.node.alive for tm in tree._by_digest.values())
+                  + (nd.r3.nbytes if nd.r3 is not None else 0) + NODE_OVERHEAD + TERMINAL_OVERHEAD * len(nd.terminals)
+                  + ALIAS_OVERHEAD * sum(len(tm.rids()) - 1 for tm in nd.terminals))
+    groups = list(tree._by_digest.values())
+    assert terms == sum(map(len, groups)) and all(groups)
+    for g in groups:  # one Terminal per distinct token path of a text
+        assert len({id(tm.node) for tm in g}) == len(g) and len({tm.digest for tm in g}) == 1
+    assert all(tm.node.alive for g in groups for tm in g)
+    for h, g in tree._by_hash.items():
+        assert any(tm.hkey == h for tm in g) and tree._by_digest[g[0].digest] is g
     s = tree.stats()
     assert (s["nodes"], s["tokens"], s["trajectories"]) == (nodes, tokens, terms)
     assert tree.nbytes == total == s["bytes"]
@@ -236,12 +245,25 @@ def test_non_canonical_engine_tokenization_is_preserved():
     assert r.exact and r.tokens.tolist() == p + o
     m = tree.match_text(P1 + b"abc the<|im_end|>\nnext", now=3)
     assert m.tokens.tolist() == p + o
-    # the same text generated canonically by a later sample: both spellings cached, the newer wins ties
+    # the same text generated canonically by a later sample: both spellings cached, the newer wins ties, and a
+    # retrieve without a rid says it is ambiguous instead of answering one of them as exact
     canon = enc(b"abc the") + [EOS]
     tree.insert(traj("canon", p, canon), now=4)
-    assert tree.retrieve(P1 + b"abc the", now=5).tokens.tolist() == p + canon
+    amb = tree.retrieve(P1 + b"abc the", now=5)
+    assert amb.ambiguous and not amb.exact and amb.alternatives == 2 and amb.rid is None
+    assert amb.tokens.tolist() == p + canon
+    for rid, want in (("nc", o), ("canon", canon)):
+        r = tree.retrieve(P1 + b"abc the", now=5, rid=rid)
+        assert r.exact and not r.ambiguous and r.rid == rid and r.tokens.tolist() == p + want
+    assert not tree.retrieve(P1 + b"abc the", now=5, rid="other").exact
+    given: set = set()
+    for want in (o, canon):  # a batch hands out each spelling once, oldest first
+        r = tree.retrieve(P1 + b"abc the", now=5, handed_out=given)
+        assert r.exact and r.tokens.tolist() == p + want
+        given.add(r.rid)
+    assert tree.retrieve(P1 + b"abc the", now=5, handed_out=given).ambiguous
     assert tree.match_text(P1 + b"abc the<|im_end|>", now=6).tokens.tolist() == p + canon
-    assert tree.stats()["trajectories"] == 1  # same visible text: the newer terminal replaced the older
+    assert tree.stats()["trajectories"] == 2
     # two token ids with the same bytes: both branches are explored, the longer match wins
     tree.insert(traj("dup1", p, [ID[b"ab"], ID[b"c"]], finish="length"), now=7)
     tree.insert(traj("dup2", p, [AB2, ID[b"c"], ID[b"d"], ID[b"e"], EOS]), now=8)
@@ -340,7 +362,7 @@ def _leafy_tree():
     for rid, ver, _, t in spec:
         p = enc(f"<|im_start|>{rid}{rid}\n".encode())
         tree.insert(traj(rid, p, enc(b"abc") + [EOS], version=ver), now=t)
-        nodes[rid] = tree._by_digest[text_digest(dec(p) + b"abc")].node
+        nodes[rid] = tree._by_digest[text_digest(dec(p) + b"abc")][0].node
     for rid, _, retrieved, _ in spec:
         if retrieved:
             assert tree.retrieve(f"<|im_start|>{rid}{rid}\nabc".encode(), now=100).exact
@@ -443,7 +465,7 @@ def test_visible_text_not_spelled_by_tokens_and_hash_collisions_fall_back_to_dig
     p, o = enc(P1), enc(b"hello") + [EOS]
     tree.insert(traj("odd", p, o, visible=P1 + b"hell\xef\xbf\xbd"), now=1)  # detokenizer output differs
     tree.insert(traj("ok", p, enc(b"abc") + [EOS]), now=2)
-    assert not tree._by_digest[text_digest(P1 + b"hell\xef\xbf\xbd")].hkey  # not in the hash index
+    assert not tree._by_digest[text_digest(P1 + b"hell\xef\xbf\xbd")][0].hkey  # not in the hash index
     r = tree.retrieve(P1 + b"hell\xef\xbf\xbd", now=3)
     assert r.exact and r.rid == "odd" and r.tokens.tolist() == p + o
     # a forged hash-index entry pointing at the wrong terminal must not be believed
@@ -467,7 +489,7 @@ def test_eviction_pops_only_what_it_evicts(monkeypatch):
     rep = tree.evict(budget_bytes=tree.nbytes - 1, hard_budget_bytes=tree.nbytes - 1)
     assert rep.rids == ["x0"] and rep.evicted_unretrieved == 1 and len(pops) == 1
     pops.clear()
-    five = sum(tree._by_digest[text_digest(b"<|im_start|>%d\na" % i)].node.nbytes() for i in range(1, 6))
+    five = sum(tree._by_digest[text_digest(b"<|im_start|>%d\na" % i)][0].node.nbytes() for i in range(1, 6))
     rep = tree.evict(budget_bytes=0, hard_budget_bytes=tree.nbytes - five)
     assert len(pops) == rep.nodes and rep.rids == ["x1", "x2", "x3", "x4", "x5"]
 
@@ -601,12 +623,10 @@ class RadixMachine(RuleBasedStateMachine):
         res = self.tree.insert(TrajectoryInput(rid=rec.rid, prompt_ids=prompt, output_ids=output, output_logprobs=lps,
                                                visible_text=visible, weight_version=version, worker=f"w{idx % 3}",
                                                routed_experts=r3), now=self.tick())
-        replaced = [r for r in self.recs if r.term_alive and r.visible == visible]
-        assert res.replaced_rid == (replaced[0].rid if replaced else None)
-        for r in replaced:
-            r.term_alive = False
+        assert res.replaced_rid is None  # other spellings never replace each other; aliases stay under MAX_ALIASES
         assert res.shared_tokens == shared and res.new_tokens == len(toks) - shared
-        event(f"insert splits={min(res.splits, 2)} shared={res.shared_tokens > 0} replaced={res.replaced_rid is not None}")
+        same = any(r.term_alive and r.visible == visible and r.toks == toks for r in self.recs)
+        event(f"insert splits={min(res.splits, 2)} shared={res.shared_tokens > 0} same_spelling={same}")
         self.recs.append(rec)
 
     @rule(data=st.data(), anchors_only=st.booleans())
@@ -627,19 +647,44 @@ class RadixMachine(RuleBasedStateMachine):
         want = max([0] + [_lcp(r.toks[:r.alive_len], q) for r in self.recs])
         assert m.tokens.tolist() == q[:want] and m.matched_bytes == len(dec(q[:want]))
 
-    @rule(data=st.data())
-    def retrieve(self, data):
+    def terminals(self) -> list[tuple[Rec, Rec]]:
+        """(first, latest) alive record per (visible text, tokens): the tree's Terminals, in creation order."""
+        groups: dict = {}
+        for r in self.recs:
+            if r.term_alive:
+                first, _ = groups.get((r.visible, tuple(r.toks)), (r, r))
+                groups[(r.visible, tuple(r.toks))] = (first, r)
+        return list(groups.values())
+
+    def versions_before(self, S, *, strict: bool) -> list:
+        prev = sorted((t for t in self.terminals() if (len(t[0].toks) < len(S) if strict else len(t[0].toks) <= len(S))
+                       and t[0].toks == S[:len(t[0].toks)]), key=lambda t: (len(t[0].toks), t[0].idx))
+        return [latest.version for _, latest in prev]
+
+    @rule(data=st.data(), how=st.sampled_from(["plain", "rid", "handout"]))
+    def retrieve(self, data, how):
         text = self.draw_text(data)
-        r = self.tree.retrieve(text, now=self.tick())
-        owners = [x for x in self.recs if x.term_alive and x.visible == text]
-        assert len(owners) <= 1
-        if owners:
-            rec = owners[0]
-            assert r.exact and r.rid == rec.rid and r.tokens.tolist() == rec.toks
+        spellings = [t for t in self.terminals() if t[0].visible == text]  # oldest latest-insert first
+        spellings.sort(key=lambda t: t[1].idx)
+        rid = handed = None
+        if how == "rid" and spellings:
+            pick = data.draw(st.sampled_from([r for r in self.recs if r.term_alive and r.visible == text]))
+            rid, chosen = pick.rid, next(t for t in spellings if t[0].toks == pick.toks)
+        elif how == "handout" and spellings:
+            k = data.draw(st.integers(0, len(spellings)))
+            handed = {t[1].rid for t in spellings[:k]}
+            chosen = spellings[k] if k < len(spellings) else spellings[-1]
+        elif spellings:
+            chosen = spellings[-1]
+        r = self.tree.retrieve(text, now=self.tick(), rid=rid, handed_out=handed)
+        if spellings:
+            first, latest = chosen
+            determined = len(spellings) == 1 or rid is not None or (handed is not None and len(handed) < len(spellings))
+            assert r.exact == determined and r.ambiguous == (not determined) and r.alternatives == len(spellings)
+            assert r.rid == (latest.rid if rid is None else rid) if determined else r.rid is None
+            assert r.tokens.tolist() == first.toks
             assert r.matched_bytes == len(text) and r.anchored
-            prev = sorted((x for x in self.recs if x.term_alive and len(x.toks) < len(rec.toks)
-                           and x.toks == rec.toks[:len(x.toks)]), key=lambda x: (len(x.toks), x.idx))
-            assert r.versions == list(dict.fromkeys([x.version for x in prev] + [rec.version]))
+            assert r.versions == list(dict.fromkeys(self.versions_before(first.toks, strict=True) + [latest.version]))
         else:
             assert not r.exact and r.rid is None
             assert r.matched_bytes == self.best_text_match(text, anchors_only=False)
@@ -649,12 +694,15 @@ class RadixMachine(RuleBasedStateMachine):
             # match is anchored whenever any cached spelling of the text is
             assert r.anchored == (bool(S) and self.prefixes()[tuple(S)])
             if text and r.matched_bytes == len(text):
-                assert r.anchored == any(a and dec(k) == text for k, a in self.prefixes().items())
-            prev = sorted((x for x in self.recs if x.term_alive and len(x.toks) <= len(S)
-                           and x.toks == S[:len(x.toks)]), key=lambda x: (len(x.toks), x.idx))
-            assert r.versions == list(dict.fromkeys(x.version for x in prev))
+                anchored_spellings = sum(a and dec(k) == text for k, a in self.prefixes().items())
+                assert r.anchored == (anchored_spellings > 0)
+                assert r.alternatives == max(anchored_spellings, 1)
+                assert r.ambiguous == (anchored_spellings > 1)
+            else:
+                assert r.alternatives == 0 and not r.ambiguous
+            assert r.versions == list(dict.fromkeys(self.versions_before(S, strict=False)))
         mask, lps, r3 = self.expected_arrays(r.tokens.tolist())
-        event(f"retrieve exact={r.exact} r3={r3 is not None} mixed_mask={0 < sum(mask) < len(mask)}")
+        event(f"retrieve {how} exact={r.exact} ambiguous={r.ambiguous} r3={r3 is not None}")
         assert r.loss_mask.tolist() == mask and r.logprobs.tolist() == lps
         if r3 is None:
             assert r.routed_experts is None

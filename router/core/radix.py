@@ -1,8 +1,9 @@
 """Exact text -> token trajectory cache: a token-keyed radix tree with a text index.
 
 RL rollout code that speaks TEXT needs, at training time, the EXACT token ids the engine saw and produced, their
-logprobs and a loss mask (`/retrieve_from_text {"text": P+R}`). The text-keyed radix tree that miles and slime
-shipped for this got it wrong in four ways and was deleted (peers.md §2.3-2.4):
+logprobs and a loss mask (`/retrieve_from_text {"text": P+R}`). miles and slime once shipped a radix tree keyed by
+TEXT for this (a router middleware, since removed from both projects); it got four things wrong, which this module
+is built to avoid:
 
 1. no node splitting: a branch diverging inside a node was stored again as a sibling, and a query ending inside a
    node matched nothing;
@@ -33,6 +34,11 @@ This module is the pure data structure (no I/O, no clock, no tokenizer import). 
   O(len) and uniform, and `retrieve(P+R)` returns prompt + output INCLUDING the eos whose text R lacks. When the
   visible text is a prefix of the path's token text (the usual case) a second index keyed by Python's own bytes
   hash is tried first and its hit is verified byte by byte against the path (cheaper than blake2b, and exact).
+* Same text, several spellings: two trajectories may have the same visible text with different tokens (a GRPO
+  group where one sample generated "H"+"ello" and another "Hello"). The digest indexes a group with one Terminal
+  per distinct token path; `retrieve` answers exactly only when the spelling is determined (one spelling, a `rid`,
+  or a batch hand-out), otherwise `ambiguous` with the number of `alternatives`. Trajectories with the same text
+  AND the same tokens share one Terminal that keeps each one's rid.
 * Merge rule when paths overlap: "generated wins" (a later trajectory never turns generated tokens back into prompt
   tokens; its own generated range is written with its logprobs); the newest trajectory's routed-expert rows
   overwrite the path's rows where it has them; version/worker/last_access are updated along the whole path.
@@ -56,6 +62,8 @@ ANCHOR = 2  # flags bit1: a text-keyed request may cut right after this token
 # header, the dicts/lists that hold it, its heap entries; a Terminal plus its digest-dict entry.
 NODE_OVERHEAD = 1100
 TERMINAL_OVERHEAD = 350
+ALIAS_OVERHEAD = 100  # one more rid on a Terminal (a str in a list)
+MAX_ALIASES = 64  # rids kept per Terminal (same text, same tokens); the oldest goes first
 
 TokenBytes = Callable[[np.ndarray], "tuple[bytes, np.ndarray]"]
 _EMPTY_I32 = np.zeros(0, np.int32)
@@ -106,7 +114,9 @@ class InsertResult(msgspec.Struct):
     shared_tokens: int  # leading tokens already cached
     new_tokens: int  # tokens stored by this insert
     splits: int
-    replaced_rid: str | None  # an earlier trajectory with the same visible text, no longer retrievable exactly
+    # An earlier trajectory no longer retrievable by its rid: more than MAX_ALIASES trajectories had the same
+    # visible text and the same tokens (other spellings of a text never replace each other).
+    replaced_rid: str | None
 
 
 class PrefixMatch(msgspec.Struct):
@@ -130,6 +140,12 @@ class Retrieved(msgspec.Struct):
     # The matched tokens end on an anchor: where a generation started or ended (a prompt's end, after a generated
     # token, a terminal), not at a cut inside somebody else's prompt. Always True when exact.
     anchored: bool = False
+    # Distinct stored token spellings of the whole text of the kind answered (trajectories when one matched,
+    # else anchored spellings covering the text); 0 when the text is not covered.
+    alternatives: int = 0
+    # Several spellings fit and nothing (rid, batch hand-out) said which: `tokens` is the most recently stored
+    # one, and neither `exact` nor the choice should be trusted.
+    ambiguous: bool = False
 
 
 class EvictionReport(msgspec.Struct):
@@ -143,12 +159,23 @@ class EvictionReport(msgspec.Struct):
 
 
 class Terminal:
-    __slots__ = ("rid", "version", "finish", "created", "retrieved", "digest", "vlen", "hkey", "node")
+    """One stored spelling of a visible text: the path ending at `node`. Trajectories with the same text AND
+    the same tokens (e.g. two GRPO samples that generated identical ids) share one Terminal; its `rid` is the
+    newest one and `older_rids` the others (at most MAX_ALIASES), so each stays retrievable by its rid."""
+
+    __slots__ = ("rid", "older_rids", "version", "finish", "created", "retrieved", "digest", "vlen", "hkey", "node")
 
     def __init__(self, rid, version, finish, created, digest, vlen, hkey, node):
         self.rid, self.version, self.finish, self.created = rid, version, finish, created
         self.retrieved, self.digest, self.vlen, self.node = False, digest, vlen, node
+        self.older_rids: list[str] | None = None
         self.hkey = hkey  # hash(visible) when the visible text is spelled by the path's token text, else None
+
+    def rids(self) -> list[str]:
+        return [*(self.older_rids or ()), self.rid]
+
+    def has_rid(self, rid: str) -> bool:
+        return rid == self.rid or (self.older_rids is not None and rid in self.older_rids)
 
 
 class Node:
@@ -176,7 +203,11 @@ class Node:
         n = self.tokens.nbytes + self.logprobs.nbytes + self.flags.nbytes + self.ends.nbytes + len(self.text)
         if self.r3 is not None:
             n += self.r3.nbytes
-        return n + NODE_OVERHEAD + TERMINAL_OVERHEAD * len(self.terminals)
+        n += NODE_OVERHEAD + TERMINAL_OVERHEAD * len(self.terminals)
+        for t in self.terminals:
+            if t.older_rids:
+                n += ALIAS_OVERHEAD * len(t.older_rids)
+        return n
 
     def reclaimable(self) -> bool:
         for t in self.terminals:
@@ -229,20 +260,22 @@ class RadixTree:
         self._token_bytes = token_bytes
         self.root = Node(_EMPTY_I32, np.zeros(0, np.float32), np.zeros(0, np.uint8), b"",
                          np.zeros(0, np.uint32), None, None)
-        self._by_digest: dict[bytes, Terminal] = {}
+        # blake2b(visible text) -> its spellings (Terminals, one per distinct token path), oldest insert first
+        self._by_digest: dict[bytes, list[Terminal]] = {}
         # retrieve's fast path: Python's hash (SipHash, keyed per process, ~5x cheaper than blake2b) of a visible
-        # text that is a prefix of its path's token text -> its terminal. Only a hint: a hit is verified byte by
-        # byte against the path's text; a miss or a failed check falls back to the digest.
-        self._by_hash: dict[int, Terminal] = {}
+        # text that is a prefix of its path's token text -> its group. Only a hint: a hit is verified byte by
+        # byte against a path's text; a miss or a failed check falls back to the digest.
+        self._by_hash: dict[int, list[Terminal]] = {}
         self._r3_shape: tuple[int, int] | None = None
         self._nbytes = 0
+        self._nterminals = 0
         self._nodes = 0
         self._ntokens = 0
         self._heaps: dict[tuple, list] = {}  # (version, reclaimable) -> [(last_access, seq, node)]
         self._heap_entries = 0
         self._seq = 0
         self._stats = dict(hits=0, misses=0, inserts=0, splits=0, evictions=0, evicted_unretrieved=0,
-                           retrieve_exact=0, retrieve_partial=0, superseded=0)
+                           retrieve_exact=0, retrieve_partial=0, retrieve_ambiguous=0, superseded=0)
 
     # ----------------------------------------------------------------------------------------------- insert
     def insert(self, t: TrajectoryInput, *, now: float) -> InsertResult:
@@ -279,20 +312,48 @@ class RadixTree:
         if pos < n:
             node = self._new_leaf(node, toks[pos:].copy(), pos, args)
         digest = text_digest(t.visible_text)
-        old = self._by_digest.get(digest)
-        if old is not None:
-            self._drop_terminal(old)
-            self._stats["superseded"] += 1
-        hkey = hash(t.visible_text) if self._spells(self.path(node), t.visible_text) else None
-        term = Terminal(t.rid, t.weight_version, t.finish, now, digest, len(t.visible_text), hkey, node)
-        node.terminals.append(term)
-        self._by_digest[digest] = term
-        if hkey is not None:
-            self._by_hash[hkey] = term
-        self._nbytes += TERMINAL_OVERHEAD
+        group = self._by_digest.get(digest)
+        same = next((tm for tm in group if tm.node is node), None) if group else None
+        dropped = None
+        if same is not None:
+            # The same text spelled by the same tokens: one more rid on the existing spelling.
+            dropped = self._add_alias(same, t.rid)
+            same.version, same.finish, same.created = t.weight_version, t.finish, now
+            group.remove(same)
+            group.append(same)  # a group lists its spellings by their latest insert, oldest first
+        else:
+            hkey = hash(t.visible_text) if self._spells(self.path(node), t.visible_text) else None
+            term = Terminal(t.rid, t.weight_version, t.finish, now, digest, len(t.visible_text), hkey, node)
+            node.terminals.append(term)
+            if group is None:
+                group = self._by_digest[digest] = []
+            group.append(term)
+            if hkey is not None:
+                self._by_hash[hkey] = group
+            self._nterminals += 1
+            self._nbytes += TERMINAL_OVERHEAD
         self._push(node)
         self._stats["inserts"] += 1
-        return InsertResult(shared, n - shared, splits, old.rid if old is not None else None)
+        return InsertResult(shared, n - shared, splits, dropped)
+
+    def _add_alias(self, term: Terminal, rid: str) -> str | None:
+        """Make `rid` the terminal's newest rid; returns a rid that no longer fits (MAX_ALIASES), if any."""
+        if term.has_rid(rid):
+            if rid != term.rid:
+                term.older_rids.remove(rid)
+                term.older_rids.append(term.rid)
+                term.rid = rid
+            return None
+        if term.older_rids is None:
+            term.older_rids = []
+        term.older_rids.append(term.rid)
+        term.rid = rid
+        self._nbytes += ALIAS_OVERHEAD
+        if len(term.older_rids) < MAX_ALIASES:
+            return None
+        self._nbytes -= ALIAS_OVERHEAD
+        self._stats["superseded"] += 1
+        return term.older_rids.pop(0)
 
     @staticmethod
     def _spells(path: list[Node], visible: bytes) -> bool:
@@ -391,18 +452,16 @@ class RadixTree:
         return up
 
     def _forget(self, term: Terminal) -> None:
-        if self._by_digest.get(term.digest) is term:
+        group = self._by_digest.get(term.digest)
+        if group is None or term not in group:
+            return
+        group.remove(term)
+        self._nterminals -= 1
+        if not group:
             del self._by_digest[term.digest]
-        if term.hkey is not None and self._by_hash.get(term.hkey) is term:
-            del self._by_hash[term.hkey]
-
-    def _drop_terminal(self, term: Terminal) -> None:
-        node = term.node
-        self._forget(term)
-        if node.alive and term in node.terminals:
-            node.terminals.remove(term)
-            self._nbytes -= TERMINAL_OVERHEAD
-            self._push(node)
+        if term.hkey is not None and self._by_hash.get(term.hkey) is group:
+            if not any(tm.hkey is not None for tm in group):
+                del self._by_hash[term.hkey]
 
     # ----------------------------------------------------------------------------------------------- lookups
     def match_tokens(self, tokens: np.ndarray, *, now: float) -> PrefixMatch:
@@ -423,7 +482,7 @@ class RadixTree:
     def match_text(self, text: bytes, *, now: float, anchors_only: bool = True) -> PrefixMatch:
         """Longest prefix of `text` spelled by cached tokens that ends on an anchor (any token boundary when
         anchors_only=False). Ties between different token paths go to the most recently used."""
-        segs, nbytes = self._text_walk(text, anchors_only)
+        segs, nbytes, _ = self._text_walk(text, anchors_only)
         toks = np.concatenate([nd.tokens[:k] for nd, k in segs]) if segs else _EMPTY_I32.copy()
         return self._matched(segs, toks, nbytes, now)
 
@@ -437,11 +496,13 @@ class RadixTree:
         self._push(last)
         return PrefixMatch(toks, nbytes, last.worker, last.version)
 
-    def _text_walk(self, text: bytes, anchors_only: bool) -> tuple[list, int]:
+    def _text_walk(self, text: bytes, anchors_only: bool) -> tuple[list, int, int]:
         """Depth-first over the children whose first token matches the text (normally one per level; several
         only where different tokenizations spell the same bytes). Returns the best [(node, k tokens)] path
-        (most bytes, ties to the most recently used) and its length in bytes."""
+        (most bytes, ties to the most recently used), its length in bytes, and how many distinct token paths
+        reach that length (each (node, k) ends a different token sequence)."""
         best: tuple = (0, 0.0, None)  # (bytes, recency, linked path)
+        ties = 0
         stack = [(self.root, 0, None)]
         pending = []  # matched runs whose last matched token is no anchor: searched only if they could win
         mv, tlen = memoryview(text), len(text)
@@ -462,6 +523,7 @@ class RadixTree:
                         pending.append((end, pos, child, k, path))
                     else:
                         b = end
+                        ties = 1 if b > best[0] else ties + (b == best[0])
                         if b > best[0] or (b == best[0] and child.last_access > best[1]):
                             best = (b, child.last_access, ((child, k), path))
                     if c == size:
@@ -473,6 +535,7 @@ class RadixTree:
             idx = np.flatnonzero(child.flags[:k - 1] & ANCHOR)
             if idx.size:
                 b = pos + child.ends.item(idx[-1])
+                ties = 1 if b > best[0] else ties + (b == best[0])
                 if b > best[0] or (b == best[0] and child.last_access > best[1]):
                     best = (b, child.last_access, ((child, int(idx[-1]) + 1), path))
         segs, link = [], best[2]
@@ -480,40 +543,78 @@ class RadixTree:
             segs.append(link[0])
             link = link[1]
         segs.reverse()
-        return segs, best[0]
+        return segs, best[0], ties if best[2] is not None else 0
 
     # ----------------------------------------------------------------------------------------------- retrieve
-    def retrieve(self, text: bytes, *, now: float) -> Retrieved:
+    def retrieve(self, text: bytes, *, now: float, rid: str | None = None,
+                 handed_out: set | None = None) -> Retrieved:
         """Exact trajectory for a full visible text (exact=True, tokens include the stripped eos), else the
         longest prefix of `text` ending on any cached token boundary (exact=False; `anchored` says whether it ends
-        on an anchor, and a whole-text match prefers a spelling that does)."""
+        on an anchor, and a whole-text match prefers a spelling that does).
+
+        Several trajectories may have the same visible text with different tokens (a GRPO group where one sample
+        spelled "Hello" as "H"+"ello"). Then the answer is exact only when it is determined: by `rid` (one of the
+        trajectory's rids), or by `handed_out` (a batch hand-out: the oldest spelling none of whose rids is in
+        the set is answered exactly and the caller adds its rids). Otherwise it is `ambiguous` (not exact, the
+        newest spelling's tokens) and `alternatives` says how many there are. A `rid` that names no trajectory
+        with this text gives the non-exact answer, as for an unknown text."""
         tlen = len(text)
-        term = self._by_hash.get(hash(text))
-        path = self.path(term.node) if term is not None and term.vlen == tlen else None
-        if path is None or not self._spells(path, text):
-            term = self._by_digest.get(text_digest(text))
-            path = self.path(term.node) if term is not None and term.vlen == tlen else None
-        if path is not None:
-            versions = [tm.version for nd in path[:-1] for tm in nd.terminals] + [term.version]
-            if not term.retrieved:
-                term.retrieved = True
-                self._push(term.node)
-            self._stats["retrieve_exact"] += 1
-            toks, lps, mask, r3 = self.gather([(nd, nd.tokens.size) for nd in path])
-            return Retrieved(True, toks, lps, mask, tlen, _dedup(versions), r3, term.rid, term.finish, term.version,
-                             anchored=True)
-        segs, nbytes = self._text_walk(text, False)
+        group = self._by_hash.get(hash(text))
+        if group is not None and not self._verified(group, text):
+            group = None
+        if group is None:
+            group = self._by_digest.get(text_digest(text))
+        if group:
+            term, ambiguous = self._choose(group, rid, handed_out)
+            if term is not None:
+                path = self.path(term.node)
+                versions = [tm.version for nd in path[:-1] for tm in nd.terminals] + [term.version]
+                toks, lps, mask, r3 = self.gather([(nd, nd.tokens.size) for nd in path])
+                if ambiguous:
+                    self._stats["retrieve_ambiguous"] += 1
+                    return Retrieved(False, toks, lps, mask, tlen, _dedup(versions), r3, None, term.finish,
+                                     term.version, anchored=True, alternatives=len(group), ambiguous=True)
+                if not term.retrieved:
+                    term.retrieved = True
+                    self._push(term.node)
+                self._stats["retrieve_exact"] += 1
+                return Retrieved(True, toks, lps, mask, tlen, _dedup(versions), r3, rid or term.rid, term.finish,
+                                 term.version, anchored=True, alternatives=len(group))
+        segs, nbytes, _ = self._text_walk(text, False)
         anchored = bool(segs) and bool(segs[-1][0].flags.item(segs[-1][1] - 1) & ANCHOR)
-        if segs and nbytes == tlen and not anchored:
-            # The whole text is covered, but the cut is inside somebody else's prompt (e.g. a later turn's prompt
-            # over an evicted trajectory's text). Another spelling of the same bytes may end on an anchor.
-            asegs, abytes = self._text_walk(text, True)
+        alternatives = 0
+        if segs and nbytes == tlen:
+            # The whole text is covered. Count the spellings that end on an anchor (a cut inside somebody else's
+            # prompt, e.g. a later turn's prompt over an evicted trajectory's text, is no spelling of its own);
+            # one of them is preferred to a cut inside a prompt.
+            asegs, abytes, aties = self._text_walk(text, True)
             if abytes == tlen:
-                segs, anchored = asegs, True
+                segs, anchored, alternatives = asegs, True, aties
+            else:
+                alternatives = 1
         versions = [tm.version for nd, k in segs if k == nd.tokens.size for tm in nd.terminals]
         self._stats["retrieve_partial"] += 1
         toks, lps, mask, r3 = self.gather(segs)
-        return Retrieved(False, toks, lps, mask, nbytes, _dedup(versions), r3, anchored=anchored)
+        return Retrieved(False, toks, lps, mask, nbytes, _dedup(versions), r3, anchored=anchored,
+                         alternatives=alternatives, ambiguous=alternatives > 1)
+
+    def _verified(self, group: list[Terminal], text: bytes) -> bool:
+        """The hash-index hit `group` really holds `text`: one of its paths spells it, byte by byte."""
+        for tm in group:
+            if tm.hkey is not None:
+                return tm.vlen == len(text) and self._spells(self.path(tm.node), text)
+        return False
+
+    @staticmethod
+    def _choose(group: list[Terminal], rid: str | None, handed_out: set | None) -> tuple[Terminal | None, bool]:
+        """(terminal, ambiguous) for a text's spellings; (None, False) when `rid` is not among them."""
+        if rid is not None:
+            return next((tm for tm in group if tm.has_rid(rid)), None), False
+        if handed_out is not None:
+            for tm in group:
+                if tm.rid not in handed_out:
+                    return tm, False
+        return group[-1], len(group) > 1
 
     def path(self, node: Node) -> list[Node]:
         """Nodes from the root's child down to `node`."""
@@ -631,7 +732,7 @@ class RadixTree:
         freed = node.nbytes()
         for term in node.terminals:
             self._forget(term)
-            rep.rids.append(term.rid)
+            rep.rids.extend(term.rids())
             if counter != "evicted_unretrieved" or not term.retrieved:
                 setattr(rep, counter, getattr(rep, counter) + 1)
         if counter == "evicted_unretrieved":
@@ -669,4 +770,4 @@ class RadixTree:
 
     def stats(self) -> dict:
         return dict(nodes=self._nodes, tokens=self._ntokens, bytes=self._nbytes,
-                    trajectories=len(self._by_digest), **self._stats)
+                    trajectories=self._nterminals, **self._stats)
