@@ -362,3 +362,50 @@ async def test_evicted_trajectory_recovered_by_a_later_prompt_is_not_exact(nurse
         assert none["exact"] is False and none["match"] == "none"
         partial = await retrieve(c, p2 + "something else entirely")
         assert partial["exact"] is False and partial["match"] == "partial" and partial["fresh_tokens"] > 0
+
+
+async def test_grpo_group_same_text_different_spellings_by_rid_and_batch(nursery, qwen):
+    """Two samples whose visible texts are the same but whose tokens differ (one prompt spelled "hel"+"lo", the
+    other canonically; each generation stopped at its first token, whose text the engine strips). Retrieving the
+    text must not pick one silently: it says `ambiguous`; `rid` (the x-miles-router-rid header) picks each one
+    exactly, and a batch naming the text twice hands out each spelling once."""
+    router, (sim,) = await cache_router(nursery)
+    text = chat([{"role": "user", "content": "Say hello to the world."}])
+    cut = text.index("hello") + 3
+    spellings = [qwen.encode(text), qwen.encode(text[:cut]) + qwen.encode(text[cut:])]
+    assert spellings[0] != spellings[1]
+    want, rids = [], []
+    async with client(router) as c:
+        for ids in spellings:
+            first = await c.post("/generate", json={"input_ids": ids, "sampling_params": {
+                "max_new_tokens": 1, "temperature": 0}})
+            tok = first.json()["output_ids"][0]
+            r = await c.post("/generate", json={"input_ids": ids, "return_logprob": True, "sampling_params": {
+                "max_new_tokens": 8, "temperature": 0, "stop_token_ids": [tok]}})
+            out = r.json()
+            assert out["output_ids"] == [tok] and out["text"] == ""  # visible text: the prompt's, for both
+            assert r.headers["x-miles-router-rid"] == out["meta_info"]["id"]
+            want.append(ids + [tok])
+            rids.append(out["meta_info"]["id"])
+
+        amb = await retrieve(c, text)
+        assert amb["exact"] is False and amb["match"] == "ambiguous" and amb["alternatives"] == 2
+        assert amb["rid"] is None and amb["tokens"] in want
+        for rid, toks in zip(rids, want):
+            got = (await c.post("/retrieve_from_text", json={"text": text, "rid": rid})).json()
+            assert got["exact"] is True and got["match"] == "trajectory" and got["rid"] == rid
+            assert got["tokens"] == toks and got["alternatives"] == 2
+            assert got["loss_mask"] == [0] * (len(toks) - 1) + [1]
+        bad = await c.post("/retrieve_from_text", json={"text": text, "rid": "no-such-rid"})
+        assert bad.status_code == 404 and "no-such-rid" in bad.json()["error"]
+
+        batch = (await c.post("/retrieve_from_text", json={"texts": [text, "unrelated", text]})).json()["results"]
+        assert [b["exact"] for b in batch] == [True, False, True]
+        assert [batch[0]["tokens"], batch[2]["tokens"]] == want  # oldest spelling first, each once
+        assert [batch[0]["rid"], batch[2]["rid"]] == rids
+        named = (await c.post("/retrieve_from_text", json={"texts": [text, text], "rids": [rids[1], None]})).json()
+        assert [b["tokens"] for b in named["results"]] == [want[1], want[0]]
+        alone = (await c.post("/retrieve_from_text", json={"texts": [text]})).json()["results"][0]
+        assert alone["match"] == "ambiguous" and alone["exact"] is False
+        r = await c.post("/retrieve_from_text", json={"texts": [text], "rids": []})
+        assert r.status_code == 400 and "rids" in r.json()["error"]

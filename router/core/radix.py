@@ -751,17 +751,21 @@ class RadixTree:
         self._push(parent)  # a parent becomes a candidate once its last child goes
 
     # ----------------------------------------------------------------------------------------------- store hook
-    def peek_exact(self, text: bytes) -> Retrieved | None:
-        """What `retrieve(text)` answers for an exact hit, without marking it retrieved or counting it, or None.
-        The durable store (router/stages/persist.py) records this answer right after the insert."""
-        term = self._by_digest.get(text_digest(text))
-        if term is None or term.vlen != len(text) or term.node is None:
+    def peek_exact(self, text: bytes, rid: str | None = None) -> Retrieved | None:
+        """What `retrieve(text, rid=rid)` answers for an exact hit, without marking it retrieved or counting it,
+        or None (no such trajectory, or several spellings of the text and no `rid` to pick one). The durable
+        store (router/stages/persist.py) records this answer right after the insert."""
+        group = self._by_digest.get(text_digest(text))
+        if not group:
+            return None
+        term, ambiguous = self._choose(group, rid, None)
+        if term is None or ambiguous or term.vlen != len(text) or term.node is None:
             return None
         path = self.path(term.node)
         versions = [tm.version for nd in path[:-1] for tm in nd.terminals] + [term.version]
         toks, lps, mask, r3 = self.gather([(nd, nd.tokens.size) for nd in path])
-        return Retrieved(True, toks, lps, mask, len(text), _dedup(versions), r3, term.rid, term.finish, term.version,
-                         anchored=True)
+        return Retrieved(True, toks, lps, mask, len(text), _dedup(versions), r3, rid or term.rid, term.finish,
+                         term.version, anchored=True, alternatives=len(group))
 
     # ----------------------------------------------------------------------------------------------- stats
     @property

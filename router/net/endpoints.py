@@ -57,23 +57,33 @@ class _Found:
     fresh: int
     versions: list
     experts: np.ndarray | None
+    rid: str | None = None
+    alternatives: int = 0
 
 
-async def _lookup(runtime, text: str) -> _Found:
+class _RidNotFound(Exception):
+    pass
+
+
+async def _lookup(runtime, text: str, rid: str | None = None, handed_out: set | None = None) -> _Found:
+    """One text's answer. `rid` selects one of several spellings (a _RidNotFound when no trajectory with this
+    text has it); `handed_out` (batch) makes the answer the oldest spelling not handed out yet."""
     tree = _need_tree(runtime)
     data = text.encode("utf-8", "surrogatepass")
-    r = tree.retrieve(data, now=time.time())
+    r = tree.retrieve(data, now=time.time(), rid=rid, handed_out=handed_out)
     store = runtime.store
     if store is not None:
         digest = text_digest(data)
-        if not r.exact:
+        if not r.exact and not r.ambiguous:
             # Not in memory (evicted, or stored before a restart): the store has it if it was ever acknowledged.
             rec = await store.get(digest)
-            if rec is not None:
+            if rec is not None and (rid is None or rec.rid == rid):
                 store.mark_retrieved(digest)
                 return _stored(text, rec)
-        else:
+        elif r.exact:
             store.mark_retrieved(digest)
+    if rid is not None and not r.exact:
+        raise _RidNotFound(rid)
     tokens = r.tokens.astype(np.int32, copy=False)
     logp = r.logprobs.astype(np.float32, copy=False)
     mask = r.loss_mask.astype(np.uint8, copy=False)
@@ -93,16 +103,16 @@ async def _lookup(runtime, text: str) -> _Found:
     matched_chars = len(data[:matched].decode("utf-8", "ignore"))
     versions = [v for v in r.versions if v is not None]
     match = _match_kind(r.exact, r.anchored, covered=data != b"" and fresh == 0 and matched == len(data),
-                        cached_tokens=int(tokens.size) - fresh)
+                        cached_tokens=int(tokens.size) - fresh, ambiguous=r.ambiguous)
     return _Found(text, match in _EXACT_MATCHES, match, tokens, logp, mask,
-                  matched_chars, fresh, versions, r.routed_experts if fresh == 0 else None)
+                  matched_chars, fresh, versions, r.routed_experts if fresh == 0 else None, r.rid, r.alternatives)
 
 
 def _stored(text: str, rec) -> _Found:
     """A trajectory read back from the durable store: the memory cache's exact answer, as it was recorded."""
     tokens = store_wire.tokens_of(rec)
     return _Found(text, True, "trajectory", tokens, store_wire.logprobs_of(rec), store_wire.loss_mask_of(rec),
-                  len(text), 0, [v for v in rec.versions if v is not None], store_wire.experts_of(rec))
+                  len(text), 0, [v for v in rec.versions if v is not None], store_wire.experts_of(rec), rec.rid, 1)
 
 
 # `exact` is true only when the tokens are exactly what an engine saw or produced for this text, cut where
@@ -110,12 +120,15 @@ def _stored(text: str, rec) -> _Found:
 _EXACT_MATCHES = frozenset(("trajectory", "prefix"))
 
 
-def _match_kind(exact: bool, anchored: bool, *, covered: bool, cached_tokens: int) -> str:
+def _match_kind(exact: bool, anchored: bool, *, covered: bool, cached_tokens: int, ambiguous: bool = False) -> str:
     """How the text was answered:
     - "trajectory": a stored trajectory's visible text; its own record (prompt + output incl. the stop token);
     - "prefix": covered by a longer cached trajectory up to a generation boundary (a prompt's end or right
       after a generated token): the engine's own tokens for this text, but no stop token, and loss mask /
       logprobs are those of whichever trajectories cover it;
+    - "ambiguous": several stored token spellings fit the whole text (a GRPO group where samples spelled the
+      same text differently) and nothing said which: the newest one's tokens, not exact (`alternatives`
+      counts them; a `rid` or a batch naming the text once per sample picks each exactly);
     - "inside_prompt": covered by cached tokens, but the text ends inside another trajectory's prompt where
       no generation started or ended (e.g. an evicted trajectory's text re-covered by a later turn's prompt):
       somebody else's prompt tokenization, not exact;
@@ -123,6 +136,8 @@ def _match_kind(exact: bool, anchored: bool, *, covered: bool, cached_tokens: in
     - "none": nothing cached; all tokens fresh."""
     if exact:
         return "trajectory"
+    if ambiguous:
+        return "ambiguous"
     if covered:
         return "prefix" if anchored else "inside_prompt"
     return "partial" if cached_tokens > 0 else "none"
@@ -169,15 +184,41 @@ def _trajectory(f: _Found) -> Trajectory:
         weight_versions=f.versions,
         routed_experts=experts,
         routed_experts_shape=shape,
+        rid=f.rid if f.exact else None,
+        alternatives=f.alternatives,
     )
 
 
-async def retrieve_one(runtime, text: str) -> Trajectory:
-    return _trajectory(await _lookup(runtime, text))
+async def retrieve_one(runtime, text: str, rid: str | None = None) -> Trajectory:
+    return _trajectory(await _lookup(runtime, text, rid))
 
 
-async def _retrieve_body(runtime, texts: list[str], single: bool, return_logp: bool = True) -> bytes:
-    found = [await _lookup(runtime, t) for t in texts]  # the cache itself is only touched here, on the loop
+async def _lookup_all(runtime, texts: list[str], rids: list[str | None]) -> list[_Found]:
+    """A text named several times in one batch (a GRPO group retrieved together) gets each stored spelling
+    once, oldest first, besides those named by rid; named once, it is answered as a single text is."""
+    count: dict[str, int] = {}
+    handed: dict[str, set] = {}
+    for t, rid in zip(texts, rids):
+        count[t] = count.get(t, 0) + 1
+        if rid is not None:
+            handed.setdefault(t, set()).add(rid)
+    found = []
+    for i, (t, rid) in enumerate(zip(texts, rids)):  # the cache itself is only touched here, on the loop
+        given = handed.setdefault(t, set()) if rid is None and count[t] > 1 else None
+        try:
+            f = await _lookup(runtime, t, rid, given)
+        except _RidNotFound:
+            where = "" if len(texts) == 1 else f"texts[{i}]: "
+            raise StageError(404, f"{where}no cached trajectory with rid {rid!r} has this text") from None
+        if given is not None and f.exact and f.rid is not None:
+            given.add(f.rid)
+        found.append(f)
+    return found
+
+
+async def _retrieve_body(runtime, texts: list[str], single: bool, rids: list[str | None] | None = None,
+                         return_logp: bool = True) -> bytes:
+    found = await _lookup_all(runtime, texts, rids or [None] * len(texts))
 
     def build() -> bytes:
         trajectories = [_trajectory(f) for f in found]
@@ -212,8 +253,14 @@ def _retrieve_handler(runtime):
         if (req.text is None) == (req.texts is None):
             raise StageError(400, 'send exactly one of {"text": "..."} or {"texts": ["...", ...]}')
         if req.text is not None:
-            return Reply(200, await _retrieve_body(runtime, [req.text], single=True, return_logp=req.return_logp))
-        return Reply(200, await _retrieve_body(runtime, req.texts, single=False, return_logp=req.return_logp))
+            if req.rids is not None:
+                raise StageError(400, '"rids" goes with "texts"; use "rid" with "text"')
+            return Reply(200, await _retrieve_body(runtime, [req.text], True, [req.rid], req.return_logp))
+        if req.rid is not None:
+            raise StageError(400, '"rid" goes with "text"; use "rids" (one per text) with "texts"')
+        if req.rids is not None and len(req.rids) != len(req.texts):
+            raise StageError(400, f'"rids" has {len(req.rids)} entries for {len(req.texts)} texts')
+        return Reply(200, await _retrieve_body(runtime, req.texts, False, req.rids, req.return_logp))
 
     return handler
 

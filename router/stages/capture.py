@@ -5,8 +5,9 @@ array for `n > 1`) or, for streams, `ex.final_event` (the last cumulative chunk)
 generated ids from `output_ids` (stop token included), their logprobs from
 `meta_info.output_token_logprobs`, `weight_version`, `finish_reason.type` and, when present,
 `meta_info.routed_experts`. Writes `scratch["trajectory"]`: a list of TrajectoryInput, one per
-sample. Non-200 replies, error frames and incomplete streams record nothing. The reply bytes
-are never touched.
+sample, and (non-stream replies) the `x-miles-router-rid` reply header: the samples' `meta_info.id`s,
+comma-separated. Non-200 replies, error frames and incomplete streams record nothing. The reply
+bytes are never touched.
 """
 
 from __future__ import annotations
@@ -81,6 +82,10 @@ class Capture(Stage):
                 routed_experts=experts,
             ))
         ex.scratch["trajectory"] = records
+        client_headers = ex.scratch.get("client_headers")  # present while the reply's head is held back
+        if client_headers is not None and records:
+            # the key /retrieve_from_text takes as `rid` when several samples' texts are the same
+            client_headers.append((b"x-miles-router-rid", ",".join(r.rid for r in records).encode()))
 
     @staticmethod
     def _tokens(out: GenerateOutput) -> tuple[np.ndarray, np.ndarray]:

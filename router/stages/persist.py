@@ -41,8 +41,8 @@ class Persist(Stage):
         now = time.time()
         items = []
         for rec in records:
-            ans = tree.peek_exact(rec.visible_text)
-            if ans is None:  # superseded by a later sample of the same reply with the same text
+            ans = tree.peek_exact(rec.visible_text, rec.rid)
+            if ans is None:  # evicted already, or its rid no longer kept (router/core/radix.py MAX_ALIASES)
                 continue
             items.append(Keyed(text_digest(rec.visible_text), wire.pack(
                 rid=rec.rid, created=now, prompt_len=len(rec.prompt_ids), finish=ans.finish, worker=rec.worker,

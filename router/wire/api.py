@@ -18,6 +18,11 @@ class RetrieveRequest(msgspec.Struct):
     texts: list[str] | None = None
     # miles' radix-tree client sends it; false -> rollout_logp is all zeros (as miles' router did)
     return_logp: bool = True
+    # The request id SGLang echoed in meta_info.id (and the router in the x-miles-router-rid header of the
+    # /generate reply): selects one trajectory when several token spellings share the text. `rids` goes with
+    # `texts`, one entry (or null) per text.
+    rid: str | None = None
+    rids: list[str | None] | None = None
 
 
 class Trajectory(msgspec.Struct, omit_defaults=False):
@@ -30,7 +35,8 @@ class Trajectory(msgspec.Struct, omit_defaults=False):
     token_length: int
     loss_mask_length: int
     exact: bool
-    match: str  # "trajectory" | "prefix" | "inside_prompt" | "partial" | "none" (router/net/endpoints.py)
+    # "trajectory" | "prefix" | "ambiguous" | "inside_prompt" | "partial" | "none" (router/net/endpoints.py)
+    match: str
     matched_chars: int
     text_chars: int
     fresh_tokens: int
@@ -38,6 +44,8 @@ class Trajectory(msgspec.Struct, omit_defaults=False):
     weight_versions: list[str]
     routed_experts: str | None = None
     routed_experts_shape: list[int] | None = None
+    rid: str | None = None  # the answered trajectory's request id (exact answers only)
+    alternatives: int = 0  # distinct stored token spellings of the whole text (more than 1: see `rid`)
 
 
 class RetrieveBatch(msgspec.Struct):
