@@ -573,7 +573,10 @@ async def test_megabyte_retrieve_is_bounded_and_does_not_stall(nursery):
     print(f"retrieve of {len(text.encode()) / 1e6:.1f} MB: {elapsed:.2f} s, {len(pinger.latencies)} "
           f"concurrent /health, slowest {pinger.worst * 1000:.0f} ms, longest handler step "
           f"{loop.worst * 1000:.0f} ms")
-    assert len(pinger.latencies) > 20 and pinger.worst < 0.25, (len(pinger.latencies), pinger.worst)
+    # loop.worst is the precise check that nothing big ran on the event loop; the pinger's own bound is
+    # looser because a worker thread holding the GIL on a loaded 2-core CI host stalls it ~0.3 s at times
+    # (seen in CI runs), while tokenizing 1.2 MB on the loop would stall it for ~1 s.
+    assert len(pinger.latencies) > 20 and pinger.worst < 0.6, (len(pinger.latencies), pinger.worst)
     assert loop.worst < 0.1, loop.worst  # tokenizing 1.2 MB on the loop would be ~1 s
 
 
@@ -604,5 +607,5 @@ async def test_megabyte_exact_retrieve_does_not_stall(nursery):
     print(f"exact retrieve of {len(visible) / 1e6:.1f} MB / {got['token_length']} tokens: "
           f"{len(pinger.latencies)} concurrent /health, slowest {pinger.worst * 1000:.0f} ms, "
           f"longest handler step {loop.worst * 1000:.0f} ms")
-    assert pinger.worst < 0.25, pinger.worst
+    assert pinger.worst < 0.6, pinger.worst  # see test_megabyte_retrieve_is_bounded_and_does_not_stall
     assert loop.worst < 0.06, loop.worst  # was 75-90 ms with the reply built on the loop
