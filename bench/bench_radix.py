@@ -3,6 +3,7 @@
     python bench/bench_radix.py            # 500 prompts x 8 samples x (1 + 3 follow-up turns), ~1-2 min on 2 cores
     python bench/bench_radix.py --small    # 60 prompts, a few seconds
     python bench/bench_radix.py --prompts 200 --samples 8 --turns 3 --seed 1
+    python bench/bench_radix.py --compare-ref 6293751   # also the radix tree as of a commit, same run
 
 Workload (GRPO, multi-turn, ChatML): a shared system prompt; per prompt a user question (prompt 200-600
 tokens); `--samples` responses per prompt, each 100-400 token ids sampled from the tokenizer's plain-word tokens
@@ -19,6 +20,12 @@ building each structure from the first 10% of the workload's prompts (inserts on
 so it is a separate, untimed build; per-token cost does not depend on scale). RSS deltas were tried and dropped:
 the first structure built reuses memory the workload generator freed, so they under-count it.
 
+Memory with routed experts: the same subset built again with R3 rows (`--r3`, default 48 layers x top-8, ids
+from 128 experts), reported as bytes per cached token beyond the rows-free build.
+
+--compare-ref GITREF loads router/core/radix.py as of GITREF (git show, no checkout) and replays the same
+workload through it in the same process, so "no slower than before" is measured on one host at one moment.
+
 Tokenizer: the real Qwen2.5 BPE from router.tokenizer.load_tokenizer("builtin:qwen") when importable, else a
 synthetic greedy longest-match tokenizer (printed in the header).
 """
@@ -27,12 +34,15 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import re
+import subprocess
 import sys
 import time
 import tracemalloc
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -181,20 +191,42 @@ def run(struct, workload, is_radix: bool) -> dict:
                 all=(n_ins + n_look + n_ret) / (t_ins + t_look + t_ret))
 
 
-def traced_bytes_per_token(factory, workload, is_radix: bool) -> tuple[float, int, int]:
+def traced_bytes_per_token(factory, workload, is_radix: bool, r3_shape=None) -> tuple[float, int, int]:
+    """(tracemalloc bytes per cached token, tokens, nbytes estimate) after inserting `workload`; with
+    `r3_shape` = (layers, top_k) every trajectory carries routed-expert rows (made before tracing starts)."""
+    rng = np.random.default_rng(7)
+    items = []
+    for rounds in workload:
+        for reqs in rounds:
+            for r in reqs:
+                tr = r.traj
+                if r3_shape is not None:
+                    n = tr.prompt_ids.size + tr.output_ids.size
+                    tr = msgspec.structs.replace(tr, routed_experts=rng.integers(0, 128, (n - 1, *r3_shape),
+                                                                                  dtype=np.int32))
+                items.append(tr)
     gc.collect()
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     s = factory()
-    for rounds in workload:
-        for reqs in rounds:
-            for r in reqs:
-                s.insert(r.traj, now=0.0)
+    for tr in items:
+        s.insert(tr, now=0.0)
     gc.collect()
     used = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
     ntok = s.stats()["tokens"] if is_radix else s.ntokens
     return used / ntok, ntok, (s.nbytes if is_radix else 0)
+
+
+def load_ref_radix(ref: str):
+    """router/core/radix.py as of git ref `ref`, imported as its own module."""
+    repo = Path(__file__).resolve().parent.parent
+    src = subprocess.run(["git", "-C", str(repo), "show", f"{ref}:router/core/radix.py"], check=True,
+                         capture_output=True).stdout
+    spec = importlib.util.spec_from_loader(f"radix_at_{ref}", loader=None)
+    mod = importlib.util.module_from_spec(spec)
+    exec(compile(src, f"radix.py@{ref}", "exec"), mod.__dict__)
+    return mod
 
 
 def long_conversation(tok, factory, rng, turns: int = 10) -> list[tuple[int, int]]:
@@ -225,6 +257,8 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=3, help="follow-up turns per sample")
     ap.add_argument("--small", action="store_true", help="60 prompts: a quick run")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compare-ref", metavar="GITREF", help="also replay through router/core/radix.py as of GITREF")
+    ap.add_argument("--r3", default="48x8", help="LAYERSxTOPK of the routed-expert rows in the R3 memory build")
     ap.add_argument("--synthetic", action="store_true", help="use the synthetic tokenizer even if the real one loads")
     args = ap.parse_args()
     if args.small:
@@ -238,10 +272,15 @@ def main() -> None:
     print(f"workload: {args.prompts} prompts x {args.samples} samples x {args.turns + 1} requests = {n_traj} "
           f"trajectories (built in {time.perf_counter() - t_start:.1f} s)")
 
-    radix_factory, list_factory = (lambda: RadixTree(tok.token_bytes)), (lambda: ListTrie(tok.token_bytes))
+    structs = [("radix", lambda: RadixTree(tok.token_bytes), True)]
+    if args.compare_ref:
+        ref_mod = load_ref_radix(args.compare_ref)
+        structs.append((f"radix@{args.compare_ref}", lambda: ref_mod.RadixTree(tok.token_bytes), True))
+    structs.append(("list", lambda: ListTrie(tok.token_bytes), False))
+    layers, top_k = (int(x) for x in args.r3.split("x"))
     mem_prompts = workload[:max(10, args.prompts // 10)]
-    res, mem = {}, {}
-    for name, factory, is_radix in (("radix", radix_factory, True), ("list", list_factory, False)):
+    res, mem, mem_r3 = {}, {}, {}
+    for name, factory, is_radix in structs:
         gc.collect()
         struct = factory()
         res[name] = run(struct, workload, is_radix)
@@ -250,31 +289,43 @@ def main() -> None:
             res[name]["stats"] = struct.stats()
         del struct
         gc.collect()
-    for name, factory, is_radix in (("radix", radix_factory, True), ("list", list_factory, False)):
+    for name, factory, is_radix in structs:
         mem[name] = traced_bytes_per_token(factory, mem_prompts, is_radix)
-    conv = {name: long_conversation(tok, f, np.random.default_rng(args.seed + 1))
-            for name, f in (("radix", radix_factory), ("list", list_factory))}
+        if is_radix:
+            mem_r3[name] = traced_bytes_per_token(factory, mem_prompts, is_radix, (layers, top_k))
+    conv = {name: long_conversation(tok, f, np.random.default_rng(args.seed + 1)) for name, f, _ in structs}
 
+    names = [n for n, _, _ in structs]
     R, L = res["radix"], res["list"]
     st = R["stats"]
     print(f"cached: {R['tokens']:,} tokens in {st['nodes']:,} nodes (radix), {L['tokens']:,} token nodes (list trie)")
     print()
     rows = [
-        ("inserts/s", R["ins"], L["ins"], "x"),
-        ("lookups/s (match_text of each request)", R["look"], L["look"], "x"),
-        ("retrieves/s (retrieve of each visible text)", R["ret"], L["ret"], "x"),
-        ("all three, ops/s over the whole workload", R["all"], L["all"], "x"),
-        (f"bytes/cached token (tracemalloc, first {len(mem_prompts)} prompts)", mem["radix"][0], mem["list"][0], "/"),
+        ("inserts/s", "ins", "x"),
+        ("lookups/s (match_text of each request)", "look", "x"),
+        ("retrieves/s (retrieve of each visible text)", "ret", "x"),
+        ("all three, ops/s over the whole workload", "all", "x"),
     ]
-    print(f"{'metric':<58}{'radix tree':>14}{'list trie':>14}{'ratio':>10}")
-    for label, a, b, kind in rows:
-        ratio = a / b if kind == "x" else b / a
-        tag = f"{ratio:.1f}x" if kind == "x" else f"1/{ratio:.1f}"
-        print(f"{label:<58}{a:>14,.1f}{b:>14,.1f}{tag:>10}")
-    print(f"{'lookups returning the wrong prefix length':<58}{R['bad_look']:>14}{L['bad_look']:>14}")
-    print(f"{'retrieves returning the wrong trajectory length':<58}{R['bad_ret']:>14}{L['bad_ret']:>14}")
+    head = "".join(f"{n:>16}" for n in names)
+    ratio_names = [n for n in names if n != "radix"]
+    print(f"{'metric':<52}{head}" + "".join(f"{'radix vs ' + n.split('@')[-1]:>16}" for n in ratio_names))
+    for label, key, _ in rows:
+        vals = [res[n][key] for n in names]
+        print(f"{label:<52}" + "".join(f"{v:>16,.1f}" for v in vals)
+              + "".join(f"{res['radix'][key] / res[n][key]:>15.2f}x" for n in ratio_names))
+    vals = [mem[n][0] for n in names]
+    print(f"{'bytes/cached token, no R3 (tracemalloc, ' + str(len(mem_prompts)) + ' prompts)':<52}"
+          + "".join(f"{v:>16,.1f}" for v in vals) + "".join(f"{mem[n][0] / mem['radix'][0]:>14.2f}x/" for n in ratio_names))
+    r3_names = [n for n in names if n in mem_r3]
+    print(f"{'  + R3 rows ' + args.r3 + ': bytes/token beyond no-R3':<52}"
+          + "".join(f"{mem_r3[n][0] - mem[n][0]:>16,.1f}" for n in r3_names) + " " * 16 * (len(names) - len(r3_names))
+          + "".join(f"{(mem_r3[n][0] - mem[n][0]) / (mem_r3['radix'][0] - mem['radix'][0]):>14.2f}x/"
+                    for n in ratio_names if n in mem_r3))
+    print(f"{'lookups returning the wrong prefix length':<52}" + "".join(f"{res[n]['bad_look']:>16}" for n in names))
+    print(f"{'retrieves returning the wrong trajectory length':<52}" + "".join(f"{res[n]['bad_ret']:>16}" for n in names))
     print(f"radix nbytes estimate on the memory subset: {mem['radix'][2] / mem['radix'][1]:.1f} B/token "
-          f"(tracemalloc: {mem['radix'][0]:.1f}); stats: hits={st['hits']} misses={st['misses']} "
+          f"(tracemalloc: {mem['radix'][0]:.1f}); with R3: {mem_r3['radix'][2] / mem_r3['radix'][1]:.1f} "
+          f"(tracemalloc: {mem_r3['radix'][0]:.1f}); stats: hits={st['hits']} misses={st['misses']} "
           f"splits={st['splits']} trajectories={st['trajectories']}")
     print()
     print("tokenizer work per request of one long conversation (bytes left to tokenize after the cache match "

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import trio
 
+from router.core.radix import VocabBytes
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -328,6 +330,11 @@ class Tokenizer:
         out_starts = np.cumsum(lens, dtype=np.int64) - lens
         idx = np.repeat(self.bytes_offsets[ids] - out_starts, lens) + np.arange(total, dtype=np.int64)
         return self._blob_u8[idx].tobytes(), lens
+
+    @functools.cached_property
+    def vocab(self) -> VocabBytes:
+        """The vocabulary as bytes, for the trajectory cache (its nodes derive their text from it)."""
+        return VocabBytes(self._pieces)
 
     def text_bytes(self, ids: Sequence[int] | np.ndarray) -> bytes:
         """The exact bytes `ids` stand for; NFC(s).encode() for ids = encode(s) (byte-level BPE)."""

@@ -567,12 +567,12 @@ def test_evicted_cache_nodes_are_freed_without_the_cycle_collector():
     from router.core.radix import RadixTree, TrajectoryInput
 
     t = tok()
-    tree = RadixTree(t.token_bytes)
+    tree = RadixTree(t.vocab)
     prompt = np.asarray(t.encode("evict me|"), np.int32)
     out = np.asarray(t.encode(" gone"), np.int32)
     tree.insert(TrajectoryInput(rid="x", prompt_ids=prompt, output_ids=out, output_logprobs=np.zeros(out.size, np.float32),
                                 visible_text=t.text_bytes(prompt) + t.text_bytes(out), finish="length"), now=0.0)
-    arrays = [weakref.ref(nd.tokens) for nd in tree.root.children.values()]
+    arrays = [weakref.ref(nd.data) for nd in tree.root.children.values()]
     gc.disable()
     try:
         tree.evict(budget_bytes=0, hard_budget_bytes=0)

@@ -26,7 +26,7 @@ from router.core.radix import (
     RadixTree,
     TrajectoryInput,
     VocabBytes,
-    text_digest,
+    text_key,
 )
 
 EXTRA = [b"ab", b"abc", b"bc", b"the", b" the", b"hello", b" world", b" wor", b"ld", b" answer", b"user",
@@ -79,13 +79,14 @@ def walk(tree):
 
 
 def check_child_index(nd) -> None:
-    """children keyed by first token id; by_first keyed by the first token's bytes; first_lens = key lengths."""
-    for key, ch in nd.children.items():
-        assert ch.parent is nd and int(ch.tokens[0]) == key
-        assert ch in nd.by_first[VOCAB[key]]
-    assert sum(map(len, nd.by_first.values())) == len(nd.children)
-    for key, lst in nd.by_first.items():
-        assert lst and all(VOCAB[int(ch.tokens[0])] == key and nd.children[int(ch.tokens[0])] is ch for ch in lst)
+    """by_first keyed by the first token's bytes (a list only for several children with the same bytes);
+    first_lens = the key lengths; every child's parent is nd."""
+    kids = nd.kids()
+    assert len({int(ch.tokens[0]) for ch in kids}) == len(kids)  # one child per first token id
+    for key, v in nd.by_first.items():
+        lst = v if isinstance(v, list) else [v]
+        assert (len(lst) > 1) == isinstance(v, list)
+        assert all(VOCAB[int(ch.tokens[0])] == key and ch.parent is nd for ch in lst)
     assert nd.first_lens == tuple(sorted({len(k) for k in nd.by_first}))
 
 
@@ -93,32 +94,33 @@ def check_invariants(tree: RadixTree) -> None:
     check_child_index(tree.root)
     total, nodes, tokens, terms = 0, 0, 0, 0
     for nd in walk(tree):
-        n = nd.tokens.size
-        assert n > 0 and nd.alive
-        assert nd.tokens.dtype == np.int32 and nd.logprobs.dtype == np.float32 and nd.flags.dtype == np.uint8
-        assert nd.ends.dtype == np.uint32
-        assert nd.logprobs.size == nd.flags.size == nd.ends.size == n
-        assert nd.r3 is None or (nd.r3.dtype == np.int32 and nd.r3.shape[0] == n)
-        assert np.all(np.diff(nd.ends.astype(np.int64)) > 0) and nd.ends[0] > 0  # no empty tokens in VOCAB
-        assert int(nd.ends[-1]) == len(nd.text) and nd.text == dec(nd.tokens)
+        n = nd.size
+        assert n > 0 and nd.parent is not None
+        assert nd.data.dtype == np.int32 and nd.data.shape == (2, n) and nd.data.flags.c_contiguous
+        assert nd.r3 is None or (nd.r3.dtype == tree.routed_experts_dtype and nd.r3.shape[0] == n)
+        assert nd.r3_known is None or (nd.r3 is not None and nd.r3_known.shape == (n,) and not nd.r3_known.all())
+        # the node's text is derived from its tokens; only its length and keyed hash are kept
+        assert nd.tlen == len(dec(nd.tokens)) and nd.thash == hash(dec(nd.tokens)) == hash(tree.node_text(nd))
         assert not np.any(nd.flags & ~np.uint8(MASK | ANCHOR))
         assert np.all(nd.logprobs[(nd.flags & MASK) == 0] == 0)
+        assert bool(nd.kids()) == bool(nd.by_first)
         check_child_index(nd)
         for tm in nd.terminals:
-            assert tm.node is nd and tm in tree._by_digest[tm.digest]
+            assert tm.node is nd and tm in tree._by_key[tm.key]
             assert len(tm.rids()) == len(set(tm.rids())) <= MAX_ALIASES
         terms += len(nd.terminals)
         nodes, tokens = nodes + 1, tokens + n
-        total += (nd.tokens.nbytes + nd.logprobs.nbytes + nd.flags.nbytes + nd.ends.nbytes + len(nd.text)
-                  + (nd.r3.nbytes if nd.r3 is not None else 0) + NODE_OVERHEAD + TERMINAL_OVERHEAD * len(nd.terminals)
+        total += (nd.data.nbytes + (nd.r3.nbytes if nd.r3 is not None else 0)
+                  + (nd.r3_known.nbytes if nd.r3_known is not None else 0)
+                  + NODE_OVERHEAD + TERMINAL_OVERHEAD * len(nd.terminals)
                   + ALIAS_OVERHEAD * sum(len(tm.rids()) - 1 for tm in nd.terminals))
-    groups = list(tree._by_digest.values())
+    groups = list(tree._by_key.values())
     assert terms == sum(map(len, groups)) and all(groups)
     for g in groups:  # one Terminal per distinct token path of a text
-        assert len({id(tm.node) for tm in g}) == len(g) and len({tm.digest for tm in g}) == 1
-    assert all(tm.node.alive for g in groups for tm in g)
-    for h, g in tree._by_hash.items():
-        assert any(tm.hkey == h for tm in g) and tree._by_digest[g[0].digest] is g
+        assert len({id(tm.node) for tm in g}) == len(g) and len({tm.key for tm in g}) == 1
+    assert all(tm.node.parent is not None for g in groups for tm in g)
+    for key, g in tree._by_key.items():
+        assert all(tm.key == key for tm in g)
     s = tree.stats()
     assert (s["nodes"], s["tokens"], s["trajectories"]) == (nodes, tokens, terms)
     assert tree.nbytes == total == s["bytes"]
@@ -362,7 +364,7 @@ def _leafy_tree():
     for rid, ver, _, t in spec:
         p = enc(f"<|im_start|>{rid}{rid}\n".encode())
         tree.insert(traj(rid, p, enc(b"abc") + [EOS], version=ver), now=t)
-        nodes[rid] = tree._by_digest[text_digest(dec(p) + b"abc")][0].node
+        nodes[rid] = tree._by_key[text_key(dec(p) + b"abc")][0].node
     for rid, _, retrieved, _ in spec:
         if retrieved:
             assert tree.retrieve(f"<|im_start|>{rid}{rid}\nabc".encode(), now=100).exact
@@ -402,7 +404,7 @@ def test_eviction_recency_parents_and_nbytes_to_zero():
     assert rep.rids == ["g1"]
     rep = tree.evict(budget_bytes=0, hard_budget_bytes=0)
     assert rep.rids == ["g2", "g3", "g0"] and rep.nodes == 4  # the prompt node went last, after its children
-    assert tree.nbytes == 0 and not tree.root.children and not tree._by_digest
+    assert tree.nbytes == 0 and not tree.root.children and not tree._by_key
     check_invariants(tree)
 
 
@@ -420,7 +422,7 @@ def test_superseded_and_retouched_terminals_keep_heaps_consistent():
 
 @pytest.mark.parametrize("shape", ["grpo", "tiny_nodes", "multi_turn_r3"])
 def test_nbytes_tracks_real_memory(shape):
-    """nbytes (numpy data + text + fixed per-node/terminal estimates) within 30% of what tracemalloc sees."""
+    """nbytes (numpy data + fixed per-node/terminal estimates) within 30% of what tracemalloc sees."""
     rng = np.random.default_rng(2)
     system = rng.integers(300, 5000, 120).tolist()
     big = VocabBytes([b"tok%d" % i for i in range(5000)])
@@ -460,20 +462,26 @@ def test_version_is_newest_not_last_written():
     assert tree.retrieve(P1 + b"ab", now=3).exact
 
 
-def test_visible_text_not_spelled_by_tokens_and_hash_collisions_fall_back_to_digest():
+def test_visible_text_not_spelled_by_tokens_is_retrieved_by_its_key():
     tree = RadixTree(token_bytes)
     p, o = enc(P1), enc(b"hello") + [EOS]
     tree.insert(traj("odd", p, o, visible=P1 + b"hell\xef\xbf\xbd"), now=1)  # detokenizer output differs
     tree.insert(traj("ok", p, enc(b"abc") + [EOS]), now=2)
-    assert not tree._by_digest[text_digest(P1 + b"hell\xef\xbf\xbd")][0].hkey  # not in the hash index
     r = tree.retrieve(P1 + b"hell\xef\xbf\xbd", now=3)
     assert r.exact and r.rid == "odd" and r.tokens.tolist() == p + o
-    # a forged hash-index entry pointing at the wrong terminal must not be believed
-    ok = tree._by_digest[text_digest(P1 + b"abc")]
-    tree._by_hash[hash(P1 + b"hel")] = ok  # same length as ok's visible text
     r = tree.retrieve(P1 + b"hel", now=4)
     assert not r.exact and r.tokens.tolist() == p  # "hello" is one token: "hel" stops at the prompt
     assert tree.retrieve(P1 + b"abc", now=5).rid == "ok"
+
+
+def test_text_key_halves_are_independent_keyed_hashes():
+    """The two 64-bit halves of a text's key come from different inputs: neither is a function of the other's
+    value, and texts differing anywhere (or only in length) get different keys."""
+    texts = [b"", b"\x00", b"a", b"a\x00", P1, P1 + b"x", b"x" + P1]
+    keys = [text_key(t) for t in texts]
+    assert len(set(keys)) == len(texts)
+    assert len({k >> 64 for k in keys}) == len(texts) and len({k & ((1 << 64) - 1) for k in keys}) == len(texts)
+    assert all(k >> 64 != k & ((1 << 64) - 1) for k in keys)
 
 
 def test_eviction_pops_only_what_it_evicts(monkeypatch):
@@ -489,7 +497,7 @@ def test_eviction_pops_only_what_it_evicts(monkeypatch):
     rep = tree.evict(budget_bytes=tree.nbytes - 1, hard_budget_bytes=tree.nbytes - 1)
     assert rep.rids == ["x0"] and rep.evicted_unretrieved == 1 and len(pops) == 1
     pops.clear()
-    five = sum(tree._by_digest[text_digest(b"<|im_start|>%d\na" % i)][0].node.nbytes() for i in range(1, 6))
+    five = sum(tree._by_key[text_key(b"<|im_start|>%d\na" % i)][0].node.nbytes() for i in range(1, 6))
     rep = tree.evict(budget_bytes=0, hard_budget_bytes=tree.nbytes - five)
     assert len(pops) == rep.nodes and rep.rids == ["x1", "x2", "x3", "x4", "x5"]
 
@@ -772,3 +780,63 @@ def _lcp(a, b) -> int:
 RadixMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=50, deadline=None,
                                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 TestRadixStateful = RadixMachine.TestCase
+
+
+# ------------------------------------------------------------------------------------------------ R3 width
+def test_routed_experts_are_stored_narrow_and_widened_never_truncated():
+    """Ids that fit a byte are stored as uint8; a later id above 255 widens every node to uint16 (and above
+    65535 to int32), and every earlier row still reads back exactly."""
+    rng = np.random.default_rng(5)
+    tree = RadixTree(token_bytes)
+    p = enc(P1)
+    o1, o2, o3 = enc(b"ab") + [EOS], enc(b"bc") + [EOS], enc(b" the") + [EOS]
+    a = rng.integers(0, 256, (len(p) + len(o1) - 1, 2, 2)).astype(np.int32)
+    tree.insert(traj("t1", p, o1, r3=a), now=1)
+    assert tree.routed_experts_dtype == np.uint8
+    assert all(nd.r3.dtype == np.uint8 for nd in walk(tree) if nd.r3 is not None)
+    before = tree.nbytes
+    b = rng.integers(0, 300, (len(p) + len(o2) - 1, 2, 2)).astype(np.int32)
+    b[0, 0, 0] = 299
+    tree.insert(traj("t2", p, o2, r3=b), now=2)
+    assert tree.routed_experts_dtype == np.uint16 and tree.nbytes > before
+    check_invariants(tree)
+    r1, r2 = tree.retrieve(P1 + b"ab", now=3), tree.retrieve(P1 + b"bc", now=4)
+    # t2 overwrote the shared prompt rows (newest wins); t1's own generated rows are intact
+    assert np.array_equal(r2.routed_experts, b) and r2.routed_experts.dtype == np.uint16
+    assert np.array_equal(r1.routed_experts[len(p):], a[len(p):])
+    c = np.full((len(p) + len(o3) - 1, 2, 2), 70000, np.int32)
+    tree.insert(traj("t3", p, o3, r3=c), now=5)
+    assert tree.routed_experts_dtype == np.int32
+    assert np.array_equal(tree.retrieve(P1 + b" the", now=6).routed_experts, c)
+    assert np.array_equal(tree.retrieve(P1 + b"ab", now=7).routed_experts[len(p):], a[len(p):])
+    with pytest.raises(ValueError, match="negative expert id"):
+        bad = b.copy()
+        bad[1, 1, 1] = -5
+        tree.insert(traj("bad", p, o2, r3=bad), now=8)
+
+
+def test_num_experts_sets_the_starting_width():
+    assert RadixTree(token_bytes, num_experts=256).routed_experts_dtype == np.uint8
+    assert RadixTree(token_bytes, num_experts=257).routed_experts_dtype == np.uint16
+
+
+def test_routed_experts_prefix_needs_known_rows_under_one_weight_version():
+    rng = np.random.default_rng(6)
+    tree = RadixTree(token_bytes)
+    p = enc(P1)
+    o = enc(b"hello") + [EOS]
+    n = len(p) + len(o)
+    a = rng.integers(0, 64, (n - 1, 2, 2)).astype(np.int32)
+    tree.insert(traj("t1", p, o, r3=a, version="1"), now=1)
+    nxt = p + o + enc(b"\n<|im_start|>user\nmore")
+    rows = tree.routed_experts_prefix(np.array(nxt), version="1")
+    assert rows.shape == (n - 1, 2, 2) and np.array_equal(rows, a)  # all but the last token's row
+    assert tree.routed_experts_prefix(np.array(nxt), version="2") is None
+    # a second trajectory under version 2 reports rows only from position 3 on: the prompt node now mixes
+    # versions, so no prefix is offered under either version past what one version covers
+    b = rng.integers(0, 64, (len(p) + 2 - 1, 2, 2)).astype(np.int32)
+    b[:3] = -1
+    tree.insert(traj("t2", p, enc(b"ab") + [EOS], r3=b, version="2"), now=2)
+    assert tree.routed_experts_prefix(np.array(nxt), version="2") is None
+    assert tree.routed_experts_prefix(np.array(nxt), version="1") is None
+    assert np.array_equal(tree.retrieve(P1 + b"ab", now=3).routed_experts[3:], b[3:])

@@ -37,6 +37,7 @@ BUILTIN_STAGES = {
     "radix_lookup": "router.stages.radix_lookup:RadixLookup",
     "forward": "router.stages.forward:Forward",
     "capture": "router.stages.capture:Capture",
+    "r3_prefix": "router.stages.r3_prefix:R3Prefix",
     "insert": "router.stages.insert:Insert",
     "set_fields": "router.stages.set_fields:SetFields",
     "persist": "router.stages.persist:Persist",

@@ -15,81 +15,124 @@ is built to avoid:
 This module is the pure data structure (no I/O, no clock, no tokenizer import). Its answers:
 
 * The tree is keyed by TOKENS (a compressed trie over token ids, split on divergence like SGLang's RadixCache), so
-  every cached sequence is exactly what an engine produced; text is only an index. Each node holds a run of tokens
-  as compact numpy arrays (`tokens` int32, `logprobs` float32, `flags` uint8 with bit0 = loss mask and bit1 =
-  "anchor after this token", optional routed-expert rows `r3` int32 [n, L*K] with -1 for unknown rows) plus the
-  run's exact text as ONE bytes blob and `ends` (uint32 cumulative byte end of each token). All text is bytes
-  (`token_bytes` gives each token's exact bytes; a token may hold half a UTF-8 character): nothing is decoded.
+  every cached sequence is exactly what an engine produced; text is only an index. Each node holds its run of
+  tokens in ONE int32 array `data` [2, n]: row 0 the token ids with two flag bits on top (bit 29 = loss mask,
+  bit 30 = "anchor after this token"), row 1 the float32 logprobs (bit for bit). That is 8 bytes per token, the
+  information itself. The run's text is not stored: it is derived from the tokens through the tokenizer's
+  vocabulary table (`VocabBytes`, one per tokenizer, shared by every node). A node keeps only its text's length
+  and a keyed hash of it. Optional routed-expert rows `r3` [n, L*K] are stored at the width the expert ids need
+  (uint8 for <= 256 experts, uint16, else int32; the tree widens every node the first time a larger id arrives,
+  never truncating), with `r3_known` marking rows not reported yet (None once every row is known).
 * Text walk: each node indexes its children by the exact bytes of their first token, so only children whose first
   token matches are visited (several only where different tokenizations spell the same bytes: then all are
-  explored and the longest match wins, ties to the most recently used). A node's blob is compared with
-  `bytes.startswith` (memcmp; galloping + bisection for the mismatch position) and bytes map to whole tokens with
-  `searchsorted(ends)`, so a query ending inside a token or a node matches up to the last whole-token boundary.
+  explored and the longest match wins, ties to the most recently used). A child whose whole text fits is checked
+  with one hash of the query's slice against the node's hash (Python's SipHash, keyed per process: 64 bits, ~4 GB/s,
+  no text stored); otherwise only the bytes the query can still match are rebuilt from the vocabulary (one numpy
+  gather) and compared with memcmp, and bytes map to whole tokens with `searchsorted` over the token lengths, so a
+  query ending inside a token or a node matches up to the last whole-token boundary.
 * Anchors: a text-keyed request may reuse cached tokens only up to a boundary the ENGINE produced: after each
   generated token, at the end of each trajectory's prompt, at terminals. A boundary inside someone else's prompt
   is not one: reusing half of another prompt's tokenization would hand the engine a non-canonical tokenization.
 * Terminals: inserting a trajectory splits nodes so its end is a node end and records a `Terminal` there, indexed
-  by `blake2b(visible_text)`. The engine strips the stop token's text (and may trim stop strings) from the text it
-  returns, so the client's P+R is usually a strict prefix of the token text: the digest makes the exact lookup
-  O(len) and uniform, and `retrieve(P+R)` returns prompt + output INCLUDING the eos whose text R lacks. When the
-  visible text is a prefix of the path's token text (the usual case) a second index keyed by Python's own bytes
-  hash is tried first and its hit is verified byte by byte against the path (cheaper than blake2b, and exact).
+  by a 128-bit keyed identity of its visible text (`text_key`: two SipHash values of independent inputs, keyed
+  per process; ~5x cheaper than blake2b, and a forged collision needs the process's hash key). The engine strips
+  the stop token's text (and may trim stop strings) from the text it returns, so the client's P+R is usually a
+  strict prefix of the token text: the key makes the exact lookup O(len) and uniform, and `retrieve(P+R)` returns
+  prompt + output INCLUDING the eos whose text R lacks.
 * Same text, several spellings: two trajectories may have the same visible text with different tokens (a GRPO
-  group where one sample generated "H"+"ello" and another "Hello"). The digest indexes a group with one Terminal
+  group where one sample generated "H"+"ello" and another "Hello"). The key indexes a group with one Terminal
   per distinct token path; `retrieve` answers exactly only when the spelling is determined (one spelling, a `rid`,
   or a batch hand-out), otherwise `ambiguous` with the number of `alternatives`. Trajectories with the same text
   AND the same tokens share one Terminal that keeps each one's rid.
 * Merge rule when paths overlap: "generated wins" (a later trajectory never turns generated tokens back into prompt
   tokens; its own generated range is written with its logprobs); the newest trajectory's routed-expert rows
-  overwrite the path's rows where it has them; version/worker/last_access are updated along the whole path.
+  overwrite the path's rows where it has them, and a node remembers the weight version its rows were recorded
+  under (or that they mix versions), which incremental R3 (`routed_experts_prefix`) needs;
+  version/worker/last_access are updated along the whole path.
 * Eviction removes leaves only, least recently used first, in three phases (stale weight version; fully retrieved
   or terminal-less; anything, past the hard budget), using lazily invalidated heaps: O(k log n) for k evictions.
+  A lookup only stamps `last_access`; an entry popped with an older stamp is pushed again with the new one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import heapq
+import sys
+from bisect import bisect_right
+from itertools import accumulate
+from types import MappingProxyType
 from typing import Any, Callable, Sequence
 
 import msgspec
 import numpy as np
 
-MASK = 1  # flags bit0: generated token (loss mask 1)
-ANCHOR = 2  # flags bit1: a text-keyed request may cut right after this token
+MASK = 1  # flag: generated token (loss mask 1)
+ANCHOR = 2  # flag: a text-keyed request may cut right after this token
+FLAG_SHIFT = 29  # flags live in bits 29-30 of a node's token codes, so token ids must be < 2**29
+TOKEN_BITS = (1 << FLAG_SHIFT) - 1
+_MASK_CODE = np.int32(MASK << FLAG_SHIFT)
+_GEN_CODE = np.int32((MASK | ANCHOR) << FLAG_SHIFT)
+_ANCHOR_CODE = np.int32(ANCHOR << FLAG_SHIFT)
+_ANCHOR_BIT = ANCHOR << FLAG_SHIFT
 # Fixed per-object estimates for `nbytes` (CPython 3.11, numpy 2; calibrated with tracemalloc by
-# tests/test_radix.py::test_nbytes_tracks_real_memory): the Node object, its numpy array headers, the bytes
-# header, the dicts/lists that hold it, its heap entries; a Terminal plus its digest-dict entry.
-NODE_OVERHEAD = 1100
-TERMINAL_OVERHEAD = 350
+# tests/test_radix.py::test_nbytes_tracks_real_memory): the Node object, its array header, its entries in the
+# parent's child index, its heap entry; a Terminal with its key and index entry.
+NODE_OVERHEAD = 560
+TERMINAL_OVERHEAD = 420
 ALIAS_OVERHEAD = 100  # one more rid on a Terminal (a str in a list)
 MAX_ALIASES = 64  # rids kept per Terminal (same text, same tokens); the oldest goes first
+# Prefix of the text hashed for the second half of `text_key` (an input independent of the text itself).
+_KEY_SALT = b"\x00miles-router text key\x00"
+_M64 = (1 << 64) - 1
+# Python's str/bytes hash is SipHash (keyed per process) on every mainstream build; a build configured with
+# another algorithm (e.g. FNV) gets blake2b keys instead.
+_SIPHASH = sys.hash_info.algorithm.startswith("siphash")
+# r3_version of a node whose rows were recorded under more than one weight version.
+MIXED_VERSIONS = "\x00mixed"
 
-TokenBytes = Callable[[np.ndarray], "tuple[bytes, np.ndarray]"]
 _EMPTY_I32 = np.zeros(0, np.int32)
-_MASK8 = np.uint8(MASK)
+_HEAD_TOKENS = 64  # the first run of tokens a partial node match rebuilds and compares
+_NO_CHILDREN: Any = MappingProxyType({})  # shared by every leaf (read-only; replaced by a dict on first child)
 
 
 def text_digest(text: bytes) -> bytes:
+    """blake2b-128 of a text: the durable store's key for a trajectory."""
     return hashlib.blake2b(text, digest_size=16).digest()
 
 
+def text_key(text: bytes) -> int:
+    """The cache's 128-bit identity of a visible text (keyed per process, so not stable across restarts)."""
+    if _SIPHASH:
+        return (hash(text) & _M64) << 64 | (hash(_KEY_SALT + text) & _M64)
+    return int.from_bytes(text_digest(text), "little")
+
+
 class VocabBytes:
-    """A vectorized `token_bytes` callable built from one exact byte string per token id."""
+    """A tokenizer's vocabulary as bytes, shared by every node of a tree: the exact bytes of each token id
+    (`pieces`), their lengths (`lengths`, uint32) and one vectorized gather (`__call__`)."""
 
     def __init__(self, pieces: Sequence[bytes]):
-        lens = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
-        self._blob = np.frombuffer(b"".join(pieces), dtype=np.uint8)
+        self.pieces: list[bytes] = list(pieces)
+        if len(self.pieces) > TOKEN_BITS:
+            raise ValueError(f"vocabulary of {len(self.pieces)} tokens: the trajectory cache takes ids < {TOKEN_BITS + 1}")
+        lens = np.fromiter((len(p) for p in self.pieces), dtype=np.int64, count=len(self.pieces))
+        self._blob = np.frombuffer(b"".join(self.pieces), dtype=np.uint8)
         self._starts = np.cumsum(lens) - lens
-        self._lens = lens.astype(np.uint32)
+        self.lengths = lens.astype(np.uint32)
+        self.size = len(self.pieces)
 
     def __call__(self, ids: np.ndarray) -> tuple[bytes, np.ndarray]:
+        """(the concatenated bytes of `ids`, uint32 byte length of each)."""
         ids = np.asarray(ids, dtype=np.int64)
-        lens = self._lens[ids]
-        total = int(lens.sum())
+        lens = self.lengths[ids]
+        if ids.size < 256:  # a join beats the gather's fixed numpy cost (and per-byte passes) up to a few hundred
+            pieces = self.pieces
+            return b"".join([pieces[i] for i in ids.tolist()]), lens
+        total = int(lens.sum(dtype=np.int64))
         if total == 0:
             return b"", lens
-        out_start = np.cumsum(lens, dtype=np.int64) - lens
+        out_start = lens.cumsum(dtype=np.int64) - lens
         idx = np.repeat(self._starts[ids] - out_start, lens) + np.arange(total)
         return self._blob[idx].tobytes(), lens
 
@@ -105,7 +148,7 @@ class TrajectoryInput(msgspec.Struct, kw_only=True):
     weight_version: str | None = None
     worker: str | None = None
     finish: str = "stop"  # "stop" | "length" | "abort"
-    # int32 [len(prompt)+len(output)-1, L, K] or None; rows of -1 mean "not reported" (e.g. the worker was asked
+    # int [len(prompt)+len(output)-1, L, K] or None; rows of -1 mean "not reported" (e.g. the worker was asked
     # for rows from routed_experts_start_len on) and leave the cached rows in place
     routed_experts: Any = None
 
@@ -133,7 +176,9 @@ class Retrieved(msgspec.Struct):
     loss_mask: np.ndarray  # uint8, 1 = generated
     matched_bytes: int
     versions: list  # weight versions of the terminals along the path, oldest first, deduplicated
-    routed_experts: np.ndarray | None  # int32 [len(tokens)-1, L, K]; None when any needed row is unknown
+    # [len(tokens)-1, L, K] at the tree's width (uint8/uint16/int32: `routed_experts_dtype`); None when any
+    # needed row is unknown. Wire formats convert to SGLang's int32.
+    routed_experts: np.ndarray | None
     rid: str | None = None
     finish: str | None = None
     version: str | None = None  # the matched terminal's weight version
@@ -163,13 +208,12 @@ class Terminal:
     the same tokens (e.g. two GRPO samples that generated identical ids) share one Terminal; its `rid` is the
     newest one and `older_rids` the others (at most MAX_ALIASES), so each stays retrievable by its rid."""
 
-    __slots__ = ("rid", "older_rids", "version", "finish", "created", "retrieved", "digest", "vlen", "hkey", "node")
+    __slots__ = ("rid", "older_rids", "version", "finish", "created", "retrieved", "key", "node")
 
-    def __init__(self, rid, version, finish, created, digest, vlen, hkey, node):
+    def __init__(self, rid, version, finish, created, key, node):
         self.rid, self.version, self.finish, self.created = rid, version, finish, created
-        self.retrieved, self.digest, self.vlen, self.node = False, digest, vlen, node
+        self.retrieved, self.key, self.node = False, key, node  # key: text_key(visible text)
         self.older_rids: list[str] | None = None
-        self.hkey = hkey  # hash(visible) when the visible text is spelled by the path's token text, else None
 
     def rids(self) -> list[str]:
         return [*(self.older_rids or ()), self.rid]
@@ -179,31 +223,68 @@ class Terminal:
 
 
 class Node:
-    __slots__ = ("tokens", "logprobs", "flags", "text", "ends", "r3", "version", "worker", "last_access",
-                 "children", "by_first", "first_lens", "parent", "terminals", "alive", "hseq")
+    __slots__ = ("data", "tlen", "thash", "r3", "r3_known", "r3_version", "version", "worker", "last_access",
+                 "by_first", "first_lens", "parent", "terminals", "hseq")
 
-    def __init__(self, tokens, logprobs, flags, text, ends, r3, parent):
-        self.tokens, self.logprobs, self.flags, self.text, self.ends, self.r3 = tokens, logprobs, flags, text, ends, r3
+    def __init__(self, data: np.ndarray, tlen: int, thash: int, parent):
+        self.data = data  # int32 [2, n]: token codes (id | flags << FLAG_SHIFT), float32 logprob bits
+        self.tlen, self.thash = tlen, thash  # byte length and hash() of the run's text
+        self.r3 = self.r3_known = self.r3_version = None
         self.version = self.worker = None
         self.last_access = 0.0
-        self.children: dict[int, Node] = {}
-        # text index of the children: the exact bytes of their FIRST TOKEN -> children (normally one), and the
-        # distinct lengths of those keys, so a text walk probes len(first_lens) slices, not every sibling
-        self.by_first: dict[bytes, list[Node]] = {}
+        # The children, indexed by the exact bytes of their FIRST TOKEN -> the child (a list only when several
+        # first tokens have the same bytes), and the distinct lengths of those keys, so a text walk probes
+        # len(first_lens) slices, not every sibling; a child by token id is found through its bytes too. Leaves
+        # share one read-only empty mapping.
+        self.by_first: dict[bytes, Node | list[Node]] = _NO_CHILDREN
         self.first_lens: tuple[int, ...] = ()
-        self.parent: Node | None = parent
-        self.terminals: list[Terminal] = []
-        self.alive = True
+        self.parent: Node | None = parent  # None once evicted (and for the root)
+        self.terminals: tuple[Terminal, ...] = ()
         self.hseq = 0
 
-    def first_key(self) -> bytes:
-        return self.text[:self.ends.item(0)]
+    @property
+    def size(self) -> int:
+        return self.data.shape[1]
 
-    def nbytes(self) -> int:
-        n = self.tokens.nbytes + self.logprobs.nbytes + self.flags.nbytes + self.ends.nbytes + len(self.text)
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.data[0] & TOKEN_BITS
+
+    @property
+    def flags(self) -> np.ndarray:
+        return (self.data[0] >> FLAG_SHIFT).astype(np.uint8)
+
+    @property
+    def logprobs(self) -> np.ndarray:
+        return self.data[1].view(np.float32)
+
+    def first_token(self) -> int:
+        return self.data.item(0, 0) & TOKEN_BITS
+
+    def kids(self) -> list[Node]:
+        out = []
+        for v in self.by_first.values():
+            if v.__class__ is Node:
+                out.append(v)
+            else:
+                out.extend(v)
+        return out
+
+    @property
+    def children(self) -> dict[int, Node]:
+        """The children by first token id (built on demand: for inspection, not the hot paths)."""
+        return {c.first_token(): c for c in self.kids()}
+
+    def payload_bytes(self) -> int:
+        n = self.data.nbytes
         if self.r3 is not None:
             n += self.r3.nbytes
-        n += NODE_OVERHEAD + TERMINAL_OVERHEAD * len(self.terminals)
+        if self.r3_known is not None:
+            n += self.r3_known.nbytes
+        return n
+
+    def nbytes(self) -> int:
+        n = self.payload_bytes() + NODE_OVERHEAD + TERMINAL_OVERHEAD * len(self.terminals)
         for t in self.terminals:
             if t.older_rids:
                 n += ALIAS_OVERHEAD * len(t.older_rids)
@@ -255,18 +336,30 @@ def _dedup(xs) -> list:
     return [x for x in xs if not (x in seen or seen.add(x))]
 
 
+def expert_dtype(max_id: int) -> type:
+    """The narrowest dtype that holds expert ids 0..max_id."""
+    return np.uint8 if max_id <= 0xFF else np.uint16 if max_id <= 0xFFFF else np.int32
+
+
+_WIDTH = {np.dtype(np.uint8): 0, np.dtype(np.uint16): 1, np.dtype(np.int32): 2}
+
+
 class RadixTree:
-    def __init__(self, token_bytes: TokenBytes):
-        self._token_bytes = token_bytes
-        self.root = Node(_EMPTY_I32, np.zeros(0, np.float32), np.zeros(0, np.uint8), b"",
-                         np.zeros(0, np.uint32), None, None)
-        # blake2b(visible text) -> its spellings (Terminals, one per distinct token path), oldest insert first
-        self._by_digest: dict[bytes, list[Terminal]] = {}
-        # retrieve's fast path: Python's hash (SipHash, keyed per process, ~5x cheaper than blake2b) of a visible
-        # text that is a prefix of its path's token text -> its group. Only a hint: a hit is verified byte by
-        # byte against a path's text; a miss or a failed check falls back to the digest.
-        self._by_hash: dict[int, list[Terminal]] = {}
+    def __init__(self, vocab: VocabBytes, *, num_experts: int | None = None):
+        self._vocab = vocab
+        self._lens = vocab.lengths
+        self._pieces = vocab.pieces
+        self.root = Node(np.zeros((2, 0), np.int32), 0, hash(b""), None)
+        self.root.by_first = {}
+        # text_key(visible text) -> its spellings (Terminals, one per distinct token path), oldest insert first
+        self._by_key: dict[int, list[Terminal]] = {}
         self._r3_shape: tuple[int, int] | None = None
+        # Routed-expert ids are stored at the narrowest width seen so far (`num_experts` from the model, when
+        # known, sets the starting width); a larger id widens every node, never truncates.
+        self._r3_dtype = np.dtype(expert_dtype(num_experts - 1 if num_experts else 0))
+        self._strings: dict[str, str] = {}  # one object per distinct version / finish string
+        # (text, anchors_only, segs, bytes) of the last match_text, until the tree changes (insert, eviction)
+        self._last_match: tuple | None = None
         self._nbytes = 0
         self._nterminals = 0
         self._nodes = 0
@@ -277,6 +370,13 @@ class RadixTree:
         self._stats = dict(hits=0, misses=0, inserts=0, splits=0, evictions=0, evicted_unretrieved=0,
                            retrieve_exact=0, retrieve_partial=0, retrieve_ambiguous=0, superseded=0)
 
+    @property
+    def routed_experts_dtype(self) -> np.dtype:
+        return self._r3_dtype
+
+    def _intern(self, s: str | None) -> str | None:
+        return None if s is None else self._strings.setdefault(s, s)
+
     # ----------------------------------------------------------------------------------------------- insert
     def insert(self, t: TrajectoryInput, *, now: float) -> InsertResult:
         prompt = np.asarray(t.prompt_ids, dtype=np.int32).ravel()
@@ -286,50 +386,55 @@ class RadixTree:
         if n == 0 or lps.size != out.size:
             raise ValueError(f"trajectory {t.rid!r}: {n} tokens, {out.size} outputs, {lps.size} logprobs")
         toks = np.concatenate((prompt, out))
+        self._last_match = None
         r3 = None
         if t.routed_experts is not None:
-            a = np.asarray(t.routed_experts, dtype=np.int32)
+            a = np.asarray(t.routed_experts)
             if a.ndim != 3 or a.shape[0] != n - 1:
                 raise ValueError(f"routed_experts shape {a.shape}, expected [{n - 1}, L, K]")
+            if a.dtype.kind not in "iu":
+                raise ValueError(f"routed_experts must hold integers, not {a.dtype}")
             if self._r3_shape is None:
                 self._r3_shape = (a.shape[1], a.shape[2])
             elif a.shape[1:] != self._r3_shape:
                 raise ValueError(f"routed_experts shape {a.shape[1:]} != cached {self._r3_shape}")
             r3 = a.reshape(n - 1, -1)
-        args = (P, n, lps, r3, t.weight_version, t.worker, now)
+            if r3.size:
+                self._fit_expert_width(r3)
+        version = self._intern(t.weight_version)
+        args = (P, n, lps, r3, version, t.worker, now)
         node, pos, splits = self.root, 0, 0
         while pos < n:
-            child = node.children.get(int(toks[pos]))
+            child = self._child(node, int(toks[pos]))
             if child is None:
                 break
-            m = _common_prefix(child.tokens, toks[pos:pos + child.tokens.size])
-            if m < child.tokens.size:
+            size = child.size
+            m = _common_prefix(child.data[0] & TOKEN_BITS, toks[pos:pos + size])
+            if m < size:
                 child = self._split(child, m)
                 splits += 1
             self._write(child, pos, *args)
             node, pos = child, pos + m
         shared = pos
         if pos < n:
-            node = self._new_leaf(node, toks[pos:].copy(), pos, args)
-        digest = text_digest(t.visible_text)
-        group = self._by_digest.get(digest)
+            node = self._new_leaf(node, toks[pos:], pos, args)
+        visible = t.visible_text
+        key = text_key(visible)
+        group = self._by_key.get(key)
         same = next((tm for tm in group if tm.node is node), None) if group else None
         dropped = None
         if same is not None:
             # The same text spelled by the same tokens: one more rid on the existing spelling.
             dropped = self._add_alias(same, t.rid)
-            same.version, same.finish, same.created = t.weight_version, t.finish, now
+            same.version, same.finish, same.created = version, self._intern(t.finish), now
             group.remove(same)
             group.append(same)  # a group lists its spellings by their latest insert, oldest first
         else:
-            hkey = hash(t.visible_text) if self._spells(self.path(node), t.visible_text) else None
-            term = Terminal(t.rid, t.weight_version, t.finish, now, digest, len(t.visible_text), hkey, node)
-            node.terminals.append(term)
+            term = Terminal(t.rid, version, self._intern(t.finish), now, key, node)
+            node.terminals += (term,)
             if group is None:
-                group = self._by_digest[digest] = []
+                group = self._by_key[key] = []
             group.append(term)
-            if hkey is not None:
-                self._by_hash[hkey] = group
             self._nterminals += 1
             self._nbytes += TERMINAL_OVERHEAD
         self._push(node)
@@ -355,52 +460,85 @@ class RadixTree:
         self._stats["superseded"] += 1
         return term.older_rids.pop(0)
 
-    @staticmethod
-    def _spells(path: list[Node], visible: bytes) -> bool:
-        """True when `visible` is a prefix of the token text of `path` (memcmp per node)."""
-        off, mv = 0, memoryview(visible)
-        for nd in path:
-            if off + len(nd.text) >= len(visible):
-                return nd.text.startswith(mv[off:])
-            if not visible.startswith(nd.text, off):
-                return False
-            off += len(nd.text)
-        return off == len(visible)
-
     def _write(self, node: Node, pos, P, n, lps, r3, version, worker, now) -> None:
         """Merge one trajectory into `node`, which holds its positions [pos, pos+len)."""
-        L = node.tokens.size
+        L = node.size
+        codes = node.data[0]
         lo = max(P - pos, 0)  # first generated position, node-local
         if lo < L:
-            node.flags[lo:] |= MASK | ANCHOR
-            node.logprobs[lo:] = lps[pos + lo - P:pos + L - P]
+            codes[lo:] |= _GEN_CODE
+            node.data[1, lo:] = lps[pos + lo - P:pos + L - P].view(np.int32)
         if 0 <= P - 1 - pos < L:
-            node.flags[P - 1 - pos] |= ANCHOR  # end of the prompt
+            codes[P - 1 - pos] |= _ANCHOR_CODE  # end of the prompt
         hi = min(L, n - 1 - pos)  # routed-expert rows: none for the trajectory's last token
         if r3 is not None and hi > 0:
-            rows = r3[pos:pos + hi]
-            have = rows[:, 0] >= 0  # -1 rows = not reported (e.g. routed_experts_start_len): keep ours
-            if have.any():
-                if node.r3 is None:
-                    node.r3 = np.full((L, r3.shape[1]), -1, np.int32)
-                    self._nbytes += node.r3.nbytes
-                if have.all():
-                    node.r3[:hi] = rows
-                else:
-                    node.r3[:hi][have] = rows[have]
+            self._write_r3(node, r3[pos:pos + hi], version)
         node.version = _newer(node.version, version)
         if worker is not None:
             node.worker = worker
         node.last_access = now
 
+    def _write_r3(self, node: Node, rows: np.ndarray, version: str | None) -> None:
+        """Store the reported rows (a row of -1 = not reported: the node's own row stays)."""
+        have = rows[:, 0] >= 0
+        if not have.any():
+            return
+        full = bool(have.all())
+        L, hi = node.size, rows.shape[0]
+        if node.r3 is None:
+            node.r3 = np.zeros((L, rows.shape[1]), self._r3_dtype)
+            node.r3_known = np.zeros(L, np.bool_)
+            node.r3_version = version
+            self._nbytes += node.r3.nbytes + node.r3_known.nbytes
+        elif version != node.r3_version:
+            # Rows recorded under another weight version that this write does not replace: the node mixes them.
+            old = node.r3_known
+            kept = (np.ones(L, np.bool_) if old is None else old.copy())
+            kept[:hi] &= ~have
+            node.r3_version = MIXED_VERSIONS if kept.any() else version
+        if full:
+            node.r3[:hi] = rows
+        else:
+            node.r3[:hi][have] = rows[have]
+        known = node.r3_known
+        if known is not None:
+            known[:hi] |= have
+            if known.all():
+                node.r3_known = None
+                self._nbytes -= known.nbytes
+
+    def _fit_expert_width(self, r3: np.ndarray) -> None:
+        """Widen the tree's routed-expert width if `r3` holds a larger id; refuse ids no row can hold."""
+        top = int(r3.max())
+        if int(r3.min()) < 0:
+            known = r3[r3[:, 0] >= 0]
+            if known.size and int(known.min()) < 0:
+                raise ValueError("routed_experts holds a negative expert id in a reported row")
+        if top > 0x7FFFFFFF:
+            raise ValueError(f"routed_experts holds expert id {top}, past int32")
+        need = np.dtype(expert_dtype(top))
+        if _WIDTH[need] <= _WIDTH[self._r3_dtype]:
+            return
+        self._r3_dtype = need
+        stack = self.root.kids()
+        while stack:
+            nd = stack.pop()
+            stack.extend(nd.kids())
+            if nd.r3 is not None:
+                wide = nd.r3.astype(need)
+                self._nbytes += wide.nbytes - nd.r3.nbytes
+                nd.r3 = wide
+
     def _new_leaf(self, parent: Node, toks: np.ndarray, pos: int, args) -> Node:
-        blob, lens = self._token_bytes(toks)
-        lens = np.asarray(lens)
-        ends = np.cumsum(lens, dtype=np.uint32)
-        if lens.size != toks.size or (ends[-1] if ends.size else 0) != len(blob):
-            raise ValueError("token_bytes returned inconsistent lengths")
+        # Only a new leaf's ids are new to the tree (the shared part matched ids already stored).
+        if int(toks.min()) < 0 or int(toks.max()) >= self._vocab.size:
+            raise ValueError(f"token id out of range for the vocabulary (size {self._vocab.size})")
+        blob, lens = self._vocab(toks)
         L = toks.size
-        node = Node(toks, np.zeros(L, np.float32), np.zeros(L, np.uint8), bytes(blob), ends, None, parent)
+        data = np.empty((2, L), np.int32)
+        data[0] = toks
+        data[1] = 0
+        node = Node(data, len(blob), hash(blob), parent)
         self._nbytes += node.nbytes()  # before _write, which accounts for the r3 rows it allocates
         self._write(node, pos, *args)
         self._attach(parent, node)
@@ -408,73 +546,136 @@ class RadixTree:
         self._ntokens += L
         return node
 
+    def _child(self, node: Node, tid: int) -> Node | None:
+        """The child of `node` whose first token is `tid`."""
+        v = node.by_first.get(self._pieces[tid])
+        if v is None or v.__class__ is Node:
+            return v if v is None or v.first_token() == tid else None
+        for c in v:
+            if c.first_token() == tid:
+                return c
+        return None
+
     def _attach(self, parent: Node, node: Node) -> None:
         node.parent = parent
-        parent.children[int(node.tokens[0])] = node
-        key = node.first_key()
-        lst = parent.by_first.get(key)
-        if lst is None:
-            parent.by_first[key] = [node]
+        if not parent.by_first:  # a leaf's shared empty mapping
+            parent.by_first = {}
+        key = self._pieces[node.first_token()]
+        v = parent.by_first.get(key)
+        if v is None:
+            parent.by_first[key] = node
             if len(key) not in parent.first_lens:
                 parent.first_lens = tuple(sorted((*parent.first_lens, len(key))))
+        elif v.__class__ is Node:
+            parent.by_first[key] = [v, node]
         else:
-            lst.append(node)
+            v.append(node)
 
     def _detach(self, parent: Node, node: Node) -> None:
-        del parent.children[int(node.tokens[0])]
-        key = node.first_key()
-        lst = parent.by_first[key]
-        lst.remove(node)
-        if not lst:
+        key = self._pieces[node.first_token()]
+        v = parent.by_first[key]
+        if v.__class__ is Node:
             del parent.by_first[key]
             if not any(len(k) == len(key) for k in parent.by_first):
                 parent.first_lens = tuple(n for n in parent.first_lens if n != len(key))
+        else:
+            v.remove(node)
+            if len(v) == 1:
+                parent.by_first[key] = v[0]
+        if not parent.by_first and parent is not self.root:
+            parent.by_first = _NO_CHILDREN
 
     def _split(self, node: Node, m: int) -> Node:
         """Cut `node` after its first m tokens; return the new upper part (the lower part keeps its identity,
         children and terminals, so Terminal.node never moves)."""
         parent = node.parent
-        cut = int(node.ends[m - 1])
-        r3 = node.r3
-        up = Node(node.tokens[:m].copy(), node.logprobs[:m].copy(), node.flags[:m].copy(), node.text[:cut],
-                  node.ends[:m].copy(), None if r3 is None else r3[:m].copy(), parent)
+        blob, lens = self._vocab(node.data[0] & TOKEN_BITS)
+        cut = int(lens[:m].sum(dtype=np.int64))
+        self._nbytes -= node.payload_bytes()
+        up = Node(node.data[:, :m].copy(), cut, hash(blob[:cut]), parent)
         up.version, up.worker, up.last_access = node.version, node.worker, node.last_access
-        parent.children[int(up.tokens[0])] = up  # same first token, so the same keys in both indexes
-        lst = parent.by_first[node.first_key()]
-        lst[lst.index(node)] = up
-        node.tokens, node.logprobs, node.flags = node.tokens[m:].copy(), node.logprobs[m:].copy(), node.flags[m:].copy()
-        node.text, node.ends = node.text[cut:], node.ends[m:] - np.uint32(cut)
-        node.r3 = None if r3 is None else r3[m:].copy()
+        if node.r3 is not None:
+            up.r3, node.r3 = node.r3[:m].copy(), node.r3[m:].copy()
+            up.r3_version = node.r3_version
+            known = node.r3_known
+            if known is not None:
+                up.r3_known = known[:m].copy() if not known[:m].all() else None
+                node.r3_known = known[m:].copy() if not known[m:].all() else None
+        key = self._pieces[up.first_token()]  # same first token, so the same key
+        v = parent.by_first[key]
+        if v.__class__ is Node:
+            parent.by_first[key] = up
+        else:
+            v[v.index(node)] = up
+        node.data = node.data[:, m:].copy()
+        node.tlen, node.thash = node.tlen - cut, hash(blob[cut:])
         self._attach(up, node)
         self._nodes += 1
-        self._nbytes += NODE_OVERHEAD
+        self._nbytes += up.payload_bytes() + node.payload_bytes() + NODE_OVERHEAD
         self._stats["splits"] += 1
         return up
 
     def _forget(self, term: Terminal) -> None:
-        group = self._by_digest.get(term.digest)
+        group = self._by_key.get(term.key)
         if group is None or term not in group:
             return
         group.remove(term)
         self._nterminals -= 1
         if not group:
-            del self._by_digest[term.digest]
-        if term.hkey is not None and self._by_hash.get(term.hkey) is group:
-            if not any(tm.hkey is not None for tm in group):
-                del self._by_hash[term.hkey]
+            del self._by_key[term.key]
+
+    # ----------------------------------------------------------------------------------------------- text
+    def _bytes_upto(self, node: Node, k: int) -> int:
+        """Byte length of the node's first k tokens."""
+        if k == node.size:
+            return node.tlen
+        return int(self._lens[node.data[0, :k] & TOKEN_BITS].sum(dtype=np.int64))
+
+    def _partial_match(self, node: Node, text: bytes, mv: memoryview, pos: int) -> tuple[int, int]:
+        """(k, bytes of those k tokens) for a node whose whole text does not match at text[pos:]: k = its leading
+        tokens whose bytes all match. The node's bytes are rebuilt in growing runs (64, 256, 1024... tokens: a
+        text usually ends or differs within the first) and compared with memcmp; the first run by joining the
+        vocabulary's bytes objects, longer ones by one numpy gather."""
+        codes = node.data[0]
+        n, tlen = codes.size, len(text)
+        k0, b, run = 0, pos, _HEAD_TOKENS
+        while True:
+            stop = min(n, k0 + run)
+            ids = codes[k0:stop] & TOKEN_BITS
+            if run == _HEAD_TOKENS:
+                pieces = list(map(self._pieces.__getitem__, ids.tolist()))
+                blob, lens = b"".join(pieces), None
+            else:
+                blob, lens = self._vocab(ids)
+            c = _match_len(blob, mv, b)
+            if c < len(blob) or stop == n or b + c >= tlen:
+                if lens is None:
+                    ends = list(accumulate(map(len, pieces)))
+                    j = bisect_right(ends, c)  # whole tokens inside the match
+                    return k0 + j, b - pos + (ends[j - 1] if j else 0)
+                ends = lens.cumsum(dtype=np.int64)
+                j = int(ends.searchsorted(c, side="right"))
+                return k0 + j, b - pos + (int(ends[j - 1]) if j else 0)
+            k0, b, run = stop, b + c, run * 4
+
+    def node_text(self, node: Node) -> bytes:
+        """The exact bytes of a node's run (derived from its tokens)."""
+        return self._vocab(node.data[0] & TOKEN_BITS)[0]
 
     # ----------------------------------------------------------------------------------------------- lookups
     def match_tokens(self, tokens: np.ndarray, *, now: float) -> PrefixMatch:
         q = np.asarray(tokens, dtype=np.int32).ravel()
         node, pos, nbytes, segs = self.root, 0, 0, []
         while pos < q.size:
-            child = node.children.get(int(q[pos]))
+            child = self._child(node, int(q[pos]))
             if child is None:
                 break
-            m = _common_prefix(child.tokens, q[pos:pos + child.tokens.size])
+            size = child.size
+            m = _common_prefix(child.data[0] & TOKEN_BITS, q[pos:pos + size])
             segs.append((child, m))
-            pos, nbytes = pos + m, nbytes + int(child.ends[m - 1])
-            if m < child.tokens.size:
+            nbytes += child.tlen if m == size else int(self._lens[q[pos:pos + m]].sum(dtype=np.int64))
+            pos += m
+            if m < size:
                 break
             node = child
         return self._matched(segs, q[:pos].copy(), nbytes, now)
@@ -482,18 +683,26 @@ class RadixTree:
     def match_text(self, text: bytes, *, now: float, anchors_only: bool = True) -> PrefixMatch:
         """Longest prefix of `text` spelled by cached tokens that ends on an anchor (any token boundary when
         anchors_only=False). Ties between different token paths go to the most recently used."""
-        segs, nbytes, _ = self._text_walk(text, anchors_only)
-        toks = np.concatenate([nd.tokens[:k] for nd, k in segs]) if segs else _EMPTY_I32.copy()
+        memo = self._last_match
+        if memo is not None and memo[1] == anchors_only and memo[0] == text:
+            segs, nbytes = memo[2], memo[3]  # a GRPO group sends the same prompt n times in a row
+        else:
+            segs, nbytes, _ = self._text_walk(text, anchors_only)
+            self._last_match = (text, anchors_only, segs, nbytes)
+        if segs:
+            toks = np.concatenate([nd.data[0, :k] for nd, k in segs])
+            toks &= TOKEN_BITS
+        else:
+            toks = _EMPTY_I32.copy()
         return self._matched(segs, toks, nbytes, now)
 
     def _matched(self, segs, toks, nbytes, now) -> PrefixMatch:
         self._stats["hits" if segs else "misses"] += 1
-        for nd, _ in segs:
-            nd.last_access = now
+        for seg in segs:
+            seg[0].last_access = now  # the heap entry catches up lazily (see _evict_while)
         if not segs:
             return PrefixMatch(toks, 0, None, None)
         last = segs[-1][0]
-        self._push(last)
         return PrefixMatch(toks, nbytes, last.worker, last.version)
 
     def _text_walk(self, text: bytes, anchors_only: bool) -> tuple[list, int, int]:
@@ -511,33 +720,35 @@ class RadixTree:
             for flen in node.first_lens:
                 if pos + flen > tlen:
                     break
-                for child in node.by_first.get(text[pos:pos + flen], ()):
-                    size = len(child.text)
-                    if text.startswith(child.text, pos):  # the whole node matches (memcmp)
-                        c, k = size, child.tokens.size
+                found = node.by_first.get(text[pos:pos + flen])
+                if found is None:
+                    continue
+                for child in ((found,) if found.__class__ is Node else found):
+                    size = child.tlen
+                    if pos + size <= tlen and hash(text[pos:pos + size]) == child.thash:  # the whole node matches
+                        whole, k, end = True, child.data.shape[1], pos + size
                     else:
-                        c = _match_len(child.text, mv, pos)
-                        k = int(child.ends.searchsorted(c, side="right"))  # whole tokens inside the match (>= 1)
-                    end = pos + child.ends.item(k - 1)
-                    if anchors_only and not child.flags.item(k - 1) & ANCHOR:
+                        k, kbytes = self._partial_match(child, text, mv, pos)  # k >= 1: its first token matched
+                        whole, end = False, pos + kbytes
+                    if anchors_only and not child.data.item(0, k - 1) & _ANCHOR_BIT:
                         pending.append((end, pos, child, k, path))
                     else:
-                        b = end
-                        ties = 1 if b > best[0] else ties + (b == best[0])
-                        if b > best[0] or (b == best[0] and child.last_access > best[1]):
-                            best = (b, child.last_access, ((child, k), path))
-                    if c == size:
-                        stack.append((child, pos + size, ((child, k), path)))
+                        ties = 1 if end > best[0] else ties + (end == best[0])
+                        if end > best[0] or (end == best[0] and child.last_access > best[1]):
+                            best = (end, child.last_access, ((child, k), path))
+                    if whole:
+                        stack.append((child, end, ((child, k), path)))
         pending.sort(key=lambda p: p[0], reverse=True)
         for bound, pos, child, k, path in pending:  # an anchor inside the run ends before `bound`
             if bound <= best[0]:
                 break
-            idx = np.flatnonzero(child.flags[:k - 1] & ANCHOR)
+            idx = np.flatnonzero(child.data[0, :k - 1] & _ANCHOR_CODE)
             if idx.size:
-                b = pos + child.ends.item(idx[-1])
+                i = int(idx[-1])
+                b = pos + self._bytes_upto(child, i + 1)
                 ties = 1 if b > best[0] else ties + (b == best[0])
                 if b > best[0] or (b == best[0] and child.last_access > best[1]):
-                    best = (b, child.last_access, ((child, int(idx[-1]) + 1), path))
+                    best = (b, child.last_access, ((child, i + 1), path))
         segs, link = [], best[2]
         while link is not None:
             segs.append(link[0])
@@ -559,17 +770,13 @@ class RadixTree:
         newest spelling's tokens) and `alternatives` says how many there are. A `rid` that names no trajectory
         with this text gives the non-exact answer, as for an unknown text."""
         tlen = len(text)
-        group = self._by_hash.get(hash(text))
-        if group is not None and not self._verified(group, text):
-            group = None
-        if group is None:
-            group = self._by_digest.get(text_digest(text))
+        group = self._by_key.get(text_key(text))
         if group:
             term, ambiguous = self._choose(group, rid, handed_out)
             if term is not None:
                 path = self.path(term.node)
                 versions = [tm.version for nd in path[:-1] for tm in nd.terminals] + [term.version]
-                toks, lps, mask, r3 = self.gather([(nd, nd.tokens.size) for nd in path])
+                toks, lps, mask, r3 = self.gather([(nd, nd.size) for nd in path])
                 if ambiguous:
                     self._stats["retrieve_ambiguous"] += 1
                     return Retrieved(False, toks, lps, mask, tlen, _dedup(versions), r3, None, term.finish,
@@ -581,7 +788,7 @@ class RadixTree:
                 return Retrieved(True, toks, lps, mask, tlen, _dedup(versions), r3, rid or term.rid, term.finish,
                                  term.version, anchored=True, alternatives=len(group))
         segs, nbytes, _ = self._text_walk(text, False)
-        anchored = bool(segs) and bool(segs[-1][0].flags.item(segs[-1][1] - 1) & ANCHOR)
+        anchored = bool(segs) and bool(segs[-1][0].data.item(0, segs[-1][1] - 1) & _ANCHOR_BIT)
         alternatives = 0
         if segs and nbytes == tlen:
             # The whole text is covered. Count the spellings that end on an anchor (a cut inside somebody else's
@@ -592,18 +799,11 @@ class RadixTree:
                 segs, anchored, alternatives = asegs, True, aties
             else:
                 alternatives = 1
-        versions = [tm.version for nd, k in segs if k == nd.tokens.size for tm in nd.terminals]
+        versions = [tm.version for nd, k in segs if k == nd.size for tm in nd.terminals]
         self._stats["retrieve_partial"] += 1
         toks, lps, mask, r3 = self.gather(segs)
         return Retrieved(False, toks, lps, mask, nbytes, _dedup(versions), r3, anchored=anchored,
                          alternatives=alternatives, ambiguous=alternatives > 1)
-
-    def _verified(self, group: list[Terminal], text: bytes) -> bool:
-        """The hash-index hit `group` really holds `text`: one of its paths spells it, byte by byte."""
-        for tm in group:
-            if tm.hkey is not None:
-                return tm.vlen == len(text) and self._spells(self.path(tm.node), text)
-        return False
 
     @staticmethod
     def _choose(group: list[Terminal], rid: str | None, handed_out: set | None) -> tuple[Terminal | None, bool]:
@@ -626,20 +826,16 @@ class RadixTree:
         return out
 
     def gather(self, segs: list[tuple[Node, int]]):
-        """(tokens, logprobs, loss_mask, routed_experts|None) for the first k tokens of each node in `segs`."""
+        """(tokens int32, logprobs float32, loss_mask uint8, routed_experts|None) for the first k tokens of each
+        node in `segs`."""
         if not segs:
             return _EMPTY_I32.copy(), np.zeros(0, np.float32), np.zeros(0, np.uint8), self._r3_rows([], 0)
-        if segs[-1][1] == segs[-1][0].tokens.size:  # only the last node can be cut (and, in an exact hit, isn't)
-            nodes = [nd for nd, _ in segs]
-            toks = np.concatenate([nd.tokens for nd in nodes])
-            lps = np.concatenate([nd.logprobs for nd in nodes])
-            mask = np.concatenate([nd.flags for nd in nodes])
-        else:
-            toks = np.concatenate([nd.tokens[:k] for nd, k in segs])
-            lps = np.concatenate([nd.logprobs[:k] for nd, k in segs])
-            mask = np.concatenate([nd.flags[:k] for nd, k in segs])
-        np.bitwise_and(mask, _MASK8, out=mask)
-        return toks, lps, mask, self._r3_rows(segs, toks.size - 1)
+        both = np.concatenate([nd.data[:, :k] for nd, k in segs], axis=1)
+        codes = both[0]
+        mask = (codes >> FLAG_SHIFT).astype(np.uint8)
+        mask &= MASK
+        codes &= TOKEN_BITS
+        return codes, both[1].view(np.float32), mask, self._r3_rows(segs, codes.size - 1)
 
     def _r3_rows(self, segs, need: int) -> np.ndarray | None:
         if self._r3_shape is None:
@@ -649,38 +845,69 @@ class RadixTree:
             take = min(k, need - got)
             if take <= 0:
                 break
-            if nd.r3 is None or (nd.r3[:take, 0] < 0).any():
+            if nd.r3 is None or (nd.r3_known is not None and not nd.r3_known[:take].all()):
                 return None
             parts.append(nd.r3[:take])
             got += take
-        rows = np.concatenate(parts) if parts else np.zeros((0, 1), np.int32)
+        rows = np.concatenate(parts) if parts else np.zeros((0, 1), self._r3_dtype)
         return rows.reshape(max(need, 0), *self._r3_shape)
 
     def path_arrays(self, node: Node):
         """Full (tokens, logprobs, loss_mask, routed_experts|None) of the path ending at `node`."""
-        return self.gather([(nd, nd.tokens.size) for nd in self.path(node)])
+        return self.gather([(nd, nd.size) for nd in self.path(node)])
+
+    def routed_experts_prefix(self, tokens: np.ndarray, *, version: str | None) -> np.ndarray | None:
+        """Routed-expert rows [s, L, K] (the tree's width) for the longest run of leading positions of `tokens`
+        whose rows are all cached and were recorded under weight version `version`; None when there are none.
+        Incremental R3 asks the worker for rows from s on (`routed_experts_start_len`) and stitches these in
+        front. Read-only: no recency or statistics change."""
+        if self._r3_shape is None:
+            return None
+        q = np.asarray(tokens, dtype=np.int32).ravel()
+        node, pos, parts = self.root, 0, []
+        while pos < q.size:
+            child = self._child(node, int(q[pos]))
+            if child is None:
+                break
+            size = child.size
+            m = _common_prefix(child.data[0] & TOKEN_BITS, q[pos:pos + size])
+            if child.r3 is None or child.r3_version != version:
+                break
+            known = child.r3_known
+            take = m if known is None or known[:m].all() else int(np.argmin(known[:m]))
+            if take:
+                parts.append(child.r3[:take])
+            pos += take
+            if take < size:
+                break
+            node = child
+        if not parts:
+            return None
+        return np.concatenate(parts).reshape(pos, *self._r3_shape)
 
     # ----------------------------------------------------------------------------------------------- eviction
     def _push(self, node: Node) -> None:
         """(Re)register a leaf in the heap of its (version, reclaimable) group; older entries go stale."""
-        if node.children or not node.alive or node is self.root:
+        if node.by_first or node.parent is None:  # not a leaf, evicted, or the root
             return
         self._seq += 1
         node.hseq = self._seq
         heapq.heappush(self._heaps.setdefault((node.version, node.reclaimable()), []),
                        (node.last_access, self._seq, node))
         self._heap_entries += 1
-        if self._heap_entries > 4 * self._nodes + 1024:
+        if self._heap_entries > 2 * self._nodes + 1024:
             self._rebuild_heaps()
 
     def _rebuild_heaps(self) -> None:
         self._heaps, self._heap_entries = {}, 0
-        stack = list(self.root.children.values())
+        stack = self.root.kids()
         while stack:
             nd = stack.pop()
-            if nd.children:
-                stack.extend(nd.children.values())
+            if nd.by_first:
+                stack.extend(nd.kids())
             else:
+                self._seq += 1
+                nd.hseq = self._seq
                 self._heaps.setdefault((nd.version, nd.reclaimable()), []).append((nd.last_access, nd.hseq, nd))
                 self._heap_entries += 1
         for h in self._heaps.values():
@@ -711,9 +938,15 @@ class RadixTree:
             best_key = best = None
             for key in list(self._heaps):  # one heap per (version, reclaimable): few groups
                 h = self._heaps[key]
-                while h and (h[0][2].hseq != h[0][1] or h[0][2].children or not h[0][2].alive):
-                    heapq.heappop(h)  # stale entry
-                    self._heap_entries -= 1
+                while h:
+                    stamp, seq, nd = h[0]
+                    if nd.hseq != seq or nd.by_first or nd.parent is None:
+                        heapq.heappop(h)  # stale entry
+                        self._heap_entries -= 1
+                    elif stamp != nd.last_access:  # used since it was pushed: take its place by the new stamp
+                        heapq.heapreplace(h, (nd.last_access, seq, nd))
+                    else:
+                        break
                 if not h:
                     del self._heaps[key]
                 elif eligible(key) and (best is None or h[0] < best):
@@ -727,6 +960,7 @@ class RadixTree:
         return done
 
     def _evict_node(self, node: Node, counter: str, rep: EvictionReport) -> None:
+        self._last_match = None
         parent = node.parent
         self._detach(parent, node)
         freed = node.nbytes()
@@ -742,12 +976,13 @@ class RadixTree:
         # (tests/test_faults.py::test_evicted_cache_nodes_are_freed_without_the_cycle_collector).
         for term in node.terminals:
             term.node = None
-        node.terminals = []
-        node.alive, node.parent = False, None
+        node.terminals = ()
+        node.parent = None
+        size = node.size
         self._nbytes -= freed
         self._nodes -= 1
-        self._ntokens -= node.tokens.size
-        rep.nodes, rep.tokens, rep.freed_bytes = rep.nodes + 1, rep.tokens + node.tokens.size, rep.freed_bytes + freed
+        self._ntokens -= size
+        rep.nodes, rep.tokens, rep.freed_bytes = rep.nodes + 1, rep.tokens + size, rep.freed_bytes + freed
         self._push(parent)  # a parent becomes a candidate once its last child goes
 
     # ----------------------------------------------------------------------------------------------- store hook
@@ -755,15 +990,15 @@ class RadixTree:
         """What `retrieve(text, rid=rid)` answers for an exact hit, without marking it retrieved or counting it,
         or None (no such trajectory, or several spellings of the text and no `rid` to pick one). The durable
         store (router/stages/persist.py) records this answer right after the insert."""
-        group = self._by_digest.get(text_digest(text))
+        group = self._by_key.get(text_key(text))
         if not group:
             return None
         term, ambiguous = self._choose(group, rid, None)
-        if term is None or ambiguous or term.vlen != len(text) or term.node is None:
+        if term is None or ambiguous or term.node is None:
             return None
         path = self.path(term.node)
         versions = [tm.version for nd in path[:-1] for tm in nd.terminals] + [term.version]
-        toks, lps, mask, r3 = self.gather([(nd, nd.tokens.size) for nd in path])
+        toks, lps, mask, r3 = self.gather([(nd, nd.size) for nd in path])
         return Retrieved(True, toks, lps, mask, len(text), _dedup(versions), r3, rid or term.rid, term.finish,
                          term.version, anchored=True, alternatives=len(group))
 

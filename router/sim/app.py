@@ -501,6 +501,8 @@ class SimWorker:
             return
         stream = peek_stream_flag(decoded)
         try:
+            if not self.options.honour_routed_experts_start_len and isinstance(decoded, dict):
+                decoded.pop("routed_experts_start_len", None)
             request = parse_generate(decoded, return_routed_experts_enabled=self.options.enable_routed_experts)
             prompts: list[list[int]] = []
             bad_request_aborts: dict[int, str] = {}

@@ -4,7 +4,8 @@ Reads `scratch["prompt"]` and the worker's reply: `ex.response_body` (one JSON o
 array for `n > 1`) or, for streams, `ex.final_event` (the last cumulative chunk). Takes the
 generated ids from `output_ids` (stop token included), their logprobs from
 `meta_info.output_token_logprobs`, `weight_version`, `finish_reason.type` and, when present,
-`meta_info.routed_experts`. Writes `scratch["trajectory"]`: a list of TrajectoryInput, one per
+`meta_info.routed_experts` (stitched after the cached rows r3_prefix asked the worker to skip, when
+`scratch["r3_prefix"]` is set). Writes `scratch["trajectory"]`: a list of TrajectoryInput, one per
 sample, and (non-stream replies) the `x-miles-router-rid` reply header: the samples' `meta_info.id`s,
 comma-separated. Non-200 replies, error frames and incomplete streams record nothing. The reply
 bytes are never touched.
@@ -66,7 +67,7 @@ class Capture(Stage):
             ids, logps = self._tokens(out)
             if ids.size == 0:
                 continue
-            experts = self._experts(meta.routed_experts, prompt.tokens.size + ids.size, ex)
+            experts = self._experts(meta.routed_experts, prompt.tokens.size + ids.size, ex, meta.weight_version)
             self.services.note_weight_version(meta.weight_version)
             if ex.worker is not None:
                 self.services.observe_weight_version(ex.worker, meta.weight_version)
@@ -104,7 +105,7 @@ class Capture(Stage):
         logps = np.asarray([np.nan if t[0] is None else t[0] for t in triples], dtype=np.float32)
         return ids, logps
 
-    def _experts(self, b64: str | None, total_tokens: int, ex: Exchange) -> np.ndarray | None:
+    def _experts(self, b64: str | None, total_tokens: int, ex: Exchange, version: str | None) -> np.ndarray | None:
         if b64 is None:
             if self.options.require_routed_experts:
                 raise StageError(502, "worker reply has no meta_info.routed_experts "
@@ -119,11 +120,25 @@ class Capture(Stage):
             raise StageError(502, "meta_info.routed_experts is not valid base64") from None
         rows = total_tokens - 1
         flat = np.frombuffer(raw, dtype="<i4")
+        prefix = ex.scratch.get("r3_prefix")
+        if prefix is not None:
+            start, cached, cached_version = prefix
+            width = cached[0].size
+            if rows > 0 and flat.size == (rows - start) * width and flat.size != rows * width:
+                # The worker sent rows [start, T-1): put the cached rows in front, unless its weights changed
+                # since they were recorded (then the prefix rows are left unknown, never mixed in).
+                if version == cached_version:
+                    head = cached.reshape(start, width).astype(np.int32)
+                else:
+                    head = np.full((start, width), -1, np.int32)
+                flat = np.concatenate([head, flat.reshape(-1, width)]).ravel()
+            # else: every row came back (a worker that ignores routed_experts_start_len): used as they are
         if rows <= 0 or flat.size % rows:
-            # e.g. routed_experts_start_len > 0: not whole-sequence rows, so not stitchable.
             raise StageError(502, f"routed_experts holds {flat.size} int32 values, not a multiple of "
                                   f"{rows} rows (prompt+completion-1)")
         width = flat.size // rows
+        if prefix is not None:
+            return flat.reshape(rows, *prefix[1].shape[1:])
         layers = self.options.routed_experts_layers
         if layers and width % layers == 0:
             return flat.reshape(rows, layers, width // layers)

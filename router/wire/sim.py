@@ -27,6 +27,8 @@ class SimOptions(msgspec.Struct, kw_only=True):
     top_k: int = 2
     num_experts: int = 64
     enable_routed_experts: bool = True
+    # False: ignore `routed_experts_start_len` and return every row, as some SGLang builds do
+    honour_routed_experts_start_len: bool = True
     weight_version: str = "default"
     prefix_cache_tokens: int = 1 << 20
     noncanonical_rate: float = 0.15
