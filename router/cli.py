@@ -3,7 +3,7 @@
     miles-router --config router.toml [--host H] [--port P] [--log-level L]
     miles-router check --config router.toml
     miles-router sim-worker --port 31000 [--tokenizer builtin:qwen] [--seed 0] [--token-latency-s 0.01]
-    miles-router store stats|export|vacuum --config router.toml [--out FILE] [--all]
+    miles-router store stats|export|vacuum --config router.toml [--out FILE] [--all] [--format samples|retrieve]
 
 A bad config or pipeline, or a trajectory store that cannot be opened, prints one line on stderr and exits 2.
 """
@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--config", required=True)
     st.add_argument("--out", help="export: the safetensors file to write (default: stdout is refused)")
     st.add_argument("--all", action="store_true", help="export: retrieved trajectories too")
+    st.add_argument("--format", choices=["samples", "retrieve"], default="samples",
+                    help="export: miles' samples layout (the default) or /retrieve_from_text's safetensors layout")
     return p
 
 
@@ -199,7 +201,8 @@ def cmd_store(args) -> int:
             if not args.out:
                 print("miles-router: store export needs --out FILE", file=sys.stderr)
                 return 2
-            print(json.dumps(store_tools.export(path, cfg, args.out, unretrieved_only=not args.all), indent=2))
+            print(json.dumps(store_tools.export(path, cfg, args.out, unretrieved_only=not args.all,
+                                                layout=args.format), indent=2))
     except StoreOpenError as e:
         print(f"miles-router: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """Router endpoints beyond worker admin: trajectory retrieval and cache statistics.
 
 `POST /retrieve_from_text` answers, for one text or many, the exact tokens, loss mask and
-logprobs recorded for it (miles-compatible keys) plus how much of the text matched exactly.
+logprobs recorded for it (miles-compatible keys) plus how much of the text matched exactly:
+as JSON (the default) or, when asked, as one safetensors blob (router/wire/retrieve.py).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import msgspec
 import numpy as np
 import trio
 
-from router.wire import DECODE_ERRORS, decode_error_text
+from router.wire import DECODE_ERRORS, decode_error_text, validation_problem
 from router.core.pipeline import Reply, StageError
 from router.core.radix import text_digest
+from router.wire import retrieve as retrieve_wire
 from router.wire import store as store_wire
 from router.wire.api import RetrieveBatch, Trajectory, json_encoder, retrieve_request_decoder
 
@@ -76,10 +78,11 @@ async def _lookup(runtime, text: str, rid: str | None = None, handed_out: set | 
         digest = text_digest(data)
         if not r.exact and not r.ambiguous:
             # Not in memory (evicted, or stored before a restart): the store has it if it was ever acknowledged.
-            rec = await store.get(digest)
-            if rec is not None and (rid is None or rec.rid == rid):
-                store.mark_retrieved(digest)
-                return _stored(text, rec)
+            found = _from_store(text, await store.get_all(digest), rid, handed_out)
+            if found is not None:
+                if found.exact:
+                    store.mark_retrieved(digest)
+                return found
         elif r.exact:
             store.mark_retrieved(digest)
     if rid is not None and not r.exact:
@@ -108,11 +111,36 @@ async def _lookup(runtime, text: str, rid: str | None = None, handed_out: set | 
                   matched_chars, fresh, versions, r.routed_experts if fresh == 0 else None, r.rid, r.alternatives)
 
 
-def _stored(text: str, rec) -> _Found:
+def _stored(text: str, rec, alternatives: int = 1) -> _Found:
     """A trajectory read back from the durable store: the memory cache's exact answer, as it was recorded."""
     tokens = store_wire.tokens_of(rec)
     return _Found(text, True, "trajectory", tokens, store_wire.logprobs_of(rec), store_wire.loss_mask_of(rec),
-                  len(text), 0, [v for v in rec.versions if v is not None], store_wire.experts_of(rec), rec.rid, 1)
+                  len(text), 0, [v for v in rec.versions if v is not None], store_wire.experts_of(rec), rec.rid,
+                  alternatives)
+
+
+def _from_store(text: str, records: list, rid: str | None, handed_out: set | None) -> _Found | None:
+    """The stored answer for a text, by the memory cache's rules when it has several token spellings: exact only
+    when determined (one spelling, a `rid`, or a batch hand-out of the oldest spelling none of whose rids was
+    handed out), else `ambiguous` with the newest spelling and the count. None: nothing stored (for that rid)."""
+    spellings: dict[bytes, list] = {}
+    for rec in records:  # oldest first
+        spellings.setdefault(rec.tokens, []).append(rec)
+    groups = list(spellings.values())
+    if rid is not None:
+        rec = next((r for g in groups for r in g if r.rid == rid), None)
+        return None if rec is None else _stored(text, rec, len(groups))
+    if not groups:
+        return None
+    if len(groups) == 1:
+        return _stored(text, groups[0][-1])
+    if handed_out is not None:
+        for g in groups:
+            if not any(r.rid in handed_out for r in g):
+                return _stored(text, g[-1], len(groups))
+    found = _stored(text, records[-1], len(groups))
+    found.exact, found.match, found.rid = False, "ambiguous", None
+    return found
 
 
 # `exact` is true only when the tokens are exactly what an engine saw or produced for this text, cut where
@@ -162,17 +190,10 @@ def _tolist(a: np.ndarray, piece: int = 1 << 16) -> list:
     return out
 
 
-def _trajectory(f: _Found) -> Trajectory:
-    experts = None
-    shape = None
-    if f.experts is not None:
-        experts = base64.b64encode(np.ascontiguousarray(f.experts, dtype="<i4").tobytes()).decode()
-        shape = list(f.experts.shape)
-    return Trajectory(
+def _fields(f: _Found) -> dict:
+    """The answer's fields besides its arrays (the same in the JSON and the safetensors form)."""
+    return dict(
         response=f.text,
-        tokens=_tolist(f.tokens),
-        loss_mask=_tolist(f.mask),
-        rollout_logp=_tolist(f.logp.astype(np.float64)),
         token_length=int(f.tokens.size),
         loss_mask_length=int(f.mask.size),
         exact=f.exact,
@@ -182,11 +203,30 @@ def _trajectory(f: _Found) -> Trajectory:
         fresh_tokens=f.fresh,
         weight_version=f.versions[-1] if f.versions else None,
         weight_versions=f.versions,
-        routed_experts=experts,
-        routed_experts_shape=shape,
+        routed_experts_shape=list(f.experts.shape) if f.experts is not None else None,
         rid=f.rid if f.exact else None,
         alternatives=f.alternatives,
     )
+
+
+def _trajectory(f: _Found) -> Trajectory:
+    experts = None
+    if f.experts is not None:
+        # SGLang's encoding: base64 of little-endian int32, whatever integer width the cache holds the rows in
+        experts = base64.b64encode(np.ascontiguousarray(f.experts, dtype="<i4").tobytes()).decode()
+    return Trajectory(
+        tokens=_tolist(f.tokens),
+        loss_mask=_tolist(f.mask),
+        rollout_logp=_tolist(f.logp.astype(np.float64)),
+        routed_experts=experts,
+        **_fields(f),
+    )
+
+
+def _answer(f: _Found, return_logp: bool) -> retrieve_wire.Answer:
+    """The safetensors form's answer: the arrays as they are (int32 ids, uint8 mask, float32 logprobs)."""
+    logp = f.logp if return_logp else np.zeros(f.tokens.size, np.float32)
+    return retrieve_wire.Answer(retrieve_wire.RetrieveMeta(**_fields(f)), f.tokens, f.mask, logp, f.experts)
 
 
 async def retrieve_one(runtime, text: str, rid: str | None = None) -> Trajectory:
@@ -232,6 +272,26 @@ async def _retrieve_body(runtime, texts: list[str], single: bool, rids: list[str
     return build()
 
 
+# The safetensors form costs about one copy of its bytes (~1 ms per MB here) plus, for routed experts the cache
+# holds wider than needed, one pass to narrow them. Past this many bytes it is built in a worker thread: numpy's
+# passes release the GIL there; safetensors' copy does not, so that part still stalls the loop (~1 ms/MB) either way.
+_OFFLOAD_BINARY_BYTES = 4 << 20
+
+
+async def _retrieve_binary(runtime, texts: list[str], single: bool, rids: list[str | None] | None = None,
+                           return_logp: bool = True, experts_dtype: str = "narrow") -> bytes:
+    found = await _lookup_all(runtime, texts, rids or [None] * len(texts))
+    answers = [_answer(f, return_logp) for f in found]
+
+    def build() -> bytes:
+        return retrieve_wire.encode(answers, single=single, experts_dtype=experts_dtype)
+
+    size = sum(9 * f.tokens.size + (f.experts.nbytes if f.experts is not None else 0) for f in found)
+    if size > _OFFLOAD_BINARY_BYTES:
+        return await trio.to_thread.run_sync(build)
+    return build()
+
+
 def _char_aligned_prefix(tokenizer, tokens: np.ndarray, data: bytes) -> int:
     """How many leading `tokens` end on a UTF-8 character boundary of `data` (at the latest)."""
     if tokens.size == 0:
@@ -242,12 +302,32 @@ def _char_aligned_prefix(tokenizer, tokens: np.ndarray, data: bytes) -> int:
     return int(ok[-1]) + 1 if ok.size else 0
 
 
+# Fields whose bad value gets the allowed values appended to the router's wording of the problem.
+_CHOICES = {"$.format": retrieve_wire.FORMATS, "$.routed_experts_dtype": retrieve_wire.EXPERTS_DTYPES}
+
+
+def _invalid_body(e: msgspec.ValidationError, body: bytes) -> str:
+    msg = f"invalid /retrieve_from_text body: {decode_error_text(e, body)}"
+    choices = _CHOICES.get(validation_problem(e)[0])
+    if choices:
+        msg += " (allowed: " + ", ".join(f'"{c}"' for c in choices) + ")"
+    return msg
+
+
+def _binary(req, scope) -> bool:
+    """The safetensors form: `"format": "safetensors"`, or no `format` and an Accept header preferring it."""
+    if req.format is not None:
+        return req.format == "safetensors"
+    accept = b",".join(v for k, v in scope["headers"] if k == b"accept")
+    return retrieve_wire.wants_binary(accept)
+
+
 def _retrieve_handler(runtime):
     async def handler(scope, body: bytes) -> Reply:
         try:
             req = retrieve_request_decoder.decode(body)
         except msgspec.ValidationError as e:
-            raise StageError(400, f"invalid /retrieve_from_text body: {decode_error_text(e, body)}") from None
+            raise StageError(400, _invalid_body(e, body)) from None
         except DECODE_ERRORS as e:
             raise StageError(400, f"invalid JSON body: {decode_error_text(e, body)}") from None
         if (req.text is None) == (req.texts is None):
@@ -255,12 +335,17 @@ def _retrieve_handler(runtime):
         if req.text is not None:
             if req.rids is not None:
                 raise StageError(400, '"rids" goes with "texts"; use "rid" with "text"')
-            return Reply(200, await _retrieve_body(runtime, [req.text], True, [req.rid], req.return_logp))
-        if req.rid is not None:
-            raise StageError(400, '"rid" goes with "text"; use "rids" (one per text) with "texts"')
-        if req.rids is not None and len(req.rids) != len(req.texts):
-            raise StageError(400, f'"rids" has {len(req.rids)} entries for {len(req.texts)} texts')
-        return Reply(200, await _retrieve_body(runtime, req.texts, False, req.rids, req.return_logp))
+            texts, rids, single = [req.text], [req.rid], True
+        else:
+            if req.rid is not None:
+                raise StageError(400, '"rid" goes with "text"; use "rids" (one per text) with "texts"')
+            if req.rids is not None and len(req.rids) != len(req.texts):
+                raise StageError(400, f'"rids" has {len(req.rids)} entries for {len(req.texts)} texts')
+            texts, rids, single = req.texts, req.rids, False
+        if _binary(req, scope):
+            blob = await _retrieve_binary(runtime, texts, single, rids, req.return_logp, req.routed_experts_dtype)
+            return Reply(200, blob, [(b"content-type", retrieve_wire.CONTENT_TYPE)])
+        return Reply(200, await _retrieve_body(runtime, texts, single, rids, req.return_logp))
 
     return handler
 

@@ -1,7 +1,9 @@
 """`miles-router store stats|export|vacuum`: offline tools on the trajectory store (no event loop).
 
-Export writes the trajectories as one safetensors file in the per-trajectory layout of `/sessions/{id}/samples`
-(miles' samples wire format), so the trainer reads both the same way. For trajectory i:
+Export writes the trajectories as one safetensors file, in one of two layouts (`--format`):
+
+`samples` (the default): the per-trajectory layout of `/sessions/{id}/samples` (miles' samples wire format), so the
+trainer reads both the same way. For trajectory i:
   tokens.i                  int64   [T]        prompt + response tokens
   loss_mask.i               uint8   [R]        the response part (R = T - prompt tokens); 1 = generated
   rollout_log_probs.i       float64 [R]        0.0 where the mask is 0
@@ -10,6 +12,12 @@ and `_samples_meta`, a uint8 tensor holding JSON {"samples": [{response, respons
 weight_versions, metadata, reward}], "session_metadata": {}, "empty_reason": null | "no_records"}.
 The response starts at the first generated token, so earlier turns of a multi-turn text conversation are part of
 it with their own mask (as miles merges turns).
+
+`retrieve`: the batch layout of `/retrieve_from_text`'s safetensors form (router/wire/retrieve.py), i.e. what a
+`{"texts": [...], "format": "safetensors"}` retrieve of every exported trajectory answers: `tokens.i` int32,
+`loss_mask.i` uint8 and `rollout_logp.i` float32 over the whole sequence, `routed_experts.i` at the narrowest
+width, and `_retrieve_meta` {"results": [...]} with the retrieve fields plus the store's `finish`, `worker`,
+`created` and `prompt_len`. The store keeps no text: `response` is the tokens' text (the stop token's included).
 """
 
 from __future__ import annotations
@@ -21,7 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from router.net.store_sqlite import SqliteStore
+from router.wire import retrieve as retrieve_wire
 from router.wire import store as wire
+
+LAYOUTS = ("samples", "retrieve")
 
 _STATUS = {"stop": "COMPLETED", "length": "TRUNCATED", "abort": "ABORTED"}
 
@@ -31,8 +42,10 @@ def stats(path: Path) -> dict:
     try:
         st = store.stats()
         oldest, newest, tokens = store.summary()
+        sessions, turns = store.session_counts()
         return {**st.__dict__, "tokens": tokens, "oldest": oldest, "newest": newest,
-                "bytes_per_token": round(st.payload_bytes / tokens, 3) if tokens else None}
+                "bytes_per_token": round(st.payload_bytes / tokens, 3) if tokens else None,
+                "sessions": sessions, "session_turns": turns}
     finally:
         store.close_sync()
 
@@ -60,7 +73,11 @@ def _tokenizer(cfg):
     return load_tokenizer(cfg.tokenizer.path)
 
 
-def export(path: Path, cfg, out: str, *, unretrieved_only: bool = True) -> dict:
+def export(path: Path, cfg, out: str, *, unretrieved_only: bool = True, layout: str = "samples") -> dict:
+    if layout == "retrieve":
+        return _export_retrieve(path, cfg, out, unretrieved_only=unretrieved_only)
+    if layout != "samples":
+        raise ValueError(f"export layout {layout!r}: one of {', '.join(LAYOUTS)}")
     from safetensors.numpy import save_file
 
     store = SqliteStore(path)
@@ -97,3 +114,32 @@ def export(path: Path, cfg, out: str, *, unretrieved_only: bool = True) -> dict:
     tensors["_samples_meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8).copy()
     save_file(tensors, out)
     return {"exported": len(samples), "file": out, "bytes": Path(out).stat().st_size}
+
+
+def _export_retrieve(path: Path, cfg, out: str, *, unretrieved_only: bool) -> dict:
+    """The trajectories in `/retrieve_from_text`'s safetensors batch layout (each one as the store answers it)."""
+    from safetensors.numpy import save_file
+
+    store = SqliteStore(path)
+    tok = None
+    answers = []
+    try:
+        for _, rec in store.scan(unretrieved_only=unretrieved_only):
+            if tok is None:
+                tok = _tokenizer(cfg)
+            tokens = wire.tokens_of(rec)
+            experts = wire.experts_of(rec)
+            text = tok.text_bytes(tokens).decode("utf-8", "replace")
+            versions = [v for v in rec.versions if v is not None]
+            meta = retrieve_wire.StoredMeta(
+                response=text, token_length=int(tokens.size), loss_mask_length=int(tokens.size), exact=True,
+                match="trajectory", matched_chars=len(text), text_chars=len(text), fresh_tokens=0,
+                weight_version=versions[-1] if versions else None, weight_versions=versions,
+                routed_experts_shape=list(experts.shape) if experts is not None else None, rid=rec.rid,
+                alternatives=1, finish=rec.finish, worker=rec.worker, created=rec.created,
+                prompt_len=int(rec.prompt_len))
+            answers.append(retrieve_wire.Answer(meta, tokens, wire.loss_mask_of(rec), wire.logprobs_of(rec), experts))
+    finally:
+        store.close_sync()
+    save_file(retrieve_wire.tensors_of(answers, single=False), out)
+    return {"exported": len(answers), "file": out, "bytes": Path(out).stat().st_size, "format": "retrieve"}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
+from router.wire.retrieve import ExpertsDtype, Format
+
 
 # Router-owned request bodies ignore fields they do not know (clients such as miles' send extras,
 # and a newer client must not be refused by an older router); only the fields below are checked.
@@ -23,6 +25,11 @@ class RetrieveRequest(msgspec.Struct):
     # `texts`, one entry (or null) per text.
     rid: str | None = None
     rids: list[str | None] | None = None
+    # The reply's form: "json" (the default; also when absent, unless the Accept header prefers
+    # application/octet-stream) or "safetensors" (router/wire/retrieve.py). The body field wins over the header.
+    format: Format | None = None
+    # The safetensors form's routed experts: "narrow" (the narrowest width holding the ids) or SGLang's "int32".
+    routed_experts_dtype: ExpertsDtype = "narrow"
 
 
 class Trajectory(msgspec.Struct, omit_defaults=False):
