@@ -16,9 +16,11 @@ Router CPU per request = utime+stime of the router process (from /proc) / reques
 Bytes on disk per token: the commit run's store (record bytes, and whole-file bytes incl. SQLite's index and
 free pages) / stored tokens (prompt + output).
 
-Restart: a store of N GB is generated directly through the store's record format (1,000-token trajectories,
-no routed experts: ~8 KB each), then the router is started on it and timed until `/health` answers and until
-the first exact `/retrieve_from_text` of a stored trajectory (read back from disk). An empty store is the baseline.
+Restart: a store of N GB is generated directly through the store's record format (`--restart-tokens` per
+trajectory, default 1,000, no routed experts: ~8 KB each; every text >= 64 bytes with its own prefix key, the worst
+case for the one thing startup loads, the distinct prefix keys), then the router is started on it and timed until
+`/health` answers and until the first exact `/retrieve_from_text` of a stored trajectory (read back from disk),
+and its RSS is read once it is ready. An empty store is the baseline.
 """
 
 from __future__ import annotations
@@ -199,15 +201,17 @@ def generate_store(path: str, gigabytes: float, tokens_per: int = 1000) -> tuple
     import numpy as np
 
     from router.core.radix import text_digest
+    from router.core.store import text_head
     from router.net.store_sqlite import open_database
     from router.wire import store as wire
 
     conn, _ = open_database(__import__("pathlib").Path(path), sync="off")
     rng = np.random.default_rng(0)
-    rec = wire.pack(rid="x", created=time.time(), prompt_len=200, finish="stop", worker=None, weight_version="v1",
+    prompt = min(200, tokens_per // 2)
+    rec = wire.pack(rid="x", created=time.time(), prompt_len=prompt, finish="stop", worker=None, weight_version="v1",
                     versions=["v1"], tokens=rng.integers(0, 151000, tokens_per).astype(np.int32),
                     logprobs=rng.normal(size=tokens_per).astype(np.float32),
-                    loss_mask=np.r_[np.zeros(200, np.uint8), np.ones(tokens_per - 200, np.uint8)], experts=None)
+                    loss_mask=np.r_[np.zeros(prompt, np.uint8), np.ones(tokens_per - prompt, np.uint8)], experts=None)
     blob = wire.encode(rec)
     n = int(gigabytes * 1e9 / len(blob))
     batch = 5000
@@ -215,16 +219,28 @@ def generate_store(path: str, gigabytes: float, tokens_per: int = 1000) -> tuple
         ids = range(start, min(n, start + batch))
         conn.execute("BEGIN")
         for i in ids:
-            cur = conn.execute("INSERT INTO trajectories (digest, created, retrieved, version, ntokens, nbytes) "
-                               "VALUES (?, ?, 0, 'v1', ?, ?)", (text_digest(f"stored text {i}".encode()), time.time(),
-                                                              tokens_per, len(blob)))
+            # every text its own 64-byte prefix key (the worst case for startup, which loads the distinct keys)
+            text = _stored_text(i)
+            cur = conn.execute("INSERT INTO trajectories (digest, created, retrieved, version, ntokens, nbytes, head, "
+                               "vlen) VALUES (?, ?, 0, 'v1', ?, ?, ?, ?)",
+                               (text_digest(text), time.time(), tokens_per, len(blob), text_head(text), len(text)))
             conn.execute("INSERT INTO payloads (id, data) VALUES (?, ?)", (cur.lastrowid, blob))
         conn.execute("COMMIT")
     conn.close()
-    return n, f"stored text {n // 2}"
+    return n, _stored_text(n // 2).decode()
 
 
-def restart_time(tmp: str, sims: list[int], store_path: str, probe_text: str | None) -> tuple[float, float | None]:
+def _stored_text(i: int) -> bytes:
+    return f"stored text {i:09d}: a generated trajectory's visible text, long enough for a prefix key.".encode()
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def restart_time(tmp: str, sims: list[int], store_path: str, probe_text: str | None
+                 ) -> tuple[float, float | None, float]:
     port = free_port()
     cfg = router_config(tmp, port, sims, "commit", store_path)
     t0 = time.perf_counter()
@@ -232,6 +248,7 @@ def restart_time(tmp: str, sims: list[int], store_path: str, probe_text: str | N
     try:
         wait_http(f"http://127.0.0.1:{port}/health", timeout=600)
         ready = time.perf_counter() - t0
+        rss = _rss_mb(router.pid)
         first = None
         if probe_text is not None:
             req = urllib.request.Request(f"http://127.0.0.1:{port}/retrieve_from_text",
@@ -240,7 +257,7 @@ def restart_time(tmp: str, sims: list[int], store_path: str, probe_text: str | N
                 got = json.loads(r.read())
             assert got["exact"] and got["match"] == "trajectory", got["match"]
             first = time.perf_counter() - t0
-        return ready, first
+        return ready, first, rss
     finally:
         stop(router)
 
@@ -252,6 +269,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--restart-gb", default="", help="comma-separated store sizes in GB for the restart table")
+    ap.add_argument("--restart-tokens", type=int, default=1000, help="tokens per generated trajectory")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--tmp", help="folder for stores and logs (default: a new temp folder)")
     args = ap.parse_args()
@@ -288,18 +306,20 @@ def main() -> int:
             print(f"bytes on disk per token (no R3): records {c['record_bytes_per_token']:.2f} B, whole file "
                   f"{c['file_bytes_per_token']:.2f} B  ({c['rows']} trajectories, {c['tokens']:.0f} tokens)")
         if args.restart_gb:
-            print("\n| store | trajectories | file size | ready (/health) | first exact retrieve from disk |\n|---|---|---|---|---|")
+            print(f"\n{args.restart_tokens}-token trajectories\n"
+                  "| store | trajectories | file size | ready (/health) | first exact retrieve from disk | router RSS "
+                  "when ready |\n|---|---|---|---|---|---|")
             path = os.path.join(tmp, "empty.db")
-            ready, _ = restart_time(tmp, sims, path, None)
-            print(f"| empty | 0 | {os.path.getsize(path) / 1e6:.1f} MB | {ready:.2f} s | – |", flush=True)
+            ready, _, rss = restart_time(tmp, sims, path, None)
+            print(f"| empty | 0 | {os.path.getsize(path) / 1e6:.1f} MB | {ready:.2f} s | – | {rss:.0f} MB |", flush=True)
             for gb in (float(x) for x in args.restart_gb.split(",")):
                 path = os.path.join(tmp, f"gen-{gb:g}.db")
                 t0 = time.perf_counter()
-                n, probe = generate_store(path, gb)
+                n, probe = generate_store(path, gb, args.restart_tokens)
                 gen_s = time.perf_counter() - t0
-                ready, first = restart_time(tmp, sims, path, probe)
-                print(f"| {gb:g} GB | {n} | {os.path.getsize(path) / 1e9:.2f} GB | {ready:.2f} s | {first:.2f} s |  "
-                      f"(generated in {gen_s:.0f} s)", flush=True)
+                ready, first, rss = restart_time(tmp, sims, path, probe)
+                print(f"| {gb:g} GB | {n} | {os.path.getsize(path) / 1e9:.2f} GB | {ready:.2f} s | {first:.2f} s | "
+                      f"{rss:.0f} MB |  (generated in {gen_s:.0f} s)", flush=True)
                 os.unlink(path)
     finally:
         for p in PROCS:

@@ -166,6 +166,32 @@ async def test_breaker_open_half_open_closed_and_reopen_per_worker(nursery):
         assert wb.breaker.transitions == {}
 
 
+async def test_a_passing_probe_closes_an_open_breaker_after_the_cooldown_and_says_so(nursery):
+    """Without traffic, the probes decide: after the cooldown a passing /health closes the breaker, and that
+    transition is in GET /workers and counted in /metrics like the others."""
+    a = await start_sim(nursery, seed=0)
+    b = await start_sim(nursery, seed=1)
+    router = await start_router(nursery, workers={"urls": [a.url, b.url], "health_interval_s": 0.1},
+                                breaker={"failures": 2, "cooldown_s": 0.5}, retry={"max_attempts": 1})
+    wa = router.runtime.pool.get(a.url)
+    async with client(router) as c:
+        a.worker.set_faults(generate_status=500)
+        while wa.breaker.state.value == "closed":
+            await c.post("/generate", json=gen_body("x"))
+        assert wa.breaker.state.value == "open"
+        a.worker.set_faults(generate_status=None)  # its /health was fine all along
+        opened = time.monotonic()
+        await wait_until(lambda: wa.breaker.state.value == "closed", timeout=5)
+        assert time.monotonic() - opened >= 0.5 - 0.15  # not before the cooldown (one probe interval of slack)
+        desc = next(w for w in (await c.get("/workers")).json()["workers"] if w["url"] == a.url)
+        text = (await c.get("/metrics")).text
+    assert desc["breaker"]["state"] == "closed" and desc["breaker"]["transitions"] == {"closed->open": 1,
+                                                                                      "open->closed": 1}
+    assert metric(text, "miles_router_worker_breaker_transitions_total", worker=a.url, from_state="open",
+                  to_state="closed") == 1.0
+    assert metric(text, "miles_router_worker_breaker_state", worker=a.url, state="closed") == 1.0
+
+
 async def test_breaker_ignores_4xx_and_can_be_disabled(nursery):
     a = await start_sim(nursery, seed=0)
     router = await start_router(nursery, workers={"urls": [a.url]}, breaker={"failures": 2})
@@ -193,13 +219,18 @@ async def test_stream_retried_before_its_first_event_never_after(nursery):
     router = await start_router(nursery, workers={"urls": [a.url, b.url]})
     async with client(router) as c:
         a.worker.set_faults(generate_status=503)
+        retried = 0
         for i in range(4):  # whichever worker is picked first, the client gets b's stream
             async with c.stream("POST", "/generate", json={**gen_body(f"s{i}", 6), "stream": True}) as r:
                 assert r.status_code == 200 and r.headers["x-miles-router-worker"] == b.url
                 lines = [ln async for ln in r.aiter_lines() if ln.startswith("data: ")]
             assert lines[-1] == "data: [DONE]" and len(lines) >= 2
             if "x-miles-router-retried" in r.headers:
-                assert r.headers["x-miles-router-route-reason"].endswith(", retry")
+                assert r.headers["x-miles-router-retried"] == f"{a.url} 503"
+                assert r.headers["x-miles-router-route-reason"] == "least_inflight, retry"
+                retried += 1
+        # ties go round-robin: a was picked first for some of them, and its 503 never reached the client
+        assert retried >= 1 and a.worker.stats.generate_requests == retried
         # A stream that breaks after its first event is never resent (it was delivered and may have run).
         a.worker.set_faults(generate_status=None, drop_after_bytes=60)
         b.worker.set_faults(drop_after_bytes=60)
@@ -220,7 +251,12 @@ async def test_retry_attempts_are_bounded_and_counted(nursery):
     sims = [await start_sim(nursery, seed=i, faults={"generate_status": 502}) for i in range(4)]
     router = await start_router(nursery, workers={"urls": [s.url for s in sims]}, retry={"max_attempts": 3})
     async with client(router) as c:
+        await c.get("/health")  # a connection is open: the time below is the router's
+        t0 = time.monotonic()
         r = await c.post("/generate", json=gen_body("all-bad"))
+        took = time.monotonic() - t0
+        # retried at once, never after a blind sleep (miles' own client sleeps 1 s between its retries)
+        assert took < 0.5, took
         assert r.status_code == 502 and r.json()["message"] == "Simulated fault: status 502"  # the worker's own
         assert r.headers["x-miles-router-route-reason"] == "least_inflight, retry, retry"
         assert len(r.headers["x-miles-router-retried"].split(", ")) == 2
@@ -355,6 +391,10 @@ async def test_admission_queue_429_when_full_408_on_timeout_router_endpoints_not
             assert r.status_code == 404 and "trajectory cache is not enabled" in r.json()["error"]  # answered
             sid = (await c.post("/sessions")).json()["session_id"]  # sessions API control routes
             assert (await c.get(f"/sessions/{sid}")).status_code == 200
+            # admin fan-out reaches the worker past the queue (which, like SGLang, refuses to flush while
+            # requests run: its own 400 came back)
+            fan = (await c.post("/flush_cache")).json()
+            assert fan["results"][sim.url]["status"] == 400 and "running" in fan["results"][sim.url]["body"], fan
         assert metric(text, "miles_router_queue_depth", queue="admission") == 2.0
         assert metric(text, "miles_router_admitted_requests") == 2.0
     assert results["run1"][0] == results["run2"][0] == 200
@@ -416,6 +456,37 @@ async def test_per_worker_cap_queues_fairly_and_places_on_the_least_loaded(nurse
     assert all(s.worker.stats.peak_in_flight <= 2 for s in sims)  # the cap held on each worker
     assert all(s.worker.stats.generate_requests >= 4 for s in sims)  # and both workers took waiters
     assert metric(text, "miles_router_queue_wait_seconds_count", queue="worker_slot") >= 8
+
+
+async def test_per_worker_cap_places_a_waiter_on_the_worker_whose_slot_frees_first(nursery):
+    """Selection happens when a slot frees, not when a request starts waiting: with one worker busy for 3 s and
+    the other free again after ~0.4 s, every waiting request goes to the second one (a waiter pinned to a worker
+    at arrival would wait out the long request)."""
+    sims = [await start_sim(nursery, seed=i, token_latency_s=0.05) for i in range(2)]
+    router = await start_router(nursery, workers={"urls": [s.url for s in sims], "max_inflight_per_worker": 1,
+                                                  "queue_timeout_s": 20})
+    pool = router.runtime.pool
+    served = {}
+
+    async def send(c, tag, tokens):
+        r = await c.post("/generate", json=gen_body(tag, tokens))
+        assert r.status_code == 200
+        served[tag] = (r.headers["x-miles-router-worker"], time.monotonic())
+
+    async with client(router) as c:
+        async with trio.open_nursery() as n:
+            n.start_soon(send, c, "long", 60)
+            await wait_until(lambda: sum(w.inflight for w in pool.all) == 1)
+            busy = next(w.url for w in pool.all if w.inflight == 1)
+            n.start_soon(send, c, "short", 8)
+            await wait_until(lambda: sum(w.inflight for w in pool.all) == 2)
+            for i in range(4):  # both workers full: these wait
+                n.start_soon(send, c, f"w{i}", 4)
+                await wait_until(lambda i=i: len(router.runtime.slot_queue) == i + 1)
+    other = next(s.url for s in sims if s.url != busy)
+    assert served["long"][0] == busy and served["short"][0] == other
+    assert all(served[f"w{i}"][0] == other for i in range(4)), served
+    assert all(served[f"w{i}"][1] < served["long"][1] for i in range(4))  # none waited for the long request
 
 
 async def test_per_worker_cap_wait_past_timeout_is_503(nursery):

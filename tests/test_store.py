@@ -382,3 +382,256 @@ async def test_next_turn_after_restart_reuses_the_stored_tokens(nursery, tmp_pat
             assert await _retrieve(c, t1 + out1["text"]) == before
             assert router.runtime.tree.peek_exact((t1 + out1["text"]).encode()) is not None
         n2.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------------------------------------- same text, two spellings
+async def _two_spellings(c, tiny, text: str):
+    """Two trajectories whose visible text is `text` with different tokens: the prompt spelled canonically and cut
+    in two, each generation stopped at its first token (whose text the engine strips). (token lists, rids)"""
+    cut = next(i for i in range(1, len(text)) if tiny.encode(text[:i]) + tiny.encode(text[i:]) != tiny.encode(text))
+    want, rids = [], []
+    for ids in (tiny.encode(text), tiny.encode(text[:cut]) + tiny.encode(text[cut:])):
+        first = await c.post("/generate", json={"input_ids": ids, "sampling_params": {"max_new_tokens": 1}})
+        tok = first.json()["output_ids"][0]
+        r = await c.post("/generate", json={"input_ids": ids, "return_logprob": True, "sampling_params": {
+            "max_new_tokens": 8, "stop_token_ids": [tok]}})
+        out = r.json()
+        assert r.status_code == 200 and out["output_ids"] == [tok] and out["text"] == "", out
+        want.append(ids + [tok])
+        rids.append(out["meta_info"]["id"])
+    assert want[0] != want[1]
+    return want, rids
+
+
+async def test_same_text_two_spellings_is_never_exact_from_disk(nursery, tmp_path):
+    """A GRPO group whose samples spelled the same text differently (issue 9 item 6), read back from the store
+    after a restart: the text alone must not come back `exact: true` with one sample's tokens for both."""
+    from router.tokenizer import load_tokenizer
+
+    tiny = load_tokenizer("builtin:tiny")
+    path = tmp_path / "store.db"
+    sim = await start_sim(nursery, seed=2)
+    text = "<0001> Say hello to the wonderful world, please, and then stop."
+    async with trio.open_nursery() as n1:
+        router, _ = await store_router(n1, path, sims=[sim])
+        async with client(router) as c:
+            want, rids = await _two_spellings(c, tiny, text)
+            before = await _retrieve(c, text)
+            assert before["match"] == "ambiguous" and before["exact"] is False and before["alternatives"] == 2
+        n1.cancel_scope.cancel()
+    store = SqliteStore(path)
+    store.start()
+    records = await store.get_all(text_digest(text.encode()))
+    assert [wire.tokens_of(r).tolist() for r in records] == want and [r.rid for r in records] == rids
+    assert await store.get(text_digest(text.encode())) is None  # not determined by the text alone
+    await store.aclose()
+    async with trio.open_nursery() as n2:
+        router, _ = await store_router(n2, path, sims=[sim])
+        async with client(router) as c:
+            after = await _retrieve(c, text)
+            assert after["exact"] is False and after["match"] != "trajectory", after["match"]
+        n2.cancel_scope.cancel()
+
+
+async def test_same_text_two_spellings_by_rid_and_batch_after_restart(nursery, tmp_path):
+    from router.tokenizer import load_tokenizer
+
+    tiny = load_tokenizer("builtin:tiny")
+    path = tmp_path / "store.db"
+    sim = await start_sim(nursery, seed=2)
+    text = "<0002> Say hello to the wonderful world, please, and then stop."
+    async with trio.open_nursery() as n1:
+        router, _ = await store_router(n1, path, sims=[sim])
+        async with client(router) as c:
+            want, rids = await _two_spellings(c, tiny, text)
+        n1.cancel_scope.cancel()
+    async with trio.open_nursery() as n2:
+        router, _ = await store_router(n2, path, sims=[sim])
+        async with client(router) as c:
+            amb = await _retrieve(c, text)
+            assert amb["match"] == "ambiguous" and amb["alternatives"] == 2
+            for rid, toks in zip(rids, want):
+                got = (await c.post("/retrieve_from_text", json={"text": text, "rid": rid})).json()
+                assert got.get("exact") is True and got["tokens"] == toks and got["rid"] == rid
+            batch = (await c.post("/retrieve_from_text", json={"texts": [text, text]})).json()["results"]
+            assert [b["tokens"] for b in batch] == want and all(b["exact"] for b in batch)
+        n2.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------------------------------------- the store protocol
+def test_sqlite_store_implements_the_whole_protocol():
+    """Every member of TrajectoryStore exists on SqliteStore with the same parameters: the protocol is what the
+    router uses, and a second backend implementing it is enough (test below)."""
+    import inspect
+
+    from router.core.store import TrajectoryStore
+
+    members = [m for m in vars(TrajectoryStore) if not m.startswith("_")] + list(TrajectoryStore.__annotations__)
+    assert {"put", "get", "get_all", "put_session", "load_sessions", "start", "aclose"} <= set(members)
+    for name in members:
+        if name in TrajectoryStore.__annotations__:
+            continue  # attributes: checked on an instance below
+        want = inspect.signature(getattr(TrajectoryStore, name))
+        got = inspect.signature(getattr(SqliteStore, name))
+        assert list(got.parameters) == list(want.parameters), name
+        assert inspect.iscoroutinefunction(getattr(SqliteStore, name)) == inspect.iscoroutinefunction(
+            getattr(TrajectoryStore, name)), name
+
+
+class MemoryStore:
+    """A second TrajectoryStore backend, in memory, written against router/core/store.py only: what a PostgreSQL or
+    Valkey backend would implement. One instance outlives routers (a "restart" is a new router on it)."""
+
+    instances: dict = {}
+
+    def __new__(cls, path, **kw):
+        inst = cls.instances.get(str(path))
+        if inst is None:
+            inst = cls.instances[str(path)] = super().__new__(cls)
+            inst._init(path)
+        return inst
+
+    def __init__(self, path, **kw) -> None:
+        pass
+
+    def _init(self, path) -> None:
+        self.path = str(path)
+        self.name = f"trajectory store {path}"
+        self.rows: list = []  # (id, digest, head, vlen, created, retrieved, record)
+        self.sessions: dict = {}  # sid -> [created, header, {turn: blob}]
+        self.meta: dict = {}
+        self.fail_writes: str | None = None
+        self.commits = 0
+
+    def start(self) -> None:
+        pass
+
+    async def put(self, records, *, wait):
+        from router.core.store import StoreWriteError
+
+        if self.fail_writes:
+            raise StoreWriteError(f"{self.name}: cannot write: {self.fail_writes}")
+        await trio.sleep(0)
+        for r in records:
+            self.rows.append([len(self.rows) + 1, r.digest, r.head, r.vlen, r.record.created, False, r.record])
+        self.commits += 1
+
+    async def get_all(self, digest):
+        return [row[6] for row in self.rows if row[1] == digest]
+
+    async def get(self, digest):
+        recs = await self.get_all(digest)
+        return recs[-1] if recs and all(r.tokens == recs[-1].tokens for r in recs) else None
+
+    def may_continue(self, head):
+        return any(row[2] == head for row in self.rows)
+
+    async def prefix_candidates(self, head, max_len):
+        return [(row[0], row[3], row[1]) for row in reversed(self.rows) if row[2] == head and row[3] <= max_len]
+
+    async def get_ids(self, ids):
+        by_id = {row[0]: row[6] for row in self.rows}
+        return [by_id[i] for i in ids]
+
+    def mark_retrieved(self, digest):
+        for row in self.rows:
+            if row[1] == digest:
+                row[5] = True
+
+    async def maintain(self, *, now, stale_versions):
+        from router.core.store import RetentionPlan
+
+        return RetentionPlan()
+
+    def stats(self):
+        from router.core.store import StoreStats
+
+        nbytes = sum(len(wire.encode(row[6])) for row in self.rows)
+        return StoreStats(path=self.path, rows=len(self.rows), unretrieved=sum(not row[5] for row in self.rows),
+                          payload_bytes=nbytes, file_bytes=nbytes, pending_writes=0, writable=not self.fail_writes,
+                          write_error=self.fail_writes, commits=self.commits)
+
+    def scan(self, *, unretrieved_only):
+        for row in self.rows:
+            if not (unretrieved_only and row[5]):
+                yield row[0], row[6]
+
+    async def put_session(self, sid, created, header, turns, *, wait):
+        from router.core.store import StoreWriteError
+
+        if self.fail_writes:
+            raise StoreWriteError(f"{self.name}: cannot write: {self.fail_writes}")
+        s = self.sessions.setdefault(sid, [created, None, {}])
+        if header is not None:
+            s[1] = header
+        s[2].update(turns)
+
+    async def delete_session(self, sid, *, wait):
+        self.sessions.pop(sid, None)
+
+    def load_sessions(self):
+        for sid, (created, header, turns) in self.sessions.items():
+            yield sid, created, header, [turns[k] for k in sorted(turns)]
+
+    def meta_get(self, key):
+        return self.meta.get(key)
+
+    def meta_set_now(self, key, value):
+        self.meta[key] = value
+
+    async def aclose(self):
+        pass
+
+
+async def test_the_router_runs_over_another_backend_of_the_protocol(nursery, tmp_path, monkeypatch):
+    """The router over MemoryStore (above) instead of SQLite, nothing else changed: trajectories retrieved exactly
+    after a restart, a text conversation continued with the stored tokens, sessions that survive, and a 503 naming
+    the store when it cannot write."""
+    from router.net.runtime import Runtime
+
+    monkeypatch.setattr(Runtime, "store_backend", MemoryStore)
+    path = tmp_path / "elsewhere"
+    sim = await start_sim(nursery, seed=8, chat_replies=True)
+    t1 = "You are a careful assistant who answers briefly and precisely. Question: what is 7 times 6? "
+
+    async def router_on(n):
+        return await start_router(
+            n, workers={"urls": [sim.url]}, store={"enabled": True, "path": str(path)},
+            routes=[{"path": "/generate", "pipeline": str(ROOT / "pipelines/radix-cache-r3.toml")}],
+            sessions={"enabled": True, "pipeline": str(ROOT / "pipelines/session-chat-r3.toml")})
+
+    async with trio.open_nursery() as n1:
+        router = await router_on(n1)
+        assert isinstance(router.runtime.store, MemoryStore)
+        async with client(router) as c:
+            out1 = await _generate(c, t1, n=24)
+            before = await _retrieve(c, t1 + out1["text"])
+            sid = (await c.post("/sessions")).json()["session_id"]
+            msgs = [{"role": "user", "content": "hello there"}]
+            r = await c.post(f"/sessions/{sid}/v1/chat/completions", json={"model": "m", "messages": msgs})
+            assert r.status_code == 200, r.text
+            session_before = (await c.get(f"/sessions/{sid}")).json()
+        n1.cancel_scope.cancel()
+    store = MemoryStore.instances[str(path)]
+    assert len(store.rows) == 1 and sid in store.sessions
+
+    async with trio.open_nursery() as n2:
+        router = await router_on(n2)
+        assert router.runtime.tree.stats()["trajectories"] == 0
+        async with client(router) as c:
+            assert await _retrieve(c, t1 + out1["text"]) == before  # from the backend, byte for byte
+            t2 = t1 + out1["text"] + " Thanks. And 8 times 6?"
+            r = await c.post("/generate", json={"text": t2, "sampling_params": {"max_new_tokens": 8},
+                                                "return_logprob": True})
+            assert r.status_code == 200
+            assert int(r.headers["x-miles-router-cached-prompt-tokens"]) >= len(before["tokens"]) - 1
+            assert (await c.get(f"/sessions/{sid}")).json() == session_before
+            assert (await c.get("/cache/stats")).json()["store"]["rows"] == 2
+            store.fail_writes = "the network store is unreachable"
+            r = await c.post("/generate", json={"text": "<x> one more", "sampling_params": {"max_new_tokens": 4}})
+            assert r.status_code == 503 and r.json()["store"] == str(path)
+            assert r.json()["error"] == f"trajectory store {path}: cannot write: the network store is unreachable"
+            r = await c.post("/sessions")
+            assert r.status_code == 503 and "unreachable" in r.json()["error"]
+        n2.cancel_scope.cancel()
+    MemoryStore.instances.pop(str(path))

@@ -56,6 +56,10 @@ pipeline = "{pipeline}"
                 replies.append((text, r.json()))
             for text, out in replies[:2]:  # retrieved: not exported by default
                 assert (await c.post("/retrieve_from_text", json={"text": text + out["text"]})).json()["exact"]
+            sid = (await c.post("/sessions")).json()["session_id"]  # one session with one turn, in the same store
+            r = await c.post(f"/sessions/{sid}/v1/chat/completions",
+                             json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
+            assert r.status_code == 200, r.text
         n.cancel_scope.cancel()
 
     r = _cli("stats", "--config", str(cfg_path))
@@ -63,6 +67,8 @@ pipeline = "{pipeline}"
     stats = json.loads(r.stdout)
     assert stats["rows"] == 6 and stats["unretrieved"] == 4 and stats["writable"] is True
     assert stats["tokens"] > 0 and stats["path"] == str(tmp_path / "trajectories.db")
+    assert stats["sessions"] == 1 and stats["session_turns"] == 1
+    assert stats["file_bytes"] >= stats["payload_bytes"] > 0
 
     out_file = tmp_path / "export.safetensors"
     r = _cli("export", "--config", str(cfg_path), "--out", str(out_file))

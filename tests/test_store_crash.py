@@ -1,8 +1,11 @@
-"""Nothing acknowledged is lost: a real router process (`python -m router`, radix-cache-r3 pipeline, embedded
-simulated workers, the durable store with sync = "commit") under load is killed with SIGKILL at a random moment,
-restarted on the same store, and every trajectory whose /generate reply the client received completely must be
-retrievable exactly: identical tokens, logprobs, loss mask and routed experts. Requests in flight at the kill
-may be absent; they must never come back different from what the worker produced."""
+"""Nothing acknowledged is lost: a real router process (`python -m router`, radix-cache-r3 pipeline and agent
+sessions, embedded simulated workers, the durable store with sync = "commit") under load (/generate clients and
+agents looping chat turns at once) is killed with SIGKILL at a random moment, restarted on the same store, and
+- every trajectory whose /generate reply the client received completely must be retrievable exactly: identical
+  tokens, logprobs, loss mask and routed experts;
+- every session turn whose reply the agent received is there, token for token, and the session continues: the
+  next turn's worker input starts with the exact stored tokens.
+Requests in flight at the kill may be absent; they must never come back different from what the worker produced."""
 
 from __future__ import annotations
 
@@ -32,6 +35,13 @@ def tiny():
     return load_tokenizer("builtin:tiny")
 
 
+SESSIONS = f"""
+[sessions]
+enabled = true
+pipeline = "{ROOT / 'pipelines/session-chat-r3.toml'}"
+"""
+
+
 @dataclass
 class RouterProcess:
     folder: Path
@@ -44,7 +54,7 @@ class RouterProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, pipeline: str = "pipelines/radix-cache-r3.toml", store_extra: str = "", env=None,
-              preexec_fn=None) -> None:
+              preexec_fn=None, sessions: bool = False, token_latency_s: float = 0.0) -> None:
         self.port = free_port()
         cfg = self.folder / "router.toml"
         cfg.write_text(f"""
@@ -54,11 +64,13 @@ drain_timeout_s = 1.0
 [simulate]
 workers = 2
 tokenizer = "builtin:tiny"
+token_latency_s = {token_latency_s}
 [tokenizer]
 path = "builtin:tiny"
 [store]
 path = "store.db"
 {store_extra}
+{SESSIONS if sessions else ""}
 [[routes]]
 path = "/generate"
 pipeline = "{ROOT / pipeline}"
@@ -163,14 +175,92 @@ async def verify(url: str, tiny, acked: dict, sent: set) -> tuple[int, int]:
     return len(acked), present_unacked
 
 
+async def _turn(c: httpx.AsyncClient, sid: str, messages: list) -> tuple[dict, str]:
+    """One chat turn: (the assistant message to send back next time, finish_reason)."""
+    r = await c.post(f"/sessions/{sid}/v1/chat/completions",
+                     json={"model": "sim", "messages": messages, "max_tokens": 400})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    msg = choice["message"]
+    keep = {k: v for k, v in msg.items() if k in ("role", "content", "reasoning_content", "tool_calls") and v}
+    return keep, choice["finish_reason"]
+
+
+async def run_agents(url: str, sessions: dict, *, agents: int, cycle: int, stop: trio.Event) -> None:
+    """Agents loop chat turns until the router dies. After each turn whose reply arrived (and the session's state
+    read back), sessions[sid] = (messages so far, GET /sessions/{sid})."""
+
+    async def agent(i: int, c: httpx.AsyncClient) -> None:
+        try:
+            r = await c.post("/sessions")
+        except httpx.HTTPError:
+            return
+        assert r.status_code == 200, r.text
+        sid = r.json()["session_id"]
+        msgs = [{"role": "user", "content": f"agent {cycle}-{i}: count to {i + 3}"}]
+        for t in range(1000):
+            if stop.is_set():
+                return
+            try:
+                reply, finish = await _turn(c, sid, msgs)
+                state = (await c.get(f"/sessions/{sid}")).json()
+            except httpx.HTTPError:
+                return  # the router is gone: this turn is not acknowledged
+            msgs.append(reply)
+            sessions[sid] = (list(msgs), state)
+            if finish == "length":  # cut by max_tokens: it cannot be extended (409)
+                return
+            msgs.append({"role": "user", "content": f"next {t}"})
+
+    async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=30.0) as c:
+        async with trio.open_nursery() as n:
+            for i in range(agents):
+                n.start_soon(agent, i, c)
+
+
+async def verify_sessions(url: str, sessions: dict) -> int:
+    """Every acknowledged turn is there token for token, and each session continues from exactly those tokens:
+    the worker receives them verbatim at the start of the next turn's input. The continuing turn is acknowledged
+    too (sessions is updated). Returns how many sessions continued (one whose last turn ended by length cannot)."""
+    continued = 0
+    async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=30.0) as c:
+        sims = [w["url"] for w in (await c.get("/workers")).json()["workers"]]
+        for sid, (msgs, state) in list(sessions.items()):
+            r = await c.get(f"/sessions/{sid}")
+            assert r.status_code == 200, (sid, r.text)
+            now = r.json()
+            acked_ids = state["metadata"]["accumulated_token_ids"]
+            # a later turn may have committed too (its reply cut by the kill): the acknowledged ones are a prefix
+            assert now["metadata"]["accumulated_token_ids"][:len(acked_ids)] == acked_ids
+            now_nodes = {n["node_id"]: n for n in now["metadata"]["tree"]["nodes"]}
+            assert all(now_nodes.get(n["node_id"]) == n for n in state["metadata"]["tree"]["nodes"]), sid
+            last = max(state["metadata"]["tree"]["nodes"], key=lambda n: n["seq"])
+            if last["finish_reason"] == "length":  # a turn cut by max_tokens cannot be extended (409)
+                continue
+            nxt = msgs + [{"role": "user", "content": "after the restart?"}]
+            reply, _ = await _turn(c, sid, nxt)
+            sent = []
+            for sim in sims:
+                async with httpx.AsyncClient(base_url=sim, trust_env=False, timeout=10.0) as s:
+                    sent += [b.get("input_ids") or [] for b in (await s.get("/_sim/stats")).json()["last_bodies"]]
+            assert any(ids[:len(acked_ids)] == acked_ids and len(ids) > len(acked_ids) for ids in sent), sid
+            sessions[sid] = (nxt + [reply], (await c.get(f"/sessions/{sid}")).json())
+            continued += 1
+    return continued
+
+
 async def crash_cycle(rp: RouterProcess, acked: dict, sent: set, cycle: int, *, clients: int = 16,
-                      min_s: float = 0.6, max_s: float = 1.5) -> int:
-    rp.start()
+                      min_s: float = 0.6, max_s: float = 1.5, sessions: dict | None = None, agents: int = 3) -> int:
+    # a little latency per token: at any moment most requests are inside the router process (waiting for its
+    # embedded workers, or for their commit), not finished replies waiting in the client's socket buffers
+    rp.start(sessions=sessions is not None, token_latency_s=0.001)
     await rp.ready()
     stop = trio.Event()
     before = len(acked)
     async with trio.open_nursery() as n:
         n.start_soon(lambda: run_load(rp.url, acked, sent, clients=clients, cycle=cycle, stop=stop))
+        if sessions is not None:
+            n.start_soon(lambda: run_agents(rp.url, sessions, agents=agents, cycle=cycle, stop=stop))
         await trio.sleep(random.uniform(min_s, max_s))
         rp.kill9()  # mid-load: commits in progress, replies half sent
         stop.set()
@@ -178,31 +268,41 @@ async def crash_cycle(rp: RouterProcess, acked: dict, sent: set, cycle: int, *, 
 
 
 async def test_kill9_under_load_loses_no_acknowledged_trajectory(router_proc, tiny):
+    """/generate clients and agents at once, kill -9, restart: every acknowledged trajectory and turn is there."""
     acked: dict = {}
     sent: set = set()
-    got = await crash_cycle(router_proc, acked, sent, 0)
+    sessions: dict = {}
+    got = await crash_cycle(router_proc, acked, sent, 0, sessions=sessions)
     assert got >= 20, f"only {got} replies before the kill: the load did not run"
     assert len(sent) > len(acked)  # some requests were in flight at the kill
-    router_proc.start()
+    assert len(sessions) >= 2, "fewer than 2 agents finished a turn before the kill"
+    router_proc.start(sessions=True)
     t0 = time.monotonic()
     await router_proc.ready()
     restart_s = time.monotonic() - t0
     n, _ = await verify(router_proc.url, tiny, acked, sent)
     assert n == len(acked)
+    assert await verify_sessions(router_proc.url, sessions) >= 1
     assert restart_s < 20
 
 
 @pytest.mark.slow
 async def test_soak_random_kills_lose_nothing_acknowledged(router_proc, tiny):
-    """Many kill -9 / restart cycles on one store: after each restart every reply acknowledged in any cycle so
-    far is still exact."""
+    """Many kill -9 / restart cycles on one store, /generate clients and agents at once: after each restart every
+    reply and turn acknowledged in any cycle so far is still exact, and every session continues from its stored
+    tokens (`STORE_SOAK_CYCLES`, default 15)."""
     acked: dict = {}
     sent: set = set()
+    sessions: dict = {}
     cycles = int(os.environ.get("STORE_SOAK_CYCLES", "15"))
+    t0 = time.monotonic()
     for cycle in range(cycles):
-        await crash_cycle(router_proc, acked, sent, cycle, min_s=0.2, max_s=2.0)
-        router_proc.start()
+        await crash_cycle(router_proc, acked, sent, cycle, min_s=0.2, max_s=2.0, sessions=sessions)
+        router_proc.start(sessions=True)
         await router_proc.ready()
         await verify(router_proc.url, tiny, acked, sent)
+        await verify_sessions(router_proc.url, sessions)
         router_proc.kill9()
-    print(f"soak: {cycles} kills, {len(acked)} acknowledged trajectories, 0 lost")
+    turns = sum(len(state["metadata"]["tree"]["nodes"]) for _, state in sessions.values())
+    print(f"soak: {cycles} kills in {time.monotonic() - t0:.0f} s, {len(acked)} acknowledged trajectories and "
+          f"{turns} acknowledged turns of {len(sessions)} sessions, 0 lost")

@@ -117,6 +117,53 @@ async def test_read_only_store_serves_reads_and_refuses_writes_with_503(nursery,
                 folder.chmod(0o755)
 
 
+async def test_read_only_store_keeps_sessions_readable_and_refuses_their_writes_with_503(nursery, tmp_path):
+    """Sessions need writes too: on a read-only store the stored sessions come back and can be read, but a new
+    session or a new turn (neither could survive a crash) is a 503 naming the store; passthrough flows."""
+    folder = tmp_path / "ro"
+    if os.geteuid() == 0:
+        cm = small_filesystem(folder, "16m")
+    else:
+        cm = contextlib.nullcontext(folder)
+        folder.mkdir()
+    with cm as mounted:
+        if os.geteuid() == 0 and mounted is None:
+            pytest.skip("cannot mount a tmpfs to make read-only")
+        path = folder / "store.db"
+        sim = await start_sim(nursery, seed=5, chat_replies=True)
+
+        async def router_on(n):
+            return await start_router(n, workers={"urls": [sim.url]}, store={"enabled": True, "path": str(path)},
+                                      sessions={"enabled": True, "pipeline": str(ROOT / "pipelines/session-chat.toml")})
+
+        chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64}
+        async with trio.open_nursery() as n1:
+            router = await router_on(n1)
+            async with client(router) as c:
+                sid = (await c.post("/sessions")).json()["session_id"]
+                assert (await c.post(f"/sessions/{sid}/v1/chat/completions", json=chat)).status_code == 200
+                before = (await c.get(f"/sessions/{sid}")).json()
+            n1.cancel_scope.cancel()
+        make_read_only(folder)
+        try:
+            async with trio.open_nursery() as n2:
+                router = await router_on(n2)
+                async with client(router) as c:
+                    assert (await c.get(f"/sessions/{sid}")).json() == before
+                    for r in (await c.post("/sessions"),
+                              await c.post(f"/sessions/{sid}/v1/chat/completions", json={
+                                  **chat, "messages": [{"role": "user", "content": "another try"}]})):
+                        assert r.status_code == 503, r.text
+                        err = r.json()
+                        assert err["store"] == str(path) and "read-only" in err["error"]
+                        assert err["error"].startswith(f"trajectory store {path}: cannot write: ")
+                    await _passthrough_ok(c)
+                n2.cancel_scope.cancel()
+        finally:
+            if os.geteuid() != 0:
+                folder.chmod(0o755)
+
+
 async def test_disk_full_gives_503_naming_the_store_and_passthrough_flows(nursery, tmp_path):
     with small_filesystem(tmp_path / "small", "2m") as folder:
         if folder is None:

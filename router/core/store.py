@@ -129,17 +129,32 @@ class StoreStats:
 
 
 class TrajectoryStore(Protocol):
-    """What the router needs from a durable store. Async methods run on the router's event loop and must not
-    block it; `scan` is for offline tools (`miles-router store export`)."""
+    """What the router needs from a durable store: everything the router calls on `runtime.store`, so a new
+    backend (PostgreSQL, Valkey) is one class implementing this and nothing else changes. Async methods run on
+    the router's event loop and must not block it; the synchronous ones are cheap (in memory) or run at startup
+    before serving. `scan` is for offline tools (`miles-router store export`). router/net/store_sqlite.py is the
+    embedded implementation; tests/test_store.py runs the router over a second, in-memory one."""
 
     name: str  # "trajectory store <where>", used in every error message
+    path: object  # where it lives (a file, a URL), named in 503 replies as `"store"`
 
+    def start(self) -> None:
+        """Start background work (a writer); called once on the router's event loop, after the restore."""
+
+    # ---- trajectories ------------------------------------------------------------------------------
     async def put(self, records: Sequence[Keyed], *, wait: bool) -> None:
         """Store records under their keys. With wait=True return only once they are durable; raise StoreWriteError
         if they cannot be. With wait=False they are written in the background (a crash may lose the last ones)."""
 
     async def get(self, digest: bytes) -> StoredTrajectory | None:
-        """The newest record stored under this digest (pending writes included), or None."""
+        """The record stored under this digest (pending writes included) when that answer is determined: every
+        record under it has the same tokens (the newest is returned). None when nothing is stored, and None when
+        records with different token spellings share the text (a GRPO group whose samples spelled the same text
+        differently): the text alone does not say which one is meant, and an answer would look exact."""
+
+    async def get_all(self, digest: bytes) -> list[StoredTrajectory]:
+        """Every record stored under this digest, oldest first (pending writes included): the alternatives
+        among which a `rid` or a batch hand-out picks."""
 
     def may_continue(self, head: int) -> bool:
         """Whether a stored text with this prefix key may exist (cheap, in memory; false positives allowed)."""
@@ -161,5 +176,23 @@ class TrajectoryStore(Protocol):
 
     def scan(self, *, unretrieved_only: bool) -> Iterator[tuple[int, StoredTrajectory]]:
         """Every record, oldest first (offline use)."""
+
+    # ---- sessions (router/net/session_persist.py; the blobs are router/wire/session_store.py's) ---------
+    async def put_session(self, sid: str, created: float, header: bytes | None,
+                          turns: Sequence[tuple[int, bytes]], *, wait: bool) -> None:
+        """Create a session (header given) or update its header, and add turns (written once each); durable on
+        return when wait=True, else StoreWriteError."""
+
+    async def delete_session(self, sid: str, *, wait: bool) -> None:
+        """Remove a session and its turns."""
+
+    def load_sessions(self) -> Iterator[tuple[str, float, bytes | None, list[bytes]]]:
+        """(id, created, header, turn blobs in turn order) of every stored session (startup, before serving)."""
+
+    def meta_get(self, key: str) -> str | None:
+        """A small startup value (the session registry's key), or None."""
+
+    def meta_set_now(self, key: str, value: str) -> None:
+        """Store a small startup value at once (before `start`)."""
 
     async def aclose(self) -> None: ...

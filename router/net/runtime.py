@@ -158,15 +158,23 @@ class Runtime:
         return self.config.store.enabled and any(
             getattr(st, "uses_store", False) for p in pipes for st in p.response_stages)
 
+    # The durable store's backend: a callable (path, *, sync, retention_s, max_bytes, metrics) -> TrajectoryStore
+    # (router/core/store.py). None: SQLite (router/net/store_sqlite.py). Everything the router does with a store
+    # goes through that protocol, so another backend (PostgreSQL, Valkey) is one class; tests/test_store.py runs
+    # the router over an in-memory one.
+    store_backend = None
+
     def open_store(self) -> None:
         """Open the durable store (raises StoreOpenError). Nothing is loaded: records are found by digest on disk
         when the memory cache does not have them, so startup does not grow with the store."""
         from router.config import store_path
-        from router.net.store_sqlite import SqliteStore
 
         c = self.config.store
-        self.store = SqliteStore(store_path(self.config), sync=c.sync, retention_s=c.retention_s,
-                                 max_bytes=c.max_bytes, metrics=self.metrics)
+        backend = type(self).store_backend  # (read from the class: a plain function must not become a method)
+        if backend is None:
+            from router.net.store_sqlite import SqliteStore as backend
+        self.store = backend(store_path(self.config), sync=c.sync, retention_s=c.retention_s,
+                             max_bytes=c.max_bytes, metrics=self.metrics)
         if self.sessions is not None:
             from router.net.session_persist import SessionPersister
 
@@ -271,7 +279,7 @@ class Runtime:
 
             if self.tokenizer is None:
                 raise RuntimeError("the trajectory cache needs a tokenizer ([tokenizer] path)")
-            self.tree_if_loaded = RadixTree(self.tokenizer.token_bytes)
+            self.tree_if_loaded = RadixTree(self.tokenizer.vocab)
         return self.tree_if_loaded
 
     # ---- workers --------------------------------------------------------------------------
@@ -382,7 +390,11 @@ class Runtime:
                     if not worker.selectable:
                         # Re-admission is gated on the version the worker serves now.
                         await self.fetch_weight_version(worker)
+                    before = worker.breaker.state
                     self._transition(self.pool.record_success(worker))
+                    if worker.breaker.state is not before:  # a passing probe closed the breaker: log and count it
+                        self._transition(BreakerTransition(worker, before, worker.breaker.state,
+                                                           "health probe passed after the cooldown"))
                     if worker.breaker.state is BreakerState.CLOSED and len(self.slot_queue):
                         self.slot_queue.wake()
                 else:

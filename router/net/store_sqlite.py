@@ -18,6 +18,7 @@ startup, statistics and retention scan; `payloads` holds the record blobs, read 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -28,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import quote
 
+import numpy as np
 import trio
 
 from router.core.store import (Keyed, RetentionPlan, RowInfo, StoreOpenError, StoreStats, StoreWriteError,
@@ -163,6 +165,35 @@ class _Op:
 _STOP = _Op("stop", None, None)
 
 
+class _HeadFilter:
+    """Which prefix keys (63-bit hashes) may be stored: one bit per key hash in a fixed 16 MiB bitmap, so memory
+    does not grow with the store (a set of Python ints took ~72 bytes per key: 85 MB for 1.2M trajectories).
+    False positives only cost a query (~1% at a million distinct keys, ~4% at five million)."""
+
+    BITS = 1 << 27
+
+    def __init__(self) -> None:
+        self._bits = np.zeros(self.BITS >> 3, np.uint8)
+
+    def load(self, rows) -> None:
+        """Set the bits of every key in `rows` (a cursor of 1-tuples), in chunks."""
+        cur = iter(rows)
+        while True:
+            chunk = list(itertools.islice(cur, 1 << 16))
+            if not chunk:
+                return
+            idx = np.fromiter((h for (h,) in chunk), np.int64, len(chunk)) & (self.BITS - 1)
+            np.bitwise_or.at(self._bits, idx >> 3, (1 << (idx & 7)).astype(np.uint8))
+
+    def add(self, head: int) -> None:
+        i = head & (self.BITS - 1)
+        self._bits[i >> 3] |= 1 << (i & 7)
+
+    def __contains__(self, head: int) -> bool:
+        i = head & (self.BITS - 1)
+        return bool(self._bits[i >> 3] & (1 << (i & 7)))
+
+
 class SqliteStore:
     """A TrajectoryStore (router/core/store.py) on one SQLite file."""
 
@@ -181,11 +212,11 @@ class SqliteStore:
         self.commits = self.deleted = self.deleted_unretrieved = 0
         # prefix keys of stored texts (router/core/store.py text_head): a cheap "maybe" before a query
         cols = {r[1] for r in self._conn.execute("PRAGMA table_info(trajectories)")}
-        self._heads: set[int] = (
-            {h for (h,) in self._conn.execute("SELECT DISTINCT head FROM trajectories WHERE head IS NOT NULL")}
-            if "head" in cols else set())
+        self._heads = _HeadFilter()
+        if "head" in cols:
+            self._heads.load(self._conn.execute("SELECT DISTINCT head FROM trajectories WHERE head IS NOT NULL"))
         self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
-        self._pending: dict[bytes, StoredTrajectory] = {}  # digest -> record not yet committed
+        self._pending: dict[bytes, list[StoredTrajectory]] = {}  # digest -> records not yet committed, oldest first
         self._pending_writes = 0
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
@@ -218,7 +249,7 @@ class SqliteStore:
             raise StoreWriteError(f"{self.name}: cannot write: {self.write_error}")
         records = [r if isinstance(r, Keyed) else Keyed(*r) for r in records]
         for r in records:
-            self._pending[r.digest] = r.record
+            self._pending.setdefault(r.digest, []).append(r.record)
             if r.head is not None:
                 self._heads.add(r.head)
         self._pending_writes += len(records)
@@ -386,8 +417,11 @@ class SqliteStore:
             if op.kind == "put":
                 self._pending_writes -= len(op.args)
                 for r in op.args:
-                    if self._pending.get(r.digest) is r.record:
-                        del self._pending[r.digest]
+                    waiting = self._pending.get(r.digest)
+                    if waiting is not None:
+                        waiting[:] = [x for x in waiting if x is not r.record]
+                        if not waiting:
+                            del self._pending[r.digest]
             if op.done is not None:
                 op.done.set()
 
@@ -424,21 +458,29 @@ class SqliteStore:
         with self._readers_lock:
             self._readers.append(conn)
 
-    def _read(self, digest: bytes) -> bytes | None:
+    def _read_all(self, digest: bytes) -> list[bytes]:
         conn = self._reader()
         try:
-            row = conn.execute("SELECT p.data FROM trajectories t JOIN payloads p ON p.id = t.id "
-                               "WHERE t.digest = ? ORDER BY t.id DESC LIMIT 1", (digest,)).fetchone()
+            return [row[0] for row in conn.execute(
+                "SELECT p.data FROM trajectories t JOIN payloads p ON p.id = t.id WHERE t.digest = ? ORDER BY t.id",
+                (digest,))]
         finally:
             self._release(conn)
-        return None if row is None else row[0]
+
+    async def get_all(self, digest: bytes) -> list[StoredTrajectory]:
+        pending = list(self._pending.get(digest, ()))
+        found = [wire.decode(b) for b in await trio.to_thread.run_sync(self._read_all, digest)]
+        # a record committed while it is still listed as pending (its wake-up not run yet) is there once
+        return found + [rec for rec in pending if rec not in found]
 
     async def get(self, digest: bytes) -> StoredTrajectory | None:
-        rec = self._pending.get(digest)
-        if rec is not None:
-            return rec
-        blob = await trio.to_thread.run_sync(self._read, digest)
-        return None if blob is None else wire.decode(blob)
+        records = await self.get_all(digest)
+        if not records:
+            return None
+        newest = records[-1]
+        if any(rec.tokens != newest.tokens for rec in records):
+            return None  # several spellings of one text: not determined by the text alone
+        return newest
 
     def may_continue(self, head: int) -> bool:
         return head in self._heads
@@ -479,6 +521,15 @@ class SqliteStore:
         oldest, newest, tokens = self._conn.execute(
             "SELECT min(created), max(created), total(ntokens) FROM trajectories").fetchone()
         return oldest, newest, int(tokens)
+
+    def session_counts(self) -> tuple[int, int]:
+        """(stored sessions, stored turns): offline statistics."""
+        try:
+            sessions = self._conn.execute("SELECT count(*) FROM sessions").fetchone()[0]
+            turns = self._conn.execute("SELECT count(*) FROM session_turns").fetchone()[0]
+        except sqlite3.OperationalError:  # a read-only store written before sessions were stored
+            return 0, 0
+        return int(sessions), int(turns)
 
     def apply_retention_now(self, now: float) -> RetentionPlan:
         """Offline (no writer thread): one retention pass in its own transaction."""
