@@ -3,22 +3,34 @@
     python bench/bench_sessions.py              # histories of 1k, 8k, 32k tokens; R3 off / 48x8 full / 48x8 start_len
     python bench/bench_sessions.py --quick      # fewer repetitions
     python bench/bench_sessions.py --sizes 1000 8000 --reps 50
+    python bench/bench_sessions.py --r3 off --calls   # also: Python calls per turn at each history length
 
 What one "turn" is: the whole router-side work of `POST /sessions/{id}/v1/chat/completions` minus
 the HTTP server and the upstream socket: the session pipeline's stages exactly as the router runs
 them (session_request -> chat_template -> session_generate -> [worker] -> chat_parse ->
 session_reply), on the client's full request bytes and a worker reply of 100 generated tokens
 prepared up front (SGLang-shaped, `output_token_logprobs`, and `routed_experts` base64 when R3 is
-on). The agent appends one tool result (~40 tokens) to a history of N tokens built by real turns.
-Each measured turn attaches to the same parent (siblings), so N stays fixed. One thread, one core:
+on). The agent appends one tool result (~40 tokens) to a history of N tokens built by real turns
+(~500 tokens each). Before each repetition the session's history is replayed into a fresh tree
+through the same stages (untimed; same session id, so the replies and tool-call ids are the same),
+so a repetition never sees siblings left by earlier ones. Then the turn runs twice on that tree:
+"cold" is the first run (what an agent's turn meets on a busy router: its parent's ids not yet
+encoded, the session's data and the request's bytes out of cache), "hot" the second, identical one
+(a sibling of the first) with the data in cache: the CPU work itself. One thread:
 `time.process_time` around each turn; turns/s = 1 / mean.
 
-"wire" is the work no implementation can skip, timed alone on the same inputs: decoding the
-client's message list (msgspec, the request Struct), writing `input_ids` for the worker (the
-router joins per-turn JSON pieces encoded once per turn), and reading the worker's reply (one
-msgspec pass over its bytes, which with R3 and no `routed_experts_start_len` hold the whole
-sequence's rows, tens of MB at 32k). "rest" = turn - wire. Of the routed experts the router
-base64-decodes only the rows of the turn's new positions.
+The split is timed inside the same run (the stages' own calls, wrapped), so it shares the turn's
+cache state. "wire" is the work no implementation can skip: decoding the client's request
+(msgspec: the request Struct and its full message list), copying the stored `input_ids` JSON into
+the worker's body (`SessionTree.join_path_ids`, minus encoding the parent turn's ids, which a turn
+does once), and reading the worker's reply (one msgspec pass over its bytes, which with R3 and no
+`routed_experts_start_len` hold the whole sequence's rows, tens of MB at 32k), and freeing those
+when the exchange ends (the turn's time includes it; it would otherwise land in a later turn). "match" is
+`SessionTree.attach_point`: a fixed number of Python steps plus one C-level `==` of the request's
+messages with the stored ones (message-level matching has to look at every message the client
+sent). "rest" = turn - wire - match. Of the routed experts the router base64-decodes only the rows
+of the turn's new positions. `--calls` also counts the Python calls of a turn (cProfile): the same
+at every history length means no Python work per earlier turn or message.
 Targets (issue 10): rest does not grow with N; a turn at 32k <= 2x a turn at 1k (R3 off);
 <= 3 ms per turn at 8k (R3 off).
 """
@@ -27,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import gc
 import json
 import statistics
 import sys
@@ -41,7 +52,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from router.core.pipeline import Exchange  # noqa: E402
-from router.core.sessions.registry import SessionRegistry  # noqa: E402
+from router.core.sessions.registry import Session, SessionRegistry  # noqa: E402
 from router.stages.chat_parse import ChatParse  # noqa: E402
 from router.stages.chat_template import ChatTemplate  # noqa: E402
 from router.stages.session_generate import Options as GenerateOptions  # noqa: E402
@@ -50,7 +61,6 @@ from router.stages.session_reply import SessionReply  # noqa: E402
 from router.stages.session_request import Options as RequestOptions  # noqa: E402
 from router.stages.session_request import SessionRequest  # noqa: E402
 from router.tokenizer import load_tokenizer  # noqa: E402
-from router.wire.openai import chat_request_decoder  # noqa: E402
 
 LAYERS, TOPK = 48, 8
 WORDS = ("the model reads a file then calls a tool and checks the result before it answers with a short summary of "
@@ -74,8 +84,14 @@ class Bench:
                               routed_experts_start_len=r3 == "start_len")
         self.req = [SessionRequest(RequestOptions(), svc), ChatTemplate(None, svc), SessionGenerate(gen, svc)]
         self.resp = [ChatParse(None, svc), SessionReply(None, svc)]
-        self.session = self.reg.create(0.0)
+        self.new_session()
         self.rng = np.random.default_rng(0)
+
+    def new_session(self) -> None:
+        """A fresh session under a fixed id (tool-call ids derive from it: a replay gets the same ones)."""
+        self.reg.sessions.clear()
+        self.session = Session("b" * 32, 0.0, 10**9)
+        self.reg.sessions[self.session.id] = self.session
 
     def worker_reply(self, upstream: bytes, text: str, rows: bool = True) -> bytes:
         """An SGLang-shaped /generate reply: `text` + <|im_end|>, logprobs, routed experts if asked."""
@@ -106,13 +122,19 @@ class Bench:
             _run(s.on_response(ex))
         return ex.response_body
 
-    def turn(self, messages: list, reply_text: str) -> dict:
-        """A history turn: the worker returns no routed experts (only the measured turn's reply has them)."""
+    def turn(self, messages: list, reply_text: str) -> tuple[dict, bytes, bytes]:
+        """A history turn: the worker returns no routed experts (only the measured turn's reply has them).
+        Returns (the assistant message, the request body, the worker reply) for replays."""
         body = msgspec.json.encode({"model": "m", "messages": messages, "tools": TOOLS, "max_tokens": 4096})
         ex = self.run_requests(body)
         reply = self.worker_reply(ex.upstream_body, reply_text, rows=False)
         out = self.run_responses(ex, reply)
-        return msgspec.json.decode(out)["choices"][0]["message"]
+        return msgspec.json.decode(out)["choices"][0]["message"], body, reply
+
+    def replay(self, transcript: list[tuple[bytes, bytes]]) -> None:
+        self.new_session()
+        for body, reply in transcript:
+            self.run_responses(self.run_requests(body), reply)
 
 
 def _run(coro):
@@ -124,53 +146,118 @@ def _run(coro):
     raise RuntimeError("stage awaited something")
 
 
-def build_history(b: Bench, target_tokens: int) -> list:
+def build_history(b: Bench, target_tokens: int) -> tuple[list, list[tuple[bytes, bytes]]]:
+    """(the conversation's messages, ending with an assistant turn; the (body, reply) of each turn)."""
     messages = [{"role": "system", "content": "You are a coding agent. " + words(60, 1)},
                 {"role": "user", "content": "Summarize the repository. " + words(40, 2)}]
+    transcript = []
     i = 0
     while b.session.tree.path_length(len(b.session.tree.turns) - 1) < target_tokens:
         call = {"name": "read_file", "arguments": {"path": f"src/file_{i}.py"}}
         text = words(380, i) + "\n<tool_call>\n" + json.dumps(call) + "\n</tool_call>"
-        msg = b.turn(messages, text)
+        msg, body, reply = b.turn(messages, text)
+        transcript.append((body, reply))
         messages.append({k: v for k, v in msg.items() if v is not None})
         messages.append({"role": "tool", "tool_call_id": msg["tool_calls"][0]["id"], "content": words(60, i + 3)})
         i += 1
     messages.pop()  # the measured turn appends the last tool result again
-    return messages
+    return messages, transcript
 
 
-def measure(tok, size: int, r3: str, reps: int) -> dict:
+class SplitTimer:
+    """Times the wire and matching calls the stages make, by wrapping them (CPU seconds per kind)."""
+
+    def __init__(self) -> None:
+        self.spent = {"wire": 0.0, "match": 0.0, "encode": 0.0}
+        import router.stages._session as session_mod
+        import router.stages.session_request as request_mod
+        from router.core.sessions.tree import SessionTree
+
+        request_mod.chat_request_decoder = self._timed(request_mod.chat_request_decoder, "decode", "wire")
+        session_mod._reply_decoder = self._timed(session_mod._reply_decoder, "decode", "wire")
+        SessionTree.join_path_ids = self._wrap(SessionTree.join_path_ids, "wire")
+        SessionTree._encode_ids = self._wrap(SessionTree._encode_ids, "encode")  # inside join: not wire
+        SessionTree.attach_point = self._wrap(SessionTree.attach_point, "match")
+
+    def reset(self) -> None:
+        for k in self.spent:
+            self.spent[k] = 0.0
+
+    def split(self) -> tuple[float, float]:
+        return self.spent["wire"] - self.spent["encode"], self.spent["match"]
+
+    def _wrap(self, fn, kind: str):
+        spent = self.spent
+
+        def timed(*args, **kwargs):
+            t0 = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[kind] += time.process_time() - t0
+
+        return timed
+
+    def _timed(self, obj, method: str, kind: str):
+        return SimpleNamespace(**{method: self._wrap(getattr(obj, method), kind)})
+
+
+def measure(tok, size: int, r3: str, reps: int, timer: SplitTimer) -> dict:
     b = Bench(tok, r3)
-    messages = build_history(b, size)
+    messages, transcript = build_history(b, size)
     final = messages + [{"role": "tool", "tool_call_id": "call_x", "content": words(30, 99)}]
-    parent_len = b.session.tree.path_length(len(b.session.tree.turns) - 1)
     body = msgspec.json.encode({"model": "m", "messages": final, "tools": TOOLS, "max_tokens": 4096})
+    b.replay(transcript)
     ex = b.run_requests(body)
     reply = b.worker_reply(ex.upstream_body, words(90, 5))  # ~100 generated tokens
     n_in = len(msgspec.json.decode(ex.upstream_body)["input_ids"])
-    b.session.tree.check_room = lambda: None  # reps siblings may exceed the default turn cap
-    b.session.tree.max_turns = 10**9
-    turn_s, wire_s = [], []
-    tree = b.session.tree
-    parent = len(tree.turns) - 1
-    reply_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
-    gc.collect()
+    del ex
+    runs = {"cold": {"turn": [], "wire": [], "match": []}, "hot": {"turn": [], "wire": [], "match": []}}
     for _ in range(reps):
-        t0 = time.process_time()
-        ex = b.run_requests(body)
-        b.run_responses(ex, reply)
-        t1 = time.process_time()
-        chat_request_decoder.decode(body)
-        b",".join(tree.path_ids_json(parent))
-        reply_decoder.decode(reply)
-        t2 = time.process_time()
-        turn_s.append(t1 - t0)
-        wire_s.append(t2 - t1)
-    turn = statistics.median(turn_s) * 1e3
-    wire = statistics.median(wire_s) * 1e3
-    return {"size": parent_len, "r3": r3, "turn_ms": turn, "wire_ms": wire, "rest_ms": turn - wire,
-            "turns_per_s": 1.0 / statistics.mean(turn_s), "body_kb": len(body) / 1024,
-            "reply_kb": len(reply) / 1024, "input_ids": n_in}
+        b.replay(transcript)
+        tree = b.session.tree
+        parent = len(tree.turns) - 1
+        for run in ("cold", "hot"):
+            timer.reset()
+            t0 = time.process_time()
+            ex = b.run_requests(body)
+            b.run_responses(ex, reply)
+            t1 = time.process_time()
+            del ex  # the exchange ends: its decoded request and bodies are freed (wire too)
+            t2 = time.process_time()
+            runs[run]["turn"].append(t2 - t0)
+            wire, match = timer.split()
+            runs[run]["wire"].append(wire + t2 - t1)
+            runs[run]["match"].append(match)
+        assert tree.turns[-1].parent == tree.turns[-2].parent == parent
+    out = {"size": tree.path_length(parent), "r3": r3, "body_kb": len(body) / 1024, "reply_kb": len(reply) / 1024,
+           "input_ids": n_in}
+    for run, r in runs.items():
+        turn, wire, match = (statistics.median(r[k]) * 1e3 for k in ("turn", "wire", "match"))
+        out[run] = {"turn_ms": turn, "wire_ms": wire, "match_ms": match,
+                    "rest_ms": statistics.median(t - w - m for t, w, m in zip(r["turn"], r["wire"], r["match"])) * 1e3,
+                    "turns_per_s": 1.0 / statistics.mean(r["turn"])}
+    return out
+
+
+def count_calls(tok, size: int) -> int:
+    """Python calls (cProfile) of one cold turn at `size` tokens of history."""
+    import cProfile
+    import pstats
+
+    b = Bench(tok, "off")
+    messages, transcript = build_history(b, size)
+    body = msgspec.json.encode({"model": "m", "messages": messages + [{"role": "tool", "tool_call_id": "call_x",
+                                                                      "content": words(30, 99)}],
+                                "tools": TOOLS, "max_tokens": 4096})
+    b.replay(transcript)
+    reply = b.worker_reply(b.run_requests(body).upstream_body, words(90, 5))
+    b.replay(transcript)
+    prof = cProfile.Profile()
+    prof.enable()
+    b.run_responses(b.run_requests(body), reply)
+    prof.disable()
+    return pstats.Stats(prof).total_calls
 
 
 def main() -> None:
@@ -179,31 +266,41 @@ def main() -> None:
     ap.add_argument("--r3", nargs="+", default=["off", "full", "start_len"], choices=["off", "full", "start_len"])
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--calls", action="store_true", help="also count the Python calls of a turn per history length")
     args = ap.parse_args()
     reps = 10 if args.quick else args.reps
     tok = load_tokenizer("builtin:qwen")
+    if args.calls:
+        print("# Python calls per turn (cProfile): " +
+              ", ".join(f"{size} tokens: {count_calls(tok, size)}" for size in args.sizes))
+    timer = SplitTimer()
     print(f"# bench_sessions: tokenizer builtin:qwen, R3 rows {LAYERS}x{TOPK} int32, {reps} turns per point, "
           f"median process CPU per turn")
-    print(f"{'history':>8} {'R3':>9} {'input_ids':>9} {'body KiB':>9} {'reply KiB':>10} {'turn ms':>8} "
-          f"{'wire ms':>8} {'rest ms':>8} {'turns/s':>8}")
+    print(f"{'history':>8} {'R3':>9} {'input_ids':>9} {'body KiB':>9} {'reply KiB':>10} {'run':>4} {'turn ms':>8} "
+          f"{'wire ms':>8} {'match ms':>8} {'rest ms':>8} {'turns/s':>8}")
     results = []
     for r3 in args.r3:
         for size in args.sizes:
-            r = measure(tok, size, r3, reps)
+            r = measure(tok, size, r3, reps, timer)
             results.append(r)
-            print(f"{r['size']:>8} {r3:>9} {r['input_ids']:>9} {r['body_kb']:>9.1f} {r['reply_kb']:>10.1f} "
-                  f"{r['turn_ms']:>8.3f} {r['wire_ms']:>8.3f} {r['rest_ms']:>8.3f} {r['turns_per_s']:>8.0f}",
-                  flush=True)
+            for run in ("cold", "hot"):
+                x = r[run]
+                print(f"{r['size']:>8} {r3:>9} {r['input_ids']:>9} {r['body_kb']:>9.1f} {r['reply_kb']:>10.1f} "
+                      f"{run:>4} {x['turn_ms']:>8.3f} {x['wire_ms']:>8.3f} {x['match_ms']:>8.3f} {x['rest_ms']:>8.3f} "
+                      f"{x['turns_per_s']:>8.0f}", flush=True)
     off = {r["size"]: r for r in results if r["r3"] == "off"}
     if len(off) >= 2:
         small, large = off[min(off)], off[max(off)]
-        print(f"\nR3 off: turn at {large['size']} / turn at {small['size']} = "
-              f"{large['turn_ms'] / small['turn_ms']:.2f}x (target <= 2x); rest {small['rest_ms']:.3f} -> "
-              f"{large['rest_ms']:.3f} ms")
-        mid = [r for r in off.values() if 6000 <= r["size"] <= 10000]
-        for r in mid:
-            print(f"R3 off at {r['size']}: {r['turn_ms']:.3f} ms per turn (target <= 3 ms)")
-
+        print()
+        for run in ("cold", "hot"):
+            s, g = small[run], large[run]
+            print(f"R3 off, {run}: turn at {large['size']} / turn at {small['size']} = "
+                  f"{g['turn_ms'] / s['turn_ms']:.2f}x (target <= 2x); "
+                  f"rest {s['rest_ms']:.3f} -> {g['rest_ms']:.3f} ms")
+        for r in off.values():
+            if 6000 <= r["size"] <= 10000:
+                print(f"R3 off at {r['size']}: {r['cold']['turn_ms']:.3f} ms cold, {r['hot']['turn_ms']:.3f} ms hot "
+                      f"per turn (target <= 3 ms)")
 
 if __name__ == "__main__":
     main()

@@ -103,6 +103,13 @@ def test_attach_point_is_the_deepest_matching_turn():
     assert tree.attach_point([msg("user", "other")]) == (-1, 0)
     # a resend of turn 2's request (without its reply) attaches at turn 1: a retry
     assert tree.attach_point([u1, a1, t1]) == (r.id, 2)
+    # a second child of `c` (a branch of its own): repeating its messages after a divergence inside
+    # `c` does not reach it
+    t2, a3 = msg("user", "second"), msg("assistant", "A3")
+    commit(tree, c.id, [msg("user", "first")], msg("assistant", "F"))
+    second = commit(tree, c.id, [t2], a3)
+    assert tree.attach_point([u1, a1, t1, a2, t2, a3, msg("user", "n")]) == (second.id, 6)
+    assert tree.attach_point([u1, a1, t1, msg("assistant", "other"), t2, a3, msg("user", "n")]) == (r.id, 2)
 
 
 def test_ties_go_to_the_latest_turn_and_limit_is_loud():
@@ -115,6 +122,142 @@ def test_ties_go_to_the_latest_turn_and_limit_is_loud():
     commit(tree, -1, [u], msg("assistant", "B"))
     with pytest.raises(TurnLimit, match="max_turns_per_session"):
         commit(tree, -1, [u], a)
+
+
+def reference_attach_point(tree, messages):
+    """The specification, walked naively: the deepest turn whose whole path of messages matches a
+    prefix of `messages` message by message (lenient match), ties to the latest commit."""
+    best, best_len, best_seq = -1, 0, -1
+    for t in tree.turns:
+        path = [m for p in tree.path(t.id) for m in (*p.messages, p.assistant)]
+        if len(path) > len(messages) or not all(messages_match(a, b) for a, b in zip(path, messages)):
+            continue
+        if len(path) > best_len or (len(path) == best_len and t.seq > best_seq):
+            best, best_len, best_seq = t.id, len(path), t.seq
+    return best, best_len
+
+
+# Few distinct texts so paths share prefixes and requests match; each message has spellings that
+# differ strictly but match leniently (None/""/[] content, re-serialized arguments, another call id).
+_TEXTS = ["a", "b", "ü✓", ""]
+
+
+def _spelling(role, text, calls, variant):
+    if role == "assistant" and calls:
+        args = json.dumps({"q": text, "n": 1}, indent=variant % 2 or None)
+        return ChatMessageIn(role=role, content=text or (None if variant % 2 else ""),
+                             tool_calls=[ToolCallIn(FunctionCallIn("f", args), id=f"call_{variant}")])
+    if not text:
+        return ChatMessageIn(role=role, content=[None, "", []][variant % 3])
+    if variant % 2:
+        return ChatMessageIn(role=role, content=[ContentPart(text=text[:1]), ContentPart(text=text[1:])],
+                             tool_call_id=f"id{variant}")
+    return ChatMessageIn(role=role, content=text)
+
+
+_message_specs = st.tuples(st.sampled_from(["user", "tool", "assistant"]), st.sampled_from(_TEXTS), st.booleans())
+
+
+@settings(max_examples=200, deadline=None)
+@given(commits=st.lists(st.tuples(st.integers(0, 40), st.lists(_message_specs, max_size=2), _message_specs,
+                                  st.integers(0, 5)), min_size=1, max_size=12),
+       requests=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 3), st.integers(0, 5),
+                                   st.lists(_message_specs, max_size=2), st.none() | st.integers(0, 30)),
+                         min_size=1, max_size=12))
+def test_attach_point_equals_the_naive_walk(commits, requests):
+    """Segments (flat message lists, C-level ==, the client's spelling learned on a lenient match)
+    pick the same turn as walking every turn's whole path with the lenient match, for random trees
+    (retries, branches mid-line, several roots) and random requests (repeated paths in other
+    spellings, cut or diverging at any point), also when asked twice."""
+    tree = SessionTree()
+    paths = {-1: []}  # turn id -> its path's message specs
+    for pick, new, reply, variant in commits:
+        parent = -1 if pick % 4 == 0 else (pick % (len(tree) + 1)) - 1
+        spec = paths[parent] + list(new) + [("assistant", reply[1], reply[2])]
+        t = commit(tree, parent, [_spelling(*m, variant) for m in new],
+                   _spelling("assistant", reply[1], reply[2], variant))
+        paths[t.id] = spec
+    for pick, cut, variant, extra, diverge_at in requests:
+        base = paths[(pick % (len(tree) + 1)) - 1]
+        spec = base[:max(len(base) - cut, 0)] if cut % 2 else list(base)
+        if diverge_at is not None and spec:  # one message differs, anywhere; the rest still repeats the path
+            spec[diverge_at % len(spec)] = ("user", "divergent", False)
+        spec = spec + list(extra)
+        if not spec:
+            continue
+        messages = [_spelling(*m, variant + i) for i, m in enumerate(spec)]
+        want = reference_attach_point(tree, messages)
+        assert tree.attach_point(messages) == want
+        assert tree.attach_point(messages) == want  # the learned spellings change nothing
+
+
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 4), st.integers(0, 3)), min_size=1, max_size=15))
+def test_join_path_ids_is_the_path_tokens(plan):
+    """The cached per-segment JSON of token ids, joined, is exactly the path's tokens: on every
+    branch, with empty outputs, and whatever order turns are first extended in."""
+    tree = SessionTree()
+    for pick, out_len, first_use in plan:
+        parent = -1 if pick % 5 == 0 else (pick % (len(tree) + 1)) - 1
+        t = commit(tree, parent, [msg("user", "q")], msg("assistant", "A"), out_len=out_len)
+        use = (first_use * 7 + pick) % len(tree)
+        for tid in (use, t.id, parent):
+            want = tree.path_tokens(tid).tolist() + [7, 8]
+            assert json.loads(tree.join_path_ids(tid, b"[", b"7,8", b"]")) == want
+            assert json.loads(tree.join_path_ids(tid, b"[", b"", b"]")) == want[:-2]
+
+
+def _profiled_calls(fn, *args) -> int:
+    """Python and builtin calls made while running fn(*args)."""
+    import sys
+
+    calls = 0
+
+    def count(frame, event, arg):
+        nonlocal calls
+        calls += event in ("call", "c_call")
+
+    sys.setprofile(count)
+    try:
+        fn(*args)
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def test_a_turn_does_no_python_work_per_earlier_turn(monkeypatch):
+    """Matching a request and writing its input_ids cost the same number of Python steps after 4
+    turns as after 60 (the history is compared and copied by C calls only), and a message the agent
+    re-spells is matched leniently once, not again on every later request."""
+    import router.core.sessions.tree as tree_mod
+
+    lenient = []
+    monkeypatch.setattr(tree_mod, "messages_match", lambda a, b: lenient.append(1) or messages_match(a, b))
+
+    def conversation(turns):
+        tree = SessionTree()
+        sent = [msg("user", "q")]
+        parent = -1
+        lenient_per_request = []
+        for i in range(turns):
+            lenient.clear()
+            parent, covered = tree.attach_point(sent)
+            lenient_per_request.append(len(lenient))
+            t = commit(tree, parent, sent[covered:], msg("assistant", f"A{i}", reasoning=None))
+            # the agent echoes the reply in its own spelling ([] content parts for "A{i}" split in two)
+            sent = sent + [ChatMessageIn(role="assistant", content=[ContentPart(text="A"), ContentPart(text=str(i))]),
+                           msg("tool", f"r{i}")]
+            parent = t.id
+        return tree, sent, parent, lenient_per_request
+
+    short, long_ = conversation(4), conversation(60)
+    assert short[3][1:] == [1] * 3 and long_[3][1:] == [1] * 59  # only the newest echo, each time
+    costs = []
+    for tree, sent, parent, _ in (short, long_):
+        assert tree.attach_point(sent) == (parent, len(sent) - 1)
+        tree.join_path_ids(parent, b"[", b"1", b"]")  # each turn's ids encoded once, here
+        costs.append((_profiled_calls(tree.attach_point, sent),
+                      _profiled_calls(tree.join_path_ids, parent, b"[", b"1", b"]")))
+    assert costs[0] == costs[1], costs
 
 
 # ---- samples ----------------------------------------------------------------------------------------
@@ -222,6 +365,7 @@ class WorkerModel:
     def __init__(self, tok):
         self.tok = tok
         self.calls = []  # (input_ids, output_ids)
+        self.logprobs = []  # per call, the output's logprobs
 
     @classmethod
     def rows(cls, seq, start=0):
@@ -240,6 +384,7 @@ class WorkerModel:
             out, finish = out[:length], {"type": "length", "length": length}
         lps = [-(i % 7) / 3 - 0.01 for i in range(len(out))]
         self.calls.append((list(ids), list(out)))
+        self.logprobs.append(lps)
         seq = ids + out
         import base64
         meta = {"id": f"r{len(self.calls)}", "finish_reason": finish, "prompt_tokens": len(ids),
@@ -273,12 +418,47 @@ class Pipeline:
         return ex
 
 
+async def test_chat_template_kwargs_and_tools_shape_the_render_and_the_shared_prompt(qwen):
+    """Turn 1 renders with the request's `tools` and `chat_template_kwargs`; identical first requests
+    share one tokenized prompt, and requests differing only in those do not."""
+    p = Pipeline(qwen, start_len=False)
+    msgs = [{"role": "user", "content": "hi ✓"}]
+    bodies = [{"messages": msgs}, {"messages": msgs, "chat_template_kwargs": {"enable_thinking": False}},
+              {"messages": msgs, "tools": [{"type": "function", "function": {"name": "calc"}}]},
+              {"messages": msgs}]
+    received = []
+    for body in bodies:
+        await p.chat(p.reg.create(0.0), body, "ok")
+        received.append(p.worker.calls[-1][0])
+    for body, ids in zip(bodies, received):
+        want = qwen.encode(qwen.apply_chat_template(msgs, True, tools=body.get("tools"),
+                                                    **body.get("chat_template_kwargs", {})))
+        assert ids == want
+    assert received[0] == received[3] and len({tuple(r) for r in received}) == 3
+    assert (p.reg.prompts.misses, p.reg.prompts.hits) == (3, 1)
+    # a later turn renders its appended messages with the same kwargs (the closed think block)
+    session = p.reg.create(0.0)
+    kwargs = {"enable_thinking": False}
+    ex = await p.chat(session, {"messages": msgs, "chat_template_kwargs": kwargs}, "A")
+    m = msgspec.json.decode(ex.response_body)["choices"][0]["message"]
+    follow = msgs + [{"role": "assistant", "content": m["content"]}, {"role": "user", "content": "more"}]
+    await p.chat(session, {"messages": follow, "chat_template_kwargs": kwargs}, "B")
+    ids = p.worker.calls[-1][0]
+    assert qwen.decode(ids, skip_special_tokens=False).endswith(
+        "<|im_start|>user\nmore<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
 texts = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="<>\x00"), max_size=12)
 tool_calls = st.lists(st.tuples(st.sampled_from(["search", "read_file", "calc"]),
                                 st.dictionaries(st.sampled_from(["q", "path", "n", "ü"]), texts | st.integers(), max_size=2)),
                       max_size=2)
+# Per turn: reply text, thinking, tool calls, a length cut (max_new_tokens 3) or not, retries,
+# and how many replies the agent goes back before it (0: continue from the latest; k >= 2: resend
+# the conversation as it was after the k-th latest reply with another follow-up, a divergence: at 2
+# the latest turn gets a later sibling, a retry; at 3 the abandoned line's leaf stays a sample and
+# the turns both lines share must be trained once).
 turn_plans = st.lists(st.tuples(texts, st.booleans(), tool_calls, st.sampled_from([None, None, None, 3]),
-                                st.integers(0, 3)), min_size=1, max_size=5)
+                                st.integers(0, 3), st.sampled_from([0, 0, 2, 3, 3])), min_size=1, max_size=7)
 
 
 def assistant_text(content, think, calls):
@@ -289,24 +469,34 @@ def assistant_text(content, think, calls):
     return out
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(plan=turn_plans, start_len=st.booleans(), reserialize=st.booleans())
 async def test_random_conversations_give_exact_samples(qwen, plan, start_len, reserialize):
-    """Every kept sample's tokens are exactly what the worker received plus what it produced for the
-    leaf's turn; the loss mask is 1 exactly on produced tokens (each produced token trained once over
-    all samples), logprobs are the worker's there and 0 elsewhere, R3 rows equal a full-sequence reference."""
+    """Every sample's tokens are exactly what the worker received plus what it produced for the
+    leaf's turn; the loss mask is 1 exactly on produced tokens, each completion trained in exactly
+    one sample (the first kept one that holds it), logprobs are the worker's there and 0 elsewhere,
+    R3 rows equal a full-sequence reference; the samples are the leaves no later request retried.
+    The expectations come from the test's own record of the calls, not from the tree."""
     p = Pipeline(qwen, start_len)
     session = p.reg.create(0.0)
     tools = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
              for n in ("search", "read_file", "calc")]
     messages = [{"role": "system", "content": "You are ü-helpful 🙂"}, {"role": "user", "content": "start ✓"}]
-    leaf_call = {}
-    for content, think, calls, length, retries in plan:
+    parent_of = []  # call index -> the call whose reply its request extends (None: a first turn)
+    call_of_turn = {}  # tree turn id -> call index
+    points = []  # (messages up to and including a reply, that reply's call) of continued turns
+    extends = None  # the call whose reply `messages` currently ends with (then a follow-up)
+    for step, (content, think, calls, length, retries, back) in enumerate(plan):
+        if back and len(points) >= back:  # diverge: an earlier point, another follow-up
+            upto, extends = points[-back]
+            messages = upto + [{"role": "user", "content": f"instead, step {step} ✓"}]
         for attempt in range(retries % 2 + 1):  # a retry re-sends the same messages
-            ex = await p.chat(session, {"messages": messages, "tools": tools, "max_tokens": 10_000}, 
+            ex = await p.chat(session, {"messages": messages, "tools": tools, "max_tokens": 10_000},
                               assistant_text(content + "x" * attempt, think, calls), length)
             reply = msgspec.json.decode(ex.response_body)
-            leaf_call[session.tree.turns[-1].id] = len(p.worker.calls) - 1
+            parent_of.append(extends)
+            call_of_turn[session.tree.turns[-1].id] = len(parent_of) - 1
+        this_call = len(parent_of) - 1
         m = reply["choices"][0]["message"]
         if reply["choices"][0]["finish_reason"] == "length":
             # a length turn cannot be extended: 409
@@ -320,30 +510,46 @@ async def test_random_conversations_give_exact_samples(qwen, plan, start_len, re
                 c["function"]["arguments"] = json.dumps(json.loads(c["function"]["arguments"]), indent=1)
                 c.pop("index", None)
         messages = messages + [echoed]
+        points.append((messages, this_call))
+        extends = this_call
         if m.get("tool_calls"):
             messages += [{"role": "tool", "tool_call_id": c["id"], "content": f"result ✓ {i}"}
                          for i, c in enumerate(m["tool_calls"])]
         else:
             messages.append({"role": "user", "content": content[::-1] + " ok"})
+    # the oracle: leaves are calls nothing extended; a leaf with a later sibling was retried
+    children = {}
+    for call, parent in enumerate(parent_of):
+        children.setdefault(parent, []).append(call)
+    kept = [c for c in range(len(parent_of)) if c not in children
+            and not any(sib > c for sib in children[parent_of[c]])]
+
+    def path(call):
+        return [] if call is None else path(parent_of[call]) + [call]
+
+    owner = {}
+    for leaf in kept:
+        for call in path(leaf):
+            owner.setdefault(call, leaf)
     samples, reason = assemble(session.tree)
     assert reason is None
-    trained = {}
+    assert [call_of_turn[s.leaf["node_id"]] for s in samples] == kept
     for s in samples:
-        ids, out = p.worker.calls[leaf_call[s.leaf["node_id"]]]
-        assert s.tokens.tolist() == ids + out, (qwen.decode(s.tokens.tolist(), skip_special_tokens=False), qwen.decode(ids + out, skip_special_tokens=False), leaf_call, s.leaf)
+        leaf = call_of_turn[s.leaf["node_id"]]
+        ids, out = p.worker.calls[leaf]
+        assert s.tokens.tolist() == ids + out
+        mask = np.zeros(len(ids) + len(out), np.uint8)
         produced = np.zeros(len(ids) + len(out), bool)
-        # produced tokens are the outputs of every turn on the path
-        for tid in s.leaf["path_node_ids"]:
-            t = session.tree.turns[tid]
-            produced[t.end - len(t.output_ids):t.end] = True
-            assert s.rollout_log_probs[t.end - len(t.output_ids):t.end].tolist() == t.output_logprobs.tolist()
-        assert not s.loss_mask[~produced].any() and not s.rollout_log_probs[~produced].any()
-        for tid in s.leaf["path_node_ids"]:
-            t = session.tree.turns[tid]
-            if s.loss_mask[t.end - 1]:
-                assert tid not in trained
-                trained[tid] = s.leaf["node_id"]
-                assert s.loss_mask[t.end - len(t.output_ids):t.end].all()
+        logps = np.zeros(len(ids) + len(out))
+        for call in path(leaf):
+            call_in, call_out = p.worker.calls[call]
+            span = slice(len(call_in), len(call_in) + len(call_out))
+            assert (ids + out)[span] == call_out  # every turn's output sits where the worker produced it
+            produced[span] = True
+            mask[span] = owner[call] == leaf
+            logps[span] = p.worker.logprobs[call]
+        assert s.loss_mask.tolist() == mask.tolist() and not s.loss_mask[~produced].any()
+        assert s.rollout_log_probs.tolist() == logps.tolist()
         assert np.array_equal(s.routed_experts, WorkerModel.rows(s.tokens))
     # no two calls re-rendered the history: each call's input extends a stored path verbatim
     assert p.reg.prompts.misses == 1

@@ -257,12 +257,14 @@ async def test_grpo_group_shares_one_tokenized_prompt(nursery, tmp_path):
                 n.start_soon(rollout, sid, i)
         assert prompts.misses == 1 and prompts.hits == 7
         first = router.runtime.sessions.get(sids[0]).tree.turns[0].prompt_ids
+        received = [b["input_ids"] for b in (await sim_stats(sim))["last_bodies"]]
+        assert len(received) == 8 and all(ids == first.tolist() for ids in received)
         for sid in sids:
             turn = router.runtime.sessions.get(sid).tree.turns[0]
             assert turn.prompt_ids is first  # one array shared by the group
             (sample,), _ = await samples_of(c, sid)
             out = [t[1] for t in results[sid]["output_token_logprobs"]]
-            assert sample["tokens"].tolist() == first.tolist() + out
+            assert sample["tokens"].tolist() == received[0] + out
             assert sample["loss_mask"].tolist() == [0] * len(first) + [1] * len(out)
             assert sample["rollout_log_probs"][len(first):].tolist() == [t[0] for t in results[sid]["output_token_logprobs"]]
         assert len({tuple(r["output_token_logprobs"][0][:2]) for r in results.values()}) > 1  # distinct samples
@@ -316,6 +318,7 @@ async def test_delete_during_an_inflight_turn(nursery, tmp_path):
     router, (sim,) = await session_router(nursery, tmp_path, token_latency_s=0.01)
     async with client(router) as c:
         sid = await new_session(c)
+        session = router.runtime.sessions.get(sid)
         result = {}
 
         async def chat():
@@ -331,6 +334,7 @@ async def test_delete_during_an_inflight_turn(nursery, tmp_path):
             d = await c.delete(f"/sessions/{sid}")
             assert d.status_code == 204 and d.content == b""
         assert result["chat"].status_code == 200 and result["chat"].json()["choices"][0]["message"]
+        assert len(session.tree) == 0  # the reply came, the turn was not recorded
         for r in (await c.get(f"/sessions/{sid}"), await c.post(f"/sessions/{sid}/samples", json={}),
                   await c.post(f"/sessions/{sid}/v1/chat/completions", json={"messages": []}),
                   await c.delete(f"/sessions/{sid}")):
@@ -360,7 +364,11 @@ async def test_lifecycle_statuses(nursery, tmp_path):
             assert r.status_code == status and text in r.json()["error"], r.text
         # the worker's own 4xx (context too long) passes through and is not recorded
         r = await c.post(url, json={"messages": [{"role": "user", "content": "word " * 100}]})
-        assert 400 <= r.status_code < 500 and "error" in r.json()
+        sent = (await sim_stats(sim))["last_bodies"][-1]
+        async with client(sim.url) as direct:
+            worker = await direct.post("/generate", json=sent)
+        assert 400 <= worker.status_code < 500
+        assert (r.status_code, r.content) == (worker.status_code, worker.content)
         assert (await c.get(f"/sessions/{sid}")).json()["metadata"]["tree"]["nodes"] == []
         # a length turn cannot be extended
         msgs = [{"role": "user", "content": "hi"}]
@@ -384,6 +392,61 @@ async def test_lifecycle_statuses(nursery, tmp_path):
         assert d.status_code == 204
         assert (await c.post(f"/sessions/{sid}/v1/chat/completions", json={"messages": msgs})).status_code == 410
         assert (await c.put("/sessions")).status_code == 405
+
+
+async def test_a_session_stays_on_one_worker_and_proxied_paths_follow_it(nursery, tmp_path):
+    """Two workers, six sessions: every call of a session (chat turns, a retry, proxied paths) is
+    routed by the session id to one worker; the proxied calls are not recorded."""
+    router, sims = await session_router(nursery, tmp_path, n_workers=2)
+    async with client(router) as c:
+        sids = [await new_session(c) for _ in range(6)]
+        for sid in sids:
+            url = f"/sessions/{sid}/v1/chat/completions"
+            msgs = [{"role": "user", "content": f"hello {sid[:4]}"}]
+            r = await c.post(url, json={"messages": msgs, "max_tokens": 400})
+            assert r.status_code == 200, r.text
+            workers = [r.headers["x-miles-router-worker"]]
+            reasons = [r.headers["x-miles-router-route-reason"]]
+            msgs += [r.json()["choices"][0]["message"], {"role": "user", "content": "more"}]
+            for _ in range(2):  # a next turn, then a retry of it
+                r = await c.post(url, json={"messages": msgs, "max_tokens": 400})
+                assert r.status_code == 200, r.text
+                workers.append(r.headers["x-miles-router-worker"])
+                reasons.append(r.headers["x-miles-router-route-reason"])
+            for path in ("model_info", "get_server_info"):
+                r = await c.get(f"/sessions/{sid}/{path}")
+                assert r.status_code == 200, r.text
+                workers.append(r.headers["x-miles-router-worker"])
+                reasons.append(r.headers["x-miles-router-route-reason"])
+            assert len(set(workers)) == 1 and workers[0] in {s.url for s in sims}, workers
+            assert reasons[0] == "sticky_new" and set(reasons[1:]) == {"sticky"}, reasons
+            nodes = (await c.get(f"/sessions/{sid}")).json()["metadata"]["tree"]["nodes"]
+            assert [n["parent"] for n in nodes] == [-1, 0, 0]  # 3 turns; the proxied calls left no node
+        served = [(await sim_stats(s))["requests"] for s in sims]
+        assert sum(served) >= 6 * 5
+
+
+async def test_stream_is_chunks_then_done(nursery, tmp_path):
+    """`stream: true` answers SSE: chat.completion.chunk events (one carrying the whole delta and the
+    finish_reason, then usage when asked), then `data: [DONE]`; the turn is recorded like any other."""
+    router, _ = await session_router(nursery, tmp_path)
+    async with client(router) as c:
+        sid = await new_session(c)
+        r = await c.post(f"/sessions/{sid}/v1/chat/completions",
+                         json={"messages": [{"role": "user", "content": "hi"}], "tools": TOOLS, "max_tokens": 400,
+                               "stream": True, "stream_options": {"include_usage": True}})
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = r.content.split(b"\n\n")
+        assert events[-2:] == [b"data: [DONE]", b""]
+        chunks = [json.loads(e.removeprefix(b"data: ")) for e in events[:-2]]
+        assert [ch["object"] for ch in chunks] == ["chat.completion.chunk"] * 2
+        (choice,) = chunks[0]["choices"]
+        assert choice["delta"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "tool_calls", "length")
+        assert chunks[1]["choices"] == [] and chunks[1]["usage"]["completion_tokens"] > 0
+        assert len({ch["id"] for ch in chunks}) == 1
+        turn = router.runtime.sessions.get(sid).tree.turns[0]
+        assert chunks[1]["usage"]["completion_tokens"] == len(turn.output_ids)
+        assert chunks[1]["usage"]["prompt_tokens"] == len(turn.prompt_ids)
 
 
 async def test_bad_worker_reply_is_502(nursery, tmp_path):

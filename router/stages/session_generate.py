@@ -72,10 +72,10 @@ class SessionGenerate(Stage):
                 fields["routed_experts_start_len"] = turn.r3_start
         rest = _encoder.encode(fields)
         turn.upstream_fields = rest
-        # input_ids: the stored turns' ids verbatim (encoded once per turn, when first needed), then the new ones.
-        pieces = turn.session.tree.path_ids_json(turn.parent)
-        pieces.append(_encoder.encode(turn.prompt_ids.tolist())[1:-1])
-        ex.upstream_body = b'{"input_ids":[' + b",".join(pieces) + b"]," + rest[1:]
+        # input_ids: the stored turns' ids verbatim (encoded once per turn, when first extended), then the new ones.
+        ex.upstream_body = turn.session.tree.join_path_ids(turn.parent, b'{"input_ids":[',
+                                                           _encoder.encode(turn.prompt_ids.tolist())[1:-1],
+                                                           b"]," + rest[1:])
         ex.path, ex.query = "/generate", b""
         ex.scratch["routing_key"] = turn.session.id
         return None

@@ -39,14 +39,15 @@ class SessionRequest(Stage):
             raise StageError(400, f"invalid chat completions body: {decode_error_text(e, ex.body)}") from None
         if not req.messages:
             raise StageError(400, "messages must not be empty")
-        for i, m in enumerate(req.messages):
-            if m.role not in self.options.roles:
-                raise StageError(400, f"messages[{i}].role {m.role!r} is not allowed "
-                                      f"(allowed: {', '.join(self.options.roles)})")
         if req.n != 1:
             raise StageError(400, f"n must be 1 in a session (got {req.n}): open one session per sample")
         tree = session.tree
         parent, covered = tree.attach_point(req.messages)
+        # Only the appended messages need a role check: a matched one has the role of a stored one.
+        for i in range(covered, len(req.messages)):
+            if req.messages[i].role not in self.options.roles:
+                raise StageError(400, f"messages[{i}].role {req.messages[i].role!r} is not allowed "
+                                      f"(allowed: {', '.join(self.options.roles)})")
         if parent >= 0 and not tree.turns[parent].extendable:
             t = tree.turns[parent]
             raise StageError(409, f"cannot extend turn {t.id}: it ended by {t.finish_reason!r}, so its output "

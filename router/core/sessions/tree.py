@@ -11,10 +11,19 @@ messages, then its assistant reply) is a prefix of the request's messages; ties 
 turn. The rest of the request becomes a new child, so a retry or a divergence never destroys
 anything, and two concurrent requests from one parent become siblings. Extending a turn that
 ended by `length` (or `abort`) is refused: its output has no end-of-turn token to build on.
+
+A turn costs the router no Python work per earlier turn. The turns are grouped into *segments*:
+chains where each turn is its parent's first child (a conversation without retries is one
+segment). A segment keeps its turns' messages as one flat list and its turns' token ids as one
+JSON byte string, so matching a request is one C-level list comparison per segment (`==` on
+msgspec Structs; the lenient message-level match runs only on messages where that fails, and
+the client's spelling then replaces the stored one in the index, so the next request compares
+strictly) and a worker's `input_ids` are one join of a few byte slices, appended to once per turn.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from typing import Any
 
 import msgspec
@@ -49,9 +58,6 @@ class Turn(msgspec.Struct, kw_only=True):
     weight_version: str | None = None
     response_id: str = ""
     created_at: float = 0.0
-    # The turn's prompt + output ids as JSON list items ("1,2,3"), so a later turn's input_ids are a
-    # join of per-turn pieces rather than a re-encode of the whole history. Derived: recomputed when empty.
-    ids_json: bytes = b""
     record: Any = None  # what GET /sessions/{id} shows for the turn (router/stages/session_reply.py)
 
     @property
@@ -64,6 +70,46 @@ class Turn(msgspec.Struct, kw_only=True):
         return self.finish_reason not in UNFINISHED
 
 
+class _Segment:
+    """A chain of turns, each the first child of the one before (the first also of a turn in
+    `parent`, at index `branch`, or a root). Positions are absolute: the segment's messages are
+    the request positions `msg_start ..`; `msg_ends[i]` is how many messages the path through its
+    i-th turn covers."""
+
+    __slots__ = ("parent", "branch", "turn_ids", "msg_start", "msg_ends", "messages", "children", "ids",
+                 "ids_ends")
+
+    def __init__(self, parent: _Segment | None, branch: int, msg_start: int) -> None:
+        self.parent = parent
+        self.branch = branch
+        self.turn_ids: list[int] = []
+        self.msg_start = msg_start
+        self.msg_ends: list[int] = []
+        # The turns' messages then assistant replies, flat: an index for matching only (an entry may
+        # be replaced by an equivalent spelling a client sent); the turns keep what was stored.
+        self.messages: list[ChatMessageIn] = []
+        self.children: list[_Segment] = []
+        # Token ids of the first len(ids_ends) turns as JSON list items, each turn's followed by ",";
+        # filled when a turn is first extended, so a turn's ids are encoded once, a leaf's never.
+        self.ids = bytearray()
+        self.ids_ends: list[int] = []
+
+
+def _first_difference(a: list, a0: int, b: list, b0: int, n: int) -> int:
+    """The smallest i < n with a[a0 + i] != b[b0 + i], or n: C-level list comparisons, halving
+    the range that holds the difference (at most 2n element comparisons, log n Python steps)."""
+    if a[a0:a0 + n] == b[b0:b0 + n]:
+        return n
+    lo, hi = 0, n  # a[a0:a0+lo] == b[b0:b0+lo], and the first difference is below hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[a0 + lo:a0 + mid] == b[b0 + lo:b0 + mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 class SessionTree:
     def __init__(self, max_turns: int = 1024) -> None:
         self.turns: list[Turn] = []
@@ -72,6 +118,8 @@ class SessionTree:
         # One clock for request starts and commits, so "B started after A was committed" (a retry,
         # not a concurrent sibling) is `B.request_seq > A.seq`.
         self._clock = 0
+        self._roots: list[_Segment] = []
+        self._where: list[tuple[_Segment, int]] = []  # turn id -> (its segment, its index there)
 
     def __len__(self) -> int:
         return len(self.turns)
@@ -84,26 +132,39 @@ class SessionTree:
     def attach_point(self, messages: list[ChatMessageIn]) -> tuple[int, int]:
         """(deepest matching turn id or -1, number of request messages its path covers)."""
         best, best_len, best_seq = -1, 0, -1
-        stack = [(c, 0) for c in self.children[-1]]
         n = len(messages)
+        stack = list(self._roots)
         while stack:
-            tid, pos = stack.pop()
-            t = self.turns[tid]
-            k = len(t.messages)
-            if pos + k + 1 > n:
+            seg = stack.pop()
+            matched = self._match(seg, messages, n)
+            if not matched:
                 continue
-            # List/Struct equality in C first (a client that echoes the history unchanged costs one
-            # comparison per turn); the lenient message-level match only where that fails.
-            if not (messages[pos:pos + k] == t.messages and messages[pos + k] == t.assistant):
-                if not all(messages_match(t.messages[i], messages[pos + i]) for i in range(k)):
-                    continue
-                if not messages_match(t.assistant, messages[pos + k]):
-                    continue
-            covered = pos + k + 1
-            if covered > best_len or (covered == best_len and t.seq > best_seq):
-                best, best_len, best_seq = tid, covered, t.seq
-            stack.extend((c, covered) for c in self.children.get(tid, ()))
+            tid, covered = seg.turn_ids[matched - 1], seg.msg_ends[matched - 1]
+            seq = self.turns[tid].seq
+            if covered > best_len or (covered == best_len and seq > best_seq):
+                best, best_len, best_seq = tid, covered, seq
+            stack.extend(c for c in seg.children if c.branch < matched)
         return best, best_len
+
+    @staticmethod
+    def _match(seg: _Segment, messages: list[ChatMessageIn], n: int) -> int:
+        """How many of `seg`'s turns have their whole path repeated by `messages` (the segment's
+        ancestors already matched)."""
+        fits = bisect_right(seg.msg_ends, n)
+        if not fits:
+            return 0
+        start, end = seg.msg_start, seg.msg_ends[fits - 1]
+        stored = seg.messages
+        pos = start
+        while pos < end:
+            pos += _first_difference(messages, pos, stored, pos - start, end - pos)
+            if pos == end:
+                break
+            if not messages_match(stored[pos - start], messages[pos]):
+                break
+            stored[pos - start] = messages[pos]  # equivalent: the next request compares strictly
+            pos += 1
+        return bisect_right(seg.msg_ends, pos, 0, fits)
 
     # ---- paths ------------------------------------------------------------------------------
     def path(self, tid: int) -> list[Turn]:
@@ -123,14 +184,37 @@ class SessionTree:
             parts.append(t.output_ids)
         return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
-    def path_ids_json(self, tid: int) -> list[bytes]:
-        """The path's token ids as JSON list items, one piece per turn (join with b",")."""
-        pieces = []
-        for t in self.path(tid):
-            if not t.ids_json:
-                t.ids_json = _ids_encoder.encode(np.concatenate([t.prompt_ids, t.output_ids]).tolist())[1:-1]
-            pieces.append(t.ids_json)
-        return pieces
+    def join_path_ids(self, tid: int, before: bytes, items: bytes, after: bytes) -> bytes:
+        """`before` + the token ids of the path through `tid` and then `items` (JSON list items,
+        "1,2,3") as one comma-separated item list + `after`, in one copy. Each turn's ids are
+        encoded once, when a request first extends it."""
+        chain = []
+        seg, index = self._where[tid] if tid >= 0 else (None, -1)
+        while seg is not None:
+            chain.append((seg, index))
+            seg, index = seg.parent, seg.branch
+        views = []
+        try:
+            for seg, index in reversed(chain):
+                if len(seg.ids_ends) <= index:
+                    self._encode_ids(seg, index)
+                views.append(memoryview(seg.ids)[:seg.ids_ends[index]])
+            if views and not items:  # no items after the path: drop its trailing ","
+                views[-1] = views[-1][:-1]
+            return b"".join([before, *views, items, after])
+        finally:
+            for v in views:  # a bytearray with live views cannot grow
+                v.release()
+
+    def _encode_ids(self, seg: _Segment, index: int) -> None:
+        for i in range(len(seg.ids_ends), index + 1):
+            t = self.turns[seg.turn_ids[i]]
+            seg.ids += _ids_encoder.encode(t.prompt_ids.tolist())[1:-1]
+            seg.ids += b","
+            if len(t.output_ids):
+                seg.ids += _ids_encoder.encode(t.output_ids.tolist())[1:-1]
+                seg.ids += b","
+            seg.ids_ends.append(len(seg.ids))
 
     def path_length(self, tid: int) -> int:
         return 0 if tid < 0 else self.turns[tid].end
@@ -153,6 +237,7 @@ class SessionTree:
             if t.id != len(self.turns):
                 raise ValueError(f"stored turns out of order: turn {t.id} at position {len(self.turns)}")
             self.turns.append(t)
+            self._place(t)
             self.children.setdefault(t.parent, []).append(t.id)
             self.children.setdefault(t.id, [])
             self._clock = max(self._clock, t.seq, t.request_seq)
@@ -166,6 +251,24 @@ class SessionTree:
         end = self.path_length(parent) + len(prompt_ids) + len(output_ids)
         turn = Turn(id=tid, parent=parent, seq=self._clock, end=end, **fields)
         self.turns.append(turn)
+        self._place(turn)
         self.children.setdefault(parent, []).append(tid)
         self.children[tid] = []
         return turn
+
+    def _place(self, turn: Turn) -> None:
+        """Put a new turn in its segment: its parent's, when it is the parent's first child."""
+        if turn.parent < 0:
+            seg = _Segment(None, -1, 0)
+            self._roots.append(seg)
+        else:
+            seg, index = self._where[turn.parent]
+            if index != len(seg.turn_ids) - 1:  # the parent already has a child: branch off
+                child = _Segment(seg, index, seg.msg_ends[index])
+                seg.children.append(child)
+                seg = child
+        self._where.append((seg, len(seg.turn_ids)))
+        seg.turn_ids.append(turn.id)
+        seg.messages.extend(turn.messages)
+        seg.messages.append(turn.assistant)
+        seg.msg_ends.append(seg.msg_start + len(seg.messages))
