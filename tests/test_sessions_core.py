@@ -216,11 +216,17 @@ def _profiled_calls(fn, *args) -> int:
         nonlocal calls
         calls += event in ("call", "c_call")
 
+    # a collection during the count would run finalizers of earlier tests' objects and count their calls
+    import gc
+
+    gc.collect()
+    gc.disable()
     sys.setprofile(count)
     try:
         fn(*args)
     finally:
         sys.setprofile(None)
+        gc.enable()
     return calls
 
 
