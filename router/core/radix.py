@@ -404,17 +404,12 @@ class RadixTree:
         version = self._intern(t.weight_version)
         args = (P, n, lps, r3, version, t.worker, now)
         node, pos, splits = self.root, 0, 0
-        while pos < n:
-            child = self._child(node, int(toks[pos]))
-            if child is None:
-                break
-            size = child.size
-            m = _common_prefix(child.data[0] & TOKEN_BITS, toks[pos:pos + size])
-            if m < size:
+        for child, at, m in self._token_path(toks):
+            if m < child.size:
                 child = self._split(child, m)
                 splits += 1
-            self._write(child, pos, *args)
-            node, pos = child, pos + m
+            self._write(child, at, *args)
+            node, pos = child, at + m
         shared = pos
         if pos < n:
             node = self._new_leaf(node, toks[pos:], pos, args)
@@ -546,6 +541,21 @@ class RadixTree:
         self._ntokens += L
         return node
 
+    def _token_path(self, q: np.ndarray):
+        """(node, its first position, m) down the path `q` (int32) continues: m = how many of the node's tokens
+        q matches (the walk ends after a node q leaves or ends inside)."""
+        node, pos = self.root, 0
+        while pos < q.size:
+            child = self._child(node, int(q[pos]))
+            if child is None:
+                return
+            size = child.data.shape[1]
+            m = _common_prefix(child.data[0] & TOKEN_BITS, q[pos:pos + size])
+            yield child, pos, m
+            if m < size:
+                return
+            node, pos = child, pos + m
+
     def _child(self, node: Node, tid: int) -> Node | None:
         """The child of `node` whose first token is `tid`."""
         v = node.by_first.get(self._pieces[tid])
@@ -665,20 +675,12 @@ class RadixTree:
     # ----------------------------------------------------------------------------------------------- lookups
     def match_tokens(self, tokens: np.ndarray, *, now: float) -> PrefixMatch:
         q = np.asarray(tokens, dtype=np.int32).ravel()
-        node, pos, nbytes, segs = self.root, 0, 0, []
-        while pos < q.size:
-            child = self._child(node, int(q[pos]))
-            if child is None:
-                break
-            size = child.size
-            m = _common_prefix(child.data[0] & TOKEN_BITS, q[pos:pos + size])
+        nbytes, end, segs = 0, 0, []
+        for child, at, m in self._token_path(q):
             segs.append((child, m))
-            nbytes += child.tlen if m == size else int(self._lens[q[pos:pos + m]].sum(dtype=np.int64))
-            pos += m
-            if m < size:
-                break
-            node = child
-        return self._matched(segs, q[:pos].copy(), nbytes, now)
+            nbytes += child.tlen if m == child.size else int(self._lens[q[at:at + m]].sum(dtype=np.int64))
+            end = at + m
+        return self._matched(segs, q[:end].copy(), nbytes, now)
 
     def match_text(self, text: bytes, *, now: float, anchors_only: bool = True) -> PrefixMatch:
         """Longest prefix of `text` spelled by cached tokens that ends on an anchor (any token boundary when
@@ -863,24 +865,17 @@ class RadixTree:
         front. Read-only: no recency or statistics change."""
         if self._r3_shape is None:
             return None
-        q = np.asarray(tokens, dtype=np.int32).ravel()
-        node, pos, parts = self.root, 0, []
-        while pos < q.size:
-            child = self._child(node, int(q[pos]))
-            if child is None:
-                break
-            size = child.size
-            m = _common_prefix(child.data[0] & TOKEN_BITS, q[pos:pos + size])
+        pos, parts = 0, []
+        for child, at, m in self._token_path(np.asarray(tokens, dtype=np.int32).ravel()):
             if child.r3 is None or child.r3_version != version:
                 break
             known = child.r3_known
             take = m if known is None or known[:m].all() else int(np.argmin(known[:m]))
             if take:
                 parts.append(child.r3[:take])
-            pos += take
-            if take < size:
+            pos = at + take
+            if take < child.size:
                 break
-            node = child
         if not parts:
             return None
         return np.concatenate(parts).reshape(pos, *self._r3_shape)
