@@ -100,7 +100,7 @@ def _setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
-def _tune_process() -> None:
+def tune_process() -> None:
     """Process-wide settings for a long-running proxy."""
     import gc
     import resource
@@ -130,7 +130,7 @@ def cmd_run(args) -> int:
     if args.log_level:
         cfg.server.log_level = args.log_level
     _setup_logging(cfg.server.log_level)
-    _tune_process()
+    tune_process()
     try:
         trio.run(run_router, cfg)
     except KeyboardInterrupt:
