@@ -21,7 +21,8 @@ so it is a separate, untimed build; per-token cost does not depend on scale). RS
 the first structure built reuses memory the workload generator freed, so they under-count it.
 
 Memory with routed experts: the same subset built again with R3 rows (`--r3`, default 48 layers x top-8, ids
-from 128 experts), reported as bytes per cached token beyond the rows-free build.
+from 128 experts), reported as bytes per cached token beyond the rows-free build; and the same trajectories
+packed as durable-store records (router/wire/store.py), bytes per token with and without those rows.
 
 --compare-ref GITREF loads router/core/radix.py as of GITREF (git show, no checkout) and replays the same
 workload through it in the same process, so "no slower than before" is measured on one host at one moment.
@@ -218,6 +219,34 @@ def traced_bytes_per_token(factory, workload, is_radix: bool, r3_shape=None) -> 
     return used / ntok, ntok, (s.nbytes if is_radix else 0)
 
 
+def stored_bytes_per_token(workload, r3_shape) -> tuple[float, float, float]:
+    """Durable-store record bytes per token (router.wire.store's msgpack record, what SQLite's payload column
+    holds) of the workload's trajectories as the cache answers them: (no R3, R3 at the stored width, R3 as
+    int32), the R3 ids drawn from 128 experts as in the memory build."""
+    from router.wire import store as store_wire
+
+    rng = np.random.default_rng(7)
+    sizes = [0, 0, 0]
+    tokens = 0
+    for rounds in workload:
+        for reqs in rounds:
+            for r in reqs:
+                tr = r.traj
+                toks = np.concatenate([tr.prompt_ids, tr.output_ids])
+                mask = np.r_[np.zeros(tr.prompt_ids.size, np.uint8), np.ones(tr.output_ids.size, np.uint8)]
+                lps = np.r_[np.zeros(tr.prompt_ids.size, np.float32), tr.output_logprobs]
+                rows = rng.integers(0, 128, (toks.size - 1, *r3_shape), dtype=np.int32)
+                for i, experts in enumerate((None, rows)):
+                    rec = store_wire.pack(rid=tr.rid, created=0.0, prompt_len=tr.prompt_ids.size, finish="stop",
+                                          worker=tr.worker, weight_version="1", versions=["1"], tokens=toks,
+                                          logprobs=lps, loss_mask=mask, experts=experts)
+                    sizes[i] += len(store_wire.encode(rec))
+                    if i:
+                        sizes[2] += len(store_wire.encode(rec)) + rows.size * 3  # the ids at 4 bytes, not 1
+                tokens += toks.size
+    return sizes[0] / tokens, sizes[1] / tokens, sizes[2] / tokens
+
+
 def load_ref_radix(ref: str):
     """router/core/radix.py as of git ref `ref`, imported as its own module."""
     repo = Path(__file__).resolve().parent.parent
@@ -294,6 +323,7 @@ def main() -> None:
         if is_radix:
             mem_r3[name] = traced_bytes_per_token(factory, mem_prompts, is_radix, (layers, top_k))
     conv = {name: long_conversation(tok, f, np.random.default_rng(args.seed + 1)) for name, f, _ in structs}
+    disk = stored_bytes_per_token(mem_prompts, (layers, top_k))
 
     names = [n for n, _, _ in structs]
     R, L = res["radix"], res["list"]
@@ -321,6 +351,8 @@ def main() -> None:
           + "".join(f"{mem_r3[n][0] - mem[n][0]:>16,.1f}" for n in r3_names) + " " * 16 * (len(names) - len(r3_names))
           + "".join(f"{(mem_r3[n][0] - mem[n][0]) / (mem_r3['radix'][0] - mem['radix'][0]):>14.2f}x/"
                     for n in ratio_names if n in mem_r3))
+    print(f"durable-store record bytes/token (same subset): no R3 {disk[0]:.2f}; R3 {args.r3} at the stored width "
+          f"{disk[1]:.1f}, as int32 {disk[2]:.1f} ({(disk[2] - disk[0]) / (disk[1] - disk[0]):.2f}x the R3 bytes)")
     print(f"{'lookups returning the wrong prefix length':<52}" + "".join(f"{res[n]['bad_look']:>16}" for n in names))
     print(f"{'retrieves returning the wrong trajectory length':<52}" + "".join(f"{res[n]['bad_ret']:>16}" for n in names))
     print(f"radix nbytes estimate on the memory subset: {mem['radix'][2] / mem['radix'][1]:.1f} B/token "
