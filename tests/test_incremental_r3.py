@@ -110,3 +110,18 @@ async def test_a_client_that_sets_start_len_itself_is_left_alone(nursery):
         assert (await s.get("/_sim/stats")).json()["last_bodies"][-1]["routed_experts_start_len"] == 0
         got = (await c.post("/retrieve_from_text", json={"text": text + r.json()["text"]})).json()
     assert got["exact"] and rows_of(got["routed_experts"]).shape[0] == len(got["tokens"]) - 1
+
+
+@pytest.mark.parametrize("num_experts", [256, 1000])
+async def test_wide_expert_ids_come_back_exactly(nursery, num_experts):
+    """The cache keeps routed experts at the width their ids need (uint8 up to 256 experts, uint16 past it);
+    what the trainer gets is still SGLang's int32 rows, byte for byte what the worker sent."""
+    router, sim = await r3_router(nursery, "radix-cache-r3.toml", num_experts=num_experts)
+    turns = await conversation(router, sim, 3)
+    top = 0
+    for t in turns:
+        assert t["got"]["routed_experts"] == t["reply"]["meta_info"]["routed_experts"]
+        top = max(top, int(rows_of(t["got"]["routed_experts"]).max()))
+    assert (top > 255) == (num_experts > 256)
+    want = "uint8" if num_experts <= 256 else "uint16"
+    assert str(router.runtime.tree.routed_experts_dtype) == want
