@@ -48,6 +48,24 @@ def make_read_only(folder: Path) -> None:
         folder.chmod(0o555)
 
 
+@contextlib.contextmanager
+def folder_to_make_read_only(tmp_path: Path):
+    """A folder `make_read_only` can turn read-only: a small tmpfs as root (root ignores file modes, so the
+    file system is remounted), else a plain folder whose modes are restored afterwards."""
+    folder = tmp_path / "ro"
+    if os.geteuid() == 0:
+        with small_filesystem(folder, "16m") as mounted:
+            if mounted is None:
+                pytest.skip("cannot mount a tmpfs to make read-only")
+            yield folder
+        return
+    folder.mkdir()
+    try:
+        yield folder
+    finally:
+        folder.chmod(0o755)
+
+
 async def _router(nursery, sim, path: Path):
     return await start_router(
         nursery, workers={"urls": [sim.url]},
@@ -68,15 +86,7 @@ async def _passthrough_ok(c) -> None:
 
 
 async def test_read_only_store_serves_reads_and_refuses_writes_with_503(nursery, tmp_path):
-    folder = tmp_path / "ro"
-    if os.geteuid() == 0:
-        cm = small_filesystem(folder, "16m")
-    else:
-        cm = contextlib.nullcontext(folder)
-        folder.mkdir()
-    with cm as mounted:
-        if os.geteuid() == 0 and mounted is None:
-            pytest.skip("cannot mount a tmpfs to make read-only")
+    with folder_to_make_read_only(tmp_path) as folder:
         path = folder / "store.db"
         sim = await start_sim(nursery, seed=5)
         texts = {}
@@ -88,47 +98,35 @@ async def test_read_only_store_serves_reads_and_refuses_writes_with_503(nursery,
                     texts[_gen(i)["text"] + out["text"]] = out["output_ids"]
             n1.cancel_scope.cancel()
         make_read_only(folder)
-        try:
-            async with trio.open_nursery() as n2:
-                router = await _router(n2, sim, path)
-                async with client(router) as c:
-                    for text, ids in texts.items():
-                        got = (await c.post("/retrieve_from_text", json={"text": text})).json()
-                        assert got["exact"] and got["tokens"][-len(ids):] == ids
-                    r = await c.post("/generate", json=_gen(100))
-                    assert r.status_code == 503
-                    err = r.json()
-                    assert err["stage"] == "persist" and err["store"] == str(path)
-                    assert err["error"].startswith(f"trajectory store {path}: cannot write: ")
-                    assert "read-only" in err["error"]
-                    # a stream has already started with 200: it is broken off, never completed with [DONE]
-                    body = b""
-                    with pytest.raises(httpx.HTTPError):
-                        async with c.stream("POST", "/generate", json={**_gen(101), "stream": True}) as r:
-                            assert r.status_code == 200
-                            async for chunk in r.aiter_raw():
-                                body += chunk
-                    assert b"data:" in body and b"[DONE]" not in body
-                    await _passthrough_ok(c)
-                    assert "miles_router_store_writable 0.0" in (await c.get("/metrics")).text
-                n2.cancel_scope.cancel()
-        finally:
-            if os.geteuid() != 0:
-                folder.chmod(0o755)
+        async with trio.open_nursery() as n2:
+            router = await _router(n2, sim, path)
+            async with client(router) as c:
+                for text, ids in texts.items():
+                    got = (await c.post("/retrieve_from_text", json={"text": text})).json()
+                    assert got["exact"] and got["tokens"][-len(ids):] == ids
+                r = await c.post("/generate", json=_gen(100))
+                assert r.status_code == 503
+                err = r.json()
+                assert err["stage"] == "persist" and err["store"] == str(path)
+                assert err["error"].startswith(f"trajectory store {path}: cannot write: ")
+                assert "read-only" in err["error"]
+                # a stream has already started with 200: it is broken off, never completed with [DONE]
+                body = b""
+                with pytest.raises(httpx.HTTPError):
+                    async with c.stream("POST", "/generate", json={**_gen(101), "stream": True}) as r:
+                        assert r.status_code == 200
+                        async for chunk in r.aiter_raw():
+                            body += chunk
+                assert b"data:" in body and b"[DONE]" not in body
+                await _passthrough_ok(c)
+                assert "miles_router_store_writable 0.0" in (await c.get("/metrics")).text
+            n2.cancel_scope.cancel()
 
 
 async def test_read_only_store_keeps_sessions_readable_and_refuses_their_writes_with_503(nursery, tmp_path):
     """Sessions need writes too: on a read-only store the stored sessions come back and can be read, but a new
     session or a new turn (neither could survive a crash) is a 503 naming the store; passthrough flows."""
-    folder = tmp_path / "ro"
-    if os.geteuid() == 0:
-        cm = small_filesystem(folder, "16m")
-    else:
-        cm = contextlib.nullcontext(folder)
-        folder.mkdir()
-    with cm as mounted:
-        if os.geteuid() == 0 and mounted is None:
-            pytest.skip("cannot mount a tmpfs to make read-only")
+    with folder_to_make_read_only(tmp_path) as folder:
         path = folder / "store.db"
         sim = await start_sim(nursery, seed=5, chat_replies=True)
 
@@ -145,23 +143,19 @@ async def test_read_only_store_keeps_sessions_readable_and_refuses_their_writes_
                 before = (await c.get(f"/sessions/{sid}")).json()
             n1.cancel_scope.cancel()
         make_read_only(folder)
-        try:
-            async with trio.open_nursery() as n2:
-                router = await router_on(n2)
-                async with client(router) as c:
-                    assert (await c.get(f"/sessions/{sid}")).json() == before
-                    for r in (await c.post("/sessions"),
-                              await c.post(f"/sessions/{sid}/v1/chat/completions", json={
-                                  **chat, "messages": [{"role": "user", "content": "another try"}]})):
-                        assert r.status_code == 503, r.text
-                        err = r.json()
-                        assert err["store"] == str(path) and "read-only" in err["error"]
-                        assert err["error"].startswith(f"trajectory store {path}: cannot write: ")
-                    await _passthrough_ok(c)
-                n2.cancel_scope.cancel()
-        finally:
-            if os.geteuid() != 0:
-                folder.chmod(0o755)
+        async with trio.open_nursery() as n2:
+            router = await router_on(n2)
+            async with client(router) as c:
+                assert (await c.get(f"/sessions/{sid}")).json() == before
+                for r in (await c.post("/sessions"),
+                          await c.post(f"/sessions/{sid}/v1/chat/completions", json={
+                              **chat, "messages": [{"role": "user", "content": "another try"}]})):
+                    assert r.status_code == 503, r.text
+                    err = r.json()
+                    assert err["store"] == str(path) and "read-only" in err["error"]
+                    assert err["error"].startswith(f"trajectory store {path}: cannot write: ")
+                await _passthrough_ok(c)
+            n2.cancel_scope.cancel()
 
 
 async def test_disk_full_gives_503_naming_the_store_and_passthrough_flows(nursery, tmp_path):
