@@ -77,6 +77,7 @@ class Soak:
         self.requests = 0
         self.ok = 0
         self.errors = Counter()
+        self.error_bodies: Counter = Counter()  # (status, the first 160 bytes of the body): what the errors said
         self.bad_reference = Counter()  # a fresh retrieve that didn't match the reply: exactness bug
         self.faults = Counter()
         self.checks = Counter()
@@ -112,6 +113,7 @@ class Soak:
                 r = await c.post("/generate", json=body)
                 if r.status_code != 200:
                     self.errors[f"status {r.status_code}"] += 1
+                    self.error_bodies[(r.status_code, r.content[:160].decode("utf-8", "replace"))] += 1
                     return None
                 self.ok += 1
                 return r.json()
@@ -120,6 +122,7 @@ class Soak:
                 if r.status_code != 200:
                     await r.aread()
                     self.errors[f"status {r.status_code}"] += 1
+                    self.error_bodies[(r.status_code, r.content[:160].decode("utf-8", "replace"))] += 1
                     return None
                 prev = None
                 async for line in r.aiter_lines():
@@ -293,6 +296,7 @@ def main() -> None:
         "requests": soak.requests, "served_ok": soak.ok, "req_per_s": round(soak.requests / elapsed, 1),
         "faults_injected": dict(soak.faults), "faults_total": sum(soak.faults.values()),
         "client_errors_seen": dict(soak.errors), "client_errors_total": sum(soak.errors.values()),
+        "client_error_bodies": [{"status": st, "body": b, "count": n} for (st, b), n in soak.error_bodies.most_common(8)],
         "bad_fresh_retrievals": dict(soak.bad_reference),
         "trajectories_stored": soak.stored_total,
         "verifications": dict(soak.checks),
