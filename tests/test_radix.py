@@ -840,3 +840,17 @@ def test_routed_experts_prefix_needs_known_rows_under_one_weight_version():
     assert tree.routed_experts_prefix(np.array(nxt), version="2") is None
     assert tree.routed_experts_prefix(np.array(nxt), version="1") is None
     assert np.array_equal(tree.retrieve(P1 + b"ab", now=3).routed_experts[3:], b[3:])
+
+
+@pytest.mark.parametrize("bad", [-1, len(VOCAB), 2**31 - 1])
+def test_out_of_range_token_ids_are_refused_before_anything_changes(bad):
+    tree = RadixTree(token_bytes)
+    p = enc(P1)
+    tree.insert(traj("ok", p, enc(b"ab") + [EOS]), now=1)
+    before = [(nd.data.copy(), nd.tlen) for nd in walk(tree)], tree.nbytes, tree.stats()
+    with pytest.raises(ValueError, match="out of range"):
+        tree.insert(traj("bad", p, enc(b"ab") + [bad, EOS], visible=P1 + b"ab?"), now=2)
+    after = [(nd.data.copy(), nd.tlen) for nd in walk(tree)], tree.nbytes, tree.stats()
+    assert len(before[0]) == len(after[0]) and all(np.array_equal(a[0], b[0]) for a, b in zip(before[0], after[0]))
+    assert before[1:] == after[1:]
+    check_invariants(tree)

@@ -386,6 +386,10 @@ class RadixTree:
         if n == 0 or lps.size != out.size:
             raise ValueError(f"trajectory {t.rid!r}: {n} tokens, {out.size} outputs, {lps.size} logprobs")
         toks = np.concatenate((prompt, out))
+        # before anything changes: one pass (a negative id is a huge one as uint32)
+        if int(toks.view(np.uint32).max()) >= self._vocab.size:
+            raise ValueError(f"trajectory {t.rid!r}: token id out of range for the vocabulary "
+                             f"(size {self._vocab.size})")
         self._last_match = None
         r3 = None
         if t.routed_experts is not None:
@@ -525,9 +529,6 @@ class RadixTree:
                 nd.r3 = wide
 
     def _new_leaf(self, parent: Node, toks: np.ndarray, pos: int, args) -> Node:
-        # Only a new leaf's ids are new to the tree (the shared part matched ids already stored).
-        if int(toks.min()) < 0 or int(toks.max()) >= self._vocab.size:
-            raise ValueError(f"token id out of range for the vocabulary (size {self._vocab.size})")
         blob, lens = self._vocab(toks)
         L = toks.size
         data = np.empty((2, L), np.int32)
