@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import httpx
 import msgspec
@@ -79,3 +82,9 @@ async def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) ->
     with trio.fail_after(timeout):
         while not predicate():
             await trio.sleep(interval)
+
+
+def store_cli(*args) -> subprocess.CompletedProcess:
+    """`miles-router store ARGS...` as its own process, from the repository root."""
+    return subprocess.run([sys.executable, "-m", "router", "store", *args], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=120)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ import pytest
 import safetensors.numpy
 import trio
 
-from harness import client, start_router, start_sim
+from harness import client, start_router, start_sim, store_cli
 from router.config import load_config
 from router.net import endpoints
 from router.tokenizer import load_tokenizer
@@ -358,11 +356,6 @@ async def test_json_default_is_unchanged(nursery, tmp_path, qwen):
 
 
 # ------------------------------------------------------------------------------------------------------- export
-def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "router", "store", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-
-
 async def test_store_export_retrieve_layout_is_the_retrieve_answer(nursery, tmp_path, qwen):
     """`store export --format retrieve` writes, per stored trajectory, what a safetensors batch retrieve of its
     text answers (the arrays and the retrieve fields), plus what the store knows of the generation."""
@@ -401,7 +394,7 @@ pipeline = "{r3_pipeline(tmp_path, 3)}"
         n.cancel_scope.cancel()
 
     out_file = tmp_path / "export.safetensors"
-    r = _cli("export", "--config", str(cfg_path), "--out", str(out_file), "--all", "--format", "retrieve")
+    r = store_cli("export", "--config", str(cfg_path), "--out", str(out_file), "--all", "--format", "retrieve")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["exported"] == 4 and json.loads(r.stdout)["format"] == "retrieve"
     exported = unpack(out_file.read_bytes(), True)
@@ -422,7 +415,7 @@ pipeline = "{r3_pipeline(tmp_path, 3)}"
     assert any(0 < e["loss_mask"].argmax() and 0 in e["loss_mask"][e["loss_mask"].argmax():] for e in exported)
 
     # an empty export (nothing unretrieved: everything was just retrieved) still has its metadata
-    r = _cli("export", "--config", str(cfg_path), "--out", str(out_file), "--format", "retrieve")
+    r = store_cli("export", "--config", str(cfg_path), "--out", str(out_file), "--format", "retrieve")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["exported"] == 0
     assert unpack(out_file.read_bytes(), True) == []

@@ -403,15 +403,14 @@ async def _two_spellings(c, tiny, text: str):
     return want, rids
 
 
-async def test_same_text_two_spellings_is_never_exact_from_disk(nursery, tmp_path):
-    """A GRPO group whose samples spelled the same text differently (issue 9 item 6), read back from the store
-    after a restart: the text alone must not come back `exact: true` with one sample's tokens for both."""
+async def _stored_two_spellings(nursery, tmp_path, text: str):
+    """A router stores two spellings of `text` (checked ambiguous while in memory) and stops; returns
+    (store path, the worker, each spelling's tokens, their rids)."""
     from router.tokenizer import load_tokenizer
 
     tiny = load_tokenizer("builtin:tiny")
     path = tmp_path / "store.db"
     sim = await start_sim(nursery, seed=2)
-    text = "<0001> Say hello to the wonderful world, please, and then stop."
     async with trio.open_nursery() as n1:
         router, _ = await store_router(n1, path, sims=[sim])
         async with client(router) as c:
@@ -419,6 +418,14 @@ async def test_same_text_two_spellings_is_never_exact_from_disk(nursery, tmp_pat
             before = await _retrieve(c, text)
             assert before["match"] == "ambiguous" and before["exact"] is False and before["alternatives"] == 2
         n1.cancel_scope.cancel()
+    return path, sim, want, rids
+
+
+async def test_same_text_two_spellings_is_never_exact_from_disk(nursery, tmp_path):
+    """A GRPO group whose samples spelled the same text differently (issue 9 item 6), read back from the store
+    after a restart: the text alone must not come back `exact: true` with one sample's tokens for both."""
+    text = "<0001> Say hello to the wonderful world, please, and then stop."
+    path, sim, want, rids = await _stored_two_spellings(nursery, tmp_path, text)
     store = SqliteStore(path)
     store.start()
     records = await store.get_all(text_digest(text.encode()))
@@ -434,17 +441,10 @@ async def test_same_text_two_spellings_is_never_exact_from_disk(nursery, tmp_pat
 
 
 async def test_same_text_two_spellings_by_rid_and_batch_after_restart(nursery, tmp_path):
-    from router.tokenizer import load_tokenizer
-
-    tiny = load_tokenizer("builtin:tiny")
-    path = tmp_path / "store.db"
-    sim = await start_sim(nursery, seed=2)
+    """After a restart the stored spellings are picked as the memory cache picks them: ambiguous for the text
+    alone, exact by rid, and a batch naming the text twice gets each spelling once."""
     text = "<0002> Say hello to the wonderful world, please, and then stop."
-    async with trio.open_nursery() as n1:
-        router, _ = await store_router(n1, path, sims=[sim])
-        async with client(router) as c:
-            want, rids = await _two_spellings(c, tiny, text)
-        n1.cancel_scope.cancel()
+    path, sim, want, rids = await _stored_two_spellings(nursery, tmp_path, text)
     async with trio.open_nursery() as n2:
         router, _ = await store_router(n2, path, sims=[sim])
         async with client(router) as c:

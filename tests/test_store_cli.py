@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import trio
 from safetensors.numpy import load_file
 
-from harness import client, start_router, start_sim
+from harness import client, start_router, start_sim, store_cli
 from router.config import load_config
 from router.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "router", "store", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
 
 
 async def test_stats_export_vacuum(nursery, tmp_path):
@@ -62,7 +55,7 @@ pipeline = "{pipeline}"
             assert r.status_code == 200, r.text
         n.cancel_scope.cancel()
 
-    r = _cli("stats", "--config", str(cfg_path))
+    r = store_cli("stats", "--config", str(cfg_path))
     assert r.returncode == 0, r.stderr
     stats = json.loads(r.stdout)
     assert stats["rows"] == 6 and stats["unretrieved"] == 4 and stats["writable"] is True
@@ -71,7 +64,7 @@ pipeline = "{pipeline}"
     assert stats["file_bytes"] >= stats["payload_bytes"] > 0
 
     out_file = tmp_path / "export.safetensors"
-    r = _cli("export", "--config", str(cfg_path), "--out", str(out_file))
+    r = store_cli("export", "--config", str(cfg_path), "--out", str(out_file))
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["exported"] == 4
     tensors = load_file(str(out_file))
@@ -95,17 +88,17 @@ pipeline = "{pipeline}"
         assert s["status"] == {"stop": "COMPLETED", "length": "TRUNCATED"}[out["meta_info"]["finish_reason"]["type"]]
         assert s["response"] == tiny.text_bytes(np.asarray(O, np.int32)).decode("utf-8", "replace")
 
-    r = _cli("export", "--config", str(cfg_path), "--out", str(out_file), "--all")
+    r = store_cli("export", "--config", str(cfg_path), "--out", str(out_file), "--all")
     assert json.loads(r.stdout)["exported"] == 6
 
     # vacuum applies retention (max_bytes = 1: everything goes, retrieved first, the rest counted) and VACUUMs
-    r = _cli("vacuum", "--config", str(cfg_path))
+    r = store_cli("vacuum", "--config", str(cfg_path))
     assert r.returncode == 0, r.stderr
     v = json.loads(r.stdout)
     assert v["deleted"] == 6 and v["deleted_unretrieved"] == 4
-    assert json.loads(_cli("stats", "--config", str(cfg_path)).stdout)["rows"] == 0
+    assert json.loads(store_cli("stats", "--config", str(cfg_path)).stdout)["rows"] == 0
 
     missing = tmp_path / "other.toml"
     missing.write_text(cfg_path.read_text().replace("trajectories.db", "nothing-here.db"))
-    r = _cli("stats", "--config", str(missing))
+    r = store_cli("stats", "--config", str(missing))
     assert r.returncode == 2 and r.stderr.strip() == f"miles-router: trajectory store {tmp_path / 'nothing-here.db'}: does not exist"
