@@ -18,6 +18,7 @@ from router.config import load_config
 from router.net import endpoints
 from router.tokenizer import load_tokenizer
 from router.wire import retrieve as retrieve_wire
+from router.wire.sglang import narrow_experts
 
 ROOT = Path(__file__).resolve().parent.parent
 ARRAYS = ("tokens", "loss_mask", "rollout_logp", "routed_experts")
@@ -430,7 +431,7 @@ def test_routed_experts_narrowing_keeps_every_id():
              (np.array([1, 2], ">i4"), np.uint8), (np.array([40000], np.int64), np.uint16),
              (np.zeros((0, 2, 2), np.int32), np.uint8)]
     for ids, dtype in cases:
-        got = retrieve_wire.narrow_experts(ids)
+        got = narrow_experts(ids)
         assert got.dtype == dtype and got.shape == ids.shape and got.tolist() == ids.tolist(), (ids, got)
         wide = retrieve_wire.experts_tensor(ids, "int32")
         assert wide.dtype == np.dtype("<i4") and wide.tolist() == ids.tolist()

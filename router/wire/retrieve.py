@@ -28,6 +28,8 @@ import msgspec
 import numpy as np
 import safetensors.numpy
 
+from router.wire.sglang import narrow_experts
+
 META_KEY = "_retrieve_meta"
 CONTENT_TYPE = b"application/octet-stream"
 # The request's `format` and `routed_experts_dtype` (router/wire/api.py RetrieveRequest)
@@ -80,24 +82,6 @@ class Answer:
 
 
 _encoder = msgspec.json.Encoder()
-
-
-def narrow_experts(experts: np.ndarray) -> np.ndarray:
-    """Routed expert ids at the narrowest unsigned width that holds them (uint8, uint16, else int32), C order."""
-    a = np.asarray(experts)
-    if a.dtype in (np.uint8, np.uint16):  # already narrowed by whoever holds them (cache, store)
-        return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
-    if a.size == 0:
-        return np.ascontiguousarray(a, dtype="|u1")
-    if a.dtype in (np.int32, np.uint32):
-        # One pass instead of min() and max(): seen unsigned, a negative id is >= 2**31 and keeps int32.
-        hi = int(a.view(a.dtype.str.replace("i", "u")).max())
-    else:
-        lo, hi = int(a.min()), int(a.max())
-        hi = hi if lo >= 0 else 1 << 31
-    if hi >= 1 << 16:
-        return np.ascontiguousarray(a, dtype="<i4")
-    return np.ascontiguousarray(a, dtype="|u1" if hi < 256 else "<u2")
 
 
 def experts_tensor(experts: np.ndarray, dtype: str = "narrow") -> np.ndarray:

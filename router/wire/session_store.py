@@ -14,7 +14,7 @@ import msgspec
 import numpy as np
 
 from router.wire.openai import ChatMessageIn
-from router.wire.store import _narrow
+from router.wire.sglang import narrow_experts
 
 FORMAT_VERSION = 1
 
@@ -71,7 +71,7 @@ def encode_turn(turn: Any) -> bytes:
         np.ascontiguousarray(turn.output_logprobs, dtype="<f8").tobytes(), turn.end, turn.finish_reason,
         turn.weight_version, turn.response_id, turn.created_at, _json.encode(turn.record))
     if turn.routed_experts is not None:
-        narrow = np.ascontiguousarray(_narrow(np.asarray(turn.routed_experts)))
+        narrow = np.ascontiguousarray(narrow_experts(turn.routed_experts))
         rec.experts, rec.experts_shape, rec.experts_dtype = narrow.tobytes(), tuple(narrow.shape), narrow.dtype.str
     return _encoder.encode(rec)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import numpy as np
 
 from router.wire import DECODE_ERRORS
 
@@ -102,3 +103,21 @@ generate_request_decoder = msgspec.json.Decoder(GenerateRequest)
 input_ids_decoder = msgspec.json.Decoder(list[int])
 sampling_n_decoder = msgspec.json.Decoder(SamplingParamsN)
 generate_output_decoder = msgspec.json.Decoder(GenerateOutput)
+
+
+def narrow_experts(experts: np.ndarray) -> np.ndarray:
+    """Routed expert ids at the narrowest unsigned width that holds them (uint8, uint16, else int32), C order."""
+    a = np.asarray(experts)
+    if a.dtype in (np.uint8, np.uint16):  # already narrowed by whoever holds them (cache, store)
+        return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+    if a.size == 0:
+        return np.ascontiguousarray(a, dtype="|u1")
+    if a.dtype in (np.int32, np.uint32):
+        # One pass instead of min() and max(): seen unsigned, a negative id is >= 2**31 and keeps int32.
+        hi = int(a.view(a.dtype.str.replace("i", "u")).max())
+    else:
+        lo, hi = int(a.min()), int(a.max())
+        hi = hi if lo >= 0 else 1 << 31
+    if hi >= 1 << 16:
+        return np.ascontiguousarray(a, dtype="<i4")
+    return np.ascontiguousarray(a, dtype="|u1" if hi < 256 else "<u2")

@@ -14,6 +14,8 @@ from __future__ import annotations
 import msgspec
 import numpy as np
 
+from router.wire.sglang import narrow_experts
+
 FORMAT_VERSION = 1
 
 
@@ -42,16 +44,6 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(StoredTrajectory)
 
 
-def _narrow(experts: np.ndarray) -> np.ndarray:
-    """The narrowest unsigned width that holds every expert id (ids are >= 0 in an exact answer)."""
-    if experts.size == 0:
-        return experts.astype("|u1")
-    lo, hi = int(experts.min()), int(experts.max())
-    if lo < 0 or hi >= 1 << 16:
-        return experts.astype("<i4", copy=False)
-    return experts.astype("|u1" if hi < 256 else "<u2")
-
-
 def pack(*, rid: str, created: float, prompt_len: int, finish: str | None, worker: str | None,
          weight_version: str | None, versions: list, tokens: np.ndarray, logprobs: np.ndarray,
          loss_mask: np.ndarray, experts: np.ndarray | None) -> StoredTrajectory:
@@ -65,7 +57,7 @@ def pack(*, rid: str, created: float, prompt_len: int, finish: str | None, worke
         np.packbits(np.asarray(loss_mask, dtype=np.uint8) & 1, bitorder="little").tobytes(),
     )
     if experts is not None:
-        narrow = np.ascontiguousarray(_narrow(np.asarray(experts)))
+        narrow = np.ascontiguousarray(narrow_experts(experts))
         rec.experts, rec.experts_shape, rec.experts_dtype = narrow.tobytes(), tuple(narrow.shape), narrow.dtype.str
     return rec
 
