@@ -4,6 +4,7 @@
     python bench/bench_sessions.py --quick      # fewer repetitions
     python bench/bench_sessions.py --sizes 1000 8000 --reps 50
     python bench/bench_sessions.py --r3 off --calls   # also: Python calls per turn at each history length
+    python bench/bench_sessions.py --r3 off --whole   # every request decoded whole (no reuse of the last one)
 
 What one "turn" is: the whole router-side work of `POST /sessions/{id}/v1/chat/completions` minus
 the HTTP server and the upstream socket: the session pipeline's stages exactly as the router runs
@@ -20,17 +21,20 @@ encoded, the session's data and the request's bytes out of cache), "hot" the sec
 `time.process_time` around each turn; turns/s = 1 / mean.
 
 The split is timed inside the same run (the stages' own calls, wrapped), so it shares the turn's
-cache state. "wire" is the work no implementation can skip: decoding the client's request
-(msgspec: the request Struct and its full message list), copying the stored `input_ids` JSON into
-the worker's body (`SessionTree.join_path_ids`, minus encoding the parent turn's ids, which a turn
-does once), and reading the worker's reply (one msgspec pass over its bytes, which with R3 and no
+cache state. "wire" is the work no implementation can skip: reading the client's request
+(`decode_chat_request`: the history's bytes compared with the session's last request, memcmp, and
+msgspec over the rest; with `--whole`, msgspec over the whole body, as for a client whose bytes
+before its last message change every turn), copying the stored `input_ids` JSON into the worker's
+body (`SessionTree.join_path_ids`, minus encoding the parent turn's ids, which a turn does once),
+reading the worker's reply (one msgspec pass over its bytes, which with R3 and no
 `routed_experts_start_len` hold the whole sequence's rows, tens of MB at 32k), and freeing those
-when the exchange ends (the turn's time includes it; it would otherwise land in a later turn). "match" is
-`SessionTree.attach_point`: a fixed number of Python steps plus one C-level `==` of the request's
-messages with the stored ones (message-level matching has to look at every message the client
-sent). "rest" = turn - wire - match. Of the routed experts the router base64-decodes only the rows
-of the turn's new positions. `--calls` also counts the Python calls of a turn (cProfile): the same
-at every history length means no Python work per earlier turn or message.
+when the exchange ends (the turn's time includes it; it would otherwise land in a later turn).
+"match" is `SessionTree.attach_point`: a fixed number of Python steps plus one C-level `==` of the
+request's message bytes with the stored ones (message-level matching has to look at every message
+the client sent; a message the request shares with the last one compares by identity). "rest" =
+turn - wire - match. Of the routed experts the router base64-decodes only the rows of the turn's
+new positions. `--calls` also counts the Python calls of a turn (cProfile): the same at every
+history length means no Python work per earlier turn or message.
 Targets (issue 10): rest does not grow with N; a turn at 32k <= 2x a turn at 1k (R3 off);
 <= 3 ms per turn at 8k (R3 off).
 """
@@ -173,7 +177,7 @@ class SplitTimer:
         import router.stages.session_request as request_mod
         from router.core.sessions.tree import SessionTree
 
-        request_mod.chat_request_decoder = self._timed(request_mod.chat_request_decoder, "decode", "wire")
+        request_mod.decode_chat_request = self._wrap(request_mod.decode_chat_request, "wire")
         session_mod._reply_decoder = self._timed(session_mod._reply_decoder, "decode", "wire")
         SessionTree.join_path_ids = self._wrap(SessionTree.join_path_ids, "wire")
         SessionTree._encode_ids = self._wrap(SessionTree._encode_ids, "encode")  # inside join: not wire
@@ -202,7 +206,7 @@ class SplitTimer:
         return SimpleNamespace(**{method: self._wrap(getattr(obj, method), kind)})
 
 
-def measure(tok, size: int, r3: str, reps: int, timer: SplitTimer) -> dict:
+def measure(tok, size: int, r3: str, reps: int, timer: SplitTimer, whole: bool = False) -> dict:
     b = Bench(tok, r3)
     messages, transcript = build_history(b, size)
     final = messages + [{"role": "tool", "tool_call_id": "call_x", "content": words(30, 99)}]
@@ -218,6 +222,8 @@ def measure(tok, size: int, r3: str, reps: int, timer: SplitTimer) -> dict:
         tree = b.session.tree
         parent = len(tree.turns) - 1
         for run in ("cold", "hot"):
+            if whole:
+                b.session.shared_prefix = None  # as if a byte before the last message had changed
             timer.reset()
             t0 = time.process_time()
             ex = b.run_requests(body)
@@ -267,6 +273,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--calls", action="store_true", help="also count the Python calls of a turn per history length")
+    ap.add_argument("--whole", action="store_true",
+                    help="decode every request whole, not reusing the session's last request's bytes")
     args = ap.parse_args()
     reps = 10 if args.quick else args.reps
     tok = load_tokenizer("builtin:qwen")
@@ -280,13 +288,13 @@ def main() -> None:
               ", ".join(f"{size} tokens: {count_calls(tok, size)}" for size in args.sizes))
     timer = SplitTimer()
     print(f"# bench_sessions: tokenizer builtin:qwen, R3 rows {LAYERS}x{TOPK} int32, {reps} turns per point, "
-          f"median process CPU per turn")
+          f"median process CPU per turn, requests {'decoded whole' if args.whole else 'reusing the last one'}")
     print(f"{'history':>8} {'R3':>9} {'input_ids':>9} {'body KiB':>9} {'reply KiB':>10} {'run':>4} {'turn ms':>8} "
           f"{'wire ms':>8} {'match ms':>8} {'rest ms':>8} {'turns/s':>8}")
     results = []
     for r3 in args.r3:
         for size in args.sizes:
-            r = measure(tok, size, r3, reps, timer)
+            r = measure(tok, size, r3, reps, timer, args.whole)
             results.append(r)
             for run in ("cold", "hot"):
                 x = r[run]

@@ -26,7 +26,8 @@ from router.stages.session_reply import SessionReply
 from router.stages.session_request import Options as RequestOptions
 from router.stages.session_request import SessionRequest
 from router.tokenizer import load_tokenizer
-from router.wire.openai import ChatMessageIn, ContentPart, FunctionCallIn, ToolCallIn
+from router.wire.chat_messages import RequestMessages
+from router.wire.openai import ChatMessageIn, ContentPart, FunctionCallIn, ToolCallIn, json_encoder
 
 
 def msg(role, content=None, calls=None, reasoning=None):
@@ -89,27 +90,32 @@ def commit(tree, parent, new, reply, out_len=3, finish="stop", request_seq=None,
                        output_logprobs=np.full(out_len, -0.5), routed_experts=experts, finish_reason=finish)
 
 
+def attach(tree, messages):
+    """`tree.attach_point` for a request of these messages, sent in their canonical JSON spelling."""
+    return tree.attach_point(RequestMessages.of(messages))
+
+
 def test_attach_point_is_the_deepest_matching_turn():
     tree = SessionTree()
     u1, a1, t1, a2 = msg("user", "q"), msg("assistant", "A1"), msg("tool", "r"), msg("assistant", "A2")
-    assert tree.attach_point([u1]) == (-1, 0)
+    assert attach(tree, [u1]) == (-1, 0)
     r = commit(tree, -1, [u1], a1)
-    assert tree.attach_point([u1, a1, t1]) == (r.id, 2)
+    assert attach(tree, [u1, a1, t1]) == (r.id, 2)
     c = commit(tree, r.id, [t1], a2)
-    assert tree.attach_point([u1, a1, t1, a2, msg("user", "next")]) == (c.id, 4)
+    assert attach(tree, [u1, a1, t1, a2, msg("user", "next")]) == (c.id, 4)
     # divergence inside the child's appended messages: attaches to the parent
-    assert tree.attach_point([u1, a1, msg("tool", "other")]) == (r.id, 2)
+    assert attach(tree, [u1, a1, msg("tool", "other")]) == (r.id, 2)
     # divergence in the root: a new root
-    assert tree.attach_point([msg("user", "other")]) == (-1, 0)
+    assert attach(tree, [msg("user", "other")]) == (-1, 0)
     # a resend of turn 2's request (without its reply) attaches at turn 1: a retry
-    assert tree.attach_point([u1, a1, t1]) == (r.id, 2)
+    assert attach(tree, [u1, a1, t1]) == (r.id, 2)
     # a second child of `c` (a branch of its own): repeating its messages after a divergence inside
     # `c` does not reach it
     t2, a3 = msg("user", "second"), msg("assistant", "A3")
     commit(tree, c.id, [msg("user", "first")], msg("assistant", "F"))
     second = commit(tree, c.id, [t2], a3)
-    assert tree.attach_point([u1, a1, t1, a2, t2, a3, msg("user", "n")]) == (second.id, 6)
-    assert tree.attach_point([u1, a1, t1, msg("assistant", "other"), t2, a3, msg("user", "n")]) == (r.id, 2)
+    assert attach(tree, [u1, a1, t1, a2, t2, a3, msg("user", "n")]) == (second.id, 6)
+    assert attach(tree, [u1, a1, t1, msg("assistant", "other"), t2, a3, msg("user", "n")]) == (r.id, 2)
 
 
 def test_ties_go_to_the_latest_turn_and_limit_is_loud():
@@ -117,7 +123,7 @@ def test_ties_go_to_the_latest_turn_and_limit_is_loud():
     u, a = msg("user", "q"), msg("assistant", "A")
     first = commit(tree, -1, [u], a)
     second = commit(tree, -1, [u], a)
-    assert tree.attach_point([u, a, msg("user", "x")]) == (second.id, 2)
+    assert attach(tree, [u, a, msg("user", "x")]) == (second.id, 2)
     assert first.id != second.id
     commit(tree, -1, [u], msg("assistant", "B"))
     with pytest.raises(TurnLimit, match="max_turns_per_session"):
@@ -187,8 +193,8 @@ def test_attach_point_equals_the_naive_walk(commits, requests):
             continue
         messages = [_spelling(*m, variant + i) for i, m in enumerate(spec)]
         want = reference_attach_point(tree, messages)
-        assert tree.attach_point(messages) == want
-        assert tree.attach_point(messages) == want  # the learned spellings change nothing
+        assert attach(tree, messages) == want
+        assert attach(tree, messages) == want  # the learned spellings change nothing
 
 
 @given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 4), st.integers(0, 3)), min_size=1, max_size=15))
@@ -232,8 +238,9 @@ def _profiled_calls(fn, *args) -> int:
 
 def test_a_turn_does_no_python_work_per_earlier_turn(monkeypatch):
     """Matching a request and writing its input_ids cost the same number of Python steps after 4
-    turns as after 60 (the history is compared and copied by C calls only), and a message the agent
-    re-spells is matched leniently once, not again on every later request."""
+    turns as after 60 (the history's bytes are compared and copied by C calls only, no message
+    before the appended one is decoded), and a message the agent re-spells is matched leniently
+    once, not again on every later request."""
     import router.core.sessions.tree as tree_mod
 
     lenient = []
@@ -246,7 +253,7 @@ def test_a_turn_does_no_python_work_per_earlier_turn(monkeypatch):
         lenient_per_request = []
         for i in range(turns):
             lenient.clear()
-            parent, covered = tree.attach_point(sent)
+            parent, covered = attach(tree, sent)
             lenient_per_request.append(len(lenient))
             t = commit(tree, parent, sent[covered:], msg("assistant", f"A{i}", reasoning=None))
             # the agent echoes the reply in its own spelling ([] content parts for "A{i}" split in two)
@@ -259,9 +266,11 @@ def test_a_turn_does_no_python_work_per_earlier_turn(monkeypatch):
     assert short[3][1:] == [1] * 3 and long_[3][1:] == [1] * 59  # only the newest echo, each time
     costs = []
     for tree, sent, parent, _ in (short, long_):
-        assert tree.attach_point(sent) == (parent, len(sent) - 1)
+        assert attach(tree, sent) == (parent, len(sent) - 1)
         tree.join_path_ids(parent, b"[", b"1", b"]")  # each turn's ids encoded once, here
-        costs.append((_profiled_calls(tree.attach_point, sent),
+        # the request as a client sends it: JSON only, nothing decoded yet
+        request = RequestMessages([msgspec.Raw(json_encoder.encode(m)) for m in sent])
+        costs.append((_profiled_calls(tree.attach_point, request),
                       _profiled_calls(tree.join_path_ids, parent, b"[", b"1", b"]")))
     assert costs[0] == costs[1], costs
 

@@ -182,6 +182,9 @@ async def test_five_turn_tool_conversation_sample_is_exact(nursery, tmp_path, st
         assert all("routed_experts" not in r["response"]["meta_info"] for r in got["records"])
         # the proxied oracle call was not recorded
         assert len(got["records"]) == 5
+        # the SDK re-sends the history byte for byte: turns 2..5 parsed only what they appended
+        metrics = (await c.get("/metrics")).text
+        assert "miles_router_sessions_history_reused_total 4.0" in metrics
 
 
 async def _turn_output(c, sid, i):
@@ -237,6 +240,36 @@ async def test_reserialized_arguments_replay_still_matches(nursery, tmp_path):
         prev = stored[-2]
         assert last_in[:len(prev["request"]["input_ids"]) + len(prev["response"]["output_ids"])] == \
             prev["request"]["input_ids"] + prev["response"]["output_ids"]  # the stored spelling won
+
+
+async def test_a_bad_message_anywhere_in_a_known_history_is_a_400_naming_it(nursery, tmp_path):
+    """The router parses only what a request does not share with the session's last one, yet a
+    message it would otherwise skip is still checked when its bytes change: a wrong type, or
+    invalid UTF-8 (named by its offset in the client's body); the session keeps working."""
+    router, _ = await session_router(nursery, tmp_path)
+    async with client(router) as c:
+        sid = await new_session(c)
+        url = f"/sessions/{sid}/v1/chat/completions"
+        msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+        r = await c.post(url, json={"messages": msgs, "max_tokens": 30})
+        assert r.status_code == 200, r.text
+        msgs = msgs + [r.json()["choices"][0]["message"], {"role": "user", "content": "more"}]
+        body = json.dumps({"messages": msgs, "max_tokens": 30}).encode()
+        assert (await c.post(url, content=body)).status_code == 200
+        bad_type = body.replace(b'"content": "be brief"', b'"content": 7')
+        r = await c.post(url, content=bad_type)
+        assert r.status_code == 400 and r.json()["error"] == (
+            "invalid chat completions body: expected a string, an array or null, got an integer "
+            "at $.messages[0].content")
+        at = body.index(b"be brief")
+        bad_utf8 = body[:at] + bytes([0xFF]) + body[at:]  # a raw 0xff byte in message 0's content
+        r = await c.post(url, content=bad_utf8)
+        assert r.status_code == 400 and r.json()["error"] == (
+            f"invalid chat completions body: invalid UTF-8 in a JSON string at byte {at}")
+        r = await c.post(url, content=body)  # the same valid request again: a sibling of the second turn
+        assert r.status_code == 200, r.text
+        nodes = (await c.get(f"/sessions/{sid}")).json()["metadata"]["tree"]["nodes"]
+        assert [n["parent"] for n in nodes] == [-1, 0, 0]
 
 
 async def test_grpo_group_shares_one_tokenized_prompt(nursery, tmp_path):

@@ -77,6 +77,9 @@ class _StateCollector:
                     ("created", "counter", sessions.created_total, "Sessions created"),
                     ("deleted", "counter", sessions.deleted_total, "Sessions deleted by DELETE /sessions/{id}"),
                     ("expired", "counter", sessions.expired_total, "Sessions reclaimed after sessions.idle_timeout_s"),
+                    ("history_reused", "counter", sessions.history_reused_total,
+                     "Chat requests that repeated the session's last request byte for byte up to its last "
+                     "message, so only the messages from there on were parsed"),
                     ("prompt_cache_hits", "counter", sessions.prompts.hits,
                      "First turns whose prompt tokens another session had already rendered (GRPO groups)")):
                 fam = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(f"miles_router_sessions_{name}", doc)

@@ -25,6 +25,7 @@ class PendingTurn:
     request: ChatRequest
     parent: int  # attach point: the turn this one extends, -1 for a new root
     new_messages: list[ChatMessageIn]  # the request's messages after the attach point's path
+    new_raws: list[msgspec.Raw]  # the same as the client's JSON (owning its bytes), for the match index
     request_seq: int
     requested_at: float
     prompt_ids: np.ndarray | None = None  # tokens the new messages add (set by the template stage)

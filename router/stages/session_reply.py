@@ -117,7 +117,7 @@ class SessionReply(Stage):
         now = time.time()
         record = TurnRecord(turn.requested_at, now, msgspec.Raw(turn.upstream_fields), msgspec.Raw(out.client_meta),
                             out.text)
-        tree.commit(turn.parent, request_seq=turn.request_seq, messages=turn.new_messages, assistant=stored,
-                    prompt_ids=turn.prompt_ids, output_ids=out.output_ids, output_logprobs=out.logprobs,
-                    routed_experts=experts, finish_reason=finish, weight_version=out.weight_version,
-                    response_id=out.response_id, created_at=now, record=record)
+        tree.commit(turn.parent, turn.new_raws, request_seq=turn.request_seq, messages=turn.new_messages,
+                    assistant=stored, prompt_ids=turn.prompt_ids, output_ids=out.output_ids,
+                    output_logprobs=out.logprobs, routed_experts=experts, finish_reason=finish,
+                    weight_version=out.weight_version, response_id=out.response_id, created_at=now, record=record)

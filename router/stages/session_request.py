@@ -1,7 +1,9 @@
 """session_request: decode a chat.completions request and find where it attaches in the session.
 
 Reads the client's body and `scratch["session"]` (the live Session the session routes looked
-up). Writes `scratch["session_turn"]`: a PendingTurn with the attach point (the deepest stored
+up), whose `shared_prefix` (its last request's body) lets the history's bytes be compared instead
+of parsed (router/wire/chat_messages.py); sets it to this request's once every message is checked.
+Writes `scratch["session_turn"]`: a PendingTurn with the attach point (the deepest stored
 turn whose path of messages the request repeats) and the messages the request appends after it.
 400 for a bad body, an unknown role or n != 1; 409 for extending a turn that ended by `length`
 (or `abort`), or a session at its turn limit.
@@ -13,11 +15,11 @@ import time
 
 import msgspec
 
-from router.wire import DECODE_ERRORS, decode_error_text
+from router.wire import DECODE_ERRORS, decode_error_text, validation_problem
 from router.core.pipeline import Exchange, Stage, StageError
 from router.core.sessions.tree import TurnLimit
 from router.stages._session import TURN, PendingTurn
-from router.wire.openai import chat_request_decoder
+from router.wire.chat_messages import BadMessage, decode_chat_request
 
 
 class Options(msgspec.Struct, forbid_unknown_fields=True):
@@ -34,20 +36,29 @@ class SessionRequest(Stage):
     async def on_request(self, ex: Exchange) -> None:
         session = ex.scratch["session"]
         try:
-            req = chat_request_decoder.decode(ex.body)
+            decoded = decode_chat_request(ex.body, session.shared_prefix)
         except DECODE_ERRORS as e:
             raise StageError(400, f"invalid chat completions body: {decode_error_text(e, ex.body)}") from None
+        req, messages = decoded.request, decoded.messages
         if not req.messages:
             raise StageError(400, "messages must not be empty")
         if req.n != 1:
             raise StageError(400, f"n must be 1 in a session (got {req.n}): open one session per sample")
         tree = session.tree
-        parent, covered = tree.attach_point(req.messages)
-        # Only the appended messages need a role check: a matched one has the role of a stored one.
-        for i in range(covered, len(req.messages)):
-            if req.messages[i].role not in self.options.roles:
-                raise StageError(400, f"messages[{i}].role {req.messages[i].role!r} is not allowed "
+        try:
+            parent, covered = tree.attach_point(messages)
+            # Every message is now checked: decoded here (appended) or during the match (its bytes
+            # differed), or byte-equal to a stored one. Only appended ones need a role check.
+            new_messages = [messages[i] for i in range(covered, len(messages))]
+        except BadMessage as e:
+            raise StageError(400, f"invalid chat completions body: {_message_error(e, ex.body)}") from None
+        for i, m in enumerate(new_messages, covered):
+            if m.role not in self.options.roles:
+                raise StageError(400, f"messages[{i}].role {m.role!r} is not allowed "
                                       f"(allowed: {', '.join(self.options.roles)})")
+        session.shared_prefix = decoded.prefix  # every message is a valid one: the next request may skip them
+        if decoded.spliced:
+            self.services.sessions.history_reused_total += 1
         if parent >= 0 and not tree.turns[parent].extendable:
             t = tree.turns[parent]
             raise StageError(409, f"cannot extend turn {t.id}: it ended by {t.finish_reason!r}, so its output "
@@ -57,6 +68,14 @@ class SessionRequest(Stage):
         except TurnLimit as e:
             raise StageError(409, str(e)) from None
         ex.scratch[TURN] = PendingTurn(session=session, request=req, parent=parent,
-                                       new_messages=req.messages[covered:],
+                                       new_messages=new_messages, new_raws=messages.raw[covered:],
                                        request_seq=tree.next_request_seq(), requested_at=time.time())
         return None
+
+
+def _message_error(e: BadMessage, body: bytes) -> str:
+    """The reason, with the message's JSON path (`$.messages[i]...`) as a whole-body decode says it."""
+    if isinstance(e.error, msgspec.ValidationError):
+        path, reason = validation_problem(e.error)
+        return f"{reason} at $.messages[{e.index}]{path[1:]}"
+    return decode_error_text(e.error, body)  # (invalid UTF-8 in a string: its offset in the body)

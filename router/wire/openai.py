@@ -73,9 +73,11 @@ class StreamOptions(msgspec.Struct):
 
 
 class ChatRequest(msgspec.Struct):
-    """The fields of a chat.completions request the router acts on."""
+    """The fields of a chat.completions request the router acts on. `messages` stay JSON as sent
+    (router/wire/chat_messages.py decodes one on demand): a session turn decodes only the messages
+    it appends and those whose bytes differ from the stored history's."""
 
-    messages: list[ChatMessageIn]
+    messages: list[msgspec.Raw]
     model: str | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None

@@ -44,7 +44,7 @@ class SessionLimit(SessionError):
 
 
 class Session:
-    __slots__ = ("id", "tree", "created_at", "last_used", "closed", "inflight")
+    __slots__ = ("id", "tree", "created_at", "last_used", "closed", "inflight", "shared_prefix")
 
     def __init__(self, sid: str, now: float, max_turns: int) -> None:
         self.id = sid
@@ -53,6 +53,9 @@ class Session:
         self.last_used = now
         self.closed = False  # deleted or expired: in-flight turns finish but are not recorded
         self.inflight = 0
+        # The last request's body, so the next one's history is compared, not parsed
+        # (router/wire/chat_messages.py); it costs one body per session.
+        self.shared_prefix = None
 
 
 class PromptCache:
@@ -95,6 +98,7 @@ class SessionRegistry:
         self.created_total = 0
         self.deleted_total = 0
         self.expired_total = 0
+        self.history_reused_total = 0  # requests whose history was compared as bytes, not parsed
 
     def _mac(self, head: str) -> str:
         return hashlib.blake2b(head.encode(), key=self._key, digest_size=8).hexdigest()

@@ -12,13 +12,14 @@ turn. The rest of the request becomes a new child, so a retry or a divergence ne
 anything, and two concurrent requests from one parent become siblings. Extending a turn that
 ended by `length` (or `abort`) is refused: its output has no end-of-turn token to build on.
 
-A turn costs the router no Python work per earlier turn. The turns are grouped into *segments*:
-chains where each turn is its parent's first child (a conversation without retries is one
-segment). A segment keeps its turns' messages as one flat list and its turns' token ids as one
-JSON byte string, so matching a request is one C-level list comparison per segment (`==` on
-msgspec Structs; the lenient message-level match runs only on messages where that fails, and
-the client's spelling then replaces the stored one in the index, so the next request compares
-strictly) and a worker's `input_ids` are one join of a few byte slices, appended to once per turn.
+A turn costs the router no Python work per earlier turn or message. The turns are grouped into
+*segments*: chains where each turn is its parent's first child (a conversation without retries is
+one segment). A segment keeps its turns' messages as one flat list of their JSON bytes and its
+turns' token ids as one JSON byte string, so matching a request is one C-level comparison of the
+request's message bytes per segment, without decoding them (the lenient message-level match runs
+only on a message whose bytes differ, and the client's spelling then replaces the stored one in
+the index, so its next request compares bytes again), and a worker's `input_ids` are one join of a
+few byte slices, appended to once per turn.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import msgspec
 import numpy as np
 
 from router.core.sessions.messages import messages_match
-from router.wire.openai import ChatMessageIn
+from router.wire.chat_messages import RequestMessages
+from router.wire.openai import ChatMessageIn, json_encoder
 
 UNFINISHED = frozenset({"length", "abort"})
 _ids_encoder = msgspec.json.Encoder()
@@ -76,8 +78,8 @@ class _Segment:
     the request positions `msg_start ..`; `msg_ends[i]` is how many messages the path through its
     i-th turn covers."""
 
-    __slots__ = ("parent", "branch", "turn_ids", "msg_start", "msg_ends", "messages", "children", "ids",
-                 "ids_ends")
+    __slots__ = ("parent", "branch", "turn_ids", "msg_start", "msg_ends", "messages", "raws", "children",
+                 "ids", "ids_ends")
 
     def __init__(self, parent: _Segment | None, branch: int, msg_start: int) -> None:
         self.parent = parent
@@ -85,9 +87,11 @@ class _Segment:
         self.turn_ids: list[int] = []
         self.msg_start = msg_start
         self.msg_ends: list[int] = []
-        # The turns' messages then assistant replies, flat: an index for matching only (an entry may
-        # be replaced by an equivalent spelling a client sent); the turns keep what was stored.
+        # The turns' messages then assistant replies, flat, as stored (`messages`) and as JSON
+        # (`raws`): an index for matching only. A raw entry is replaced by the equivalent spelling
+        # a client sent (the router's own reply spelling rarely is the client's).
         self.messages: list[ChatMessageIn] = []
+        self.raws: list[msgspec.Raw] = []
         self.children: list[_Segment] = []
         # Token ids of the first len(ids_ends) turns as JSON list items, each turn's followed by ",";
         # filled when a turn is first extended, so a turn's ids are encoded once, a leaf's never.
@@ -129,8 +133,10 @@ class SessionTree:
         return self._clock
 
     # ---- matching ---------------------------------------------------------------------------
-    def attach_point(self, messages: list[ChatMessageIn]) -> tuple[int, int]:
-        """(deepest matching turn id or -1, number of request messages its path covers)."""
+    def attach_point(self, messages: RequestMessages) -> tuple[int, int]:
+        """(deepest matching turn id or -1, number of request messages its path covers).
+        Decodes only the request messages whose bytes differ from the stored ones (BadMessage
+        if one is not a chat message)."""
         best, best_len, best_seq = -1, 0, -1
         n = len(messages)
         stack = list(self._roots)
@@ -147,22 +153,22 @@ class SessionTree:
         return best, best_len
 
     @staticmethod
-    def _match(seg: _Segment, messages: list[ChatMessageIn], n: int) -> int:
+    def _match(seg: _Segment, messages: RequestMessages, n: int) -> int:
         """How many of `seg`'s turns have their whole path repeated by `messages` (the segment's
         ancestors already matched)."""
         fits = bisect_right(seg.msg_ends, n)
         if not fits:
             return 0
         start, end = seg.msg_start, seg.msg_ends[fits - 1]
-        stored = seg.messages
+        raws, stored = messages.raw, seg.raws
         pos = start
         while pos < end:
-            pos += _first_difference(messages, pos, stored, pos - start, end - pos)
+            pos += _first_difference(raws, pos, stored, pos - start, end - pos)
             if pos == end:
                 break
-            if not messages_match(stored[pos - start], messages[pos]):
+            if not messages_match(seg.messages[pos - start], messages[pos]):
                 break
-            stored[pos - start] = messages[pos]  # equivalent: the next request compares strictly
+            stored[pos - start] = raws[pos]  # equivalent: the next request compares bytes (or identity)
             pos += 1
         return bisect_right(seg.msg_ends, pos, 0, fits)
 
@@ -242,8 +248,9 @@ class SessionTree:
             self.children.setdefault(t.id, [])
             self._clock = max(self._clock, t.seq, t.request_seq)
 
-    def commit(self, parent: int, **fields: Any) -> Turn:
-        """Store a finished generation as a child of `parent` (-1: a new root)."""
+    def commit(self, parent: int, raws: list[msgspec.Raw] | None = None, **fields: Any) -> Turn:
+        """Store a finished generation as a child of `parent` (-1: a new root). `raws`: the
+        appended messages' JSON as the client sent them (default: their canonical encoding)."""
         self.check_room()
         self._clock += 1
         tid = len(self.turns)
@@ -251,12 +258,12 @@ class SessionTree:
         end = self.path_length(parent) + len(prompt_ids) + len(output_ids)
         turn = Turn(id=tid, parent=parent, seq=self._clock, end=end, **fields)
         self.turns.append(turn)
-        self._place(turn)
+        self._place(turn, raws)
         self.children.setdefault(parent, []).append(tid)
         self.children[tid] = []
         return turn
 
-    def _place(self, turn: Turn) -> None:
+    def _place(self, turn: Turn, raws: list[msgspec.Raw] | None = None) -> None:
         """Put a new turn in its segment: its parent's, when it is the parent's first child."""
         if turn.parent < 0:
             seg = _Segment(None, -1, 0)
@@ -271,4 +278,8 @@ class SessionTree:
         seg.turn_ids.append(turn.id)
         seg.messages.extend(turn.messages)
         seg.messages.append(turn.assistant)
+        if raws is None:
+            raws = [msgspec.Raw(json_encoder.encode(m)) for m in turn.messages]
+        seg.raws.extend(raws)
+        seg.raws.append(msgspec.Raw(json_encoder.encode(turn.assistant)))
         seg.msg_ends.append(seg.msg_start + len(seg.messages))
