@@ -72,6 +72,7 @@ class BreakerConfig(_Table):
     failure_rate: float = 0.5
     min_requests: int = 20
     cooldown_s: float = 30.0
+    admit_when_all_open: bool = True
 
 
 class RetryConfig(_Table):

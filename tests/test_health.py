@@ -166,6 +166,44 @@ async def test_breaker_open_half_open_closed_and_reopen_per_worker(nursery):
         assert wb.breaker.transitions == {}
 
 
+async def test_when_every_breaker_is_open_requests_still_reach_the_workers(nursery):
+    """Both workers answer 500 for a moment, so both breakers open (cooldown 30 s). Requests are not
+    refused with the router's 503: they reach the workers (whose own 500 passes through), and once
+    the workers recover the next request is a 200 that closes its worker's breaker, long before the
+    cooldown. With `admit_when_all_open = false` the router answers 503 at once instead."""
+    a = await start_sim(nursery, seed=0, token_latency_s=0.0)
+    b = await start_sim(nursery, seed=1, token_latency_s=0.0)
+    common = dict(workers={"urls": [a.url, b.url], "health_interval_s": 60}, retry={"max_attempts": 1})
+    router = await start_router(nursery, breaker={"failures": 2, "cooldown_s": 30}, **common)
+    strict = await start_router(nursery, breaker={"failures": 2, "cooldown_s": 30, "admit_when_all_open": False},
+                                **common)
+    a.worker.set_faults(generate_status=500)
+    b.worker.set_faults(generate_status=500)
+    for r_ in (router, strict):
+        pool = r_.runtime.pool
+        async with client(r_) as c:
+            for i in range(4):
+                assert (await c.post("/generate", json=gen_body(f"f{i}"))).status_code == 500
+            assert {w.breaker.state.value for w in pool.active} == {"open"}
+            r = await c.post("/generate", json=gen_body("all-open"))
+            if r_ is strict:
+                assert r.status_code == 503 and r.json()["error"] == "no healthy worker available"
+            else:
+                assert r.status_code == 500 and "stage" not in r.json()  # the worker's own reply
+                assert r.headers["x-miles-router-worker"] in (a.url, b.url)
+    a.worker.set_faults(generate_status=None)
+    b.worker.set_faults(generate_status=None)
+    async with client(router) as c:
+        r = await c.post("/generate", json=gen_body("recovered"))
+        assert r.status_code == 200
+        first = router.runtime.pool.get(r.headers["x-miles-router-worker"])
+        assert first.breaker.state.value == "closed" and first.breaker.transitions == {"closed->open": 1,
+                                                                                        "open->closed": 1}
+        for i in range(4):  # the other breaker is still cooling down: the closed worker takes the load
+            r = await c.post("/generate", json=gen_body(f"after{i}"))
+            assert (r.status_code, r.headers["x-miles-router-worker"]) == (200, first.url)
+
+
 async def test_a_passing_probe_closes_an_open_breaker_after_the_cooldown_and_says_so(nursery):
     """Without traffic, the probes decide: after the cooldown a passing /health closes the breaker, and that
     transition is in GET /workers and counted in /metrics like the others."""
@@ -207,8 +245,10 @@ async def test_breaker_ignores_4xx_and_can_be_disabled(nursery):
         assert router2.runtime.pool.get(a.url).breaker.state.value == "closed"  # disabled
         assert (await c.post("/generate", json=gen_body("z1"))).status_code == 500
         assert (await c.post("/generate", json=gen_body("z2"))).status_code == 500
-        r = await c.post("/generate", json=gen_body("z3"))  # open: no worker to send it to
-        assert r.status_code == 503 and "no healthy worker" in r.json()["error"]
+        assert router.runtime.pool.get(a.url).breaker.state.value == "open"
+        r = await c.post("/generate", json=gen_body("z3"))  # open, but the only worker: still sent to it
+        assert r.status_code == 500 and "stage" not in r.json()
+        assert router.runtime.pool.get(a.url).breaker.state.value == "open"
 
 
 # ---- 3. retries of error replies ------------------------------------------------------------

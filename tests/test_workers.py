@@ -187,6 +187,43 @@ def test_a_passing_probe_closes_the_breaker_only_after_the_cooldown():
     assert w.breaker.state is BreakerState.CLOSED
 
 
+def test_when_every_breaker_is_open_the_pool_is_not_emptied():
+    """With every healthy worker's breaker open, all are let through (one request at a time on
+    each is a trial, early): a failed one changes nothing, a success closes that breaker and so
+    ends it; a quarantined worker stays out; a probe still closes a breaker only after the
+    cooldown; admit_when_all_open=False: nothing is routable (503)."""
+    pool, (w, other), clock = breaker_pool(failures=1, cooldown_s=30)
+    pool.record_outcome(w, True, "HTTP 500")
+    assert pool.pick() is other and not pool.admits(w)  # one open breaker: its load goes elsewhere
+    pool.record_outcome(other, True, "HTTP 500")
+    assert pool.admits(w) and pool.admits(other) and set(pool.routable()) == {w, other}
+    assert pool.pick() in (w, other)
+    trial = pool.acquire(w)
+    assert trial and w.breaker.state is BreakerState.OPEN  # a trial, early, but no transition yet
+    pool.record_outcome(w, True, "HTTP 500", trial=trial)  # failed: nothing changes (no flapping)
+    pool.release(w, trial)
+    assert w.breaker.state is BreakerState.OPEN and w.breaker.transitions == {"closed->open": 1}
+    trial = pool.acquire(w)
+    assert trial and pool.admits(w)  # still nothing else: let through, but not as a second trial
+    assert pool.acquire(w) is False
+    pool.release(w)
+    pool.record_success(other)  # a passing probe: `other` is still in its cooldown
+    assert other.breaker.state is BreakerState.OPEN
+    pool.record_outcome(w, False, trial=trial)
+    pool.release(w, trial)
+    assert w.breaker.state is BreakerState.CLOSED and w.breaker.transitions == {"closed->open": 1, "open->closed": 1}
+    assert not pool.admits(other) and pool.pick() is w
+    # a quarantined worker is never let through: the healthy ones are what counts
+    pool.record_outcome(w, True, "HTTP 500")
+    for _ in range(3):
+        pool.record_failure(other, "health 503")
+    assert other.state is WorkerState.QUARANTINED and pool.routable() == [w] and pool.pick() is w
+    strict, (a, b), _ = breaker_pool(failures=1, cooldown_s=30, admit_when_all_open=False)
+    strict.record_outcome(a, True, "HTTP 500")
+    strict.record_outcome(b, True, "HTTP 500")
+    assert strict.pick() is None and strict.routable() == []
+
+
 def test_breaker_disabled_never_opens_and_cap_limits_admission():
     pool, (w, _), _ = breaker_pool(enabled=False, failures=1)
     for _ in range(10):

@@ -6,7 +6,8 @@ connect counts too) drive the health state: `failure_threshold` failed probes in
 worker, and no served request erases a failed probe. Request outcomes (`record_outcome`: connect
 failures, timeouts, 5xx replies, replies broken off) drive a per-worker circuit breaker: it opens on
 `failures` consecutive failures or a failure rate over `window_s`, keeps the worker out of selection
-for `cooldown_s`, then admits one trial request (or a passing probe) whose success closes it. 4xx
+for `cooldown_s`, then admits one trial request (or a passing probe) whose success closes it;
+when every healthy worker's breaker is open, none is kept out (`admit_when_all_open`). 4xx
 replies are the client's problem and SGLang's `abort` finishes are deliberate: neither is a failure.
 
 Pure bookkeeping: the I/O edge calls these around every proxied request and probe. Nothing here
@@ -46,6 +47,10 @@ class BreakerPolicy:
     failure_rate: float = 0.5  # fraction of failed requests in the window -> open
     min_requests: int = 20  # the rate rule needs at least this many outcomes in the window
     cooldown_s: float = 30.0  # open this long, then half-open
+    # When every healthy worker's breaker is open, let them through anyway (a trial each) rather
+    # than answer 503: a breaker sheds load onto the rest of the pool, and with no rest there is
+    # nothing to shed it to (Envoy caps outlier ejection the same way: max_ejection_percent).
+    admit_when_all_open: bool = True
 
 
 @dataclass(slots=True)
@@ -195,7 +200,17 @@ class WorkerPool:
 
     # ---- selection ----------------------------------------------------------------------
     def breaker_admits(self, w: Worker, now: float | None = None) -> bool:
-        """Whether the breaker lets a request through (a trial one when it is not closed)."""
+        """Whether the breaker lets a request through (a trial one when it is not closed). When
+        every healthy worker's breaker would refuse, all of them are let through
+        (`admit_when_all_open`): one request at a time on each is its trial, whose success closes
+        the breaker before the cooldown."""
+        if self._breaker_lets(w, now):
+            return True
+        return (self.breaker.admit_when_all_open and w.state is WorkerState.HEALTHY
+                and not any(self._breaker_lets(x, now) for x in self._workers.values()
+                            if x.state is WorkerState.HEALTHY))
+
+    def _breaker_lets(self, w: Worker, now: float | None) -> bool:
         b = w.breaker
         if b.state is BreakerState.CLOSED or not self.breaker.enabled:
             return True
@@ -259,8 +274,12 @@ class WorkerPool:
         b = w.breaker
         if b.state is BreakerState.CLOSED or not self.breaker.enabled:
             return False
-        if b.state is BreakerState.OPEN:
+        if b.trial_inflight:  # let through while every breaker is open: its outcome only counts
+            return False
+        if b.state is BreakerState.OPEN and self.clock() >= b.opened_at + self.breaker.cooldown_s:
             self._breaker_to(w, BreakerState.HALF_OPEN, "cooldown over: one trial request")
+        # (still OPEN: let through because every breaker is; its success closes the breaker, its
+        # failure changes nothing, so an outage does not flap the breaker on every request)
         b.trial_inflight = True
         return True
 
@@ -293,7 +312,7 @@ class WorkerPool:
         w.consecutive_failures = 0
         b = w.breaker
         if (b.state is not BreakerState.CLOSED and not b.trial_inflight
-                and (b.state is BreakerState.HALF_OPEN or self.breaker_admits(w))):
+                and (b.state is BreakerState.HALF_OPEN or self._breaker_lets(w, None))):
             self._breaker_to(w, BreakerState.CLOSED, "health probe passed after the cooldown")
         if w.state is not WorkerState.QUARANTINED:
             w.held_reason = None
@@ -326,12 +345,16 @@ class WorkerPool:
                 return None
             b.trial_inflight = False
             if failed:
+                if b.state is BreakerState.OPEN:  # let through while every breaker was open
+                    return None
                 b.opened_at = now
                 b.reason = f"trial request failed: {reason}"
                 return self._breaker_to(w, BreakerState.OPEN, b.reason)
             b.consecutive_failures = 0
             b.window.clear()
-            return self._breaker_to(w, BreakerState.CLOSED, "trial request succeeded")
+            why = ("trial request succeeded" if b.state is BreakerState.HALF_OPEN
+                   else "a request let through while every breaker was open succeeded")
+            return self._breaker_to(w, BreakerState.CLOSED, why)
         p = self.breaker
         win = b.window
         win.append((now, failed))

@@ -56,7 +56,7 @@ class Runtime:
         b = config.breaker
         self.pool = WorkerPool(failure_threshold=w.failure_threshold, success_threshold=w.success_threshold,
                                breaker=BreakerPolicy(b.enabled, b.failures, b.window_s, b.failure_rate,
-                                                     b.min_requests, b.cooldown_s),
+                                                     b.min_requests, b.cooldown_s, b.admit_when_all_open),
                                max_inflight=w.max_inflight_per_worker)
         self.retry_statuses = frozenset(config.retry.statuses)
         self.upstream = UpstreamPool(keepalive_expiry_s=w.keepalive_expiry_s, connect_timeout_s=w.connect_timeout_s)
