@@ -20,7 +20,7 @@ from router.core.pipeline import Reply, StageError
 from router.core.radix import text_digest
 from router.wire import retrieve as retrieve_wire
 from router.wire import store as store_wire
-from router.wire.api import RetrieveBatch, Trajectory, json_encoder, retrieve_request_decoder
+from router.wire.api import EXPERTS_DTYPES, FORMATS, RetrieveBatch, Trajectory, json_encoder, retrieve_request_decoder
 
 
 def install(app, runtime) -> None:
@@ -303,7 +303,7 @@ def _char_aligned_prefix(tokenizer, tokens: np.ndarray, data: bytes) -> int:
 
 
 # Fields whose bad value gets the allowed values appended to the router's wording of the problem.
-_CHOICES = {"$.format": retrieve_wire.FORMATS, "$.routed_experts_dtype": retrieve_wire.EXPERTS_DTYPES}
+_CHOICES = {"$.format": FORMATS, "$.routed_experts_dtype": EXPERTS_DTYPES}
 
 
 def _invalid_body(e: msgspec.ValidationError, body: bytes) -> str:

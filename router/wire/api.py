@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import msgspec
 
-from router.wire.retrieve import ExpertsDtype, Format
+# The retrieve request's `format` and `routed_experts_dtype` (the binary form: router/wire/retrieve.py)
+Format = Literal["json", "safetensors"]
+ExpertsDtype = Literal["narrow", "int32"]
+FORMATS = get_args(Format)
+EXPERTS_DTYPES = get_args(ExpertsDtype)
 
 
 # Router-owned request bodies ignore fields they do not know (clients such as miles' send extras,

@@ -22,39 +22,26 @@ str -> str map (no booleans, nulls or lists) and `safetensors.numpy.load(bytes)`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence, get_args
+from typing import Any, Sequence
 
 import msgspec
 import numpy as np
 import safetensors.numpy
 
+from router.wire.api import Trajectory
 from router.wire.sglang import narrow_experts
 
 META_KEY = "_retrieve_meta"
 CONTENT_TYPE = b"application/octet-stream"
-# The request's `format` and `routed_experts_dtype` (router/wire/api.py RetrieveRequest)
-Format = Literal["json", "safetensors"]
-ExpertsDtype = Literal["narrow", "int32"]
-FORMATS = get_args(Format)
-EXPERTS_DTYPES = get_args(ExpertsDtype)
+# The JSON form's arrays; every other field of it is the metadata.
+ARRAYS = ("tokens", "loss_mask", "rollout_logp", "routed_experts")
 
-
-class RetrieveMeta(msgspec.Struct, omit_defaults=False):
-    """One answer's fields besides its arrays (the JSON form's keys, in its order)."""
-
-    response: str
-    token_length: int
-    loss_mask_length: int
-    exact: bool
-    match: str
-    matched_chars: int
-    text_chars: int
-    fresh_tokens: int
-    weight_version: str | None
-    weight_versions: list[str]
-    routed_experts_shape: list[int] | None = None
-    rid: str | None = None
-    alternatives: int = 0
+# One answer's fields besides its arrays: the JSON form's (`Trajectory`) keys, in its order.
+RetrieveMeta = msgspec.defstruct(
+    "RetrieveMeta",
+    [(f.name, f.type) if f.required else (f.name, f.type, f.default)
+     for f in msgspec.structs.fields(Trajectory) if f.name not in ARRAYS],
+    module=__name__)
 
 
 class StoredMeta(RetrieveMeta, kw_only=True):
@@ -117,10 +104,9 @@ def decode(payload: bytes) -> dict[str, Any]:
     `{"results": [...]}` for a batch; `routed_experts` is None where the blob has none (for tests and clients)."""
     tensors = safetensors.numpy.load(payload)
     meta = msgspec.json.decode(tensors.pop(META_KEY).tobytes())
-    names = ("tokens", "loss_mask", "rollout_logp", "routed_experts")
     if "results" not in meta:
-        return {**meta, **{n: tensors.get(n) for n in names}}
-    return {"results": [{**m, **{n: tensors.get(f"{n}.{i}") for n in names}} for i, m in enumerate(meta["results"])]}
+        return {**meta, **{n: tensors.get(n) for n in ARRAYS}}
+    return {"results": [{**m, **{n: tensors.get(f"{n}.{i}") for n in ARRAYS}} for i, m in enumerate(meta["results"])]}
 
 
 def wants_binary(accept: bytes | None) -> bool:
