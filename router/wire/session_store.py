@@ -14,7 +14,7 @@ import msgspec
 import numpy as np
 
 from router.wire.openai import ChatMessageIn
-from router.wire.sglang import narrow_experts
+from router.wire.store import experts_of, put_experts
 
 FORMAT_VERSION = 1
 
@@ -70,9 +70,7 @@ def encode_turn(turn: Any) -> bytes:
         np.ascontiguousarray(turn.output_ids, dtype="<i4").tobytes(),
         np.ascontiguousarray(turn.output_logprobs, dtype="<f8").tobytes(), turn.end, turn.finish_reason,
         turn.weight_version, turn.response_id, turn.created_at, _json.encode(turn.record))
-    if turn.routed_experts is not None:
-        narrow = np.ascontiguousarray(narrow_experts(turn.routed_experts))
-        rec.experts, rec.experts_shape, rec.experts_dtype = narrow.tobytes(), tuple(narrow.shape), narrow.dtype.str
+    put_experts(rec, turn.routed_experts)
     return _encoder.encode(rec)
 
 
@@ -81,14 +79,11 @@ def decode_turn(blob: bytes, record_type: type) -> dict:
     rec = _turn_decoder.decode(blob)
     if rec.format != FORMAT_VERSION:
         raise ValueError(f"stored session turn format {rec.format}, this router reads {FORMAT_VERSION}")
-    experts = None
-    if rec.experts is not None and rec.experts_shape is not None and rec.experts_dtype is not None:
-        experts = np.frombuffer(rec.experts, dtype=rec.experts_dtype).reshape(rec.experts_shape).astype(np.int32)
     return dict(id=rec.id, parent=rec.parent, request_seq=rec.request_seq, seq=rec.seq,
                 messages=_messages_decoder.decode(rec.messages), assistant=_message_decoder.decode(rec.assistant),
                 prompt_ids=np.frombuffer(rec.prompt_ids, dtype="<i4").astype(np.int32),
                 output_ids=np.frombuffer(rec.output_ids, dtype="<i4").astype(np.int32),
                 output_logprobs=np.frombuffer(rec.output_logprobs, dtype="<f8").astype(np.float64),
-                routed_experts=experts, end=rec.end, finish_reason=rec.finish_reason,
+                routed_experts=experts_of(rec), end=rec.end, finish_reason=rec.finish_reason,
                 weight_version=rec.weight_version, response_id=rec.response_id, created_at=rec.created_at,
                 record=msgspec.json.decode(rec.record, type=record_type))

@@ -56,10 +56,16 @@ def pack(*, rid: str, created: float, prompt_len: int, finish: str | None, worke
         np.ascontiguousarray(logprobs, dtype="<f4").tobytes(),
         np.packbits(np.asarray(loss_mask, dtype=np.uint8) & 1, bitorder="little").tobytes(),
     )
-    if experts is not None:
-        narrow = np.ascontiguousarray(narrow_experts(experts))
-        rec.experts, rec.experts_shape, rec.experts_dtype = narrow.tobytes(), tuple(narrow.shape), narrow.dtype.str
+    put_experts(rec, experts)
     return rec
+
+
+def put_experts(rec, experts: np.ndarray | None) -> None:
+    """Set a record's `experts`, `experts_shape`, `experts_dtype` (a trajectory's, or a session turn's in
+    router/wire/session_store.py): the rows at their narrowest width."""
+    if experts is not None:
+        narrow = narrow_experts(experts)
+        rec.experts, rec.experts_shape, rec.experts_dtype = narrow.tobytes(), tuple(narrow.shape), narrow.dtype.str
 
 
 def encode(rec: StoredTrajectory) -> bytes:
@@ -86,8 +92,9 @@ def loss_mask_of(rec: StoredTrajectory) -> np.ndarray:
     return np.unpackbits(np.frombuffer(rec.loss_mask, dtype=np.uint8), count=n, bitorder="little")
 
 
-def experts_of(rec: StoredTrajectory) -> np.ndarray | None:
-    """Routed experts as int32 (SGLang's encoding), or None when the trajectory has none."""
+def experts_of(rec) -> np.ndarray | None:
+    """Routed experts as int32 (SGLang's encoding), or None when the record (a trajectory, a session turn)
+    has none."""
     if rec.experts is None or rec.experts_shape is None or rec.experts_dtype is None:
         return None
     return np.frombuffer(rec.experts, dtype=rec.experts_dtype).reshape(rec.experts_shape).astype(np.int32)
