@@ -229,6 +229,14 @@ def _answer(f: _Found, return_logp: bool) -> retrieve_wire.Answer:
     return retrieve_wire.Answer(retrieve_wire.RetrieveMeta(**_fields(f)), f.tokens, f.mask, logp, f.experts)
 
 
+def stored_answer(text: str, rec, **store_fields) -> retrieve_wire.Answer:
+    """A stored record as a safetensors retrieve of its text answers it, its metadata a StoredMeta with the
+    store's own fields (`miles-router store export --format retrieve`)."""
+    f = _stored(text, rec)
+    return retrieve_wire.Answer(retrieve_wire.StoredMeta(**_fields(f), **store_fields), f.tokens, f.mask, f.logp,
+                                f.experts)
+
+
 async def retrieve_one(runtime, text: str, rid: str | None = None) -> Trajectory:
     return _trajectory(await _lookup(runtime, text, rid))
 

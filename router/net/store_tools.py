@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from router.net.endpoints import stored_answer
 from router.net.store_sqlite import SqliteStore
 from router.wire import retrieve as retrieve_wire
 from router.wire import store as wire
@@ -127,18 +128,9 @@ def _export_retrieve(path: Path, cfg, out: str, *, unretrieved_only: bool) -> di
         for _, rec in store.scan(unretrieved_only=unretrieved_only):
             if tok is None:
                 tok = _tokenizer(cfg)
-            tokens = wire.tokens_of(rec)
-            experts = wire.experts_of(rec)
-            text = tok.text_bytes(tokens).decode("utf-8", "replace")
-            versions = [v for v in rec.versions if v is not None]
-            meta = retrieve_wire.StoredMeta(
-                response=text, token_length=int(tokens.size), loss_mask_length=int(tokens.size), exact=True,
-                match="trajectory", matched_chars=len(text), text_chars=len(text), fresh_tokens=0,
-                weight_version=versions[-1] if versions else None, weight_versions=versions,
-                routed_experts_shape=list(experts.shape) if experts is not None else None, rid=rec.rid,
-                alternatives=1, finish=rec.finish, worker=rec.worker, created=rec.created,
-                prompt_len=int(rec.prompt_len))
-            answers.append(retrieve_wire.Answer(meta, tokens, wire.loss_mask_of(rec), wire.logprobs_of(rec), experts))
+            text = tok.text_bytes(wire.tokens_of(rec)).decode("utf-8", "replace")
+            answers.append(stored_answer(text, rec, finish=rec.finish, worker=rec.worker, created=rec.created,
+                                         prompt_len=int(rec.prompt_len)))
     finally:
         store.close_sync()
     save_file(retrieve_wire.tensors_of(answers, single=False), out)
