@@ -67,6 +67,8 @@ from typing import Any, Callable, Sequence
 import msgspec
 import numpy as np
 
+from router.wire.sglang import expert_dtype
+
 MASK = 1  # flag: generated token (loss mask 1)
 ANCHOR = 2  # flag: a text-keyed request may cut right after this token
 FLAG_SHIFT = 29  # flags live in bits 29-30 of a node's token codes, so token ids must be < 2**29
@@ -334,11 +336,6 @@ def _newer(old: str | None, new: str | None) -> str | None:
 def _dedup(xs) -> list:
     seen: set = set()
     return [x for x in xs if not (x in seen or seen.add(x))]
-
-
-def expert_dtype(max_id: int) -> type:
-    """The narrowest dtype that holds expert ids 0..max_id."""
-    return np.uint8 if max_id <= 0xFF else np.uint16 if max_id <= 0xFFFF else np.int32
 
 
 _WIDTH = {np.dtype(np.uint8): 0, np.dtype(np.uint16): 1, np.dtype(np.int32): 2}

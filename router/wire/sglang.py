@@ -105,6 +105,11 @@ sampling_n_decoder = msgspec.json.Decoder(SamplingParamsN)
 generate_output_decoder = msgspec.json.Decoder(GenerateOutput)
 
 
+def expert_dtype(max_id: int) -> type:
+    """The narrowest dtype that holds expert ids 0..max_id (the cache's width, and the stored one)."""
+    return np.uint8 if max_id <= 0xFF else np.uint16 if max_id <= 0xFFFF else np.int32
+
+
 def narrow_experts(experts: np.ndarray) -> np.ndarray:
     """Routed expert ids at the narrowest unsigned width that holds them (uint8, uint16, else int32), C order."""
     a = np.asarray(experts)
@@ -118,6 +123,4 @@ def narrow_experts(experts: np.ndarray) -> np.ndarray:
     else:
         lo, hi = int(a.min()), int(a.max())
         hi = hi if lo >= 0 else 1 << 31
-    if hi >= 1 << 16:
-        return np.ascontiguousarray(a, dtype="<i4")
-    return np.ascontiguousarray(a, dtype="|u1" if hi < 256 else "<u2")
+    return np.ascontiguousarray(a, dtype=np.dtype(expert_dtype(hi)).newbyteorder("<"))
