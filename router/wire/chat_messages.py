@@ -103,9 +103,10 @@ def decode_chat_request(body: bytes, shared: SharedPrefix | None = None) -> Deco
             req = None  # decoded whole below, so an error names the client's own byte offsets
         # The decoded messages must be the array that continues at the splice (not a later
         # "messages" key, which would win in both documents), and not empty (`[A,]` is no JSON).
-        if req is not None and req.messages and _offset(req.messages[0], spliced) == shared.first:
+        base = _address(spliced)
+        if req is not None and req.messages and _offset(req.messages[0], spliced, base) == shared.first:
             tail = req.messages
-            at = _offset(tail[-1], spliced)
+            at = _offset(tail[-1], spliced, base)
             # the last request's last message, usually unchanged: keep its object (the index holds it)
             kept = shared.raws if tail[0] == shared.raws[-1] else shared.raws[:-1] + [tail[0].copy()]
             req.messages = kept + list(map(msgspec.Raw.copy, tail[1:]))
@@ -118,7 +119,8 @@ def decode_chat_request(body: bytes, shared: SharedPrefix | None = None) -> Deco
     req.messages = list(map(msgspec.Raw.copy, views))
     prefix = None
     if len(views) >= 2:
-        first, last = _offset(views[0], body), _offset(views[-1], body)
+        base = _address(body)
+        first, last = _offset(views[0], body, base), _offset(views[-1], body, base)
         if first is not None and last is not None:
             prefix = SharedPrefix(body, first, last, req.messages)
     return DecodedRequest(req, RequestMessages(req.messages), prefix, False)
@@ -128,8 +130,9 @@ def _address(buffer) -> int:
     return np.frombuffer(buffer, np.uint8).__array_interface__["data"][0]
 
 
-def _offset(raw: msgspec.Raw, buffer: bytes) -> int | None:
+def _offset(raw: msgspec.Raw, buffer: bytes, base: int) -> int | None:
     """Where the decoded `raw` lies in the `buffer` it was decoded from (msgspec's Raw is a view
-    of its input); None if it is not there, which only turns the splice off."""
-    at = _address(raw) - _address(buffer)
+    of its input; `base` is the buffer's address); None if it is not there, which only turns the
+    splice off."""
+    at = _address(raw) - base
     return at if 0 <= at and buffer.startswith(raw, at) else None
