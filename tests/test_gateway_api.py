@@ -107,6 +107,11 @@ async def test_gateway_error_shapes(nursery):
         assert r.status_code == 404 and r.json()["code"] == "WORKER_NOT_FOUND"
         r = await c.put(f"/workers/{uuid.uuid4()}", json={"priority": 1})
         assert r.status_code == 405 and "x-miles-router-worker" not in r.headers  # never proxied
+        for method in ("PUT", "PATCH", "DELETE"):  # the list itself: the router's too, never proxied
+            r = await c.request(method, "/workers")
+            assert r.status_code == 405 and "x-miles-router-worker" not in r.headers
+            assert r.json() == {"error": f"{method} /workers is not supported (GET or POST)",
+                                "code": "METHOD_NOT_ALLOWED"}
         assert (await c.get("/workers")).json()["workers"] == []
         live = await c.get("/liveness")
         assert live.status_code == 200 and live.text == "OK"

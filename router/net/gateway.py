@@ -133,6 +133,10 @@ def install(app, runtime) -> None:
         return _error(405, f"{scope['method']} {WORKERS_PREFIX}{{id}} is not supported (GET or DELETE)",
                       "METHOD_NOT_ALLOWED")
 
+    async def other_method_on_list(scope, body: bytes) -> Reply:
+        # /workers is the router's own: another method there is refused, never proxied to a worker
+        return _error(405, f"{scope['method']} /workers is not supported (GET or POST)", "METHOD_NOT_ALLOWED")
+
     async def readiness(scope, body: bytes) -> Reply:
         healthy, total = len(runtime.pool.healthy()), len(runtime.pool)
         if healthy:
@@ -157,6 +161,8 @@ def install(app, runtime) -> None:
     app.register_prefix("DELETE", WORKERS_PREFIX, delete_one, admin=True)
     for method in ("POST", "PUT", "PATCH", "HEAD", "OPTIONS"):
         app.register_prefix(method, WORKERS_PREFIX, other_method)
+    for method in ("PUT", "PATCH", "DELETE"):
+        app.register(method, "/workers", other_method_on_list)
     app.register("GET", "/readiness", readiness)
     app.register("GET", "/liveness", liveness)
     app.register("GET", "/v1/loads", loads)
