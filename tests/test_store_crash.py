@@ -55,6 +55,8 @@ class RouterProcess:
 
     def start(self, pipeline: str = "pipelines/radix-cache-r3.toml", store_extra: str = "", env=None,
               preexec_fn=None, sessions: bool = False, token_latency_s: float = 0.0) -> None:
+        # A second router on the same store would answer in its place (and outlive kill9): never two at once.
+        assert self.proc is None or self.proc.poll() is not None, "the router is still running"
         self.port = free_port()
         cfg = self.folder / "router.toml"
         cfg.write_text(f"""
@@ -276,7 +278,6 @@ async def test_kill9_under_load_loses_no_acknowledged_trajectory(router_proc, ti
     for cycle in (1, 2):  # a kill that fell between every client's requests left nothing in flight: kill again
         if len(sent) > len(acked):
             break
-        router_proc.start(sessions=True)
         got += await crash_cycle(router_proc, acked, sent, cycle, sessions=sessions)
     assert got >= 20, f"only {got} replies before the kill: the load did not run"
     assert len(sent) > len(acked)  # some requests were in flight at a kill
