@@ -11,7 +11,7 @@ import json
 import re
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -159,6 +159,17 @@ class SessionsConfig(_Table):
     max_sessions: int = 100_000  # live sessions; POST /sessions beyond it gets 429
     max_turns_per_session: int = 1024  # stored turns (tree nodes) per session; one more gets 409
     prompt_cache_entries: int = 4096  # distinct first prompts kept tokenized (GRPO groups share one)
+    # miles' session server as the tracer expects it (`--use-session-server v1|v2`): v2 answers /samples with one
+    # sample per kept leaf (and `reward`), v1 with one sample of the active line.
+    variant: Literal["v1", "v2"] = "v2"
+    # Launch-default chat template kwargs (miles' --apply-chat-template-kwargs); a request's own win per key.
+    chat_template_kwargs: dict[str, Any] = msgspec.field(default_factory=dict)
+    # Sent as `lora_path` with every turn's /generate (miles sets "miles_lora" when LoRA is on); None: not sent.
+    lora_path: str | None = None
+    # lenient | strict | loose_tool_call | role_content_only | "package.module:function" (miles' selectors)
+    message_matcher: str = "lenient"
+    # miles' --save-debug-trajectory-data: the last turn's messages in each sample's metadata
+    save_debug_trajectory_data: bool = False
 
 
 class RouteConfig(_Table):
@@ -267,6 +278,12 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
     need(ss.max_sessions >= 1, "sessions.max_sessions", "must be >= 1")
     need(ss.max_turns_per_session >= 1, "sessions.max_turns_per_session", "must be >= 1")
     need(ss.prompt_cache_entries >= 0, "sessions.prompt_cache_entries", "must be >= 0")
+    from router.core.sessions.messages import resolve_matcher
+
+    try:
+        resolve_matcher(ss.message_matcher)
+    except ValueError as e:
+        problems.append(("sessions.message_matcher", str(e)))
     seen: set[tuple[str, str]] = set()
     for i, r in enumerate(cfg.routes):
         need(r.path.startswith("/"), f"routes[{i}].path", "must start with '/'")

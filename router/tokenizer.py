@@ -46,7 +46,9 @@ CHATML_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # The builtins' chat template: renders exactly what Qwen3's own template does (the hybrid-thinking
 # Qwen3 release: Hermes-style <tools> system header, <tool_call> JSON, tool results grouped into one
 # user turn as <tool_response> blocks, <think> kept only on assistant turns after the last user
-# query, `enable_thinking=False` pre-filling an empty think block). Written for this project; see
+# query, `enable_thinking=False` pre-filling an empty think block). `clear_thinking=False` keeps every
+# assistant turn's think block, as miles' qwen3_fixed.jinja does for its qwen3 family (an append-only
+# render: re-rendering a session's messages gives its stored tokens). Written for this project; see
 # Tokenizer.apply_chat_template for where it is and isn't prefix-stable. One deliberate extension:
 # OpenAI content-part lists render their text parts joined (Qwen3 renders them as "").
 QWEN3_CHAT_TEMPLATE = r"""
@@ -86,7 +88,7 @@ QWEN3_CHAT_TEMPLATE = r"""
             {%- set reasoning = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
             {%- set content = content.split('</think>')[-1].lstrip('\n') %}
         {%- endif %}
-        {%- if loop.index0 > state.last_query and (loop.last or reasoning) %}
+        {%- if (clear_thinking is defined and clear_thinking is false) or (loop.index0 > state.last_query and (loop.last or reasoning)) %}
             {{- '<|im_start|>assistant\n<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
         {%- else %}
             {{- '<|im_start|>assistant\n' + content }}
@@ -144,7 +146,8 @@ def _tool_json(value: Any) -> str:
 
 
 def render_qwen3(
-    messages: Sequence[dict], add_generation_prompt: bool, tools: Sequence[dict] | None, enable_thinking: Any = None
+    messages: Sequence[dict], add_generation_prompt: bool, tools: Sequence[dict] | None, enable_thinking: Any = None,
+    clear_thinking: Any = None,
 ) -> str | None:
     """`QWEN3_CHAT_TEMPLATE` in plain Python (10-30x faster than the sandboxed Jinja render), or
     None for message shapes it does not handle (non-dict messages, non-text content parts, tool
@@ -184,7 +187,7 @@ def render_qwen3(
                     if "</think>" in content:
                         reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
                         content = content.split("</think>")[-1].lstrip("\n")
-                if i > last_query and (i == n - 1 or reasoning):
+                if clear_thinking is False or (i > last_query and (i == n - 1 or reasoning)):
                     out.append(f"<|im_start|>assistant\n<think>\n{reasoning.strip(chr(10))}\n</think>\n\n")
                     out.append(content.lstrip("\n"))
                 else:
@@ -285,6 +288,7 @@ class Tokenizer:
         self._hf_cleans_up_spaces = bool(getattr(hf, "clean_up_tokenization_spaces", False))
         self._pieces, self._lengths, self.bytes_blob, self.bytes_offsets = _token_byte_table(self.raw, added)
         self._blob_u8 = np.frombuffer(self.bytes_blob, dtype=np.uint8)
+        self._renders_role: dict[str, bool] = {}
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos={self.eos_token_id})"
@@ -393,8 +397,9 @@ class Tokenizer:
         - ``add_generation_prompt=True`` appends ``<|im_start|>assistant\n``, plus
           ``<think>\n\n</think>\n\n`` when ``enable_thinking=False``.
         """
-        if self.fast_qwen3_template:  # the template reads no kwarg but enable_thinking
-            text = render_qwen3(messages, add_generation_prompt, tools, chat_template_kwargs.get("enable_thinking"))
+        if self.fast_qwen3_template:  # the template reads no kwarg but enable_thinking and clear_thinking
+            text = render_qwen3(messages, add_generation_prompt, tools, chat_template_kwargs.get("enable_thinking"),
+                                chat_template_kwargs.get("clear_thinking"))
             if text is not None:
                 return text
         return self.hf.apply_chat_template(
@@ -404,6 +409,26 @@ class Tokenizer:
             add_generation_prompt=add_generation_prompt,
             **chat_template_kwargs,
         )
+
+    @property
+    def template_name(self) -> str:
+        return "the builtin Qwen3 chat template" if self.fast_qwen3_template else f"the chat template of {self.name}"
+
+    def renders_role(self, role: str) -> bool:
+        """Whether the chat template writes a message of this role into the prompt (probed once per role:
+        alone and after a user turn). A template that renders nothing for it, or raises, does not."""
+        known = self._renders_role.get(role)
+        if known is None:
+            sentinel = "\u2063probe\u2063"
+            known = False
+            for messages in ([{"role": role, "content": sentinel}],
+                             [{"role": "user", "content": "u"}, {"role": role, "content": sentinel}]):
+                try:
+                    known = known or sentinel in self.apply_chat_template(messages, False)
+                except Exception:  # jinja raises anything: a template's own raise_exception included
+                    pass
+            self._renders_role[role] = known
+        return known
 
     def render_appended(
         self,

@@ -10,6 +10,7 @@ import numpy as np
 import trio
 from safetensors.numpy import load_file
 
+import miles_wire
 from harness import client, start_router, start_sim, store_cli
 from router.config import load_config
 from router.tokenizer import load_tokenizer
@@ -70,6 +71,7 @@ pipeline = "{pipeline}"
     tensors = load_file(str(out_file))
     meta = json.loads(tensors["_samples_meta"].tobytes())
     assert meta["empty_reason"] is None and len(meta["samples"]) == 4
+    assert len(miles_wire.decode(out_file.read_bytes()).samples) == 4  # what miles' decoder accepts
     tiny = load_tokenizer("builtin:tiny")
     for i, (text, out) in enumerate(replies[2:]):
         O = out["output_ids"]
@@ -85,7 +87,8 @@ pipeline = "{pipeline}"
         assert experts.tobytes() == base64.b64decode(out["meta_info"]["routed_experts"])
         s = meta["samples"][i]
         assert s["response_length"] == len(O) and s["metadata"]["prompt_tokens"] == len(P)
-        assert s["status"] == {"stop": "COMPLETED", "length": "TRUNCATED"}[out["meta_info"]["finish_reason"]["type"]]
+        assert s["status"] == {"stop": "completed", "length": "truncated"}[out["meta_info"]["finish_reason"]["type"]]
+        assert s["nulls"] == ["rollout_indexer_topk"] and s["prefix_cache_info"]["total_prompt_tokens"] == len(P)
         assert s["response"] == tiny.text_bytes(np.asarray(O, np.int32)).decode("utf-8", "replace")
 
     r = store_cli("export", "--config", str(cfg_path), "--out", str(out_file), "--all")

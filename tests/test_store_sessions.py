@@ -50,11 +50,14 @@ async def test_sessions_survive_restart_exactly(nursery, tmp_path):
             assert (await c.delete(f"/sessions/{gone}")).status_code == 204
             before = {sid: (await c.get(f"/sessions/{sid}")).json() for sid in histories}
             samples = {sid: (await c.post(f"/sessions/{sid}/samples", json={})).content for sid in histories}
+            instance = (await c.get("/health")).json()["session_server_instance_id"]
         n1.cancel_scope.cancel()
 
     async with trio.open_nursery() as n2:
         router = await _router(n2, sim, path)
         async with client(router) as c:
+            # the same sessions are served: miles' instance id names them, so it stays
+            assert (await c.get("/health")).json()["session_server_instance_id"] == instance
             for sid in histories:
                 assert (await c.get(f"/sessions/{sid}")).json() == before[sid]
                 assert (await c.post(f"/sessions/{sid}/samples", json={})).content == samples[sid]

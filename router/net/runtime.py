@@ -101,15 +101,25 @@ class Runtime:
         ss = self.config.sessions
         if ss.enabled:
             from router.config import RouteConfig
+            from router.core.sessions.messages import resolve_matcher
             from router.core.sessions.registry import SessionRegistry
 
             self.sessions = SessionRegistry(max_sessions=ss.max_sessions, max_turns=ss.max_turns_per_session,
                                             idle_timeout_s=ss.idle_timeout_s,
-                                            prompt_cache_entries=ss.prompt_cache_entries)
+                                            prompt_cache_entries=ss.prompt_cache_entries,
+                                            matcher=resolve_matcher(ss.message_matcher))
             # Every session request is routed with the session id as its sticky key.
             route = RouteConfig(path="/sessions", method="POST", pipeline=ss.pipeline, policy="sticky")
             self.session_pipeline = self._instantiate(load_pipeline(ss.pipeline, self.config.base_dir), route)
             self.session_proxy = self._instantiate(load_pipeline("passthrough", self.config.base_dir), route)
+
+    @property
+    def session_r3_incremental(self) -> bool:
+        """Session turns ask the worker for their new routed-experts rows only (miles' addition R3)."""
+        pipe = self.session_pipeline
+        return pipe is not None and any(
+            getattr(st, "name", "") == "session_generate" and st.options.routed_experts
+            and st.options.routed_experts_start_len for st in pipe.request_stages)
 
     async def session_maintenance(self) -> None:
         """Reclaim sessions idle past `sessions.idle_timeout_s` (checked a few times per timeout)."""
