@@ -1,0 +1,177 @@
+"""The simulated worker's scheduler: its requests in time.
+
+`Scheduler` holds every /generate item the worker knows about (`live`: waiting or running) and
+decides when each one runs: the waiting queue (fault delay, hang, pause), then prefill of the
+uncached prompt tokens and decode, with the prefix cache looked up before prefill and filled
+after. It keeps the pause/abort bookkeeping SGLang's endpoints act on (`/pause_generation`
+modes, `/continue_generation`, `/abort_request`). Replies are built by `router.sim.app`, which
+calls `admit` then `execute` for each item and `forget` when the item is gone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from router.sim.model import Faults, PrefixCache, SimOptions
+
+__all__ = ["Live", "Scheduler"]
+
+_HANG_POLL_S = 0.05  # notices `worker.faults.hang = False` set directly, without set_faults()
+
+
+class Live:
+    """A /generate item the worker knows about: waiting (queued) or running."""
+
+    __slots__ = ("aborted", "cached", "done", "num_retractions", "prompt_tokens", "retracted_in", "rid", "running",
+                 "wake")
+
+    def __init__(self, rid: str, prompt_tokens: int) -> None:
+        self.rid = rid
+        self.prompt_tokens = prompt_tokens
+        self.running = False
+        self.aborted = False
+        self.cached = 0  # prompt tokens found in the prefix cache (known once running)
+        self.wake = trio.Event()  # set on abort / pause / continue / fault change
+        self.done = trio.Event()
+        self.num_retractions = 0
+        self.retracted_in = -1  # pause epoch of the last retraction
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.wake.set()
+
+
+class Scheduler:
+    """Waiting queue, prefill and decode of one worker's items; pause and abort bookkeeping."""
+
+    def __init__(self, options: SimOptions, prefix_cache: PrefixCache, faults: Callable[[], Faults]) -> None:
+        self.options = options
+        self.prefix_cache = prefix_cache
+        self._faults = faults  # the worker's current fault knobs (replaced wholesale by set_faults)
+        self.live: dict[str, Live] = {}
+        self.paused = False
+        self.pause_mode = "abort"
+        self._pause_epoch = 0
+
+    # ---- bookkeeping
+
+    def add(self, live: Live) -> None:
+        self.live[live.rid] = live
+
+    def forget(self, live: Live) -> None:
+        if self.live.get(live.rid) is live:
+            del self.live[live.rid]
+        live.done.set()
+
+    def count(self, *, running: bool) -> int:
+        return sum(live.running == running for live in self.live.values())
+
+    def abort(self, rid: str = "", abort_all: bool = False) -> int:
+        """`/abort_request`: abort_all, or every live rid starting with `rid` if `rid` itself is live."""
+        if abort_all:
+            victims = list(self.live.values())
+        elif rid in self.live:
+            victims = [live for live in self.live.values() if live.rid.startswith(rid)]
+        else:
+            victims = []
+        for live in victims:
+            live.abort()
+        return len(victims)
+
+    def pause(self, mode: str = "abort") -> list[Live]:
+        self.paused, self.pause_mode = True, mode
+        self._pause_epoch += 1
+        victims = list(self.live.values()) if mode == "abort" else []
+        for live in victims:
+            live.abort()
+        self.wake_all()
+        return victims
+
+    def resume(self) -> None:
+        self.paused = False
+        self.wake_all()
+
+    def wake_all(self) -> None:
+        for live in self.live.values():
+            live.wake.set()
+
+    # ---- one item through queue, prefill and decode
+
+    async def _wait_wake(self, live: Live, timeout: float = math.inf) -> bool:
+        """Sleep until `live` is woken (True) or `timeout` passes (False)."""
+        with trio.move_on_after(timeout):
+            await live.wake.wait()
+        if live.wake.is_set():
+            live.wake = trio.Event()
+            return True
+        return False
+
+    async def admit(self, live: Live) -> bool:
+        """The waiting queue: fault delay, pauses, hangs. False if aborted while waiting."""
+        delay = self._faults().delay_s
+        deadline = trio.current_time() + delay
+        while delay > 0 and not live.aborted and trio.current_time() < deadline:
+            await self._wait_wake(live, deadline - trio.current_time())
+        while not live.aborted:
+            if self._faults().hang:
+                await self._wait_wake(live, _HANG_POLL_S)
+            elif self.paused:
+                await self._wait_wake(live)
+            else:
+                return True
+        return False
+
+    async def _run_for(self, live: Live, duration: float) -> float:
+        """Spend `duration` s of running time (pauses excluded); less is returned iff aborted."""
+        spent = 0.0
+        while True:
+            if live.aborted:
+                return spent
+            if self.paused and self.pause_mode != "abort":
+                if self.pause_mode == "retract" and live.retracted_in != self._pause_epoch:
+                    live.retracted_in = self._pause_epoch
+                    live.num_retractions += 1
+                await self._wait_wake(live)
+                continue
+            if spent >= duration:
+                return duration
+            started = trio.current_time()
+            woken = await self._wait_wake(live, duration - spent)
+            spent += trio.current_time() - started
+            if not woken:
+                return duration
+
+    async def execute(
+        self,
+        live: Live,
+        prompt_ids: list[int],
+        output_ids: list[int],
+        on_token: Callable[[int], Awaitable[None]] | None = None,
+    ) -> int:
+        """Prefill and decode an admitted item: the tokens produced (all of `output_ids` unless
+        aborted). `on_token(produced)` is awaited after each token but the last (streaming);
+        `live.cached` is set before the first call."""
+        opts = self.options
+        live.running = True
+        live.cached = cached = self.prefix_cache.match(prompt_ids)
+        total = len(output_ids)
+        produced = 0
+        await self._run_for(live, opts.prefill_latency_s_per_token * (len(prompt_ids) - cached))
+        if not live.aborted:
+            if on_token is None:
+                latency = opts.token_latency_s
+                spent = await self._run_for(live, latency * total)
+                produced = total if not live.aborted else min(total, int(spent / latency + 1e-9) if latency else 0)
+            else:
+                while produced < total:
+                    await self._run_for(live, opts.token_latency_s)
+                    if live.aborted:
+                        break
+                    produced += 1
+                    if produced < total:
+                        await on_token(produced)
+        self.prefix_cache.insert(prompt_ids + output_ids[:produced])
+        return produced
