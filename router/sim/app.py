@@ -57,7 +57,8 @@ _SSE = b"text/event-stream; charset=utf-8"
 
 
 class SimStats:
-    """Counters and the last requests, for tests (`GET /_sim/stats` gives `to_json()`)."""
+    """Counters and the last requests, for tests (`GET /_sim/stats` gives `to_json()` plus the
+    scheduler's batch-model counters `busy_s`, `steps`, `late_s`)."""
 
     def __init__(self) -> None:
         self.requests = 0  # every HTTP request, /_sim/* included
@@ -176,6 +177,7 @@ class SimWorker:
 
     def reset_stats(self) -> None:
         self.stats = SimStats()
+        self.scheduler.reset_counters()
 
     @property
     def paused(self) -> bool:
@@ -415,11 +417,15 @@ class SimWorker:
         await reply.json(200, msgspec.structs.asdict(self.faults))
 
     async def _sim_stats(self, reply: _Reply, body: bytes, **_: Any) -> None:
-        await reply.json(200, self.stats.to_json())
+        await reply.json(200, self._stats_json())
 
     async def _sim_stats_reset(self, reply: _Reply, body: bytes, **_: Any) -> None:
         self.reset_stats()
-        await reply.json(200, self.stats.to_json())
+        await reply.json(200, self._stats_json())
+
+    def _stats_json(self) -> dict[str, Any]:
+        sched = self.scheduler  # the batch model's counters (0 with the independent one)
+        return self.stats.to_json() | {"busy_s": sched.busy_s, "steps": sched.steps, "late_s": sched.late_s}
 
     async def _sim_echo(self, reply: _Reply, body: bytes, *, scope: dict, **_: Any) -> None:
         await reply.json(
@@ -660,7 +666,8 @@ class SimWorker:
         bad_request: str | None,
     ) -> dict[str, Any]:
         model = self.model
-        if not await self.scheduler.admit(live):
+
+        async def waiting_abort() -> dict[str, Any]:
             self.stats.aborted += 1
             out = model.waiting_abort_output(
                 item,
@@ -672,6 +679,9 @@ class SimWorker:
             if emit is not None:
                 await emit(out)
             return out
+
+        if not await self.scheduler.admit(live):
+            return await waiting_abort()
 
         completion = model.complete(prompt_ids, item.params, item.sample_index)
         total = len(completion)
@@ -712,6 +722,8 @@ class SimWorker:
 
         produced = await self.scheduler.execute(live, prompt_ids, completion.output_ids,
                                                 on_token if emit is not None else None)
+        if not live.running:  # batch model: aborted before it joined the running batch
+            return await waiting_abort()
         if produced == total:
             out = output(total, completion.finish_reason, completion.final_text())
         else:

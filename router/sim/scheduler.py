@@ -6,6 +6,16 @@ uncached prompt tokens and decode, with the prefix cache looked up before prefil
 after. It keeps the pause/abort bookkeeping SGLang's endpoints act on (`/pause_generation`
 modes, `/continue_generation`, `/abort_request`). Replies are built by `router.sim.app`, which
 calls `admit` then `execute` for each item and `forget` when the item is gone.
+
+Two latency models (`SimOptions.latency_model`):
+
+- "independent": each item sleeps its own prefill and decode time, whatever else runs (cheap;
+  the test suite's default).
+- "batch": continuous batching (`router.sim.batch`). One step loop per worker, running only
+  while the worker has items, advances the whole running batch a step at a time and sleeps each
+  step's modeled seconds on an absolute schedule: a loop that wakes late (a busy CPU) catches up
+  by up to `_MAX_CATCH_UP_S`, so the worker's throughput is the model's, not the host's; the
+  lateness is counted (`late_s` in `/_sim/stats`). Items wait for their tokens.
 """
 
 from __future__ import annotations
@@ -15,11 +25,13 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from router.sim.batch import Batch, Seq, StepCost
 from router.sim.model import Faults, PrefixCache, SimOptions
 
 __all__ = ["Live", "Scheduler"]
 
 _HANG_POLL_S = 0.05  # notices `worker.faults.hang = False` set directly, without set_faults()
+_MAX_CATCH_UP_S = 0.25  # batch model: the most step time a late loop makes up by not sleeping
 
 
 class Live:
@@ -55,6 +67,16 @@ class Scheduler:
         self.paused = False
         self.pause_mode = "abort"
         self._pause_epoch = 0
+        self._batch = (Batch(StepCost.of(options), prefix_cache, max_running=options.max_running_requests,
+                             chunk_tokens=options.chunked_prefill_size)
+                       if options.latency_model == "batch" else None)
+        self._stepping = False  # the step loop runs
+        self._unpaused = trio.Event()
+        self._unpaused.set()
+        # batch model, cumulative: modeled seconds the worker computed, steps, and how late the loop woke
+        self.busy_s = 0.0
+        self.steps = 0
+        self.late_s = 0.0
 
     # ---- bookkeeping
 
@@ -82,6 +104,8 @@ class Scheduler:
         return len(victims)
 
     def pause(self, mode: str = "abort") -> list[Live]:
+        if not self.paused:
+            self._unpaused = trio.Event()
         self.paused, self.pause_mode = True, mode
         self._pause_epoch += 1
         victims = list(self.live.values()) if mode == "abort" else []
@@ -92,7 +116,11 @@ class Scheduler:
 
     def resume(self) -> None:
         self.paused = False
+        self._unpaused.set()
         self.wake_all()
+
+    def reset_counters(self) -> None:
+        self.busy_s, self.steps, self.late_s = 0.0, 0, 0.0
 
     def wake_all(self) -> None:
         for live in self.live.values():
@@ -153,13 +181,17 @@ class Scheduler:
     ) -> int:
         """Prefill and decode an admitted item: the tokens produced (all of `output_ids` unless
         aborted). `on_token(produced)` is awaited after each token but the last (streaming);
-        `live.cached` is set before the first call."""
+        `live.cached` is set before the first call. With the batch model an item aborted before it
+        joined the running batch returns with `live.running` still False."""
+        if self._batch is not None:
+            return await self._execute_batched(live, prompt_ids, output_ids, on_token)
         opts = self.options
         live.running = True
         live.cached = cached = self.prefix_cache.match(prompt_ids)
         total = len(output_ids)
         produced = 0
-        await self._run_for(live, opts.prefill_latency_s_per_token * (len(prompt_ids) - cached))
+        await self._run_for(live, opts.prefill_latency_s_per_token * (len(prompt_ids) - cached)
+                            + opts.cached_prefill_s_per_token * cached)
         if not live.aborted:
             if on_token is None:
                 latency = opts.token_latency_s
@@ -175,3 +207,65 @@ class Scheduler:
                         await on_token(produced)
         self.prefix_cache.insert(prompt_ids + output_ids[:produced])
         return produced
+
+    # ---- the batch model
+
+    async def _execute_batched(
+        self,
+        live: Live,
+        prompt_ids: list[int],
+        output_ids: list[int],
+        on_token: Callable[[int], Awaitable[None]] | None,
+    ) -> int:
+        seq = Seq(live, prompt_ids, output_ids)
+        self._batch.add(seq)
+        if not self._stepping:
+            self._stepping = True
+            # Not a task of any request: the loop outlives the item that started it, and ends when
+            # the worker has nothing left (a system task is cancelled with the run).
+            trio.lowlevel.spawn_system_task(self._step_loop, name=f"sim {self.options.name}: step loop")
+        emitted = 0
+        try:
+            while not seq.finished:
+                await live.wake.wait()
+                live.wake = trio.Event()  # before awaiting anything else: a later step sets the new one
+                if live.aborted:
+                    break
+                if on_token is not None:
+                    last = min(seq.produced, len(output_ids) - 1)
+                    while emitted < last and not live.aborted:
+                        emitted += 1
+                        await on_token(emitted)
+        finally:
+            self._batch.remove(seq)  # aborted or cancelled (a finished one is out already)
+        return seq.produced
+
+    async def _step_loop(self) -> None:
+        batch = self._batch
+        try:
+            deadline = trio.current_time()
+            while batch:
+                if self.paused and self.pause_mode != "abort":
+                    for seq in batch.running:  # retract mode: each running item is retracted once per pause
+                        live = seq.handle
+                        if self.pause_mode == "retract" and live.retracted_in != self._pause_epoch:
+                            live.retracted_in = self._pause_epoch
+                            live.num_retractions += 1
+                    await self._unpaused.wait()
+                    deadline = trio.current_time()
+                    continue
+                step = batch.plan()
+                for seq in step.started:
+                    seq.handle.running, seq.handle.cached = True, seq.cached
+                now = trio.current_time()
+                if now > deadline:
+                    self.late_s += now - deadline
+                    deadline = max(deadline, now - _MAX_CATCH_UP_S)
+                deadline += step.seconds
+                await trio.sleep_until(deadline)
+                self.busy_s += step.seconds
+                self.steps += 1
+                for seq in batch.finish(step):
+                    seq.handle.wake.set()
+        finally:
+            self._stepping = False
