@@ -3,15 +3,14 @@ worker with `latency_model = "batch"` over loopback HTTP (router/sim/scheduler.p
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import httpx
 import msgspec
 import pytest
 import trio
+from test_sim_worker import StartSim, generate, start_sim, wait_until  # noqa: F401  (start_sim: the fixture)
 
-from router.sim import SimOptions, SimWorker, serve_sim_worker
+from router.sim import SimOptions
 from router.sim.batch import Batch, Seq, StepCost
 from router.sim.model import PrefixCache
 
@@ -187,41 +186,13 @@ def test_remove_keeps_what_was_computed():
 
 # ---- a worker with the batch model, over HTTP --------------------------------------------------------
 
-StartSim = Callable[..., Awaitable[tuple[httpx.AsyncClient, SimWorker]]]
-
-
-@pytest.fixture
-async def start_sim(nursery: trio.Nursery) -> AsyncIterator[StartSim]:
-    clients: list[httpx.AsyncClient] = []
-
-    async def start(**options: Any) -> tuple[httpx.AsyncClient, SimWorker]:
-        opts = SimOptions(**{"tokenizer": "builtin:tiny", "latency_model": "batch", **options})
-        url, worker = await nursery.start(serve_sim_worker, opts)
-        client = httpx.AsyncClient(base_url=url, trust_env=False, timeout=20)
-        clients.append(client)
-        return client, worker
-
-    yield start
-    for client in clients:
-        await client.aclose()
-
-
-async def generate(client: httpx.AsyncClient, **body: Any) -> Any:
-    r = await client.post("/generate", content=msgspec.json.encode(body), headers={"content-type": "application/json"})
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.005)
+BATCH = {"latency_model": "batch"}
 
 
 async def test_an_overloaded_worker_is_slower_for_everyone(start_sim: StartSim) -> None:
     """12 requests at once on one worker: each decode step carries 12 requests, so every one of them
     takes several times as long as a request alone (the worker's own clock: meta_info.e2e_latency)."""
-    client, worker = await start_sim(token_latency_s=0.002, batch_step_s_per_request=0.002)
+    client, worker = await start_sim(**BATCH, token_latency_s=0.002, batch_step_s_per_request=0.002)
     params = {"max_new_tokens": 15, "ignore_eos": True}
     alone = (await generate(client, input_ids=prompt_of(40), sampling_params=params))["meta_info"]["e2e_latency"]
     crowd: list[float] = []
@@ -240,7 +211,7 @@ async def test_an_overloaded_worker_is_slower_for_everyone(start_sim: StartSim) 
 
 
 async def test_a_grpo_group_prefills_its_prompt_once(start_sim: StartSim) -> None:
-    client, _ = await start_sim(token_latency_s=0.001, prefill_latency_s_per_token=1e-5)
+    client, _ = await start_sim(**BATCH, token_latency_s=0.001, prefill_latency_s_per_token=1e-5)
     prompt = prompt_of(300)
     outs: list[Any] = []
 
@@ -255,7 +226,7 @@ async def test_a_grpo_group_prefills_its_prompt_once(start_sim: StartSim) -> Non
 
 
 async def test_streaming_abort_pause_and_waiting_queue(start_sim: StartSim) -> None:
-    client, worker = await start_sim(token_latency_s=0.01, max_running_requests=1)
+    client, worker = await start_sim(**BATCH, token_latency_s=0.01, max_running_requests=1)
     long = {"max_new_tokens": 300, "ignore_eos": True}
     results: dict[str, Any] = {}
 
@@ -295,7 +266,7 @@ async def test_streaming_abort_pause_and_waiting_queue(start_sim: StartSim) -> N
 
 
 async def test_a_client_that_leaves_frees_its_place(start_sim: StartSim) -> None:
-    client, worker = await start_sim(token_latency_s=0.005)
+    client, worker = await start_sim(**BATCH, token_latency_s=0.005)
     body = {"rid": "gone", "input_ids": [1], "stream": True, "sampling_params": {"max_new_tokens": 500,
                                                                                   "ignore_eos": True}}
     async with client.stream("POST", "/generate", json=body) as r:

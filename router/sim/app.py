@@ -58,7 +58,7 @@ _SSE = b"text/event-stream; charset=utf-8"
 
 class SimStats:
     """Counters and the last requests, for tests (`GET /_sim/stats` gives `to_json()` plus the
-    scheduler's batch-model counters `busy_s`, `steps`, `late_s`)."""
+    scheduler's batch-model counters `busy_s`, `steps`, `late_s`, `late_max_s`)."""
 
     def __init__(self) -> None:
         self.requests = 0  # every HTTP request, /_sim/* included
@@ -425,7 +425,8 @@ class SimWorker:
 
     def _stats_json(self) -> dict[str, Any]:
         sched = self.scheduler  # the batch model's counters (0 with the independent one)
-        return self.stats.to_json() | {"busy_s": sched.busy_s, "steps": sched.steps, "late_s": sched.late_s}
+        return self.stats.to_json() | {"busy_s": sched.busy_s, "steps": sched.steps, "late_s": sched.late_s,
+                                       "late_max_s": sched.late_max_s}
 
     async def _sim_echo(self, reply: _Reply, body: bytes, *, scope: dict, **_: Any) -> None:
         await reply.json(

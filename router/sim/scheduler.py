@@ -15,7 +15,8 @@ Two latency models (`SimOptions.latency_model`):
   while the worker has items, advances the whole running batch a step at a time and sleeps each
   step's modeled seconds on an absolute schedule: a loop that wakes late (a busy CPU) catches up
   by up to `_MAX_CATCH_UP_S`, so the worker's throughput is the model's, not the host's; the
-  lateness is counted (`late_s` in `/_sim/stats`). Items wait for their tokens.
+  lateness is counted (`late_s`, summed over steps, and `late_max_s` in `/_sim/stats`). Items
+  wait for their tokens.
 """
 
 from __future__ import annotations
@@ -73,10 +74,12 @@ class Scheduler:
         self._stepping = False  # the step loop runs
         self._unpaused = trio.Event()
         self._unpaused.set()
-        # batch model, cumulative: modeled seconds the worker computed, steps, and how late the loop woke
+        # batch model, cumulative: modeled seconds the worker computed, steps, and how late the loop
+        # woke (summed over steps, and the worst)
         self.busy_s = 0.0
         self.steps = 0
         self.late_s = 0.0
+        self.late_max_s = 0.0
 
     # ---- bookkeeping
 
@@ -120,7 +123,7 @@ class Scheduler:
         self.wake_all()
 
     def reset_counters(self) -> None:
-        self.busy_s, self.steps, self.late_s = 0.0, 0, 0.0
+        self.busy_s, self.steps, self.late_s, self.late_max_s = 0.0, 0, 0.0, 0.0
 
     def wake_all(self) -> None:
         for live in self.live.values():
@@ -260,6 +263,7 @@ class Scheduler:
                 now = trio.current_time()
                 if now > deadline:
                     self.late_s += now - deadline
+                    self.late_max_s = max(self.late_max_s, now - deadline)
                     deadline = max(deadline, now - _MAX_CATCH_UP_S)
                 deadline += step.seconds
                 await trio.sleep_until(deadline)
