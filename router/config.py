@@ -134,6 +134,9 @@ class RoutingConfig(_Table):
     # and this many times busier than the least-loaded healthy worker.
     balance_abs_threshold: int = 8
     balance_rel_threshold: float = 1.5
+    # prefix_affinity: each this many prompt tokens the least-loaded worker would prefill again allow
+    # the preferred worker one more request in flight than it (router/core/selection.py; 0 = off).
+    balance_tokens_per_request: int = 32
     prefix_block_tokens: int = 16
     prefix_capacity_blocks: int = 1 << 20
     prefix_owners_per_block: int = 4
@@ -266,6 +269,7 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
     g = cfg.routing
     need(g.balance_abs_threshold >= 0, "routing.balance_abs_threshold", "must be >= 0")
     need(g.balance_rel_threshold >= 1.0, "routing.balance_rel_threshold", "must be >= 1.0")
+    need(g.balance_tokens_per_request >= 0, "routing.balance_tokens_per_request", "must be >= 0 (0 = off)")
     need(g.prefix_block_tokens >= 1, "routing.prefix_block_tokens", "must be >= 1")
     need(g.prefix_capacity_blocks >= 1, "routing.prefix_capacity_blocks", "must be >= 1")
     need(g.prefix_owners_per_block >= 1, "routing.prefix_owners_per_block", "must be >= 1")
