@@ -852,10 +852,6 @@ class RadixTree:
         rows = np.concatenate(parts) if parts else np.zeros((0, 1), self._r3_dtype)
         return rows.reshape(max(need, 0), *self._r3_shape)
 
-    def path_arrays(self, node: Node):
-        """Full (tokens, logprobs, loss_mask, routed_experts|None) of the path ending at `node`."""
-        return self.gather([(nd, nd.size) for nd in self.path(node)])
-
     def routed_experts_prefix(self, tokens: np.ndarray, *, version: str | None) -> np.ndarray | None:
         """Routed-expert rows [s, L, K] (the tree's width) for the longest run of leading positions of `tokens`
         whose rows are all cached and were recorded under weight version `version`; None when there are none.

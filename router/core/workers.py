@@ -264,9 +264,6 @@ class WorkerPool:
         ties = [w for w in candidates if w.inflight == least]
         return ties[key_hash % len(ties)]
 
-    def least_loaded(self, exclude: Iterable[Worker] = ()) -> Worker | None:
-        return self.pick(exclude)
-
     def acquire(self, w: Worker) -> bool:
         """Count a request on `w`; True if it is the breaker's trial request (pass it to `release`)."""
         w.inflight += 1

@@ -237,10 +237,6 @@ def stored_answer(text: str, rec, **store_fields) -> retrieve_wire.Answer:
                                 f.experts)
 
 
-async def retrieve_one(runtime, text: str, rid: str | None = None) -> Trajectory:
-    return _trajectory(await _lookup(runtime, text, rid))
-
-
 async def _lookup_all(runtime, texts: list[str], rids: list[str | None]) -> list[_Found]:
     """A text named several times in one batch (a GRPO group retrieved together) gets each stored spelling
     once, oldest first, besides those named by rid; named once, it is answered as a single text is."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
 from dataclasses import dataclass
 
@@ -80,7 +79,6 @@ class Runtime:
         self.session_pipeline: RoutePipeline | None = None
         self.session_proxy: RoutePipeline | None = None
         self.passthrough = self._instantiate(load_pipeline("passthrough", config.base_dir), None)
-        self.started_at = time.time()
         # weight version -> order first seen; the newest `cache.keep_weight_versions` are current
         self.versions_seen: dict[str, int] = {}
         g = config.routing
@@ -595,5 +593,3 @@ class Runtime:
             if self.store is not None:
                 await self.store.aclose()
 
-
-INF = math.inf

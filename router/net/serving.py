@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -60,10 +59,3 @@ async def serve_asgi(
         binds = await nursery.start(_serve)
         # binds look like ["http://127.0.0.1:PORT"]
         task_status.started(binds[0])
-
-
-def port_of(url: str) -> int:
-    return int(url.rsplit(":", 1)[1])
-
-
-INF = math.inf
