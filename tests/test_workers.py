@@ -177,21 +177,32 @@ def test_half_open_admits_one_trial_and_its_outcome_decides():
                                      "half_open->closed": 1}
 
 
-def test_a_passing_probe_closes_the_breaker_only_after_the_cooldown():
+def test_a_passing_probe_never_closes_the_breaker():
+    """/health answering 200 says nothing about the requests that failed: only a successful trial
+    request closes the breaker (issue 20: a probe closing it let `failures` more requests fail every
+    cooldown)."""
     pool, (w, _), clock = breaker_pool(failures=1, cooldown_s=5)
     pool.record_outcome(w, True, "timed out")
     pool.record_success(w)
     assert w.breaker.state is BreakerState.OPEN
     clock.t += 6
-    pool.record_success(w)
+    for _ in range(3):
+        assert pool.record_success(w) is None
+    assert w.breaker.state is BreakerState.OPEN and pool.admits(w)  # its cooldown is over: a trial may go
+    trial = pool.acquire(w)
+    assert trial and w.breaker.state is BreakerState.HALF_OPEN
+    pool.record_success(w)  # a probe while the trial is out decides nothing either
+    assert w.breaker.state is BreakerState.HALF_OPEN
+    pool.record_outcome(w, False, trial=trial)
+    pool.release(w, trial)
     assert w.breaker.state is BreakerState.CLOSED
 
 
 def test_when_every_breaker_is_open_the_pool_is_not_emptied():
     """With every healthy worker's breaker open, all are let through (one request at a time on
     each is a trial, early): a failed one changes nothing, a success closes that breaker and so
-    ends it; a quarantined worker stays out; a probe still closes a breaker only after the
-    cooldown; admit_when_all_open=False: nothing is routable (503)."""
+    ends it; a quarantined worker stays out; a passing probe closes no breaker;
+    admit_when_all_open=False: nothing is routable (503)."""
     pool, (w, other), clock = breaker_pool(failures=1, cooldown_s=30)
     pool.record_outcome(w, True, "HTTP 500")
     assert pool.pick() is other and not pool.admits(w)  # one open breaker: its load goes elsewhere
@@ -207,7 +218,7 @@ def test_when_every_breaker_is_open_the_pool_is_not_emptied():
     assert trial and pool.admits(w)  # still nothing else: let through, but not as a second trial
     assert pool.acquire(w) is False
     pool.release(w)
-    pool.record_success(other)  # a passing probe: `other` is still in its cooldown
+    pool.record_success(other)  # a passing probe closes no breaker
     assert other.breaker.state is BreakerState.OPEN
     pool.record_outcome(w, False, trial=trial)
     pool.release(w, trial)
@@ -271,9 +282,7 @@ def test_breaker_matches_reference(steps, failures, cooldown, window, rate, min_
         if op == "wait":
             clock.t += arg
         elif op == "probe_ok":
-            pool.record_success(w)
-            if state == "half_open" or (state == "open" and now >= opened + cooldown):
-                state, run, outcomes = "closed", 0, []
+            pool.record_success(w)  # never moves the breaker
         elif admits:  # a request is sent only when the breaker lets it through
             trial = pool.acquire(w)
             assert trial == (state != "closed")

@@ -6,8 +6,10 @@ connect counts too) drive the health state: `failure_threshold` failed probes in
 worker, and no served request erases a failed probe. Request outcomes (`record_outcome`: connect
 failures, timeouts, 5xx replies, replies broken off) drive a per-worker circuit breaker: it opens on
 `failures` consecutive failures or a failure rate over `window_s`, keeps the worker out of selection
-for `cooldown_s`, then admits one trial request (or a passing probe) whose success closes it;
-when every healthy worker's breaker is open, none is kept out (`admit_when_all_open`). 4xx
+for `cooldown_s`, then admits one trial request whose success closes it (a failed trial opens it
+for another cooldown); when every healthy worker's breaker is open, none is kept out
+(`admit_when_all_open`). A passing probe never closes a breaker: a worker whose /health answers 200
+while its requests fail would otherwise get `failures` more failed requests every cooldown. 4xx
 replies are the client's problem and SGLang's `abort` finishes are deliberate: neither is a failure.
 
 Pure bookkeeping: the I/O edge calls these around every proxied request and probe. Nothing here
@@ -34,7 +36,7 @@ class WorkerState(str, enum.Enum):
 class BreakerState(str, enum.Enum):
     CLOSED = "closed"  # in rotation
     OPEN = "open"  # out of selection until the cooldown is over
-    HALF_OPEN = "half_open"  # one trial request (or a probe) decides
+    HALF_OPEN = "half_open"  # one trial request decides
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,13 +306,10 @@ class WorkerPool:
         return None
 
     def record_success(self, w: Worker) -> Transition | None:
-        """A passing health probe. It also closes a breaker whose cooldown is over."""
+        """A passing health probe: it counts toward re-admission. It leaves the breaker alone: a
+        breaker opened by failed requests closes only on a successful request (its trial)."""
         w.consecutive_successes += 1
         w.consecutive_failures = 0
-        b = w.breaker
-        if (b.state is not BreakerState.CLOSED and not b.trial_inflight
-                and (b.state is BreakerState.HALF_OPEN or self._breaker_lets(w, None))):
-            self._breaker_to(w, BreakerState.CLOSED, "health probe passed after the cooldown")
         if w.state is not WorkerState.QUARANTINED:
             w.held_reason = None
             return None

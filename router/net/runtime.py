@@ -388,13 +388,7 @@ class Runtime:
                     if not worker.selectable:
                         # Re-admission is gated on the version the worker serves now.
                         await self.fetch_weight_version(worker)
-                    before = worker.breaker.state
                     self._transition(self.pool.record_success(worker))
-                    if worker.breaker.state is not before:  # a passing probe closed the breaker: log and count it
-                        self._transition(BreakerTransition(worker, before, worker.breaker.state,
-                                                           "health probe passed after the cooldown"))
-                    if worker.breaker.state is BreakerState.CLOSED and len(self.slot_queue):
-                        self.slot_queue.wake()
                 else:
                     self.on_worker_error(worker, error)
                 await trio.sleep(interval)
