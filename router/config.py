@@ -15,6 +15,7 @@ from typing import Literal
 
 import msgspec
 
+from router.core.workers import BreakerPolicy
 from router.wire.sim import SimOptions
 from router.wire.errors import validation_problem
 
@@ -61,18 +62,6 @@ class WorkersConfig(_Table):
     # FIFO queue and are placed when a slot frees, for up to `queue_timeout_s` (-> 503).
     max_inflight_per_worker: int | None = None
     queue_timeout_s: float = 60.0
-
-
-class BreakerConfig(_Table):
-    """Per-worker circuit breaker fed by request outcomes (connect failures, timeouts, 5xx)."""
-
-    enabled: bool = True
-    failures: int = 5
-    window_s: float = 60.0
-    failure_rate: float = 0.5
-    min_requests: int = 20
-    cooldown_s: float = 30.0
-    admit_when_all_open: bool = True
 
 
 class RetryConfig(_Table):
@@ -177,7 +166,8 @@ class Config(_Table):
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     sessions: SessionsConfig = msgspec.field(default_factory=SessionsConfig)
-    breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
+    # per-worker circuit breaker fed by request outcomes (router/core/workers.py)
+    breaker: BreakerPolicy = msgspec.field(default_factory=BreakerPolicy)
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
     routes: list[RouteConfig] = msgspec.field(default_factory=list)
     # Folder the config came from; relative pipeline paths resolve against it.

@@ -25,6 +25,9 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import msgspec
 
 
 class WorkerState(str, enum.Enum):
@@ -39,9 +42,9 @@ class BreakerState(str, enum.Enum):
     HALF_OPEN = "half_open"  # one trial request decides
 
 
-@dataclass(frozen=True, slots=True)
-class BreakerPolicy:
-    """When request outcomes take a worker out (`[breaker]` in the config)."""
+class BreakerPolicy(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """When request outcomes take a worker out: the config's `[breaker]` table, decoded straight into
+    this (router/config.py), and what the pool reads."""
 
     enabled: bool = True
     failures: int = 5  # consecutive failed requests -> open
@@ -131,6 +134,14 @@ class BreakerTransition:
     old: BreakerState
     new: BreakerState
     reason: str
+
+
+class Acquired(NamedTuple):
+    """What `WorkerPool.acquire` did: whether the request is the breaker's trial (hand it back to
+    `release` and `record_outcome`), and the breaker transition it caused (open -> half-open), if any."""
+
+    trial: bool
+    transition: BreakerTransition | None = None
 
 
 class WorkerPool:
@@ -266,21 +277,22 @@ class WorkerPool:
         ties = [w for w in candidates if w.inflight == least]
         return ties[key_hash % len(ties)]
 
-    def acquire(self, w: Worker) -> bool:
-        """Count a request on `w`; True if it is the breaker's trial request (pass it to `release`)."""
+    def acquire(self, w: Worker) -> Acquired:
+        """Count a request on `w`; whether it is the breaker's trial request, and the transition."""
         w.inflight += 1
         w.requests_total += 1
         b = w.breaker
         if b.state is BreakerState.CLOSED or not self.breaker.enabled:
-            return False
+            return Acquired(False)
         if b.trial_inflight:  # let through while every breaker is open: its outcome only counts
-            return False
+            return Acquired(False)
+        t = None
         if b.state is BreakerState.OPEN and self.clock() >= b.opened_at + self.breaker.cooldown_s:
-            self._breaker_to(w, BreakerState.HALF_OPEN, "cooldown over: one trial request")
+            t = self._breaker_to(w, BreakerState.HALF_OPEN, "cooldown over: one trial request")
         # (still OPEN: let through because every breaker is; its success closes the breaker, its
         # failure changes nothing, so an outage does not flap the breaker on every request)
         b.trial_inflight = True
-        return True
+        return Acquired(True, t)
 
     def release(self, w: Worker, trial: bool = False) -> None:
         if trial and w.breaker.trial_inflight:

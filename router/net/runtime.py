@@ -23,7 +23,7 @@ from router.config import Config
 from router.core.pipeline import PipelineSpec, load_pipeline
 from router.core.selection import PrefixIndex, SpillRule, StickyTable, choose
 from router.core.urls import normalize_worker_url
-from router.core.workers import BreakerPolicy, BreakerState, BreakerTransition, Transition, Worker, WorkerPool
+from router.core.workers import BreakerState, BreakerTransition, Transition, Worker, WorkerPool
 from router.core.pipeline import StageError
 from router.net.admission import ConcurrencyLimit, FifoQueue, QueueTimeout
 from router.net.metrics import Metrics
@@ -52,11 +52,8 @@ class Runtime:
         self.config = config
         self.nursery = nursery
         w = config.workers
-        b = config.breaker
         self.pool = WorkerPool(failure_threshold=w.failure_threshold, success_threshold=w.success_threshold,
-                               breaker=BreakerPolicy(b.enabled, b.failures, b.window_s, b.failure_rate,
-                                                     b.min_requests, b.cooldown_s, b.admit_when_all_open),
-                               max_inflight=w.max_inflight_per_worker)
+                               breaker=config.breaker, max_inflight=w.max_inflight_per_worker)
         self.retry_statuses = frozenset(config.retry.statuses)
         self.upstream = UpstreamPool(keepalive_expiry_s=w.keepalive_expiry_s, connect_timeout_s=w.connect_timeout_s)
         # Control plane (health probes, admin fan-out): httpx; the data path uses the h11 pool.
@@ -330,10 +327,8 @@ class Runtime:
         worker, reason = self.select(ex, exclude)
         if worker is None:
             return None
-        before = worker.breaker.state
-        trial = self.pool.acquire(worker)
-        if worker.breaker.state is not before:
-            self._transition(BreakerTransition(worker, before, worker.breaker.state, "cooldown over: one trial request"))
+        trial, transition = self.pool.acquire(worker)
+        self._transition(transition)
         return worker, reason, trial
 
     async def take_worker(self, ex, exclude=()) -> tuple[Worker | None, str, bool]:
