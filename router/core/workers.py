@@ -25,9 +25,10 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import msgspec
+from msgspec import Meta
 
 
 class WorkerState(str, enum.Enum):
@@ -47,11 +48,11 @@ class BreakerPolicy(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     this (router/config.py), and what the pool reads."""
 
     enabled: bool = True
-    failures: int = 5  # consecutive failed requests -> open
-    window_s: float = 60.0  # ... or a failure rate over this window
-    failure_rate: float = 0.5  # fraction of failed requests in the window -> open
-    min_requests: int = 20  # the rate rule needs at least this many outcomes in the window
-    cooldown_s: float = 30.0  # open this long, then half-open
+    failures: Annotated[int, Meta(ge=1)] = 5  # consecutive failed requests -> open
+    window_s: Annotated[float, Meta(gt=0)] = 60.0  # ... or a failure rate over this window
+    failure_rate: Annotated[float, Meta(gt=0, le=1)] = 0.5  # fraction of failed requests in the window -> open
+    min_requests: Annotated[int, Meta(ge=1)] = 20  # the rate rule needs at least this many outcomes in the window
+    cooldown_s: Annotated[float, Meta(gt=0)] = 30.0  # open this long, then half-open
     # When every healthy worker's breaker is open, let them through anyway (a trial each) rather
     # than answer 503: a breaker sheds load onto the rest of the pool, and with no rest there is
     # nothing to shed it to (Envoy caps outlier ejection the same way: max_ejection_percent).
