@@ -5,7 +5,8 @@
     miles-router sim-worker --port 31000 [--tokenizer builtin:qwen] [--seed 0] [--token-latency-s 0.01]
     miles-router store stats|export|vacuum --config router.toml [--out FILE] [--all] [--format samples|retrieve]
 
-A bad config or pipeline, or a trajectory store that cannot be opened, prints one line on stderr and exits 2.
+A bad config or pipeline, a trajectory store that cannot be opened, or a library whose patched code is not the
+reviewed one (router/http/reviewed.py) prints one line on stderr and exits 2.
 """
 
 from __future__ import annotations
@@ -116,11 +117,25 @@ def tune_process() -> None:
     gc.set_threshold(20_000, 10, 10)
 
 
+def _libraries_reviewed() -> bool:
+    """The server's library fixes match the installed hypercorn/trio/h11; else one line on stderr."""
+    from router.http import reviewed
+
+    try:
+        reviewed.check()
+    except reviewed.LibraryChanged as e:
+        print(f"miles-router: cannot start: {e}", file=sys.stderr)
+        return False
+    return True
+
+
 def cmd_run(args) -> int:
     import trio
 
     from router.net.server import run_router
 
+    if not _libraries_reviewed():
+        return 2
     cfg, pipelines = _load(args.config)
     _check_store(cfg, pipelines)
     if args.host:
@@ -164,6 +179,8 @@ def cmd_sim_worker(args) -> int:
 
     from router.sim import SimOptions, serve_sim_worker
 
+    if not _libraries_reviewed():
+        return 2
     _setup_logging("info")
     opts = SimOptions(tokenizer=args.tokenizer, seed=args.seed, token_latency_s=args.token_latency_s,
                       weight_version=args.weight_version, enable_routed_experts=not args.no_routed_experts,

@@ -503,7 +503,7 @@ async def test_idle_keepalive_connections_time_out_on_proxied_paths(nursery, mon
     on proxied paths too. Those used to be held forever: the disconnect watcher cancelled the reply's
     last send inside hypercorn, before hypercorn re-armed its idle timer (same fix as
     tests/test_bad_input.py::test_connection_close_is_honoured_on_proxied_paths)."""
-    import router.net.serving as serving
+    import router.http.serve as serving
 
     make = serving.hypercorn_config
 
