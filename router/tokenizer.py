@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from router.core.radix import VocabBytes
+from router.core.vocab import VocabBytes
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

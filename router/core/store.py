@@ -1,6 +1,6 @@
 """The durable trajectory store: its interface and its retention policy (pure: no I/O, no clock).
 
-The memory cache (router/core/radix.py) is a cache over a store. A backend keeps, per trajectory, the record the
+The memory cache (router/core/radix/) is a cache over a store. A backend keeps, per trajectory, the record the
 cache would answer for its visible text (router/wire/store.py), found by the text's 16-byte digest. The embedded
 backend is SQLite (router/net/store_sqlite.py); a networked one (PostgreSQL, Valkey) implements the same
 `TrajectoryStore` protocol, so several routers can share it (README, "Scaling past one machine").
