@@ -34,8 +34,6 @@ class SessionPersister:
 
     def restore(self) -> int:
         """Before serving: adopt the stored key and sessions. Returns how many sessions came back."""
-        from router.stages.session_reply import TurnRecord
-
         key = self.store.meta_get(KEY)
         if key is None:
             key = os.urandom(32).hex()
@@ -45,7 +43,7 @@ class SessionPersister:
         n = 0
         for sid, _created, _header, blobs in self.store.load_sessions():
             session = Session(sid, now, self.registry.max_turns)
-            session.tree.restore([Turn(**wire.decode_turn(b, TurnRecord)) for b in blobs])
+            session.tree.restore([Turn(**wire.decode_turn(b, wire.TurnRecord)) for b in blobs])
             self.registry.adopt(session)
             n += 1
         return n

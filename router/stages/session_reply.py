@@ -21,20 +21,10 @@ from router.core.pipeline import Exchange, Stage
 from router.core.sessions.tree import TurnLimit
 from router.stages._session import TURN
 from router.wire.api import error_body
+from router.wire.session_store import TurnRecord
 from router.core.chat_output import finish_reason
 from router.wire.openai import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatMessageIn, ChoiceOut,
                                 ChunkChoice, DeltaOut, FunctionCallIn, ToolCallIn, Usage, json_encoder)
-
-
-class TurnRecord(msgspec.Struct):
-    """What GET /sessions/{id} shows for a turn (the bulky parts are rebuilt from the tree)."""
-
-    request_timestamp: float
-    timestamp: float
-    upstream_fields: msgspec.Raw  # the /generate body minus input_ids
-    meta_info: msgspec.Raw  # the worker's, minus routed_experts
-    text: str
-    status_code: int = 200
 
 
 def _route_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:

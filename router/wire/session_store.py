@@ -41,6 +41,18 @@ class StoredTurn(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     experts_dtype: str | None = None
 
 
+class TurnRecord(msgspec.Struct):
+    """What GET /sessions/{id} shows for a turn (the bulky parts are rebuilt from the tree); stored as
+    a turn's `record` (written by the session_reply stage, read back at restore)."""
+
+    request_timestamp: float
+    timestamp: float
+    upstream_fields: msgspec.Raw  # the /generate body minus input_ids
+    meta_info: msgspec.Raw  # the worker's, minus routed_experts
+    text: str
+    status_code: int = 200
+
+
 class SessionHeader(msgspec.Struct, forbid_unknown_fields=True):
     format: int
     created_wall: float  # unix time of POST /sessions
