@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import trio
 
-from harness import client, start_router, start_sim
+from harness import client, start_router, start_sim, wait_until
 from router.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -309,7 +309,7 @@ async def test_abort_retry_is_opt_in_and_goes_elsewhere_at_once(nursery, tmp_pat
     async with client(router) as c:
         async with trio.open_nursery() as n:
             n.start_soon(gen, c)
-            await trio.sleep(0.3)
+            await wait_until(lambda: any(s.worker._live for s in sims))  # a worker is generating it
             first = next(w for w in router.runtime.pool.all if w.inflight == 1)
             async with client(first.url) as d:
                 await d.post("/abort_request", json={"abort_all": True})
