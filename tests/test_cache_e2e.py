@@ -409,3 +409,21 @@ async def test_grpo_group_same_text_different_spellings_by_rid_and_batch(nursery
         assert alone["match"] == "ambiguous" and alone["exact"] is False
         r = await c.post("/retrieve_from_text", json={"texts": [text], "rids": []})
         assert r.status_code == 400 and "rids" in r.json()["error"]
+
+
+async def test_a_rid_that_cannot_be_a_header_value_is_answered_and_kept(nursery, qwen):
+    """The client's rid comes back as SGLang's meta_info.id and in the x-miles-router-rid header. A rid
+    with a control character (the fuzz pass found "0\\r0") or outer whitespace cannot be a header value:
+    it was a 500 with an empty body (h11 refused the head). Now the header is left out, the reply is the
+    worker's, and the trajectory is recorded and retrievable by that rid."""
+    router, _ = await cache_router(nursery)
+    p = chat([{"role": "user", "content": "odd rid"}])
+    async with client(router) as c:
+        for rid in ("0\r0", "a\nb", " padded ", "nul\x00"):
+            r = await c.post("/generate", json={"text": p, "rid": rid, "sampling_params": {"max_new_tokens": 4}})
+            assert r.status_code == 200 and r.json()["meta_info"]["id"] == rid
+            assert "x-miles-router-rid" not in r.headers
+            got = (await c.post("/retrieve_from_text", json={"text": p + r.json()["text"], "rid": rid})).json()
+            assert got["exact"] and got["rid"] == rid
+        r = await c.post("/generate", json={"text": p, "rid": "plain-1", "sampling_params": {"max_new_tokens": 4}})
+        assert r.headers["x-miles-router-rid"] == "plain-1"
