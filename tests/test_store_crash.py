@@ -45,6 +45,7 @@ pipeline = "{ROOT / 'pipelines/session-chat-r3.toml'}"
 @dataclass
 class RouterProcess:
     folder: Path
+    store: str = 'path = "store.db"'  # the [store] table's location line (StoreAt.toml() for another backend)
     port: int = 0
     proc: subprocess.Popen | None = None
     log: list = field(default_factory=list)
@@ -70,7 +71,7 @@ token_latency_s = {token_latency_s}
 [tokenizer]
 path = "builtin:tiny"
 [store]
-path = "store.db"
+{self.store}
 {store_extra}
 {SESSIONS if sessions else ""}
 [[routes]]
@@ -111,8 +112,9 @@ pipeline = "{ROOT / pipeline}"
 
 
 @pytest.fixture
-def router_proc(tmp_path):
-    rp = RouterProcess(tmp_path)
+def router_proc(tmp_path, store_at):
+    """A router process (not started yet) on a store of each backend."""
+    rp = RouterProcess(tmp_path, store_at.toml())
     yield rp
     rp.stop()
 
