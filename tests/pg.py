@@ -22,11 +22,15 @@ import uuid
 from pathlib import Path
 
 REQUIRE_ENV = "MILES_ROUTER_REQUIRE_PG"
+BIN_ENV = "MILES_ROUTER_PG_BIN"  # another layout's bin folder (initdb, pg_ctl), instead of Debian's
 SUPERUSER = "postgres"  # the cluster's superuser role (initdb -U), whatever OS user runs it
 
 
 def find_bin_dir() -> Path | None:
-    """The newest installed PostgreSQL's bin folder (Debian layout), or None."""
+    """The newest installed PostgreSQL's bin folder (Debian layout, or $MILES_ROUTER_PG_BIN), or None."""
+    if os.environ.get(BIN_ENV):
+        given = Path(os.environ[BIN_ENV])
+        return given if (given / "initdb").exists() else None
     found = [Path(p).parent for p in glob.glob("/usr/lib/postgresql/*/bin/initdb")]
     if not found:
         return None
@@ -35,9 +39,11 @@ def find_bin_dir() -> Path | None:
 
 def missing_reason() -> str | None:
     """Why no throwaway cluster can be started here, or None when it can."""
-    if find_bin_dir() is None:
-        return "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb; apt-get install postgresql)"
-    return None
+    if find_bin_dir() is not None:
+        return None
+    if os.environ.get(BIN_ENV):
+        return f"PostgreSQL is not installed ({BIN_ENV}={os.environ[BIN_ENV]} has no initdb)"
+    return "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb; apt-get install postgresql)"
 
 
 def _free_port() -> int:
@@ -56,7 +62,9 @@ class TempCluster:
         if bin_dir is None:
             raise RuntimeError(missing_reason())
         self.bin = bin_dir
-        self.folder = Path(tempfile.mkdtemp(prefix="miles-pg-"))
+        as_root = os.geteuid() == 0
+        # as root, under /tmp: the unprivileged server must be able to reach its folder (TMPDIR may not let it)
+        self.folder = Path(tempfile.mkdtemp(prefix="miles-pg-", dir="/tmp" if as_root else None))
         self.data = self.folder / "data"
         self.log = self.folder / "server.log"
         self.port = _free_port()
@@ -65,7 +73,7 @@ class TempCluster:
                          "shared_buffers": "32MB", **(settings or {})}
         self.running = False
         self._as = {}
-        if os.geteuid() == 0:  # postgres will not run as root: run it as nobody
+        if as_root:  # postgres will not run as root: run it as nobody
             user = pwd.getpwnam("nobody")
             os.chown(self.folder, user.pw_uid, user.pw_gid)
             self._as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}

@@ -442,12 +442,9 @@ class PgStore:
                                   max_bytes=self.max_bytes, stale_versions=stale_versions)
             if plan.delete:
                 conn.execute("DELETE FROM miles_router.trajectories WHERE id = ANY(%s)", (plan.delete,))
-                unretrieved = conn.execute("SELECT count(*) FILTER (WHERE NOT retrieved) "
-                                           "FROM miles_router.trajectories").fetchone()[0]
+                totals = conn.execute(_TOTALS).fetchone()  # what is left, other routers' rows included
         if plan.delete:
-            self.rows -= len(plan.delete)
-            self.payload_bytes -= plan.freed_bytes
-            self.unretrieved = int(unretrieved)
+            self.rows, self.payload_bytes, self.unretrieved = (int(x) for x in totals)
             self.deleted += len(plan.delete)
             self.deleted_unretrieved += plan.evicted_unretrieved
         return plan
@@ -470,10 +467,17 @@ class PgStore:
                 raise StoreError(f"{self.name}: cannot read: {describe(e)}") from None
         raise AssertionError("unreachable")
 
+    async def _query(self, query: str, params) -> list[tuple]:
+        """`_read` off the event loop, bounded like a write: a database that stopped answering (its connections
+        open, nothing coming back) costs a request `wait_s`, then a StoreError; the thread is left to finish."""
+        with trio.move_on_after(self.wait_s):
+            return await trio.to_thread.run_sync(self._read, query, params, abandon_on_cancel=True)
+        raise StoreError(f"{self.name}: cannot read: no answer within {self.wait_s:g} s (the database does not answer)")
+
     async def get_all(self, digest: bytes) -> list[StoredTrajectory]:
         pending = list(self._pending.get(digest, ()))
-        rows = await trio.to_thread.run_sync(
-            self._read, "SELECT data FROM miles_router.trajectories WHERE digest = %s ORDER BY id", (digest,))
+        rows = await self._query("SELECT data FROM miles_router.trajectories WHERE digest = %s ORDER BY id",
+                                 (digest,))
         found = [wire.decode(r[0]) for r in rows]
         # a record committed while it is still listed as pending (its wake-up not run yet) is there once
         return found + [rec for rec in pending if rec not in found]
@@ -491,14 +495,12 @@ class PgStore:
         return head in self._heads
 
     async def prefix_candidates(self, head: int, max_len: int) -> list[tuple[int, int, bytes]]:
-        rows = await trio.to_thread.run_sync(
-            self._read, "SELECT id, vlen, digest FROM miles_router.trajectories WHERE head = %s AND vlen <= %s "
-                        "ORDER BY id DESC LIMIT 256", (head, max_len))
+        rows = await self._query("SELECT id, vlen, digest FROM miles_router.trajectories WHERE head = %s "
+                                 "AND vlen <= %s ORDER BY id DESC LIMIT 256", (head, max_len))
         return [(int(i), int(v), bytes(d)) for i, v, d in rows]
 
     async def get_ids(self, ids: Sequence[int]) -> list[StoredTrajectory]:
-        rows = await trio.to_thread.run_sync(
-            self._read, "SELECT id, data FROM miles_router.trajectories WHERE id = ANY(%s)", (list(ids),))
+        rows = await self._query("SELECT id, data FROM miles_router.trajectories WHERE id = ANY(%s)", (list(ids),))
         by_id = {i: data for i, data in rows}
         missing = [i for i in ids if i not in by_id]
         if missing:  # deleted meanwhile (retention, here or in another router)
