@@ -145,6 +145,10 @@ def cmd_check(args) -> int:
 
     cfg, pipelines = _load(args.config)
     out = msgspec.to_builtins(cfg)
+    if cfg.store.url is not None:  # printed without its password
+        from router.net.store_pg import redact
+
+        out["store"]["url"] = redact(cfg.store.url)
     out["routes"] = [
         {**msgspec.to_builtins(r), "stages": pipelines[(r.method, r.path)].describe()} for r in cfg.routes
     ]
