@@ -92,6 +92,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def server_cpu(args) -> dict[int, float] | None:
+    """CPU seconds of the local PostgreSQL server's processes (the postmaster and its children), by pid."""
+    if args.cluster is None:
+        return None
+    root = int((args.cluster.data / "postmaster.pid").read_text().split()[0])
+    out = {root: cpu_seconds(root)}
+    for stat in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{stat}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == root:
+                    out[int(stat)] = cpu_seconds(int(stat))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
 def router_config(tmp: str, port: int, sims: list[int], mode: str, store_path: str) -> str:
     path = os.path.join(tmp, f"router-{mode}-{port}.toml")
     if mode == "memory":
@@ -180,9 +196,9 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int) -> dict:
                                    "--tag", f"{mode}{round_}"], stdout=subprocess.PIPE, cwd=REPO)
         PROCS.append(client)
         time.sleep(1.0)  # the client's warm-up
-        c0 = cpu_seconds(router.pid)
+        c0, d0 = cpu_seconds(router.pid), server_cpu(args)
         out, _ = client.communicate(timeout=args.seconds + 60)
-        c1 = cpu_seconds(router.pid)
+        c1, d1 = cpu_seconds(router.pid), server_cpu(args)
         res = json.loads(out)
         if mode != "memory":  # group commit as the router saw it
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
@@ -193,6 +209,8 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int) -> dict:
     finally:
         stop(router)
     res.update(mode=mode, rps=res["ok"] / res["elapsed"], cpu_us=(c1 - c0) * 1e6 / max(res["ok"], 1))
+    if mode.startswith("pg-") and d0 is not None:  # the database server's own work (in-process for SQLite)
+        res["db_cpu_us"] = sum(t - d0.get(pid, 0.0) for pid, t in d1.items()) * 1e6 / max(res["ok"], 1)
     if mode == "commit":
         conn = sqlite3.connect(store_path)
         rows, tokens, payload = conn.execute("SELECT count(*), total(ntokens), total(nbytes) FROM trajectories").fetchone()
@@ -308,6 +326,7 @@ def main() -> int:
         args.pg_database = lambda: cluster.create_database("bench")
     else:
         args.pg_database = lambda: args.pg_url
+    args.cluster = cluster
     try:
         if not args.skip_throughput:
             results = []
@@ -317,6 +336,8 @@ def main() -> int:
                     results.append(res)
                     extra = (f"  {res['batch']:.1f} trajectories/commit, {res['commit_ms']:.2f} ms/commit"
                              if "batch" in res else "")
+                    if "db_cpu_us" in res:
+                        extra += f", database server {res['db_cpu_us']:.0f} µs/req"
                     print(f"round {r} {mode:>9}: {res['rps']:7.0f} req/s  router {res['cpu_us']:6.0f} µs/req  "
                           f"bad {res['bad']}{extra}", flush=True)
             med = {m: statistics.median(x["rps"] for x in results if x["mode"] == m) for m in modes}
@@ -327,6 +348,11 @@ def main() -> int:
             c = [x for x in results if x["mode"] == "commit"][-1]
             print(f"\ncommit/off throughput: {med['commit'] / med['off']:.2f}× (target >= 0.8)")
             if args.pg:
+                if args.cluster is not None:
+                    db = {m: statistics.median(x["db_cpu_us"] for x in results if x["mode"] == m)
+                          for m in ("pg-off", "pg-commit")}
+                    print(f"PostgreSQL server CPU per request (its own processes, not in the router's): "
+                          f"pg-off {db['pg-off']:.0f} µs, pg-commit {db['pg-commit']:.0f} µs")
                 print(f"PostgreSQL vs SQLite, router CPU per request: sync=commit {cpu['pg-commit'] / cpu['commit']:.2f}×"
                       f" ({cpu['pg-commit'] - cpu['commit']:+.0f} µs), sync=off {cpu['pg-off'] / cpu['off']:.2f}× "
                       f"({cpu['pg-off'] - cpu['off']:+.0f} µs); throughput: commit {med['pg-commit'] / med['commit']:.2f}×,"

@@ -15,11 +15,12 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
 from pathlib import Path
+
+from harness import free_port
 
 REQUIRE_ENV = "MILES_ROUTER_REQUIRE_PG"
 BIN_ENV = "MILES_ROUTER_PG_BIN"  # another layout's bin folder (initdb, pg_ctl), instead of Debian's
@@ -46,14 +47,6 @@ def missing_reason() -> str | None:
     return "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb; apt-get install postgresql)"
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 class TempCluster:
     """One PostgreSQL server on 127.0.0.1:<port>, its data in a temp folder."""
 
@@ -67,7 +60,7 @@ class TempCluster:
         self.folder = Path(tempfile.mkdtemp(prefix="miles-pg-", dir="/tmp" if as_root else None))
         self.data = self.folder / "data"
         self.log = self.folder / "server.log"
-        self.port = _free_port()
+        self.port = free_port()
         self.settings = {"listen_addresses": "127.0.0.1", "port": str(self.port),
                          "unix_socket_directories": str(self.folder), "max_connections": "200",
                          "shared_buffers": "32MB", **(settings or {})}

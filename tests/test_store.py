@@ -1,5 +1,6 @@
-"""The durable trajectory store: record format, retention policy, the SQLite backend, and the router over it
-(restart, eviction to disk, group commit, sync off), in process over loopback."""
+"""The durable trajectory store: record format, retention policy, the backends, and the router over them
+(restart, eviction to disk, group commit, sync off), in process over loopback. Tests taking `store_at` run once
+over SQLite and once over PostgreSQL (a throwaway server, tests/pg.py)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ agents looping chat turns at once) is killed with SIGKILL at a random moment, re
   tokens, logprobs, loss mask and routed experts;
 - every session turn whose reply the agent received is there, token for token, and the session continues: the
   next turn's worker input starts with the exact stored tokens.
-Requests in flight at the kill may be absent; they must never come back different from what the worker produced."""
+Requests in flight at the kill may be absent; they must never come back different from what the worker produced.
+Each test runs over SQLite and over PostgreSQL (`store_at`)."""
 
 from __future__ import annotations
 

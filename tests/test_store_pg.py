@@ -18,6 +18,8 @@ import pytest
 import trio
 
 from harness import client, free_port, start_router, start_sim
+from test_store_crash import verify
+from test_store_faults import _run_cli
 from router.config import ConfigError, load_config
 from router.core.radix import text_digest
 from router.core.store import StoreOpenError, StoreWriteError
@@ -57,11 +59,6 @@ def test_url_is_named_without_its_password(tmp_path):
     r = _run_cli("check", "--config", str(cfg))
     assert r.returncode == 0, r.stderr
     assert '"url": "postgresql://alice@db.example/traj"' in r.stdout and "s3cret" not in r.stdout
-
-
-def _run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "router", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
 
 
 def test_unreachable_database_at_startup_is_one_line_naming_the_store(tmp_path):
@@ -191,17 +188,6 @@ def _assert_503_names_the_store(r: httpx.Response, shown: str, stage: str) -> No
     assert err["error"].startswith(f"trajectory store {shown}: cannot "), err
 
 
-async def _verify_exact(c, tiny, acked: dict) -> None:
-    texts = list(acked)
-    for i in range(0, len(texts), 64):
-        batch = texts[i:i + 64]
-        r = await c.post("/retrieve_from_text", json={"texts": [t + acked[t]["text"] for t in batch]})
-        assert r.status_code == 200, r.text
-        for text, got in zip(batch, r.json()["results"]):
-            assert got["exact"] and got["match"] == "trajectory", (text, got["match"])
-            assert got["tokens"] == tiny.encode(text) + acked[text]["output_ids"]
-
-
 async def test_database_stopped_under_load_503_names_the_store_then_writes_resume(nursery, own_pg_cluster):
     """8 clients loop /generate (radix-cache-r3, sync = "commit"); the database is shut down for 3 s and started
     again. Every reply is 200 or a 503 naming the store, none waits longer than the bound, passthrough and the
@@ -263,7 +249,7 @@ async def test_database_stopped_under_load_503_names_the_store_then_writes_resum
         assert resumed < timeout_s + 1.0
         assert all(r.status_code == 200 for t0, _, r in after if t0 > up + timeout_s + 1.0)
         acked = {text: r.json() for _, _, r, text in replies if r.status_code == 200}
-        await _verify_exact(c, load_tokenizer("builtin:tiny"), acked)
+        assert (await verify(router.url, load_tokenizer("builtin:tiny"), acked, set()))[0] == len(acked)
         print(f"\ndatabase down {up - down:.1f} s: {len(replies)} requests, {len(acked)} acknowledged (all exact "
               f"after), {len(failed)} x 503 naming the store, longest request {longest:.2f} s, writes resumed "
               f"{resumed:.2f} s after the database was back, a retrieve needing it: 503 in {retrieve_s:.2f} s")
