@@ -353,10 +353,10 @@ def main() -> int:
                           for m in ("pg-off", "pg-commit")}
                     print(f"PostgreSQL server CPU per request (its own processes, not in the router's): "
                           f"pg-off {db['pg-off']:.0f} µs, pg-commit {db['pg-commit']:.0f} µs")
-                print(f"PostgreSQL vs SQLite, router CPU per request: sync=commit {cpu['pg-commit'] / cpu['commit']:.2f}×"
-                      f" ({cpu['pg-commit'] - cpu['commit']:+.0f} µs), sync=off {cpu['pg-off'] / cpu['off']:.2f}× "
-                      f"({cpu['pg-off'] - cpu['off']:+.0f} µs); throughput: commit {med['pg-commit'] / med['commit']:.2f}×,"
-                      f" off {med['pg-off'] / med['off']:.2f}×")
+                print(f"PostgreSQL vs SQLite, router CPU per request: sync=commit "
+                      f"{cpu['pg-commit'] / cpu['commit']:.2f}× ({cpu['pg-commit'] - cpu['commit']:+.0f} µs), sync=off "
+                      f"{cpu['pg-off'] / cpu['off']:.2f}× ({cpu['pg-off'] - cpu['off']:+.0f} µs); throughput: commit "
+                      f"{med['pg-commit'] / med['commit']:.2f}×, off {med['pg-off'] / med['off']:.2f}×")
             print(f"bytes on disk per token (no R3): records {c['record_bytes_per_token']:.2f} B, whole file "
                   f"{c['file_bytes_per_token']:.2f} B  ({c['rows']} trajectories, {c['tokens']:.0f} tokens)")
         if args.restart_gb:

@@ -39,7 +39,8 @@ def _rec(i: int, n: int = 40) -> wire.StoredTrajectory:
 @pytest.mark.parametrize("store, key, reason", [
     ('url = "mysql://db/x"', "store.url", "must be a postgresql:// URL"),
     ('url = "postgresql://h:port/x"', "store.url", "not a valid URL"),
-    ('url = "postgresql://h/x"\npath = "s.db"', "store.url", "set store.url (PostgreSQL) or store.path (SQLite), not both"),
+    ('url = "postgresql://h/x"\npath = "s.db"', "store.url",
+     "set store.url (PostgreSQL) or store.path (SQLite), not both"),
     ('url = "postgresql://h/x"\ntimeout_s = 0', "store.timeout_s", "must be > 0"),
 ])
 def test_config_errors_name_file_key_and_reason(tmp_path, store, key, reason):

@@ -9,14 +9,16 @@
   owns the write connection, reads run in trio's worker threads on pooled connections. The event loop only
   queues work and is woken (`TrioToken.run_sync_soon`) when a batch committed or failed.
 - **Group commit.** The writer takes everything queued and writes it in ONE transaction (the records as one
-  binary COPY); records that finish while a commit is in progress share the next one. `sync = "commit"`: `synchronous_commit = on` and the reply's end waits for the commit;
-  `sync = "off"`: `synchronous_commit = off` and nobody waits (a read still sees records not yet committed).
-- **The database away.** Every wait is bounded: connecting and getting a pooled connection by
-  `store.timeout_s`; a read, and a reply's wait for its commit, by `wait_s` = 2 × `timeout_s` + 1 s (the batch in
-  progress, then its own). While the database cannot be reached, or stops answering, a write fails with StoreWriteError (the request: 503 naming the store) and a read with StoreError (503 too);
-  the writer reconnects at its next batch, so writes resume as soon as the database is back, without a restart.
-  A commit whose outcome is unknown (the connection broke during it) is reported as failed and not retried:
-  the client got a 503, and the record may or may not be there, as for a request in flight at a crash.
+  binary COPY); records that finish while a commit is in progress share the next one. `sync = "commit"`:
+  `synchronous_commit = on` and the reply's end waits for the commit; `sync = "off"`: `synchronous_commit = off`
+  and nobody waits (a read still sees records not yet committed).
+- **The database away.** Every wait is bounded: connecting and getting a pooled connection by `store.timeout_s`;
+  a read, and a reply's wait for its commit, by `wait_s` = 2 × `timeout_s` + 1 s (the batch in progress, then its
+  own). While the database cannot be reached, or stops answering, a write fails with StoreWriteError (the
+  request: 503 naming the store) and a read with StoreError (503 too); the writer reconnects at its next batch,
+  so writes resume as soon as the database is back, without a restart. A commit whose outcome is unknown (the
+  connection broke during it) is reported as failed and not retried: the client got a 503, and the record may
+  or may not be there, as for a request in flight at a crash.
 - **Shared by several routers.** Ids come from an identity sequence; schema creation and retention take
   PostgreSQL advisory locks (one retention pass at a time across routers); nothing in the tables is
   process-local. The in-memory parts are caches: the counters behind `stats()` (re-read from the database
@@ -85,7 +87,8 @@ _TABLES = ("meta", "trajectories", "sessions", "session_turns")
 _COPY = ("COPY miles_router.trajectories (digest, created, version, ntokens, nbytes, head, vlen, data) "
          "FROM STDIN (FORMAT BINARY)")
 _COPY_TYPES = ["bytea", "float8", "text", "int4", "int4", "int8", "int4", "bytea"]
-_TOTALS = "SELECT count(*), coalesce(sum(nbytes), 0), count(*) FILTER (WHERE NOT retrieved) FROM miles_router.trajectories"
+_TOTALS = ("SELECT count(*), coalesce(sum(nbytes), 0), count(*) FILTER (WHERE NOT retrieved) "
+           "FROM miles_router.trajectories")
 _FILE_BYTES = ("SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c JOIN pg_namespace n "
                "ON n.oid = c.relnamespace WHERE n.nspname = 'miles_router' AND c.relkind = 'r'")
 
@@ -108,7 +111,7 @@ def describe(e: BaseException) -> str:
 
 def conninfo(url: str, timeout_s: float) -> str:
     """The URL with bounded waits added where it does not set its own: connect timeout, TCP keepalives (a peer
-    that vanished is noticed in ~timeout), and an application name that shows in pg_stat_activity."""
+    that vanished is noticed within ~timeout + 3 s), and an application name that shows in pg_stat_activity."""
     given = psycopg.conninfo.conninfo_to_dict(url)
     wait = max(2, round(timeout_s))
     defaults = {"connect_timeout": wait, "keepalives": 1, "keepalives_idle": wait, "keepalives_interval": 1,
@@ -177,9 +180,9 @@ class PgStore:
         self.metrics = metrics
         self.timeout_s = timeout_s
         self.wait_s = 2 * timeout_s + 1.0  # a reply's wait for its commit: the batch in progress, then its own
-        self._info = conninfo(url, timeout_s)
         # startup and offline work (and, once started, the writer thread) use this connection
         self._conn, self.write_error = open_database(url, timeout_s=timeout_s, sync=sync)
+        self._info = conninfo(url, timeout_s)
         self._conn_used = time.monotonic()
         self.read_only = self.write_error is not None
         self.commits = self.deleted = self.deleted_unretrieved = 0
@@ -318,7 +321,8 @@ class PgStore:
         """The writer's connection, reconnected if the last one broke (the database restarted, the network
         dropped). One that sat idle is checked first: a batch is never sent on a connection known to be dead."""
         conn = self._conn
-        if conn is not None and not conn.closed and not conn.broken and time.monotonic() - self._conn_used > IDLE_CHECK_S:
+        idle = time.monotonic() - self._conn_used > IDLE_CHECK_S
+        if conn is not None and not conn.closed and not conn.broken and idle:
             try:
                 conn.execute("SELECT 1")
             except psycopg.Error:
