@@ -111,11 +111,16 @@ class CacheConfig(_Table):
 
 
 class StoreConfig(_Table):
-    """The durable trajectory store (router/net/store_sqlite.py). Opened only when a route's pipeline has the
-    `persist` stage; `enabled = false` keeps everything in memory (as before the store existed)."""
+    """The durable trajectory store: SQLite (router/net/store_sqlite.py) at `path`, or PostgreSQL
+    (router/net/store_pg.py) when `url` is set. Opened only when a route's pipeline has the `persist` stage;
+    `enabled = false` keeps everything in memory (as before the store existed)."""
 
     enabled: bool = True
     path: str = "miles-router-store.db"  # relative paths resolve against the config file's folder
+    # "postgresql://user[:password]@host[:port]/database[?param=value]": the PostgreSQL store instead of SQLite
+    url: str | None = None
+    # PostgreSQL: the longest a connection, a read or a write waits for the database before the request gets 503
+    timeout_s: float = 5.0
     # "commit": the end of a /generate reply waits until its trajectory is committed (fsynced);
     # "off": written in the background, a crash may lose the last few ms.
     sync: Literal["commit", "off"] = "commit"
@@ -261,6 +266,9 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
     need(c.keep_weight_versions >= 1, "cache.keep_weight_versions", "must be >= 1")
     st = cfg.store
     need(bool(st.path.strip()), "store.path", "must not be empty")
+    url_problem = None if st.url is None else _postgres_url_problem(st.url)
+    need(url_problem is None, "store.url", url_problem or "")
+    need(st.timeout_s > 0, "store.timeout_s", "must be > 0")
     need(st.retention_s >= 0, "store.retention_s", "must be >= 0 (0 keeps everything)")
     need(st.max_bytes >= 0, "store.max_bytes", "must be >= 0 (0 = no cap)")
     g = cfg.routing
@@ -298,6 +306,19 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
     return problems
 
 
+def _postgres_url_problem(url: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as e:
+        return f"not a valid URL: {e}"
+    if parts.scheme not in ("postgresql", "postgres"):
+        return "must be a postgresql:// URL (or leave it out for the SQLite store at store.path)"
+    return None
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate a config file; raise ConfigError with a one-line message."""
     p = Path(path)
@@ -319,6 +340,8 @@ def load_config(path: str | Path) -> Config:
     except msgspec.ValidationError as e:
         raise ConfigError(format_validation_error(p, e)) from None
     problems = _check_values(cfg)
+    if cfg.store.url is not None and "path" in (data.get("store") or {}):
+        problems.insert(0, ("store.url", "set store.url (PostgreSQL) or store.path (SQLite), not both"))
     if problems:
         key, reason = problems[0]
         raise ConfigError(f"{p}: {key}: {reason}")
