@@ -83,12 +83,11 @@ def _check_store(cfg, pipelines) -> None:
     """Refuse to start on a store that cannot be opened: one line saying why, exit 2."""
     if not (cfg.store.enabled and _persisting(cfg, pipelines)):
         return
-    from router.config import store_path
     from router.core.store import StoreOpenError
-    from router.net.store_sqlite import check_openable
+    from router.net.store_open import check_openable
 
     try:
-        check_openable(store_path(cfg))
+        check_openable(cfg)
     except StoreOpenError as e:
         print(f"miles-router: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -161,6 +160,10 @@ def cmd_check(args) -> int:
 
     cfg, pipelines = _load(args.config)
     out = msgspec.to_builtins(cfg)
+    if cfg.store.url is not None:  # printed without its password
+        from router.net.store_pg import redact
+
+        out["store"]["url"] = redact(cfg.store.url)
     out["routes"] = [
         {**msgspec.to_builtins(r), "stages": pipelines[(r.method, r.path)].describe()} for r in cfg.routes
     ]
@@ -199,27 +202,22 @@ def cmd_sim_worker(args) -> int:
 
 
 def cmd_store(args) -> int:
-    from router.config import store_path
     from router.core.store import StoreOpenError
 
     cfg, _ = _load(args.config)
-    path = store_path(cfg)
-    if not path.exists():
-        print(f"miles-router: trajectory store {path}: does not exist", file=sys.stderr)
-        return 2
     from router.net import store_tools
 
     try:
         if args.action == "stats":
-            print(json.dumps(store_tools.stats(path), indent=2))
+            print(json.dumps(store_tools.stats(cfg), indent=2))
         elif args.action == "vacuum":
-            print(json.dumps(store_tools.vacuum(path, cfg), indent=2))
+            print(json.dumps(store_tools.vacuum(cfg), indent=2))
         else:
             if not args.out:
                 print("miles-router: store export needs --out FILE", file=sys.stderr)
                 return 2
-            print(json.dumps(store_tools.export(path, cfg, args.out, unretrieved_only=not args.all,
-                                                layout=args.format), indent=2))
+            print(json.dumps(store_tools.export(cfg, args.out, unretrieved_only=not args.all, layout=args.format),
+                             indent=2))
     except StoreOpenError as e:
         print(f"miles-router: {e}", file=sys.stderr)
         return 2

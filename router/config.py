@@ -11,7 +11,7 @@ import json
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import msgspec.inspect
@@ -112,12 +112,17 @@ class CacheConfig(_Table):
 
 
 class StoreConfig(_Table):
-    """The durable trajectory store (router/net/store_sqlite.py). Opened only when a route's pipeline has the
-    `persist` stage; `enabled = false` keeps everything in memory (as before the store existed)."""
+    """The durable trajectory store: SQLite (router/net/store_sqlite.py) at `path`, or PostgreSQL
+    (router/net/store_pg.py) when `url` is set. Opened only when a route's pipeline has the `persist` stage;
+    `enabled = false` keeps everything in memory (as before the store existed)."""
 
     enabled: bool = True
     # relative paths resolve against the config file's folder
     path: Annotated[str, Meta(pattern=r"\S", extra={"reason": "must not be empty"})] = "miles-router-store.db"
+    # "postgresql://user[:password]@host[:port]/database[?param=value]": the PostgreSQL store instead of SQLite
+    url: str | None = None
+    # PostgreSQL: the longest a connection, a read or a write waits for the database before the request gets 503
+    timeout_s: Positive = 5.0
     # "commit": the end of a /generate reply waits until its trajectory is committed (fsynced);
     # "off": written in the background, a crash may lose the last few ms.
     sync: Literal["commit", "off"] = "commit"
@@ -162,6 +167,17 @@ class SessionsConfig(_Table):
     max_sessions: AtLeastOne = 100_000  # live sessions; POST /sessions beyond it gets 429
     max_turns_per_session: AtLeastOne = 1024  # stored turns (tree nodes) per session; one more gets 409
     prompt_cache_entries: Annotated[int, Meta(ge=0)] = 4096  # distinct first prompts kept tokenized (GRPO groups share one)
+    # miles' session server as the tracer expects it (`--use-session-server v1|v2`): v2 answers /samples with one
+    # sample per kept leaf (and `reward`), v1 with one sample of the active line.
+    variant: Literal["v1", "v2"] = "v2"
+    # Launch-default chat template kwargs (miles' --apply-chat-template-kwargs); a request's own win per key.
+    chat_template_kwargs: dict[str, Any] = msgspec.field(default_factory=dict)
+    # Sent as `lora_path` with every turn's /generate (miles sets "miles_lora" when LoRA is on); None: not sent.
+    lora_path: str | None = None
+    # lenient | strict | loose_tool_call | role_content_only | "package.module:function" (miles' selectors)
+    message_matcher: str = "lenient"
+    # miles' --save-debug-trajectory-data: the last turn's messages in each sample's metadata
+    save_debug_trajectory_data: bool = False
 
 
 class RouteConfig(_Table):
@@ -276,7 +292,15 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
             problems.append((f"workers.urls[{i}]", str(e)))
     c = cfg.cache
     need(c.hard_budget_bytes >= c.budget_bytes, "cache.hard_budget_bytes", "must be >= cache.budget_bytes")
+    url_problem = None if cfg.store.url is None else _postgres_url_problem(cfg.store.url)
+    need(url_problem is None, "store.url", url_problem or "")
     cfg.routing.sticky_header = cfg.routing.sticky_header.lower()
+    from router.core.sessions.messages import resolve_matcher
+
+    try:
+        resolve_matcher(cfg.sessions.message_matcher)
+    except ValueError as e:
+        problems.append(("sessions.message_matcher", str(e)))
     seen: set[tuple[str, str]] = set()
     for i, r in enumerate(cfg.routes):
         r.method = r.method.upper()
@@ -288,6 +312,19 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
         need((r.method, r.path) not in seen, f"routes[{i}]", f"duplicate route {r.method} {r.path}")
         seen.add((r.method, r.path))
     return problems
+
+
+def _postgres_url_problem(url: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as e:
+        return f"not a valid URL: {e}"
+    if parts.scheme not in ("postgresql", "postgres"):
+        return "must be a postgresql:// URL (or leave it out for the SQLite store at store.path)"
+    return None
 
 
 def load_config(path: str | Path) -> Config:
@@ -311,6 +348,8 @@ def load_config(path: str | Path) -> Config:
     except msgspec.ValidationError as e:
         raise ConfigError(format_validation_error(p, e)) from None
     problems = _check_values(cfg)
+    if cfg.store.url is not None and "path" in (data.get("store") or {}):
+        problems.insert(0, ("store.url", "set store.url (PostgreSQL) or store.path (SQLite), not both"))
     if problems:
         key, reason = problems[0]
         raise ConfigError(f"{p}: {key}: {reason}")

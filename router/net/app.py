@@ -446,7 +446,10 @@ class RouterApp:
 
     async def health(self, scope, body: bytes) -> Reply:
         healthy = len(self.rt.pool.healthy())
-        return json_reply(200, {"status": "ok", "healthy_workers": healthy, "total_workers": len(self.rt.pool)})
+        body = {"status": "ok", "healthy_workers": healthy, "total_workers": len(self.rt.pool)}
+        if self.rt.sessions is not None:  # miles' session server answers with its instance id
+            body["session_server_instance_id"] = self.rt.sessions.instance_id
+        return json_reply(200, body)
 
     async def metrics(self, scope, body: bytes) -> Reply:
         return Reply(200, self.rt.metrics.render(), [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])

@@ -96,15 +96,25 @@ class Runtime:
         ss = self.config.sessions
         if ss.enabled:
             from router.config import RouteConfig
+            from router.core.sessions.messages import resolve_matcher
             from router.core.sessions.registry import SessionRegistry
 
             self.sessions = SessionRegistry(max_sessions=ss.max_sessions, max_turns=ss.max_turns_per_session,
                                             idle_timeout_s=ss.idle_timeout_s,
-                                            prompt_cache_entries=ss.prompt_cache_entries)
+                                            prompt_cache_entries=ss.prompt_cache_entries,
+                                            matcher=resolve_matcher(ss.message_matcher))
             # Every session request is routed with the session id as its sticky key.
             route = RouteConfig(path="/sessions", method="POST", pipeline=ss.pipeline, policy="sticky")
             self.session_pipeline = self._instantiate(load_pipeline(ss.pipeline, self.config.base_dir), route)
             self.session_proxy = self._instantiate(load_pipeline("passthrough", self.config.base_dir), route)
+
+    @property
+    def session_r3_incremental(self) -> bool:
+        """Session turns ask the worker for their new routed-experts rows only (miles' addition R3)."""
+        pipe = self.session_pipeline
+        return pipe is not None and any(
+            getattr(st, "name", "") == "session_generate" and st.options.routed_experts
+            and st.options.routed_experts_start_len for st in pipe.request_stages)
 
     async def session_maintenance(self) -> None:
         """Reclaim sessions idle past `sessions.idle_timeout_s` (checked a few times per timeout)."""
@@ -154,22 +164,25 @@ class Runtime:
             getattr(st, "uses_store", False) for p in pipes for st in p.response_stages)
 
     # The durable store's backend: a callable (path, *, sync, retention_s, max_bytes, metrics) -> TrajectoryStore
-    # (router/core/store.py). None: SQLite (router/net/store_sqlite.py). Everything the router does with a store
-    # goes through that protocol, so another backend (PostgreSQL, Valkey) is one class; tests/test_store.py runs
-    # the router over an in-memory one.
+    # (router/core/store.py). None: the one the config selects (router/net/store_open.py: PostgreSQL for
+    # `store.url`, else SQLite). Everything the router does with a store goes through that protocol, so another
+    # backend (Valkey) is one class; tests/test_store.py runs the router over an in-memory one.
     store_backend = None
 
     def open_store(self) -> None:
-        """Open the durable store (raises StoreOpenError). Nothing is loaded: records are found by digest on disk
-        when the memory cache does not have them, so startup does not grow with the store."""
+        """Open the durable store (raises StoreOpenError). Nothing is loaded: records are found by digest in the
+        store when the memory cache does not have them, so startup does not grow with the store."""
         from router.config import store_path
 
         c = self.config.store
         backend = type(self).store_backend  # (read from the class: a plain function must not become a method)
         if backend is None:
-            from router.net.store_sqlite import SqliteStore as backend
-        self.store = backend(store_path(self.config), sync=c.sync, retention_s=c.retention_s,
-                             max_bytes=c.max_bytes, metrics=self.metrics)
+            from router.net.store_open import open_store
+
+            self.store = open_store(self.config, metrics=self.metrics)
+        else:
+            self.store = backend(store_path(self.config), sync=c.sync, retention_s=c.retention_s,
+                                 max_bytes=c.max_bytes, metrics=self.metrics)
         if self.sessions is not None:
             from router.net.session_persist import SessionPersister
 
@@ -189,7 +202,7 @@ class Runtime:
         oldest first, as they were inserted the first time: the merged loss mask and anchors come out the same.
         True if any was loaded. Texts shorter than the prefix key (64 bytes) are not found this way."""
         from router.core.radix import TrajectoryInput, text_digest
-        from router.core.store import text_head
+        from router.core.store import StoreError, text_head
         from router.wire import store as wire
 
         store = self.store
@@ -198,14 +211,20 @@ class Runtime:
             return False
         tree = self.tree
         chosen = []
-        for rid, vlen, digest in await store.prefix_candidates(head, len(text)):
-            if vlen > matched and text_digest(text[:vlen]) == digest and tree.peek_exact(text[:vlen]) is None:
-                chosen.append((rid, vlen))
-        if not chosen:
-            return False
-        chosen.sort()
+        try:
+            for rid, vlen, digest in await store.prefix_candidates(head, len(text)):
+                if vlen > matched and text_digest(text[:vlen]) == digest and tree.peek_exact(text[:vlen]) is None:
+                    chosen.append((rid, vlen))
+            if not chosen:
+                return False
+            chosen.sort()
+            records = await store.get_ids([rid for rid, _ in chosen])
+        except StoreError as e:
+            # The earlier turns' exact tokens cannot be read now (the store's database is away): fail the request
+            # rather than re-tokenize a conversation the engine already spelled.
+            raise StageError(503, str(e), store=str(getattr(store, "path", store.name))) from None
         now = time.time()
-        for (_, vlen), rec in zip(chosen, await store.get_ids([rid for rid, _ in chosen])):
+        for (_, vlen), rec in zip(chosen, records):
             tokens, p = wire.tokens_of(rec), rec.prompt_len
             tree.insert(TrajectoryInput(
                 rid=rec.rid, prompt_ids=tokens[:p], output_ids=tokens[p:], output_logprobs=wire.logprobs_of(rec)[p:],

@@ -30,9 +30,13 @@ class PendingTurn:
     requested_at: float
     prompt_ids: np.ndarray | None = None  # tokens the new messages add (set by the template stage)
     input_len: int = 0  # tokens the worker receives
-    upstream_fields: bytes = b"{}"  # the /generate body minus input_ids (for records)
+    # The record's request (router/wire/sessions.py TurnRecord.request): the client's fields, then the
+    # ones the session sets; set by session_request, completed by session_generate.
+    request_fields: dict[str, msgspec.Raw] = field(default_factory=dict)
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # the launch defaults + the request's
     r3_start: int = 0  # first position whose routed-experts row the worker returns
     want_r3: bool = False
+    r3_incremental: bool = False  # the worker was asked for the new rows only (routed_experts_start_len)
     r3_shape: tuple[int, int] = (0, 0)  # (layers, top_k)
     output: Any = None  # WorkerOutput (set by the output stage)
     assistant: Any = None  # AssistantOutput: content, reasoning_content, tool_calls
@@ -55,6 +59,9 @@ _logprobs_decoder = msgspec.json.Decoder(list[tuple[float | None, int, msgspec.R
 _finish_decoder = msgspec.json.Decoder(FinishReason | None)
 _str_decoder = msgspec.json.Decoder(str | None)
 _int_decoder = msgspec.json.Decoder(int | None)
+_float_decoder = msgspec.json.Decoder(float | None)
+# meta_info keys the client copy loses (miles strips both: they stay with the turn)
+CLIENT_STRIPPED_META = ("routed_experts", "indexer_topk")
 
 
 class BadWorkerReply(Exception):
@@ -70,7 +77,13 @@ class WorkerOutput:
     weight_version: str | None
     response_id: str
     routed_experts: np.ndarray | None  # int32 [rows, layers, top_k], the first `skip_rows` returned rows left out
-    client_meta: bytes  # meta_info JSON minus routed_experts
+    routed_experts_error: str | None  # the payload could not be read (the turn still succeeds; /samples: 422)
+    client_meta: bytes  # meta_info JSON minus routed_experts and indexer_topk
+    matched_stop: Any = None
+    cached_tokens: int | None = None
+    prompt_tokens: int = 0
+    reasoning_tokens: int = 0
+    e2e_latency: float | None = None
 
 
 def decode_rows(raw: msgspec.Raw, shape: tuple[int, int], skip_rows: int) -> np.ndarray:
@@ -121,6 +134,10 @@ def decode_worker_output(body: bytes, r3_shape: tuple[int, int], skip_rows: int 
         version = _str_decoder.decode(meta["weight_version"]) if "weight_version" in meta else None
         rid = _str_decoder.decode(meta["id"]) if "id" in meta else None
         completion = _int_decoder.decode(meta["completion_tokens"]) if "completion_tokens" in meta else None
+        cached = _int_decoder.decode(meta["cached_tokens"]) if "cached_tokens" in meta else None
+        prompt_tokens = _int_decoder.decode(meta["prompt_tokens"]) if "prompt_tokens" in meta else None
+        reasoning = _int_decoder.decode(meta["reasoning_tokens"]) if "reasoning_tokens" in meta else None
+        latency = _float_decoder.decode(meta["e2e_latency"]) if "e2e_latency" in meta else None
         experts_raw = meta.get("routed_experts")
     except DECODE_ERRORS as e:
         raise BadWorkerReply(f"worker reply meta_info is malformed: {decode_error_text(e)}") from None
@@ -133,11 +150,16 @@ def decode_worker_output(body: bytes, r3_shape: tuple[int, int], skip_rows: int 
     if finish is None:
         raise BadWorkerReply("worker reply has no meta_info.finish_reason")
     lps = np.array([t[0] if t[0] is not None else 0.0 for t in triples], dtype=np.float64)
-    experts = None
+    experts, experts_error = None, None
     if experts_raw is not None and r3_shape[0] > 0 and not (len(experts_raw) == 4 and bytes(experts_raw) == b"null"):
-        experts = decode_rows(experts_raw, r3_shape, skip_rows)
-    client_meta = msgspec.json.encode({k: v for k, v in meta.items() if k != "routed_experts"})
-    return WorkerOutput(reply.text, ids, lps, finish.type, version, rid or "", experts, client_meta)
+        try:  # like miles, a bad payload fails the samples (422), not the agent's turn
+            experts = decode_rows(experts_raw, r3_shape, skip_rows)
+        except BadWorkerReply as e:
+            experts_error = str(e)
+    client_meta = msgspec.json.encode({k: v for k, v in meta.items() if k not in CLIENT_STRIPPED_META})
+    return WorkerOutput(reply.text, ids, lps, finish.type, version, rid or "", experts, experts_error, client_meta,
+                        matched_stop=finish.matched, cached_tokens=cached, prompt_tokens=prompt_tokens or 0,
+                        reasoning_tokens=reasoning or 0, e2e_latency=latency)
 
 
 def pending(ex: Exchange) -> PendingTurn:

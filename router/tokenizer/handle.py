@@ -47,6 +47,7 @@ class Tokenizer:
         self._hf_cleans_up_spaces = bool(getattr(hf, "clean_up_tokenization_spaces", False))
         # The exact bytes of every id, one table (the trajectory cache derives its text from it too).
         self.vocab: VocabBytes = token_vocabulary(self.raw, added)
+        self._renders_role: dict[str, bool] = {}
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos={self.eos_token_id})"
@@ -140,8 +141,9 @@ class Tokenizer:
         - ``add_generation_prompt=True`` appends ``<|im_start|>assistant\n``, plus
           ``<think>\n\n</think>\n\n`` when ``enable_thinking=False``.
         """
-        if self.fast_qwen3_template:  # the template reads no kwarg but enable_thinking
-            text = render_qwen3(messages, add_generation_prompt, tools, chat_template_kwargs.get("enable_thinking"))
+        if self.fast_qwen3_template:  # the template reads no kwarg but enable_thinking and clear_thinking
+            text = render_qwen3(messages, add_generation_prompt, tools, chat_template_kwargs.get("enable_thinking"),
+                                chat_template_kwargs.get("clear_thinking"))
             if text is not None:
                 return text
         return self.hf.apply_chat_template(
@@ -151,6 +153,26 @@ class Tokenizer:
             add_generation_prompt=add_generation_prompt,
             **chat_template_kwargs,
         )
+
+    @property
+    def template_name(self) -> str:
+        return "the builtin Qwen3 chat template" if self.fast_qwen3_template else f"the chat template of {self.name}"
+
+    def renders_role(self, role: str) -> bool:
+        """Whether the chat template writes a message of this role into the prompt (probed once per role:
+        alone and after a user turn). A template that renders nothing for it, or raises, does not."""
+        known = self._renders_role.get(role)
+        if known is None:
+            sentinel = "\u2063probe\u2063"
+            known = False
+            for messages in ([{"role": role, "content": sentinel}],
+                             [{"role": "user", "content": "u"}, {"role": role, "content": sentinel}]):
+                try:
+                    known = known or sentinel in self.apply_chat_template(messages, False)
+                except Exception:  # jinja raises anything: a template's own raise_exception included
+                    pass
+            self._renders_role[role] = known
+        return known
 
     def render_appended(
         self,

@@ -25,7 +25,9 @@ CHATML_TEMPLATE = (
 # The builtins' chat template: renders exactly what Qwen3's own template does (the hybrid-thinking
 # Qwen3 release: Hermes-style <tools> system header, <tool_call> JSON, tool results grouped into one
 # user turn as <tool_response> blocks, <think> kept only on assistant turns after the last user
-# query, `enable_thinking=False` pre-filling an empty think block). Written for this project; see
+# query, `enable_thinking=False` pre-filling an empty think block). `clear_thinking=False` keeps every
+# assistant turn's think block, as miles' qwen3_fixed.jinja does for its qwen3 family (an append-only
+# render: re-rendering a session's messages gives its stored tokens). Written for this project; see
 # Tokenizer.apply_chat_template for where it is and isn't prefix-stable. One deliberate extension:
 # OpenAI content-part lists render their text parts joined (Qwen3 renders them as "").
 QWEN3_CHAT_TEMPLATE = r"""
@@ -65,7 +67,7 @@ QWEN3_CHAT_TEMPLATE = r"""
             {%- set reasoning = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
             {%- set content = content.split('</think>')[-1].lstrip('\n') %}
         {%- endif %}
-        {%- if loop.index0 > state.last_query and (loop.last or reasoning) %}
+        {%- if (clear_thinking is defined and clear_thinking is false) or (loop.index0 > state.last_query and (loop.last or reasoning)) %}
             {{- '<|im_start|>assistant\n<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
         {%- else %}
             {{- '<|im_start|>assistant\n' + content }}
