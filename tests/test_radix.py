@@ -408,6 +408,22 @@ def test_eviction_recency_parents_and_nbytes_to_zero():
     check_invariants(tree)
 
 
+def test_a_stale_parent_exposed_by_evicting_its_retrieved_child_goes_too():
+    """Found by the state machine below: a stale (old weight version) turn whose only child, a retrieved
+    next turn, is evicted becomes a leaf after the stale phase ran; it must still go before anything is kept
+    over the budget (phases 1-2 repeat until neither evicts more)."""
+    tree = RadixTree(token_bytes)
+    p = enc(P1)
+    turn1 = traj("t1", p, [ID[b"a"], EOS], version="2")
+    tree.insert(turn1, now=1)
+    # the next turn, answered by a worker still on an older version: turn 1's node keeps the newer one
+    tree.insert(traj("t2", p + [ID[b"a"], EOS] + enc(b"\n<|im_start|>b"), [ID[b"c"], EOS], version="1"), now=2)
+    assert tree.retrieve(P1 + b"a<|im_end|>\n<|im_start|>bc", now=3).exact
+    rep = tree.evict(budget_bytes=0, hard_budget_bytes=10**9, stale_versions=lambda v: v == "2")
+    assert rep.rids == ["t2", "t1"] and tree.nbytes == 0 and rep.evicted_stale == 1 and rep.evicted_retrieved == 1
+    check_invariants(tree)
+
+
 def test_superseded_and_retouched_terminals_keep_heaps_consistent():
     tree = RadixTree(token_bytes)
     p = enc(P1)

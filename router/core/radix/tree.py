@@ -680,10 +680,15 @@ class RadixTree:
                 stale_cache[v] = bool(stale_versions(v))
             return stale_cache[v]
 
-        while True:  # phases 1-2 again after each phase-3 eviction: it may expose a reclaimable parent
+        # Phases 1-2 until neither evicts more (an eviction may expose a parent that is stale or reclaimable,
+        # also one that phase 1 has already passed), then one phase-3 eviction, and again.
+        while True:
+            progressed = 0
             if stale_versions is not None:
-                self._evict_while(budget_bytes, lambda key: is_stale(key[0]), "evicted_stale", rep)
-            self._evict_while(budget_bytes, lambda key: key[1], "evicted_retrieved", rep)
+                progressed += self._evict_while(budget_bytes, lambda key: is_stale(key[0]), "evicted_stale", rep)
+            progressed += self._evict_while(budget_bytes, lambda key: key[1], "evicted_retrieved", rep)
+            if progressed:
+                continue
             if not self._evict_while(hard_budget_bytes, lambda key: True, "evicted_unretrieved", rep, 1):
                 break
         self._stats["evictions"] += rep.nodes
