@@ -3,6 +3,7 @@
     python bench/bench_store.py                      # throughput (c=64, 2 rounds x 3 modes, 8 s each) + bytes/token
     python bench/bench_store.py --restart-gb 0.25,1,4  # also: restart time on generated stores of these sizes
     python bench/bench_store.py --quick              # 4 s per point, 1 round
+    python bench/bench_store.py --pg                 # also the PostgreSQL store (a throwaway local cluster)
 
 Throughput: a real router process (`python -m router --config <tmp toml>`, radix-cache pipeline, log level
 warning) in front of two simulated SGLang workers in their own processes (`python -m router sim-worker`, tiny
@@ -11,7 +12,10 @@ vocabulary, no latency), loaded by a separate client process with `--concurrency
 within each round so drift hits all of them alike:
   * memory: `[store] enabled = false` (the cache only, as before the store existed);
   * off:    the store with `sync = "off"` (written by the writer thread, nobody waits);
-  * commit: the store with `sync = "commit"` (fsync per group commit; the reply waits for it).
+  * commit: the store with `sync = "commit"` (fsync per group commit; the reply waits for it);
+  * with --pg, pg-off and pg-commit: the same two over the PostgreSQL store (`[store] url`), on a throwaway
+    cluster started from Debian's binaries (tests/pg.py; its own process, same disk, `fsync` on), a fresh
+    database per point; or on `--pg-url URL` (a database the bench may create tables in).
 Router CPU per request = utime+stime of the router process (from /proc) / requests completed.
 Bytes on disk per token: the commit run's store (record bytes, and whole-file bytes incl. SQLite's index and
 free pages) / stored tokens (prompt + output).
@@ -88,9 +92,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def server_cpu(args) -> dict[int, float] | None:
+    """CPU seconds of the local PostgreSQL server's processes (the postmaster and its children), by pid."""
+    if args.cluster is None:
+        return None
+    root = int((args.cluster.data / "postmaster.pid").read_text().split()[0])
+    out = {root: cpu_seconds(root)}
+    for stat in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{stat}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == root:
+                    out[int(stat)] = cpu_seconds(int(stat))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
 def router_config(tmp: str, port: int, sims: list[int], mode: str, store_path: str) -> str:
     path = os.path.join(tmp, f"router-{mode}-{port}.toml")
-    store = ('enabled = false' if mode == "memory" else f'path = "{store_path}"\nsync = "{mode}"')
+    if mode == "memory":
+        store = 'enabled = false'
+    elif mode.startswith("pg-"):  # store_path is a database URL
+        store = f'url = "{store_path}"\nsync = "{mode[3:]}"'
+    else:
+        store = f'path = "{store_path}"\nsync = "{mode}"'
     with open(path, "w") as f:
         f.write(f"""[server]
 port = {port}
@@ -161,7 +186,7 @@ def load_main(argv) -> None:
 
 def measure(tmp: str, sims: list[int], mode: str, args, round_: int) -> dict:
     port = free_port()
-    store_path = os.path.join(tmp, f"store-{mode}-{round_}.db")
+    store_path = args.pg_database() if mode.startswith("pg-") else os.path.join(tmp, f"store-{mode}-{round_}.db")
     cfg = router_config(tmp, port, sims, mode, store_path)
     router = spawn([sys.executable, "-m", "router", "--config", cfg], os.path.join(tmp, f"router-{mode}.log"))
     try:
@@ -171,9 +196,9 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int) -> dict:
                                    "--tag", f"{mode}{round_}"], stdout=subprocess.PIPE, cwd=REPO)
         PROCS.append(client)
         time.sleep(1.0)  # the client's warm-up
-        c0 = cpu_seconds(router.pid)
+        c0, d0 = cpu_seconds(router.pid), server_cpu(args)
         out, _ = client.communicate(timeout=args.seconds + 60)
-        c1 = cpu_seconds(router.pid)
+        c1, d1 = cpu_seconds(router.pid), server_cpu(args)
         res = json.loads(out)
         if mode != "memory":  # group commit as the router saw it
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
@@ -184,6 +209,8 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int) -> dict:
     finally:
         stop(router)
     res.update(mode=mode, rps=res["ok"] / res["elapsed"], cpu_us=(c1 - c0) * 1e6 / max(res["ok"], 1))
+    if mode.startswith("pg-") and d0 is not None:  # the database server's own work (in-process for SQLite)
+        res["db_cpu_us"] = sum(t - d0.get(pid, 0.0) for pid, t in d1.items()) * 1e6 / max(res["ok"], 1)
     if mode == "commit":
         conn = sqlite3.connect(store_path)
         rows, tokens, payload = conn.execute("SELECT count(*), total(ntokens), total(nbytes) FROM trajectories").fetchone()
@@ -272,6 +299,9 @@ def main() -> int:
     ap.add_argument("--restart-tokens", type=int, default=1000, help="tokens per generated trajectory")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--tmp", help="folder for stores and logs (default: a new temp folder)")
+    ap.add_argument("--pg", action="store_true", help="also measure the PostgreSQL store (pg-off, pg-commit) on a "
+                                                       "throwaway local cluster (Debian's postgresql package)")
+    ap.add_argument("--pg-url", help="with --pg: this database instead of a throwaway cluster")
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.rounds = 4.0, 1
@@ -285,24 +315,48 @@ def main() -> int:
         wait_http(f"http://127.0.0.1:{p}/health")
     print(f"# bench_store.py  (c={args.concurrency}, {args.seconds:g} s per point, {args.rounds} round(s); "
           f"logs in {tmp})")
+    modes = ["memory", "off", "commit"] + (["pg-off", "pg-commit"] if args.pg else [])
+    cluster = None
+    if args.pg and not args.pg_url:
+        sys.path.insert(0, os.path.join(REPO, "tests"))
+        from pg import TempCluster  # tests/pg.py: initdb + pg_ctl in a temp folder
+
+        cluster = TempCluster()
+        cluster.start()
+        args.pg_database = lambda: cluster.create_database("bench")
+    else:
+        args.pg_database = lambda: args.pg_url
+    args.cluster = cluster
     try:
         if not args.skip_throughput:
             results = []
             for r in range(args.rounds):
-                for mode in ("memory", "off", "commit") if r % 2 == 0 else ("commit", "off", "memory"):
+                for mode in modes if r % 2 == 0 else modes[::-1]:
                     res = measure(tmp, sims, mode, args, r)
                     results.append(res)
                     extra = (f"  {res['batch']:.1f} trajectories/commit, {res['commit_ms']:.2f} ms/commit"
                              if "batch" in res else "")
-                    print(f"round {r} {mode:>6}: {res['rps']:7.0f} req/s  router {res['cpu_us']:6.0f} µs/req  "
+                    if "db_cpu_us" in res:
+                        extra += f", database server {res['db_cpu_us']:.0f} µs/req"
+                    print(f"round {r} {mode:>9}: {res['rps']:7.0f} req/s  router {res['cpu_us']:6.0f} µs/req  "
                           f"bad {res['bad']}{extra}", flush=True)
-            med = {m: statistics.median(x["rps"] for x in results if x["mode"] == m) for m in ("memory", "off", "commit")}
-            cpu = {m: statistics.median(x["cpu_us"] for x in results if x["mode"] == m) for m in ("memory", "off", "commit")}
+            med = {m: statistics.median(x["rps"] for x in results if x["mode"] == m) for m in modes}
+            cpu = {m: statistics.median(x["cpu_us"] for x in results if x["mode"] == m) for m in modes}
             print("\n| mode | req/s (median) | router CPU µs/req | vs off |\n|---|---|---|---|")
-            for m in ("memory", "off", "commit"):
+            for m in modes:
                 print(f"| {m} | {med[m]:.0f} | {cpu[m]:.0f} | {med[m] / med['off']:.2f}× |")
             c = [x for x in results if x["mode"] == "commit"][-1]
             print(f"\ncommit/off throughput: {med['commit'] / med['off']:.2f}× (target >= 0.8)")
+            if args.pg:
+                if args.cluster is not None:
+                    db = {m: statistics.median(x["db_cpu_us"] for x in results if x["mode"] == m)
+                          for m in ("pg-off", "pg-commit")}
+                    print(f"PostgreSQL server CPU per request (its own processes, not in the router's): "
+                          f"pg-off {db['pg-off']:.0f} µs, pg-commit {db['pg-commit']:.0f} µs")
+                print(f"PostgreSQL vs SQLite, router CPU per request: sync=commit "
+                      f"{cpu['pg-commit'] / cpu['commit']:.2f}× ({cpu['pg-commit'] - cpu['commit']:+.0f} µs), sync=off "
+                      f"{cpu['pg-off'] / cpu['off']:.2f}× ({cpu['pg-off'] - cpu['off']:+.0f} µs); throughput: commit "
+                      f"{med['pg-commit'] / med['commit']:.2f}×, off {med['pg-off'] / med['off']:.2f}×")
             print(f"bytes on disk per token (no R3): records {c['record_bytes_per_token']:.2f} B, whole file "
                   f"{c['file_bytes_per_token']:.2f} B  ({c['rows']} trajectories, {c['tokens']:.0f} tokens)")
         if args.restart_gb:
@@ -324,6 +378,8 @@ def main() -> int:
     finally:
         for p in PROCS:
             stop(p)
+        if cluster is not None:
+            cluster.destroy()
     return 0
 
 

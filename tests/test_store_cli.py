@@ -18,7 +18,9 @@ from router.tokenizer import load_tokenizer
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def test_stats_export_vacuum(nursery, tmp_path):
+async def test_stats_export_vacuum(nursery, tmp_path, store_at):
+    if store_at.kind == "sqlite":
+        store_at.where = "trajectories.db"  # relative: next to the config file
     pipeline = tmp_path / "r3.toml"
     pipeline.write_text((ROOT / "pipelines/radix-cache-r3.toml").read_text() + "routed_experts_layers = 3\n")
     cfg_path = tmp_path / "router.toml"
@@ -28,7 +30,7 @@ path = "builtin:tiny"
 [server]
 port = 0
 [store]
-path = "trajectories.db"
+{store_at.toml()}
 max_bytes = 1
 [[routes]]
 path = "/generate"
@@ -60,7 +62,8 @@ pipeline = "{pipeline}"
     assert r.returncode == 0, r.stderr
     stats = json.loads(r.stdout)
     assert stats["rows"] == 6 and stats["unretrieved"] == 4 and stats["writable"] is True
-    assert stats["tokens"] > 0 and stats["path"] == str(tmp_path / "trajectories.db")
+    shown = str(tmp_path / "trajectories.db") if store_at.kind == "sqlite" else store_at.shown
+    assert stats["tokens"] > 0 and stats["path"] == shown
     assert stats["sessions"] == 1 and stats["session_turns"] == 1
     assert stats["file_bytes"] >= stats["payload_bytes"] > 0
 
@@ -101,6 +104,8 @@ pipeline = "{pipeline}"
     assert v["deleted"] == 6 and v["deleted_unretrieved"] == 4
     assert json.loads(store_cli("stats", "--config", str(cfg_path)).stdout)["rows"] == 0
 
+    if store_at.kind != "sqlite":
+        return
     missing = tmp_path / "other.toml"
     missing.write_text(cfg_path.read_text().replace("trajectories.db", "nothing-here.db"))
     r = store_cli("stats", "--config", str(missing))

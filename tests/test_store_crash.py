@@ -5,7 +5,8 @@ agents looping chat turns at once) is killed with SIGKILL at a random moment, re
   tokens, logprobs, loss mask and routed experts;
 - every session turn whose reply the agent received is there, token for token, and the session continues: the
   next turn's worker input starts with the exact stored tokens.
-Requests in flight at the kill may be absent; they must never come back different from what the worker produced."""
+Requests in flight at the kill may be absent; they must never come back different from what the worker produced.
+Each test runs over SQLite and over PostgreSQL (`store_at`)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ pipeline = "{ROOT / 'pipelines/session-chat-r3.toml'}"
 @dataclass
 class RouterProcess:
     folder: Path
+    store: str = 'path = "store.db"'  # the [store] table's location line (StoreAt.toml() for another backend)
     port: int = 0
     proc: subprocess.Popen | None = None
     log: list = field(default_factory=list)
@@ -70,7 +72,7 @@ token_latency_s = {token_latency_s}
 [tokenizer]
 path = "builtin:tiny"
 [store]
-path = "store.db"
+{self.store}
 {store_extra}
 {SESSIONS if sessions else ""}
 [[routes]]
@@ -111,8 +113,9 @@ pipeline = "{ROOT / pipeline}"
 
 
 @pytest.fixture
-def router_proc(tmp_path):
-    rp = RouterProcess(tmp_path)
+def router_proc(tmp_path, store_at):
+    """A router process (not started yet) on a store of each backend."""
+    rp = RouterProcess(tmp_path, store_at.toml())
     yield rp
     rp.stop()
 

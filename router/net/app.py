@@ -151,7 +151,6 @@ class RouterApp:
             ("GET", "/health"): (self.health, False),
             ("GET", "/metrics"): (self.metrics, False),
         }
-        self.extra_endpoints_hook: list = []
         # (path prefix, handler(scope, receive, send, body) -> status) for route families with ids in
         # the path (/sessions/{id}/...); checked only when no exact endpoint matches.
         self.prefix_routes: list[tuple[str, Callable]] = []

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ from router.config import Config
 from router.core.pipeline import PipelineSpec, load_pipeline
 from router.core.selection import PrefixIndex, SpillRule, StickyTable, choose, select_by_prefix
 from router.core.urls import normalize_worker_url
-from router.core.workers import BreakerPolicy, BreakerState, BreakerTransition, Transition, Worker, WorkerPool
+from router.core.workers import BreakerState, BreakerTransition, Transition, Worker, WorkerPool
 from router.core.pipeline import StageError
 from router.net.admission import ConcurrencyLimit, FifoQueue, QueueTimeout
 from router.net.metrics import Metrics
@@ -53,11 +52,8 @@ class Runtime:
         self.config = config
         self.nursery = nursery
         w = config.workers
-        b = config.breaker
         self.pool = WorkerPool(failure_threshold=w.failure_threshold, success_threshold=w.success_threshold,
-                               breaker=BreakerPolicy(b.enabled, b.failures, b.window_s, b.failure_rate,
-                                                     b.min_requests, b.cooldown_s, b.admit_when_all_open),
-                               max_inflight=w.max_inflight_per_worker)
+                               breaker=config.breaker, max_inflight=w.max_inflight_per_worker)
         self.retry_statuses = frozenset(config.retry.statuses)
         self.upstream = UpstreamPool(keepalive_expiry_s=w.keepalive_expiry_s, connect_timeout_s=w.connect_timeout_s)
         # Control plane (health probes, admin fan-out): httpx; the data path uses the h11 pool.
@@ -80,7 +76,6 @@ class Runtime:
         self.session_pipeline: RoutePipeline | None = None
         self.session_proxy: RoutePipeline | None = None
         self.passthrough = self._instantiate(load_pipeline("passthrough", config.base_dir), None)
-        self.started_at = time.time()
         # weight version -> order first seen; the newest `cache.keep_weight_versions` are current
         self.versions_seen: dict[str, int] = {}
         g = config.routing
@@ -169,22 +164,25 @@ class Runtime:
             getattr(st, "uses_store", False) for p in pipes for st in p.response_stages)
 
     # The durable store's backend: a callable (path, *, sync, retention_s, max_bytes, metrics) -> TrajectoryStore
-    # (router/core/store.py). None: SQLite (router/net/store_sqlite.py). Everything the router does with a store
-    # goes through that protocol, so another backend (PostgreSQL, Valkey) is one class; tests/test_store.py runs
-    # the router over an in-memory one.
+    # (router/core/store.py). None: the one the config selects (router/net/store_open.py: PostgreSQL for
+    # `store.url`, else SQLite). Everything the router does with a store goes through that protocol, so another
+    # backend (Valkey) is one class; tests/test_store.py runs the router over an in-memory one.
     store_backend = None
 
     def open_store(self) -> None:
-        """Open the durable store (raises StoreOpenError). Nothing is loaded: records are found by digest on disk
-        when the memory cache does not have them, so startup does not grow with the store."""
+        """Open the durable store (raises StoreOpenError). Nothing is loaded: records are found by digest in the
+        store when the memory cache does not have them, so startup does not grow with the store."""
         from router.config import store_path
 
         c = self.config.store
         backend = type(self).store_backend  # (read from the class: a plain function must not become a method)
         if backend is None:
-            from router.net.store_sqlite import SqliteStore as backend
-        self.store = backend(store_path(self.config), sync=c.sync, retention_s=c.retention_s,
-                             max_bytes=c.max_bytes, metrics=self.metrics)
+            from router.net.store_open import open_store
+
+            self.store = open_store(self.config, metrics=self.metrics)
+        else:
+            self.store = backend(store_path(self.config), sync=c.sync, retention_s=c.retention_s,
+                                 max_bytes=c.max_bytes, metrics=self.metrics)
         if self.sessions is not None:
             from router.net.session_persist import SessionPersister
 
@@ -204,7 +202,7 @@ class Runtime:
         oldest first, as they were inserted the first time: the merged loss mask and anchors come out the same.
         True if any was loaded. Texts shorter than the prefix key (64 bytes) are not found this way."""
         from router.core.radix import TrajectoryInput, text_digest
-        from router.core.store import text_head
+        from router.core.store import StoreError, text_head
         from router.wire import store as wire
 
         store = self.store
@@ -213,14 +211,20 @@ class Runtime:
             return False
         tree = self.tree
         chosen = []
-        for rid, vlen, digest in await store.prefix_candidates(head, len(text)):
-            if vlen > matched and text_digest(text[:vlen]) == digest and tree.peek_exact(text[:vlen]) is None:
-                chosen.append((rid, vlen))
-        if not chosen:
-            return False
-        chosen.sort()
+        try:
+            for rid, vlen, digest in await store.prefix_candidates(head, len(text)):
+                if vlen > matched and text_digest(text[:vlen]) == digest and tree.peek_exact(text[:vlen]) is None:
+                    chosen.append((rid, vlen))
+            if not chosen:
+                return False
+            chosen.sort()
+            records = await store.get_ids([rid for rid, _ in chosen])
+        except StoreError as e:
+            # The earlier turns' exact tokens cannot be read now (the store's database is away): fail the request
+            # rather than re-tokenize a conversation the engine already spelled.
+            raise StageError(503, str(e), store=str(getattr(store, "path", store.name))) from None
         now = time.time()
-        for (_, vlen), rec in zip(chosen, await store.get_ids([rid for rid, _ in chosen])):
+        for (_, vlen), rec in zip(chosen, records):
             tokens, p = wire.tokens_of(rec), rec.prompt_len
             tree.insert(TrajectoryInput(
                 rid=rec.rid, prompt_ids=tokens[:p], output_ids=tokens[p:], output_logprobs=wire.logprobs_of(rec)[p:],
@@ -342,10 +346,8 @@ class Runtime:
         worker, reason = self.select(ex, exclude)
         if worker is None:
             return None
-        before = worker.breaker.state
-        trial = self.pool.acquire(worker)
-        if worker.breaker.state is not before:
-            self._transition(BreakerTransition(worker, before, worker.breaker.state, "cooldown over: one trial request"))
+        trial, transition = self.pool.acquire(worker)
+        self._transition(transition)
         return worker, reason, trial
 
     async def take_worker(self, ex, exclude=()) -> tuple[Worker | None, str, bool]:
@@ -400,13 +402,7 @@ class Runtime:
                     if not worker.selectable:
                         # Re-admission is gated on the version the worker serves now.
                         await self.fetch_weight_version(worker)
-                    before = worker.breaker.state
                     self._transition(self.pool.record_success(worker))
-                    if worker.breaker.state is not before:  # a passing probe closed the breaker: log and count it
-                        self._transition(BreakerTransition(worker, before, worker.breaker.state,
-                                                           "health probe passed after the cooldown"))
-                    if worker.breaker.state is BreakerState.CLOSED and len(self.slot_queue):
-                        self.slot_queue.wake()
                 else:
                     self.on_worker_error(worker, error)
                 await trio.sleep(interval)
@@ -596,5 +592,3 @@ class Runtime:
             if self.store is not None:
                 await self.store.aclose()
 
-
-INF = math.inf

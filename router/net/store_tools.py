@@ -1,4 +1,5 @@
-"""`miles-router store stats|export|vacuum`: offline tools on the trajectory store (no event loop).
+"""`miles-router store stats|export|vacuum`: offline tools on the trajectory store (SQLite or PostgreSQL, as the
+config selects; no event loop).
 
 Export writes the trajectories as one safetensors file, in one of two layouts (`--format`):
 
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from router.net.endpoints import stored_answer
-from router.net.store_sqlite import SqliteStore
+from router.net.store_open import open_existing
 from router.wire import retrieve as retrieve_wire
 from router.wire import store as wire
 
@@ -39,8 +40,8 @@ LAYOUTS = ("samples", "retrieve")
 _STATUS = {"stop": "completed", "length": "truncated", "abort": "aborted"}  # miles' Sample.Status values
 
 
-def stats(path: Path) -> dict:
-    store = SqliteStore(path)
+def stats(cfg) -> dict:
+    store = open_existing(cfg)
     try:
         st = store.stats()
         oldest, newest, tokens = store.summary()
@@ -52,9 +53,9 @@ def stats(path: Path) -> dict:
         store.close_sync()
 
 
-def vacuum(path: Path, cfg) -> dict:
+def vacuum(cfg) -> dict:
     """Apply the retention policy once (without knowledge of stale weight versions), then VACUUM."""
-    store = SqliteStore(path, retention_s=cfg.store.retention_s, max_bytes=cfg.store.max_bytes)
+    store = open_existing(cfg, retention=True)
     try:
         if store.read_only:
             from router.core.store import StoreOpenError
@@ -75,15 +76,15 @@ def _tokenizer(cfg):
     return load_tokenizer(cfg.tokenizer.path)
 
 
-def export(path: Path, cfg, out: str, *, unretrieved_only: bool = True, layout: str = "samples") -> dict:
+def export(cfg, out: str, *, unretrieved_only: bool = True, layout: str = "samples") -> dict:
     if layout == "retrieve":
-        return _export_retrieve(path, cfg, out, unretrieved_only=unretrieved_only)
+        return _export_retrieve(cfg, out, unretrieved_only=unretrieved_only)
     if layout != "samples":
         raise ValueError(f"export layout {layout!r}: one of {', '.join(LAYOUTS)}")
     from router.core.sessions.samples import Sample
     from router.wire.samples import encode_samples
 
-    store = SqliteStore(path)
+    store = open_existing(cfg)
     tok = None
     samples = []
     try:
@@ -113,11 +114,11 @@ def export(path: Path, cfg, out: str, *, unretrieved_only: bool = True, layout: 
     return {"exported": len(samples), "file": out, "bytes": len(payload)}
 
 
-def _export_retrieve(path: Path, cfg, out: str, *, unretrieved_only: bool) -> dict:
+def _export_retrieve(cfg, out: str, *, unretrieved_only: bool) -> dict:
     """The trajectories in `/retrieve_from_text`'s safetensors batch layout (each one as the store answers it)."""
     from safetensors.numpy import save_file
 
-    store = SqliteStore(path)
+    store = open_existing(cfg)
     tok = None
     answers = []
     try:

@@ -7,14 +7,16 @@ generated ids from `output_ids` (stop token included), their logprobs from
 `meta_info.routed_experts` (stitched after the cached rows r3_prefix asked the worker to skip, when
 `scratch["r3_prefix"]` is set). Writes `scratch["trajectory"]`: a list of TrajectoryInput, one per
 sample, and (non-stream replies) the `x-miles-router-rid` reply header: the samples' `meta_info.id`s,
-comma-separated. Non-200 replies, error frames and incomplete streams record nothing. The reply
-bytes are never touched.
+comma-separated, left out when one of them cannot be a header value (a control character, or
+whitespace at either end: the body's `meta_info.id` still says it). Non-200 replies, error frames and
+incomplete streams record nothing. The reply bytes are never touched.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import re
 
 import msgspec
 import numpy as np
@@ -26,6 +28,8 @@ from router.core.generate import Prompt
 from router.wire.sglang import GenerateOutput, generate_output_decoder
 
 _outputs_decoder = msgspec.json.Decoder(list[GenerateOutput])
+# An HTTP field value (RFC 9110, as h11 checks it): visible bytes, inner spaces and tabs.
+_HEADER_VALUE = re.compile(rb"(?:[\x21-\x7e\x80-\xff](?:[\x20\t\x21-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?")
 
 
 class Options(msgspec.Struct, forbid_unknown_fields=True):
@@ -86,7 +90,9 @@ class Capture(Stage):
         client_headers = ex.scratch.get("client_headers")  # present while the reply's head is held back
         if client_headers is not None and records:
             # the key /retrieve_from_text takes as `rid` when several samples' texts are the same
-            client_headers.append((b"x-miles-router-rid", ",".join(r.rid for r in records).encode()))
+            rids = ",".join(r.rid for r in records).encode()
+            if _HEADER_VALUE.fullmatch(rids):  # a client's rid may hold "\r": no 500 for that
+                client_headers.append((b"x-miles-router-rid", rids))
 
     @staticmethod
     def _tokens(out: GenerateOutput) -> tuple[np.ndarray, np.ndarray]:

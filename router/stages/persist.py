@@ -42,7 +42,7 @@ class Persist(Stage):
         items = []
         for rec in records:
             ans = tree.peek_exact(rec.visible_text, rec.rid)
-            if ans is None:  # evicted already, or its rid no longer kept (router/core/radix.py MAX_ALIASES)
+            if ans is None:  # evicted already, or its rid no longer kept (router/core/radix/node.py MAX_ALIASES)
                 continue
             items.append(Keyed(text_digest(rec.visible_text), wire.pack(
                 rid=rec.rid, created=now, prompt_len=len(rec.prompt_ids), finish=ans.finish, worker=rec.worker,

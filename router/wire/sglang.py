@@ -32,10 +32,6 @@ class GenerateRequest(msgspec.Struct):
         return len(self.input_ids) > 0 and bytes(self.input_ids) != b"null"
 
 
-class SamplingParamsN(msgspec.Struct):
-    n: int = 1
-
-
 class FinishReason(msgspec.Struct):
     type: str
     matched: int | str | list[int] | None = None
@@ -101,7 +97,6 @@ def reply_summaries(body: bytes) -> list[ReplySummary] | None:
 
 generate_request_decoder = msgspec.json.Decoder(GenerateRequest)
 input_ids_decoder = msgspec.json.Decoder(list[int])
-sampling_n_decoder = msgspec.json.Decoder(SamplingParamsN)
 generate_output_decoder = msgspec.json.Decoder(GenerateOutput)
 
 

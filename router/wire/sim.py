@@ -41,15 +41,15 @@ class SimOptions(msgspec.Struct, kw_only=True):
     batch_step_s_per_context_token: NonNegative = 0.0
     max_running_requests: Annotated[int, Meta(ge=0)] = 0  # batch: more wait in the queue (0 = no cap)
     chunked_prefill_size: Annotated[int, Meta(ge=0)] = 0  # batch: uncached prompt tokens per step (0 = no cap)
-    num_layers: int = 2
-    top_k: int = 2
+    num_layers: Annotated[int, Meta(ge=1)] = 2
+    top_k: Annotated[int, Meta(ge=1)] = 2
     num_experts: int = 64
     enable_routed_experts: bool = True
     # False: ignore `routed_experts_start_len` and return every row, as some SGLang builds do
     honour_routed_experts_start_len: bool = True
     weight_version: str = "default"
     prefix_cache_tokens: int = 1 << 20
-    noncanonical_rate: float = 0.15
+    noncanonical_rate: Annotated[float, Meta(ge=0, le=1)] = 0.15
     model_path: str = "sim/qwen"
     name: str = "sim"
     context_length: int = 131072
