@@ -56,8 +56,9 @@ def test_spill_rule():
 
 def test_spill_rule_weighs_the_stake():
     """Prefix affinity: each tokens_per_request tokens of stake allow one request of imbalance; below
-    abs_threshold the gap alone decides, above it the allowance replaces abs_threshold in the
-    abs-and-rel rule, up to 4 x abs_threshold."""
+    abs_threshold the gap alone decides. A larger stake keeps the abs-and-rel rule with rel_threshold
+    raised by allowed / abs_threshold (up to 4x): a conversation leaves its history only for a worker
+    that is nearly idle by comparison."""
     pool = WorkerPool()
     a, _ = pool.add("http://a:1")
     b, _ = pool.add("http://b:1")
@@ -69,15 +70,14 @@ def test_spill_rule_weighs_the_stake():
     assert not rule.overloaded(a, b) and not rule.overloaded(a, b, stake_tokens=5000)  # the fixed rule: gap 3 <= 8
     assert not SpillRule(8, 1.5, tokens_per_request=0).overloaded(a, b, stake_tokens=0)  # off: the fixed rule
     a.inflight = 18  # gap 9 > 8 and 18 > 1.5 x 9: the fixed rule spills ...
-    assert rule.overloaded(a, b) and rule.overloaded(a, b, stake_tokens=512)
-    assert not rule.overloaded(a, b, stake_tokens=640)  # ... a 640-token stake allows 10
-    assert choose(pool, a, rule, "hit", stake_tokens=640) == (a, "hit")
-    a.inflight, b.inflight = 60, 20  # gap 40 > 32 = 4 x abs_threshold, and 60 > 1.5 x 20
+    assert rule.overloaded(a, b) and rule.overloaded(a, b, stake_tokens=512)  # (512 tokens: 8 allowed, rel x 1)
+    assert not rule.overloaded(a, b, stake_tokens=1024)  # ... a 1024-token stake wants 18 > 3 x 9
+    assert choose(pool, a, rule, "hit", stake_tokens=1024) == (a, "hit")
+    b.inflight = 2  # nearly idle: 18 > 6 x 2 (the raise stops at 4x) and gap 16 > 8
     assert rule.overloaded(a, b, stake_tokens=10**6)
     assert choose(pool, a, rule, "hit", stake_tokens=10**6) == (b, "spill")
-    b.inflight = 45  # gap 15, 60 < 1.5 x 45: a large stake stays (the relative part), a small one moves
-    assert not rule.overloaded(a, b, stake_tokens=10**6)
-    assert rule.overloaded(a, b, stake_tokens=64)
+    b.inflight = 4  # 18 < 6 x 4: a long history stays
+    assert not rule.overloaded(a, b, stake_tokens=10**6) and rule.overloaded(a, b, stake_tokens=512)
 
 
 def test_unheld_counts_the_blocks_a_worker_would_prefill_again():

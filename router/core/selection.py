@@ -19,10 +19,10 @@ a block the index saw go to `owners_per_block` workers, like a shared system pro
 held everywhere). A small stake — a new sample of a GRPO group whose problem prompt one worker
 has seen, behind the system prompt — buys little load: the request stays while the preferred
 worker has at most `stake / tokens_per_request` more in flight than the least-loaded one. A large
-stake — a conversation's history — raises the rule above's absolute threshold to that many (up to
-4x). So a group spreads over a few workers early (its turns' prefills do not all land on one
-worker at once, and the load stays even) while a conversation stays where its history is
-(measured in bench/bench_routing.py, which chose tokens_per_request = 32).
+stake — a conversation's history — keeps the rule above with its relative threshold raised in
+proportion (up to 4x). So a group spreads over a few workers early (its turns' prefills do not
+all land on one worker at once, and the load stays even) while a conversation stays where its
+history is (measured in bench/bench_routing.py, which chose tokens_per_request = 32).
 """
 
 from __future__ import annotations
@@ -47,17 +47,19 @@ class SpillRule:
     def overloaded(self, preferred: Worker, least: Worker, stake_tokens: int | None = None) -> bool:
         """Fixed rule: more than abs_threshold requests AND rel_threshold times the least-loaded
         worker's. With a stake (and tokens_per_request): `allowed` = stake / tokens_per_request
-        requests (at least 1); below abs_threshold the gap alone decides, from there on allowed
-        replaces abs_threshold in the fixed rule, up to 4 x abs_threshold (so a saturated worker
-        still sheds its long conversations)."""
+        requests (at least 1); below abs_threshold the gap alone decides; from there on the fixed
+        rule holds with rel_threshold raised by allowed / abs_threshold, up to 4x: a long history
+        leaves only for a worker that is nearly idle by comparison (which also keeps the first
+        requests of a fresh router, whose index does not yet know that every worker holds the
+        system prompt, from piling up past abs_threshold)."""
         gap = preferred.inflight - least.inflight
-        abs_threshold = self.abs_threshold
+        rel_threshold = self.rel_threshold
         if stake_tokens is not None and self.tokens_per_request > 0:
             allowed = max(1, stake_tokens // self.tokens_per_request)
-            if allowed < abs_threshold:
+            if allowed < self.abs_threshold:
                 return gap > allowed
-            abs_threshold = min(allowed, 4 * abs_threshold)
-        return gap > abs_threshold and preferred.inflight > self.rel_threshold * max(least.inflight, 1)
+            rel_threshold *= min(allowed / max(self.abs_threshold, 1), 4.0)
+        return gap > self.abs_threshold and preferred.inflight > rel_threshold * max(least.inflight, 1)
 
 
 def choose(pool: WorkerPool, preferred: Worker | None, rule: SpillRule, hit_reason: str,
