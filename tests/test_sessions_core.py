@@ -439,11 +439,11 @@ class Pipeline:
 
     async def chat(self, session, body: dict, text: str, length: int | None = None):
         ex = Exchange("POST", "/sessions/x/v1/chat/completions", b"", [], msgspec.json.encode(body))
-        ex.scratch["session"] = session
+        ex.session = session
         for s in self.request_stages:
             await s.on_request(ex)
         ex.status, ex.response_body = 200, self.worker.reply(ex.upstream_body, text, length)
-        ex.scratch["client_headers"] = []
+        ex.client_headers = []
         for s in self.response_stages:
             await s.on_response(ex)
         return ex
@@ -596,14 +596,15 @@ async def test_random_conversations_give_exact_samples(qwen, plan, start_len, re
 def test_routed_experts_tail_decode_equals_full_decode(layers, topk, rows, data):
     import base64
 
-    from router.stages._session import BadWorkerReply, decode_rows
+    from router.wire.sglang import BadOutput, routed_experts_rows
 
     skip = data.draw(st.integers(0, rows))
     arr = np.arange(rows * layers * topk, dtype=np.int32).reshape(rows, layers, topk) * 7 - 3
     raw = msgspec.Raw(b'"' + base64.b64encode(arr.tobytes()) + b'"')
-    got = decode_rows(raw, (layers, topk), skip)
+    got = routed_experts_rows(raw, (layers, topk), skip)
     assert got.dtype == np.int32 and got.tobytes() == arr[skip:].tobytes()
-    with pytest.raises(BadWorkerReply):
-        decode_rows(msgspec.Raw(b'"' + base64.b64encode(arr.tobytes() + b"\x01") + b'"'), (layers, topk), 0)
-    with pytest.raises(BadWorkerReply):
-        decode_rows(msgspec.Raw(b'"####"'), (layers, topk), 0)
+    assert routed_experts_rows(raw).tobytes() == arr.tobytes()  # no row shape: every value, flat
+    with pytest.raises(BadOutput):
+        routed_experts_rows(msgspec.Raw(b'"' + base64.b64encode(arr.tobytes() + b"\x01") + b'"'), (layers, topk), 0)
+    with pytest.raises(BadOutput):
+        routed_experts_rows(msgspec.Raw(b'"####"'), (layers, topk), 0)

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
+from router.core.errors import Unavailable
 from router.wire.store import StoredTrajectory
 
 
@@ -43,7 +44,7 @@ class Keyed(NamedTuple):
     vlen: int = 0  # bytes of the visible text
 
 
-class StoreError(Exception):
+class StoreError(Unavailable):
     """The store cannot do what was asked; the message names the store and the reason (one line)."""
 
 

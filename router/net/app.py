@@ -19,6 +19,7 @@ from urllib.parse import parse_qs
 import trio
 
 from router.wire import DECODE_ERRORS, decode_error_text
+from router.core.errors import RouterError
 from router.core.headers import header_value
 from router.core.pipeline import CommitError, Exchange, Reply, StageError
 from router.core.urls import TargetError, WorkerUrlError, host_allowed, normalize_worker_url, origin_form
@@ -129,6 +130,11 @@ def error_reply(status: int, message: str, **extra) -> Reply:
     return Reply(status, error_body(message, **extra))
 
 
+def error_reply_for(e: RouterError, **extra) -> Reply:
+    """The one answer to any RouterError (router/core/errors.py): its status, `{"error", **extra}`."""
+    return error_reply(e.status, e.message, **extra, **e.extra)
+
+
 def _ascii(s: str) -> bytes:
     return s.encode("ascii", "backslashreplace")[:1024]
 
@@ -226,8 +232,8 @@ class RouterApp:
             else:
                 try:
                     reply = await handler(scope, body)
-                except StageError as e:
-                    reply = error_reply(e.status, e.message, **e.extra)
+                except RouterError as e:
+                    reply = error_reply_for(e)
             await send_reply(send, reply)
             self.rt.metrics.observe_request(route_label, reply.status, time.perf_counter() - t0)
             return
@@ -294,15 +300,14 @@ class RouterApp:
 
     # ---- proxy ------------------------------------------------------------------------------
     async def _proxy(self, scope, receive, send, body: bytes, pipe: RoutePipeline, *,
-                     scratch: dict | None = None, upstream_path: str | None = None) -> int:
+                     session=None, routing_key: str | None = None, upstream_path: str | None = None) -> int:
         ex = Exchange(scope["method"], scope["path"], scope["query_string"], scope["headers"], body, route=pipe.route)
         if upstream_path is not None:
             ex.path = upstream_path
         elif scope.get("raw_path"):
             # Forward the path as the client spelled it (percent-encoding included), never re-quoted.
             ex.path = scope["raw_path"].decode("latin-1").split("?", 1)[0]
-        if scratch:
-            ex.scratch.update(scratch)
+        ex.session, ex.routing_key = session, routing_key
         client = ClientStream(send, pipe.needs_response)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope, client)
@@ -361,11 +366,11 @@ class RouterApp:
                     return
             stage = pipe.forward_stage
             await stage.forward(ex, client)
-        except StageError as e:
+        except RouterError as e:
             self.rt.metrics.stage_errors.labels(stage.name).inc()
             if client.started:
                 raise
-            await client.reply(error_reply(e.status, e.message, stage=stage.name, **e.extra))
+            await client.reply(error_reply_for(e, stage=stage.name))
             return
         except Exception as e:
             self.rt.metrics.stage_errors.labels(getattr(stage, "name", "?")).inc()
@@ -389,7 +394,7 @@ class RouterApp:
                 log.warning("response stage %s failed for %s %s: %s", stage.name, ex.method, ex.path, e.message)
                 if client.started:
                     raise
-                await client.reply(error_reply(e.status, e.message, stage=stage.name, **e.extra))
+                await client.reply(error_reply_for(e, stage=stage.name))
                 return
             except Exception as e:
                 self.rt.metrics.stage_errors.labels(stage.name).inc()
@@ -397,7 +402,7 @@ class RouterApp:
                             type(e).__name__, e)
                 ex.stage_errors.append(f"{stage.name}: {type(e).__name__}: {e}")
         if not client.started:
-            headers = list(ex.scratch.get("client_headers", ()))
+            headers = list(ex.client_headers or ())
             if ex.stage_errors:
                 headers.append((b"x-miles-router-stage-error", _ascii("; ".join(ex.stage_errors))))
             await client.start(ex.status or 502, headers)

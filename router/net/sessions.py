@@ -30,7 +30,7 @@ from router.core.sessions.registry import Session, SessionError
 from router.core.sessions.samples import Assembly, SampleError, collect, session_metadata
 from router.core.sessions.tree import SessionTree, Turn
 from router.core.store import StoreError
-from router.net.app import error_reply, json_reply, send_reply
+from router.net.app import error_reply, error_reply_for, json_reply, send_reply
 from router.wire import DECODE_ERRORS, decode_error_text
 from router.wire.openai import BadTool, json_encoder, sglang_tools
 from router.wire.samples import CONTENT_TYPE, encode_samples
@@ -62,7 +62,7 @@ class SessionRoutes:
         try:
             session = self.registry.get(sid)  # reading a session is not using it: no idle refresh
         except SessionError as e:
-            return await _send(send, error_reply(e.status, e.message))
+            return await _send(send, error_reply_for(e))
         if not rest:
             if method == "GET":
                 return await _send(send, json_reply(200, self.describe(session)))
@@ -72,7 +72,7 @@ class SessionRoutes:
                     try:
                         await self.rt.session_persister.deleted(sid)
                     except StoreError as e:
-                        return await _send(send, error_reply(503, str(e), store=self.rt.session_persister.where))
+                        return await _send(send, error_reply_for(e, store=self.rt.session_persister.where))
                 await send({"type": "http.response.start", "status": 204, "headers": []})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return 204
@@ -91,7 +91,7 @@ class SessionRoutes:
         session.last_used = time.monotonic()
         try:
             return await self.app._proxy(scope, receive, send, body, pipe, upstream_path=upstream_path,
-                                         scratch={"session": session, "routing_key": session.id})
+                                         session=session, routing_key=session.id)
         finally:
             session.inflight -= 1
             session.last_used = time.monotonic()
@@ -100,13 +100,13 @@ class SessionRoutes:
         try:
             session = self.registry.create(time.monotonic())
         except SessionError as e:
-            return error_reply(e.status, e.message)
+            return error_reply_for(e)
         if self.rt.session_persister is not None:
             try:  # an id the client holds must survive a crash: committed before it is returned
                 await self.rt.session_persister.created(session)
             except StoreError as e:
                 self.registry.sessions.pop(session.id, None)
-                return error_reply(503, str(e), store=self.rt.session_persister.where)
+                return error_reply_for(e, store=self.rt.session_persister.where)
         return json_reply(200, {"session_id": session.id})
 
     # ---- miles' views of a session ------------------------------------------------------------------------
@@ -214,7 +214,7 @@ class SessionRoutes:
             got = collect(session.tree, session.tree.active, self.assembly(), max_seq_len=req.max_seq_len,
                           agent_metadata=req.metadata if variant == "v2" else None)
         except SampleError as e:
-            return error_reply(422, f"sample assembly failed: {e}")
+            return error_reply(e.status, f"sample assembly failed: {e.message}")
         args = (got.samples, got.session_metadata, got.empty_reason, variant)
         if sum(len(s.tokens) for s in got.samples) > _OFFLOAD_TOKENS:
             payload = await trio.to_thread.run_sync(encode_samples, *args)

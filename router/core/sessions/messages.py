@@ -28,6 +28,7 @@ from typing import Any
 
 import msgspec
 
+from router.core.errors import RouterError
 from router.wire.openai import ChatMessageIn, ToolCallIn
 
 _canonical_encoder = msgspec.json.Encoder(order="sorted")
@@ -36,7 +37,7 @@ _canonical_encoder = msgspec.json.Encoder(order="sorted")
 Matcher = Callable[[msgspec.Raw, ChatMessageIn, msgspec.Raw, ChatMessageIn], bool]
 
 
-class MatcherError(Exception):
+class MatcherError(RouterError):
     """The configured message matcher raised or returned a non-bool: the request fails with 500."""
 
 

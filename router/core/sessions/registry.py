@@ -20,27 +20,24 @@ from collections.abc import Callable
 
 import numpy as np
 
+from router.core.errors import BadRequest, Gone, NotFound, TooManyRequests
 from router.core.sessions.messages import BUILTIN_MATCHERS, Matcher
 from router.core.sessions.tree import SessionTree
 
 
-class SessionError(Exception):
-    status = 400
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+class SessionError(BadRequest):
+    """A session request that cannot be served."""
 
 
-class SessionNotFound(SessionError):
+class SessionNotFound(SessionError, NotFound):
     status = 404
 
 
-class SessionGone(SessionError):
+class SessionGone(SessionError, Gone):
     status = 410
 
 
-class SessionLimit(SessionError):
+class SessionLimit(SessionError, TooManyRequests):
     status = 429
 
 

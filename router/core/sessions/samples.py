@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from router.core.errors import Unprocessable
 from router.core.sessions.tree import SessionTree, Turn
 
 Variant = Literal["v1", "v2"]
@@ -41,7 +42,7 @@ SERVER_OWNED_KEYS = ("accumulated_token_ids", "tito_session_mismatch", "leaf")
 _STATUS = {"stop": "completed", "tool_calls": "completed", "length": "truncated", "abort": "aborted"}
 
 
-class SampleError(Exception):
+class SampleError(Unprocessable):
     """The session cannot be assembled into samples (miles' AssertionError/ValueError): 422."""
 
 

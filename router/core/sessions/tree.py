@@ -30,6 +30,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from router.core.errors import Conflict
 from router.core.sessions.messages import BUILTIN_MATCHERS, Matcher
 from router.wire.chat_messages import RequestMessages
 from router.wire.openai import ChatMessageIn, json_encoder
@@ -38,7 +39,7 @@ UNFINISHED = frozenset({"length"})
 _ids_encoder = msgspec.json.Encoder()
 
 
-class TurnLimit(Exception):
+class TurnLimit(Conflict):
     """The session holds its maximum number of turns."""
 
 
