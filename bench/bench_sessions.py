@@ -192,7 +192,12 @@ class SplitTimer:
         from router.core.sessions.tree import SessionTree
 
         request_mod.decode_chat_request = self._wrap(request_mod.decode_chat_request, "wire")
-        session_mod._reply_decoder = self._timed(session_mod._reply_decoder, "decode", "wire")
+        if hasattr(session_mod, "_reply_decoder"):  # (an older router, for --compare-ref)
+            session_mod._reply_decoder = self._timed(session_mod._reply_decoder, "decode", "wire")
+        else:  # the one /generate reply decoder, router/wire/sglang.py
+            import router.wire.sglang as sglang_mod
+
+            sglang_mod._raw_output_decoder = self._timed(sglang_mod._raw_output_decoder, "decode", "wire")
         SessionTree.join_path_ids = self._wrap(SessionTree.join_path_ids, "wire")
         SessionTree._encode_ids = self._wrap(SessionTree._encode_ids, "encode")  # inside join: not wire
         SessionTree.attach_point = self._wrap(SessionTree.attach_point, "match")

@@ -21,4 +21,4 @@ strs_decoder = msgspec.json.Decoder(list[str])
 
 
 def present(raw: msgspec.Raw) -> bool:
-    return len(raw) > 0 and bytes(raw) != b"null"
+    return len(raw) > 0 and not (len(raw) == 4 and bytes(raw) == b"null")  # (no copy of a long prompt)
