@@ -73,6 +73,9 @@ class WorkersConfig(_Table):
     # FIFO queue and are placed when a slot frees, for up to `queue_timeout_s` (-> 503).
     max_inflight_per_worker: Annotated[int, Meta(ge=1, extra={"hint": "leave it out for no cap"})] | None = None
     queue_timeout_s: Positive = 60.0
+    # Worker URL -> labels for the RL plane's selectors (`[workers.labels."http://h:p"] pool = "a"`); applied when
+    # that URL registers (from `urls`, /add_worker or POST /workers, whose own labels win per key).
+    labels: dict[str, dict[str, str | int | float | bool]] = msgspec.field(default_factory=dict)
 
 
 class RetryConfig(_Table):
@@ -157,6 +160,17 @@ class RoutingConfig(_Table):
     default_policy: Literal["least_inflight", "prefix_affinity", "sticky"] = "least_inflight"
 
 
+class RlConfig(_Table):
+    """The SGLang Model Gateway's RL control plane (`/v1/rl/...`, smg 1.13's `--enable-rl`): worker discovery,
+    one engine route on one worker, and a fan-out to the workers a label selector matches (router/net/rl.py)."""
+
+    enabled: bool = True
+    # the longest one engine call through /v1/rl may take (smg's --rl-control-timeout-secs)
+    control_timeout_s: Positive = 600.0
+    # engine calls in flight at once in one fan-out (smg's --rl-fanout-concurrency)
+    fanout_concurrency: AtLeastOne = 32
+
+
 class SessionsConfig(_Table):
     """Agent sessions (`/sessions/...`): OpenAI chat with exact token-in/token-out trajectories."""
 
@@ -196,6 +210,7 @@ class Config(_Table):
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     sessions: SessionsConfig = msgspec.field(default_factory=SessionsConfig)
+    rl: RlConfig = msgspec.field(default_factory=RlConfig)
     # per-worker circuit breaker fed by request outcomes (router/core/workers.py)
     breaker: BreakerPolicy = msgspec.field(default_factory=BreakerPolicy)
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
@@ -290,6 +305,17 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
             normalize_worker_url(url)
         except WorkerUrlError as e:
             problems.append((f"workers.urls[{i}]", str(e)))
+    from router.core.labels import check_labels
+
+    for url, labels in cfg.workers.labels.items():
+        try:
+            normalize_worker_url(url)
+            check_labels(labels, f"workers.labels.{json.dumps(url)}")
+        except WorkerUrlError as e:
+            problems.append((f"workers.labels.{json.dumps(url)}", str(e)))
+        except ValueError as e:
+            key, _, reason = str(e).partition(": ")
+            problems.append((key, reason))
     c = cfg.cache
     need(c.hard_budget_bytes >= c.budget_bytes, "cache.hard_budget_bytes", "must be >= cache.budget_bytes")
     url_problem = None if cfg.store.url is None else _postgres_url_problem(cfg.store.url)

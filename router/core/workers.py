@@ -30,6 +30,8 @@ from typing import Annotated, NamedTuple
 import msgspec
 from msgspec import Meta
 
+from router.core.control import ControlState
+
 
 class WorkerState(str, enum.Enum):
     HEALTHY = "healthy"
@@ -96,6 +98,13 @@ class Worker:
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
     worker_type: str = "regular"
     bootstrap_port: int | None = None
+    # Labels for selectors (the RL plane's `?selector=`): from the config, POST /workers or /add_worker.
+    labels: dict = field(default_factory=dict)
+    # Paused / asleep as the control calls through the router left it (router/core/control.py).
+    control: ControlState = field(default_factory=ControlState)
+    # The engine's own facts for the RL plane's discovery rows (router/net/rl.py), fetched once.
+    engine_info: dict | None = None
+    engine_info_tried: float = float("-inf")
 
     @property
     def selectable(self) -> bool:
@@ -116,6 +125,8 @@ class Worker:
             "quarantines_total": self.quarantines_total,
             "request_failures_total": self.request_failures_total,
             "breaker": self.breaker.describe(),
+            "labels": dict(self.labels),
+            "control_state": self.control.name,
         }
 
 
@@ -397,6 +408,10 @@ class WorkerPool:
         key = f"{old.value}->{new.value}"
         b.transitions[key] = b.transitions.get(key, 0) + 1
         return BreakerTransition(w, old, new, reason)
+
+    def by_id(self, worker_id: str) -> Worker | None:
+        """The registered (or draining) worker with this gateway id."""
+        return next((w for w in self.all if w.id == worker_id), None)
 
     def inflight_by_url(self) -> dict[str, int]:
         return {w.url: w.inflight for w in self._workers.values()}

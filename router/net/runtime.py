@@ -67,6 +67,9 @@ class Runtime:
         self.admission = ConcurrencyLimit(sv.max_concurrent_requests, sv.queue_size, sv.queue_timeout_s,
                                           self.metrics.queue_waited)
         self._probers: dict[str, trio.CancelScope] = {}
+        from router.core.labels import check_labels
+
+        self.config_labels = {normalize_worker_url(u): check_labels(v) for u, v in w.labels.items()}
         self.tokenizer = None
         self.tree_if_loaded = None
         self.store = None  # the durable trajectory store (a TrajectoryStore), when a pipeline persists
@@ -297,9 +300,16 @@ class Runtime:
         return self.tree_if_loaded
 
     # ---- workers --------------------------------------------------------------------------
-    def add_worker(self, url: str) -> tuple[Worker, bool]:
+    def add_worker(self, url: str, labels: dict | None = None) -> tuple[Worker, bool]:
+        """Register `url` (idempotent). Its labels: `workers.labels` for the URL, then `labels` per key; a
+        re-registration without labels keeps the worker's."""
         url = normalize_worker_url(url)
         worker, created = self.pool.add(url)
+        if created or labels is not None:
+            worker.labels = {**self.config_labels.get(url, {}), **(labels or {})}
+            seed = worker.labels.pop("weight_version", None)  # smg's registration label; the engine's own wins later
+            if seed is not None and worker.weight_version is None:
+                self.observe_weight_version(worker, seed)
         if created and url not in self._probers:
             scope = trio.CancelScope()
             self._probers[url] = scope
@@ -331,6 +341,10 @@ class Runtime:
             log.log(lvl, "worker %s: %s -> %s (%s)", t.worker.url, t.old.value, t.new.value, t.reason)
         if t.new.value in ("healthy", "closed"):
             self.slot_queue.wake()
+
+    def control_changed(self, worker: Worker) -> None:
+        """A control call changed `worker`'s paused/asleep state or its weights: requests waiting may now go."""
+        self.slot_queue.wake()
 
     def on_worker_error(self, worker: Worker, error: str) -> None:
         """Evidence as strong as a failed probe (a refused connect): counts toward quarantine."""
