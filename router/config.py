@@ -158,6 +158,13 @@ class RoutingConfig(_Table):
     # The policy of every proxied path whose [[routes]] entry names none (or that has no entry),
     # like the gateway's --policy.
     default_policy: Literal["least_inflight", "prefix_affinity", "sticky"] = "least_inflight"
+    # Generation requests wait at the router (up to hold_timeout_s, then 503) while every worker they may use
+    # was paused (or put to sleep) through the router, instead of going to an engine that would block them.
+    hold_when_paused: bool = True
+    hold_timeout_s: Positive = 300.0
+    # Which weight versions may serve generation requests: any | latest-only | max-staleness:K
+    # (per request: the x-smg-version-policy header).
+    version_policy: str = "any"
 
 
 class RlConfig(_Table):
@@ -321,6 +328,12 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
     url_problem = None if cfg.store.url is None else _postgres_url_problem(cfg.store.url)
     need(url_problem is None, "store.url", url_problem or "")
     cfg.routing.sticky_header = cfg.routing.sticky_header.lower()
+    from router.core.eligibility import parse_version_policy
+
+    try:
+        parse_version_policy(cfg.routing.version_policy)
+    except ValueError as e:
+        problems.append(("routing.version_policy", str(e).partition(": ")[2]))
     from router.core.sessions.messages import resolve_matcher
 
     try:

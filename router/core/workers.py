@@ -24,6 +24,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, NamedTuple
 
@@ -176,6 +177,7 @@ class WorkerPool:
         self._draining: dict[str, Worker] = {}
         self._rr = 0
         self.admission_check = None  # Callable[[Worker], str | None]: reason to hold, or None
+        self.candidate: Callable[[Worker], bool] | None = None  # set by `only` while a request is placed
 
     # ---- registration -------------------------------------------------------------------
     def add(self, url: str) -> tuple[Worker, bool]:
@@ -249,14 +251,28 @@ class WorkerPool:
         return self.max_inflight is None or w.inflight < self.max_inflight
 
     def admits(self, w: Worker, now: float | None = None) -> bool:
-        """Healthy, under the per-worker cap, and let through by its breaker."""
-        return w.state is WorkerState.HEALTHY and self.has_slot(w) and self.breaker_admits(w, now)
+        """Healthy, under the per-worker cap, let through by its breaker, and a candidate for the request
+        being placed (`only`)."""
+        return (w.state is WorkerState.HEALTHY and self.has_slot(w) and self.breaker_admits(w, now)
+                and (self.candidate is None or self.candidate(w)))
 
     def routable(self, exclude: Iterable[Worker] = ()) -> list[Worker]:
-        """Workers a request could go to once a slot frees (healthy, breaker permitting), cap ignored."""
+        """Workers a request could go to once a slot frees (healthy, breaker permitting, a candidate), cap ignored."""
         now = self.clock()
         return [w for w in self._workers.values()
-                if w.state is WorkerState.HEALTHY and w not in exclude and self.breaker_admits(w, now)]
+                if w.state is WorkerState.HEALTHY and w not in exclude and self.breaker_admits(w, now)
+                and (self.candidate is None or self.candidate(w))]
+
+    @contextmanager
+    def only(self, candidate: Callable[[Worker], bool] | None):
+        """Within the block, selection (`admits`, `pick`, `routable`, ...) sees only workers `candidate` accepts:
+        the request being placed may not use the others (a paused engine, stale weights). The block must not
+        await (so no other request is placed meanwhile)."""
+        outer, self.candidate = self.candidate, candidate
+        try:
+            yield
+        finally:
+            self.candidate = outer
 
     def pick(self, exclude: Iterable[Worker] = ()) -> Worker | None:
         """The admissible worker with the fewest in-flight requests; ties go round-robin."""

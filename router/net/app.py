@@ -86,6 +86,9 @@ class ClientStream:
         if ex.worker is not None:
             out.append((b"x-miles-router-worker", ex.worker.url.encode()))
             out.append((b"x-miles-router-route-reason", ex.route_reason.encode()))
+            version = ex.worker.weight_version  # the weights that served it, as the router knows them
+            if version is not None and version.isprintable() and version.isascii():
+                out.append((b"x-miles-router-weight-version", version.encode()))
         return out
 
 

@@ -20,6 +20,8 @@ import trio
 
 from router.wire import DECODE_ERRORS
 from router.config import Config
+from router.core.eligibility import ANY, VERSION_POLICY_HEADER, Eligibility, HoldTimeout, is_generation, parse_version_policy
+from router.core.headers import header_value
 from router.core.pipeline import PipelineSpec, load_pipeline
 from router.core.selection import PrefixIndex, SpillRule, StickyTable, choose
 from router.core.urls import normalize_worker_url
@@ -63,6 +65,8 @@ class Runtime:
         # Requests waiting for a worker slot (workers.max_inflight_per_worker), and for admission
         # (server.max_concurrent_requests): one FIFO mechanism, router/net/admission.py.
         self.slot_queue = FifoQueue("worker_slot", self.metrics.queue_waited)
+        # Generation requests held while every worker they may use is paused (routing.hold_when_paused).
+        self.hold_queue = FifoQueue("pause_hold", self.metrics.queue_waited)
         sv = config.server
         self.admission = ConcurrencyLimit(sv.max_concurrent_requests, sv.queue_size, sv.queue_timeout_s,
                                           self.metrics.queue_waited)
@@ -86,6 +90,7 @@ class Runtime:
         self.prefix_index = PrefixIndex(block_tokens=g.prefix_block_tokens, capacity_blocks=g.prefix_capacity_blocks,
                                         owners_per_block=g.prefix_owners_per_block)
         self.sticky = StickyTable(idle_s=g.sticky_idle_s)
+        self.version_policy = parse_version_policy(g.version_policy)
         # The index costs ~200 B per 16-token block: only keep one when a route routes by it.
         self.uses_prefix_affinity = "prefix_affinity" in (g.default_policy, *(r.policy for r in config.routes))
         if g.weight_version_gate:
@@ -344,6 +349,7 @@ class Runtime:
 
     def control_changed(self, worker: Worker) -> None:
         """A control call changed `worker`'s paused/asleep state or its weights: requests waiting may now go."""
+        self.hold_queue.wake()
         self.slot_queue.wake()
 
     def on_worker_error(self, worker: Worker, error: str) -> None:
@@ -356,25 +362,75 @@ class Runtime:
         self._transition(self.pool.record_outcome(worker, failed, reason, trial))
 
     # ---- taking a worker for a request --------------------------------------------------------
+    def eligibility(self, ex) -> Eligibility:
+        """Which workers may serve `ex` (router/core/eligibility.py): not paused for a generation request, and
+        the version policy (the x-smg-version-policy header, else routing.version_policy). 400 for a bad header."""
+        got = ex.scratch.get("eligibility")
+        if got is None:
+            policy = self.version_policy
+            raw = header_value(ex.headers, VERSION_POLICY_HEADER)
+            if raw is not None:
+                try:
+                    policy = parse_version_policy(raw.decode("latin-1"))
+                except ValueError as e:
+                    raise StageError(400, f"x-smg-version-policy: {e}") from None
+            newest = None
+            if policy is not ANY:
+                current = self.current_weight_version()
+                newest = None if current is None else self.versions_seen[current]
+            got = ex.scratch["eligibility"] = Eligibility(
+                is_generation(ex.method, ex.path), self.config.routing.hold_when_paused, policy, self.versions_seen,
+                newest)
+        return got
+
+    def routable(self, ex, exclude=()) -> list[Worker]:
+        """Workers `ex` could go to once a slot frees (the per-worker cap ignored)."""
+        with self.pool.only(self.eligibility(ex).admits):
+            return self.pool.routable(exclude)
+
+    def pickable(self, ex, exclude=()) -> bool:
+        """Whether `ex` could go to a worker now."""
+        with self.pool.only(self.eligibility(ex).admits):
+            return self.pool.pick(exclude) is not None
+
     def _take(self, ex, exclude) -> tuple[Worker, str, bool] | None:
-        worker, reason = self.select(ex, exclude)
+        with self.pool.only(self.eligibility(ex).admits):
+            worker, reason = self.select(ex, exclude)
         if worker is None:
             return None
         trial, transition = self.pool.acquire(worker)
         self._transition(transition)
         return worker, reason, trial
 
+    async def _hold(self, ex, exclude, waiting_for: list[Worker]) -> tuple[Worker, str, bool]:
+        """Wait (FIFO) until a worker `ex` may use resumes; 503 past routing.hold_timeout_s."""
+        timeout = self.config.routing.hold_timeout_s
+        try:
+            return await self.hold_queue.acquire(lambda: self._take(ex, exclude),
+                                                 lambda g: self.give_back(g[0], g[2]), timeout_s=timeout)
+        except QueueTimeout as e:
+            self.metrics.queue_rejected("pause_hold", "timeout")
+            held = HoldTimeout(e.waited_s, timeout, tuple(w.url for w in waiting_for))
+            raise StageError(503, held.message, held_s=round(e.waited_s, 3)) from None
+
     async def take_worker(self, ex, exclude=()) -> tuple[Worker | None, str, bool]:
         """Select a worker and count the request on it: (worker, route reason, is breaker trial).
 
         With `workers.max_inflight_per_worker`, a request that finds every usable worker full waits
         in the FIFO slot queue and is placed (by its route's policy) when a slot frees; a wait past
-        `workers.queue_timeout_s` fails the request with 503. (None, "none", False) when no worker is usable.
+        `workers.queue_timeout_s` fails the request with 503. A generation request whose workers are all
+        paused waits in the hold queue until one resumes (`routing.hold_when_paused`). (None, "none", False)
+        when no worker is usable.
         """
         got = self._take(ex, exclude) if not len(self.slot_queue) else None
         if got is not None:
             return got
-        if not self.pool.routable(exclude):
+        if not self.routable(ex, exclude):
+            elig = self.eligibility(ex)
+            with self.pool.only(elig.waits_for):
+                waiting_for = self.pool.routable(exclude)
+            if waiting_for:
+                return await self._hold(ex, exclude, waiting_for)
             return None, "none", False
         if self.pool.max_inflight is None and not len(self.slot_queue):
             return None, "none", False
@@ -391,6 +447,8 @@ class Runtime:
 
     def give_back(self, worker: Worker, trial: bool = False) -> None:
         self.pool.release(worker, trial)
+        if len(self.hold_queue):
+            self.hold_queue.wake()
         if len(self.slot_queue):
             self.slot_queue.wake()
 
