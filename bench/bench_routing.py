@@ -353,13 +353,14 @@ async def run_once(label: str, policy: str, key_mode: str, worker_urls: list[str
         "workers": {"urls": worker_urls, "health_interval_s": 2.0},
         "tokenizer": {"path": "builtin:tiny"},
         "routing": {"balance_abs_threshold": 1 << 30 if no_spill else abs_threshold,
-                    "balance_rel_threshold": args.rel_threshold},
+                    "balance_rel_threshold": args.rel_threshold, "sticky_inflight_cap": 0 if no_spill else 2},
         "routes": [{"path": "/generate", "pipeline": "passthrough", "policy": policy}]}, Config)
     rng = random.Random(args.seed * 7919 + 1)
     reqs: list[Req] = []
     samples: list[list[int]] = []
     peak: dict[str, int] = defaultdict(int)
     family_worker = {}
+    pin_key = {}  # worker index -> a routing key whose rendezvous worker it is (key_mode "family")
     async with trio.open_nursery() as root:
         handle = await root.start(partial(run_router, cfg, install_signals=False))
         runtime = handle.runtime
@@ -412,7 +413,7 @@ async def run_once(label: str, policy: str, key_mode: str, worker_urls: list[str
                     elif key_mode == "family":
                         # the ideal: families assigned round-robin; a key per worker so least-load pinning
                         # of fresh keys cannot collide
-                        hdrs = [(b"x-smg-routing-key", b"worker-%d" % (family_worker[g.family] % len(worker_urls)))]
+                        hdrs = [(b"x-smg-routing-key", pin_key[family_worker[g.family] % len(worker_urls)])]
                     else:
                         hdrs = []
                     r = Req(label, g.gid, g.family, s, t, len(ids), time.perf_counter())
@@ -451,10 +452,13 @@ async def run_once(label: str, policy: str, key_mode: str, worker_urls: list[str
                 active[1] -= 1
 
         if key_mode == "family":
-            # Pre-pin one key per worker: "worker-i" -> i-th worker (fresh keys go to the least loaded, and
-            # with all workers idle ties go round-robin, so pin them one by one with an idle pool).
-            for i, u in enumerate(worker_urls):
-                runtime.sticky.put(f"worker-{i}", runtime.pool.active[i].url, time.monotonic())
+            # One key per worker: the first "worker-i-j" whose rendezvous worker (router/core/sticky.py) is the i-th.
+            from router.core.sticky import rendezvous_order
+
+            urls = [w.url for w in runtime.pool.active]
+            for i, u in enumerate(urls):
+                pin_key[i] = next(f"worker-{i}-{j}" for j in range(10_000) if rendezvous_order(f"worker-{i}-{j}", urls)[0] == u
+                                  ).encode()
         t0, c0 = time.perf_counter(), time.process_time()
         root.start_soon(sampler)
         sem = trio.Semaphore(sz.active_groups)

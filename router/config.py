@@ -149,7 +149,16 @@ class RoutingConfig(_Table):
     prefix_capacity_blocks: AtLeastOne = 1 << 20
     prefix_owners_per_block: AtLeastOne = 4
     sticky_header: str = "x-smg-routing-key"
-    sticky_body_field: str | None = None  # e.g. "session_id"; used when the header is absent
+    # Ordered routing-key headers, the first present with a usable value wins (smg's --routing-key-headers);
+    # unset: [sticky_header].
+    routing_key_headers: list[str] | None = None
+    sticky_body_field: str | None = None  # e.g. "session_id"; used when the headers are absent
+    # Without a key: the request id's lineage (conv_t2_r1 -> conv), from the body's rid or these headers.
+    sticky_lineage: bool = True
+    request_id_headers: list[str] = msgspec.field(
+        default_factory=lambda: ["x-request-id", "x-correlation-id", "x-trace-id", "request-id"])
+    # A key with this many requests in flight on its worker sends the next to its next worker (0 = no cap).
+    sticky_inflight_cap: Annotated[int, Meta(ge=0, extra={"hint": "0 = no cap"})] = 2
     sticky_idle_s: Positive = 600.0
     # Re-admit a recovered worker only when its weight version is the pool's current one.
     weight_version_gate: bool = True

@@ -293,18 +293,6 @@ class WorkerPool:
         self._rr = (candidates.index(best) + 1) % n if n > 1 else 0
         return best
 
-    def pick_for_key(self, key_hash: int, exclude: Iterable[Worker] = ()) -> Worker | None:
-        """The admissible worker with the fewest in-flight requests; ties broken by `key_hash`
-        (not by a shared cursor, which every request moves: with two workers and an even number
-        of requests per key, a cursor sent every new key to the same worker)."""
-        now = self.clock()
-        candidates = [w for w in self._workers.values() if w not in exclude and self.admits(w, now)]
-        if not candidates:
-            return None
-        least = min(w.inflight for w in candidates)
-        ties = [w for w in candidates if w.inflight == least]
-        return ties[key_hash % len(ties)]
-
     def acquire(self, w: Worker) -> Acquired:
         """Count a request on `w`; whether it is the breaker's trial request, and the transition."""
         w.inflight += 1

@@ -8,7 +8,6 @@ cancel scope so removing a worker cancels exactly its prober.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from router.core.eligibility import ANY, VERSION_POLICY_HEADER, Eligibility, Hol
 from router.core.headers import header_value
 from router.core.pipeline import PipelineSpec, load_pipeline
 from router.core.selection import PrefixIndex, SpillRule, StickyTable, choose
+from router.core.sticky import KeyInflight, preferred, routing_key
 from router.core.urls import normalize_worker_url
 from router.core.workers import BreakerState, BreakerTransition, Transition, Worker, WorkerPool
 from router.core.pipeline import StageError
@@ -31,6 +31,7 @@ from router.net.admission import ConcurrencyLimit, FifoQueue, QueueTimeout
 from router.net.metrics import Metrics
 from router.net.upstream import UpstreamPool
 from router.wire.affinity import ids_decoder, openai_prompt_decoder, present, raw_list_decoder, str_decoder, strs_decoder
+from router.wire.api import rid_decoder
 from router.wire.sglang import ReplySummary
 
 log = logging.getLogger("miles_router")
@@ -89,7 +90,10 @@ class Runtime:
         self.spill = SpillRule(g.balance_abs_threshold, g.balance_rel_threshold)
         self.prefix_index = PrefixIndex(block_tokens=g.prefix_block_tokens, capacity_blocks=g.prefix_capacity_blocks,
                                         owners_per_block=g.prefix_owners_per_block)
-        self.sticky = StickyTable(idle_s=g.sticky_idle_s)
+        self.sticky = StickyTable(idle_s=g.sticky_idle_s)  # the worker that served each key last (route reasons)
+        self.key_inflight = KeyInflight()
+        self.key_headers = [h.lower().encode("latin-1") for h in (g.routing_key_headers or [g.sticky_header])]
+        self.request_id_headers = [h.lower().encode("latin-1") for h in g.request_id_headers]
         self.version_policy = parse_version_policy(g.version_policy)
         # The index costs ~200 B per 16-token block: only keep one when a route routes by it.
         self.uses_prefix_affinity = "prefix_affinity" in (g.default_policy, *(r.policy for r in config.routes))
@@ -396,10 +400,14 @@ class Runtime:
     def _take(self, ex, exclude) -> tuple[Worker, str, bool] | None:
         with self.pool.only(self.eligibility(ex).admits):
             worker, reason = self.select(ex, exclude)
+        key = ex.scratch.pop("sticky_pick", None)
         if worker is None:
             return None
         trial, transition = self.pool.acquire(worker)
         self._transition(transition)
+        if key is not None:  # counted against the key's in-flight cap until give_back
+            self.key_inflight.add(key, worker.url)
+            ex.scratch["sticky_lease"] = (key, worker.url)
         return worker, reason, trial
 
     async def _hold(self, ex, exclude, waiting_for: list[Worker]) -> tuple[Worker, str, bool]:
@@ -407,7 +415,7 @@ class Runtime:
         timeout = self.config.routing.hold_timeout_s
         try:
             return await self.hold_queue.acquire(lambda: self._take(ex, exclude),
-                                                 lambda g: self.give_back(g[0], g[2]), timeout_s=timeout)
+                                                 lambda g: self.give_back(g[0], g[2], ex), timeout_s=timeout)
         except QueueTimeout as e:
             self.metrics.queue_rejected("pause_hold", "timeout")
             held = HoldTimeout(e.waited_s, timeout, tuple(w.url for w in waiting_for))
@@ -437,7 +445,7 @@ class Runtime:
         timeout = self.config.workers.queue_timeout_s
         try:
             return await self.slot_queue.acquire(lambda: self._take(ex, exclude),
-                                                 lambda g: self.give_back(g[0], g[2]), timeout_s=timeout)
+                                                 lambda g: self.give_back(g[0], g[2], ex), timeout_s=timeout)
         except QueueTimeout as e:
             self.metrics.queue_rejected("worker_slot", "timeout")
             raise StageError(503, f"no worker slot freed within workers.queue_timeout_s ({timeout:g}s): every "
@@ -445,8 +453,12 @@ class Runtime:
                                   f"({self.pool.max_inflight}) requests in flight", waited_s=round(e.waited_s, 3),
                              ) from None
 
-    def give_back(self, worker: Worker, trial: bool = False) -> None:
+    def give_back(self, worker: Worker, trial: bool = False, ex=None) -> None:
         self.pool.release(worker, trial)
+        lease = None if ex is None else ex.scratch.get("sticky_lease")
+        if lease is not None and lease[1] == worker.url:
+            del ex.scratch["sticky_lease"]
+            self.key_inflight.done(*lease)
         if len(self.hold_queue):
             self.hold_queue.wake()
         if len(self.slot_queue):
@@ -626,42 +638,58 @@ class Runtime:
             self.prefix_index.record(np.concatenate([seq, np.asarray(out.output_ids, np.int32)]), ex.worker.url)
 
     def _routing_key(self, ex) -> str | None:
-        key = ex.scratch.get("routing_key")  # set by the router itself (e.g. a session id)
-        if key is not None:
-            return key
+        """The request's sticky key (router/core/sticky.py): the router's own (a session id), the routing-key
+        headers in order, the body field, then the request id's lineage (body `rid`, request-id headers)."""
         g = self.config.routing
-        for k, v in ex.headers:
-            if k == g.sticky_header.encode():
-                return v.decode("latin-1")
-        if g.sticky_body_field:
+
+        def body_field():
+            if not g.sticky_body_field:
+                return None
             try:
                 val = msgspec.json.decode(ex.body).get(g.sticky_body_field)
             except (*DECODE_ERRORS, AttributeError):
-                # a body without a usable key simply routes by load
-                return None
+                return None  # a body without a usable key simply routes by load
             return None if val is None else str(val)
-        return None
+
+        def rids():
+            if not g.sticky_lineage:
+                return
+            try:
+                rid = rid_decoder.decode(ex.body_for_upstream).rid
+            except DECODE_ERRORS:
+                rid = None
+            if isinstance(rid, str):
+                yield rid
+            for name in self.request_id_headers:
+                yield _header_text(ex.headers, name)
+
+        found = routing_key(ex.scratch.get("routing_key"), (_header_text(ex.headers, n) for n in self.key_headers),
+                            body_field(), rids())
+        return None if found is None else found[0]
 
     def _select_sticky(self, ex) -> tuple[Worker | None, str]:
+        """The key's rendezvous worker among the usable ones (the same from every router), under the key's
+        in-flight cap, with the bounded-load spill. Route reasons: `sticky` (the worker that served the key
+        last), `sticky_new` (a key new to this router, or one whose worker changed), `sticky_cap`, `spill`."""
         key = self._routing_key(ex)
         if key is None:
             return self.pool.pick(), "least_inflight"
-        now = time.monotonic()
-        url = self.sticky.get(key, now)
-        pinned = self.pool.get(url) if url else None
-        if pinned is not None and self.pool.admits(pinned):
-            w, reason = choose(self.pool, pinned, self.spill, "sticky")
-            if w is not None and reason == "sticky":
-                self.sticky.put(key, w.url, now)
-            return (w, reason) if w is not None else (None, "none")  # a spill is one request only
-        # A new key, or its worker is out: the least-loaded worker, ties broken by the key's hash.
-        key_hash = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
-                                  "little")
-        w = self.pool.pick_for_key(key_hash)
+        pool = self.pool
+        urls = [w.url for w in pool.active if pool.admits(w)]
+        url, moved = preferred(key, urls, lambda u: self.key_inflight.count(key, u),
+                               self.config.routing.sticky_inflight_cap)
+        w, reason = choose(pool, None if url is None else pool.get(url), self.spill, "sticky")
         if w is None:
             return None, "none"
+        ex.scratch["sticky_pick"] = key
+        if reason != "sticky":
+            return w, reason  # a spill is one request only
+        if moved:
+            return w, "sticky_cap"
+        now = time.monotonic()
+        last = self.sticky.get(key, now)
         self.sticky.put(key, w.url, now)
-        return w, "sticky_new"
+        return w, "sticky" if last == w.url else "sticky_new"
 
     async def aclose(self) -> None:
         for scope in self._probers.values():
@@ -673,3 +701,7 @@ class Runtime:
             if self.store is not None:
                 await self.store.aclose()
 
+
+def _header_text(headers, name: bytes) -> str | None:
+    v = header_value(headers, name)
+    return None if v is None else v.decode("latin-1")

@@ -135,7 +135,7 @@ class Forward(Stage):
             finally:
                 if outcome is not None:  # None: cancelled (the client left), which says nothing of the worker
                     svc.on_outcome(worker, outcome[0], outcome[1], trial)
-                svc.give_back(worker, trial)
+                svc.give_back(worker, trial, ex)
         if tried:
             raise StageError(502, f"could not connect to a worker ({last_error})")
         raise StageError(503, "no healthy worker available", workers=len(svc.pool))

@@ -22,6 +22,15 @@ class WorkerUrlBody(msgspec.Struct):
     labels: Any = None  # a table of label strings (router/core/labels.py checks it)
 
 
+class RidField(msgspec.Struct):
+    """A generation body's `rid` alone (sticky routing reads its lineage); the rest is skipped."""
+
+    rid: Any = None
+
+
+rid_decoder = msgspec.json.Decoder(RidField)
+
+
 class RetrieveRequest(msgspec.Struct):
     text: str | None = None
     texts: list[str] | None = None
