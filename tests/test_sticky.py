@@ -40,6 +40,7 @@ def test_rendezvous_moves_only_the_keys_of_a_worker_that_leaves_or_joins(keys, n
     after = {k: rendezvous_order(k, [u for u in urls if u != gone_url])[0] for k in keys}
     for k in keys:
         assert sorted(rendezvous_order(k, urls)) == sorted(urls)
+        assert preferred(k, urls, lambda u: 0, 2) == (rendezvous_order(k, urls)[0], False)
         assert rendezvous_order(k, list(reversed(urls))) == rendezvous_order(k, urls)  # order of the list: no matter
         if before[k] != gone_url:
             assert after[k] == before[k]  # only the leaving worker's keys move
@@ -47,6 +48,23 @@ def test_rendezvous_moves_only_the_keys_of_a_worker_that_leaves_or_joins(keys, n
             assert after[k] == rendezvous_order(k, urls)[1]  # ... to their second choice
     # and the reverse: a joining worker takes keys only for itself
     assert all(before[k] in (after[k], gone_url) for k in keys)
+
+
+def test_rendezvous_is_the_same_in_another_process():
+    """No per-process salt (Python's hash() would have one): a router on another host ranks the same way."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    urls = [f"http://10.1.0.{i}:30000" for i in range(6)]
+    keys = [f"session-{i}" for i in range(20)] + ["conv", "日本語", ""]
+    code = ("import json, sys; from router.core.sticky import rendezvous_order; "
+            f"print(json.dumps([rendezvous_order(k, {urls!r}) for k in {keys!r}]))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONHASHSEED": "12345"}, check=True).stdout
+    assert json.loads(out) == [rendezvous_order(k, urls) for k in keys]
 
 
 def test_preferred_under_the_cap_and_key_counts():
