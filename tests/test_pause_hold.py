@@ -28,6 +28,7 @@ def test_eligibility_rules():
     latest = Eligibility(True, True, parse_version_policy("latest-only"), order, 2)
     assert [latest.admits(w[v]) for v in ["v1", "v2", "v3"]] == [False, False, True]
     assert not latest.waits_for(Worker("http://h:11", weight_version="v1", control=paused.control))
+    assert Eligibility(False, True, parse_version_policy("latest-only"), order, 2).admits(w["v1"])  # not generating
     # nothing known yet: every version is fine; not a generation request, or holding off: paused ones serve
     assert Eligibility(True, True, VersionPolicy(0), order, None).admits(w[None])
     assert Eligibility(False, True).admits(paused) and Eligibility(True, False).admits(paused)
@@ -239,3 +240,22 @@ async def test_sessions_and_the_radix_pipeline_survive_pause_update_continue_cyc
             versions.append([rec["response"]["metadata"]["weight_version"] for rec in records])
         assert all(v[-1] == "v4" for v in versions) and any(v[0] == "default" for v in versions), versions
     assert rt.current_weight_version() == "v4"
+
+
+async def test_an_engine_that_registers_again_is_running(nursery):
+    """An engine registers itself when it starts: a restart while the router thought it paused must not leave it
+    held forever. The held request runs on it."""
+    router, (sim,) = await fleet(nursery, 1)
+    rt = router.runtime
+    async with client(router) as c:
+        await c.post("/pause_generation", json={"mode": "in_place"})
+        sim.worker.resume()  # the engine restarted: it generates again, the router has not seen a continue
+        outs = []
+        async with trio.open_nursery() as n:
+            async def gen():
+                outs.append((await c.post("/generate", json=gen_body("restart"))).status_code)
+            n.start_soon(gen)
+            await wait_until(lambda: len(rt.hold_queue) == 1)
+            r = await c.post("/workers", json={"url": sim.url})
+            assert r.status_code == 202
+        assert outs == [200] and rt.pool.get(sim.url).control.name == "running"

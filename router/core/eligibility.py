@@ -68,8 +68,8 @@ class Eligibility:
     newest: int | None = None  # order of the newest version a healthy worker serves; None: none known
 
     def version_ok(self, w: Worker) -> bool:
-        if self.policy.max_staleness is None or self.newest is None:
-            return True
+        if not self.generation or self.policy.max_staleness is None or self.newest is None:
+            return True  # (a weight update sent through the proxy must reach a stale worker)
         seen = None if w.weight_version is None else self.order.get(w.weight_version)
         return seen is not None and seen >= self.newest - self.policy.max_staleness
 

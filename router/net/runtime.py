@@ -19,6 +19,7 @@ import trio
 
 from router.wire import DECODE_ERRORS
 from router.config import Config
+from router.core.control import ControlState
 from router.core.eligibility import ANY, VERSION_POLICY_HEADER, Eligibility, HoldTimeout, is_generation, parse_version_policy
 from router.core.headers import header_value
 from router.core.pipeline import PipelineSpec, load_pipeline
@@ -314,6 +315,11 @@ class Runtime:
         re-registration without labels keeps the worker's."""
         url = normalize_worker_url(url)
         worker, created = self.pool.add(url)
+        if not created and worker.control.name != "running":
+            # An engine registers itself when it starts: whatever pause the router saw before, it generates now.
+            log.info("worker %s registered again while %s: running", url, worker.control.name)
+            worker.control = ControlState()
+            self.control_changed(worker)
         if created or labels is not None:
             worker.labels = {**self.config_labels.get(url, {}), **(labels or {})}
             seed = worker.labels.pop("weight_version", None)  # smg's registration label; the engine's own wins later
