@@ -253,8 +253,12 @@ async def test_rl_plane_needs_the_admin_key_and_can_be_turned_off(nursery):
             assert r.status_code == 401, path
     rows = await RL(router.url, api_key="sekret").workers()
     assert len(rows) == 1
-    # the key is the router's: the engine never sees it
-    await RL(router.url, api_key="sekret").fanout("flush_cache", {}, selector="engine=sglang")
+    # the key is the router's: the engine never sees it (its other headers it does)
+    res = await RL(router.url, api_key="sekret").fanout("_sim/echo", {}, selector="engine=sglang")
+    (echo,) = res["results"].values()
+    headers = {k.lower(): v for k, v in echo["body"]["headers"]}
+    assert "authorization" not in headers and "sekret" not in str(echo["body"])
+    assert headers["content-type"] == "application/json"
     off = await start_router(nursery, workers={"urls": [sims[0].url]}, rl={"enabled": False})
     async with client(off) as c:
         r = await c.get("/v1/rl/workers")
