@@ -73,6 +73,9 @@ class WorkersConfig(_Table):
     # FIFO queue and are placed when a slot frees, for up to `queue_timeout_s` (-> 503).
     max_inflight_per_worker: Annotated[int, Meta(ge=1, extra={"hint": "leave it out for no cap"})] | None = None
     queue_timeout_s: Positive = 60.0
+    # Worker URL -> labels for the RL plane's selectors (`[workers.labels."http://h:p"] pool = "a"`); applied when
+    # that URL registers (from `urls`, /add_worker or POST /workers, whose own labels win per key).
+    labels: dict[str, dict[str, str | int | float | bool]] = msgspec.field(default_factory=dict)
 
 
 class RetryConfig(_Table):
@@ -149,7 +152,16 @@ class RoutingConfig(_Table):
     prefix_capacity_blocks: AtLeastOne = 1 << 20
     prefix_owners_per_block: AtLeastOne = 4
     sticky_header: str = "x-smg-routing-key"
-    sticky_body_field: str | None = None  # e.g. "session_id"; used when the header is absent
+    # Ordered routing-key headers, the first present with a usable value wins (smg's --routing-key-headers);
+    # unset: [sticky_header].
+    routing_key_headers: list[str] | None = None
+    sticky_body_field: str | None = None  # e.g. "session_id"; used when the headers are absent
+    # Without a key: the request id's lineage (conv_t2_r1 -> conv), from the body's rid or these headers.
+    sticky_lineage: bool = True
+    request_id_headers: list[str] = msgspec.field(
+        default_factory=lambda: ["x-request-id", "x-correlation-id", "x-trace-id", "request-id"])
+    # A key with this many requests in flight on its worker sends the next to its next worker (0 = no cap).
+    sticky_inflight_cap: Annotated[int, Meta(ge=0, extra={"hint": "0 = no cap"})] = 2
     sticky_idle_s: Positive = 600.0
     # Re-admit a recovered worker only when its weight version is the pool's current one.
     weight_version_gate: bool = True
@@ -158,6 +170,24 @@ class RoutingConfig(_Table):
     # The policy of every proxied path whose [[routes]] entry names none (or that has no entry),
     # like the gateway's --policy.
     default_policy: Literal["least_inflight", "prefix_affinity", "sticky"] = "least_inflight"
+    # Generation requests wait at the router (up to hold_timeout_s, then 503) while every worker they may use
+    # was paused (or put to sleep) through the router, instead of going to an engine that would block them.
+    hold_when_paused: bool = True
+    hold_timeout_s: Positive = 300.0
+    # Which weight versions may serve generation requests: any | latest-only | max-staleness:K
+    # (per request: the x-smg-version-policy header).
+    version_policy: str = "any"
+
+
+class RlConfig(_Table):
+    """The SGLang Model Gateway's RL control plane (`/v1/rl/...`, smg 1.13's `--enable-rl`): worker discovery,
+    one engine route on one worker, and a fan-out to the workers a label selector matches (router/net/rl.py)."""
+
+    enabled: bool = True
+    # the longest one engine call through /v1/rl may take (smg's --rl-control-timeout-secs)
+    control_timeout_s: Positive = 600.0
+    # engine calls in flight at once in one fan-out (smg's --rl-fanout-concurrency)
+    fanout_concurrency: AtLeastOne = 32
 
 
 class SessionsConfig(_Table):
@@ -199,6 +229,7 @@ class Config(_Table):
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     sessions: SessionsConfig = msgspec.field(default_factory=SessionsConfig)
+    rl: RlConfig = msgspec.field(default_factory=RlConfig)
     # per-worker circuit breaker fed by request outcomes (router/core/workers.py)
     breaker: BreakerPolicy = msgspec.field(default_factory=BreakerPolicy)
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
@@ -293,11 +324,28 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
             normalize_worker_url(url)
         except WorkerUrlError as e:
             problems.append((f"workers.urls[{i}]", str(e)))
+    from router.core.labels import check_labels
+
+    for url, labels in cfg.workers.labels.items():
+        try:
+            normalize_worker_url(url)
+            check_labels(labels, f"workers.labels.{json.dumps(url)}")
+        except WorkerUrlError as e:
+            problems.append((f"workers.labels.{json.dumps(url)}", str(e)))
+        except ValueError as e:
+            key, _, reason = str(e).partition(": ")
+            problems.append((key, reason))
     c = cfg.cache
     need(c.hard_budget_bytes >= c.budget_bytes, "cache.hard_budget_bytes", "must be >= cache.budget_bytes")
     url_problem = None if cfg.store.url is None else _postgres_url_problem(cfg.store.url)
     need(url_problem is None, "store.url", url_problem or "")
     cfg.routing.sticky_header = cfg.routing.sticky_header.lower()
+    from router.core.eligibility import parse_version_policy
+
+    try:
+        parse_version_policy(cfg.routing.version_policy)
+    except ValueError as e:
+        problems.append(("routing.version_policy", str(e).partition(": ")[2]))
     from router.core.sessions.messages import resolve_matcher
 
     try:

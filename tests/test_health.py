@@ -334,28 +334,46 @@ async def test_sticky_new_keys_spread_with_two_workers_and_even_requests_per_key
     owner: dict[str, set] = {}
     async with client(router) as c:
         for rnd in range(2):  # every key twice, in turn: the old cursor put every key on one worker
-            for k in range(8):
+            for k in range(32):
                 r = await c.post("/generate", json=gen_body(f"k{k}"), headers={"x-smg-routing-key": f"key-{k}"})
                 owner.setdefault(f"key-{k}", set()).add(r.headers["x-miles-router-worker"])
     assert all(len(v) == 1 for v in owner.values())  # sticky
     per_worker = {s.url: sum(1 for v in owner.values() if s.url in v) for s in sims}
-    assert min(per_worker.values()) >= 2, per_worker  # spread (ties broken by each key's hash)
+    assert min(per_worker.values()) >= 8, per_worker  # spread by each key's rendezvous weights
 
 
-async def test_sticky_new_key_goes_to_the_least_loaded_worker(nursery):
+async def test_sticky_keys_go_to_their_rendezvous_worker_and_spill_past_the_load_bound(nursery):
+    """A key goes to its rendezvous (highest random weight) worker, whatever the load, until that worker is past
+    the bounded-load rule: then that request spills to the least-loaded worker (and the key stays home)."""
+    from router.core.sticky import rendezvous_order
+
     slow = await start_sim(nursery, seed=0, token_latency_s=0.05)
     fast = await start_sim(nursery, seed=1)
     router = await start_router(nursery, workers={"urls": [slow.url, fast.url]},
+                                routing={"balance_abs_threshold": 2, "balance_rel_threshold": 1.5},
                                 routes=[{"path": "/generate", "policy": "sticky"}])
-    async with client(router) as c, trio.open_nursery() as n:
-        n.start_soon(lambda: c.post("/generate", json=gen_body("busy", 30)))
-        await wait_until(lambda: router.runtime.pool.get(slow.url).inflight + router.runtime.pool.get(
-            fast.url).inflight == 1)
-        busy = next(w for w in router.runtime.pool.all if w.inflight == 1)
-        for k in range(6):
-            r = await c.post("/generate", json=gen_body(f"n{k}"), headers={"x-smg-routing-key": f"new-{k}"})
-            assert r.headers["x-miles-router-route-reason"] == "sticky_new"
-            assert r.headers["x-miles-router-worker"] != busy.url
+    home = {k: rendezvous_order(k, [slow.url, fast.url])[0] for k in (f"new-{i}" for i in range(64))}
+    by_home = {u: [k for k in home if home[k] == u] for u in (slow.url, fast.url)}
+    keys = by_home[slow.url][:3] + by_home[fast.url][:3] + by_home[slow.url][3:6] + by_home[fast.url][3:6]
+    async with client(router) as c:
+        for k in keys[:6]:  # light load: every key at home
+            r = await c.post("/generate", json=gen_body(k), headers={"x-smg-routing-key": k})
+            assert r.headers["x-miles-router-worker"] == home[k] and r.headers["x-miles-router-route-reason"] == "sticky_new"
+        slow_keys = [k for k in (f"busy-{i}" for i in range(40)) if rendezvous_order(k, [slow.url, fast.url])[0] == slow.url]
+        async with trio.open_nursery() as n:
+            for k in slow_keys[:3]:  # the slow worker gets 3 long requests: 3 > 2 + 0 and 3 > 1.5 x 0
+                n.start_soon(lambda k=k: c.post("/generate", json=gen_body(k, 40), headers={"x-smg-routing-key": k}))
+            pool = router.runtime.pool
+            await wait_until(lambda: pool.get(slow.url).inflight == 3)
+            for k in keys[6:]:
+                r = await c.post("/generate", json=gen_body(k), headers={"x-smg-routing-key": k})
+                if home[k] == slow.url:
+                    assert r.headers["x-miles-router-route-reason"] == "spill"
+                    assert r.headers["x-miles-router-worker"] == fast.url
+                else:
+                    assert r.headers["x-miles-router-worker"] == fast.url
+            assert pool.get(slow.url).inflight == 3
+            n.cancel_scope.cancel()
 
 
 # ---- 5. prefix affinity for OpenAI bodies and short prompts ---------------------------------

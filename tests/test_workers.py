@@ -245,15 +245,6 @@ def test_breaker_disabled_never_opens_and_cap_limits_admission():
     assert not pool.admits(w) and pool.routable() == pool.active
 
 
-def test_pick_for_key_least_loaded_then_key_hash():
-    pool, ws = make_pool(3)
-    assert {pool.pick_for_key(h).url for h in range(30)} == {w.url for w in ws}  # ties: by hash
-    assert all(pool.pick_for_key(7) is pool.pick_for_key(7) for _ in range(3))  # no cursor
-    pool.acquire(ws[0])
-    pool.acquire(ws[1])
-    assert {pool.pick_for_key(h) for h in range(30)} == {ws[2]}
-
-
 # ---- the breaker against a reference model (hypothesis) --------------------------------------
 
 from hypothesis import given, settings  # noqa: E402

@@ -154,6 +154,9 @@ class Exchange:
     routing_key: str | None = None  # a sticky key the router chose (a session id), before any the client sent
     parsed_request: Any = None  # the body decoded as a /generate request, once (router/core/generate.py)
     affinity_seq: Any = None  # the prompt prefix-affinity routed by, to learn the reply's continuation
+    eligibility: Any = None  # which workers may serve it (pause, version policy: router/core/eligibility.py)
+    sticky_pick: str | None = None  # the sticky key a selection just placed (counted once the worker is taken)
+    sticky_lease: tuple[str, str] | None = None  # (key, worker url) counted in flight until the worker is given back
     # the reply's head while response stages run (set by forward, added to by capture / session_reply)
     client_headers: list[tuple[bytes, bytes]] | None = None
     worker: Any = None  # the Worker that served the request

@@ -7,8 +7,8 @@ worker's own radix KV cache) and it learns at routing time: the 16 samples of a 
 arrive together already agree on one worker. Keeping several owners per block matters: a spill
 adds an owner instead of dragging a group's shared prefix (and so every later turn of its
 conversations) to the spill target, and a prefix every worker holds (a common system prompt)
-doesn't pin new groups to whichever worker saw it last (measured in bench/bench_routing.py). `StickyTable` pins a routing key (`X-SMG-Routing-Key`) to a worker
-with an idle expiry. `choose` applies the spill rule both share: keep the preferred worker unless
+doesn't pin new groups to whichever worker saw it last (measured in bench/bench_routing.py). `StickyTable` remembers the worker that served a routing key last, with an idle expiry (route
+reasons only: placement is router/core/sticky.py's rendezvous hashing). `choose` applies the spill rule both share: keep the preferred worker unless
 it is both `abs_threshold` requests and `rel_threshold` times busier than the least-loaded one —
 affinity must never lock a saturated worker into thrash (prime-rl#3255) nor drop affinity under
 ordinary load (sglang#32195).

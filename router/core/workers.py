@@ -24,11 +24,14 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, NamedTuple
 
 import msgspec
 from msgspec import Meta
+
+from router.core.control import ControlState
 
 
 class WorkerState(str, enum.Enum):
@@ -96,6 +99,13 @@ class Worker:
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
     worker_type: str = "regular"
     bootstrap_port: int | None = None
+    # Labels for selectors (the RL plane's `?selector=`): from the config, POST /workers or /add_worker.
+    labels: dict = field(default_factory=dict)
+    # Paused / asleep as the control calls through the router left it (router/core/control.py).
+    control: ControlState = field(default_factory=ControlState)
+    # The engine's own facts for the RL plane's discovery rows (router/net/rl.py), fetched once.
+    engine_info: dict | None = None
+    engine_info_tried: float = float("-inf")
 
     @property
     def selectable(self) -> bool:
@@ -116,6 +126,8 @@ class Worker:
             "quarantines_total": self.quarantines_total,
             "request_failures_total": self.request_failures_total,
             "breaker": self.breaker.describe(),
+            "labels": dict(self.labels),
+            "control_state": self.control.name,
         }
 
 
@@ -165,6 +177,7 @@ class WorkerPool:
         self._draining: dict[str, Worker] = {}
         self._rr = 0
         self.admission_check = None  # Callable[[Worker], str | None]: reason to hold, or None
+        self.candidate: Callable[[Worker], bool] | None = None  # set by `only` while a request is placed
 
     # ---- registration -------------------------------------------------------------------
     def add(self, url: str) -> tuple[Worker, bool]:
@@ -238,14 +251,28 @@ class WorkerPool:
         return self.max_inflight is None or w.inflight < self.max_inflight
 
     def admits(self, w: Worker, now: float | None = None) -> bool:
-        """Healthy, under the per-worker cap, and let through by its breaker."""
-        return w.state is WorkerState.HEALTHY and self.has_slot(w) and self.breaker_admits(w, now)
+        """Healthy, under the per-worker cap, let through by its breaker, and a candidate for the request
+        being placed (`only`)."""
+        return (w.state is WorkerState.HEALTHY and self.has_slot(w) and self.breaker_admits(w, now)
+                and (self.candidate is None or self.candidate(w)))
 
     def routable(self, exclude: Iterable[Worker] = ()) -> list[Worker]:
-        """Workers a request could go to once a slot frees (healthy, breaker permitting), cap ignored."""
+        """Workers a request could go to once a slot frees (healthy, breaker permitting, a candidate), cap ignored."""
         now = self.clock()
         return [w for w in self._workers.values()
-                if w.state is WorkerState.HEALTHY and w not in exclude and self.breaker_admits(w, now)]
+                if w.state is WorkerState.HEALTHY and w not in exclude and self.breaker_admits(w, now)
+                and (self.candidate is None or self.candidate(w))]
+
+    @contextmanager
+    def only(self, candidate: Callable[[Worker], bool] | None):
+        """Within the block, selection (`admits`, `pick`, `routable`, ...) sees only workers `candidate` accepts:
+        the request being placed may not use the others (a paused engine, stale weights). The block must not
+        await (so no other request is placed meanwhile)."""
+        outer, self.candidate = self.candidate, candidate
+        try:
+            yield
+        finally:
+            self.candidate = outer
 
     def pick(self, exclude: Iterable[Worker] = ()) -> Worker | None:
         """The admissible worker with the fewest in-flight requests; ties go round-robin."""
@@ -265,18 +292,6 @@ class WorkerPool:
                     break
         self._rr = (candidates.index(best) + 1) % n if n > 1 else 0
         return best
-
-    def pick_for_key(self, key_hash: int, exclude: Iterable[Worker] = ()) -> Worker | None:
-        """The admissible worker with the fewest in-flight requests; ties broken by `key_hash`
-        (not by a shared cursor, which every request moves: with two workers and an even number
-        of requests per key, a cursor sent every new key to the same worker)."""
-        now = self.clock()
-        candidates = [w for w in self._workers.values() if w not in exclude and self.admits(w, now)]
-        if not candidates:
-            return None
-        least = min(w.inflight for w in candidates)
-        ties = [w for w in candidates if w.inflight == least]
-        return ties[key_hash % len(ties)]
 
     def acquire(self, w: Worker) -> Acquired:
         """Count a request on `w`; whether it is the breaker's trial request, and the transition."""
@@ -397,6 +412,10 @@ class WorkerPool:
         key = f"{old.value}->{new.value}"
         b.transitions[key] = b.transitions.get(key, 0) + 1
         return BreakerTransition(w, old, new, reason)
+
+    def by_id(self, worker_id: str) -> Worker | None:
+        """The registered (or draining) worker with this gateway id."""
+        return next((w for w in self.all if w.id == worker_id), None)
 
     def inflight_by_url(self) -> dict[str, int]:
         return {w.url: w.inflight for w in self._workers.values()}

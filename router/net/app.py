@@ -21,6 +21,7 @@ import trio
 from router.wire import DECODE_ERRORS, decode_error_text
 from router.core.errors import RouterError
 from router.core.headers import header_value
+from router.core.labels import check_labels, parse_label_list
 from router.core.pipeline import CommitError, Exchange, Reply, StageError
 from router.core.urls import TargetError, WorkerUrlError, host_allowed, normalize_worker_url, origin_form
 from router.net.admission import QueueFull, QueueTimeout
@@ -86,6 +87,9 @@ class ClientStream:
         if ex.worker is not None:
             out.append((b"x-miles-router-worker", ex.worker.url.encode()))
             out.append((b"x-miles-router-route-reason", ex.route_reason.encode()))
+            version = ex.worker.weight_version  # the weights that served it, as the router knows them
+            if version is not None and version.isprintable() and version.isascii():
+                out.append((b"x-miles-router-weight-version", version.encode()))
         return out
 
 
@@ -411,26 +415,40 @@ class RouterApp:
 
     # ---- worker endpoints -------------------------------------------------------------------
     def _worker_url_from(self, scope, body: bytes) -> str:
+        return self._worker_spec_from(scope, body)[0]
+
+    def _worker_spec_from(self, scope, body: bytes) -> tuple[str, dict | None]:
+        """(the worker URL, its labels or None) from `?url=&labels=k=v,...` or a JSON body `{"url", "labels"}`."""
         qs = parse_qs(scope["query_string"].decode("latin-1"))
         url = (qs.get("url") or qs.get("worker_url") or [None])[0]
-        if url is None and body.strip():
-            try:
-                b = worker_url_decoder.decode(body)
-            except DECODE_ERRORS as e:
-                raise StageError(400, f"invalid JSON body: {decode_error_text(e, body)}") from None
-            url = b.url or b.worker_url
+        labels = None
+        try:
+            if "labels" in qs:
+                labels = parse_label_list(qs["labels"][0])
+            if body.strip():
+                try:
+                    b = worker_url_decoder.decode(body)
+                except DECODE_ERRORS as e:
+                    if url is None:
+                        raise StageError(400, f"invalid JSON body: {decode_error_text(e, body)}") from None
+                else:
+                    url = url or b.url or b.worker_url
+                    if b.labels is not None:
+                        labels = {**(labels or {}), **check_labels(b.labels)}
+        except ValueError as e:
+            raise StageError(400, str(e)) from None
         if not url:
             raise StageError(400, "worker_url is required (use query ?url=... or JSON body {\"url\": ...})")
         try:
-            return normalize_worker_url(url)
+            return normalize_worker_url(url), labels
         except WorkerUrlError as e:
             raise StageError(400, str(e)) from None
 
     async def add_worker(self, scope, body: bytes) -> Reply:
-        url = self._worker_url_from(scope, body)
+        url, labels = self._worker_spec_from(scope, body)
         if not host_allowed(url, self.rt.config.workers.allowed_hosts):
             return error_reply(403, f"worker host not in workers.allowed_hosts: {url}")
-        self.rt.add_worker(url)
+        self.rt.add_worker(url, labels)
         return json_reply(200, {"status": "success", "worker_urls": self.rt.pool.inflight_by_url()})
 
     async def remove_worker(self, scope, body: bytes) -> Reply:

@@ -27,10 +27,11 @@ from router.wire.api import EXPERTS_DTYPES, FORMATS, RetrieveBatch, Trajectory, 
 def install(app, runtime) -> None:
     app.register("POST", "/retrieve_from_text", _retrieve_handler(runtime))
     app.register("GET", "/cache/stats", _stats_handler(runtime))
-    from router.net import fanout, gateway
+    from router.net import fanout, gateway, rl
 
     fanout.install(app, runtime)
     gateway.install(app, runtime)
+    rl.install(app, runtime)
 
 
 def _need_tree(runtime):

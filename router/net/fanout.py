@@ -6,18 +6,19 @@ no healthy worker. A body that is not empty or a JSON object is refused with 400
 worker sees it, and when every worker rejects the call with the same 4xx, that 4xx is the answer
 (the client's request is wrong, not the workers). A successful `/update_weight_version` also
 updates the router's record of each worker's weights, which gates re-admission of quarantined
-workers.
+workers, and `/pause_generation` / `/continue_generation` mark the workers paused and running
+(router/core/control.py; routing holds generation requests while every candidate is paused).
 """
 
 from __future__ import annotations
 
-import httpx
 import msgspec
 import trio
 
 from router.wire import DECODE_ERRORS, decode_error_text
 from router.core.headers import request_headers_for_upstream
 from router.core.pipeline import Reply
+from router.net.rl import engine_call
 from router.wire.api import json_encoder
 
 _METHODS = {"/flush_cache": ("GET", "POST")}
@@ -27,15 +28,6 @@ def install(app, runtime) -> None:
     for path in runtime.config.routing.fanout_paths:
         for method in _METHODS.get(path, ("POST",)):
             app.register(method, path, _handler(runtime, method, path), admin=True)
-
-
-def _decode(r: httpx.Response):
-    if not r.content:
-        return None
-    try:
-        return msgspec.json.decode(r.content)
-    except DECODE_ERRORS:  # a worker's odd reply is no 500
-        return r.text
 
 
 def _check_body(path: str, body: bytes) -> Reply | None:
@@ -71,22 +63,12 @@ def _handler(runtime, method: str, path: str):
         timeout = runtime.config.server.request_timeout_s
 
         async def call(worker) -> None:
-            url = worker.url + path + (f"?{query}" if query else "")
-            try:
-                r = await runtime.control.request(method, url, content=body, headers=headers, timeout=timeout)
-            except httpx.HTTPError as e:
-                results[worker.url] = {"ok": False, "status": None, "error": f"{type(e).__name__}: {e}"}
-                runtime.metrics.fanout.labels(path, "error").inc()
-                return
-            ok = 200 <= r.status_code < 300
-            results[worker.url] = {"ok": ok, "status": r.status_code, "body": _decode(r)}
-            runtime.metrics.fanout.labels(path, "ok" if ok else "error").inc()
-            if ok and path == "/update_weight_version":
-                try:
-                    version = msgspec.json.decode(body).get("new_version")
-                except (*DECODE_ERRORS, AttributeError):
-                    version = None
-                runtime.observe_weight_version(worker, None if version is None else str(version))
+            out = await engine_call(runtime, worker, method, path, query, headers, body, timeout)
+            if out.status is None:
+                results[worker.url] = {"ok": False, "status": None, "error": out.message}
+            else:
+                results[worker.url] = {"ok": out.ok, "status": out.status, "body": out.decoded()}
+            runtime.metrics.fanout.labels(path, "ok" if out.ok else "error").inc()
 
         async with trio.open_nursery() as nursery:
             for w in workers:

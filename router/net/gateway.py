@@ -15,10 +15,12 @@ disaggregation). Admin endpoints need the admin key and `workers.allowed_hosts` 
 from __future__ import annotations
 
 import uuid
+from typing import Any
 from urllib.parse import unquote
 
 import msgspec
 
+from router.core.labels import check_labels
 from router.core.pipeline import Reply
 from router.core.urls import WorkerUrlError, host_allowed, normalize_worker_url
 from router.core.workers import Worker
@@ -35,6 +37,7 @@ class WorkerSpec(msgspec.Struct):
     url: str
     worker_type: str = "regular"
     bootstrap_port: int | None = None
+    labels: Any = None  # smg's worker labels (selectors of the RL plane, router/net/rl.py)
 
 
 _spec_decoder = msgspec.json.Decoder(WorkerSpec)
@@ -109,7 +112,11 @@ def install(app, runtime) -> None:
             return _error(400, str(e), "BAD_REQUEST")
         if not host_allowed(url, allowed):
             return _error(403, f"worker host not in workers.allowed_hosts: {url}", "FORBIDDEN")
-        worker, created = runtime.add_worker(url)
+        try:
+            labels = None if spec.labels is None else check_labels(spec.labels)
+        except ValueError as e:
+            return _error(400, str(e), "BAD_REQUEST")
+        worker, created = runtime.add_worker(url, labels)
         worker.worker_type = spec.worker_type
         worker.bootstrap_port = spec.bootstrap_port
         location = f"/workers/{worker.id}"

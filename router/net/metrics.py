@@ -49,6 +49,7 @@ class _StateCollector:
         depth = GaugeMetricFamily("miles_router_queue_depth", "Requests waiting in a queue", labels=["queue"])
         depth.add_metric(["admission"], len(self.runtime.admission.queue))
         depth.add_metric(["worker_slot"], len(self.runtime.slot_queue))
+        depth.add_metric(["pause_hold"], len(self.runtime.hold_queue))
         yield depth
         yield GaugeMetricFamily("miles_router_admitted_requests",
                                 "Proxied requests holding an admission slot (server.max_concurrent_requests)",

@@ -8,7 +8,6 @@ cancel scope so removing a worker cancels exactly its prober.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -20,8 +19,12 @@ import trio
 
 from router.wire import DECODE_ERRORS
 from router.config import Config
+from router.core.control import ControlState
+from router.core.eligibility import ANY, VERSION_POLICY_HEADER, Eligibility, HoldTimeout, is_generation, parse_version_policy
+from router.core.headers import header_value
 from router.core.pipeline import PipelineSpec, load_pipeline
 from router.core.selection import PrefixIndex, SpillRule, StickyTable, choose, select_by_prefix
+from router.core.sticky import KeyInflight, preferred, routing_key
 from router.core.urls import normalize_worker_url
 from router.core.workers import BreakerState, BreakerTransition, Transition, Worker, WorkerPool
 from router.core.pipeline import StageError
@@ -29,6 +32,7 @@ from router.net.admission import ConcurrencyLimit, FifoQueue, QueueTimeout
 from router.net.metrics import Metrics
 from router.net.upstream import UpstreamPool
 from router.wire.affinity import ids_decoder, openai_prompt_decoder, present, raw_list_decoder, str_decoder, strs_decoder
+from router.wire.api import rid_decoder
 from router.wire.sglang import ReplySummary
 
 log = logging.getLogger("miles_router")
@@ -63,10 +67,15 @@ class Runtime:
         # Requests waiting for a worker slot (workers.max_inflight_per_worker), and for admission
         # (server.max_concurrent_requests): one FIFO mechanism, router/net/admission.py.
         self.slot_queue = FifoQueue("worker_slot", self.metrics.queue_waited)
+        # Generation requests held while every worker they may use is paused (routing.hold_when_paused).
+        self.hold_queue = FifoQueue("pause_hold", self.metrics.queue_waited)
         sv = config.server
         self.admission = ConcurrencyLimit(sv.max_concurrent_requests, sv.queue_size, sv.queue_timeout_s,
                                           self.metrics.queue_waited)
         self._probers: dict[str, trio.CancelScope] = {}
+        from router.core.labels import check_labels
+
+        self.config_labels = {normalize_worker_url(u): check_labels(v) for u, v in w.labels.items()}
         self.tokenizer = None
         self.tree_if_loaded = None
         self.store = None  # the durable trajectory store (a TrajectoryStore), when a pipeline persists
@@ -82,7 +91,11 @@ class Runtime:
         self.spill = SpillRule(g.balance_abs_threshold, g.balance_rel_threshold, g.balance_tokens_per_request)
         self.prefix_index = PrefixIndex(block_tokens=g.prefix_block_tokens, capacity_blocks=g.prefix_capacity_blocks,
                                         owners_per_block=g.prefix_owners_per_block)
-        self.sticky = StickyTable(idle_s=g.sticky_idle_s)
+        self.sticky = StickyTable(idle_s=g.sticky_idle_s)  # the worker that served each key last (route reasons)
+        self.key_inflight = KeyInflight()
+        self.key_headers = [h.lower().encode("latin-1") for h in (g.routing_key_headers or [g.sticky_header])]
+        self.request_id_headers = [h.lower().encode("latin-1") for h in g.request_id_headers]
+        self.version_policy = parse_version_policy(g.version_policy)
         # The index costs ~200 B per 16-token block: only keep one when a route routes by it.
         self.uses_prefix_affinity = "prefix_affinity" in (g.default_policy, *(r.policy for r in config.routes))
         if g.weight_version_gate:
@@ -297,9 +310,21 @@ class Runtime:
         return self.tree_if_loaded
 
     # ---- workers --------------------------------------------------------------------------
-    def add_worker(self, url: str) -> tuple[Worker, bool]:
+    def add_worker(self, url: str, labels: dict | None = None) -> tuple[Worker, bool]:
+        """Register `url` (idempotent). Its labels: `workers.labels` for the URL, then `labels` per key; a
+        re-registration without labels keeps the worker's."""
         url = normalize_worker_url(url)
         worker, created = self.pool.add(url)
+        if not created and worker.control.name != "running":
+            # An engine registers itself when it starts: whatever pause the router saw before, it generates now.
+            log.info("worker %s registered again while %s: running", url, worker.control.name)
+            worker.control = ControlState()
+            self.control_changed(worker)
+        if created or labels is not None:
+            worker.labels = {**self.config_labels.get(url, {}), **(labels or {})}
+            seed = worker.labels.pop("weight_version", None)  # smg's registration label; the engine's own wins later
+            if seed is not None and worker.weight_version is None:
+                self.observe_weight_version(worker, seed)
         if created and url not in self._probers:
             scope = trio.CancelScope()
             self._probers[url] = scope
@@ -332,6 +357,11 @@ class Runtime:
         if t.new.value in ("healthy", "closed"):
             self.slot_queue.wake()
 
+    def control_changed(self, worker: Worker) -> None:
+        """A control call changed `worker`'s paused/asleep state or its weights: requests waiting may now go."""
+        self.hold_queue.wake()
+        self.slot_queue.wake()
+
     def on_worker_error(self, worker: Worker, error: str) -> None:
         """Evidence as strong as a failed probe (a refused connect): counts toward quarantine."""
         self._transition(self.pool.record_failure(worker, error))
@@ -342,32 +372,86 @@ class Runtime:
         self._transition(self.pool.record_outcome(worker, failed, reason, trial))
 
     # ---- taking a worker for a request --------------------------------------------------------
+    def eligibility(self, ex) -> Eligibility:
+        """Which workers may serve `ex` (router/core/eligibility.py): not paused for a generation request, and
+        the version policy (the x-smg-version-policy header, else routing.version_policy). 400 for a bad header."""
+        got = ex.eligibility
+        if got is None:
+            policy = self.version_policy
+            raw = header_value(ex.headers, VERSION_POLICY_HEADER)
+            if raw is not None:
+                try:
+                    policy = parse_version_policy(raw.decode("latin-1"))
+                except ValueError as e:
+                    raise StageError(400, f"x-smg-version-policy: {e}") from None
+            newest = None
+            if policy is not ANY:
+                current = self.current_weight_version()
+                newest = None if current is None else self.versions_seen[current]
+            got = ex.eligibility = Eligibility(
+                is_generation(ex.method, ex.path), self.config.routing.hold_when_paused, policy, self.versions_seen,
+                newest)
+        return got
+
+    def routable(self, ex, exclude=()) -> list[Worker]:
+        """Workers `ex` could go to once a slot frees (the per-worker cap ignored)."""
+        with self.pool.only(self.eligibility(ex).admits):
+            return self.pool.routable(exclude)
+
+    def pickable(self, ex, exclude=()) -> bool:
+        """Whether `ex` could go to a worker now."""
+        with self.pool.only(self.eligibility(ex).admits):
+            return self.pool.pick(exclude) is not None
+
     def _take(self, ex, exclude) -> tuple[Worker, str, bool] | None:
-        worker, reason = self.select(ex, exclude)
+        with self.pool.only(self.eligibility(ex).admits):
+            worker, reason = self.select(ex, exclude)
+        key, ex.sticky_pick = ex.sticky_pick, None
         if worker is None:
             return None
         trial, transition = self.pool.acquire(worker)
         self._transition(transition)
+        if key is not None:  # counted against the key's in-flight cap until give_back
+            self.key_inflight.add(key, worker.url)
+            ex.sticky_lease = (key, worker.url)
         return worker, reason, trial
+
+    async def _hold(self, ex, exclude, waiting_for: list[Worker]) -> tuple[Worker, str, bool]:
+        """Wait (FIFO) until a worker `ex` may use resumes; 503 past routing.hold_timeout_s."""
+        timeout = self.config.routing.hold_timeout_s
+        try:
+            return await self.hold_queue.acquire(lambda: self._take(ex, exclude),
+                                                 lambda g: self.give_back(g[0], g[2], ex), timeout_s=timeout)
+        except QueueTimeout as e:
+            self.metrics.queue_rejected("pause_hold", "timeout")
+            held = HoldTimeout(e.waited_s, timeout, tuple(w.url for w in waiting_for))
+            raise StageError(503, held.message, held_s=round(e.waited_s, 3)) from None
 
     async def take_worker(self, ex, exclude=()) -> tuple[Worker | None, str, bool]:
         """Select a worker and count the request on it: (worker, route reason, is breaker trial).
 
         With `workers.max_inflight_per_worker`, a request that finds every usable worker full waits
         in the FIFO slot queue and is placed (by its route's policy) when a slot frees; a wait past
-        `workers.queue_timeout_s` fails the request with 503. (None, "none", False) when no worker is usable.
+        `workers.queue_timeout_s` fails the request with 503. A generation request whose workers are all
+        paused waits in the hold queue until one resumes (`routing.hold_when_paused`). (None, "none", False)
+        when no worker is usable.
         """
         got = self._take(ex, exclude) if not len(self.slot_queue) else None
         if got is not None:
             return got
-        if not self.pool.routable(exclude):
+        if not self.routable(ex, exclude):
+            elig = self.eligibility(ex)
+            with self.pool.only(elig.waits_for):
+                waiting_for = self.pool.routable(exclude)
+            if waiting_for:
+                return await self._hold(ex, exclude, waiting_for)
             return None, "none", False
         if self.pool.max_inflight is None and not len(self.slot_queue):
             return None, "none", False
         timeout = self.config.workers.queue_timeout_s
         try:
             return await self.slot_queue.acquire(lambda: self._take(ex, exclude),
-                                                 lambda g: self.give_back(g[0], g[2]), timeout_s=timeout)
+                                                 lambda g: self.give_back(g[0], g[2], ex), timeout_s=timeout)
         except QueueTimeout as e:
             self.metrics.queue_rejected("worker_slot", "timeout")
             raise StageError(503, f"no worker slot freed within workers.queue_timeout_s ({timeout:g}s): every "
@@ -375,8 +459,14 @@ class Runtime:
                                   f"({self.pool.max_inflight}) requests in flight", waited_s=round(e.waited_s, 3),
                              ) from None
 
-    def give_back(self, worker: Worker, trial: bool = False) -> None:
+    def give_back(self, worker: Worker, trial: bool = False, ex=None) -> None:
         self.pool.release(worker, trial)
+        lease = None if ex is None else ex.sticky_lease
+        if lease is not None and lease[1] == worker.url:
+            ex.sticky_lease = None
+            self.key_inflight.done(*lease)
+        if len(self.hold_queue):
+            self.hold_queue.wake()
         if len(self.slot_queue):
             self.slot_queue.wake()
 
@@ -545,41 +635,58 @@ class Runtime:
             self.prefix_index.record(np.concatenate([seq, np.asarray(out.output_ids, np.int32)]), ex.worker.url)
 
     def _routing_key(self, ex) -> str | None:
-        if ex.routing_key is not None:  # set by the router itself (e.g. a session id)
-            return ex.routing_key
+        """The request's sticky key (router/core/sticky.py): the router's own (a session id), the routing-key
+        headers in order, the body field, then the request id's lineage (body `rid`, request-id headers)."""
         g = self.config.routing
-        for k, v in ex.headers:
-            if k == g.sticky_header.encode():
-                return v.decode("latin-1")
-        if g.sticky_body_field:
+
+        def body_field():
+            if not g.sticky_body_field:
+                return None
             try:
                 val = msgspec.json.decode(ex.body).get(g.sticky_body_field)
             except (*DECODE_ERRORS, AttributeError):
-                # a body without a usable key simply routes by load
-                return None
+                return None  # a body without a usable key simply routes by load
             return None if val is None else str(val)
-        return None
+
+        def rids():
+            if not g.sticky_lineage:
+                return
+            try:
+                rid = rid_decoder.decode(ex.body_for_upstream).rid
+            except DECODE_ERRORS:
+                rid = None
+            if isinstance(rid, str):
+                yield rid
+            for name in self.request_id_headers:
+                yield _header_text(ex.headers, name)
+
+        found = routing_key(ex.routing_key, (_header_text(ex.headers, n) for n in self.key_headers),
+                            body_field(), rids())
+        return None if found is None else found[0]
 
     def _select_sticky(self, ex) -> tuple[Worker | None, str]:
+        """The key's rendezvous worker among the usable ones (the same from every router), under the key's
+        in-flight cap, with the bounded-load spill. Route reasons: `sticky` (the worker that served the key
+        last), `sticky_new` (a key new to this router, or one whose worker changed), `sticky_cap`, `spill`."""
         key = self._routing_key(ex)
         if key is None:
             return self.pool.pick(), "least_inflight"
-        now = time.monotonic()
-        url = self.sticky.get(key, now)
-        pinned = self.pool.get(url) if url else None
-        if pinned is not None and self.pool.admits(pinned):
-            w, reason = choose(self.pool, pinned, self.spill, "sticky")
-            if w is not None and reason == "sticky":
-                self.sticky.put(key, w.url, now)
-            return (w, reason) if w is not None else (None, "none")  # a spill is one request only
-        # A new key, or its worker is out: the least-loaded worker, ties broken by the key's hash.
-        key_hash = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
-                                  "little")
-        w = self.pool.pick_for_key(key_hash)
+        pool = self.pool
+        urls = [w.url for w in pool.active if pool.admits(w)]
+        url, moved = preferred(key, urls, lambda u: self.key_inflight.count(key, u),
+                               self.config.routing.sticky_inflight_cap)
+        w, reason = choose(pool, None if url is None else pool.get(url), self.spill, "sticky")
         if w is None:
             return None, "none"
+        ex.sticky_pick = key
+        if reason != "sticky":
+            return w, reason  # a spill is one request only
+        if moved:
+            return w, "sticky_cap"
+        now = time.monotonic()
+        last = self.sticky.get(key, now)
         self.sticky.put(key, w.url, now)
-        return w, "sticky_new"
+        return w, "sticky" if last == w.url else "sticky_new"
 
     async def aclose(self) -> None:
         for scope in self._probers.values():
@@ -591,3 +698,7 @@ class Runtime:
             if self.store is not None:
                 await self.store.aclose()
 
+
+def _header_text(headers, name: bytes) -> str | None:
+    v = header_value(headers, name)
+    return None if v is None else v.decode("latin-1")

@@ -66,6 +66,7 @@ class SimStats:
         self.in_flight = 0  # /generate requests being answered
         self.peak_in_flight = 0
         self.aborted = 0  # items finished by an abort
+        self.generate_while_paused = 0  # /generate requests that arrived while generation was paused
         self.paths: dict[str, int] = {}
         self.last_bodies: deque[bytes] = deque(maxlen=_KEEP_LAST)  # raw /generate bodies
         self.last_input_ids: deque[list[int]] = deque(maxlen=_KEEP_LAST)  # prompt ids per generated item
@@ -84,6 +85,7 @@ class SimStats:
             "in_flight": self.in_flight,
             "peak_in_flight": self.peak_in_flight,
             "aborted": self.aborted,
+            "generate_while_paused": self.generate_while_paused,
             "paths": dict(self.paths),
             "last_bodies": [decoded(b) for b in self.last_bodies],
             "last_input_ids": list(self.last_input_ids),
@@ -445,6 +447,8 @@ class SimWorker:
     async def _generate(self, reply: _Reply, body: bytes, *, scope: dict, receive: Callable, **_: Any) -> None:
         stats = self.stats
         stats.generate_requests += 1
+        if self.paused:
+            stats.generate_while_paused += 1
         stats.last_bodies.append(body)
         stats.in_flight += 1
         stats.peak_in_flight = max(stats.peak_in_flight, stats.in_flight)

@@ -70,7 +70,7 @@ class Forward(Stage):
                     # 5xx is a failure; 4xx (incl. 429) means the worker is alive and answering.
                     outcome = (resp.status >= 500, f"HTTP {resp.status}")
                     if (resp.status in retry_statuses and status_retries > 0
-                            and svc.pool.routable(exclude=[*tried, worker])):
+                            and svc.routable(ex, exclude=[*tried, worker])):
                         status_retries -= 1
                         tried.append(worker)
                         failed_attempts.append(f"{worker.url} {resp.status}")
@@ -95,7 +95,7 @@ class Forward(Stage):
                         reply = await resp.read()
                         outputs = reply_summaries(reply) if resp.status == 200 and (is_generate or abort_retries) else None
                         if (abort_retries and outputs and any(o.aborted for o in outputs)
-                                and svc.pool.pick(exclude=[*tried, worker]) is not None):
+                                and svc.pickable(ex, exclude=[*tried, worker])):
                             abort_retries -= 1
                             tried.append(worker)
                             svc.metrics.abort_retries.inc()
@@ -135,7 +135,7 @@ class Forward(Stage):
             finally:
                 if outcome is not None:  # None: cancelled (the client left), which says nothing of the worker
                     svc.on_outcome(worker, outcome[0], outcome[1], trial)
-                svc.give_back(worker, trial)
+                svc.give_back(worker, trial, ex)
         if tried:
             raise StageError(502, f"could not connect to a worker ({last_error})")
         raise StageError(503, "no healthy worker available", workers=len(svc.pool))

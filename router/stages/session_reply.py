@@ -61,6 +61,8 @@ class SessionReply(Stage):
         message = msgspec.Raw(json_encoder.encode(AssistantMessage(
             content=parsed.content or "", reasoning_content=parsed.reasoning_content, tool_calls=calls or None)))
         rid = out.response_id or uuid.uuid4().hex
+        # the engine's own stamp, else the serving worker's version as the router knows it
+        version = out.weight_version or (ex.worker.weight_version if ex.worker is not None else None)
         record = TurnRecord(request_timestamp=turn.requested_at, timestamp=time.time(),
                             meta_info=msgspec.Raw(out.client_meta),
                             request=msgspec.Raw(json_encoder.encode(turn.request_fields)), message=message,
@@ -72,7 +74,8 @@ class SessionReply(Stage):
         ex.scratch[COMMITTED] = None
         if not session.closed:
             try:
-                ex.scratch[COMMITTED] = self._commit(turn, ex.scratch[PROMPT], out, parsed, finish, rid, record)
+                ex.scratch[COMMITTED] = self._commit(turn, ex.scratch[PROMPT], out, parsed, finish, rid, record,
+                                                     version)
             except TurnLimit as e:
                 fail(ex, 409, str(e))
                 return
@@ -81,7 +84,7 @@ class SessionReply(Stage):
                            finish_reason=finish, matched_stop=out.matched_stop, meta_info=record.meta_info,
                            prompt_tokens=turn.input_len, completion_tokens=len(out.output_ids),
                            cached_tokens=out.cached_tokens, reasoning_tokens=out.reasoning_tokens,
-                           weight_version=out.weight_version)
+                           weight_version=version)
         headers = _route_headers(ex)
         if turn.request.stream:
             body = stream_body(reply)
@@ -94,7 +97,7 @@ class SessionReply(Stage):
         ex.client_headers = headers + [(b"content-length", str(len(body)).encode())]
 
     @staticmethod
-    def _commit(turn, prompt_ids, out, parsed, finish: str, rid: str, record: TurnRecord):
+    def _commit(turn, prompt_ids, out, parsed, finish: str, rid: str, record: TurnRecord, version: str | None):
         tree = turn.session.tree
         experts, r3_start, r3_error = None, turn.r3_start, out.routed_experts_error
         if out.routed_experts is not None:
@@ -114,6 +117,5 @@ class SessionReply(Stage):
         return tree.commit(turn.parent, turn.new_raws, request_seq=turn.request_seq, messages=turn.new_messages,
                            assistant=stored, assistant_raw=record.message, prompt_ids=prompt_ids,
                            output_ids=out.output_ids, output_logprobs=out.logprobs, routed_experts=experts,
-                           r3_start=r3_start, r3_error=r3_error, finish_reason=finish,
-                           weight_version=out.weight_version, response_id=rid, created_at=record.timestamp,
-                           record=record)
+                           r3_start=r3_start, r3_error=r3_error, finish_reason=finish, weight_version=version,
+                           response_id=rid, created_at=record.timestamp, record=record)

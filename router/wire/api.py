@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import msgspec
 
@@ -19,6 +19,16 @@ EXPERTS_DTYPES = get_args(ExpertsDtype)
 class WorkerUrlBody(msgspec.Struct):
     url: str | None = None
     worker_url: str | None = None
+    labels: Any = None  # a table of label strings (router/core/labels.py checks it)
+
+
+class RidField(msgspec.Struct):
+    """A generation body's `rid` alone (sticky routing reads its lineage); the rest is skipped."""
+
+    rid: Any = None
+
+
+rid_decoder = msgspec.json.Decoder(RidField)
 
 
 class RetrieveRequest(msgspec.Struct):
