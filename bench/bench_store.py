@@ -1,6 +1,8 @@
 """Durable trajectory store benchmark: what durability costs, bytes on disk, restart time vs store size.
 
     python bench/bench_store.py                      # throughput (c=64, 2 rounds x 3 modes, 8 s each) + bytes/token
+    python bench/bench_store.py --workload shared-system   # the RL norm: one long system prompt, c=16, Qwen vocab
+    python bench/bench_store.py --workload shared-system --compare-ref HEAD~1   # also the router as of a commit
     python bench/bench_store.py --restart-gb 0.25,1,4  # also: restart time on generated stores of these sizes
     python bench/bench_store.py --quick              # 4 s per point, 1 round
 
@@ -13,6 +15,14 @@ within each round so drift hits all of them alike:
   * off:    the store with `sync = "off"` (written by the writer thread, nobody waits);
   * commit: the store with `sync = "commit"` (fsync per group commit; the reply waits for it).
 Router CPU per request = utime+stime of the router process (from /proc) / requests completed.
+
+`--workload shared-system` is the RL norm instead: every prompt is the same ~2 KB ChatML system prompt
+(`<|im_start|>system ...`) followed by a distinct question, real Qwen vocabulary (builtin:qwen, router and worker),
+64 new tokens with logprobs, c=16, one simulated worker in its own process; modes memory and commit (`--modes`
+picks others). Every prompt then shares its first bytes with every stored trajectory, which is what a store lookup
+keyed on a prompt's head must not pay for. It prints the store's cost as router CPU per request, commit / memory
+(target <= 1.25x). `--compare-ref GITREF` also runs the router as of GITREF (a temporary git worktree) in the same
+run, its modes alternating with this checkout's: an A/B of a change.
 Bytes on disk per token: the commit run's store (record bytes, and whole-file bytes incl. SQLite's index and
 free pages) / stored tokens (prompt + output).
 
@@ -26,6 +36,7 @@ and its RSS is read once it is ready. An empty store is the baseline.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import re
@@ -52,9 +63,9 @@ def free_port() -> int:
     return p
 
 
-def spawn(cmd, log) -> subprocess.Popen:
-    p = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-                         env={**os.environ, "PYTHONPATH": REPO})
+def spawn(cmd, log, repo: str = REPO) -> subprocess.Popen:
+    p = subprocess.Popen(cmd, cwd=repo, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+                         env={**os.environ, "PYTHONPATH": repo})
     PROCS.append(p)
     return p
 
@@ -88,7 +99,49 @@ def cpu_seconds(pid: int) -> float:
     return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def router_config(tmp: str, port: int, sims: list[int], mode: str, store_path: str) -> str:
+# The shared-system workload's system prompt: one long instruction block every request starts with (~2 KB).
+SYSTEM_PROMPT = (
+    "<|im_start|>system\nYou are a meticulous mathematical reasoning assistant trained with reinforcement learning. "
+    "For every problem you receive, think step by step before answering. First restate the problem in your own "
+    "words and list the quantities it gives, with their units. Then decide which relations connect them: rates "
+    "and times, ratios and proportions, areas and volumes, probabilities of independent events, or modular "
+    "arithmetic. Write each intermediate result on its own line, keep exact fractions until the end, and check "
+    "the units of every quantity you compute. When a problem can be solved in more than one way, prefer the "
+    "shortest argument that is still fully rigorous, and mention a second method only when it verifies the first. "
+    "Never guess: if the problem is ambiguous, say which reading you chose and why. If a step needs a known "
+    "theorem, name it. Avoid rounding until the last step, and then round to the precision the problem asks for. "
+    "Your final line must be of the form `Answer: <value>` with the value alone, no units and no explanation, so "
+    "that an automatic grader can compare it with the reference. Answers that do not follow this format receive "
+    "no reward even when the reasoning is correct. Keep the whole reply under four hundred words. Do not repeat "
+    "the problem statement verbatim, do not apologise, and do not address the user by name. Treat every problem "
+    "as independent of the previous ones. Use plain text for formulas (for example 3/4 * (x + 2)), never LaTeX. "
+    "If the problem contains a mistake that makes it unsolvable, explain the mistake in one sentence and answer "
+    "`Answer: none`. Think carefully, be concise, and be correct.<|im_end|>\n")
+
+
+def shared_system_prompt(tag: str, conn: int, seq: int) -> str:
+    a, b = (seq * 7919 + conn * 104729) % 997, (seq * 31 + conn) % 89 + 2
+    return (f"{SYSTEM_PROMPT}<|im_start|>user\nProblem {tag}.{conn}.{seq}: a train covers {a} km in {b} hours at a "
+            f"constant speed. How far does it travel in {b + 3} hours, and what is its speed in m/s?<|im_end|>\n"
+            "<|im_start|>assistant\n")
+
+
+def unique_prompt(tag: str, conn: int, seq: int) -> str:
+    return f"[{tag}-{conn}-{seq}] Write a short note about item {seq * 7919 % 1000}."
+
+
+WORKLOADS = {
+    # unique prompts (their heads differ), tiny vocabulary, two workers: BENCHMARKS.md section 5's first table
+    "unique": dict(prompt=unique_prompt, tokenizer="builtin:tiny", workers=2, concurrency=64, new_tokens=32,
+                   modes=("memory", "off", "commit")),
+    # the RL norm: one long shared system prompt, a distinct question, real Qwen vocabulary (issue 19 item 6)
+    "shared-system": dict(prompt=shared_system_prompt, tokenizer="builtin:qwen", workers=1, concurrency=16,
+                          new_tokens=64, modes=("memory", "commit")),
+}
+
+
+def router_config(tmp: str, port: int, sims: list[int], mode: str, store_path: str, *, repo: str = REPO,
+                  tokenizer: str = "builtin:tiny") -> str:
     path = os.path.join(tmp, f"router-{mode}-{port}.toml")
     store = ('enabled = false' if mode == "memory" else f'path = "{store_path}"\nsync = "{mode}"')
     with open(path, "w") as f:
@@ -98,12 +151,12 @@ log_level = "warning"
 [workers]
 urls = [{", ".join(f'"http://127.0.0.1:{p}"' for p in sims)}]
 [tokenizer]
-path = "builtin:tiny"
+path = "{tokenizer}"
 [store]
 {store}
 [[routes]]
 path = "/generate"
-pipeline = "{REPO}/pipelines/radix-cache.toml"
+pipeline = "{repo}/pipelines/radix-cache.toml"
 """)
     return path
 
@@ -118,7 +171,10 @@ def load_main(argv) -> None:
     ap.add_argument("--seconds", type=float)
     ap.add_argument("--warmup", type=float)
     ap.add_argument("--tag")
+    ap.add_argument("--workload", default="unique")
+    ap.add_argument("--new-tokens", type=int, default=32)
     a = ap.parse_args(argv)
+    prompt = WORKLOADS[a.workload]["prompt"]
     counts = {"ok": 0, "bad": 0}
 
     async def conn(i: int, measuring: list) -> None:
@@ -126,8 +182,8 @@ def load_main(argv) -> None:
         buf = b""
         seq = 0
         while True:
-            body = json.dumps({"text": f"[{a.tag}-{i}-{seq}] Write a short note about item {seq * 7919 % 1000}.",
-                               "sampling_params": {"max_new_tokens": 32}, "return_logprob": True}).encode()
+            body = json.dumps({"text": prompt(a.tag, i, seq), "sampling_params": {"max_new_tokens": a.new_tokens},
+                               "return_logprob": True}).encode()
             seq += 1
             await stream.send_all(b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                                   b"content-length: %d\r\n\r\n%s" % (len(body), body))
@@ -159,16 +215,20 @@ def load_main(argv) -> None:
     print(json.dumps(counts))
 
 
-def measure(tmp: str, sims: list[int], mode: str, args, round_: int) -> dict:
+def measure(tmp: str, sims: list[int], mode: str, args, round_: int, repo: str = REPO, label: str = "") -> dict:
+    """One point: a fresh router (from `repo`) in `mode`, loaded for args.seconds after a 1 s warm-up."""
     port = free_port()
-    store_path = os.path.join(tmp, f"store-{mode}-{round_}.db")
-    cfg = router_config(tmp, port, sims, mode, store_path)
-    router = spawn([sys.executable, "-m", "router", "--config", cfg], os.path.join(tmp, f"router-{mode}.log"))
+    name = mode + label
+    store_path = os.path.join(tmp, f"store-{name}-{round_}.db")
+    work = WORKLOADS[args.workload]
+    cfg = router_config(tmp, port, sims, mode, store_path, repo=repo, tokenizer=work["tokenizer"])
+    router = spawn([sys.executable, "-m", "router", "--config", cfg], os.path.join(tmp, f"router-{name}.log"), repo)
     try:
         wait_http(f"http://127.0.0.1:{port}/health")
         client = subprocess.Popen([sys.executable, __file__, "_load", "--port", str(port), "--concurrency",
                                    str(args.concurrency), "--seconds", str(args.seconds), "--warmup", "1.0",
-                                   "--tag", f"{mode}{round_}"], stdout=subprocess.PIPE, cwd=REPO)
+                                   "--tag", f"{mode}{round_}{label.replace('@', '-')}", "--workload", args.workload,
+                                   "--new-tokens", str(work["new_tokens"])], stdout=subprocess.PIPE, cwd=REPO)
         PROCS.append(client)
         time.sleep(1.0)  # the client's warm-up
         c0 = cpu_seconds(router.pid)
@@ -183,7 +243,7 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int) -> dict:
                        commit_ms=1e3 * float(m["miles_router_store_commit_seconds_sum"]) / commits)
     finally:
         stop(router)
-    res.update(mode=mode, rps=res["ok"] / res["elapsed"], cpu_us=(c1 - c0) * 1e6 / max(res["ok"], 1))
+    res.update(mode=mode, label=label, rps=res["ok"] / res["elapsed"], cpu_us=(c1 - c0) * 1e6 / max(res["ok"], 1))
     if mode == "commit":
         conn = sqlite3.connect(store_path)
         rows, tokens, payload = conn.execute("SELECT count(*), total(ntokens), total(nbytes) FROM trajectories").fetchone()
@@ -194,6 +254,51 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int) -> dict:
         if os.path.exists(store_path + s):
             os.unlink(store_path + s)
     return res
+
+
+def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str]]) -> None:
+    """Every mode of every target (this checkout, and --compare-ref's), alternated within each round (reversed in
+    odd rounds) so drift on a shared machine hits all of them alike; then the medians and the ratios."""
+    modes = args.modes
+    results = []
+    for r in range(args.rounds):
+        points = [(m, repo, label) for m in modes for label, repo in targets]
+        for mode, repo, label in points if r % 2 == 0 else points[::-1]:
+            res = measure(tmp, sims, mode, args, r, repo, label)
+            results.append(res)
+            extra = (f"  {res['batch']:.1f} trajectories/commit, {res['commit_ms']:.2f} ms/commit"
+                     if "batch" in res else "")
+            print(f"round {r} {mode + label:>14}: {res['rps']:7.0f} req/s  router {res['cpu_us']:6.0f} µs/req  "
+                  f"bad {res['bad']}{extra}", flush=True)
+    med = {(m, lb): statistics.median(x["rps"] for x in results if x["mode"] == m and x["label"] == lb)
+           for m in modes for lb, _ in targets}
+    cpu = {(m, lb): statistics.median(x["cpu_us"] for x in results if x["mode"] == m and x["label"] == lb)
+           for m in modes for lb, _ in targets}
+    base = "memory" if "memory" in modes else modes[0]
+    print(f"\n| router | mode | req/s (median) | router CPU µs/req | CPU vs {base} | req/s vs {base} |\n"
+          "|---|---|---|---|---|---|")
+    for label, _ in targets:
+        for m in modes:
+            print(f"| {label[1:] or 'this checkout'} | {m} | {med[m, label]:.0f} | {cpu[m, label]:.0f} | "
+                  f"{cpu[m, label] / cpu[base, label]:.2f}× | {med[m, label] / med[base, label]:.2f}× |")
+    print()
+    for label, _ in targets:
+        who = label[1:] or "this checkout"
+        if "commit" in modes and "off" in modes:
+            print(f"{who}: commit/off throughput {med['commit', label] / med['off', label]:.2f}× (target >= 0.8)")
+        if "commit" in modes and "memory" in modes:
+            print(f"{who}: store cost, router CPU per request commit/memory "
+                  f"{cpu['commit', label] / cpu['memory', label]:.2f}× (target <= 1.25), throughput "
+                  f"{med['commit', label] / med['memory', label]:.2f}×")
+    if len(targets) > 1:
+        ref = targets[1][0]
+        for m in modes:
+            print(f"{m}: router CPU per request, this checkout / {ref[1:]}: {cpu[m, ''] / cpu[m, ref]:.2f}×")
+    commits = [x for x in results if x["mode"] == "commit" and not x["label"]]
+    if commits:
+        c = commits[-1]
+        print(f"bytes on disk per token (no R3): records {c['record_bytes_per_token']:.2f} B, whole file "
+              f"{c['file_bytes_per_token']:.2f} B  ({c['rows']} trajectories, {c['tokens']:.0f} tokens)")
 
 
 # ------------------------------------------------------------------ restart vs store size
@@ -264,10 +369,16 @@ def restart_time(tmp: str, sims: list[int], store_path: str, probe_text: str | N
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="unique",
+                    help="unique: unique prompts, tiny vocabulary, c=64; shared-system: one long system prompt, "
+                         "Qwen vocabulary, 64 tokens out, c=16")
+    ap.add_argument("--modes", help="comma-separated of memory,off,commit (default: the workload's)")
+    ap.add_argument("--concurrency", type=int, help="default: the workload's (64 unique, 16 shared-system)")
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--compare-ref", metavar="GITREF",
+                    help="also measure the router as of GITREF (a temporary git worktree) in the same run")
     ap.add_argument("--restart-gb", default="", help="comma-separated store sizes in GB for the restart table")
     ap.add_argument("--restart-tokens", type=int, default=1000, help="tokens per generated trajectory")
     ap.add_argument("--skip-throughput", action="store_true")
@@ -275,36 +386,32 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.rounds = 4.0, 1
+    work = WORKLOADS[args.workload]
+    args.concurrency = args.concurrency or work["concurrency"]
+    args.modes = tuple(args.modes.split(",")) if args.modes else work["modes"]
+    if not set(args.modes) <= {"memory", "off", "commit"}:
+        ap.error(f"--modes: {args.modes} (known: memory, off, commit)")
     tmp = args.tmp or tempfile.mkdtemp(prefix="bench_store_")
     os.makedirs(tmp, exist_ok=True)
-    sims = [free_port() for _ in range(2)]
+    targets = [("", REPO)]
+    if args.compare_ref:
+        ref_repo = os.path.join(tmp, "compare_ref")
+        subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", ref_repo, args.compare_ref],
+                       check=True, capture_output=True)
+        atexit.register(subprocess.run, ["git", "-C", REPO, "worktree", "remove", "--force", ref_repo],
+                        capture_output=True)
+        targets.append(("@" + args.compare_ref, ref_repo))
+    sims = [free_port() for _ in range(work["workers"])]
     for i, p in enumerate(sims):
-        spawn([sys.executable, "-m", "router", "sim-worker", "--port", str(p), "--tokenizer", "builtin:tiny",
+        spawn([sys.executable, "-m", "router", "sim-worker", "--port", str(p), "--tokenizer", work["tokenizer"],
                "--seed", str(i)], os.path.join(tmp, f"sim{i}.log"))
     for p in sims:
         wait_http(f"http://127.0.0.1:{p}/health")
-    print(f"# bench_store.py  (c={args.concurrency}, {args.seconds:g} s per point, {args.rounds} round(s); "
-          f"logs in {tmp})")
+    print(f"# bench_store.py --workload {args.workload}  (c={args.concurrency}, {args.seconds:g} s per point, "
+          f"{args.rounds} round(s); logs in {tmp})")
     try:
         if not args.skip_throughput:
-            results = []
-            for r in range(args.rounds):
-                for mode in ("memory", "off", "commit") if r % 2 == 0 else ("commit", "off", "memory"):
-                    res = measure(tmp, sims, mode, args, r)
-                    results.append(res)
-                    extra = (f"  {res['batch']:.1f} trajectories/commit, {res['commit_ms']:.2f} ms/commit"
-                             if "batch" in res else "")
-                    print(f"round {r} {mode:>6}: {res['rps']:7.0f} req/s  router {res['cpu_us']:6.0f} µs/req  "
-                          f"bad {res['bad']}{extra}", flush=True)
-            med = {m: statistics.median(x["rps"] for x in results if x["mode"] == m) for m in ("memory", "off", "commit")}
-            cpu = {m: statistics.median(x["cpu_us"] for x in results if x["mode"] == m) for m in ("memory", "off", "commit")}
-            print("\n| mode | req/s (median) | router CPU µs/req | vs off |\n|---|---|---|---|")
-            for m in ("memory", "off", "commit"):
-                print(f"| {m} | {med[m]:.0f} | {cpu[m]:.0f} | {med[m] / med['off']:.2f}× |")
-            c = [x for x in results if x["mode"] == "commit"][-1]
-            print(f"\ncommit/off throughput: {med['commit'] / med['off']:.2f}× (target >= 0.8)")
-            print(f"bytes on disk per token (no R3): records {c['record_bytes_per_token']:.2f} B, whole file "
-                  f"{c['file_bytes_per_token']:.2f} B  ({c['rows']} trajectories, {c['tokens']:.0f} tokens)")
+            throughput(tmp, sims, args, targets)
         if args.restart_gb:
             print(f"\n{args.restart_tokens}-token trajectories\n"
                   "| store | trajectories | file size | ready (/health) | first exact retrieve from disk | router RSS "
