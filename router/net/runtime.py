@@ -74,6 +74,8 @@ class Runtime:
         self.tokenizer = None
         self.tree_if_loaded = None
         self.store = None  # the durable trajectory store (a TrajectoryStore), when a pipeline persists
+        # prefix keys of this process's stored trajectories that it evicted from memory (a KeyFilter, once any was)
+        self.evicted_heads = None
         self.session_persister = None  # sessions over the store (router/net/session_persist.py)
         self.pipelines: dict[tuple[str, str], RoutePipeline] = {}
         self.sessions = None  # SessionRegistry when [sessions] enabled
@@ -192,31 +194,51 @@ class Runtime:
         """Load back into the memory cache the stored trajectories whose visible text is a prefix of `text`
         longer than what the cache matched (a conversation's earlier turns, evicted or stored before a restart),
         oldest first, as they were inserted the first time: the merged loss mask and anchors come out the same.
-        True if any was loaded. Texts shorter than the prefix key (64 bytes) are not found this way."""
+        True if any was loaded. Texts shorter than one prefix-key block (64 bytes) are not found this way.
+
+        The store is asked only about the prompt's prefix keys (router/core/store.py `prefix_heads`) that may
+        name a record the memory cache does not hold: one another process wrote or that was there before this
+        one started (`store.may_continue`), or one of this process's own that it evicted (`evicted_heads`).
+        Everything else this process stored is still in memory, so the cache's own match already covers it."""
         from router.core.radix import TrajectoryInput, text_digest
-        from router.core.store import text_head
+        from router.core.store import prefix_heads
         from router.wire import store as wire
 
         store = self.store
-        head = text_head(text) if store is not None else None
-        if head is None or not store.may_continue(head):
+        if store is None:
+            return False
+        evicted = self.evicted_heads
+        heads = [h for h in prefix_heads(text, matched) if store.may_continue(h) or (evicted is not None and h in evicted)]
+        if not heads:
             return False
         tree = self.tree
-        chosen = []
-        for rid, vlen, digest in await store.prefix_candidates(head, len(text)):
-            if vlen > matched and text_digest(text[:vlen]) == digest and tree.peek_exact(text[:vlen]) is None:
-                chosen.append((rid, vlen))
+        chosen: dict[int, int] = {}
+        for head in heads:
+            for rid, vlen, digest in await store.prefix_candidates(head, len(text)):
+                if (vlen > matched and rid not in chosen and text_digest(text[:vlen]) == digest
+                        and tree.peek_exact(text[:vlen]) is None):
+                    chosen[rid] = vlen
         if not chosen:
             return False
-        chosen.sort()
+        order = sorted(chosen)
         now = time.time()
-        for (_, vlen), rec in zip(chosen, await store.get_ids([rid for rid, _ in chosen])):
+        for rid, rec in zip(order, await store.get_ids(order)):
             tokens, p = wire.tokens_of(rec), rec.prompt_len
             tree.insert(TrajectoryInput(
                 rid=rec.rid, prompt_ids=tokens[:p], output_ids=tokens[p:], output_logprobs=wire.logprobs_of(rec)[p:],
-                visible_text=text[:vlen], weight_version=rec.weight_version, worker=rec.worker,
+                visible_text=text[:chosen[rid]], weight_version=rec.weight_version, worker=rec.worker,
                 finish=rec.finish or "stop", routed_experts=wire.experts_of(rec)), now=now)
         return True
+
+    def _evicted_to_store(self, heads: list[int]) -> None:
+        """Remember the prefix keys of stored trajectories that left memory (persist tagged them with their key):
+        a later prompt continuing one of them must ask the store for it."""
+        from router.core.store import KeyFilter
+
+        if self.evicted_heads is None:
+            self.evicted_heads = KeyFilter(26)  # 8 MiB, allocated at the first eviction of a stored trajectory
+        for h in heads:
+            self.evicted_heads.add(h)
 
     def stale_versions(self) -> frozenset:
         return frozenset(v for v in self.versions_seen if self._is_stale(v))
@@ -253,6 +275,8 @@ class Runtime:
             return
         report = tree.evict(budget_bytes=c.budget_bytes, hard_budget_bytes=c.hard_budget_bytes,
                             stale_versions=self._is_stale)
+        if getattr(report, "tags", None):
+            self._evicted_to_store(report.tags)
         if getattr(report, "evicted_unretrieved", 0) and self.store is not None:
             # Out of memory, not out of existence: /retrieve_from_text reads them back from the store.
             log.debug("trajectory cache over its hard budget: %d unretrieved trajectories left memory for the "
