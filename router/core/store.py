@@ -23,6 +23,7 @@ Retention (`plan_retention`), applied by the backend on a schedule:
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
@@ -104,6 +105,12 @@ class KeyFilter:
             return False
         i = ((key * 0x165667B19E3779F9) & _M64) >> s
         return bool(b[i >> 3] >> (i & 7) & 1)
+
+    def load(self, rows) -> None:
+        """Add every key of `rows` (an iterable of 1-tuples, e.g. a database cursor), in vectorized chunks."""
+        it = iter(rows)
+        while chunk := list(itertools.islice(it, 1 << 16)):
+            self.add_many(np.fromiter((k for (k,) in chunk), np.int64, len(chunk)))
 
     def add_many(self, keys: np.ndarray) -> None:
         """Add an array of keys at once (vectorized: a store's keys at startup)."""

@@ -28,7 +28,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import quote
 
-import numpy as np
 import trio
 
 from router.core.store import (KeyFilter, Keyed, RetentionPlan, RowInfo, StoreOpenError, StoreStats,
@@ -164,6 +163,9 @@ class _Op:
 _STOP = _Op("stop", None, None)
 
 
+_HeadFilter = KeyFilter  # the name other backends import the prefix-key filter by
+
+
 class SqliteStore:
     """A TrajectoryStore (router/core/store.py) on one SQLite file."""
 
@@ -185,9 +187,7 @@ class SqliteStore:
         cols = {r[1] for r in self._conn.execute("PRAGMA table_info(trajectories)")}
         self._heads = KeyFilter()
         if "head" in cols:
-            cur = self._conn.execute("SELECT DISTINCT head FROM trajectories WHERE head IS NOT NULL")
-            while chunk := cur.fetchmany(1 << 16):
-                self._heads.add_many(np.fromiter((h for (h,) in chunk), np.int64, len(chunk)))
+            self._heads.load(self._conn.execute("SELECT DISTINCT head FROM trajectories WHERE head IS NOT NULL"))
         self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
         self._pending: dict[bytes, list[StoredTrajectory]] = {}  # digest -> records not yet committed, oldest first
         self._pending_writes = 0
