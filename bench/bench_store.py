@@ -36,7 +36,6 @@ and its RSS is read once it is ready. An empty store is the baseline.
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import os
 import re
@@ -49,6 +48,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+
+import gitref  # bench/gitref.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -395,11 +396,7 @@ def main() -> int:
     os.makedirs(tmp, exist_ok=True)
     targets = [("", REPO)]
     if args.compare_ref:
-        ref_repo = os.path.join(tmp, "compare_ref")
-        subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", ref_repo, args.compare_ref],
-                       check=True, capture_output=True)
-        atexit.register(subprocess.run, ["git", "-C", REPO, "worktree", "remove", "--force", ref_repo],
-                        capture_output=True)
+        ref_repo = gitref.worktree(REPO, args.compare_ref, os.path.join(tmp, "compare_ref"))
         targets.append(("@" + args.compare_ref, ref_repo))
     sims = [free_port() for _ in range(work["workers"])]
     for i, p in enumerate(sims):

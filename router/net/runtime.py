@@ -23,6 +23,7 @@ from router.wire import DECODE_ERRORS
 from router.config import Config
 from router.core.pipeline import PipelineSpec, load_pipeline
 from router.core.selection import PrefixIndex, SpillRule, StickyTable, choose
+from router.core.store import KeyFilter, prefix_heads
 from router.core.urls import normalize_worker_url
 from router.core.workers import BreakerPolicy, BreakerState, BreakerTransition, Transition, Worker, WorkerPool
 from router.core.pipeline import StageError
@@ -200,17 +201,19 @@ class Runtime:
         name a record the memory cache does not hold: one another process wrote or that was there before this
         one started (`store.may_continue`), or one of this process's own that it evicted (`evicted_heads`).
         Everything else this process stored is still in memory, so the cache's own match already covers it."""
-        from router.core.radix import TrajectoryInput, text_digest
-        from router.core.store import prefix_heads
-        from router.wire import store as wire
-
         store = self.store
         if store is None:
             return False
-        evicted = self.evicted_heads
-        heads = [h for h in prefix_heads(text, matched) if store.may_continue(h) or (evicted is not None and h in evicted)]
+        may_continue, evicted = store.may_continue, self.evicted_heads
+        if evicted is None:
+            heads = [h for h in prefix_heads(text, matched) if may_continue(h)]
+        else:
+            heads = [h for h in prefix_heads(text, matched) if may_continue(h) or h in evicted]
         if not heads:
             return False
+        from router.core.radix import TrajectoryInput, text_digest
+        from router.wire import store as wire
+
         tree = self.tree
         chosen: dict[int, int] = {}
         for head in heads:
@@ -233,8 +236,6 @@ class Runtime:
     def _evicted_to_store(self, heads: list[int]) -> None:
         """Remember the prefix keys of stored trajectories that left memory (persist tagged them with their key):
         a later prompt continuing one of them must ask the store for it."""
-        from router.core.store import KeyFilter
-
         if self.evicted_heads is None:
             self.evicted_heads = KeyFilter(26)  # 8 MiB, allocated at the first eviction of a stored trajectory
         for h in heads:
