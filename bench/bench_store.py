@@ -19,8 +19,10 @@ Router CPU per request = utime+stime of the router process (from /proc) / reques
 `--workload shared-system` is the RL norm instead: every prompt is the same ~2 KB ChatML system prompt
 (`<|im_start|>system ...`) followed by a distinct question, real Qwen vocabulary (builtin:qwen, router and worker),
 64 new tokens with logprobs, c=16, one simulated worker in its own process; modes memory and commit (`--modes`
-picks others). Every prompt then shares its first bytes with every stored trajectory, which is what a store lookup
-keyed on a prompt's head must not pay for. It prints the store's cost as router CPU per request, commit / memory
+picks others). Each store point starts on a store already holding `--prefill` (default 20,000) earlier
+trajectories of the same workload (an RL run's earlier steps; written once per router version through the record
+format, keyed by that version's own code). Every prompt then shares its first ~2 KB with every stored trajectory,
+which is what a store lookup keyed on a prompt's head must not pay for. It prints the store's cost as router CPU per request, commit / memory
 (target <= 1.25x). `--compare-ref GITREF` also runs the router as of GITREF (a temporary git worktree) in the same
 run, its modes alternating with this checkout's: an A/B of a change.
 Bytes on disk per token: the commit run's store (record bytes, and whole-file bytes incl. SQLite's index and
@@ -39,6 +41,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -134,10 +137,10 @@ def unique_prompt(tag: str, conn: int, seq: int) -> str:
 WORKLOADS = {
     # unique prompts (their heads differ), tiny vocabulary, two workers: BENCHMARKS.md section 5's first table
     "unique": dict(prompt=unique_prompt, tokenizer="builtin:tiny", workers=2, concurrency=64, new_tokens=32,
-                   modes=("memory", "off", "commit")),
+                   modes=("memory", "off", "commit"), prefill=0),
     # the RL norm: one long shared system prompt, a distinct question, real Qwen vocabulary (issue 19 item 6)
     "shared-system": dict(prompt=shared_system_prompt, tokenizer="builtin:qwen", workers=1, concurrency=16,
-                          new_tokens=64, modes=("memory", "commit")),
+                          new_tokens=64, modes=("memory", "commit"), prefill=20_000),
 }
 
 
@@ -221,6 +224,8 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int, repo: str =
     port = free_port()
     name = mode + label
     store_path = os.path.join(tmp, f"store-{name}-{round_}.db")
+    if mode != "memory" and args.prefill:
+        shutil.copyfile(prefilled(tmp, repo, label, args.prefill), store_path)
     work = WORKLOADS[args.workload]
     cfg = router_config(tmp, port, sims, mode, store_path, repo=repo, tokenizer=work["tokenizer"])
     router = spawn([sys.executable, "-m", "router", "--config", cfg], os.path.join(tmp, f"router-{name}.log"), repo)
@@ -255,6 +260,16 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int, repo: str =
         if os.path.exists(store_path + s):
             os.unlink(store_path + s)
     return res
+
+
+def prefilled(tmp: str, repo: str, label: str, n: int) -> str:
+    """A store holding n earlier trajectories of the shared-system workload, written once per router version (each
+    keys texts its own way), copied for each point."""
+    path = os.path.join(tmp, f"prefill{label.replace('@', '-')}.db")
+    if not os.path.exists(path):
+        subprocess.run([sys.executable, __file__, "_prefill", "--repo", repo, "--path", path, "--n", str(n)],
+                       check=True, cwd=repo)
+    return path
 
 
 def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str]]) -> None:
@@ -303,37 +318,60 @@ def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str]]) 
 
 
 # ------------------------------------------------------------------ restart vs store size
-def generate_store(path: str, gigabytes: float, tokens_per: int = 1000) -> tuple[int, str]:
+def record_blob(tokens_per: int, prompt: int) -> bytes:
+    """One trajectory in the store's record format (random ids and logprobs), as the router on sys.path writes it."""
     import numpy as np
 
+    from router.wire import store as wire
+
+    rng = np.random.default_rng(0)
+    return wire.encode(wire.pack(
+        rid="x", created=time.time(), prompt_len=prompt, finish="stop", worker=None, weight_version="v1",
+        versions=["v1"], tokens=rng.integers(0, 151000, tokens_per).astype(np.int32),
+        logprobs=rng.normal(size=tokens_per).astype(np.float32),
+        loss_mask=np.r_[np.zeros(prompt, np.uint8), np.ones(tokens_per - prompt, np.uint8)], experts=None))
+
+
+def write_records(path: str, n: int, text_of, blob: bytes, tokens_per: int) -> None:
+    """Write n copies of `blob` straight into a store, the i-th under the visible text text_of(i), keyed as the
+    router on sys.path keys texts."""
     from router.core.radix import text_digest
     from router.core.store import text_head
     from router.net.store_sqlite import open_database
-    from router.wire import store as wire
 
     conn, _ = open_database(__import__("pathlib").Path(path), sync="off")
-    rng = np.random.default_rng(0)
-    prompt = min(200, tokens_per // 2)
-    rec = wire.pack(rid="x", created=time.time(), prompt_len=prompt, finish="stop", worker=None, weight_version="v1",
-                    versions=["v1"], tokens=rng.integers(0, 151000, tokens_per).astype(np.int32),
-                    logprobs=rng.normal(size=tokens_per).astype(np.float32),
-                    loss_mask=np.r_[np.zeros(prompt, np.uint8), np.ones(tokens_per - prompt, np.uint8)], experts=None)
-    blob = wire.encode(rec)
-    n = int(gigabytes * 1e9 / len(blob))
-    batch = 5000
-    for start in range(0, n, batch):
-        ids = range(start, min(n, start + batch))
+    for start in range(0, n, 5000):
         conn.execute("BEGIN")
-        for i in ids:
-            # every text its own 64-byte prefix key (the worst case for startup, which loads the distinct keys)
-            text = _stored_text(i)
+        for i in range(start, min(n, start + 5000)):
+            text = text_of(i)
             cur = conn.execute("INSERT INTO trajectories (digest, created, retrieved, version, ntokens, nbytes, head, "
                                "vlen) VALUES (?, ?, 0, 'v1', ?, ?, ?, ?)",
                                (text_digest(text), time.time(), tokens_per, len(blob), text_head(text), len(text)))
             conn.execute("INSERT INTO payloads (id, data) VALUES (?, ?)", (cur.lastrowid, blob))
         conn.execute("COMMIT")
     conn.close()
+
+
+def generate_store(path: str, gigabytes: float, tokens_per: int = 1000) -> tuple[int, str]:
+    blob = record_blob(tokens_per, min(200, tokens_per // 2))
+    n = int(gigabytes * 1e9 / len(blob))
+    # every text its own 64-byte prefix key (the worst case for startup, which loads the distinct keys)
+    write_records(path, n, _stored_text, blob, tokens_per)
     return n, _stored_text(n // 2).decode()
+
+
+def prefill_main(argv) -> None:
+    """`_prefill --repo R --path P --n N`: N earlier trajectories of the shared-system workload (the system prompt,
+    a question, a ~400-byte answer), keyed by the router in R (its own prefix-key scheme)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repo")
+    ap.add_argument("--path")
+    ap.add_argument("--n", type=int)
+    a = ap.parse_args(argv)
+    sys.path.insert(0, a.repo)
+    answer = "The speed is the distance over the time, so the train covers the same distance every hour. "
+    write_records(a.path, a.n, lambda i: (shared_system_prompt("earlier", i % 16, i) + answer * 4).encode(),
+                  record_blob(520, 456), 520)
 
 
 def _stored_text(i: int) -> bytes:
@@ -375,6 +413,9 @@ def main() -> int:
                          "Qwen vocabulary, 64 tokens out, c=16")
     ap.add_argument("--modes", help="comma-separated of memory,off,commit (default: the workload's)")
     ap.add_argument("--concurrency", type=int, help="default: the workload's (64 unique, 16 shared-system)")
+    ap.add_argument("--prefill", type=int,
+                    help="trajectories already in the store when each store point starts (default: 20000 for "
+                         "shared-system, earlier steps of an RL run behind the same system prompt; 0 for unique)")
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
@@ -390,6 +431,7 @@ def main() -> int:
     work = WORKLOADS[args.workload]
     args.concurrency = args.concurrency or work["concurrency"]
     args.modes = tuple(args.modes.split(",")) if args.modes else work["modes"]
+    args.prefill = work["prefill"] if args.prefill is None else args.prefill
     if not set(args.modes) <= {"memory", "off", "commit"}:
         ap.error(f"--modes: {args.modes} (known: memory, off, commit)")
     tmp = args.tmp or tempfile.mkdtemp(prefix="bench_store_")
@@ -405,7 +447,8 @@ def main() -> int:
     for p in sims:
         wait_http(f"http://127.0.0.1:{p}/health")
     print(f"# bench_store.py --workload {args.workload}  (c={args.concurrency}, {args.seconds:g} s per point, "
-          f"{args.rounds} round(s); logs in {tmp})")
+          f"{args.rounds} round(s), {args.prefill} trajectories in the store at the start of each store point; "
+          f"logs in {tmp})")
     try:
         if not args.skip_throughput:
             throughput(tmp, sims, args, targets)
@@ -434,5 +477,7 @@ def main() -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_load":
         load_main(sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "_prefill":
+        prefill_main(sys.argv[2:])
     else:
         raise SystemExit(main())
