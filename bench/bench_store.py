@@ -97,8 +97,10 @@ def wait_http(url: str, timeout: float = 60.0, check=lambda b: True) -> float:
     raise RuntimeError(f"{url} not ready after {timeout} s")
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
+def cpu_seconds(pid: int, stat: str = "stat") -> float:
+    """utime + stime of a process (all its threads, exited ones included), or of one thread with
+    stat=f"task/{tid}/stat" (the main thread's id is the pid)."""
+    with open(f"/proc/{pid}/{stat}") as f:
         parts = f.read().rsplit(")", 1)[1].split()
     return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -177,6 +179,7 @@ def load_main(argv) -> None:
     ap.add_argument("--tag")
     ap.add_argument("--workload", default="unique")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--rate", type=float, default=0.0)
     a = ap.parse_args(argv)
     prompt = WORKLOADS[a.workload]["prompt"]
     counts = {"ok": 0, "bad": 0}
@@ -185,7 +188,12 @@ def load_main(argv) -> None:
         stream = await trio.open_tcp_stream("127.0.0.1", a.port)
         buf = b""
         seq = 0
+        interval = a.concurrency / a.rate if a.rate else 0.0  # each connection's share of --rate
+        due = trio.current_time() + interval * i / a.concurrency
         while True:
+            if interval:
+                await trio.sleep_until(due)
+                due = max(due + interval, trio.current_time() - interval)  # behind schedule: no burst to catch up
             body = json.dumps({"text": prompt(a.tag, i, seq), "sampling_params": {"max_new_tokens": a.new_tokens},
                                "return_logprob": True}).encode()
             seq += 1
@@ -234,12 +242,13 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int, repo: str =
         client = subprocess.Popen([sys.executable, __file__, "_load", "--port", str(port), "--concurrency",
                                    str(args.concurrency), "--seconds", str(args.seconds), "--warmup", "1.0",
                                    "--tag", f"{mode}{round_}{label.replace('@', '-')}", "--workload", args.workload,
-                                   "--new-tokens", str(work["new_tokens"])], stdout=subprocess.PIPE, cwd=REPO)
+                                   "--new-tokens", str(work["new_tokens"]), "--rate", str(args.rate)],
+                                  stdout=subprocess.PIPE, cwd=REPO)
         PROCS.append(client)
         time.sleep(1.0)  # the client's warm-up
-        c0 = cpu_seconds(router.pid)
+        c0, main0 = cpu_seconds(router.pid), cpu_seconds(router.pid, f"task/{router.pid}/stat")
         out, _ = client.communicate(timeout=args.seconds + 60)
-        c1 = cpu_seconds(router.pid)
+        c1, main1 = cpu_seconds(router.pid), cpu_seconds(router.pid, f"task/{router.pid}/stat")
         res = json.loads(out)
         if mode != "memory":  # group commit as the router saw it
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
@@ -249,7 +258,9 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int, repo: str =
                        commit_ms=1e3 * float(m["miles_router_store_commit_seconds_sum"]) / commits)
     finally:
         stop(router)
-    res.update(mode=mode, label=label, rps=res["ok"] / res["elapsed"], cpu_us=(c1 - c0) * 1e6 / max(res["ok"], 1))
+    ok = max(res["ok"], 1)
+    res.update(mode=mode, label=label, rps=res["ok"] / res["elapsed"], cpu_us=(c1 - c0) * 1e6 / ok,
+               main_us=(main1 - main0) * 1e6 / ok)
     if mode == "commit":
         conn = sqlite3.connect(store_path)
         rows, tokens, payload = conn.execute("SELECT count(*), total(ntokens), total(nbytes) FROM trajectories").fetchone()
@@ -284,19 +295,22 @@ def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str]]) 
             results.append(res)
             extra = (f"  {res['batch']:.1f} trajectories/commit, {res['commit_ms']:.2f} ms/commit"
                      if "batch" in res else "")
-            print(f"round {r} {mode + label:>14}: {res['rps']:7.0f} req/s  router {res['cpu_us']:6.0f} µs/req  "
-                  f"bad {res['bad']}{extra}", flush=True)
+            print(f"round {r} {mode + label:>14}: {res['rps']:7.0f} req/s  router {res['cpu_us']:6.0f} µs/req "
+                  f"(event loop thread {res['main_us']:.0f})  bad {res['bad']}{extra}", flush=True)
     med = {(m, lb): statistics.median(x["rps"] for x in results if x["mode"] == m and x["label"] == lb)
            for m in modes for lb, _ in targets}
     cpu = {(m, lb): statistics.median(x["cpu_us"] for x in results if x["mode"] == m and x["label"] == lb)
            for m in modes for lb, _ in targets}
+    main = {(m, lb): statistics.median(x["main_us"] for x in results if x["mode"] == m and x["label"] == lb)
+            for m in modes for lb, _ in targets}
     base = "memory" if "memory" in modes else modes[0]
-    print(f"\n| router | mode | req/s (median) | router CPU µs/req | CPU vs {base} | req/s vs {base} |\n"
-          "|---|---|---|---|---|---|")
+    print(f"\n| router | mode | req/s (median) | router CPU µs/req | of it, event loop thread | CPU vs {base} | "
+          f"req/s vs {base} |\n|---|---|---|---|---|---|---|")
     for label, _ in targets:
         for m in modes:
             print(f"| {label[1:] or 'this checkout'} | {m} | {med[m, label]:.0f} | {cpu[m, label]:.0f} | "
-                  f"{cpu[m, label] / cpu[base, label]:.2f}× | {med[m, label] / med[base, label]:.2f}× |")
+                  f"{main[m, label]:.0f} | {cpu[m, label] / cpu[base, label]:.2f}× | "
+                  f"{med[m, label] / med[base, label]:.2f}× |")
     print()
     for label, _ in targets:
         who = label[1:] or "this checkout"
@@ -416,6 +430,9 @@ def main() -> int:
     ap.add_argument("--prefill", type=int,
                     help="trajectories already in the store when each store point starts (default: 20000 for "
                          "shared-system, earlier steps of an RL run behind the same system prompt; 0 for unique)")
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="offer this many requests/s in total (each connection paced) instead of a closed loop: "
+                         "CPU per request compared at equal throughput (0 = closed loop, the default)")
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
@@ -446,7 +463,8 @@ def main() -> int:
                "--seed", str(i)], os.path.join(tmp, f"sim{i}.log"))
     for p in sims:
         wait_http(f"http://127.0.0.1:{p}/health")
-    print(f"# bench_store.py --workload {args.workload}  (c={args.concurrency}, {args.seconds:g} s per point, "
+    print(f"# bench_store.py --workload {args.workload}  (c={args.concurrency}"
+          f"{f', paced to {args.rate:g} req/s' if args.rate else ''}, {args.seconds:g} s per point, "
           f"{args.rounds} round(s), {args.prefill} trajectories in the store at the start of each store point; "
           f"logs in {tmp})")
     try:
