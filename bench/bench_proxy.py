@@ -743,7 +743,7 @@ def _owner(frames: list[str]) -> str:
         if path.startswith("router/net/app.py") and func in ("RouterApp._watch_disconnect",):
             return "app: disconnect watcher task (_watch_disconnect, incl. its nursery)"
         if path.startswith("router/"):
-            if path in ("router/__main__.py", "router/cli.py", "router/net/server.py", "router/net/serving.py"):
+            if path in ("router/__main__.py", "router/cli.py", "router/net/server.py", "router/http/serve.py"):
                 continue  # entry frames: everything runs under them
             return f"app: {path} (+ trio/stdlib it calls)"
         if path.startswith("hypercorn/"):

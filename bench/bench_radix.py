@@ -24,7 +24,7 @@ Memory with routed experts: the same subset built again with R3 rows (`--r3`, de
 from 128 experts), reported as bytes per cached token beyond the rows-free build; and the same trajectories
 packed as durable-store records (router/wire/store.py), bytes per token with and without those rows.
 
---compare-ref GITREF loads router/core/radix.py as of GITREF (git show, no checkout) and replays the same
+--compare-ref GITREF loads router.core.radix as of GITREF (git archive, no checkout) and replays the same
 workload through it in the same process, so "no slower than before" is measured on one host at one moment.
 
 Tokenizer: the real Qwen2.5 BPE from router.tokenizer.load_tokenizer("builtin:qwen") when importable, else a
@@ -35,10 +35,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
+import importlib
+import io
 import re
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -51,7 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from list_trie import ListTrie  # noqa: E402
 
-from router.core.radix import RadixTree, TrajectoryInput, VocabBytes  # noqa: E402
+from router.core.radix import RadixTree, TrajectoryInput  # noqa: E402
+from router.core.vocab import VocabBytes  # noqa: E402
 
 WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have an "
          "they you were her she there been one all we their has would when if so no will can more other what time "
@@ -248,14 +252,23 @@ def stored_bytes_per_token(workload, r3_shape) -> tuple[float, float, float]:
 
 
 def load_ref_radix(ref: str):
-    """router/core/radix.py as of git ref `ref`, imported as its own module."""
+    """`router.core.radix` as of git ref `ref` (a module, or since the cut by job a package), imported
+    from that commit's `router/` tree (git archive, no checkout) beside the working tree's."""
     repo = Path(__file__).resolve().parent.parent
-    src = subprocess.run(["git", "-C", str(repo), "show", f"{ref}:router/core/radix.py"], check=True,
-                         capture_output=True).stdout
-    spec = importlib.util.spec_from_loader(f"radix_at_{ref}", loader=None)
-    mod = importlib.util.module_from_spec(spec)
-    exec(compile(src, f"radix.py@{ref}", "exec"), mod.__dict__)
-    return mod
+    tar = subprocess.run(["git", "-C", str(repo), "archive", ref, "router"], check=True, capture_output=True).stdout
+    where = tempfile.mkdtemp(prefix=f"radix-at-{ref}-")
+    tarfile.open(fileobj=io.BytesIO(tar)).extractall(where)
+    ours = {name: mod for name, mod in sys.modules.items() if name == "router" or name.startswith("router.")}
+    for name in ours:
+        del sys.modules[name]
+    sys.path.insert(0, where)
+    try:  # the ref's modules keep references to each other; the working tree's come back after
+        return importlib.import_module("router.core.radix")
+    finally:
+        sys.path.remove(where)
+        for name in [n for n in sys.modules if n == "router" or n.startswith("router.")]:
+            del sys.modules[name]
+        sys.modules.update(ours)
 
 
 def long_conversation(tok, factory, rng, turns: int = 10) -> list[tuple[int, int]]:
@@ -286,7 +299,7 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=3, help="follow-up turns per sample")
     ap.add_argument("--small", action="store_true", help="60 prompts: a quick run")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--compare-ref", metavar="GITREF", help="also replay through router/core/radix.py as of GITREF")
+    ap.add_argument("--compare-ref", metavar="GITREF", help="also replay through router.core.radix as of GITREF")
     ap.add_argument("--r3", default="48x8", help="LAYERSxTOPK of the routed-expert rows in the R3 memory build")
     ap.add_argument("--synthetic", action="store_true", help="use the synthetic tokenizer even if the real one loads")
     args = ap.parse_args()

@@ -5,6 +5,7 @@
     python bench/bench_sessions.py --sizes 1000 8000 --reps 50
     python bench/bench_sessions.py --r3 off --calls   # also: Python calls per turn at each history length
     python bench/bench_sessions.py --r3 off --whole   # every request decoded whole (no reuse of the last one)
+    python bench/bench_sessions.py --compare-ref HEAD~1 # also the router as of a commit, same run (A/B)
 
 What one "turn" is: the whole router-side work of `POST /sessions/{id}/v1/chat/completions` minus
 the HTTP server and the upstream socket: the session pipeline's stages exactly as the router runs
@@ -37,6 +38,9 @@ new positions. `--calls` also counts the Python calls of a turn (cProfile): the 
 history length means no Python work per earlier turn or message.
 Targets (issue 10): rest does not grow with N; a turn at 32k <= 2x a turn at 1k (R3 off);
 <= 3 ms per turn at 8k (R3 off).
+
+`--compare-ref GITREF` measures every point twice in the same run, in fresh processes that alternate: once with
+this checkout's router, once with the router as of GITREF (a temporary git worktree), and prints the ratio.
 """
 
 from __future__ import annotations
@@ -53,8 +57,12 @@ from types import SimpleNamespace
 import msgspec
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+# `--root DIR` (used by --compare-ref): import the router from another checkout
+_root = sys.argv[sys.argv.index("--root") + 1] if "--root" in sys.argv else str(REPO)
+sys.path.insert(0, _root)
 
+from router.config import Config  # noqa: E402
 from router.core.pipeline import Exchange  # noqa: E402
 from router.core.sessions.registry import Session, SessionRegistry  # noqa: E402
 from router.stages.chat_parse import ChatParse  # noqa: E402
@@ -82,7 +90,7 @@ class Bench:
         self.tok = tok
         self.r3 = r3  # "off" | "full" | "start_len"
         self.reg = SessionRegistry()
-        svc = SimpleNamespace(tokenizer=tok, sessions=self.reg)
+        svc = SimpleNamespace(tokenizer=tok, sessions=self.reg, config=Config())
         gen = GenerateOptions(routed_experts=r3 != "off", routed_experts_layers=LAYERS if r3 != "off" else 0,
                               routed_experts_topk=TOPK if r3 != "off" else 0,
                               routed_experts_start_len=r3 == "start_len")
@@ -266,8 +274,43 @@ def count_calls(tok, size: int) -> int:
     return pstats.Stats(prof).total_calls
 
 
+def compare(args, reps: int) -> None:
+    """Every point measured by this checkout and by GITREF's router, alternating fresh processes."""
+    import atexit
+    import os
+    import subprocess
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="bench_sessions_")
+    ref_root = os.path.join(tmp, "ref")
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", ref_root, args.compare_ref],
+                   check=True, capture_output=True)
+    atexit.register(subprocess.run, ["git", "-C", str(REPO), "worktree", "remove", "--force", ref_root],
+                    capture_output=True)
+    sides = [("this checkout", str(REPO)), (f"@{args.compare_ref}", ref_root)]
+    print(f"# bench_sessions --compare-ref {args.compare_ref}: median process CPU per turn (ms), {reps} turns per "
+          f"point, each point in fresh processes alternating between the two routers")
+    print(f"{'history':>8} {'R3':>9} {'run':>4} {'this ms':>8} {'ref ms':>8} {'this/ref':>9}")
+    for r3 in args.r3:
+        for size in args.sizes:
+            got = {}
+            for i, (label, root) in enumerate(sides if (size + len(r3)) % 2 == 0 else sides[::-1]):
+                cmd = [sys.executable, __file__, "--root", root, "--point", r3, str(size), "--reps", str(reps)]
+                if args.whole:
+                    cmd.append("--whole")
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                got[label] = json.loads(out.strip().splitlines()[-1])
+            a, b = got[sides[0][0]], got[sides[1][0]]
+            for run in ("cold", "hot"):
+                x, y = a[run]["turn_ms"], b[run]["turn_ms"]
+                print(f"{a['size']:>8} {r3:>9} {run:>4} {x:>8.3f} {y:>8.3f} {x / y:>8.2f}x", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--compare-ref", metavar="GITREF", help="also measure the router as of GITREF, same run")
+    ap.add_argument("--root", help=argparse.SUPPRESS)
+    ap.add_argument("--point", nargs=2, metavar=("R3", "SIZE"), help=argparse.SUPPRESS)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 8000, 32000])
     ap.add_argument("--r3", nargs="+", default=["off", "full", "start_len"], choices=["off", "full", "start_len"])
     ap.add_argument("--reps", type=int, default=40)
@@ -277,12 +320,18 @@ def main() -> None:
                     help="decode every request whole, not reusing the session's last request's bytes")
     args = ap.parse_args()
     reps = 10 if args.quick else args.reps
+    if args.compare_ref:
+        compare(args, reps)
+        return
     tok = load_tokenizer("builtin:qwen")
     # the router process's own settings (router/cli.py): startup objects frozen out of every collection, the
     # young generation collected every 20,000 allocations (measured: the figures barely move either way)
     from router.cli import tune_process
 
     tune_process()
+    if args.point:
+        print(json.dumps(measure(tok, int(args.point[1]), args.point[0], reps, SplitTimer(), args.whole)))
+        return
     if args.calls:
         print("# Python calls per turn (cProfile): " +
               ", ".join(f"{size} tokens: {count_calls(tok, size)}" for size in args.sizes))

@@ -4,6 +4,7 @@
     python bench/bench_store.py --workload shared-system   # the RL norm: one long system prompt, c=16, Qwen vocab
     python bench/bench_store.py --workload shared-system --compare-ref HEAD~1   # also the router as of a commit
     python bench/bench_store.py --restart-gb 0.25,1,4  # also: restart time on generated stores of these sizes
+    python bench/bench_store.py --pg                 # also the PostgreSQL store (a throwaway local cluster)
     python bench/bench_store.py --quick              # 4 s per point, 1 round
 
 Throughput: a real router process (`python -m router --config <tmp toml>`, radix-cache pipeline, log level
@@ -13,7 +14,10 @@ vocabulary, no latency), loaded by a separate client process with `--concurrency
 within each round so drift hits all of them alike:
   * memory: `[store] enabled = false` (the cache only, as before the store existed);
   * off:    the store with `sync = "off"` (written by the writer thread, nobody waits);
-  * commit: the store with `sync = "commit"` (fsync per group commit; the reply waits for it).
+  * commit: the store with `sync = "commit"` (fsync per group commit; the reply waits for it);
+  * with --pg, pg-off and pg-commit: the same two over the PostgreSQL store (`[store] url`), on a throwaway
+    cluster started from Debian's binaries (tests/pg.py; its own process, same disk, `fsync` on), a fresh
+    database per point (not prefilled); or on `--pg-url URL` (a database the bench may create tables in).
 Router CPU per request = utime+stime of the router process (from /proc) / requests completed.
 
 `--workload shared-system` is the RL norm instead: every prompt is the same ~2 KB ChatML system prompt
@@ -105,6 +109,22 @@ def cpu_seconds(pid: int, stat: str = "stat") -> float:
     return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def server_cpu(args) -> dict[int, float] | None:
+    """CPU seconds of the local PostgreSQL server's processes (the postmaster and its children), by pid."""
+    if args.cluster is None:
+        return None
+    root = int((args.cluster.data / "postmaster.pid").read_text().split()[0])
+    out = {root: cpu_seconds(root)}
+    for stat in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{stat}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == root:
+                    out[int(stat)] = cpu_seconds(int(stat))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
 # The shared-system workload's system prompt: one long instruction block every request starts with (~2 KB).
 SYSTEM_PROMPT = (
     "<|im_start|>system\nYou are a meticulous mathematical reasoning assistant trained with reinforcement learning. "
@@ -149,7 +169,13 @@ WORKLOADS = {
 def router_config(tmp: str, port: int, sims: list[int], mode: str, store_path: str, *, repo: str = REPO,
                   tokenizer: str = "builtin:tiny") -> str:
     path = os.path.join(tmp, f"router-{mode}-{port}.toml")
-    store = ('enabled = false' if mode == "memory" else f'path = "{store_path}"\nsync = "{mode}"')
+    if mode == "memory":
+        store = 'enabled = false'
+    elif mode.startswith("pg-"):  # store_path is a database URL
+        store = f'url = "{store_path}"\nsync = "{mode[3:]}"'
+    else:
+        store = f'path = "{store_path}"\nsync = "{mode}"'
+
     with open(path, "w") as f:
         f.write(f"""[server]
 port = {port}
@@ -231,8 +257,8 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int, repo: str =
     """One point: a fresh router (from `repo`) in `mode`, loaded for args.seconds after a 1 s warm-up."""
     port = free_port()
     name = mode + label
-    store_path = os.path.join(tmp, f"store-{name}-{round_}.db")
-    if mode != "memory" and args.prefill:
+    store_path = args.pg_database() if mode.startswith("pg-") else os.path.join(tmp, f"store-{name}-{round_}.db")
+    if mode in ("off", "commit") and args.prefill:
         shutil.copyfile(prefilled(tmp, repo, label, args.prefill), store_path)
     work = WORKLOADS[args.workload]
     cfg = router_config(tmp, port, sims, mode, store_path, repo=repo, tokenizer=work["tokenizer"])
@@ -246,9 +272,9 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int, repo: str =
                                   stdout=subprocess.PIPE, cwd=REPO)
         PROCS.append(client)
         time.sleep(1.0)  # the client's warm-up
-        c0, main0 = cpu_seconds(router.pid), cpu_seconds(router.pid, f"task/{router.pid}/stat")
+        c0, main0, d0 = cpu_seconds(router.pid), cpu_seconds(router.pid, f"task/{router.pid}/stat"), server_cpu(args)
         out, _ = client.communicate(timeout=args.seconds + 60)
-        c1, main1 = cpu_seconds(router.pid), cpu_seconds(router.pid, f"task/{router.pid}/stat")
+        c1, main1, d1 = cpu_seconds(router.pid), cpu_seconds(router.pid, f"task/{router.pid}/stat"), server_cpu(args)
         res = json.loads(out)
         if mode != "memory":  # group commit as the router saw it
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
@@ -261,6 +287,8 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int, repo: str =
     ok = max(res["ok"], 1)
     res.update(mode=mode, label=label, rps=res["ok"] / res["elapsed"], cpu_us=(c1 - c0) * 1e6 / ok,
                main_us=(main1 - main0) * 1e6 / ok)
+    if mode.startswith("pg-") and d0 is not None:  # the database server's own work (in-process for SQLite)
+        res["db_cpu_us"] = sum(t - d0.get(pid, 0.0) for pid, t in d1.items()) * 1e6 / ok
     if mode == "commit":
         conn = sqlite3.connect(store_path)
         rows, tokens, payload = conn.execute("SELECT count(*), total(ntokens), total(nbytes) FROM trajectories").fetchone()
@@ -295,6 +323,8 @@ def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str]]) 
             results.append(res)
             extra = (f"  {res['batch']:.1f} trajectories/commit, {res['commit_ms']:.2f} ms/commit"
                      if "batch" in res else "")
+            if "db_cpu_us" in res:
+                extra += f", database server {res['db_cpu_us']:.0f} µs/req"
             print(f"round {r} {mode + label:>14}: {res['rps']:7.0f} req/s  router {res['cpu_us']:6.0f} µs/req "
                   f"(event loop thread {res['main_us']:.0f})  bad {res['bad']}{extra}", flush=True)
     med = {(m, lb): statistics.median(x["rps"] for x in results if x["mode"] == m and x["label"] == lb)
@@ -316,10 +346,22 @@ def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str]]) 
         who = label[1:] or "this checkout"
         if "commit" in modes and "off" in modes:
             print(f"{who}: commit/off throughput {med['commit', label] / med['off', label]:.2f}× (target >= 0.8)")
-        if "commit" in modes and "memory" in modes:
-            print(f"{who}: store cost, router CPU per request commit/memory "
-                  f"{cpu['commit', label] / cpu['memory', label]:.2f}× (target <= 1.25), throughput "
-                  f"{med['commit', label] / med['memory', label]:.2f}×")
+        for c in ("commit", "pg-commit"):
+            if c in modes and "memory" in modes:
+                print(f"{who}: store cost, router CPU per request {c}/memory "
+                      f"{cpu[c, label] / cpu['memory', label]:.2f}× (target <= 1.25), throughput "
+                      f"{med[c, label] / med['memory', label]:.2f}×")
+    if args.pg:
+        if args.cluster is not None:
+            db = {m: statistics.median(x["db_cpu_us"] for x in results if x["mode"] == m and not x["label"])
+                  for m in modes if m.startswith("pg-")}
+            print("PostgreSQL server CPU per request (its own processes, not in the router's): "
+                  + ", ".join(f"{m} {v:.0f} µs" for m, v in db.items()))
+        for m in ("off", "commit"):
+            if m in modes and "pg-" + m in modes:
+                print(f"PostgreSQL vs SQLite, router CPU per request, sync={m}: "
+                      f"{cpu['pg-' + m, ''] / cpu[m, '']:.2f}× ({cpu['pg-' + m, ''] - cpu[m, '']:+.0f} µs); "
+                      f"throughput {med['pg-' + m, ''] / med[m, '']:.2f}×")
     if len(targets) > 1:
         ref = targets[1][0]
         for m in modes:
@@ -438,6 +480,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--compare-ref", metavar="GITREF",
                     help="also measure the router as of GITREF (a temporary git worktree) in the same run")
+    ap.add_argument("--pg", action="store_true", help="also measure the PostgreSQL store (pg-off, pg-commit) on a "
+                                                       "throwaway local cluster (Debian's postgresql package)")
+    ap.add_argument("--pg-url", help="with --pg: this database instead of a throwaway cluster")
     ap.add_argument("--restart-gb", default="", help="comma-separated store sizes in GB for the restart table")
     ap.add_argument("--restart-tokens", type=int, default=1000, help="tokens per generated trajectory")
     ap.add_argument("--skip-throughput", action="store_true")
@@ -451,8 +496,21 @@ def main() -> int:
     args.prefill = work["prefill"] if args.prefill is None else args.prefill
     if not set(args.modes) <= {"memory", "off", "commit"}:
         ap.error(f"--modes: {args.modes} (known: memory, off, commit)")
+    if args.pg:  # the store modes again, over PostgreSQL
+        args.modes += tuple("pg-" + m for m in args.modes if m != "memory")
     tmp = args.tmp or tempfile.mkdtemp(prefix="bench_store_")
     os.makedirs(tmp, exist_ok=True)
+    cluster = None
+    if args.pg and not args.pg_url:
+        sys.path.insert(0, os.path.join(REPO, "tests"))
+        from pg import TempCluster  # tests/pg.py: initdb + pg_ctl in a temp folder
+
+        cluster = TempCluster()
+        cluster.start()
+        args.pg_database = lambda: cluster.create_database("bench")
+    else:
+        args.pg_database = lambda: args.pg_url
+    args.cluster = cluster
     targets = [("", REPO)]
     if args.compare_ref:
         ref_repo = gitref.worktree(REPO, args.compare_ref, os.path.join(tmp, "compare_ref"))
@@ -489,6 +547,8 @@ def main() -> int:
     finally:
         for p in PROCS:
             stop(p)
+        if cluster is not None:
+            cluster.destroy()
     return 0
 
 

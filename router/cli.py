@@ -5,7 +5,8 @@
     miles-router sim-worker --port 31000 [--tokenizer builtin:qwen] [--seed 0] [--token-latency-s 0.01]
     miles-router store stats|export|vacuum --config router.toml [--out FILE] [--all] [--format samples|retrieve]
 
-A bad config or pipeline, or a trajectory store that cannot be opened, prints one line on stderr and exits 2.
+A bad config or pipeline, a trajectory store that cannot be opened, or a library whose patched code is not the
+reviewed one (router/http/reviewed.py) prints one line on stderr and exits 2.
 """
 
 from __future__ import annotations
@@ -82,12 +83,11 @@ def _check_store(cfg, pipelines) -> None:
     """Refuse to start on a store that cannot be opened: one line saying why, exit 2."""
     if not (cfg.store.enabled and _persisting(cfg, pipelines)):
         return
-    from router.config import store_path
     from router.core.store import StoreOpenError
-    from router.net.store_sqlite import check_openable
+    from router.net.store_open import check_openable
 
     try:
-        check_openable(store_path(cfg))
+        check_openable(cfg)
     except StoreOpenError as e:
         print(f"miles-router: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -116,11 +116,25 @@ def tune_process() -> None:
     gc.set_threshold(20_000, 10, 10)
 
 
+def _libraries_reviewed() -> bool:
+    """The server's library fixes match the installed hypercorn/trio/h11; else one line on stderr."""
+    from router.http import reviewed
+
+    try:
+        reviewed.check()
+    except reviewed.LibraryChanged as e:
+        print(f"miles-router: cannot start: {e}", file=sys.stderr)
+        return False
+    return True
+
+
 def cmd_run(args) -> int:
     import trio
 
     from router.net.server import run_router
 
+    if not _libraries_reviewed():
+        return 2
     cfg, pipelines = _load(args.config)
     _check_store(cfg, pipelines)
     if args.host:
@@ -146,6 +160,10 @@ def cmd_check(args) -> int:
 
     cfg, pipelines = _load(args.config)
     out = msgspec.to_builtins(cfg)
+    if cfg.store.url is not None:  # printed without its password
+        from router.net.store_pg import redact
+
+        out["store"]["url"] = redact(cfg.store.url)
     out["routes"] = [
         {**msgspec.to_builtins(r), "stages": pipelines[(r.method, r.path)].describe()} for r in cfg.routes
     ]
@@ -164,6 +182,8 @@ def cmd_sim_worker(args) -> int:
 
     from router.sim import SimOptions, serve_sim_worker
 
+    if not _libraries_reviewed():
+        return 2
     _setup_logging("info")
     opts = SimOptions(tokenizer=args.tokenizer, seed=args.seed, token_latency_s=args.token_latency_s,
                       weight_version=args.weight_version, enable_routed_experts=not args.no_routed_experts,
@@ -182,27 +202,22 @@ def cmd_sim_worker(args) -> int:
 
 
 def cmd_store(args) -> int:
-    from router.config import store_path
     from router.core.store import StoreOpenError
 
     cfg, _ = _load(args.config)
-    path = store_path(cfg)
-    if not path.exists():
-        print(f"miles-router: trajectory store {path}: does not exist", file=sys.stderr)
-        return 2
     from router.net import store_tools
 
     try:
         if args.action == "stats":
-            print(json.dumps(store_tools.stats(path), indent=2))
+            print(json.dumps(store_tools.stats(cfg), indent=2))
         elif args.action == "vacuum":
-            print(json.dumps(store_tools.vacuum(path, cfg), indent=2))
+            print(json.dumps(store_tools.vacuum(cfg), indent=2))
         else:
             if not args.out:
                 print("miles-router: store export needs --out FILE", file=sys.stderr)
                 return 2
-            print(json.dumps(store_tools.export(path, cfg, args.out, unretrieved_only=not args.all,
-                                                layout=args.format), indent=2))
+            print(json.dumps(store_tools.export(cfg, args.out, unretrieved_only=not args.all, layout=args.format),
+                             indent=2))
     except StoreOpenError as e:
         print(f"miles-router: {e}", file=sys.stderr)
         return 2

@@ -22,7 +22,8 @@ def run(url: str, turns: int = 4) -> int:
     except ImportError:
         print("demo-agent needs the openai SDK: pip install openai", file=sys.stderr)
         return 2
-    from router.wire.samples import decode_samples
+    import msgspec
+    import safetensors.numpy
 
     http = httpx.Client(base_url=url, trust_env=False, timeout=60)
     sid = http.post("/sessions").json()["session_id"]
@@ -49,10 +50,12 @@ def run(url: str, turns: int = 4) -> int:
         if not msg.tool_calls:
             messages.append({"role": "user", "content": "Thanks. Anything else worth reading?"})
     r = http.post(f"/sessions/{sid}/samples", json={"max_seq_len": None, "metadata": {"reward": 1.0}})
-    samples, meta = decode_samples(r.content)
-    for i, (s, m) in enumerate(zip(samples, meta["samples"])):
-        shapes = ", ".join(f"{k} {tuple(v.shape)} {v.dtype}" for k, v in sorted(s.items()))
+    tensors = safetensors.numpy.load(r.content)  # miles' format (README: Sessions)
+    meta = msgspec.json.decode(tensors.pop("_samples_meta").tobytes())
+    for i, m in enumerate(meta["samples"]):
+        mine = {k.rsplit(".", 1)[0]: v for k, v in tensors.items() if k.rsplit(".", 1)[1] == str(i)}
+        shapes = ", ".join(f"{k} {tuple(v.shape)} {v.dtype}" for k, v in sorted(mine.items()))
         print(f"sample {i}: {shapes}; status={m['status']} response_length={m['response_length']} "
-              f"trained tokens={int(s['loss_mask'].sum())} reward={m['reward']}")
+              f"trained tokens={int(mine['loss_mask'].sum())} reward={m['reward']}")
     http.delete(f"/sessions/{sid}")
     return 0

@@ -88,3 +88,40 @@ def store_cli(*args) -> subprocess.CompletedProcess:
     """`miles-router store ARGS...` as its own process, from the repository root."""
     return subprocess.run([sys.executable, "-m", "router", "store", *args], cwd=Path(__file__).resolve().parent.parent,
                           capture_output=True, text=True, timeout=120)
+
+
+@dataclass
+class StoreAt:
+    """Where a test's durable store lives: an SQLite file, or a PostgreSQL database (tests/pg.py), so one test
+    runs over both backends (the `store_at` fixture in tests/conftest.py)."""
+
+    kind: str  # "sqlite" | "postgresql"
+    where: str  # the file's path, or the database's URL
+
+    def config(self, **extra) -> dict:
+        """The router's [store] table for it."""
+        key = "url" if self.kind == "postgresql" else "path"
+        return {"enabled": True, key: self.where, **extra}
+
+    def toml(self) -> str:
+        """The same, as lines of a [store] table."""
+        return f'{"url" if self.kind == "postgresql" else "path"} = "{self.where}"'
+
+    @property
+    def shown(self) -> str:
+        """How the router names it (503 replies' "store", `store stats`' path)."""
+        if self.kind == "postgresql":
+            from router.net.store_pg import redact
+
+            return redact(self.where)
+        return self.where
+
+    def open(self, **kw):
+        """The backend itself, outside any router (call `start()` before its async methods)."""
+        if self.kind == "postgresql":
+            from router.net.store_pg import PgStore
+
+            return PgStore(self.where, **kw)
+        from router.net.store_sqlite import SqliteStore
+
+        return SqliteStore(self.where, **kw)

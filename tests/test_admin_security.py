@@ -11,7 +11,7 @@ from functools import partial
 import pytest
 
 from harness import client, start_router, start_sim
-from router.net.serving import serve_asgi
+from router.http.serve import serve_asgi
 
 KEY = "s3cret-admin-key"
 FANOUT = ["/abort_request", "/pause_generation", "/continue_generation", "/update_weight_version", "/flush_cache"]

@@ -428,7 +428,7 @@ async def test_header_injection_never_reaches_the_worker(nursery, header):
             assert name.lower() != "x-injected" and "\r" not in value and "\n" not in value, (name, value)
     else:
         assert r.status == 400  # refused by the HTTP layer (hypercorn/h11) before the router
-        assert "malformed HTTP request" in r.json()["error"]  # still a JSON error (router/net/_hypercorn_fixes.py)
+        assert "malformed HTTP request" in r.json()["error"]  # still a JSON error (router/http/hypercorn_fixes.py)
         assert "x-miles-router-worker" not in r.headers
     assert sim.worker.stats.paths.get("/_sim/echo", 0) == (1 if r.status == 200 else 0)
     async with client(router) as c:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import trio
 
-from harness import client, start_router, start_sim
+from harness import client, start_router, start_sim, wait_until
 from router.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -309,7 +309,7 @@ async def test_abort_retry_is_opt_in_and_goes_elsewhere_at_once(nursery, tmp_pat
     async with client(router) as c:
         async with trio.open_nursery() as n:
             n.start_soon(gen, c)
-            await trio.sleep(0.3)
+            await wait_until(lambda: any(s.worker._live for s in sims))  # a worker is generating it
             first = next(w for w in router.runtime.pool.all if w.inflight == 1)
             async with client(first.url) as d:
                 await d.post("/abort_request", json={"abort_all": True})
@@ -409,3 +409,21 @@ async def test_grpo_group_same_text_different_spellings_by_rid_and_batch(nursery
         assert alone["match"] == "ambiguous" and alone["exact"] is False
         r = await c.post("/retrieve_from_text", json={"texts": [text], "rids": []})
         assert r.status_code == 400 and "rids" in r.json()["error"]
+
+
+async def test_a_rid_that_cannot_be_a_header_value_is_answered_and_kept(nursery, qwen):
+    """The client's rid comes back as SGLang's meta_info.id and in the x-miles-router-rid header. A rid
+    with a control character (the fuzz pass found "0\\r0") or outer whitespace cannot be a header value:
+    it was a 500 with an empty body (h11 refused the head). Now the header is left out, the reply is the
+    worker's, and the trajectory is recorded and retrievable by that rid."""
+    router, _ = await cache_router(nursery)
+    p = chat([{"role": "user", "content": "odd rid"}])
+    async with client(router) as c:
+        for rid in ("0\r0", "a\nb", " padded ", "nul\x00"):
+            r = await c.post("/generate", json={"text": p, "rid": rid, "sampling_params": {"max_new_tokens": 4}})
+            assert r.status_code == 200 and r.json()["meta_info"]["id"] == rid
+            assert "x-miles-router-rid" not in r.headers
+            got = (await c.post("/retrieve_from_text", json={"text": p + r.json()["text"], "rid": rid})).json()
+            assert got["exact"] and got["rid"] == rid
+        r = await c.post("/generate", json={"text": p, "rid": "plain-1", "sampling_params": {"max_new_tokens": 4}})
+        assert r.headers["x-miles-router-rid"] == "plain-1"

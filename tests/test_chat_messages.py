@@ -149,10 +149,12 @@ def test_request_messages_decode_on_demand_and_name_the_bad_one():
         with pytest.raises(BadMessage) as e:
             m[i]
         assert e.value.index == i and isinstance(e.value.error, msgspec.ValidationError)
-    # the messages own their bytes: only the shared prefix refers to the body, not each message
+    # the messages own their bytes: only the shared prefix (and the decoded document, which a request keeps
+    # while it is handled) refer to the body, not each message
     body = b'{"messages":[{"role":"user","content":"a"},{"role":"user","content":"b"},{"role":"user"}]}'
     before = sys.getrefcount(body)
     kept = decode_chat_request(body)
     after = sys.getrefcount(body)
-    assert after == before + 1 and kept.prefix.body is body
+    assert after == before + 2 and kept.prefix.body is body and kept.document is body
+    assert kept.fields_without_messages() == {"messages": msgspec.Raw(b"null")}
     assert RequestMessages.of([ChatMessageIn(role="user", content="a")])[0].content == "a"

@@ -1,5 +1,6 @@
 """Config loading: defaults, the example file, and one-line errors naming file, key and reason."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,14 @@ def test_example_config_loads():
         ('[[routes]]\npath = "g"', "routes[0].path: must start with '/'"),
         ("[cache]\nbudget_bytes = 10\nhard_budget_bytes = 5", "cache.hard_budget_bytes: must be >="),
         ("[server\n", "(syntax): invalid TOML"),
+        # constraints declared on the Structs (msgspec Meta), said in the router's words
+        ("[workers]\nfailure_threshold = 0", "workers.failure_threshold: must be >= 1"),
+        ("[breaker]\nfailure_rate = 1.5", "breaker.failure_rate: must be in (0, 1]"),
+        ("[retry]\nstatuses = [500, 200]", "retry.statuses[1]: must be in 400..599 (an HTTP error status)"),
+        ("[workers]\nmax_inflight_per_worker = 0", "workers.max_inflight_per_worker: must be >= 1 (leave it out for no cap)"),
+        ('[store]\npath = "  "', "store.path: must not be empty"),
+        ("[simulate]\nworkers = 65", "simulate.workers: must be in 0..64"),
+        ('[routing]\nfanout_paths = ["/x"]', "routing.fanout_paths[0]: invalid value '/x': must be one of /abort_request"),
     ],
 )
 def test_bad_config_one_line(tmp_path, body, expected):
@@ -41,6 +50,39 @@ def test_bad_config_one_line(tmp_path, body, expected):
     assert "\n" not in msg
     assert msg.startswith(f"{p}: ")
     assert expected in msg
+
+
+def _bounded_fields(info, key=""):
+    """(key path, inspect type) of every int/float field of the config with a declared bound."""
+    import msgspec.inspect as mi
+
+    for f in info.fields:
+        t = f.type
+        while isinstance(t, (mi.Metadata, mi.UnionType)):
+            t = t.type if isinstance(t, mi.Metadata) else next(u for u in t.types if not isinstance(u, mi.NoneType))
+        path = f"{key}.{f.encode_name}" if key else f.encode_name
+        if isinstance(t, mi.StructType):
+            yield from _bounded_fields(t, path)
+        elif isinstance(t, (mi.IntType, mi.FloatType)) and (t.ge, t.gt, t.le, t.lt) != (None,) * 4:
+            yield path, t
+
+
+def test_every_declared_bound_fails_with_one_line_in_the_routers_words(tmp_path):
+    import msgspec.inspect as mi
+
+    from router.config import Config
+
+    fields = list(_bounded_fields(mi.type_info(Config)))
+    assert len(fields) >= 40  # the tables' numeric keys, breaker and simulate included
+    for key, t in fields:
+        low = t.gt if t.gt is not None else t.ge
+        bad = low - 1 if low is not None else (t.le if t.le is not None else t.lt) + 1
+        table, name = key.rsplit(".", 1)
+        p = tmp_path / "bad.toml"
+        p.write_text(f"[{table}]\n{name} = {bad if isinstance(t, mi.IntType) else float(bad)!r}\n")
+        with pytest.raises(ConfigError) as ei:
+            load_config(p)
+        assert re.fullmatch(rf"{re.escape(str(p))}: {re.escape(key)}: must be [^\n]+", str(ei.value)), str(ei.value)
 
 
 def test_missing_file(tmp_path):

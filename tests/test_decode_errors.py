@@ -91,7 +91,8 @@ def test_config_errors_get_the_routers_words(tmp_path):
         ('[server]\nport = "x"', "server.port: expected an integer, got a string"),
         ("[workers]\nurls = [1]", "workers.urls[0]: expected a string, got an integer"),
         ("[server]\nbogus = 1", "server.bogus: unknown key"),
-        ('[[routes]]\npath = "/g"\npolicy = "fastest"', "routes[0].policy: invalid value 'fastest'"),
+        ('[[routes]]\npath = "/g"\npolicy = "fastest"',
+         "routes[0].policy: invalid value 'fastest': must be one of least_inflight, prefix_affinity, sticky"),
         ('[[routes]]\nmethod = "GET"', "routes[0]: missing required field \"path\""),
     ]:
         p.write_text(text)

@@ -204,30 +204,49 @@ async def test_when_every_breaker_is_open_requests_still_reach_the_workers(nurse
             assert (r.status_code, r.headers["x-miles-router-worker"]) == (200, first.url)
 
 
-async def test_a_passing_probe_closes_an_open_breaker_after_the_cooldown_and_says_so(nursery):
-    """Without traffic, the probes decide: after the cooldown a passing /health closes the breaker, and that
-    transition is in GET /workers and counted in /metrics like the others."""
-    a = await start_sim(nursery, seed=0)
+async def test_a_worker_whose_health_passes_but_requests_fail_gets_one_trial_per_cooldown(nursery):
+    """Issue 20's half-open case: /health answers 200, every request 500. The probes (every 30 ms) pass
+    all along; a passing probe used to close the breaker once the cooldown was over, so each burst of
+    traffic after a cooldown sent the sick worker `breaker.failures` more requests. Now only a successful
+    request closes it: one trial per cooldown (failed, and retried on b), and the transitions say so in
+    GET /workers and /metrics."""
+    failures, cooldown, cycles = 3, 1.0, 3
+    a = await start_sim(nursery, seed=0, faults={"generate_status": 500})
     b = await start_sim(nursery, seed=1)
-    router = await start_router(nursery, workers={"urls": [a.url, b.url], "health_interval_s": 0.1},
-                                breaker={"failures": 2, "cooldown_s": 0.5}, retry={"max_attempts": 1})
+    router = await start_router(nursery, workers={"urls": [a.url, b.url], "health_interval_s": 0.03},
+                                breaker={"failures": failures, "cooldown_s": cooldown})
     wa = router.runtime.pool.get(a.url)
+    statuses = []
+
+    async def post(c, tag):
+        r = await c.post("/generate", json=gen_body(tag))
+        statuses.append((r.status_code, r.headers["x-miles-router-worker"]))
+
     async with client(router) as c:
-        a.worker.set_faults(generate_status=500)
         while wa.breaker.state.value == "closed":
-            await c.post("/generate", json=gen_body("x"))
-        assert wa.breaker.state.value == "open"
-        a.worker.set_faults(generate_status=None)  # its /health was fine all along
-        opened = time.monotonic()
-        await wait_until(lambda: wa.breaker.state.value == "closed", timeout=5)
-        assert time.monotonic() - opened >= 0.5 - 0.15  # not before the cooldown (one probe interval of slack)
+            await post(c, "open")
+        assert a.worker.stats.generate_requests == failures
+        received, allowed = [], []  # what a got in each burst, and its trials' worth (one per cooldown begun)
+        for cycle in range(cycles):
+            await trio.sleep(cooldown + 0.15)  # the cooldown runs out; probes keep passing meanwhile
+            assert wa.consecutive_successes >= 3
+            before, started = a.worker.stats.generate_requests, trio.current_time()
+            for i in range(6):  # a burst, normally well within one cooldown
+                await post(c, f"burst{cycle}-{i}")
+            received.append(a.worker.stats.generate_requests - before)
+            allowed.append(1 + int((trio.current_time() - started) / cooldown))  # 1 unless the machine crawls
         desc = next(w for w in (await c.get("/workers")).json()["workers"] if w["url"] == a.url)
         text = (await c.get("/metrics")).text
-    assert desc["breaker"]["state"] == "closed" and desc["breaker"]["transitions"] == {"closed->open": 1,
-                                                                                      "open->closed": 1}
+    assert received == allowed, (received, allowed)  # before the fix: `failures` (3) per burst
+    assert wa.state.value == "healthy"  # the probes decide quarantine, and they passed
+    assert all(s == (200, b.url) for s in statuses), statuses  # every failure was retried on b
+    assert desc["breaker"]["state"] == "open"
+    trials = sum(received)
+    assert desc["breaker"]["transitions"] == {"closed->open": 1, "open->half_open": trials, "half_open->open": trials}
+    assert metric(text, "miles_router_worker_breaker_transitions_total", worker=a.url, from_state="half_open",
+                  to_state="open") == trials
     assert metric(text, "miles_router_worker_breaker_transitions_total", worker=a.url, from_state="open",
-                  to_state="closed") == 1.0
-    assert metric(text, "miles_router_worker_breaker_state", worker=a.url, state="closed") == 1.0
+                  to_state="closed") == 0.0
 
 
 async def test_breaker_ignores_4xx_and_can_be_disabled(nursery):

@@ -1,4 +1,4 @@
-"""Exactness tests for router.core.radix (the text -> token trajectory cache).
+"""Exactness tests for router.core.radix (the text -> token trajectory cache; router/core/radix/).
 
 The fake tokenizer has every single byte as a token plus multi-byte pieces, so most texts have several token
 spellings (non-canonical tokenizations exist), "你" (3 bytes) is split 2+1 and 🙂 (4 bytes) 1+3 across tokens,
@@ -25,9 +25,9 @@ from router.core.radix import (
     TERMINAL_OVERHEAD,
     RadixTree,
     TrajectoryInput,
-    VocabBytes,
     text_key,
 )
+from router.core.vocab import VocabBytes
 
 EXTRA = [b"ab", b"abc", b"bc", b"the", b" the", b"hello", b" world", b" wor", b"ld", b" answer", b"user",
          b"assistant", b"<|im_start|>", b"<|im_end|>", "好".encode(), "你".encode()[:2], "🙂".encode()[1:],
@@ -408,13 +408,29 @@ def test_eviction_recency_parents_and_nbytes_to_zero():
     check_invariants(tree)
 
 
+def test_a_stale_parent_exposed_by_evicting_its_retrieved_child_goes_too():
+    """Found by the state machine below: a stale (old weight version) turn whose only child, a retrieved
+    next turn, is evicted becomes a leaf after the stale phase ran; it must still go before anything is kept
+    over the budget (phases 1-2 repeat until neither evicts more)."""
+    tree = RadixTree(token_bytes)
+    p = enc(P1)
+    turn1 = traj("t1", p, [ID[b"a"], EOS], version="2")
+    tree.insert(turn1, now=1)
+    # the next turn, answered by a worker still on an older version: turn 1's node keeps the newer one
+    tree.insert(traj("t2", p + [ID[b"a"], EOS] + enc(b"\n<|im_start|>b"), [ID[b"c"], EOS], version="1"), now=2)
+    assert tree.retrieve(P1 + b"a<|im_end|>\n<|im_start|>bc", now=3).exact
+    rep = tree.evict(budget_bytes=0, hard_budget_bytes=10**9, stale_versions=lambda v: v == "2")
+    assert rep.rids == ["t2", "t1"] and tree.nbytes == 0 and rep.evicted_stale == 1 and rep.evicted_retrieved == 1
+    check_invariants(tree)
+
+
 def test_superseded_and_retouched_terminals_keep_heaps_consistent():
     tree = RadixTree(token_bytes)
     p = enc(P1)
     for i in range(300):  # many touches of the same leaves -> heap compaction path
         tree.insert(traj(f"x{i}", p, [ID[b"a"] + i % 3, EOS], version=str(i // 100)), now=i)
         tree.match_tokens(np.array(p + [ID[b"a"]]), now=i)
-    assert tree.stats()["trajectories"] == 3 and tree._heap_entries <= 4 * tree.stats()["nodes"] + 1024
+    assert tree.stats()["trajectories"] == 3 and tree._leaves.entries <= 4 * tree.stats()["nodes"] + 1024
     rep = tree.evict(budget_bytes=0, hard_budget_bytes=0, stale_versions=lambda v: v != "2")
     assert rep.nodes == 4 and tree.nbytes == 0
     check_invariants(tree)
@@ -485,7 +501,7 @@ def test_text_key_halves_are_independent_keyed_hashes():
 
 
 def test_eviction_pops_only_what_it_evicts(monkeypatch):
-    import router.core.radix as radix
+    import router.core.radix.heaps as radix
 
     tree = RadixTree(token_bytes)
     for i in range(2000):

@@ -1,16 +1,21 @@
-"""The server edge (router/net/serving.py + router/net/_hypercorn_fixes.py): hypercorn's trio worker
-with our fixes, checked over real sockets with a tiny ASGI app so each behaviour is isolated."""
+"""The router's HTTP server (router/http/serve.py + router/http/hypercorn_fixes.py): hypercorn's trio
+worker serving with the router's own connection classes, checked over real sockets with a tiny ASGI
+app so each behaviour is isolated; and the library patches' scope and review check
+(router/http/reviewed.py)."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import h11
+import pytest
 import trio
 
-from router.net import _hypercorn_fixes
-from router.net.serving import serve_asgi
+from router.http import hypercorn_fixes, reviewed
+from router.http.serve import serve_asgi
 
 BIG = bytes(range(256)) * (8 * 4096)  # 8 MiB: far more than a socket buffer takes at once
 CHUNKS = [b"a", b"", b"x" * 300, b"\r\n0\r\n\r\n", BIG[:70000], b"tail"]  # an empty one must not end the body
@@ -77,8 +82,84 @@ async def closed_by_server(stream, within: float) -> bool:
     return False
 
 
-def test_fixes_are_in_place():
-    assert _hypercorn_fixes.applied()
+LIBRARY_METHODS = [
+    ("hypercorn.trio.tcp_server", "TCPServer", ("__init__", "_read_data", "protocol_send", "run")),
+    ("hypercorn.protocol.h11", "H11Protocol", ("stream_send", "_send_h11_event", "_send_error_response")),
+    ("trio", "SocketListener", ("accept", "aclose")),
+    ("trio", "SocketStream", ("receive_some",)),
+]
+
+
+def _library_methods() -> dict:
+    import importlib
+
+    return {(m, c, n): getattr(getattr(importlib.import_module(m), c), n) for m, c, names in LIBRARY_METHODS
+            for n in names}
+
+
+def test_importing_the_router_or_the_simulator_leaves_hypercorn_and_trio_as_shipped():
+    """The fixes are the router's server classes, not patches: a fresh interpreter that imports the
+    simulator (and the router's server) sees every hypercorn/trio method as its module defines it."""
+    code = f"""
+import importlib, inspect, sys
+import router.sim, router.net.server, router.http.serve
+for m, c, names in {LIBRARY_METHODS!r}:
+    cls = getattr(importlib.import_module(m), c)
+    for n in names:
+        fn = getattr(cls, n)
+        assert fn.__module__.startswith(m.split(".")[0]), (c, n, fn.__module__)
+        assert not fn.__module__.startswith("router"), (c, n)
+print("untouched")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "untouched", r.stderr
+
+
+async def test_serving_does_not_patch_the_libraries(nursery):
+    """Not on import, and not while serving: only this server's connections use the fixes."""
+    before = _library_methods()
+    host, port, _ = await start(nursery)
+    s = await trio.open_tcp_stream(host, port)
+    await s.send_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+    await read_response(s)
+    await s.aclose()
+    assert _library_methods() == before
+
+
+def test_the_reviewed_sources_are_the_installed_ones():
+    reviewed.check()  # the pinned versions are the reviewed ones: nothing to report
+
+
+async def test_a_changed_library_method_refuses_to_start_with_one_line(nursery, monkeypatch):
+    """A release that changes a method a fix replaces: the server does not start, and says which."""
+    from hypercorn.protocol.h11 import H11Protocol
+
+    async def changed(self, event):  # stands in for a new release's version of the method
+        await self.send(event)
+
+    monkeypatch.setattr(H11Protocol, "_send_h11_event", changed)
+    with pytest.raises(reviewed.LibraryChanged) as ei:
+        await start(nursery)
+    msg = str(ei.value)
+    assert "\n" not in msg
+    assert msg.startswith("hypercorn 0.18") and "hypercorn.protocol.h11:H11Protocol._send_h11_event differs" in msg
+    assert "a Content-Length head written with its body" in msg and "router/http/hypercorn_fixes.py" in msg
+
+
+def test_a_changed_library_refuses_to_start_the_router_cli(tmp_path):
+    """The same from the command line: exit 2 and one line, before anything listens."""
+    (tmp_path / "new_release.py").write_text("async def receive_some(self, max_bytes=None):\n    return b''\n")
+    code = ("import sys, trio; sys.path.insert(0, sys.argv[2]); import new_release\n"
+            "trio.SocketStream.receive_some = new_release.receive_some\n"
+            "from router.cli import main; sys.exit(main(['--config', sys.argv[1]]))")
+    cfg = tmp_path / "r.toml"
+    cfg.write_text("[server]\nport = 0\n")
+    r = subprocess.run([sys.executable, "-c", code, str(cfg), str(tmp_path)], capture_output=True, text=True,
+                       timeout=120)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "trio._highlevel_socket:SocketStream.receive_some differs from the reviewed source" in lines[0]
+    assert "router/http/trio_recv.py" in lines[0]
 
 
 async def test_keepalive_deadline_spares_busy_requests_and_closes_idle_connections(nursery):
@@ -125,7 +206,7 @@ async def test_content_length_reply_is_written_with_its_head_and_streams_get_the
         writes.append(bytes(data[:n]))
         return n
 
-    monkeypatch.setattr(_hypercorn_fixes.os, "write", recording_write)
+    monkeypatch.setattr(hypercorn_fixes.os, "write", recording_write)
     host, port, _ = await start(nursery)
     s = await trio.open_tcp_stream(host, port)
     await s.send_all(b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -142,7 +223,7 @@ async def test_content_length_reply_is_written_with_its_head_and_streams_get_the
     with trio.fail_after(2):
         while not got.endswith(b"0\r\n\r\n"):
             got += await s.receive_some(65536)
-    # Framed exactly as h11 frames a chunk (router/net/_hypercorn_fixes.py writes it without h11).
+    # Framed exactly as h11 frames a chunk (router/http/hypercorn_fixes.py writes it without h11).
     assert got.split(b"\r\n\r\n", 1)[1] == b"9\r\ndata: 1\n\n\r\n0\r\n\r\n"
     await s.aclose()
 

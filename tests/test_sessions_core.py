@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from router.core.pipeline import Exchange, StageError
 from router.core.sessions.messages import messages_match
 from router.core.sessions.registry import SessionGone, SessionNotFound, SessionRegistry, SessionLimit
-from router.core.sessions.samples import SampleError, assemble, kept_leaves
+from router.config import Config
+from router.core.sessions.samples import Assembly, SampleError, collect
 from router.core.sessions.tree import SessionTree, TurnLimit
 from router.stages.chat_parse import ChatParse
 from router.stages.chat_template import ChatTemplate
@@ -27,7 +28,8 @@ from router.stages.session_request import Options as RequestOptions
 from router.stages.session_request import SessionRequest
 from router.tokenizer import load_tokenizer
 from router.wire.chat_messages import RequestMessages
-from router.wire.openai import ChatMessageIn, ContentPart, FunctionCallIn, ToolCallIn, json_encoder
+from router.wire.openai import ChatMessageIn, ContentPart, FunctionCallIn, ToolCallIn, json_encoder, sglang_tools
+from router.wire.sessions import TurnRecord
 
 
 def msg(role, content=None, calls=None, reasoning=None):
@@ -87,7 +89,9 @@ def commit(tree, parent, new, reply, out_len=3, finish="stop", request_seq=None,
         experts = np.full((end - 1 - max(start - 1, 0), 1, 2), len(tree), np.int32)
     return tree.commit(parent, request_seq=request_seq if request_seq is not None else tree.next_request_seq(),
                        messages=new, assistant=reply, prompt_ids=prompt, output_ids=out,
-                       output_logprobs=np.full(out_len, -0.5), routed_experts=experts, finish_reason=finish)
+                       output_logprobs=np.full(out_len, -0.5), routed_experts=experts,
+                       r3_start=max(start - 1, 0), finish_reason=finish,
+                       record=TurnRecord(request_timestamp=1.0, timestamp=2.0, meta_info=msgspec.Raw(b"{}")))
 
 
 def attach(tree, messages):
@@ -241,13 +245,14 @@ def test_a_turn_does_no_python_work_per_earlier_turn(monkeypatch):
     turns as after 60 (the history's bytes are compared and copied by C calls only, no message
     before the appended one is decoded), and a message the agent re-spells is matched leniently
     once, not again on every later request."""
-    import router.core.sessions.tree as tree_mod
-
     lenient = []
-    monkeypatch.setattr(tree_mod, "messages_match", lambda a, b: lenient.append(1) or messages_match(a, b))
+
+    def counting(stored_raw, stored, new_raw, new):
+        lenient.append(1)
+        return messages_match(stored, new)
 
     def conversation(turns):
-        tree = SessionTree()
+        tree = SessionTree(matcher=counting)
         sent = [msg("user", "q")]
         parent = -1
         lenient_per_request = []
@@ -277,22 +282,29 @@ def test_a_turn_does_no_python_work_per_earlier_turn(monkeypatch):
 
 # ---- samples ----------------------------------------------------------------------------------------
 
-def test_retry_dropped_concurrent_kept():
+ASM = Assembly(decode=lambda ids: "".join(f"<{int(i)}>" for i in ids))
+
+
+def samples(tree, **kw):
+    got = collect(tree, tree.active, ASM, **kw)
+    return got.samples, got.empty_reason
+
+
+def test_a_retry_supersedes_its_earlier_siblings():
+    """miles' drop_retries: a leaf with a later sibling (a larger id under the same parent) is dropped; roots
+    never are, so two concurrent first requests are two samples."""
     tree = SessionTree()
     u, a = msg("user", "q"), msg("assistant", "A")
     root = commit(tree, -1, [u], a)
-    # concurrent siblings: both requests started before either committed
-    s1, s2 = tree.next_request_seq(), tree.next_request_seq()
-    b1 = commit(tree, root.id, [msg("user", "u2")], msg("assistant", "B1"), request_seq=s1)
-    b2 = commit(tree, root.id, [msg("user", "u2")], msg("assistant", "B2"), request_seq=s2)
-    assert [t.id for t in kept_leaves(tree)] == [b1.id, b2.id]
-    samples, _ = assemble(tree)
-    assert [s.leaf["node_id"] for s in samples] == [b1.id, b2.id]
-    # a retry: its request started after both were committed, so both are superseded
-    b3 = commit(tree, root.id, [msg("user", "u2")], msg("assistant", "B3"))
-    samples, reason = assemble(tree)
-    assert reason is None and [s.leaf["node_id"] for s in samples] == [b3.id]
-    assert samples[0].loss_mask.sum() == len(root.output_ids) + len(b3.output_ids)
+    b1 = commit(tree, root.id, [msg("user", "u2")], msg("assistant", "B1"))
+    b2 = commit(tree, root.id, [msg("user", "u2")], msg("assistant", "B2"))
+    got, reason = samples(tree)
+    assert reason is None and [s.metadata["leaf"]["node_id"] for s in got] == [b2.id]
+    assert got[0].loss_mask.sum() == len(root.output_ids) + len(b2.output_ids)
+    assert b1.id < b2.id
+    other_root = commit(tree, -1, [msg("user", "subagent")], msg("assistant", "S"))
+    got, _ = samples(tree)
+    assert [s.metadata["leaf"]["node_id"] for s in got] == [b2.id, other_root.id]  # longer paths first
 
 
 def test_shared_completion_trained_once_and_abandoned_line_kept():
@@ -303,41 +315,45 @@ def test_shared_completion_trained_once_and_abandoned_line_kept():
     deeper = commit(tree, deep.id, [msg("user", "y")], msg("assistant", "Y"))
     # divergence one level up: the old line's leaf has no later sibling, so both lines are kept
     other = commit(tree, root.id, [msg("user", "z")], msg("assistant", "Z"))
-    samples, _ = assemble(tree)
+    got, _ = samples(tree)
     # `deep` was retried by `other` (a later sibling), but `deep` is not a leaf: the line stays
-    assert [s.leaf["node_id"] for s in samples] == [deeper.id, other.id]
-    first, second = samples
-    p = len(root.prompt_ids)
-    assert first.loss_mask[p:p + 3].tolist() == [1, 1, 1]
-    assert second.loss_mask[p:p + 3].tolist() == [0, 0, 0]  # root's completion trained once
-    assert second.rollout_log_probs[p:p + 3].tolist() == [-0.5] * 3
+    assert [s.metadata["leaf"]["node_id"] for s in got] == [deeper.id, other.id]
+    first, second = got
+    assert first.loss_mask[:3].tolist() == [1, 1, 1]  # the response starts with root's completion
+    assert second.loss_mask[:3].tolist() == [0, 0, 0]  # trained once: in the kept leaf with the smallest id
+    assert second.rollout_log_probs[:3].tolist() == [-0.5] * 3
     assert first.tokens[:root.end].tolist() == second.tokens[:root.end].tolist()
+    assert len(first.loss_mask) == first.response_length == len(first.tokens) - len(root.prompt_ids)
 
 
 def test_truncation_is_at_turn_level_and_rows_follow():
     tree = SessionTree()
     root = commit(tree, -1, [msg("user", "q")], msg("assistant", "A"), rows=True)  # 5 tokens
     child = commit(tree, root.id, [msg("user", "x")], msg("assistant", "X"), rows=True)  # 10
-    (full,), _ = assemble(tree)
-    assert len(full.tokens) == 10 and full.routed_experts.shape == (9, 1, 2) and full.status == "COMPLETED"
-    assert full.routed_experts[:, 0, 0].tolist() == [0] * 4 + [1] * 5
-    (cut,), _ = assemble(tree, max_seq_len=7)
-    assert len(cut.tokens) == 7 and cut.status == "TRUNCATED" and cut.routed_experts.shape == (6, 1, 2)
-    assert cut.loss_mask.tolist() == [0, 0, 1, 1, 1, 0, 0]
-    assert cut.weight_versions == [[], []]
-    samples, reason = assemble(tree, max_seq_len=2)
-    assert samples == [] and reason == "all_truncated"
-    assert assemble(SessionTree()) == ([], "no_records")
-    with pytest.raises(SampleError):
-        assemble(tree, max_seq_len=0)
+    (full,), _ = samples(tree)
+    assert len(full.tokens) == 10 and full.rollout_routed_experts.shape == (9, 1, 2) and full.status == "completed"
+    assert full.rollout_routed_experts[:, 0, 0].tolist() == [0] * 4 + [1] * 5
+    (cut,), _ = samples(tree, max_seq_len=7)
+    assert len(cut.tokens) == 5 and cut.status == "completed"  # nothing of turn 2's output fits: turn 1 as it was
+    (cut,), _ = samples(tree, max_seq_len=9)
+    assert len(cut.tokens) == 9 and cut.status == "truncated" and cut.rollout_routed_experts.shape == (8, 1, 2)
+    assert cut.loss_mask.tolist() == [1, 1, 1, 0, 0, 1, 1]
+    assert cut.weight_versions == []
+    got, reason = samples(tree, max_seq_len=2)
+    assert got == [] and reason == "all_truncated"
+    assert samples(SessionTree()) == ([], "no_records")
     assert child.start == root.end
+    tree.turns[0].routed_experts = tree.turns[0].routed_experts[:-1]
+    with pytest.raises(SampleError, match="turn 0: 3 routed-experts rows"):
+        samples(tree)
 
 
-def test_length_leaf_is_truncated_status():
+def test_length_leaf_is_truncated_and_ends_the_merge():
     tree = SessionTree()
-    commit(tree, -1, [msg("user", "q")], msg("assistant", "A"), finish="length")
-    (s,), _ = assemble(tree)
-    assert s.status == "TRUNCATED"
+    root = commit(tree, -1, [msg("user", "q")], msg("assistant", "A"), finish="abort")
+    commit(tree, root.id, [msg("user", "x")], msg("assistant", "X"), finish="length")
+    (s,), _ = samples(tree)
+    assert s.status == "aborted" and len(s.tokens) == root.end  # the merge stops after a turn not completed
 
 
 # ---- registry -----------------------------------------------------------------------------------------
@@ -413,7 +429,7 @@ class WorkerModel:
 class Pipeline:
     def __init__(self, tok, start_len: bool):
         self.reg = SessionRegistry()
-        self.services = SimpleNamespace(tokenizer=tok, sessions=self.reg)
+        self.services = SimpleNamespace(tokenizer=tok, sessions=self.reg, config=Config())
         gen = GenerateOptions(routed_experts=True, routed_experts_layers=WorkerModel.LAYERS,
                               routed_experts_topk=WorkerModel.TOPK, routed_experts_start_len=start_len)
         self.request_stages = [SessionRequest(RequestOptions(), self.services), ChatTemplate(None, self.services),
@@ -434,8 +450,9 @@ class Pipeline:
 
 
 async def test_chat_template_kwargs_and_tools_shape_the_render_and_the_shared_prompt(qwen):
-    """Turn 1 renders with the request's `tools` and `chat_template_kwargs`; identical first requests
-    share one tokenized prompt, and requests differing only in those do not."""
+    """Turn 1 renders with the request's `tools` (as SGLang's chat endpoint hands them to the template) and
+    `chat_template_kwargs`; identical first requests share one tokenized prompt, and requests differing only
+    in those do not."""
     p = Pipeline(qwen, start_len=False)
     msgs = [{"role": "user", "content": "hi ✓"}]
     bodies = [{"messages": msgs}, {"messages": msgs, "chat_template_kwargs": {"enable_thinking": False}},
@@ -446,9 +463,11 @@ async def test_chat_template_kwargs_and_tools_shape_the_render_and_the_shared_pr
         await p.chat(p.reg.create(0.0), body, "ok")
         received.append(p.worker.calls[-1][0])
     for body, ids in zip(bodies, received):
-        want = qwen.encode(qwen.apply_chat_template(msgs, True, tools=body.get("tools"),
+        want = qwen.encode(qwen.apply_chat_template(msgs, True, tools=sglang_tools(body.get("tools")),
                                                     **body.get("chat_template_kwargs", {})))
         assert ids == want
+    assert '{"type": "function", "function": {"description": null, "name": "calc", "parameters": null, ' \
+           '"strict": false}}' in qwen.decode(received[2])
     assert received[0] == received[3] and len({tuple(r) for r in received}) == 3
     assert (p.reg.prompts.misses, p.reg.prompts.hits) == (3, 1)
     # a later turn renders its appended messages with the same kwargs (the closed think block)
@@ -537,7 +556,7 @@ async def test_random_conversations_give_exact_samples(qwen, plan, start_len, re
     for call, parent in enumerate(parent_of):
         children.setdefault(parent, []).append(call)
     kept = [c for c in range(len(parent_of)) if c not in children
-            and not any(sib > c for sib in children[parent_of[c]])]
+            and (parent_of[c] is None or not any(sib > c for sib in children[parent_of[c]]))]
 
     def path(call):
         return [] if call is None else path(parent_of[call]) + [call]
@@ -546,11 +565,12 @@ async def test_random_conversations_give_exact_samples(qwen, plan, start_len, re
     for leaf in kept:
         for call in path(leaf):
             owner.setdefault(call, leaf)
-    samples, reason = assemble(session.tree)
-    assert reason is None
-    assert [call_of_turn[s.leaf["node_id"]] for s in samples] == kept
-    for s in samples:
-        leaf = call_of_turn[s.leaf["node_id"]]
+    got = collect(session.tree, session.tree.active, Assembly(addition_r3=start_len))
+    assert got.empty_reason is None
+    kept.sort(key=lambda c: (len(path(c)), c), reverse=True)  # miles' picker order
+    assert [call_of_turn[s.metadata["leaf"]["node_id"]] for s in got.samples] == kept
+    for s in got.samples:
+        leaf = call_of_turn[s.metadata["leaf"]["node_id"]]
         ids, out = p.worker.calls[leaf]
         assert s.tokens.tolist() == ids + out
         mask = np.zeros(len(ids) + len(out), np.uint8)
@@ -563,9 +583,11 @@ async def test_random_conversations_give_exact_samples(qwen, plan, start_len, re
             produced[span] = True
             mask[span] = owner[call] == leaf
             logps[span] = p.worker.logprobs[call]
-        assert s.loss_mask.tolist() == mask.tolist() and not s.loss_mask[~produced].any()
-        assert s.rollout_log_probs.tolist() == logps.tolist()
-        assert np.array_equal(s.routed_experts, WorkerModel.rows(s.tokens))
+        first = len(p.worker.calls[path(leaf)[0]][0])  # the response: everything after the first prompt
+        assert s.response_length == len(ids) + len(out) - first
+        assert s.loss_mask.tolist() == mask[first:].tolist() and not s.loss_mask[~produced[first:]].any()
+        assert s.rollout_log_probs.tolist() == logps[first:].tolist()
+        assert np.array_equal(s.rollout_routed_experts, WorkerModel.rows(s.tokens))
     # no two calls re-rendered the history: each call's input extends a stored path verbatim
     assert p.reg.prompts.misses == 1
 
@@ -574,14 +596,15 @@ async def test_random_conversations_give_exact_samples(qwen, plan, start_len, re
 def test_routed_experts_tail_decode_equals_full_decode(layers, topk, rows, data):
     import base64
 
-    from router.stages._session import BadWorkerReply, decode_rows
+    from router.wire.sglang import BadOutput, routed_experts_rows
 
     skip = data.draw(st.integers(0, rows))
     arr = np.arange(rows * layers * topk, dtype=np.int32).reshape(rows, layers, topk) * 7 - 3
     raw = msgspec.Raw(b'"' + base64.b64encode(arr.tobytes()) + b'"')
-    got = decode_rows(raw, (layers, topk), skip)
+    got = routed_experts_rows(raw, (layers, topk), skip)
     assert got.dtype == np.int32 and got.tobytes() == arr[skip:].tobytes()
-    with pytest.raises(BadWorkerReply):
-        decode_rows(msgspec.Raw(b'"' + base64.b64encode(arr.tobytes() + b"\x01") + b'"'), (layers, topk), 0)
-    with pytest.raises(BadWorkerReply):
-        decode_rows(msgspec.Raw(b'"####"'), (layers, topk), 0)
+    assert routed_experts_rows(raw).tobytes() == arr.tobytes()  # no row shape: every value, flat
+    with pytest.raises(BadOutput):
+        routed_experts_rows(msgspec.Raw(b'"' + base64.b64encode(arr.tobytes() + b"\x01") + b'"'), (layers, topk), 0)
+    with pytest.raises(BadOutput):
+        routed_experts_rows(msgspec.Raw(b'"####"'), (layers, topk), 0)

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from harness import client, start_router, start_sim
-from router.wire.samples import decode_samples
+import miles_wire
 
 TOOLS = [
     {"type": "function", "function": {"name": "search", "description": "search the web",
@@ -62,10 +62,12 @@ async def sim_stats(sim) -> dict:
 
 
 async def samples_of(c, sid, **body):
+    """(samples as dicts of their fields, the decoded reply), by the contract's decoder."""
     r = await c.post(f"/sessions/{sid}/samples", json=body)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "application/octet-stream"
-    return decode_samples(r.content)
+    got = miles_wire.decode(r.content)
+    return got.samples, got
 
 
 async def complete(oc, messages, stream, **kw):
@@ -118,20 +120,20 @@ async def agent_loop(oc, turns: int, stream: bool, first_user="Find the README a
     return messages, finishes
 
 
-def assert_exact(sample, received_ids, produced_ids, produced_lps, produced_spans):
+def assert_exact(sample, received_ids, produced_ids, first_prompt_len, produced_spans):
+    """Tokens are what the worker last received + produced; the loss mask covers the response (everything after
+    the first prompt) and is 1 exactly on the produced spans."""
     tokens = sample["tokens"]
     assert tokens.dtype == np.int64 and sample["loss_mask"].dtype == np.uint8
     assert sample["rollout_log_probs"].dtype == np.float64
     assert tokens.tolist() == received_ids + produced_ids
+    assert sample["response_length"] == len(tokens) - first_prompt_len
     mask = np.zeros(len(tokens), np.uint8)
-    lps = np.zeros(len(tokens), np.float64)
     for start, end in produced_spans:
         mask[start:end] = 1
-    lps[len(received_ids):] = produced_lps
     for (start, end), (s2, e2) in zip(produced_spans, produced_spans[1:]):
         assert end <= s2
-    assert sample["loss_mask"].tolist() == mask.tolist()
-    return lps
+    assert sample["loss_mask"].tolist() == mask[first_prompt_len:].tolist()
 
 
 async def oracle_rows(c, sid, tokens) -> bytes:
@@ -153,33 +155,39 @@ async def test_five_turn_tool_conversation_sample_is_exact(nursery, tmp_path, st
         assert len(finishes) == 5 and "length" not in finishes and "tool_calls" in finishes, finishes
         stats = await sim_stats(sim)
         bodies = stats["last_bodies"][-5:]
+        body_version = (await c.get("/workers")).json()["workers"][0]["weight_version"]
         turns_meta = [await _turn_output(c, sid, i) for i in range(5)]
         # every turn's input extends the previous turn's input + output verbatim (never re-rendered)
         for prev, body, prev_out in zip(bodies, bodies[1:], turns_meta):
             assert body["input_ids"][:len(prev["input_ids"]) + len(prev_out[0])] == prev["input_ids"] + prev_out[0]
             assert body["return_logprob"] is True and body["return_routed_experts"] is True
-        (sample,), meta = await samples_of(c, sid)
+        (sample,), reply = await samples_of(c, sid)
         last_in = bodies[-1]["input_ids"]
-        spans, lps, produced = [], [], []
+        first = len(bodies[0]["input_ids"])
+        spans = []
         for body, (out_ids, out_lps) in zip(bodies, turns_meta):
             start = len(body["input_ids"])
             spans.append((start, start + len(out_ids)))
         want_lps = np.zeros(len(last_in) + len(turns_meta[-1][0]), np.float64)
         for (start, end), (_, out_lps) in zip(spans, turns_meta):
             want_lps[start:end] = out_lps
-        assert_exact(sample, last_in, turns_meta[-1][0], turns_meta[-1][1], spans)
-        assert sample["rollout_log_probs"].tolist() == want_lps.tolist()
+        assert_exact(sample, last_in, turns_meta[-1][0], first, spans)
+        assert sample["rollout_log_probs"].tolist() == want_lps[first:].tolist()
         experts = sample["rollout_routed_experts"]
         assert experts.dtype == np.int32 and experts.shape == (len(sample["tokens"]) - 1, 2, 2)
         assert experts.tobytes() == await oracle_rows(c, sid, sample["tokens"])
-        m = meta["samples"][0]
-        assert m["status"] == "COMPLETED" and m["response_length"] == len(sample["tokens"]) - len(bodies[0]["input_ids"])
-        assert meta["empty_reason"] is None and "rollout_routed_experts" not in m["nulls"]
+        assert sample["status"] == "completed" and sample["rollout_indexer_topk"] is None
+        assert reply.empty_reason is None and sample["weight_versions"] == [body_version] * 5
         # the session's own view agrees
         got = (await c.get(f"/sessions/{sid}")).json()
         assert got["metadata"]["accumulated_token_ids"] == sample["tokens"].tolist()
         assert [r["request"]["input_ids"] for r in got["records"]] == [b["input_ids"] for b in bodies]
-        assert all("routed_experts" not in r["response"]["meta_info"] for r in got["records"])
+        # records keep what the worker returned of the routed experts; the agent's replies never had them
+        for r, body in zip(got["records"], bodies):
+            rows = base64.b64decode(r["response"]["choices"][0]["meta_info"]["routed_experts"])
+            start = body.get("routed_experts_start_len", 0)
+            assert rows == experts[start:len(body["input_ids"]) + len(r["response"]["choices"][0]["meta_info"]
+                                                                    ["output_token_logprobs"]) - 1].tobytes()
         # the proxied oracle call was not recorded
         assert len(got["records"]) == 5
         # the SDK re-sends the history byte for byte: turns 2..5 parsed only what they appended
@@ -189,11 +197,8 @@ async def test_five_turn_tool_conversation_sample_is_exact(nursery, tmp_path, st
 
 async def _turn_output(c, sid, i):
     got = (await c.get(f"/sessions/{sid}")).json()
-    rec = got["records"][i]
-    out = rec["response"]["output_ids"]
-    lps = [t[0] for t in rec["response"]["meta_info"]["output_token_logprobs"]]
-    assert [t[1] for t in rec["response"]["meta_info"]["output_token_logprobs"]] == out
-    return out, lps
+    pairs = got["records"][i]["response"]["choices"][0]["meta_info"]["output_token_logprobs"]
+    return [t[1] for t in pairs], [t[0] for t in pairs]
 
 
 async def test_tool_calls_are_parsed_and_replies_strip_routed_experts(nursery, tmp_path):
@@ -238,8 +243,9 @@ async def test_reserialized_arguments_replay_still_matches(nursery, tmp_path):
         stored = (await c.get(f"/sessions/{sid}")).json()["records"]
         last_in = (await sim_stats(sim))["last_bodies"][-1]["input_ids"]
         prev = stored[-2]
-        assert last_in[:len(prev["request"]["input_ids"]) + len(prev["response"]["output_ids"])] == \
-            prev["request"]["input_ids"] + prev["response"]["output_ids"]  # the stored spelling won
+        prev_out = [t[1] for t in prev["response"]["choices"][0]["meta_info"]["output_token_logprobs"]]
+        assert last_in[:len(prev["request"]["input_ids"]) + len(prev_out)] == \
+            prev["request"]["input_ids"] + prev_out  # the stored spelling won
 
 
 async def test_a_bad_message_anywhere_in_a_known_history_is_a_400_naming_it(nursery, tmp_path):
@@ -269,7 +275,7 @@ async def test_a_bad_message_anywhere_in_a_known_history_is_a_400_naming_it(nurs
         r = await c.post(url, content=body)  # the same valid request again: a sibling of the second turn
         assert r.status_code == 200, r.text
         nodes = (await c.get(f"/sessions/{sid}")).json()["metadata"]["tree"]["nodes"]
-        assert [n["parent"] for n in nodes] == [-1, 0, 0]
+        assert [n["parent"] for n in nodes] == [None, 0, 0]
 
 
 async def test_grpo_group_shares_one_tokenized_prompt(nursery, tmp_path):
@@ -298,8 +304,8 @@ async def test_grpo_group_shares_one_tokenized_prompt(nursery, tmp_path):
             (sample,), _ = await samples_of(c, sid)
             out = [t[1] for t in results[sid]["output_token_logprobs"]]
             assert sample["tokens"].tolist() == received[0] + out
-            assert sample["loss_mask"].tolist() == [0] * len(first) + [1] * len(out)
-            assert sample["rollout_log_probs"][len(first):].tolist() == [t[0] for t in results[sid]["output_token_logprobs"]]
+            assert sample["loss_mask"].tolist() == [1] * len(out)  # the response only
+            assert sample["rollout_log_probs"].tolist() == [t[0] for t in results[sid]["output_token_logprobs"]]
         assert len({tuple(r["output_token_logprobs"][0][:2]) for r in results.values()}) > 1  # distinct samples
 
 
@@ -314,9 +320,9 @@ async def test_retry_branches_and_only_the_retry_is_trained(nursery, tmp_path):
         _, _, first_try = await complete(oc, msgs2, False, max_tokens=400, temperature=1.0, seed=1)
         _, _, retry = await complete(oc, msgs2, False, max_tokens=400, temperature=1.0, seed=2)
         tree = (await c.get(f"/sessions/{sid}")).json()["metadata"]["tree"]
-        assert [n["parent"] for n in tree["nodes"]] == [-1, 0, 0]  # the retry is a sibling: nothing destroyed
-        (sample,), meta = await samples_of(c, sid)
-        assert meta["samples"][0]["metadata"]["leaf"]["node_id"] == 2
+        assert [n["parent"] for n in tree["nodes"]] == [None, 0, 0]  # the retry is a sibling: nothing destroyed
+        (sample,), _ = await samples_of(c, sid)
+        assert sample["metadata"]["leaf"]["node_id"] == 2
         received = (await sim_stats(sim))["last_bodies"][-1]["input_ids"]
         out = [t[1] for t in retry["output_token_logprobs"]]
         assert sample["tokens"].tolist() == received + out
@@ -339,9 +345,9 @@ async def test_concurrent_requests_on_one_session_become_siblings(nursery, tmp_p
             n.start_soon(one, 2)
         assert (await sim_stats(sim))["peak_in_flight"] == 2
         tree = (await c.get(f"/sessions/{sid}")).json()["metadata"]["tree"]
-        assert [n["parent"] for n in tree["nodes"]] == [-1, -1]
-        samples, meta = await samples_of(c, sid)
-        assert len(samples) == 2  # overlapping requests are not retries: both are trained
+        assert [n["parent"] for n in tree["nodes"]] == [None, None]
+        samples, _ = await samples_of(c, sid)
+        assert len(samples) == 2  # two roots: each is its own sample
         got = sorted(s["tokens"].tolist()[-3:] for s in samples)
         want = sorted([t[1] for t in m["output_token_logprobs"]][-3:] for m in metas)
         assert got == want
@@ -384,11 +390,12 @@ async def test_lifecycle_statuses(nursery, tmp_path):
             assert r.status_code == 404 and r.json() == {"error": f"session not found: session_id={never}"}
         sid = await new_session(c)
         # empty session: 200 with an empty_reason
-        samples, meta = await samples_of(c, sid)
-        assert samples == [] and meta["empty_reason"] == "no_records"
+        samples, reply = await samples_of(c, sid)
+        assert samples == [] and reply.empty_reason == "no_records"
         url = f"/sessions/{sid}/v1/chat/completions"
         bad = [(b"{not json", 400, "invalid chat completions body"),
-               (json.dumps({"messages": [{"role": "robot", "content": "x"}]}), 400, "'robot' is not allowed"),
+               (json.dumps({"messages": [{"role": "robot", "content": "x"}]}), 400,
+                "'robot' is not rendered by the builtin Qwen3 chat template"),
                (json.dumps({"messages": [{"role": "user", "content": 5}]}), 400, "invalid chat completions body"),
                (json.dumps({"messages": []}), 400, "messages must not be empty"),
                (json.dumps({"messages": [{"role": "user", "content": "x"}], "n": 2}), 400, "n must be 1")]
@@ -410,11 +417,11 @@ async def test_lifecycle_statuses(nursery, tmp_path):
         reply = r.json()["choices"][0]["message"]
         r = await c.post(url, json={"messages": msgs + [reply, {"role": "user", "content": "go on"}]})
         assert r.status_code == 409 and "ended by 'length'" in r.json()["error"]
-        samples, meta = await samples_of(c, sid, max_seq_len=4)
-        assert meta["empty_reason"] == "all_truncated"
-        (sample,), meta = await samples_of(c, sid, metadata={"reward": 0.5, "leaf": "agent-cannot-override"})
-        assert meta["samples"][0]["status"] == "TRUNCATED" and meta["samples"][0]["reward"] == 0.5
-        assert meta["samples"][0]["metadata"]["leaf"]["node_id"] == 0
+        samples, reply = await samples_of(c, sid, max_seq_len=4)
+        assert reply.empty_reason == "all_truncated"
+        (sample,), _ = await samples_of(c, sid, metadata={"reward": 0.5, "leaf": "agent-cannot-override"})
+        assert sample["status"] == "truncated" and sample["reward"] == 0.5
+        assert sample["metadata"]["leaf"]["node_id"] == 0 and sample["metadata"]["reward"] == 0.5
         r = await c.post(f"/sessions/{sid}/samples", json={"max_seq_len": "x"})
         assert r.status_code == 400
         # other paths go to the worker, unrecorded
@@ -454,32 +461,39 @@ async def test_a_session_stays_on_one_worker_and_proxied_paths_follow_it(nursery
             assert len(set(workers)) == 1 and workers[0] in {s.url for s in sims}, workers
             assert reasons[0] == "sticky_new" and set(reasons[1:]) == {"sticky"}, reasons
             nodes = (await c.get(f"/sessions/{sid}")).json()["metadata"]["tree"]["nodes"]
-            assert [n["parent"] for n in nodes] == [-1, 0, 0]  # 3 turns; the proxied calls left no node
+            assert [n["parent"] for n in nodes] == [None, 0, 0]  # 3 turns; the proxied calls left no node
         served = [(await sim_stats(s))["requests"] for s in sims]
         assert sum(served) >= 6 * 5
 
 
-async def test_stream_is_chunks_then_done(nursery, tmp_path):
-    """`stream: true` answers SSE: chat.completion.chunk events (one carrying the whole delta and the
-    finish_reason, then usage when asked), then `data: [DONE]`; the turn is recorded like any other."""
+async def test_stream_is_one_chunk_then_done(nursery, tmp_path):
+    """`stream: true` is miles' stream: one chat.completion.chunk holding the whole message as its delta, the
+    finish reason and the usage (whatever stream_options say), then `data: [DONE]`; recorded like any turn."""
     router, _ = await session_router(nursery, tmp_path)
     async with client(router) as c:
         sid = await new_session(c)
-        r = await c.post(f"/sessions/{sid}/v1/chat/completions",
-                         json={"messages": [{"role": "user", "content": "hi"}], "tools": TOOLS, "max_tokens": 400,
-                               "stream": True, "stream_options": {"include_usage": True}})
-        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        events = r.content.split(b"\n\n")
-        assert events[-2:] == [b"data: [DONE]", b""]
-        chunks = [json.loads(e.removeprefix(b"data: ")) for e in events[:-2]]
-        assert [ch["object"] for ch in chunks] == ["chat.completion.chunk"] * 2
-        (choice,) = chunks[0]["choices"]
-        assert choice["delta"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "tool_calls", "length")
-        assert chunks[1]["choices"] == [] and chunks[1]["usage"]["completion_tokens"] > 0
-        assert len({ch["id"] for ch in chunks}) == 1
-        turn = router.runtime.sessions.get(sid).tree.turns[0]
-        assert chunks[1]["usage"]["completion_tokens"] == len(turn.output_ids)
-        assert chunks[1]["usage"]["prompt_tokens"] == len(turn.prompt_ids)
+        for opts in ({"include_usage": True}, {"include_usage": False}, None):
+            body = {"messages": [{"role": "user", "content": "hi"}], "tools": TOOLS, "max_tokens": 400,
+                    "stream": True, "seed": len(str(opts))}
+            if opts is not None:
+                body["stream_options"] = opts
+            r = await c.post(f"/sessions/{sid}/v1/chat/completions", json=body)
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
+            events = r.content.split(b"\n\n")
+            assert events[-2:] == [b"data: [DONE]", b""] and len(events) == 3
+            chunk = json.loads(events[0].removeprefix(b"data: "))
+            assert list(chunk) == ["id", "object", "created", "model", "choices", "usage"]
+            assert chunk["object"] == "chat.completion.chunk"
+            (choice,) = chunk["choices"]
+            assert choice["index"] == 0 and choice["finish_reason"] in ("stop", "tool_calls", "length")
+            delta = choice["delta"]
+            assert delta["role"] == "assistant" and "content" in delta and "meta_info" not in choice
+            assert all(tc["index"] == i for i, tc in enumerate(delta.get("tool_calls") or ()))
+            turn = router.runtime.sessions.get(sid).tree.turns[-1]
+            assert chunk["id"] == turn.response_id
+            assert chunk["usage"]["completion_tokens"] == len(turn.output_ids)
+            assert chunk["usage"]["prompt_tokens"] == len(turn.prompt_ids)
 
 
 async def test_bad_worker_reply_is_502(nursery, tmp_path):
@@ -501,8 +515,8 @@ async def test_broken_session_gives_422_and_the_router_stays_healthy(nursery, tm
         sid = await new_session(c)
         msgs = [{"role": "user", "content": "x"}]
         assert (await c.post(f"/sessions/{sid}/v1/chat/completions", json={"messages": msgs})).status_code == 200
-        r = await c.post(f"/sessions/{sid}/samples", json={"max_seq_len": 0})
-        assert r.status_code == 400 and "max_seq_len must be >= 1" in r.json()["error"]
+        samples, reply = await samples_of(c, sid, max_seq_len=0)  # as miles: nothing fits
+        assert samples == [] and reply.empty_reason == "all_truncated"
         turn = router.runtime.sessions.get(sid).tree.turns[0]
         turn.routed_experts = turn.routed_experts[:-1]  # an internal inconsistency: one row missing
         r = await c.post(f"/sessions/{sid}/samples", json={})

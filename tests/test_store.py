@@ -1,5 +1,6 @@
-"""The durable trajectory store: record format, retention policy, the SQLite backend, and the router over it
-(restart, eviction to disk, group commit, sync off), in process over loopback."""
+"""The durable trajectory store: record format, retention policy, the backends, and the router over them
+(restart, eviction to disk, group commit, sync off), in process over loopback. Tests taking `store_at` run once
+over SQLite and once over PostgreSQL (a throwaway server, tests/pg.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness import client, start_router, start_sim
+from harness import StoreAt, client, start_router, start_sim
 from router.core.radix import text_digest
 from router.core.store import RowInfo, StoreWriteError, plan_retention
 from router.net.store_sqlite import SqliteStore
@@ -113,9 +114,8 @@ def _rec(i: int, n: int = 50) -> wire.StoredTrajectory:
                      loss_mask=np.r_[np.zeros(10, np.uint8), np.ones(n - 10, np.uint8)], experts=None)
 
 
-async def test_backend_put_get_reopen_and_retention(tmp_path):
-    path = tmp_path / "s.db"
-    store = SqliteStore(path, max_bytes=0)
+async def test_backend_put_get_reopen_and_retention(store_at):
+    store = store_at.open(max_bytes=0)
     store.start()
     digests = [text_digest(f"text {i}".encode()) for i in range(20)]
     await store.put([(d, _rec(i)) for i, d in enumerate(digests)], wait=True)
@@ -130,7 +130,7 @@ async def test_backend_put_get_reopen_and_retention(tmp_path):
 
     # reopen: counts come back from disk; a cap deletes the oldest retrieved first
     one = len(wire.encode(_rec(0)))
-    store = SqliteStore(path, retention_s=0, max_bytes=one * 12 + 20)  # r10..r19 are a byte longer
+    store = store_at.open(retention_s=0, max_bytes=one * 12 + 20)  # r10..r19 are a byte longer
     store.start()
     assert store.stats().rows == 20 and store.stats().unretrieved == 15
     plan = await store.maintain(now=100.0)
@@ -178,14 +178,14 @@ def test_not_a_store_cannot_be_opened(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- the router over it
-async def store_router(nursery, path, *, pipeline="pipelines/radix-cache-r3.toml", sims=None, cache=None,
+async def store_router(nursery, store_at: StoreAt, *, pipeline="pipelines/radix-cache-r3.toml", sims=None, cache=None,
                        sync="commit", **sim_kw):
     sims = sims or [await start_sim(nursery, seed=i, **sim_kw) for i in range(1)]
     return await start_router(
         nursery,
         workers={"urls": [s.url for s in sims]},
         routes=[{"path": "/generate", "pipeline": str(ROOT / pipeline)}],
-        store={"enabled": True, "path": str(path), "sync": sync},
+        store=store_at.config(sync=sync),
         cache=cache or {},
     ), sims
 
@@ -207,15 +207,14 @@ async def _retrieve(c, text):
     return r.json()
 
 
-async def test_restart_serves_retrieve_exactly_as_before(nursery, tmp_path):
+async def test_restart_serves_retrieve_exactly_as_before(nursery, store_at):
     """Multi-turn text conversations (merged loss mask over earlier turns, R3 over the whole sequence): after a
     restart on the same store, /retrieve_from_text answers every trajectory byte for byte as before."""
-    path = tmp_path / "store.db"
     sim = await start_sim(nursery, seed=3)
     texts, before = [], {}
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as n1:
-            router, _ = await store_router(n1, path, sims=[sim])
+            router, _ = await store_router(n1, store_at, sims=[sim])
             async with client(router) as c:
                 for conv in range(6):
                     text = _prompt(conv)
@@ -232,7 +231,7 @@ async def test_restart_serves_retrieve_exactly_as_before(nursery, tmp_path):
     assert any(0 < b["loss_mask"].index(1) and 0 in b["loss_mask"][b["loss_mask"].index(1):] for b in before.values())
 
     async with trio.open_nursery() as n2:
-        router, _ = await store_router(n2, path, sims=[sim])
+        router, _ = await store_router(n2, store_at, sims=[sim])
         assert router.runtime.tree.stats()["trajectories"] == 0  # nothing was loaded: read lazily
         async with client(router) as c:
             for t in texts:
@@ -244,7 +243,7 @@ async def test_restart_serves_retrieve_exactly_as_before(nursery, tmp_path):
             assert "miles_router_store_pending_writes 0.0" in metrics and "miles_router_store_bytes " in metrics
         n2.cancel_scope.cancel()
     async with trio.open_nursery() as n3:  # a fresh process-equivalent: the commit histogram counts batches
-        router, _ = await store_router(n3, path, sims=[sim])
+        router, _ = await store_router(n3, store_at, sims=[sim])
         async with client(router) as c:
             await _generate(c, _prompt(99))
             metrics = (await c.get("/metrics")).text
@@ -255,9 +254,8 @@ async def test_restart_serves_retrieve_exactly_as_before(nursery, tmp_path):
         n3.cancel_scope.cancel()
 
 
-async def test_memory_budget_moves_trajectories_to_disk_not_out_of_existence(nursery, tmp_path):
-    path = tmp_path / "store.db"
-    router, (sim,) = await store_router(nursery, path, cache={"budget_bytes": 1, "hard_budget_bytes": 1})
+async def test_memory_budget_moves_trajectories_to_disk_not_out_of_existence(nursery, store_at):
+    router, (sim,) = await store_router(nursery, store_at, cache={"budget_bytes": 1, "hard_budget_bytes": 1})
     replies = {}
     async with client(router) as c:
         for i in range(60):
@@ -275,8 +273,8 @@ async def test_memory_budget_moves_trajectories_to_disk_not_out_of_existence(nur
         assert router.runtime.tree.stats()["trajectories"] <= 1
 
 
-async def test_group_commit_shares_commits_between_concurrent_replies(nursery, tmp_path):
-    router, _ = await store_router(nursery, tmp_path / "store.db", token_latency_s=0.001)
+async def test_group_commit_shares_commits_between_concurrent_replies(nursery, store_at):
+    router, _ = await store_router(nursery, store_at, token_latency_s=0.001)
     async with client(router) as c:
         async with trio.open_nursery() as n:
             for i in range(48):
@@ -286,19 +284,19 @@ async def test_group_commit_shares_commits_between_concurrent_replies(nursery, t
     assert st_.commits < 48, "concurrent replies should share commits"
 
 
-async def test_sync_off_is_readable_at_once_and_durable_after_close(nursery, tmp_path):
-    path = tmp_path / "store.db"
+async def test_sync_off_is_readable_at_once_and_durable_after_close(nursery, store_at):
     sim = await start_sim(nursery, seed=1)
     async with trio.open_nursery() as n1:
-        router, _ = await store_router(n1, path, sims=[sim], sync="off",
+        router, _ = await store_router(n1, store_at, sims=[sim], sync="off",
                                        cache={"budget_bytes": 1, "hard_budget_bytes": 1})
         async with client(router) as c:
             out = await _generate(c, _prompt(1))
             got = await _retrieve(c, _prompt(1) + out["text"])  # evicted from memory, maybe not committed yet
             assert got["exact"] and got["tokens"][-len(out["output_ids"]):] == out["output_ids"]
         n1.cancel_scope.cancel()
-    conn = sqlite3.connect(path)
-    assert conn.execute("SELECT count(*) FROM trajectories").fetchone()[0] == 1
+    store = store_at.open()
+    assert store.stats().rows == 1 and len(list(store.scan(unretrieved_only=False))) == 1
+    store.close_sync()
 
 
 async def test_store_disabled_keeps_trajectories_in_memory_only(nursery, tmp_path):
@@ -313,16 +311,15 @@ async def test_store_disabled_keeps_trajectories_in_memory_only(nursery, tmp_pat
     assert router.runtime.store is None and not (tmp_path / "never.db").exists()
 
 
-async def test_backend_sessions_survive_reopen_and_delete(tmp_path):
-    path = tmp_path / "s.db"
-    store = SqliteStore(path)
+async def test_backend_sessions_survive_reopen_and_delete(store_at):
+    store = store_at.open()
     store.start()
     await store.put_session("a" * 32, 1.0, b"header-a", [(0, b"turn0"), (1, b"turn1")], wait=True)
     await store.put_session("b" * 32, 2.0, None, [(0, b"b0")], wait=True)
     await store.put_session("a" * 32, 1.0, b"header-a2", [(2, b"turn2")], wait=True)
     store.meta_set_now("k", "v")
     await store.aclose()
-    store = SqliteStore(path)
+    store = store_at.open()
     store.start()
     assert list(store.load_sessions()) == [("a" * 32, 1.0, b"header-a2", [b"turn0", b"turn1", b"turn2"]),
                                            ("b" * 32, 2.0, None, [b"b0"])]
@@ -333,8 +330,8 @@ async def test_backend_sessions_survive_reopen_and_delete(tmp_path):
     await store.aclose()
 
 
-async def test_backend_retention_by_age(tmp_path):
-    store = SqliteStore(tmp_path / "s.db", retention_s=100.0, max_bytes=0)
+async def test_backend_retention_by_age(store_at):
+    store = store_at.open(retention_s=100.0, max_bytes=0)
     store.start()
     recs = [_rec(i) for i in range(6)]
     for i, r in enumerate(recs):
@@ -352,22 +349,21 @@ async def test_backend_retention_by_age(tmp_path):
     await store.aclose()
 
 
-async def test_next_turn_after_restart_reuses_the_stored_tokens(nursery, tmp_path):
+async def test_next_turn_after_restart_reuses_the_stored_tokens(nursery, store_at):
     """A text conversation continued after a restart: the next turn's prompt starts with the exact tokens the
     engine produced before the restart (loaded back from the store), not a fresh tokenization of the text."""
-    path = tmp_path / "store.db"
     sim = await start_sim(nursery, seed=8, noncanonical_rate=0.5)
     t1 = "You are a careful assistant who answers briefly and precisely. Question: what is 7 times 6? "
     assert len(t1.encode()) >= 64
     async with trio.open_nursery() as n1:
-        router, _ = await store_router(n1, path, sims=[sim])
+        router, _ = await store_router(n1, store_at, sims=[sim])
         async with client(router) as c:
             out1 = await _generate(c, t1, n=24)
             before = await _retrieve(c, t1 + out1["text"])
         n1.cancel_scope.cancel()
     stored = before["tokens"]
     async with trio.open_nursery() as n2:
-        router, _ = await store_router(n2, path, sims=[sim])
+        router, _ = await store_router(n2, store_at, sims=[sim])
         async with client(router) as c:
             t2 = t1 + out1["text"] + " Thanks. And 8 times 6?"
             r = await c.post("/generate", json={"text": t2, "sampling_params": {"max_new_tokens": 8},
@@ -403,50 +399,49 @@ async def _two_spellings(c, tiny, text: str):
     return want, rids
 
 
-async def _stored_two_spellings(nursery, tmp_path, text: str):
+async def _stored_two_spellings(nursery, store_at: StoreAt, text: str):
     """A router stores two spellings of `text` (checked ambiguous while in memory) and stops; returns
-    (store path, the worker, each spelling's tokens, their rids)."""
+    (the worker, each spelling's tokens, their rids)."""
     from router.tokenizer import load_tokenizer
 
     tiny = load_tokenizer("builtin:tiny")
-    path = tmp_path / "store.db"
     sim = await start_sim(nursery, seed=2)
     async with trio.open_nursery() as n1:
-        router, _ = await store_router(n1, path, sims=[sim])
+        router, _ = await store_router(n1, store_at, sims=[sim])
         async with client(router) as c:
             want, rids = await _two_spellings(c, tiny, text)
             before = await _retrieve(c, text)
             assert before["match"] == "ambiguous" and before["exact"] is False and before["alternatives"] == 2
         n1.cancel_scope.cancel()
-    return path, sim, want, rids
+    return sim, want, rids
 
 
-async def test_same_text_two_spellings_is_never_exact_from_disk(nursery, tmp_path):
+async def test_same_text_two_spellings_is_never_exact_from_disk(nursery, store_at):
     """A GRPO group whose samples spelled the same text differently (issue 9 item 6), read back from the store
     after a restart: the text alone must not come back `exact: true` with one sample's tokens for both."""
     text = "<0001> Say hello to the wonderful world, please, and then stop."
-    path, sim, want, rids = await _stored_two_spellings(nursery, tmp_path, text)
-    store = SqliteStore(path)
+    sim, want, rids = await _stored_two_spellings(nursery, store_at, text)
+    store = store_at.open()
     store.start()
     records = await store.get_all(text_digest(text.encode()))
     assert [wire.tokens_of(r).tolist() for r in records] == want and [r.rid for r in records] == rids
     assert await store.get(text_digest(text.encode())) is None  # not determined by the text alone
     await store.aclose()
     async with trio.open_nursery() as n2:
-        router, _ = await store_router(n2, path, sims=[sim])
+        router, _ = await store_router(n2, store_at, sims=[sim])
         async with client(router) as c:
             after = await _retrieve(c, text)
             assert after["exact"] is False and after["match"] != "trajectory", after["match"]
         n2.cancel_scope.cancel()
 
 
-async def test_same_text_two_spellings_by_rid_and_batch_after_restart(nursery, tmp_path):
+async def test_same_text_two_spellings_by_rid_and_batch_after_restart(nursery, store_at):
     """After a restart the stored spellings are picked as the memory cache picks them: ambiguous for the text
     alone, exact by rid, and a batch naming the text twice gets each spelling once."""
     text = "<0002> Say hello to the wonderful world, please, and then stop."
-    path, sim, want, rids = await _stored_two_spellings(nursery, tmp_path, text)
+    sim, want, rids = await _stored_two_spellings(nursery, store_at, text)
     async with trio.open_nursery() as n2:
-        router, _ = await store_router(n2, path, sims=[sim])
+        router, _ = await store_router(n2, store_at, sims=[sim])
         async with client(router) as c:
             amb = await _retrieve(c, text)
             assert amb["match"] == "ambiguous" and amb["alternatives"] == 2
@@ -459,12 +454,17 @@ async def test_same_text_two_spellings_by_rid_and_batch_after_restart(nursery, t
 
 
 # ---------------------------------------------------------------------------------------------- the store protocol
-def test_sqlite_store_implements_the_whole_protocol():
-    """Every member of TrajectoryStore exists on SqliteStore with the same parameters: the protocol is what the
-    router uses, and a second backend implementing it is enough (test below)."""
+@pytest.mark.parametrize("backend", ["router.net.store_sqlite:SqliteStore", "router.net.store_pg:PgStore"])
+def test_each_store_implements_the_whole_protocol(backend):
+    """Every member of TrajectoryStore exists on SqliteStore and PgStore with the same parameters: the protocol is
+    what the router uses, and a second backend implementing it is enough (test below)."""
+    import importlib
     import inspect
 
     from router.core.store import TrajectoryStore
+
+    module, cls = backend.split(":")
+    Store = getattr(importlib.import_module(module), cls)
 
     members = [m for m in vars(TrajectoryStore) if not m.startswith("_")] + list(TrajectoryStore.__annotations__)
     assert {"put", "get", "get_all", "put_session", "load_sessions", "start", "aclose"} <= set(members)
@@ -472,9 +472,9 @@ def test_sqlite_store_implements_the_whole_protocol():
         if name in TrajectoryStore.__annotations__:
             continue  # attributes: checked on an instance below
         want = inspect.signature(getattr(TrajectoryStore, name))
-        got = inspect.signature(getattr(SqliteStore, name))
+        got = inspect.signature(getattr(Store, name))
         assert list(got.parameters) == list(want.parameters), name
-        assert inspect.iscoroutinefunction(getattr(SqliteStore, name)) == inspect.iscoroutinefunction(
+        assert inspect.iscoroutinefunction(getattr(Store, name)) == inspect.iscoroutinefunction(
             getattr(TrajectoryStore, name)), name
 
 

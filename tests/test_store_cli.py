@@ -10,6 +10,7 @@ import numpy as np
 import trio
 from safetensors.numpy import load_file
 
+import miles_wire
 from harness import client, start_router, start_sim, store_cli
 from router.config import load_config
 from router.tokenizer import load_tokenizer
@@ -17,7 +18,9 @@ from router.tokenizer import load_tokenizer
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def test_stats_export_vacuum(nursery, tmp_path):
+async def test_stats_export_vacuum(nursery, tmp_path, store_at):
+    if store_at.kind == "sqlite":
+        store_at.where = "trajectories.db"  # relative: next to the config file
     pipeline = tmp_path / "r3.toml"
     pipeline.write_text((ROOT / "pipelines/radix-cache-r3.toml").read_text() + "routed_experts_layers = 3\n")
     cfg_path = tmp_path / "router.toml"
@@ -27,7 +30,7 @@ path = "builtin:tiny"
 [server]
 port = 0
 [store]
-path = "trajectories.db"
+{store_at.toml()}
 max_bytes = 1
 [[routes]]
 path = "/generate"
@@ -59,7 +62,8 @@ pipeline = "{pipeline}"
     assert r.returncode == 0, r.stderr
     stats = json.loads(r.stdout)
     assert stats["rows"] == 6 and stats["unretrieved"] == 4 and stats["writable"] is True
-    assert stats["tokens"] > 0 and stats["path"] == str(tmp_path / "trajectories.db")
+    shown = str(tmp_path / "trajectories.db") if store_at.kind == "sqlite" else store_at.shown
+    assert stats["tokens"] > 0 and stats["path"] == shown
     assert stats["sessions"] == 1 and stats["session_turns"] == 1
     assert stats["file_bytes"] >= stats["payload_bytes"] > 0
 
@@ -70,6 +74,7 @@ pipeline = "{pipeline}"
     tensors = load_file(str(out_file))
     meta = json.loads(tensors["_samples_meta"].tobytes())
     assert meta["empty_reason"] is None and len(meta["samples"]) == 4
+    assert len(miles_wire.decode(out_file.read_bytes()).samples) == 4  # what miles' decoder accepts
     tiny = load_tokenizer("builtin:tiny")
     for i, (text, out) in enumerate(replies[2:]):
         O = out["output_ids"]
@@ -85,7 +90,8 @@ pipeline = "{pipeline}"
         assert experts.tobytes() == base64.b64decode(out["meta_info"]["routed_experts"])
         s = meta["samples"][i]
         assert s["response_length"] == len(O) and s["metadata"]["prompt_tokens"] == len(P)
-        assert s["status"] == {"stop": "COMPLETED", "length": "TRUNCATED"}[out["meta_info"]["finish_reason"]["type"]]
+        assert s["status"] == {"stop": "completed", "length": "truncated"}[out["meta_info"]["finish_reason"]["type"]]
+        assert s["nulls"] == ["rollout_indexer_topk"] and s["prefix_cache_info"]["total_prompt_tokens"] == len(P)
         assert s["response"] == tiny.text_bytes(np.asarray(O, np.int32)).decode("utf-8", "replace")
 
     r = store_cli("export", "--config", str(cfg_path), "--out", str(out_file), "--all")
@@ -98,6 +104,8 @@ pipeline = "{pipeline}"
     assert v["deleted"] == 6 and v["deleted_unretrieved"] == 4
     assert json.loads(store_cli("stats", "--config", str(cfg_path)).stdout)["rows"] == 0
 
+    if store_at.kind != "sqlite":
+        return
     missing = tmp_path / "other.toml"
     missing.write_text(cfg_path.read_text().replace("trajectories.db", "nothing-here.db"))
     r = store_cli("stats", "--config", str(missing))

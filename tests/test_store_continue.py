@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness import client, start_router, start_sim
-from router.core.radix import RadixTree, TrajectoryInput, VocabBytes
+from router.core.radix import RadixTree, TrajectoryInput
+from router.core.vocab import VocabBytes
 from router.core.store import HEAD_BYTES, KeyFilter, prefix_heads, text_head
 
 ROOT = Path(__file__).resolve().parent.parent

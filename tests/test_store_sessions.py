@@ -11,11 +11,11 @@ from harness import client, start_router, start_sim
 from test_store_crash import ROOT
 
 
-async def _router(nursery, sim, path):
+async def _router(nursery, sim, store_at):
     return await start_router(
         nursery, workers={"urls": [sim.url]},
         sessions={"enabled": True, "pipeline": str(ROOT / "pipelines/session-chat-r3.toml")},
-        store={"enabled": True, "path": str(path)})
+        store=store_at.config())
 
 
 async def _turn(c, sid: str, messages: list) -> dict:
@@ -31,12 +31,11 @@ async def _last_input_ids(sim) -> list:
         return (await c.get("/_sim/stats")).json()["last_bodies"][-1]["input_ids"]
 
 
-async def test_sessions_survive_restart_exactly(nursery, tmp_path):
-    path = tmp_path / "store.db"
+async def test_sessions_survive_restart_exactly(nursery, store_at):
     sim = await start_sim(nursery, seed=4, chat_replies=True)
     histories: dict[str, list] = {}
     async with trio.open_nursery() as n1:
-        router = await _router(n1, sim, path)
+        router = await _router(n1, sim, store_at)
         async with client(router) as c:
             for s in range(2):
                 sid = (await c.post("/sessions")).json()["session_id"]
@@ -50,11 +49,14 @@ async def test_sessions_survive_restart_exactly(nursery, tmp_path):
             assert (await c.delete(f"/sessions/{gone}")).status_code == 204
             before = {sid: (await c.get(f"/sessions/{sid}")).json() for sid in histories}
             samples = {sid: (await c.post(f"/sessions/{sid}/samples", json={})).content for sid in histories}
+            instance = (await c.get("/health")).json()["session_server_instance_id"]
         n1.cancel_scope.cancel()
 
     async with trio.open_nursery() as n2:
-        router = await _router(n2, sim, path)
+        router = await _router(n2, sim, store_at)
         async with client(router) as c:
+            # the same sessions are served: miles' instance id names them, so it stays
+            assert (await c.get("/health")).json()["session_server_instance_id"] == instance
             for sid in histories:
                 assert (await c.get(f"/sessions/{sid}")).json() == before[sid]
                 assert (await c.post(f"/sessions/{sid}/samples", json={})).content == samples[sid]

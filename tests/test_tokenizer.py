@@ -102,9 +102,9 @@ def test_token_bytes_edge_cases(qwen: Tokenizer) -> None:
     for bad in ([-1], [10**9]):
         with pytest.raises(ValueError):
             qwen.text_bytes(bad)
-    assert len(qwen.bytes_blob) == int(qwen.bytes_offsets[-1])
+    assert len(qwen.vocab.blob) == int(qwen.vocab.offsets[-1])
     i = 9707
-    assert qwen.bytes_blob[qwen.bytes_offsets[i] : qwen.bytes_offsets[i + 1]] == b"Hello"
+    assert qwen.vocab.blob[qwen.vocab.offsets[i] : qwen.vocab.offsets[i + 1]] == b"Hello"
 
 
 async def test_encode_async_matches_encode(qwen: Tokenizer) -> None:

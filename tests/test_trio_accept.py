@@ -1,4 +1,5 @@
-"""router/net/_trio_accept.py: a listener takes every waiting connection in one scheduler round.
+"""router/http/trio_accept.py: the router's listener takes every waiting connection in one scheduler
+round.
 
 trio's own accept yields after each connection, so `serve_listeners` took one per round of a busy
 run loop and a burst of connections waited seconds (BENCHMARKS.md, the c=256 tail). The rounds are
@@ -13,23 +14,17 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
-from router.net import _trio_accept
-
-_trio_accept.apply()  # as router.net.serving does on import; idempotent
-
-
-def test_the_router_installs_it():
-    import router.net.serving  # noqa: F401 -- applies the fix on import
-
-    assert _trio_accept.applied()
-    assert trio.SocketListener.accept is _trio_accept.accept
+from router.http.trio_accept import BATCH, BatchAcceptListener
 
 
 @asynccontextmanager
-async def queued(n: int):
-    """A listener with n plain client sockets already connected (the kernel queues them until accepted).
-    Closes the listener (if the test did not), the clients, and every stream the test hands to `streams`."""
+async def queued(n: int, batched: bool = True):
+    """A listener (the router's, or trio's own) with n plain client sockets already connected (the kernel
+    queues them until accepted). Closes the listener (if the test did not), the clients, and every
+    stream the test hands to `streams`."""
     (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1", backlog=512)
+    if batched:
+        listener = BatchAcceptListener(listener)
     clients = [socket.create_connection(listener.socket.getsockname()) for _ in range(n)]
     streams: list[trio.SocketStream] = []
     try:
@@ -42,7 +37,7 @@ async def queued(n: int):
             c.close()
 
 
-async def _rounds_to_accept(accept, listener, n: int) -> tuple[int, list[trio.SocketStream]]:
+async def _rounds_to_accept(listener, n: int) -> tuple[int, list[trio.SocketStream]]:
     """Scheduler rounds that pass while `accept` takes n queued connections."""
     rounds = 0
 
@@ -58,7 +53,7 @@ async def _rounds_to_accept(accept, listener, n: int) -> tuple[int, list[trio.So
         await trio.sleep(0)
         start = rounds
         for _ in range(n):
-            streams.append(await accept(listener))
+            streams.append(await listener.accept())
         used = rounds - start
         nursery.cancel_scope.cancel()
     return used, streams
@@ -67,10 +62,10 @@ async def _rounds_to_accept(accept, listener, n: int) -> tuple[int, list[trio.So
 @pytest.mark.parametrize("n", [40, 300])
 async def test_queued_connections_are_accepted_in_a_round_or_two(n):
     async with queued(n) as (listener, clients, streams):
-        rounds, accepted = await _rounds_to_accept(_trio_accept.accept, listener, n)
+        rounds, accepted = await _rounds_to_accept(listener, n)
         streams += accepted
-        # One round for the first accept, one per further batch of _BATCH connections.
-        assert rounds <= 1 + n // _trio_accept._BATCH, rounds
+        # One round for the first accept, one per further batch of BATCH connections.
+        assert rounds <= 1 + n // BATCH, rounds
         # Each stream is the client's own connection, in the order they connected.
         for stream, client in zip(accepted, clients):
             assert stream.socket.getpeername() == client.getsockname()
@@ -78,8 +73,8 @@ async def test_queued_connections_are_accepted_in_a_round_or_two(n):
 
 async def test_trio_alone_takes_a_round_per_connection():
     """The measurement can tell: trio's accept yields once per connection."""
-    async with queued(40) as (listener, _, streams):
-        rounds, accepted = await _rounds_to_accept(_trio_accept.original_accept(), listener, 40)
+    async with queued(40, batched=False) as (listener, _, streams):
+        rounds, accepted = await _rounds_to_accept(listener, 40)
         streams += accepted
         assert rounds >= 39, rounds
 

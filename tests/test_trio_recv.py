@@ -1,4 +1,4 @@
-"""router/net/_trio_recv.py: trio.SocketStream.receive_some into a reused buffer.
+"""router/http/trio_recv.py: the router's server streams receive into a reused buffer.
 
 trio's own receive mallocs `max_bytes` (64 KiB from hypercorn and httpx) per call and shrinks it;
 under the soak that fragmented glibc's heap until RSS grew for as long as the cache churned
@@ -16,24 +16,29 @@ import pytest
 import trio
 import trio.testing
 
-from router.net import _trio_recv
+from router.http.trio_recv import ReusedBufferStream
+
+
+def reusing(sock) -> ReusedBufferStream:
+    return ReusedBufferStream(trio.SocketStream(sock))
 
 
 @pytest.fixture
 def pair():
-    """(a trio SocketStream, its peer as a plain blocking socket: sends here are small)."""
+    """(the router's stream over a socket, its peer as a plain blocking socket: sends here are small)."""
     a, b = socket.socketpair()
-    stream = trio.SocketStream(trio.socket.from_stdlib_socket(a))
+    stream = reusing(trio.socket.from_stdlib_socket(a))
     yield stream, b
     a.close()  # the stdlib socket trio's wraps (the run is over: no trio close here)
     b.close()
 
 
-def test_the_router_installs_it():
-    import router.net.server  # noqa: F401 -- applies the fix on import
+async def _receive_reusing(stream, n):
+    return await stream.receive_some(n)
 
-    assert _trio_recv.applied()
-    assert trio.SocketStream.receive_some is _trio_recv.receive_some
+
+async def _receive_trio(stream, n):  # trio's own, on the stream the router's wraps
+    return await stream._stream.receive_some(n)
 
 
 async def _peak_while_receiving(receive, stream, peer, nbytes: int) -> tuple[int, bytes]:
@@ -53,15 +58,13 @@ async def _peak_while_receiving(receive, stream, peer, nbytes: int) -> tuple[int
 async def test_a_receive_allocates_what_arrived_not_max_bytes(pair):
     stream, peer = pair
     peer.send(b"warm-up")
-    peak, data = await _peak_while_receiving(_trio_recv.receive_some, stream, peer, 300)
+    peak, data = await _peak_while_receiving(_receive_reusing, stream, peer, 300)
     assert data == b"x" * 300
     assert peak < 8192, peak
     # The measurement can tell: trio's own receive allocates the whole 64 KiB for 300 bytes.
-    original = _trio_recv.original_receive_some()
-    if original is not None:
-        peer.send(b"warm-up")
-        peak, data = await _peak_while_receiving(original, stream, peer, 300)
-        assert data == b"x" * 300 and peak >= 65536, peak
+    peer.send(b"warm-up")
+    peak, data = await _peak_while_receiving(_receive_trio, stream, peer, 300)
+    assert data == b"x" * 300 and peak >= 65536, peak
 
 
 async def test_max_bytes_eof_and_bad_arguments(pair):
@@ -89,7 +92,7 @@ async def test_max_bytes_eof_and_bad_arguments(pair):
 
 async def test_waits_for_data_and_concurrent_receivers_keep_their_own_bytes():
     pairs = [socket.socketpair() for _ in range(3)]
-    streams = [trio.SocketStream(trio.socket.from_stdlib_socket(a)) for a, _ in pairs]
+    streams = [reusing(trio.socket.from_stdlib_socket(a)) for a, _ in pairs]
     got = {}
 
     async def receive(i):
@@ -120,7 +123,7 @@ async def test_a_cancelled_receive_takes_nothing(pair):
 
 async def test_closed_and_broken_sockets_raise_trio_errors():
     a, b = trio.socket.socketpair()
-    stream = trio.SocketStream(a)
+    stream = reusing(a)
     a.close()
     with pytest.raises(trio.ClosedResourceError):
         await stream.receive_some()
@@ -128,7 +131,7 @@ async def test_closed_and_broken_sockets_raise_trio_errors():
 
     # closed by another task while waiting
     a, b = trio.socket.socketpair()
-    stream = trio.SocketStream(a)
+    stream = reusing(a)
     raised = []
 
     async def receive():
@@ -153,7 +156,7 @@ async def test_closed_and_broken_sockets_raise_trio_errors():
     server, _ = await listener.accept()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     client.close()  # RST
-    stream = trio.SocketStream(server)
+    stream = reusing(server)
     with pytest.raises(trio.BrokenResourceError):
         await stream.receive_some()
     server.close()

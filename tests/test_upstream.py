@@ -15,7 +15,7 @@ import h11
 import pytest
 import trio
 
-from router.net.serving import serve_asgi
+from router.http.serve import serve_asgi
 from router.net.upstream import (
     UpstreamConnectError,
     UpstreamDisconnect,

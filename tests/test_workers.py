@@ -157,7 +157,7 @@ def test_half_open_admits_one_trial_and_its_outcome_decides():
     assert not pool.admits(w)
     clock.t += 0.2
     assert pool.admits(w)
-    trial = pool.acquire(w)
+    trial, _ = pool.acquire(w)
     assert trial and w.breaker.state is BreakerState.HALF_OPEN
     assert not pool.admits(w) and pool.pick() is other  # only one trial at a time
     pool.record_outcome(w, False, trial=False)  # a request sent before it opened: doesn't decide
@@ -166,10 +166,10 @@ def test_half_open_admits_one_trial_and_its_outcome_decides():
     pool.release(w, trial)
     assert w.breaker.state is BreakerState.OPEN and w.breaker.reason.startswith("trial request failed")
     clock.t += 5.1
-    trial = pool.acquire(w)
+    trial, _ = pool.acquire(w)
     pool.release(w, trial)  # the client left: no outcome; the next request is the trial
     assert w.breaker.state is BreakerState.HALF_OPEN and pool.admits(w)
-    trial = pool.acquire(w)
+    trial, _ = pool.acquire(w)
     pool.record_outcome(w, False, trial=trial)
     pool.release(w, trial)
     assert w.breaker.state is BreakerState.CLOSED and pool.admits(w)
@@ -177,37 +177,48 @@ def test_half_open_admits_one_trial_and_its_outcome_decides():
                                      "half_open->closed": 1}
 
 
-def test_a_passing_probe_closes_the_breaker_only_after_the_cooldown():
+def test_a_passing_probe_never_closes_the_breaker():
+    """/health answering 200 says nothing about the requests that failed: only a successful trial
+    request closes the breaker (issue 20: a probe closing it let `failures` more requests fail every
+    cooldown)."""
     pool, (w, _), clock = breaker_pool(failures=1, cooldown_s=5)
     pool.record_outcome(w, True, "timed out")
     pool.record_success(w)
     assert w.breaker.state is BreakerState.OPEN
     clock.t += 6
-    pool.record_success(w)
+    for _ in range(3):
+        assert pool.record_success(w) is None
+    assert w.breaker.state is BreakerState.OPEN and pool.admits(w)  # its cooldown is over: a trial may go
+    trial, _ = pool.acquire(w)
+    assert trial and w.breaker.state is BreakerState.HALF_OPEN
+    pool.record_success(w)  # a probe while the trial is out decides nothing either
+    assert w.breaker.state is BreakerState.HALF_OPEN
+    pool.record_outcome(w, False, trial=trial)
+    pool.release(w, trial)
     assert w.breaker.state is BreakerState.CLOSED
 
 
 def test_when_every_breaker_is_open_the_pool_is_not_emptied():
     """With every healthy worker's breaker open, all are let through (one request at a time on
     each is a trial, early): a failed one changes nothing, a success closes that breaker and so
-    ends it; a quarantined worker stays out; a probe still closes a breaker only after the
-    cooldown; admit_when_all_open=False: nothing is routable (503)."""
+    ends it; a quarantined worker stays out; a passing probe closes no breaker;
+    admit_when_all_open=False: nothing is routable (503)."""
     pool, (w, other), clock = breaker_pool(failures=1, cooldown_s=30)
     pool.record_outcome(w, True, "HTTP 500")
     assert pool.pick() is other and not pool.admits(w)  # one open breaker: its load goes elsewhere
     pool.record_outcome(other, True, "HTTP 500")
     assert pool.admits(w) and pool.admits(other) and set(pool.routable()) == {w, other}
     assert pool.pick() in (w, other)
-    trial = pool.acquire(w)
+    trial, _ = pool.acquire(w)
     assert trial and w.breaker.state is BreakerState.OPEN  # a trial, early, but no transition yet
     pool.record_outcome(w, True, "HTTP 500", trial=trial)  # failed: nothing changes (no flapping)
     pool.release(w, trial)
     assert w.breaker.state is BreakerState.OPEN and w.breaker.transitions == {"closed->open": 1}
-    trial = pool.acquire(w)
+    trial, _ = pool.acquire(w)
     assert trial and pool.admits(w)  # still nothing else: let through, but not as a second trial
-    assert pool.acquire(w) is False
+    assert pool.acquire(w) == (False, None)
     pool.release(w)
-    pool.record_success(other)  # a passing probe: `other` is still in its cooldown
+    pool.record_success(other)  # a passing probe closes no breaker
     assert other.breaker.state is BreakerState.OPEN
     pool.record_outcome(w, False, trial=trial)
     pool.release(w, trial)
@@ -264,18 +275,19 @@ def test_breaker_matches_reference(steps, failures, cooldown, window, rate, min_
                                        failure_rate=rate, min_requests=min_requests)
     # Reference: state, opened_at, run of failures, outcomes in the window.
     state, opened, run, outcomes = "closed", 0.0, 0, []
+    counted = 0
     for op, arg in steps:
-        now = clock.t
+        now, before = clock.t, state
+        returned = []  # every breaker transition comes back from the pool call that made it
         admits = state == "closed" or state == "half_open" or (state == "open" and now >= opened + cooldown)
         assert pool.breaker_admits(w) == admits, (op, state)
         if op == "wait":
             clock.t += arg
         elif op == "probe_ok":
-            pool.record_success(w)
-            if state == "half_open" or (state == "open" and now >= opened + cooldown):
-                state, run, outcomes = "closed", 0, []
+            assert pool.record_success(w) is None  # never moves the breaker
         elif admits:  # a request is sent only when the breaker lets it through
-            trial = pool.acquire(w)
+            trial, transition = pool.acquire(w)
+            returned.append(transition)
             assert trial == (state != "closed")
             if state == "open":
                 state = "half_open"
@@ -283,7 +295,7 @@ def test_breaker_matches_reference(steps, failures, cooldown, window, rate, min_
                 pool.release(w, trial)
             else:
                 failed = arg
-                pool.record_outcome(w, failed, "x", trial)
+                returned.append(pool.record_outcome(w, failed, "x", trial))
                 pool.release(w, trial)
                 if state == "half_open":
                     state, run, outcomes = ("open", 0, []) if failed else ("closed", 0, [])
@@ -298,3 +310,14 @@ def test_breaker_matches_reference(steps, failures, cooldown, window, rate, min_
                         state, opened, outcomes = "open", now, []
         assert w.breaker.state.value == state, (op, arg)
         assert w.inflight == 0
+        moves = [(t.old.value, t.new.value) for t in returned if t is not None]
+        assert all(t.worker is w for t in returned if t is not None)
+        # The returned transitions lead from the state before the step to the state after it, and
+        # they are all the breaker counted: none happened without being returned.
+        at = before
+        for old, new in moves:
+            assert old == at
+            at = new
+        assert at == state
+        counted += len(moves)
+        assert sum(w.breaker.transitions.values()) == counted

@@ -1,6 +1,6 @@
 """Parse a chat model's generated text into an OpenAI assistant message (pure, no I/O).
 
-The formats are Qwen3's (what the builtin chat template in router/tokenizer.py renders back):
+The formats are Qwen3's (router/wire/qwen3.py, what the builtin chat template renders back):
 
 - Reasoning: ``<think>\\n{reasoning}\\n</think>\\n\\n{rest}``. A reply that starts inside thinking
   (the prompt already opened ``<think>``, as Qwen3 thinking models' templates do) has a
@@ -29,11 +29,11 @@ from typing import Literal
 import msgspec
 
 from router.wire.openai import AssistantMessage, FunctionCall, ToolCall
+from router.wire.qwen3 import THINK_CLOSE, THINK_OPEN, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 __all__ = ["AssistantOutput", "finish_reason", "parse_assistant_output", "tool_call_id"]
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+CALL_OPEN, CALL_CLOSE = TOOL_CALL_OPEN, TOOL_CALL_CLOSE
 # A block's body never holds another opening tag: an unterminated block does not swallow the next.
 _CALL_BLOCK = re.compile(
     re.escape(CALL_OPEN) + r"((?:(?!" + re.escape(CALL_OPEN) + r").)*?)" + re.escape(CALL_CLOSE), re.DOTALL

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 
 import msgspec
 
+from router.core.errors import RouterError
 from router.wire.errors import validation_error_text, validation_problem
 
 BUILTIN_STAGES = {
@@ -55,14 +56,12 @@ class PipelineError(Exception):
     """One line: pipeline file, stage index and the problem."""
 
 
-class StageError(Exception):
+class StageError(RouterError):
     """Raised by a stage to fail the request with `status` and a JSON error naming the stage."""
 
     def __init__(self, status: int, message: str, **extra: Any) -> None:
-        super().__init__(message)
+        super().__init__(message, **extra)
         self.status = status
-        self.message = message
-        self.extra = extra
 
 
 class CommitError(StageError):

@@ -1,9 +1,9 @@
 """The durable trajectory store: its interface and its retention policy (pure: no I/O, no clock).
 
-The memory cache (router/core/radix.py) is a cache over a store. A backend keeps, per trajectory, the record the
+The memory cache (router/core/radix/) is a cache over a store. A backend keeps, per trajectory, the record the
 cache would answer for its visible text (router/wire/store.py), found by the text's 16-byte digest. The embedded
-backend is SQLite (router/net/store_sqlite.py); a networked one (PostgreSQL, Valkey) implements the same
-`TrajectoryStore` protocol, so several routers can share it (README, "Scaling past one machine").
+backend is SQLite (router/net/store_sqlite.py); the networked one, PostgreSQL (router/net/store_pg.py), implements
+the same `TrajectoryStore` protocol, so several routers can share it (README, "Scaling past one machine").
 
 Continuing a stored text (a later turn whose prompt starts with a trajectory evicted from memory, or stored before
 a restart): each record is also stored under its prefix key (`text_head`, a hash of its text up to its last 64-byte
@@ -30,6 +30,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from router.core.errors import Unavailable
 from router.wire.store import StoredTrajectory
 
 
@@ -130,7 +131,7 @@ class Keyed(NamedTuple):
     vlen: int = 0  # bytes of the visible text
 
 
-class StoreError(Exception):
+class StoreError(Unavailable):
     """The store cannot do what was asked; the message names the store and the reason (one line)."""
 
 
@@ -220,7 +221,8 @@ class TrajectoryStore(Protocol):
     backend (PostgreSQL, Valkey) is one class implementing this and nothing else changes. Async methods run on
     the router's event loop and must not block it; the synchronous ones are cheap (in memory) or run at startup
     before serving. `scan` is for offline tools (`miles-router store export`). router/net/store_sqlite.py is the
-    embedded implementation; tests/test_store.py runs the router over a second, in-memory one."""
+    embedded implementation, router/net/store_pg.py the PostgreSQL one; tests/test_store.py runs the router over
+    a third, in-memory one."""
 
     name: str  # "trajectory store <where>", used in every error message
     path: object  # where it lives (a file, a URL), named in 503 replies as `"store"`

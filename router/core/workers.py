@@ -6,8 +6,10 @@ connect counts too) drive the health state: `failure_threshold` failed probes in
 worker, and no served request erases a failed probe. Request outcomes (`record_outcome`: connect
 failures, timeouts, 5xx replies, replies broken off) drive a per-worker circuit breaker: it opens on
 `failures` consecutive failures or a failure rate over `window_s`, keeps the worker out of selection
-for `cooldown_s`, then admits one trial request (or a passing probe) whose success closes it;
-when every healthy worker's breaker is open, none is kept out (`admit_when_all_open`). 4xx
+for `cooldown_s`, then admits one trial request whose success closes it (a failed trial opens it
+for another cooldown); when every healthy worker's breaker is open, none is kept out
+(`admit_when_all_open`). A passing probe never closes a breaker: a worker whose /health answers 200
+while its requests fail would otherwise get `failures` more failed requests every cooldown. 4xx
 replies are the client's problem and SGLang's `abort` finishes are deliberate: neither is a failure.
 
 Pure bookkeeping: the I/O edge calls these around every proxied request and probe. Nothing here
@@ -23,6 +25,10 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Annotated, NamedTuple
+
+import msgspec
+from msgspec import Meta
 
 
 class WorkerState(str, enum.Enum):
@@ -34,19 +40,19 @@ class WorkerState(str, enum.Enum):
 class BreakerState(str, enum.Enum):
     CLOSED = "closed"  # in rotation
     OPEN = "open"  # out of selection until the cooldown is over
-    HALF_OPEN = "half_open"  # one trial request (or a probe) decides
+    HALF_OPEN = "half_open"  # one trial request decides
 
 
-@dataclass(frozen=True, slots=True)
-class BreakerPolicy:
-    """When request outcomes take a worker out (`[breaker]` in the config)."""
+class BreakerPolicy(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """When request outcomes take a worker out: the config's `[breaker]` table, decoded straight into
+    this (router/config.py), and what the pool reads."""
 
     enabled: bool = True
-    failures: int = 5  # consecutive failed requests -> open
-    window_s: float = 60.0  # ... or a failure rate over this window
-    failure_rate: float = 0.5  # fraction of failed requests in the window -> open
-    min_requests: int = 20  # the rate rule needs at least this many outcomes in the window
-    cooldown_s: float = 30.0  # open this long, then half-open
+    failures: Annotated[int, Meta(ge=1)] = 5  # consecutive failed requests -> open
+    window_s: Annotated[float, Meta(gt=0)] = 60.0  # ... or a failure rate over this window
+    failure_rate: Annotated[float, Meta(gt=0, le=1)] = 0.5  # fraction of failed requests in the window -> open
+    min_requests: Annotated[int, Meta(ge=1)] = 20  # the rate rule needs at least this many outcomes in the window
+    cooldown_s: Annotated[float, Meta(gt=0)] = 30.0  # open this long, then half-open
     # When every healthy worker's breaker is open, let them through anyway (a trial each) rather
     # than answer 503: a breaker sheds load onto the rest of the pool, and with no rest there is
     # nothing to shed it to (Envoy caps outlier ejection the same way: max_ejection_percent).
@@ -129,6 +135,14 @@ class BreakerTransition:
     old: BreakerState
     new: BreakerState
     reason: str
+
+
+class Acquired(NamedTuple):
+    """What `WorkerPool.acquire` did: whether the request is the breaker's trial (hand it back to
+    `release` and `record_outcome`), and the breaker transition it caused (open -> half-open), if any."""
+
+    trial: bool
+    transition: BreakerTransition | None = None
 
 
 class WorkerPool:
@@ -264,24 +278,22 @@ class WorkerPool:
         ties = [w for w in candidates if w.inflight == least]
         return ties[key_hash % len(ties)]
 
-    def least_loaded(self, exclude: Iterable[Worker] = ()) -> Worker | None:
-        return self.pick(exclude)
-
-    def acquire(self, w: Worker) -> bool:
-        """Count a request on `w`; True if it is the breaker's trial request (pass it to `release`)."""
+    def acquire(self, w: Worker) -> Acquired:
+        """Count a request on `w`; whether it is the breaker's trial request, and the transition."""
         w.inflight += 1
         w.requests_total += 1
         b = w.breaker
         if b.state is BreakerState.CLOSED or not self.breaker.enabled:
-            return False
+            return Acquired(False)
         if b.trial_inflight:  # let through while every breaker is open: its outcome only counts
-            return False
+            return Acquired(False)
+        t = None
         if b.state is BreakerState.OPEN and self.clock() >= b.opened_at + self.breaker.cooldown_s:
-            self._breaker_to(w, BreakerState.HALF_OPEN, "cooldown over: one trial request")
+            t = self._breaker_to(w, BreakerState.HALF_OPEN, "cooldown over: one trial request")
         # (still OPEN: let through because every breaker is; its success closes the breaker, its
         # failure changes nothing, so an outage does not flap the breaker on every request)
         b.trial_inflight = True
-        return True
+        return Acquired(True, t)
 
     def release(self, w: Worker, trial: bool = False) -> None:
         if trial and w.breaker.trial_inflight:
@@ -307,13 +319,10 @@ class WorkerPool:
         return None
 
     def record_success(self, w: Worker) -> Transition | None:
-        """A passing health probe. It also closes a breaker whose cooldown is over."""
+        """A passing health probe: it counts toward re-admission. It leaves the breaker alone: a
+        breaker opened by failed requests closes only on a successful request (its trial)."""
         w.consecutive_successes += 1
         w.consecutive_failures = 0
-        b = w.breaker
-        if (b.state is not BreakerState.CLOSED and not b.trial_inflight
-                and (b.state is BreakerState.HALF_OPEN or self._breaker_lets(w, None))):
-            self._breaker_to(w, BreakerState.CLOSED, "health probe passed after the cooldown")
         if w.state is not WorkerState.QUARANTINED:
             w.held_reason = None
             return None

@@ -19,6 +19,7 @@ from urllib.parse import parse_qs
 import trio
 
 from router.wire import DECODE_ERRORS, decode_error_text
+from router.core.errors import RouterError
 from router.core.headers import header_value
 from router.core.pipeline import CommitError, Exchange, Reply, StageError
 from router.core.urls import TargetError, WorkerUrlError, host_allowed, normalize_worker_url, origin_form
@@ -129,6 +130,11 @@ def error_reply(status: int, message: str, **extra) -> Reply:
     return Reply(status, error_body(message, **extra))
 
 
+def error_reply_for(e: RouterError, **extra) -> Reply:
+    """The one answer to any RouterError (router/core/errors.py): its status, `{"error", **extra}`."""
+    return error_reply(e.status, e.message, **extra, **e.extra)
+
+
 def _ascii(s: str) -> bytes:
     return s.encode("ascii", "backslashreplace")[:1024]
 
@@ -151,7 +157,6 @@ class RouterApp:
             ("GET", "/health"): (self.health, False),
             ("GET", "/metrics"): (self.metrics, False),
         }
-        self.extra_endpoints_hook: list = []
         # (path prefix, handler(scope, receive, send, body) -> status) for route families with ids in
         # the path (/sessions/{id}/...); checked only when no exact endpoint matches.
         self.prefix_routes: list[tuple[str, Callable]] = []
@@ -227,8 +232,8 @@ class RouterApp:
             else:
                 try:
                     reply = await handler(scope, body)
-                except StageError as e:
-                    reply = error_reply(e.status, e.message, **e.extra)
+                except RouterError as e:
+                    reply = error_reply_for(e)
             await send_reply(send, reply)
             self.rt.metrics.observe_request(route_label, reply.status, time.perf_counter() - t0)
             return
@@ -362,11 +367,11 @@ class RouterApp:
                     return
             stage = pipe.forward_stage
             await stage.forward(ex, client)
-        except StageError as e:
+        except RouterError as e:
             self.rt.metrics.stage_errors.labels(stage.name).inc()
             if client.started:
                 raise
-            await client.reply(error_reply(e.status, e.message, stage=stage.name, **e.extra))
+            await client.reply(error_reply_for(e, stage=stage.name))
             return
         except Exception as e:
             self.rt.metrics.stage_errors.labels(getattr(stage, "name", "?")).inc()
@@ -390,7 +395,7 @@ class RouterApp:
                 log.warning("response stage %s failed for %s %s: %s", stage.name, ex.method, ex.path, e.message)
                 if client.started:
                     raise
-                await client.reply(error_reply(e.status, e.message, stage=stage.name, **e.extra))
+                await client.reply(error_reply_for(e, stage=stage.name))
                 return
             except Exception as e:
                 self.rt.metrics.stage_errors.labels(stage.name).inc()
@@ -447,7 +452,10 @@ class RouterApp:
 
     async def health(self, scope, body: bytes) -> Reply:
         healthy = len(self.rt.pool.healthy())
-        return json_reply(200, {"status": "ok", "healthy_workers": healthy, "total_workers": len(self.rt.pool)})
+        body = {"status": "ok", "healthy_workers": healthy, "total_workers": len(self.rt.pool)}
+        if self.rt.sessions is not None:  # miles' session server answers with its instance id
+            body["session_server_instance_id"] = self.rt.sessions.instance_id
+        return json_reply(200, body)
 
     async def metrics(self, scope, body: bytes) -> Reply:
         return Reply(200, self.rt.metrics.render(), [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])

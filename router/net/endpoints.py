@@ -18,6 +18,7 @@ import trio
 from router.wire import DECODE_ERRORS, decode_error_text, validation_problem
 from router.core.pipeline import Reply, StageError
 from router.core.radix import text_digest
+from router.core.store import StoreError
 from router.wire import retrieve as retrieve_wire
 from router.wire import store as store_wire
 from router.wire.api import EXPERTS_DTYPES, FORMATS, RetrieveBatch, Trajectory, json_encoder, retrieve_request_decoder
@@ -78,7 +79,11 @@ async def _lookup(runtime, text: str, rid: str | None = None, handed_out: set | 
         digest = text_digest(data)
         if not r.exact and not r.ambiguous:
             # Not in memory (evicted, or stored before a restart): the store has it if it was ever acknowledged.
-            found = _from_store(text, await store.get_all(digest), rid, handed_out)
+            try:
+                stored = await store.get_all(digest)
+            except StoreError as e:  # the store cannot be read now (its database is away): say so, do not guess
+                raise StageError(503, str(e), store=str(getattr(store, "path", store.name))) from None
+            found = _from_store(text, stored, rid, handed_out)
             if found is not None:
                 if found.exact:
                     store.mark_retrieved(digest)
@@ -235,10 +240,6 @@ def stored_answer(text: str, rec, **store_fields) -> retrieve_wire.Answer:
     f = _stored(text, rec)
     return retrieve_wire.Answer(retrieve_wire.StoredMeta(**_fields(f), **store_fields), f.tokens, f.mask, f.logp,
                                 f.experts)
-
-
-async def retrieve_one(runtime, text: str, rid: str | None = None) -> Trajectory:
-    return _trajectory(await _lookup(runtime, text, rid))
 
 
 async def _lookup_all(runtime, texts: list[str], rids: list[str | None]) -> list[_Found]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
 from dataclasses import dataclass
 
@@ -23,9 +22,9 @@ from router.wire import DECODE_ERRORS
 from router.config import Config
 from router.core.pipeline import PipelineSpec, load_pipeline
 from router.core.selection import PrefixIndex, SpillRule, StickyTable, choose
-from router.core.store import KeyFilter, prefix_heads
+from router.core.store import KeyFilter, StoreError, prefix_heads
 from router.core.urls import normalize_worker_url
-from router.core.workers import BreakerPolicy, BreakerState, BreakerTransition, Transition, Worker, WorkerPool
+from router.core.workers import BreakerState, BreakerTransition, Transition, Worker, WorkerPool
 from router.core.pipeline import StageError
 from router.net.admission import ConcurrencyLimit, FifoQueue, QueueTimeout
 from router.net.metrics import Metrics
@@ -54,11 +53,8 @@ class Runtime:
         self.config = config
         self.nursery = nursery
         w = config.workers
-        b = config.breaker
         self.pool = WorkerPool(failure_threshold=w.failure_threshold, success_threshold=w.success_threshold,
-                               breaker=BreakerPolicy(b.enabled, b.failures, b.window_s, b.failure_rate,
-                                                     b.min_requests, b.cooldown_s, b.admit_when_all_open),
-                               max_inflight=w.max_inflight_per_worker)
+                               breaker=config.breaker, max_inflight=w.max_inflight_per_worker)
         self.retry_statuses = frozenset(config.retry.statuses)
         self.upstream = UpstreamPool(keepalive_expiry_s=w.keepalive_expiry_s, connect_timeout_s=w.connect_timeout_s)
         # Control plane (health probes, admin fan-out): httpx; the data path uses the h11 pool.
@@ -83,7 +79,6 @@ class Runtime:
         self.session_pipeline: RoutePipeline | None = None
         self.session_proxy: RoutePipeline | None = None
         self.passthrough = self._instantiate(load_pipeline("passthrough", config.base_dir), None)
-        self.started_at = time.time()
         # weight version -> order first seen; the newest `cache.keep_weight_versions` are current
         self.versions_seen: dict[str, int] = {}
         g = config.routing
@@ -104,15 +99,25 @@ class Runtime:
         ss = self.config.sessions
         if ss.enabled:
             from router.config import RouteConfig
+            from router.core.sessions.messages import resolve_matcher
             from router.core.sessions.registry import SessionRegistry
 
             self.sessions = SessionRegistry(max_sessions=ss.max_sessions, max_turns=ss.max_turns_per_session,
                                             idle_timeout_s=ss.idle_timeout_s,
-                                            prompt_cache_entries=ss.prompt_cache_entries)
+                                            prompt_cache_entries=ss.prompt_cache_entries,
+                                            matcher=resolve_matcher(ss.message_matcher))
             # Every session request is routed with the session id as its sticky key.
             route = RouteConfig(path="/sessions", method="POST", pipeline=ss.pipeline, policy="sticky")
             self.session_pipeline = self._instantiate(load_pipeline(ss.pipeline, self.config.base_dir), route)
             self.session_proxy = self._instantiate(load_pipeline("passthrough", self.config.base_dir), route)
+
+    @property
+    def session_r3_incremental(self) -> bool:
+        """Session turns ask the worker for their new routed-experts rows only (miles' addition R3)."""
+        pipe = self.session_pipeline
+        return pipe is not None and any(
+            getattr(st, "name", "") == "session_generate" and st.options.routed_experts
+            and st.options.routed_experts_start_len for st in pipe.request_stages)
 
     async def session_maintenance(self) -> None:
         """Reclaim sessions idle past `sessions.idle_timeout_s` (checked a few times per timeout)."""
@@ -162,22 +167,25 @@ class Runtime:
             getattr(st, "uses_store", False) for p in pipes for st in p.response_stages)
 
     # The durable store's backend: a callable (path, *, sync, retention_s, max_bytes, metrics) -> TrajectoryStore
-    # (router/core/store.py). None: SQLite (router/net/store_sqlite.py). Everything the router does with a store
-    # goes through that protocol, so another backend (PostgreSQL, Valkey) is one class; tests/test_store.py runs
-    # the router over an in-memory one.
+    # (router/core/store.py). None: the one the config selects (router/net/store_open.py: PostgreSQL for
+    # `store.url`, else SQLite). Everything the router does with a store goes through that protocol, so another
+    # backend (Valkey) is one class; tests/test_store.py runs the router over an in-memory one.
     store_backend = None
 
     def open_store(self) -> None:
-        """Open the durable store (raises StoreOpenError). Nothing is loaded: records are found by digest on disk
-        when the memory cache does not have them, so startup does not grow with the store."""
+        """Open the durable store (raises StoreOpenError). Nothing is loaded: records are found by digest in the
+        store when the memory cache does not have them, so startup does not grow with the store."""
         from router.config import store_path
 
         c = self.config.store
         backend = type(self).store_backend  # (read from the class: a plain function must not become a method)
         if backend is None:
-            from router.net.store_sqlite import SqliteStore as backend
-        self.store = backend(store_path(self.config), sync=c.sync, retention_s=c.retention_s,
-                             max_bytes=c.max_bytes, metrics=self.metrics)
+            from router.net.store_open import open_store
+
+            self.store = open_store(self.config, metrics=self.metrics)
+        else:
+            self.store = backend(store_path(self.config), sync=c.sync, retention_s=c.retention_s,
+                                 max_bytes=c.max_bytes, metrics=self.metrics)
         if self.sessions is not None:
             from router.net.session_persist import SessionPersister
 
@@ -216,16 +224,22 @@ class Runtime:
 
         tree = self.tree
         chosen: dict[int, int] = {}
-        for head in heads:
-            for rid, vlen, digest in await store.prefix_candidates(head, len(text)):
-                if (vlen > matched and rid not in chosen and text_digest(text[:vlen]) == digest
-                        and tree.peek_exact(text[:vlen]) is None):
-                    chosen[rid] = vlen
-        if not chosen:
-            return False
-        order = sorted(chosen)
+        try:
+            for head in heads:
+                for rid, vlen, digest in await store.prefix_candidates(head, len(text)):
+                    if (vlen > matched and rid not in chosen and text_digest(text[:vlen]) == digest
+                            and tree.peek_exact(text[:vlen]) is None):
+                        chosen[rid] = vlen
+            if not chosen:
+                return False
+            order = sorted(chosen)
+            records = await store.get_ids(order)
+        except StoreError as e:
+            # The earlier turns' exact tokens cannot be read now (the store's database is away): fail the request
+            # rather than re-tokenize a conversation the engine already spelled.
+            raise StageError(503, str(e), store=str(getattr(store, "path", store.name))) from None
         now = time.time()
-        for rid, rec in zip(order, await store.get_ids(order)):
+        for rid, rec in zip(order, records):
             tokens, p = wire.tokens_of(rec), rec.prompt_len
             tree.insert(TrajectoryInput(
                 rid=rec.rid, prompt_ids=tokens[:p], output_ids=tokens[p:], output_logprobs=wire.logprobs_of(rec)[p:],
@@ -245,8 +259,6 @@ class Runtime:
         return frozenset(v for v in self.versions_seen if self._is_stale(v))
 
     async def store_maintenance(self) -> None:
-        from router.core.store import StoreError
-
         while True:
             await trio.sleep(self.config.cache.cleanup_interval_s)
             try:
@@ -357,10 +369,8 @@ class Runtime:
         worker, reason = self.select(ex, exclude)
         if worker is None:
             return None
-        before = worker.breaker.state
-        trial = self.pool.acquire(worker)
-        if worker.breaker.state is not before:
-            self._transition(BreakerTransition(worker, before, worker.breaker.state, "cooldown over: one trial request"))
+        trial, transition = self.pool.acquire(worker)
+        self._transition(transition)
         return worker, reason, trial
 
     async def take_worker(self, ex, exclude=()) -> tuple[Worker | None, str, bool]:
@@ -415,13 +425,7 @@ class Runtime:
                     if not worker.selectable:
                         # Re-admission is gated on the version the worker serves now.
                         await self.fetch_weight_version(worker)
-                    before = worker.breaker.state
                     self._transition(self.pool.record_success(worker))
-                    if worker.breaker.state is not before:  # a passing probe closed the breaker: log and count it
-                        self._transition(BreakerTransition(worker, before, worker.breaker.state,
-                                                           "health probe passed after the cooldown"))
-                    if worker.breaker.state is BreakerState.CLOSED and len(self.slot_queue):
-                        self.slot_queue.wake()
                 else:
                     self.on_worker_error(worker, error)
                 await trio.sleep(interval)
@@ -620,5 +624,3 @@ class Runtime:
             if self.store is not None:
                 await self.store.aclose()
 
-
-INF = math.inf

@@ -13,14 +13,9 @@ from functools import partial
 import trio
 
 from router.config import Config
-from router.net import _trio_recv
+from router.http.serve import serve_asgi
 from router.net.app import RouterApp
 from router.net.runtime import Runtime
-from router.net.serving import serve_asgi
-
-# Receives allocate what arrived, not 64 KiB each: trio's recv(n) fragmented the heap (RSS grew
-# for as long as the cache churned; router/net/_trio_recv.py).
-_trio_recv.apply()
 
 log = logging.getLogger("miles_router")
 

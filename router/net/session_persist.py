@@ -23,6 +23,7 @@ from router.wire import session_store as wire
 
 log = logging.getLogger("miles_router")
 KEY = "session_key"
+INSTANCE = "session_instance_id"
 
 
 class SessionPersister:
@@ -34,18 +35,21 @@ class SessionPersister:
 
     def restore(self) -> int:
         """Before serving: adopt the stored key and sessions. Returns how many sessions came back."""
-        from router.stages.session_reply import TurnRecord
-
         key = self.store.meta_get(KEY)
         if key is None:
             key = os.urandom(32).hex()
             self.store.meta_set_now(KEY, key)
         self.registry.use_secret(bytes.fromhex(key))
+        instance = self.store.meta_get(INSTANCE)
+        if instance is None:
+            instance = self.registry.instance_id
+            self.store.meta_set_now(INSTANCE, instance)
+        self.registry.instance_id = instance
         now = time.monotonic()
         n = 0
         for sid, _created, _header, blobs in self.store.load_sessions():
-            session = Session(sid, now, self.registry.max_turns)
-            session.tree.restore([Turn(**wire.decode_turn(b, TurnRecord)) for b in blobs])
+            session = self.registry.new_session(sid, now)
+            session.tree.restore([Turn(**wire.decode_turn(b)) for b in blobs])
             self.registry.adopt(session)
             n += 1
         return n

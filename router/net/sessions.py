@@ -3,7 +3,7 @@
 | route | |
 |---|---|
 | `POST /sessions` | `{"session_id": "<32 hex>"}` (429 at `sessions.max_sessions`) |
-| `GET /sessions/{id}` | records of the latest line, token ids, the tree |
+| `GET /sessions/{id}` | miles' shape: the active line's records, token ids, mismatches, the tree (v2) |
 | `DELETE /sessions/{id}` | 204; 404 for an id never created, 410 for one deleted or expired |
 | `POST /sessions/{id}/v1/chat/completions` | the session pipeline (pipelines/session-chat.toml) |
 | `POST /sessions/{id}/samples` | miles' safetensors samples (router/wire/samples.py) |
@@ -14,19 +14,27 @@ Every worker call of a session is routed with the session id as its sticky key.
 
 from __future__ import annotations
 
+import base64
 import time
+from typing import Any
 
 import msgspec
+import numpy as np
 import trio
 
-from router.wire import DECODE_ERRORS, decode_error_text
 from router.core.pipeline import Reply
+from router.core.sessions.chat_reply import completion
+from router.core.sessions.messages import message_dict
+from router.core.sessions.mismatch import compare
 from router.core.sessions.registry import Session, SessionError
+from router.core.sessions.samples import Assembly, SampleError, collect, session_metadata
+from router.core.sessions.tree import SessionTree, Turn
 from router.core.store import StoreError
-from router.core.sessions.samples import SampleError, assemble, sample_meta
-from router.net.app import error_reply, json_reply, send_reply
+from router.net.app import error_reply, error_reply_for, json_reply, send_reply
+from router.wire import DECODE_ERRORS, decode_error_text
+from router.wire.openai import BadTool, json_encoder, sglang_tools
 from router.wire.samples import CONTENT_TYPE, encode_samples
-from router.wire.sessions import SamplesRequest, samples_request_decoder
+from router.wire.sessions import samples_request_decoder
 
 CHAT_PATH = ("v1", "chat", "completions")
 # A samples reply with more tokens than this is encoded in a worker thread.
@@ -54,7 +62,7 @@ class SessionRoutes:
         try:
             session = self.registry.get(sid)  # reading a session is not using it: no idle refresh
         except SessionError as e:
-            return await _send(send, error_reply(e.status, e.message))
+            return await _send(send, error_reply_for(e))
         if not rest:
             if method == "GET":
                 return await _send(send, json_reply(200, self.describe(session)))
@@ -64,7 +72,7 @@ class SessionRoutes:
                     try:
                         await self.rt.session_persister.deleted(sid)
                     except StoreError as e:
-                        return await _send(send, error_reply(503, str(e), store=self.rt.session_persister.where))
+                        return await _send(send, error_reply_for(e, store=self.rt.session_persister.where))
                 await send({"type": "http.response.start", "status": 204, "headers": []})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return 204
@@ -92,59 +100,123 @@ class SessionRoutes:
         try:
             session = self.registry.create(time.monotonic())
         except SessionError as e:
-            return error_reply(e.status, e.message)
+            return error_reply_for(e)
         if self.rt.session_persister is not None:
             try:  # an id the client holds must survive a crash: committed before it is returned
                 await self.rt.session_persister.created(session)
             except StoreError as e:
                 self.registry.sessions.pop(session.id, None)
-                return error_reply(503, str(e), store=self.rt.session_persister.where)
+                return error_reply_for(e, store=self.rt.session_persister.where)
         return json_reply(200, {"session_id": session.id})
 
+    # ---- miles' views of a session ------------------------------------------------------------------------
+
+    def assembly(self) -> Assembly:
+        ss = self.rt.config.sessions
+        tok = self.rt.tokenizer
+        return Assembly(variant=ss.variant, addition_r3=self.rt.session_r3_incremental,
+                        decode=lambda ids: tok.decode(ids, skip_special_tokens=False), mismatch=self._mismatch,
+                        debug_messages=self._debug_messages if ss.save_debug_trajectory_data else None)
+
     def describe(self, session: Session) -> dict:
+        """`GET /sessions/{id}`: records of the active line (root .. the turn the last request attached to or
+        committed), in miles' record shape, and the session's metadata."""
         tree = session.tree
-        leaf = tree.latest_leaf()
-        records = []
-        if leaf is not None:
-            start = 0
-            for t in tree.path(leaf.id):
-                prompt_end = start + len(t.prompt_ids)
-                request = msgspec.json.decode(t.record.upstream_fields)
-                request = {"input_ids": tree.path_tokens(t.parent).tolist() + t.prompt_ids.tolist(), **request}
-                records.append({
-                    "timestamp": t.record.timestamp, "request_timestamp": t.record.request_timestamp,
-                    "method": "POST", "path": "/v1/chat/completions", "request": request,
-                    "response": {"text": t.record.text, "output_ids": t.output_ids.tolist(),
-                                 "meta_info": t.record.meta_info},
-                    "status_code": t.record.status_code})
-                start = prompt_end + len(t.output_ids)
-        nodes = [{"node_id": t.id, "parent": t.parent, "seq": t.seq, "finish_reason": t.finish_reason,
-                  "prompt_tokens": len(t.prompt_ids), "output_tokens": len(t.output_ids), "end": t.end,
-                  "messages": len(t.messages), "response_id": t.response_id} for t in tree.turns]
+        records = [self._record(tree, t) for t in tree.path(tree.active)]
         return {"session_id": session.id, "records": records,
-                "metadata": {"accumulated_token_ids": tree.path_tokens(leaf.id).tolist() if leaf else [],
-                             "max_trim_tokens": 0,
-                             "tree": {"nodes": nodes, "leaves": [t.id for t in tree.leaves()]}}}
+                "metadata": session_metadata(tree, tree.active, self.rt.config.sessions.variant, self.assembly())}
+
+    def _record(self, tree: SessionTree, t: Turn) -> dict[str, Any]:
+        """The turn as miles records it: the chat request sent upstream (with `input_ids`) and the chat
+        completion the client got, whose meta_info keeps the routed experts the worker returned."""
+        rec = t.record
+        request = msgspec.json.decode(rec.request)
+        request["messages"] = self._request_messages(tree.path(t.id))
+        request["input_ids"] = tree.path_tokens(t.parent).tolist() + t.prompt_ids.tolist()
+        response = msgspec.json.decode(json_encoder.encode(self._completion(t)))
+        rows = self._returned_rows(tree, t)
+        if rows is not None:
+            response["choices"][0]["meta_info"]["routed_experts"] = base64.b64encode(
+                np.ascontiguousarray(rows, dtype="<i4").tobytes()).decode()
+        return {"timestamp": rec.timestamp, "request_timestamp": rec.request_timestamp, "method": "POST",
+                "path": "/v1/chat/completions", "request": request, "response": response,
+                "status_code": rec.status_code}
+
+    @staticmethod
+    def _completion(t: Turn):
+        rec = t.record
+        message = rec.message
+        if bytes(message) == b"null":  # a turn stored before records kept the reply message
+            message = msgspec.Raw(json_encoder.encode(t.assistant))
+        return completion(rid=t.response_id, created=rec.created, model=rec.model, message=message,
+                          finish_reason=rec.finish_reason or t.finish_reason, matched_stop=rec.matched_stop,
+                          meta_info=rec.meta_info, prompt_tokens=t.end - len(t.output_ids),
+                          completion_tokens=len(t.output_ids), cached_tokens=rec.cached_tokens,
+                          reasoning_tokens=rec.reasoning_tokens, weight_version=t.weight_version)
+
+    def _returned_rows(self, tree: SessionTree, t: Turn) -> np.ndarray | None:
+        """The routed-experts rows the worker returned for the turn: every position's with full R3 (the
+        path's rows), the new ones with incremental R3."""
+        if t.routed_experts is None:
+            return None
+        if self.rt.session_r3_incremental:
+            return t.routed_experts
+        parts = [p.routed_experts for p in tree.path(t.id)]
+        return None if any(p is None for p in parts) else np.concatenate(parts)
+
+    @staticmethod
+    def _reply_message(t: Turn) -> dict[str, Any]:
+        message = t.record.message
+        return msgspec.json.decode(message) if bytes(message) != b"null" else msgspec.to_builtins(t.assistant)
+
+    def _request_messages(self, path: list[Turn]) -> list[dict[str, Any]]:
+        """The messages of the request of the path's last turn: each earlier turn's new messages and reply,
+        then its own new ones (as first stored: a session does not keep every request body)."""
+        out: list[dict[str, Any]] = []
+        for t in path:
+            out.extend(msgspec.to_builtins(m) for m in t.messages)
+            if t is not path[-1]:
+                out.append(self._reply_message(t))
+        return out
+
+    def _debug_messages(self, path: list[Turn]) -> list[dict[str, Any]]:
+        """miles' `metadata.messages`: the last turn's request messages, then the reply it got."""
+        return self._request_messages(path) + [self._reply_message(path[-1])]
+
+    def _mismatch(self, path: list[Turn]) -> list | None:
+        """miles' `tito_session_mismatch` of a path: its stored tokens against a fresh render of its messages
+        (the launch-default template kwargs, the last request's tools). None when the render fails."""
+        tok = self.rt.tokenizer
+        messages = []
+        for t in path:
+            messages.extend(message_dict(m) for m in t.messages)
+            messages.append(message_dict(t.assistant))
+        try:
+            tools = sglang_tools(msgspec.json.decode(path[-1].record.request).get("tools"))
+            text = tok.apply_chat_template(messages, False, tools=tools, **self.rt.config.sessions.chat_template_kwargs)
+            expected = tok.encode(text)
+        except (BadTool, Exception):  # the template raises anything; miles then omits the key
+            return None
+        actual = np.concatenate([np.concatenate([t.prompt_ids, t.output_ids]) for t in path]).tolist()
+        chatml = tok.hf.convert_ids_to_tokens(tok.eos_token_id) == "<|im_end|>"
+        return compare(expected, actual, special=tok.special_ids,
+                       decode=lambda ids: tok.decode(ids, skip_special_tokens=False),
+                       assistant_start="<|im_start|>assistant" if chatml else None,
+                       trailing=set(tok.encode("\n")) if chatml else ())
 
     async def samples(self, session: Session, body: bytes) -> Reply:
-        req = SamplesRequest()
-        if body.strip():
-            try:
-                req = samples_request_decoder.decode(body)
-            except DECODE_ERRORS as e:
-                return error_reply(400, f"invalid samples body: {decode_error_text(e, body)}")
-        if req.max_seq_len is not None and req.max_seq_len < 1:
-            return error_reply(400, f"max_seq_len must be >= 1 or null, got {req.max_seq_len}")
         try:
-            samples, empty_reason = assemble(session.tree, req.max_seq_len)
+            req = samples_request_decoder.decode(body) if body.strip() else samples_request_decoder.decode(b"{}")
+        except DECODE_ERRORS as e:
+            return error_reply(400, f"invalid samples body: {decode_error_text(e, body)}")
+        variant = self.rt.config.sessions.variant
+        try:  # v1 reads only max_seq_len, as miles' v1 server does
+            got = collect(session.tree, session.tree.active, self.assembly(), max_seq_len=req.max_seq_len,
+                          agent_metadata=req.metadata if variant == "v2" else None)
         except SampleError as e:
-            return error_reply(422, f"sample assembly failed: {e}")
-        tok = self.rt.tokenizer
-        metas = [sample_meta(s, lambda ids: tok.decode(ids, skip_special_tokens=False), req.metadata) for s in samples]
-        session_metadata = {"session_id": session.id, "turns": len(session.tree),
-                            "samples": len(samples)}
-        args = (samples, metas, session_metadata, empty_reason)
-        if sum(len(s.tokens) for s in samples) > _OFFLOAD_TOKENS:
+            return error_reply(e.status, f"sample assembly failed: {e.message}")
+        args = (got.samples, got.session_metadata, got.empty_reason, variant)
+        if sum(len(s.tokens) for s in got.samples) > _OFFLOAD_TOKENS:
             payload = await trio.to_thread.run_sync(encode_samples, *args)
         else:
             payload = encode_samples(*args)

@@ -1,4 +1,5 @@
-"""`miles-router store stats|export|vacuum`: offline tools on the trajectory store (no event loop).
+"""`miles-router store stats|export|vacuum`: offline tools on the trajectory store (SQLite or PostgreSQL, as the
+config selects; no event loop).
 
 Export writes the trajectories as one safetensors file, in one of two layouts (`--format`):
 
@@ -9,7 +10,8 @@ trainer reads both the same way. For trajectory i:
   rollout_log_probs.i       float64 [R]        0.0 where the mask is 0
   rollout_routed_experts.i  int32   [T-1, layers, top_k]   when routed experts were captured
 and `_samples_meta`, a uint8 tensor holding JSON {"samples": [{response, response_length, status,
-weight_versions, metadata, reward}], "session_metadata": {}, "empty_reason": null | "no_records"}.
+weight_versions, prefix_cache_info, metadata, reward, nulls}], "session_metadata": {}, "empty_reason": null |
+"no_records"}, written by the samples route's own encoder (router/wire/samples.py, miles' v2 field set).
 The response starts at the first generated token, so earlier turns of a multi-turn text conversation are part of
 it with their own mask (as miles merges turns).
 
@@ -29,17 +31,17 @@ from pathlib import Path
 import numpy as np
 
 from router.net.endpoints import stored_answer
-from router.net.store_sqlite import SqliteStore
+from router.net.store_open import open_existing
 from router.wire import retrieve as retrieve_wire
 from router.wire import store as wire
 
 LAYOUTS = ("samples", "retrieve")
 
-_STATUS = {"stop": "COMPLETED", "length": "TRUNCATED", "abort": "ABORTED"}
+_STATUS = {"stop": "completed", "length": "truncated", "abort": "aborted"}  # miles' Sample.Status values
 
 
-def stats(path: Path) -> dict:
-    store = SqliteStore(path)
+def stats(cfg) -> dict:
+    store = open_existing(cfg)
     try:
         st = store.stats()
         oldest, newest, tokens = store.summary()
@@ -51,9 +53,9 @@ def stats(path: Path) -> dict:
         store.close_sync()
 
 
-def vacuum(path: Path, cfg) -> dict:
+def vacuum(cfg) -> dict:
     """Apply the retention policy once (without knowledge of stale weight versions), then VACUUM."""
-    store = SqliteStore(path, retention_s=cfg.store.retention_s, max_bytes=cfg.store.max_bytes)
+    store = open_existing(cfg, retention=True)
     try:
         if store.read_only:
             from router.core.store import StoreOpenError
@@ -74,54 +76,49 @@ def _tokenizer(cfg):
     return load_tokenizer(cfg.tokenizer.path)
 
 
-def export(path: Path, cfg, out: str, *, unretrieved_only: bool = True, layout: str = "samples") -> dict:
+def export(cfg, out: str, *, unretrieved_only: bool = True, layout: str = "samples") -> dict:
     if layout == "retrieve":
-        return _export_retrieve(path, cfg, out, unretrieved_only=unretrieved_only)
+        return _export_retrieve(cfg, out, unretrieved_only=unretrieved_only)
     if layout != "samples":
         raise ValueError(f"export layout {layout!r}: one of {', '.join(LAYOUTS)}")
-    from safetensors.numpy import save_file
+    from router.core.sessions.samples import Sample
+    from router.wire.samples import encode_samples
 
-    store = SqliteStore(path)
+    store = open_existing(cfg)
     tok = None
-    tensors: dict[str, np.ndarray] = {}
     samples = []
     try:
-        for i, (_, rec) in enumerate(store.scan(unretrieved_only=unretrieved_only)):
+        for _, rec in store.scan(unretrieved_only=unretrieved_only):
             tokens = wire.tokens_of(rec)
             mask = wire.loss_mask_of(rec)
             logp = wire.logprobs_of(rec)
             gen = np.flatnonzero(mask)
             start = int(gen[0]) if gen.size else int(rec.prompt_len)
-            tensors[f"tokens.{i}"] = tokens.astype(np.int64)
-            tensors[f"loss_mask.{i}"] = np.ascontiguousarray(mask[start:], dtype=np.uint8)
-            tensors[f"rollout_log_probs.{i}"] = np.where(mask[start:] == 1, logp[start:], 0.0).astype(np.float64)
             experts = wire.experts_of(rec)
-            if experts is not None:
-                tensors[f"rollout_routed_experts.{i}"] = np.ascontiguousarray(experts, dtype=np.int32)
             if tok is None:
                 tok = _tokenizer(cfg)
-            samples.append({
-                "response": tok.text_bytes(tokens[start:]).decode("utf-8", "replace"),
-                "response_length": int(tokens.size - start),
-                "status": _STATUS.get(rec.finish or "", "COMPLETED"),
-                "weight_versions": [v for v in rec.versions if v is not None],
-                "metadata": {"rid": rec.rid, "finish": rec.finish, "worker": rec.worker, "created": rec.created,
-                             "prompt_tokens": start},
-                "reward": None,
-            })
+            samples.append(Sample(
+                tokens=tokens.astype(np.int64), response=tok.text_bytes(tokens[start:]).decode("utf-8", "replace"),
+                response_length=int(tokens.size - start), loss_mask=np.ascontiguousarray(mask[start:], dtype=np.uint8),
+                rollout_log_probs=np.where(mask[start:] == 1, logp[start:], 0.0).astype(np.float64),
+                rollout_routed_experts=None if experts is None else np.ascontiguousarray(experts, dtype=np.int32),
+                status=_STATUS.get(rec.finish or "", "completed"),
+                weight_versions=[v for v in rec.versions if v is not None],
+                prefix_cache_info={"cached_tokens": 0, "total_prompt_tokens": start},
+                metadata={"rid": rec.rid, "finish": rec.finish, "worker": rec.worker, "created": rec.created,
+                          "prompt_tokens": start}))
     finally:
         store.close_sync()
-    meta = {"samples": samples, "session_metadata": {}, "empty_reason": None if samples else "no_records"}
-    tensors["_samples_meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8).copy()
-    save_file(tensors, out)
-    return {"exported": len(samples), "file": out, "bytes": Path(out).stat().st_size}
+    payload = encode_samples(samples, {}, None if samples else "no_records")
+    Path(out).write_bytes(payload)
+    return {"exported": len(samples), "file": out, "bytes": len(payload)}
 
 
-def _export_retrieve(path: Path, cfg, out: str, *, unretrieved_only: bool) -> dict:
+def _export_retrieve(cfg, out: str, *, unretrieved_only: bool) -> dict:
     """The trajectories in `/retrieve_from_text`'s safetensors batch layout (each one as the store answers it)."""
     from safetensors.numpy import save_file
 
-    store = SqliteStore(path)
+    store = open_existing(cfg)
     tok = None
     answers = []
     try:

@@ -25,7 +25,7 @@ import msgspec
 import trio
 
 from router.wire import DECODE_ERRORS
-from router.net.serving import serve_asgi
+from router.http.serve import serve_asgi
 from router.sim.model import (
     ABORTED,
     SGLANG_VERSION,

@@ -3,7 +3,7 @@
 A prompt that is a ChatML conversation awaiting an assistant turn (it ends with
 ``<|im_start|>assistant\\n``, possibly followed by an opened ``<think>\\n`` or by the empty
 ``<think>\\n\\n</think>\\n\\n`` that ``enable_thinking=False`` pre-fills) gets a reply shaped like
-Qwen3's, in the format router/tokenizer.py's template renders:
+Qwen3's, in the format router/wire/qwen3.py spells and the builtin template renders:
 
     [<think>\\n]{reasoning}\\n</think>\\n\\n   sometimes; always when the prompt opened <think>,
                                              never when it pre-filled an empty block
@@ -25,10 +25,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from router.tokenizer import Tokenizer
+from router.wire import qwen3
 
-GENERATION_PROMPT = b"<|im_start|>assistant\n"
-THINK_OPENED = GENERATION_PROMPT + b"<think>\n"
-THINK_DISABLED = GENERATION_PROMPT + b"<think>\n\n</think>\n\n"
+GENERATION_PROMPT = qwen3.GENERATION_PROMPT.encode()
+THINK_OPENED = GENERATION_PROMPT + qwen3.THINK_OPEN.encode() + b"\n"
+THINK_DISABLED = GENERATION_PROMPT + qwen3.EMPTY_THINK.encode()
 _TAIL_TOKENS = 32  # enough for the longest marker above even in the byte-level tiny tokenizer
 _HEAD_TOKENS = 8192  # the <tools> section sits in the first (system) turn
 _TOOLS_OPEN, _TOOLS_CLOSE = b"<tools>\n", b"\n</tools>"
@@ -133,16 +134,16 @@ class ChatPlan:
         self.has_content = not calls or draw.chance(0.5, 6)
 
     def think_prefix(self) -> str:
-        return "" if self.think_opened else "<think>\n"
+        return "" if self.think_opened else qwen3.THINK_OPEN + "\n"
 
     @staticmethod
     def think_suffix() -> str:
-        return "\n</think>\n\n"
+        return "\n" + qwen3.THINK_CLOSE + "\n\n"
 
     def calls_text(self, has_content: bool) -> str:
         """The tool-call blocks, each preceded by "\\n" except a first one without content."""
         parts = []
         for i, body in enumerate(self.calls):
             sep = "\n" if has_content or i else ""
-            parts.append(f"{sep}<tool_call>\n{body}\n</tool_call>")
+            parts.append(f"{sep}{qwen3.TOOL_CALL_OPEN}\n{body}\n{qwen3.TOOL_CALL_CLOSE}")
         return "".join(parts)

@@ -15,7 +15,6 @@ prompt awaiting an assistant turn gets a chat-model reply instead (`router.sim.c
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import math
 import uuid
@@ -658,9 +657,6 @@ class SimModel:
     def routed_experts_bytes(self, seq_ids: Sequence[int], start_len: int = 0) -> bytes:
         """Little-endian int32 bytes of `routed_experts` (the wire form before base64)."""
         return self.routed_experts(seq_ids, start_len).astype("<i4", copy=False).tobytes()
-
-    def routed_experts_b64(self, seq_ids: Sequence[int], start_len: int = 0) -> str:
-        return base64.b64encode(self.routed_experts_bytes(seq_ids, start_len)).decode()
 
     # ---- replies
 

@@ -7,25 +7,25 @@ generated ids from `output_ids` (stop token included), their logprobs from
 `meta_info.routed_experts` (stitched after the cached rows r3_prefix asked the worker to skip, when
 `scratch["r3_prefix"]` is set). Writes `scratch["trajectory"]`: a list of TrajectoryInput, one per
 sample, and (non-stream replies) the `x-miles-router-rid` reply header: the samples' `meta_info.id`s,
-comma-separated. Non-200 replies, error frames and incomplete streams record nothing. The reply
-bytes are never touched.
+comma-separated, left out when one of them cannot be a header value (a control character, or
+whitespace at either end: the body's `meta_info.id` still says it). Non-200 replies, error frames and
+incomplete streams record nothing. The reply bytes are never touched.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
+import re
 
 import msgspec
 import numpy as np
 
-from router.wire import DECODE_ERRORS
 from router.core.pipeline import Exchange, Stage, StageError
 from router.core.radix import TrajectoryInput
 from router.core.generate import Prompt
-from router.wire.sglang import GenerateOutput, generate_output_decoder
+from router.wire.sglang import BadOutput, decode_generate_outputs, routed_experts_rows
 
-_outputs_decoder = msgspec.json.Decoder(list[GenerateOutput])
+# An HTTP field value (RFC 9110, as h11 checks it): visible bytes, inner spaces and tabs.
+_HEADER_VALUE = re.compile(rb"(?:[\x21-\x7e\x80-\xff](?:[\x20\t\x21-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?")
 
 
 class Options(msgspec.Struct, forbid_unknown_fields=True):
@@ -52,74 +52,61 @@ class Capture(Stage):
         if not payload:
             return
         try:
-            outputs = (_outputs_decoder.decode(payload) if payload.lstrip()[:1] == b"["
-                       else [generate_output_decoder.decode(payload)])
-        except DECODE_ERRORS:
+            outputs = decode_generate_outputs(payload)
+        except BadOutput as e:
             if b'"error"' in payload[:64]:
                 return  # an SGLang error frame: nothing was generated
-            raise StageError(502, "worker reply is not an SGLang /generate output") from None
+            raise StageError(502, str(e)) from None
         prompt_text = prompt.text if prompt.text is not None else self.services.tokenizer.text_bytes(prompt.tokens)
         records = []
         for i, out in enumerate(outputs):
-            meta = out.meta_info
-            if meta.finish_reason is None:
+            if out.finish is None:
                 continue  # stream cut short: no final chunk
-            ids, logps = self._tokens(out)
+            ids = out.output_ids
+            if ids is None:
+                raise StageError(502, "worker reply has neither output_ids nor output_token_logprobs")
             if ids.size == 0:
                 continue
-            experts = self._experts(meta.routed_experts, prompt.tokens.size + ids.size, ex, meta.weight_version)
-            self.services.note_weight_version(meta.weight_version)
+            # No logprobs requested: the trajectory is kept, with NaN marking "unknown" (as for a null logprob).
+            logps = (out.logprobs if out.logprobs is not None else np.full(ids.size, np.nan)).astype(np.float32)
+            experts = self._experts(out.routed_experts, prompt.tokens.size + ids.size, ex, out.weight_version)
+            self.services.note_weight_version(out.weight_version)
             if ex.worker is not None:
-                self.services.observe_weight_version(ex.worker, meta.weight_version)
+                self.services.observe_weight_version(ex.worker, out.weight_version)
             records.append(TrajectoryInput(
-                rid=meta.id or f"{i}",
+                rid=out.rid or f"{i}",
                 prompt_ids=prompt.tokens,
                 output_ids=ids,
                 output_logprobs=logps,
                 visible_text=prompt_text + (out.text or "").encode("utf-8", "surrogatepass"),
-                weight_version=meta.weight_version,
+                weight_version=out.weight_version,
                 worker=ex.worker.url if ex.worker is not None else None,
-                finish=meta.finish_reason.type,
+                finish=out.finish.type,
                 routed_experts=experts,
             ))
         ex.scratch["trajectory"] = records
         client_headers = ex.scratch.get("client_headers")  # present while the reply's head is held back
         if client_headers is not None and records:
             # the key /retrieve_from_text takes as `rid` when several samples' texts are the same
-            client_headers.append((b"x-miles-router-rid", ",".join(r.rid for r in records).encode()))
+            rids = ",".join(r.rid for r in records).encode()
+            if _HEADER_VALUE.fullmatch(rids):  # a client's rid may hold "\r": no 500 for that
+                client_headers.append((b"x-miles-router-rid", rids))
 
-    @staticmethod
-    def _tokens(out: GenerateOutput) -> tuple[np.ndarray, np.ndarray]:
-        triples = out.meta_info.output_token_logprobs
-        if out.output_ids is not None:
-            ids = np.asarray(out.output_ids, dtype=np.int32)
-        elif triples is not None:
-            ids = np.asarray([t[1] for t in triples], dtype=np.int32)
-        else:
-            raise StageError(502, "worker reply has neither output_ids nor output_token_logprobs")
-        if triples is None:
-            # No logprobs requested: the trajectory is kept, with NaN marking "unknown".
-            return ids, np.full(ids.size, np.nan, np.float32)
-        if len(triples) != ids.size:
-            raise StageError(502, f"{len(triples)} output logprobs for {ids.size} output ids")
-        logps = np.asarray([np.nan if t[0] is None else t[0] for t in triples], dtype=np.float32)
-        return ids, logps
-
-    def _experts(self, b64: str | None, total_tokens: int, ex: Exchange, version: str | None) -> np.ndarray | None:
+    def _experts(self, b64: msgspec.Raw | None, total_tokens: int, ex: Exchange,
+                 version: str | None) -> np.ndarray | None:
         if b64 is None:
             if self.options.require_routed_experts:
                 raise StageError(502, "worker reply has no meta_info.routed_experts "
                                       "(is it running with --enable-return-routed-experts?)")
             return None
-        self.services.metrics.routed_experts_bytes.inc(len(b64))
+        self.services.metrics.routed_experts_bytes.inc(len(b64) - 2)
         if not self.options.routed_experts:
             return None
         try:
-            raw = base64.b64decode(b64, validate=True)
-        except (binascii.Error, ValueError):
-            raise StageError(502, "meta_info.routed_experts is not valid base64") from None
+            flat = routed_experts_rows(b64)
+        except BadOutput as e:
+            raise StageError(502, str(e)) from None
         rows = total_tokens - 1
-        flat = np.frombuffer(raw, dtype="<i4")
         prefix = ex.scratch.get("r3_prefix")
         if prefix is not None:
             start, cached, cached_version = prefix

@@ -1,7 +1,8 @@
 """chat_template: the tokens this turn adds, rendering only what the stored history lacks.
 
-Reads `scratch["session_turn"]`. A new root renders the whole request (messages, `tools`,
-`chat_template_kwargs`) with the tokenizer's chat template and tokenizes it; identical first
+Reads `scratch["session_turn"]`. A new root renders the whole request (messages, `tools` as SGLang's chat
+endpoint hands them to the template, the effective `chat_template_kwargs`) with the tokenizer's chat
+template and tokenizes it; identical first
 requests (a GRPO group) share one cached result. A turn that extends a stored one renders only
 the appended messages: what a fresh render puts after the stored assistant's end-of-turn token
 (`Tokenizer.render_appended`; for ChatML the `\n` after `<|im_end|>`, then the new turns and the
@@ -24,6 +25,7 @@ import numpy as np
 from router.core.pipeline import Exchange, Stage, StageError
 from router.core.sessions.messages import message_dict
 from router.stages._session import TURN
+from router.wire.openai import BadTool, sglang_tools
 
 _key_encoder = msgspec.json.Encoder(order="sorted")
 
@@ -39,19 +41,23 @@ class ChatTemplate(Stage):
         turn = ex.scratch[TURN]
         tok = self.services.tokenizer
         req = turn.request
-        kwargs = req.chat_template_kwargs or {}
+        kwargs = turn.chat_template_kwargs
+        try:
+            tools = sglang_tools(req.tools)
+        except BadTool as e:
+            raise StageError(400, f"invalid chat completions body: {e}") from None
         tree = turn.session.tree
         new = [message_dict(m) for m in turn.new_messages]
         if turn.parent < 0:
             cache = self.services.sessions.prompts
-            key = _key_encoder.encode([new, req.tools, kwargs])
+            key = _key_encoder.encode([new, tools, kwargs])
             ids = cache.get(key)
             if ids is None:
-                text = _render(tok.apply_chat_template, new, True, tools=req.tools, **kwargs)
+                text = _render(tok.apply_chat_template, new, True, tools=tools, **kwargs)
                 ids = cache.put(key, np.asarray(await tok.encode_async(text), dtype=np.int32))
         else:
             parent = tree.turns[turn.parent]
-            text = _render(tok.render_appended, new, True, tools=req.tools, **kwargs)
+            text = _render(tok.render_appended, new, True, tools=tools, **kwargs)
             if len(parent.output_ids) == 0 or int(parent.output_ids[-1]) != tok.eos_token_id:
                 text = tok.text_bytes([tok.eos_token_id]).decode() + text
             ids = np.asarray(await tok.encode_async(text), dtype=np.int32)

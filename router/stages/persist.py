@@ -45,7 +45,7 @@ class Persist(Stage):
             head = text_head(rec.visible_text)
             # tagged with its prefix key: if it is evicted, the router remembers to ask the store for it
             ans = tree.peek_exact(rec.visible_text, rec.rid, tag=head)
-            if ans is None:  # evicted already, or its rid no longer kept (router/core/radix.py MAX_ALIASES)
+            if ans is None:  # evicted already, or its rid no longer kept (router/core/radix/node.py MAX_ALIASES)
                 continue
             items.append(Keyed(text_digest(rec.visible_text), wire.pack(
                 rid=rec.rid, created=now, prompt_len=len(rec.prompt_ids), finish=ans.finish, worker=rec.worker,

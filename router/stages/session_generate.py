@@ -2,9 +2,11 @@
 
 Reads `scratch["session_turn"]` (its prompt tokens). Writes `ex.upstream_body`: `input_ids` =
 the stored tokens of the path (verbatim) + this turn's prompt tokens, the request's sampling
-parameters, forced `return_logprob` and, when capturing R3, `return_routed_experts`; sets the
+parameters, forced `return_logprob`, `lora_path` (`[sessions] lora_path`, else the request's) and, when
+capturing R3, `return_routed_experts` (and `routed_experts_start_len` for incremental R3); sets the
 forwarded path to `/generate` and the session id as the sticky routing key, so a conversation
-stays on one worker's KV cache. Works on stock SGLang.
+stays on one worker's KV cache. Works on stock SGLang. Completes the turn's record request with the
+fields miles' session server sets on the chat request it sends upstream.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from router.core.pipeline import Exchange, Stage, StageError
 from router.stages._session import TURN
 
 _encoder = msgspec.json.Encoder()
+_TRUE, _FALSE = msgspec.Raw(b"true"), msgspec.Raw(b"false")
 
 
 class Options(msgspec.Struct, forbid_unknown_fields=True):
@@ -62,16 +65,35 @@ class SessionGenerate(Stage):
         if req.seed is not None:
             sp["sampling_seed"] = req.seed
         fields: dict[str, Any] = {"sampling_params": sp, "return_logprob": True}
+        # the record's request: the chat request miles' session server would send upstream
+        record = turn.request_fields
+        record["logprobs"] = _TRUE
+        record["return_meta_info"] = _TRUE
         opts = self.options
         if opts.routed_experts:
             turn.want_r3 = True
             turn.r3_shape = (opts.routed_experts_layers, opts.routed_experts_topk)
             fields["return_routed_experts"] = True
+            record["return_routed_experts"] = _TRUE
             if opts.routed_experts_start_len:
+                turn.r3_incremental = True
                 turn.r3_start = max(turn.session.tree.path_length(turn.parent) - 1, 0)
                 fields["routed_experts_start_len"] = turn.r3_start
+        record["no_stop_trim"] = _FALSE
+        lora = self.services.config.sessions.lora_path
+        if lora is not None:
+            fields["lora_path"] = lora
+            record["lora_path"] = msgspec.Raw(_encoder.encode(lora))
+        elif "lora_path" in record:
+            fields["lora_path"] = msgspec.json.decode(record["lora_path"])
+        if turn.chat_template_kwargs:
+            record["chat_template_kwargs"] = msgspec.Raw(_encoder.encode(turn.chat_template_kwargs))
+        else:
+            record.pop("chat_template_kwargs", None)
+        if turn.r3_incremental:  # after input_ids, which GET fills in at their place
+            record.setdefault("input_ids", msgspec.Raw(b"null"))
+            record["routed_experts_start_len"] = msgspec.Raw(str(turn.r3_start).encode())
         rest = _encoder.encode(fields)
-        turn.upstream_fields = rest
         # input_ids: the stored turns' ids verbatim (encoded once per turn, when first extended), then the new ones.
         ex.upstream_body = turn.session.tree.join_path_ids(turn.parent, b'{"input_ids":[',
                                                            _encoder.encode(turn.prompt_ids.tolist())[1:-1],

@@ -1,12 +1,15 @@
-"""session_reply: record the turn in the session tree and answer as OpenAI chat completions.
+"""session_reply: record the turn in the session tree and answer as SGLang's chat completion.
 
 Reads `scratch["session_turn"]` with its parsed output. Commits the turn (prompt tokens, output
-ids incl. the stop token, logprobs, this turn's new routed-experts rows, finish reason, record)
-as a child of its attach point, tells the registry the session changed (a durable store writes
-it there, before the reply ends), then replaces the worker's reply with a `chat.completion`
-(or, for `stream: true`, `chat.completion.chunk` SSE events and `data: [DONE]`). The reply's
-`choices[0].meta_info` is the worker's minus `routed_experts`. A session deleted while the turn
-was in flight gets its reply, but the turn is not recorded. Non-200 worker replies pass through.
+ids incl. the stop token, logprobs, this turn's routed-experts rows, finish reason, record) as a
+child of its attach point, tells the registry the session changed (a durable store writes it
+there, before the reply ends), then replaces the worker's reply with a `chat.completion` in
+SGLang's shape (router/core/sessions/chat_reply.py: `id` is the worker's request id, which is also
+the turn's `response_id`), or for `stream: true` with miles' one-chunk stream. `choices[0].meta_info`
+is the worker's minus `routed_experts` and `indexer_topk`, which stay with the turn. Routed experts
+that cannot be read, or that do not cover the turn's positions, do not fail the turn (as in miles):
+they are recorded as such and the samples answer 422. A session deleted while the turn was in flight
+gets its reply, but the turn is not recorded. Non-200 worker replies pass through.
 """
 
 from __future__ import annotations
@@ -17,24 +20,14 @@ import uuid
 import msgspec
 import numpy as np
 
+from router.core.chat_output import finish_reason
 from router.core.pipeline import Exchange, Stage
+from router.core.sessions.chat_reply import completion, stream_body
 from router.core.sessions.tree import TurnLimit
 from router.stages._session import TURN
 from router.wire.api import error_body
-from router.core.chat_output import finish_reason
-from router.wire.openai import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatMessageIn, ChoiceOut,
-                                ChunkChoice, DeltaOut, FunctionCallIn, ToolCallIn, Usage, json_encoder)
-
-
-class TurnRecord(msgspec.Struct):
-    """What GET /sessions/{id} shows for a turn (the bulky parts are rebuilt from the tree)."""
-
-    request_timestamp: float
-    timestamp: float
-    upstream_fields: msgspec.Raw  # the /generate body minus input_ids
-    meta_info: msgspec.Raw  # the worker's, minus routed_experts
-    text: str
-    status_code: int = 200
+from router.wire.openai import AssistantMessage, ChatMessageIn, FunctionCallIn, ToolCallIn, json_encoder
+from router.wire.sessions import TurnRecord
 
 
 def _route_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
@@ -62,62 +55,62 @@ class SessionReply(Stage):
         calls = parsed.tool_calls
         # "abort" is not a finished chat turn; it is reported (and recorded) as what it is.
         finish = "abort" if out.finish_type == "abort" else finish_reason(out.finish_type, bool(calls))
-        message = AssistantMessage(content=parsed.content, reasoning_content=parsed.reasoning_content,
-                                   tool_calls=calls or None)
+        # SGLang answers "" (never null) for a reply that is only tool calls; miles requires it.
+        message = msgspec.Raw(json_encoder.encode(AssistantMessage(
+            content=parsed.content or "", reasoning_content=parsed.reasoning_content, tool_calls=calls or None)))
+        rid = out.response_id or uuid.uuid4().hex
+        record = TurnRecord(request_timestamp=turn.requested_at, timestamp=time.time(),
+                            meta_info=msgspec.Raw(out.client_meta),
+                            request=msgspec.Raw(json_encoder.encode(turn.request_fields)), message=message,
+                            finish_reason=finish, matched_stop=out.matched_stop, created=int(time.time()),
+                            model=turn.request.model or "default", cached_tokens=out.cached_tokens or 0,
+                            prompt_tokens=out.prompt_tokens, reasoning_tokens=out.reasoning_tokens,
+                            e2e_latency=out.e2e_latency)
         session = turn.session
         if not session.closed:
             try:
-                self._commit(turn, message, finish)
+                self._commit(turn, parsed, finish, rid, record)
             except TurnLimit as e:
                 fail(ex, 409, str(e))
                 return
-            except ValueError as e:
-                fail(ex, 502, str(e))
-                return
             self.services.sessions.changed(session)
-        usage = Usage(prompt_tokens=turn.input_len, completion_tokens=len(out.output_ids),
-                      total_tokens=turn.input_len + len(out.output_ids))
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        model = turn.request.model or "default"
+        reply = completion(rid=rid, created=record.created, model=record.model, message=message,
+                           finish_reason=finish, matched_stop=out.matched_stop, meta_info=record.meta_info,
+                           prompt_tokens=turn.input_len, completion_tokens=len(out.output_ids),
+                           cached_tokens=out.cached_tokens, reasoning_tokens=out.reasoning_tokens,
+                           weight_version=out.weight_version)
         headers = _route_headers(ex)
         if turn.request.stream:
-            delta = DeltaOut(role="assistant", content=message.content,
-                             reasoning_content=message.reasoning_content, tool_calls=message.tool_calls)
-            events = [ChatCompletionChunk(rid, created, model, [ChunkChoice(0, delta, finish)])]
-            opts = turn.request.stream_options
-            if opts is not None and opts.include_usage:
-                events.append(ChatCompletionChunk(rid, created, model, [], usage=usage))
-            body = b"".join(b"data: " + json_encoder.encode(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
-            headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")] + headers
+            body = stream_body(reply)
+            headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                       (b"x-accel-buffering", b"no")] + headers
         else:
-            reply = ChatCompletion(rid, created, model, [ChoiceOut(0, message, finish, meta_info=msgspec.Raw(out.client_meta))],
-                                   usage)
             body = json_encoder.encode(reply)
             headers = [(b"content-type", b"application/json")] + headers
         ex.response_body = body
         ex.scratch["client_headers"] = headers + [(b"content-length", str(len(body)).encode())]
 
     @staticmethod
-    def _commit(turn, message: AssistantMessage, finish: str) -> None:
+    def _commit(turn, parsed, finish: str, rid: str, record: TurnRecord) -> None:
         out = turn.output
         tree = turn.session.tree
-        experts = None
+        experts, r3_start, r3_error = None, turn.r3_start, out.routed_experts_error
         if out.routed_experts is not None:
-            row_start = max(tree.path_length(turn.parent) - 1, 0)
             end = turn.input_len + len(out.output_ids)
-            if len(out.routed_experts) != end - 1 - row_start:
-                raise ValueError(f"worker returned {len(out.routed_experts) + row_start - turn.r3_start} "
-                                 f"routed-experts rows, expected {end - 1 - turn.r3_start} "
-                                 f"(positions {turn.r3_start}..{end - 1})")
-            experts = np.ascontiguousarray(out.routed_experts)
-        stored = ChatMessageIn(role="assistant", content=message.content, reasoning_content=message.reasoning_content,
+            if turn.r3_incremental:
+                experts = np.ascontiguousarray(out.routed_experts)  # what the worker sent; /samples checks it
+            else:
+                r3_start = max(tree.path_length(turn.parent) - 1, 0)
+                if len(out.routed_experts) == end - 1 - r3_start:
+                    experts = np.ascontiguousarray(out.routed_experts)
+                else:
+                    r3_error = (f"the worker returned {len(out.routed_experts) + r3_start} routed-experts rows "
+                                f"for {end} tokens (expected {end - 1})")
+        stored = ChatMessageIn(role="assistant", content=parsed.content, reasoning_content=parsed.reasoning_content,
                                tool_calls=[ToolCallIn(FunctionCallIn(c.function.name, c.function.arguments), id=c.id)
-                                           for c in message.tool_calls] if message.tool_calls else None)
-        now = time.time()
-        record = TurnRecord(turn.requested_at, now, msgspec.Raw(turn.upstream_fields), msgspec.Raw(out.client_meta),
-                            out.text)
+                                           for c in parsed.tool_calls] if parsed.tool_calls else None)
         tree.commit(turn.parent, turn.new_raws, request_seq=turn.request_seq, messages=turn.new_messages,
-                    assistant=stored, prompt_ids=turn.prompt_ids, output_ids=out.output_ids,
-                    output_logprobs=out.logprobs, routed_experts=experts, finish_reason=finish,
-                    weight_version=out.weight_version, response_id=out.response_id, created_at=now, record=record)
+                    assistant=stored, assistant_raw=record.message, prompt_ids=turn.prompt_ids,
+                    output_ids=out.output_ids, output_logprobs=out.logprobs, routed_experts=experts,
+                    r3_start=r3_start, r3_error=r3_error, finish_reason=finish, weight_version=out.weight_version,
+                    response_id=rid, created_at=record.timestamp, record=record)

@@ -33,6 +33,8 @@ from router.wire.errors import DECODE_ERRORS
 from router.wire.openai import ChatMessageIn, ChatRequest, chat_request_decoder, json_encoder
 
 _message_decoder = msgspec.json.Decoder(ChatMessageIn)
+_fields_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_NULL = msgspec.Raw(b"null")
 
 
 class BadMessage(ValueError):
@@ -90,6 +92,12 @@ class DecodedRequest:
     messages: RequestMessages
     prefix: SharedPrefix | None  # for the session's next request, once these messages are checked
     spliced: bool  # decoded from the shared prefix (the history's bytes compared, not parsed)
+    document: bytes  # what was parsed: the body, or the body without the history it repeats
+
+    def fields_without_messages(self) -> dict[str, msgspec.Raw]:
+        """The request's top-level fields as JSON, in the client's order, `messages` a `null` placeholder
+        (the spliced document holds only the last messages). Each value owns its bytes."""
+        return {k: _NULL if k == "messages" else v.copy() for k, v in _fields_decoder.decode(self.document).items()}
 
 
 def decode_chat_request(body: bytes, shared: SharedPrefix | None = None) -> DecodedRequest:
@@ -113,7 +121,7 @@ def decode_chat_request(body: bytes, shared: SharedPrefix | None = None) -> Deco
             prefix = None
             if at is not None:
                 prefix = SharedPrefix(body, shared.first, shared.last + at - shared.first, req.messages)
-            return DecodedRequest(req, RequestMessages(req.messages), prefix, True)
+            return DecodedRequest(req, RequestMessages(req.messages), prefix, True, spliced)
     req = chat_request_decoder.decode(body)
     views = req.messages
     req.messages = list(map(msgspec.Raw.copy, views))
@@ -123,7 +131,7 @@ def decode_chat_request(body: bytes, shared: SharedPrefix | None = None) -> Deco
         first, last = _offset(views[0], body, base), _offset(views[-1], body, base)
         if first is not None and last is not None:
             prefix = SharedPrefix(body, first, last, req.messages)
-    return DecodedRequest(req, RequestMessages(req.messages), prefix, False)
+    return DecodedRequest(req, RequestMessages(req.messages), prefix, False, body)
 
 
 def _address(buffer) -> int:

@@ -103,56 +103,89 @@ class ChatRequest(msgspec.Struct):
 chat_request_decoder = msgspec.json.Decoder(ChatRequest)
 
 
-# ---- reply ------------------------------------------------------------------------------------
+class BadTool(ValueError):
+    """`tools[index]` is not a function tool SGLang would accept."""
 
 
-# ---- replies
+def sglang_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """`tools` as SGLang's chat endpoint hands them to the chat template (miles renders them the same way):
+    each one validated as SGLang's `Tool` model and dumped, `{"type", "function": {"description", "name",
+    "parameters", "strict"}}` (a bare function is wrapped; other keys are dropped). BadTool names a tool
+    that is not one."""
+    if not tools:
+        return None
+    out = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise BadTool(f"tools[{i}] is not an object")
+        if "function" not in tool:
+            tool = {"type": "function", "function": tool}
+        kind, fn = tool.get("type", "function"), tool["function"]
+        if not isinstance(kind, str) or not isinstance(fn, dict):
+            raise BadTool(f"tools[{i}] must be {{\"type\": str, \"function\": {{...}}}}")
+        name, description, strict = fn.get("name"), fn.get("description"), fn.get("strict", False)
+        if not isinstance(name, str):
+            raise BadTool(f"tools[{i}].function.name must be a string")
+        if description is not None and not isinstance(description, str):
+            raise BadTool(f"tools[{i}].function.description must be a string")
+        if not isinstance(strict, bool):
+            raise BadTool(f"tools[{i}].function.strict must be a boolean")
+        out.append({"type": kind, "function": {"description": description, "name": name,
+                                               "parameters": fn.get("parameters"), "strict": strict}})
+    return out
+
+
+# ---- replies: SGLang's chat.completion shape (what miles' session server passes through) ----------------
+
+
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int
 
 
 class Usage(msgspec.Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+    reasoning_tokens: int = 0
 
 
 class ChoiceOut(msgspec.Struct):
     index: int
-    message: AssistantMessage
+    message: msgspec.Raw  # an AssistantMessage, as stored with the turn
+    logprobs: None
     finish_reason: str
-    logprobs: None = None
-    meta_info: msgspec.Raw = msgspec.Raw(b"{}")
+    matched_stop: Any
+    meta_info: msgspec.Raw  # the worker's, minus routed_experts and indexer_topk
+
+
+class ReplyMetadata(msgspec.Struct):
+    weight_version: str | None
 
 
 class ChatCompletion(msgspec.Struct):
     id: str
+    object: str
     created: int
     model: str
     choices: list[ChoiceOut]
     usage: Usage
-    object: str = "chat.completion"
-
-
-class DeltaOut(msgspec.Struct, omit_defaults=True):
-    role: str | None = None
-    content: str | None = None
-    reasoning_content: str | None = None
-    tool_calls: list[ToolCall] | None = None
+    metadata: ReplyMetadata
 
 
 class ChunkChoice(msgspec.Struct):
     index: int
-    delta: DeltaOut
-    finish_reason: str | None = None
-    logprobs: None = None
+    delta: msgspec.Raw
+    finish_reason: str | None
 
 
-class ChatCompletionChunk(msgspec.Struct):
+class ChatCompletionChunk(msgspec.Struct, omit_defaults=True):
     id: str
+    object: str
     created: int
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
-    object: str = "chat.completion.chunk"
 
 
 json_encoder = msgspec.json.Encoder()

@@ -1,16 +1,19 @@
-"""miles' samples wire format: one safetensors blob (written by the `safetensors` library).
+"""miles' samples wire format (`POST /sessions/{id}/samples`): one safetensors blob, written as miles main's
+`encode_samples` writes it (shared/miles_samples/README.md §2).
 
-Per sample i: `tokens.i` int64, `loss_mask.i` uint8, `rollout_log_probs.i` float64 and, when the
-routed experts were captured, `rollout_routed_experts.i` int32 `[len(tokens)-1, layers, top_k]`.
-`_samples_meta` is a uint8 tensor holding UTF-8 JSON:
-`{"samples": [{response, response_length, status, weight_versions, spec_info, prefix_cache_info,
-metadata, reward, nulls}], "session_metadata": {...}, "empty_reason": null | "no_records" | "all_truncated"}`;
-`nulls` names the tensors a sample does not carry.
+Per sample *i* (its position in `_samples_meta.samples`): `tokens.i` int64, `loss_mask.i` uint8 and
+`rollout_log_probs.i` float64 (both `response_length` long), and when present `rollout_routed_experts.i`
+int32 `[len(tokens)-1, layers, top_k]` / `rollout_indexer_topk.i` int32. A replay tensor a sample does not
+carry is named in its `nulls`; only these tensor fields ever are. `_samples_meta` is a uint8 tensor holding
+compact UTF-8 JSON `{"samples": [{response, response_length, status, weight_versions, prefix_cache_info,
+metadata[, reward], nulls}], "session_metadata": {...}, "empty_reason": null | "no_records" | "all_truncated"}`
+(`reward` in the v2 field set only).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import msgspec
 import numpy as np
@@ -18,36 +21,50 @@ import safetensors.numpy
 
 SAMPLES_META_KEY = "_samples_meta"
 CONTENT_TYPE = b"application/octet-stream"
-# Tensors miles' decoder knows and a sample may lack (it then lists them in `nulls`).
-OPTIONAL_TENSORS = ("rollout_sampling_mask", "rollout_routed_experts", "rollout_indexer_topk")
+# miles' field set, in its order: (name, wire dtype or None for a JSON field)
+FIELDS_V1: tuple[tuple[str, Any], ...] = (
+    ("tokens", np.int64), ("response", None), ("response_length", None), ("loss_mask", np.uint8),
+    ("rollout_log_probs", np.float64), ("rollout_routed_experts", np.int32), ("rollout_indexer_topk", np.int32),
+    ("status", None), ("weight_versions", None), ("prefix_cache_info", None), ("metadata", None),
+)
+FIELDS_V2 = FIELDS_V1 + (("reward", None),)
+TENSOR_FIELDS = frozenset(name for name, dtype in FIELDS_V2 if dtype is not None)
+_REPLAY = frozenset({"rollout_routed_experts", "rollout_indexer_topk"})  # must already be int32
+
+# compact, non-ASCII kept raw, like miles' json.dumps(ensure_ascii=False, separators=(",", ":"))
+_meta_encoder = msgspec.json.Encoder()
 
 
-def encode_samples(samples: list[Any], metas: list[dict[str, Any]], session_metadata: dict[str, Any],
-                   empty_reason: str | None) -> bytes:
-    """`samples` carry numpy `tokens`, `loss_mask`, `rollout_log_probs`, `routed_experts` (or None)."""
+def encode_samples(samples: Sequence[Any], session_metadata: dict[str, Any], empty_reason: str | None,
+                   variant: Literal["v1", "v2"] = "v2") -> bytes:
+    """`samples` have the fields of the variant's field set as attributes (router/core/sessions/samples.py)."""
+    fields = FIELDS_V2 if variant == "v2" else FIELDS_V1
     tensors: dict[str, np.ndarray] = {}
-    out_metas = []
-    for i, (s, meta) in enumerate(zip(samples, metas)):
-        tensors[f"tokens.{i}"] = np.ascontiguousarray(s.tokens, dtype=np.int64)
-        tensors[f"loss_mask.{i}"] = np.ascontiguousarray(s.loss_mask, dtype=np.uint8)
-        tensors[f"rollout_log_probs.{i}"] = np.ascontiguousarray(s.rollout_log_probs, dtype=np.float64)
-        nulls = ["rollout_sampling_mask", "rollout_indexer_topk"]
-        if s.routed_experts is not None:
-            tensors[f"rollout_routed_experts.{i}"] = np.ascontiguousarray(s.routed_experts, dtype=np.int32)
-        else:
-            nulls.insert(1, "rollout_routed_experts")
-        out_metas.append({"spec_info": {}, "prefix_cache_info": {}, **meta, "nulls": nulls})
-    meta_json = msgspec.json.encode({"samples": out_metas, "session_metadata": session_metadata,
-                                     "empty_reason": empty_reason})
-    tensors[SAMPLES_META_KEY] = np.frombuffer(meta_json, dtype=np.uint8)
+    metas = []
+    for i, s in enumerate(samples):
+        meta: dict[str, Any] = {}
+        nulls = []
+        for name, dtype in fields:
+            value = getattr(s, name)
+            if dtype is None:
+                meta[name] = value
+                continue
+            if value is None:
+                nulls.append(name)
+                continue
+            arr = np.asarray(value)
+            if name in _REPLAY:
+                if arr.dtype != dtype:
+                    raise ValueError(f"{name} must have dtype {np.dtype(dtype)}, got {arr.dtype}")
+            elif arr.dtype != dtype:
+                converted = arr.astype(dtype)
+                if not np.array_equal(converted, arr):
+                    raise ValueError(f"{name} values do not fit wire dtype {np.dtype(dtype)}")
+                arr = converted
+            tensors[f"{name}.{i}"] = np.ascontiguousarray(arr)
+        meta["nulls"] = nulls
+        metas.append(meta)
+    body = _meta_encoder.encode({"samples": metas, "session_metadata": session_metadata,
+                                 "empty_reason": empty_reason})
+    tensors[SAMPLES_META_KEY] = np.frombuffer(body, dtype=np.uint8)
     return safetensors.numpy.save(tensors)
-
-
-def decode_samples(payload: bytes) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
-    """(per-sample tensors by field name, the meta JSON): for tests and tools."""
-    tensors = safetensors.numpy.load(payload)
-    meta = msgspec.json.decode(tensors.pop(SAMPLES_META_KEY).tobytes())
-    out = []
-    for i in range(len(meta["samples"])):
-        out.append({k.rsplit(".", 1)[0]: v for k, v in tensors.items() if k.rsplit(".", 1)[1] == str(i)})
-    return out, meta

@@ -14,6 +14,7 @@ import msgspec
 import numpy as np
 
 from router.wire.openai import ChatMessageIn
+from router.wire.sessions import turn_record_decoder
 from router.wire.store import experts_of, put_experts
 
 FORMAT_VERSION = 1
@@ -39,6 +40,8 @@ class StoredTurn(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     experts: bytes | None = None
     experts_shape: tuple[int, ...] | None = None
     experts_dtype: str | None = None
+    r3_start: int = 0  # (added after format 1's first rows: older rows decode with the defaults)
+    r3_error: str | None = None
 
 
 class SessionHeader(msgspec.Struct, forbid_unknown_fields=True):
@@ -69,13 +72,14 @@ def encode_turn(turn: Any) -> bytes:
         _json.encode(turn.assistant), np.ascontiguousarray(turn.prompt_ids, dtype="<i4").tobytes(),
         np.ascontiguousarray(turn.output_ids, dtype="<i4").tobytes(),
         np.ascontiguousarray(turn.output_logprobs, dtype="<f8").tobytes(), turn.end, turn.finish_reason,
-        turn.weight_version, turn.response_id, turn.created_at, _json.encode(turn.record))
+        turn.weight_version, turn.response_id, turn.created_at, _json.encode(turn.record),
+        r3_start=turn.r3_start, r3_error=turn.r3_error)
     put_experts(rec, turn.routed_experts)
     return _encoder.encode(rec)
 
 
-def decode_turn(blob: bytes, record_type: type) -> dict:
-    """The keyword arguments of a `Turn` (its record decoded as `record_type`)."""
+def decode_turn(blob: bytes) -> dict:
+    """The keyword arguments of a `Turn`."""
     rec = _turn_decoder.decode(blob)
     if rec.format != FORMAT_VERSION:
         raise ValueError(f"stored session turn format {rec.format}, this router reads {FORMAT_VERSION}")
@@ -86,4 +90,4 @@ def decode_turn(blob: bytes, record_type: type) -> dict:
                 output_logprobs=np.frombuffer(rec.output_logprobs, dtype="<f8").astype(np.float64),
                 routed_experts=experts_of(rec), end=rec.end, finish_reason=rec.finish_reason,
                 weight_version=rec.weight_version, response_id=rec.response_id, created_at=rec.created_at,
-                record=msgspec.json.decode(rec.record, type=record_type))
+                record=turn_record_decoder.decode(rec.record), r3_start=rec.r3_start, r3_error=rec.r3_error)

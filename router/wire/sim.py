@@ -5,7 +5,10 @@ Kept free of heavy imports so the config can reuse them without loading a tokeni
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
+from msgspec import Meta
 
 
 class Faults(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -22,16 +25,16 @@ class Faults(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class SimOptions(msgspec.Struct, kw_only=True):
     tokenizer: str = "builtin:qwen"
     seed: int = 0
-    token_latency_s: float = 0.0
-    num_layers: int = 2
-    top_k: int = 2
+    token_latency_s: Annotated[float, Meta(ge=0)] = 0.0
+    num_layers: Annotated[int, Meta(ge=1)] = 2
+    top_k: Annotated[int, Meta(ge=1)] = 2
     num_experts: int = 64
     enable_routed_experts: bool = True
     # False: ignore `routed_experts_start_len` and return every row, as some SGLang builds do
     honour_routed_experts_start_len: bool = True
     weight_version: str = "default"
     prefix_cache_tokens: int = 1 << 20
-    noncanonical_rate: float = 0.15
+    noncanonical_rate: Annotated[float, Meta(ge=0, le=1)] = 0.15
     prefill_latency_s_per_token: float = 0.0
     model_path: str = "sim/qwen"
     name: str = "sim"

@@ -20,35 +20,33 @@ from collections.abc import Callable
 
 import numpy as np
 
+from router.core.errors import BadRequest, Gone, NotFound, TooManyRequests
+from router.core.sessions.messages import BUILTIN_MATCHERS, Matcher
 from router.core.sessions.tree import SessionTree
 
 
-class SessionError(Exception):
-    status = 400
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+class SessionError(BadRequest):
+    """A session request that cannot be served."""
 
 
-class SessionNotFound(SessionError):
+class SessionNotFound(SessionError, NotFound):
     status = 404
 
 
-class SessionGone(SessionError):
+class SessionGone(SessionError, Gone):
     status = 410
 
 
-class SessionLimit(SessionError):
+class SessionLimit(SessionError, TooManyRequests):
     status = 429
 
 
 class Session:
     __slots__ = ("id", "tree", "created_at", "last_used", "closed", "inflight", "shared_prefix")
 
-    def __init__(self, sid: str, now: float, max_turns: int) -> None:
+    def __init__(self, sid: str, now: float, max_turns: int, matcher: Matcher = BUILTIN_MATCHERS["lenient"]) -> None:
         self.id = sid
-        self.tree = SessionTree(max_turns=max_turns)
+        self.tree = SessionTree(max_turns=max_turns, matcher=matcher)
         self.created_at = now
         self.last_used = now
         self.closed = False  # deleted or expired: in-flight turns finish but are not recorded
@@ -87,11 +85,16 @@ class PromptCache:
 
 class SessionRegistry:
     def __init__(self, *, max_sessions: int = 100_000, max_turns: int = 1024, idle_timeout_s: float = 3600.0,
-                 secret: bytes | None = None, prompt_cache_entries: int = 4096) -> None:
+                 secret: bytes | None = None, prompt_cache_entries: int = 4096,
+                 matcher: Matcher = BUILTIN_MATCHERS["lenient"]) -> None:
         self.max_sessions = max_sessions
+        self.matcher = matcher
         self.max_turns = max_turns
         self.idle_timeout_s = idle_timeout_s
         self._key = secret or os.urandom(32)
+        # miles' `session_server_instance_id` (GET /health): names the sessions this router serves. Random per
+        # start, or kept in the durable store, where sessions outlive the process (router/net/session_persist.py).
+        self.instance_id = os.urandom(16).hex()
         self.sessions: dict[str, Session] = {}
         self.prompts = PromptCache(prompt_cache_entries)
         self.on_change: Callable[[Session], None] | None = None
@@ -111,10 +114,14 @@ class SessionRegistry:
             raise SessionLimit(f"too many live sessions: sessions.max_sessions ({self.max_sessions}) reached; "
                                f"delete finished sessions")
         head = os.urandom(8).hex()
-        session = Session(head + self._mac(head), now, self.max_turns)
+        session = self.new_session(head + self._mac(head), now)
         self.sessions[session.id] = session
         self.created_total += 1
         return session
+
+    def new_session(self, sid: str, now: float) -> Session:
+        """A Session object with this registry's limits and matcher (not registered)."""
+        return Session(sid, now, self.max_turns, self.matcher)
 
     def get(self, sid: str, now: float | None = None) -> Session:
         session = self.sessions.get(sid)

@@ -10,14 +10,14 @@ A request attaches at the deepest turn whose whole path of messages (each turn's
 messages, then its assistant reply) is a prefix of the request's messages; ties go to the latest
 turn. The rest of the request becomes a new child, so a retry or a divergence never destroys
 anything, and two concurrent requests from one parent become siblings. Extending a turn that
-ended by `length` (or `abort`) is refused: its output has no end-of-turn token to build on.
+ended by `length` is refused, as miles' v2 does: truncation closes that path (branch before it).
 
 A turn costs the router no Python work per earlier turn or message. The turns are grouped into
 *segments*: chains where each turn is its parent's first child (a conversation without retries is
 one segment). A segment keeps its turns' messages as one flat list of their JSON bytes and its
 turns' token ids as one JSON byte string, so matching a request is one C-level comparison of the
-request's message bytes per segment, without decoding them (the lenient message-level match runs
-only on a message whose bytes differ, and the client's spelling then replaces the stored one in
+request's message bytes per segment, without decoding them (the message matcher runs only on a
+message whose bytes differ, and the client's spelling then replaces the stored one in
 the index, so its next request compares bytes again), and a worker's `input_ids` are one join of a
 few byte slices, appended to once per turn.
 """
@@ -30,15 +30,16 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from router.core.sessions.messages import messages_match
+from router.core.errors import Conflict
+from router.core.sessions.messages import BUILTIN_MATCHERS, Matcher
 from router.wire.chat_messages import RequestMessages
 from router.wire.openai import ChatMessageIn, json_encoder
 
-UNFINISHED = frozenset({"length", "abort"})
+UNFINISHED = frozenset({"length"})
 _ids_encoder = msgspec.json.Encoder()
 
 
-class TurnLimit(Exception):
+class TurnLimit(Conflict):
     """The session holds its maximum number of turns."""
 
 
@@ -54,13 +55,17 @@ class Turn(msgspec.Struct, kw_only=True):
     prompt_ids: Any  # np.int32: tokens the appended messages added (root: the whole rendered prompt)
     output_ids: Any  # np.int32: sampled tokens, stop token included
     output_logprobs: Any  # np.float64, one per output token
-    routed_experts: Any = None  # np.int32 [rows, layers, top_k] for positions [start, end-1), or None
+    # np.int32 [rows, layers, top_k] for positions [r3_start, r3_start + rows), or None (no payload). Full R3:
+    # the rows of the turn's new positions [max(start-1, 0), end-1); incremental: what the worker returned.
+    routed_experts: Any = None
+    r3_start: int = 0
+    r3_error: str | None = None  # the worker's routed experts could not be read: /samples answers 422
     end: int  # tokens on the path through this turn
     finish_reason: str  # OpenAI: stop / tool_calls / length (abort when the worker aborted)
     weight_version: str | None = None
     response_id: str = ""
     created_at: float = 0.0
-    record: Any = None  # what GET /sessions/{id} shows for the turn (router/stages/session_reply.py)
+    record: Any = None  # router/wire/sessions.py TurnRecord: what GET /sessions/{id} shows for the turn
 
     @property
     def start(self) -> int:
@@ -115,7 +120,8 @@ def _first_difference(a: list, a0: int, b: list, b0: int, n: int) -> int:
 
 
 class SessionTree:
-    def __init__(self, max_turns: int = 1024) -> None:
+    def __init__(self, max_turns: int = 1024, matcher: Matcher = BUILTIN_MATCHERS["lenient"]) -> None:
+        self.matcher = matcher  # decides when a re-sent message whose bytes differ is the stored one
         self.turns: list[Turn] = []
         self.children: dict[int, list[int]] = {-1: []}
         self.max_turns = max_turns
@@ -124,6 +130,9 @@ class SessionTree:
         self._clock = 0
         self._roots: list[_Segment] = []
         self._where: list[tuple[_Segment, int]] = []  # turn id -> (its segment, its index there)
+        # miles' "active leaf": the turn the last request attached to, or the last one committed (-1: none).
+        # GET /sessions/{id} and v1 samples show the path root .. active.
+        self.active = -1
 
     def __len__(self) -> int:
         return len(self.turns)
@@ -152,8 +161,7 @@ class SessionTree:
             stack.extend(c for c in seg.children if c.branch < matched)
         return best, best_len
 
-    @staticmethod
-    def _match(seg: _Segment, messages: RequestMessages, n: int) -> int:
+    def _match(self, seg: _Segment, messages: RequestMessages, n: int) -> int:
         """How many of `seg`'s turns have their whole path repeated by `messages` (the segment's
         ancestors already matched)."""
         fits = bisect_right(seg.msg_ends, n)
@@ -166,7 +174,8 @@ class SessionTree:
             pos += _first_difference(raws, pos, stored, pos - start, end - pos)
             if pos == end:
                 break
-            if not messages_match(seg.messages[pos - start], messages[pos]):
+            new = messages[pos]  # decoded (BadMessage if it is not a chat message)
+            if not self.matcher(stored[pos - start], seg.messages[pos - start], raws[pos], new):
                 break
             stored[pos - start] = raws[pos]  # equivalent: the next request compares bytes (or identity)
             pos += 1
@@ -247,10 +256,13 @@ class SessionTree:
             self.children.setdefault(t.parent, []).append(t.id)
             self.children.setdefault(t.id, [])
             self._clock = max(self._clock, t.seq, t.request_seq)
+        self.active = len(self.turns) - 1
 
-    def commit(self, parent: int, raws: list[msgspec.Raw] | None = None, **fields: Any) -> Turn:
+    def commit(self, parent: int, raws: list[msgspec.Raw] | None = None, assistant_raw: msgspec.Raw | None = None,
+               **fields: Any) -> Turn:
         """Store a finished generation as a child of `parent` (-1: a new root). `raws`: the
-        appended messages' JSON as the client sent them (default: their canonical encoding)."""
+        appended messages' JSON as the client sent them, `assistant_raw`: the reply's message as the
+        client got it (default: their canonical encoding)."""
         self.check_room()
         self._clock += 1
         tid = len(self.turns)
@@ -258,12 +270,14 @@ class SessionTree:
         end = self.path_length(parent) + len(prompt_ids) + len(output_ids)
         turn = Turn(id=tid, parent=parent, seq=self._clock, end=end, **fields)
         self.turns.append(turn)
-        self._place(turn, raws)
+        self._place(turn, raws, assistant_raw)
         self.children.setdefault(parent, []).append(tid)
         self.children[tid] = []
+        self.active = tid
         return turn
 
-    def _place(self, turn: Turn, raws: list[msgspec.Raw] | None = None) -> None:
+    def _place(self, turn: Turn, raws: list[msgspec.Raw] | None = None,
+               assistant_raw: msgspec.Raw | None = None) -> None:
         """Put a new turn in its segment: its parent's, when it is the parent's first child."""
         if turn.parent < 0:
             seg = _Segment(None, -1, 0)
@@ -281,5 +295,9 @@ class SessionTree:
         if raws is None:
             raws = [msgspec.Raw(json_encoder.encode(m)) for m in turn.messages]
         seg.raws.extend(raws)
-        seg.raws.append(msgspec.Raw(json_encoder.encode(turn.assistant)))
+        if assistant_raw is None:
+            message = getattr(turn.record, "message", None)  # a restored turn: the reply as the client got it
+            assistant_raw = message if message is not None and bytes(message) != b"null" else \
+                msgspec.Raw(json_encoder.encode(turn.assistant))
+        seg.raws.append(assistant_raw)
         seg.msg_ends.append(seg.msg_start + len(seg.messages))

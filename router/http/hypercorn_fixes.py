@@ -1,9 +1,11 @@
-"""Fixes to hypercorn 0.18's trio worker, applied once when `router.net.serving` is imported.
+"""The router's connection classes for hypercorn 0.18's trio worker: `RouterTCPServer` (a
+`TCPServer`) and `RouterH11Protocol` (an `H11Protocol`). router/http/serve.py serves the router's
+connections with them; hypercorn itself is not changed, so other servers in the process (and
+importing the simulator) see hypercorn as shipped.
 
-Each replaces one small method with an equivalent that keeps hypercorn's behaviour and protocol
-code, and each has a test (tests/test_serving.py checks that all are in place, plus the behaviour
-each one is for). pyproject pins hypercorn below 0.20 so a new release is reviewed against them;
-`apply()` raises at import if a target it expects has gone.
+Each override keeps hypercorn's behaviour and protocol code, has a test (tests/test_serving.py), and
+names the hypercorn source it was reviewed against (router/http/reviewed.py refuses to serve if
+that source changed). docs/upstream-fixes.md has the write-up of each, for hypercorn.
 
 1. Closed connections are released at once (the idle timer used to hold them in CLOSE-WAIT).
 2. The keep-alive idle timer is one deadline per connection, moved as requests start and finish,
@@ -31,10 +33,9 @@ import trio
 from h11._writers import ChunkedWriter as _ChunkedWriter  # h11 is pinned below 0.17 with hypercorn
 from hypercorn.events import Closed, RawData
 from hypercorn.protocol.events import Body
+from hypercorn.protocol import ProtocolWrapper
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import TCPServer
-
-from router.net._patch import replace, replaced
 
 _POSIX = os.name == "posix"  # a socket is a file descriptor os.write() can take
 _ERROR_TEXT = {
@@ -91,25 +92,83 @@ class KeepAliveDeadline:
             await server._initiate_server_close()
 
 
-def _fix_tcp_server() -> None:
-    original_init = TCPServer.__init__
-    original_read = TCPServer._read_data
+class RouterH11Protocol(H11Protocol):
+    """hypercorn's HTTP/1.1 protocol with fixes 4-6."""
+
+    _held_head = b""  # a Content-Length response's head, until its body is written with it (5)
+
+    async def stream_send(self, event) -> None:
+        # (6) A streamed body's chunk: h11 does nothing for it but frame it (its state machine stays in
+        # SEND_BODY), yet building and checking the event costs as much as the write itself. Frame it
+        # here exactly as h11's ChunkedWriter does; every other event goes through h11.
+        if type(event) is Body and type(getattr(self.connection, "_writer", None)) is _ChunkedWriter:
+            data = event.data
+            if data:
+                await self.send(RawData(data=b"%x\r\n%b\r\n" % (len(data), data)))
+            return
+        await super().stream_send(event)
+
+    async def _send_h11_event(self, event) -> None:
+        try:
+            data = self.connection.send(event)
+        except h11.LocalProtocolError:
+            if self.connection.their_state != h11.ERROR:
+                raise
+            return
+        held = self._held_head
+        if held:
+            self._held_head = b""
+            data = held + data
+        elif type(event) is h11.Response and any(name == b"content-length" for name, _ in event.headers):
+            # (5) A head with a Content-Length is useless to the client without its body, which the
+            # app is about to send: write both at once (one syscall and one scheduler round trip
+            # fewer per reply). Streams (chunked) still get their head at once.
+            self._held_head = data
+            return
+        await self.send(RawData(data=data))
+
+    async def _send_error_response(self, status_code: int) -> None:
+        # (4) hypercorn's own error replies: a JSON body naming the problem.
+        body = msgspec.json.encode({"error": f"{status_code}: {_ERROR_TEXT.get(status_code, 'bad request')}"})
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close"), *self.config.response_headers("h11")]
+        await self._send_h11_event(h11.Response(status_code=status_code, headers=headers))
+        await self._send_h11_event(h11.Data(data=body))
+        await self._send_h11_event(h11.EndOfMessage())
+
+
+class RouterTCPServer(TCPServer):
+    """hypercorn's trio connection with fixes 1-3, speaking HTTP/1.1 through `RouterH11Protocol`."""
 
     def __init__(self, *args, **kwargs) -> None:
-        original_init(self, *args, **kwargs)
-        self.idle_task = KeepAliveDeadline(self)
+        super().__init__(*args, **kwargs)
+        self.idle_task = KeepAliveDeadline(self)  # (2)
+
+    @property
+    def protocol(self) -> ProtocolWrapper:
+        return self._protocol
+
+    @protocol.setter
+    def protocol(self, wrapper: ProtocolWrapper) -> None:
+        # hypercorn's `run` builds the ProtocolWrapper, which builds an H11Protocol with no hook to
+        # choose the class; the connection's protocol becomes ours before it handles anything (a
+        # subclass with no state of its own, so the object stays valid). h2 stays hypercorn's.
+        if type(wrapper.protocol) is H11Protocol:
+            wrapper.protocol.__class__ = RouterH11Protocol
+        self._protocol = wrapper
 
     async def _read_data(self) -> None:
         # (1) hypercorn returns here once the peer has gone, but the connection's task group then
         # waited for the idle timer; a client that closed a keep-alive socket left it in
         # CLOSE-WAIT for keep_alive_timeout (tests/test_faults.py).
-        await original_read(self)
+        await super()._read_data()
         self.idle_task.close()
 
     async def protocol_send(self, event) -> None:
+        # (3)
         sock = getattr(self.stream, "socket", None)  # None for TLS, which the router does not serve
         if type(event) is not RawData or sock is None or not _POSIX:
-            return await original_protocol_send(self, event)
+            return await super().protocol_send(event)
         if not event.data:
             return  # h11's end of a Content-Length body: nothing to write
         data = event.data
@@ -135,72 +194,3 @@ def _fix_tcp_server() -> None:
             await self.protocol.handle(Closed())
         finally:
             lock.release()
-
-    original_protocol_send = TCPServer.protocol_send
-    for name, fn in (("__init__", __init__), ("_read_data", _read_data), ("protocol_send", protocol_send)):
-        replace(TCPServer, name, fn)
-
-
-def _fix_h11_protocol() -> None:
-    original_stream_send = H11Protocol.stream_send
-
-    async def stream_send(self, event) -> None:
-        # (6) A streamed body's chunk: h11 does nothing for it but frame it (its state machine stays in
-        # SEND_BODY), yet building and checking the event costs as much as the write itself. Frame it
-        # here exactly as h11's ChunkedWriter does; every other event goes through h11.
-        if type(event) is Body and type(getattr(self.connection, "_writer", None)) is _ChunkedWriter:
-            data = event.data
-            if data:
-                await self.send(RawData(data=b"%x\r\n%b\r\n" % (len(data), data)))
-            return
-        await original_stream_send(self, event)
-
-    async def _send_h11_event(self, event) -> None:
-        try:
-            data = self.connection.send(event)
-        except h11.LocalProtocolError:
-            if self.connection.their_state != h11.ERROR:
-                raise
-            return
-        held = self._miles_held_head
-        if held:
-            self._miles_held_head = b""
-            data = held + data
-        elif type(event) is h11.Response and any(name == b"content-length" for name, _ in event.headers):
-            # (5) A head with a Content-Length is useless to the client without its body, which the
-            # app is about to send: write both at once (one syscall and one scheduler round trip
-            # fewer per reply). Streams (chunked) still get their head at once.
-            self._miles_held_head = data
-            return
-        await self.send(RawData(data=data))
-
-    async def _send_error_response(self, status_code: int) -> None:
-        body = msgspec.json.encode({"error": f"{status_code}: {_ERROR_TEXT.get(status_code, 'bad request')}"})
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"connection", b"close"), *self.config.response_headers("h11")]
-        await self._send_h11_event(h11.Response(status_code=status_code, headers=headers))
-        await self._send_h11_event(h11.Data(data=body))
-        await self._send_h11_event(h11.EndOfMessage())
-
-    for name, fn in (("stream_send", stream_send), ("_send_h11_event", _send_h11_event),
-                     ("_send_error_response", _send_error_response)):
-        replace(H11Protocol, name, fn)
-    H11Protocol._miles_held_head = b""  # class default; set per connection while a head is held
-
-
-def applied() -> bool:
-    return all(replaced(cls, name) for cls, name in (
-        (TCPServer, "__init__"), (TCPServer, "_read_data"), (TCPServer, "protocol_send"),
-        (H11Protocol, "stream_send"), (H11Protocol, "_send_h11_event"), (H11Protocol, "_send_error_response")))
-
-
-def apply() -> None:
-    if applied():
-        return
-    for cls, name in ((TCPServer, "_read_data"), (TCPServer, "protocol_send"), (TCPServer, "_idle_timeout"),
-                      (TCPServer, "_initiate_server_close"), (H11Protocol, "_send_error_response"),
-                      (H11Protocol, "_send_h11_event")):
-        if not hasattr(cls, name):
-            raise RuntimeError(f"hypercorn changed: {cls.__name__}.{name} is gone; review router/net/_hypercorn_fixes.py")
-    _fix_tcp_server()
-    _fix_h11_protocol()

@@ -1,142 +1,27 @@
-"""Exact text -> token trajectory cache: a token-keyed radix tree with a text index.
-
-RL rollout code that speaks TEXT needs, at training time, the EXACT token ids the engine saw and produced, their
-logprobs and a loss mask (`/retrieve_from_text {"text": P+R}`). miles and slime once shipped a radix tree keyed by
-TEXT for this (a router middleware, since removed from both projects); it got four things wrong, which this module
-is built to avoid:
-
-1. no node splitting: a branch diverging inside a node was stored again as a sibling, and a query ending inside a
-   node matched nothing;
-2. token/text misalignment: on a partial hit the leftover text was re-tokenized on its own and glued on, so BPE
-   merges across the cut differed from what the engine saw (and got logprob 0 / mask 0);
-3. unstable keys: the key was `decode(ids)` as str, which does not round-trip (special tokens, partial UTF-8);
-4. the rewrite never reached the worker (a pipeline problem, handled by the stages that call this module).
-
-This module is the pure data structure (no I/O, no clock, no tokenizer import). Its answers:
-
-* The tree is keyed by TOKENS (a compressed trie over token ids, split on divergence like SGLang's RadixCache), so
-  every cached sequence is exactly what an engine produced; text is only an index. Each node holds its run of
-  tokens in ONE int32 array `data` [2, n]: row 0 the token ids with two flag bits on top (bit 29 = loss mask,
-  bit 30 = "anchor after this token"), row 1 the float32 logprobs (bit for bit). That is 8 bytes per token, the
-  information itself. The run's text is not stored: it is derived from the tokens through the tokenizer's
-  vocabulary table (`VocabBytes`, one per tokenizer, shared by every node). A node keeps only its text's length
-  and a keyed hash of it. Optional routed-expert rows `r3` [n, L*K] are stored at the width the expert ids need
-  (uint8 for <= 256 experts, uint16, else int32; the tree widens every node the first time a larger id arrives,
-  never truncating), with `r3_known` marking rows not reported yet (None once every row is known).
-* Text walk: each node indexes its children by the exact bytes of their first token, so only children whose first
-  token matches are visited (several only where different tokenizations spell the same bytes: then all are
-  explored and the longest match wins, ties to the most recently used). A child whose whole text fits is checked
-  with one hash of the query's slice against the node's hash (Python's SipHash, keyed per process: 64 bits, ~4 GB/s,
-  no text stored); otherwise only the bytes the query can still match are rebuilt from the vocabulary (one numpy
-  gather) and compared with memcmp, and bytes map to whole tokens with `searchsorted` over the token lengths, so a
-  query ending inside a token or a node matches up to the last whole-token boundary.
-* Anchors: a text-keyed request may reuse cached tokens only up to a boundary the ENGINE produced: after each
-  generated token, at the end of each trajectory's prompt, at terminals. A boundary inside someone else's prompt
-  is not one: reusing half of another prompt's tokenization would hand the engine a non-canonical tokenization.
-* Terminals: inserting a trajectory splits nodes so its end is a node end and records a `Terminal` there, indexed
-  by a 128-bit keyed identity of its visible text (`text_key`: two SipHash values of independent inputs, keyed
-  per process; ~5x cheaper than blake2b, and a forged collision needs the process's hash key). The engine strips
-  the stop token's text (and may trim stop strings) from the text it returns, so the client's P+R is usually a
-  strict prefix of the token text: the key makes the exact lookup O(len) and uniform, and `retrieve(P+R)` returns
-  prompt + output INCLUDING the eos whose text R lacks.
-* Same text, several spellings: two trajectories may have the same visible text with different tokens (a GRPO
-  group where one sample generated "H"+"ello" and another "Hello"). The key indexes a group with one Terminal
-  per distinct token path; `retrieve` answers exactly only when the spelling is determined (one spelling, a `rid`,
-  or a batch hand-out), otherwise `ambiguous` with the number of `alternatives`. Trajectories with the same text
-  AND the same tokens share one Terminal that keeps each one's rid.
-* Merge rule when paths overlap: "generated wins" (a later trajectory never turns generated tokens back into prompt
-  tokens; its own generated range is written with its logprobs); the newest trajectory's routed-expert rows
-  overwrite the path's rows where it has them, and a node remembers the weight version its rows were recorded
-  under (or that they mix versions), which incremental R3 (`routed_experts_prefix`) needs;
-  version/worker/last_access are updated along the whole path.
-* Eviction removes leaves only, least recently used first, in three phases (stale weight version; fully retrieved
-  or terminal-less; anything, past the hard budget), using lazily invalidated heaps: O(k log n) for k evictions.
-  A lookup only stamps `last_access`; an entry popped with an older stamp is pushed again with the new one.
-"""
+"""The tree: insert, text and token lookups, retrieve, eviction, statistics (the design is in
+router/core/radix/__init__.py). Its records (`TrajectoryInput` in; `InsertResult`, `PrefixMatch`,
+`Retrieved`, `EvictionReport` out) are msgspec Structs."""
 
 from __future__ import annotations
 
-import hashlib
-import heapq
-import sys
 from bisect import bisect_right
+from collections.abc import Callable
 from itertools import accumulate
-from types import MappingProxyType
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import msgspec
 import numpy as np
 
+from router.core.radix.heaps import LeafHeaps
+from router.core.radix.keys import text_key
+from router.core.radix.node import (ALIAS_OVERHEAD, ANCHOR_BIT, ANCHOR_CODE, FLAG_SHIFT, GEN_CODE, MASK,
+                                    MAX_ALIASES, MIXED_VERSIONS, NO_CHILDREN, NODE_OVERHEAD, TERMINAL_OVERHEAD, TOKEN_BITS,
+                                    Node, Terminal)
+from router.core.vocab import VocabBytes
 from router.wire.sglang import expert_dtype
-
-MASK = 1  # flag: generated token (loss mask 1)
-ANCHOR = 2  # flag: a text-keyed request may cut right after this token
-FLAG_SHIFT = 29  # flags live in bits 29-30 of a node's token codes, so token ids must be < 2**29
-TOKEN_BITS = (1 << FLAG_SHIFT) - 1
-_MASK_CODE = np.int32(MASK << FLAG_SHIFT)
-_GEN_CODE = np.int32((MASK | ANCHOR) << FLAG_SHIFT)
-_ANCHOR_CODE = np.int32(ANCHOR << FLAG_SHIFT)
-_ANCHOR_BIT = ANCHOR << FLAG_SHIFT
-# Fixed per-object estimates for `nbytes` (CPython 3.11, numpy 2; calibrated with tracemalloc by
-# tests/test_radix.py::test_nbytes_tracks_real_memory): the Node object, its array header, its entries in the
-# parent's child index, its heap entry; a Terminal with its key and index entry.
-NODE_OVERHEAD = 560
-TERMINAL_OVERHEAD = 420
-ALIAS_OVERHEAD = 100  # one more rid on a Terminal (a str in a list)
-MAX_ALIASES = 64  # rids kept per Terminal (same text, same tokens); the oldest goes first
-# Prefix of the text hashed for the second half of `text_key` (an input independent of the text itself).
-_KEY_SALT = b"\x00miles-router text key\x00"
-_M64 = (1 << 64) - 1
-# Python's str/bytes hash is SipHash (keyed per process) on every mainstream build; a build configured with
-# another algorithm (e.g. FNV) gets blake2b keys instead.
-_SIPHASH = sys.hash_info.algorithm.startswith("siphash")
-# r3_version of a node whose rows were recorded under more than one weight version.
-MIXED_VERSIONS = "\x00mixed"
 
 _EMPTY_I32 = np.zeros(0, np.int32)
 _HEAD_TOKENS = 64  # the first run of tokens a partial node match rebuilds and compares
-_NO_CHILDREN: Any = MappingProxyType({})  # shared by every leaf (read-only; replaced by a dict on first child)
-
-
-def text_digest(text: bytes) -> bytes:
-    """blake2b-128 of a text: the durable store's key for a trajectory."""
-    return hashlib.blake2b(text, digest_size=16).digest()
-
-
-def text_key(text: bytes) -> int:
-    """The cache's 128-bit identity of a visible text (keyed per process, so not stable across restarts)."""
-    if _SIPHASH:
-        return (hash(text) & _M64) << 64 | (hash(_KEY_SALT + text) & _M64)
-    return int.from_bytes(text_digest(text), "little")
-
-
-class VocabBytes:
-    """A tokenizer's vocabulary as bytes, shared by every node of a tree: the exact bytes of each token id
-    (`pieces`), their lengths (`lengths`, uint32) and one vectorized gather (`__call__`)."""
-
-    def __init__(self, pieces: Sequence[bytes]):
-        self.pieces: list[bytes] = list(pieces)
-        if len(self.pieces) > TOKEN_BITS:
-            raise ValueError(f"vocabulary of {len(self.pieces)} tokens: the trajectory cache takes ids < {TOKEN_BITS + 1}")
-        lens = np.fromiter((len(p) for p in self.pieces), dtype=np.int64, count=len(self.pieces))
-        self._blob = np.frombuffer(b"".join(self.pieces), dtype=np.uint8)
-        self._starts = np.cumsum(lens) - lens
-        self.lengths = lens.astype(np.uint32)
-        self.size = len(self.pieces)
-
-    def __call__(self, ids: np.ndarray) -> tuple[bytes, np.ndarray]:
-        """(the concatenated bytes of `ids`, uint32 byte length of each)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        lens = self.lengths[ids]
-        if ids.size < 256:  # a join beats the gather's fixed numpy cost (and per-byte passes) up to a few hundred
-            pieces = self.pieces
-            return b"".join([pieces[i] for i in ids.tolist()]), lens
-        total = int(lens.sum(dtype=np.int64))
-        if total == 0:
-            return b"", lens
-        out_start = lens.cumsum(dtype=np.int64) - lens
-        idx = np.repeat(self._starts[ids] - out_start, lens) + np.arange(total)
-        return self._blob[idx].tobytes(), lens
 
 
 class TrajectoryInput(msgspec.Struct, kw_only=True):
@@ -206,101 +91,6 @@ class EvictionReport(msgspec.Struct):
     tags: list = msgspec.field(default_factory=list)  # the `tag` of each evicted terminal that had one
 
 
-class Terminal:
-    """One stored spelling of a visible text: the path ending at `node`. Trajectories with the same text AND
-    the same tokens (e.g. two GRPO samples that generated identical ids) share one Terminal; its `rid` is the
-    newest one and `older_rids` the others (at most MAX_ALIASES), so each stays retrievable by its rid."""
-
-    __slots__ = ("rid", "older_rids", "version", "finish", "created", "retrieved", "key", "node", "tag")
-
-    def __init__(self, rid, version, finish, created, key, node):
-        self.rid, self.version, self.finish, self.created = rid, version, finish, created
-        self.retrieved, self.key, self.node = False, key, node  # key: text_key(visible text)
-        self.older_rids: list[str] | None = None
-        self.tag: int | None = None  # the caller's (peek_exact), reported when the terminal is evicted
-
-    def rids(self) -> list[str]:
-        return [*(self.older_rids or ()), self.rid]
-
-    def has_rid(self, rid: str) -> bool:
-        return rid == self.rid or (self.older_rids is not None and rid in self.older_rids)
-
-
-class Node:
-    __slots__ = ("data", "tlen", "thash", "r3", "r3_known", "r3_version", "version", "worker", "last_access",
-                 "by_first", "first_lens", "parent", "terminals", "hseq")
-
-    def __init__(self, data: np.ndarray, tlen: int, thash: int, parent):
-        self.data = data  # int32 [2, n]: token codes (id | flags << FLAG_SHIFT), float32 logprob bits
-        self.tlen, self.thash = tlen, thash  # byte length and hash() of the run's text
-        self.r3 = self.r3_known = self.r3_version = None
-        self.version = self.worker = None
-        self.last_access = 0.0
-        # The children, indexed by the exact bytes of their FIRST TOKEN -> the child (a list only when several
-        # first tokens have the same bytes), and the distinct lengths of those keys, so a text walk probes
-        # len(first_lens) slices, not every sibling; a child by token id is found through its bytes too. Leaves
-        # share one read-only empty mapping.
-        self.by_first: dict[bytes, Node | list[Node]] = _NO_CHILDREN
-        self.first_lens: tuple[int, ...] = ()
-        self.parent: Node | None = parent  # None once evicted (and for the root)
-        self.terminals: tuple[Terminal, ...] = ()
-        self.hseq = 0
-
-    @property
-    def size(self) -> int:
-        return self.data.shape[1]
-
-    @property
-    def tokens(self) -> np.ndarray:
-        return self.data[0] & TOKEN_BITS
-
-    @property
-    def flags(self) -> np.ndarray:
-        return (self.data[0] >> FLAG_SHIFT).astype(np.uint8)
-
-    @property
-    def logprobs(self) -> np.ndarray:
-        return self.data[1].view(np.float32)
-
-    def first_token(self) -> int:
-        return self.data.item(0, 0) & TOKEN_BITS
-
-    def kids(self) -> list[Node]:
-        out = []
-        for v in self.by_first.values():
-            if v.__class__ is Node:
-                out.append(v)
-            else:
-                out.extend(v)
-        return out
-
-    @property
-    def children(self) -> dict[int, Node]:
-        """The children by first token id (built on demand: for inspection, not the hot paths)."""
-        return {c.first_token(): c for c in self.kids()}
-
-    def payload_bytes(self) -> int:
-        n = self.data.nbytes
-        if self.r3 is not None:
-            n += self.r3.nbytes
-        if self.r3_known is not None:
-            n += self.r3_known.nbytes
-        return n
-
-    def nbytes(self) -> int:
-        n = self.payload_bytes() + NODE_OVERHEAD + TERMINAL_OVERHEAD * len(self.terminals)
-        for t in self.terminals:
-            if t.older_rids:
-                n += ALIAS_OVERHEAD * len(t.older_rids)
-        return n
-
-    def reclaimable(self) -> bool:
-        for t in self.terminals:
-            if not t.retrieved:
-                return False
-        return True
-
-
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     n = min(a.size, b.size)
     neq = a[:n] != b[:n]
@@ -345,6 +135,8 @@ _WIDTH = {np.dtype(np.uint8): 0, np.dtype(np.uint16): 1, np.dtype(np.int32): 2}
 
 class RadixTree:
     def __init__(self, vocab: VocabBytes, *, num_experts: int | None = None):
+        if vocab.size > TOKEN_BITS:
+            raise ValueError(f"vocabulary of {vocab.size} tokens: the trajectory cache takes ids < {TOKEN_BITS + 1}")
         self._vocab = vocab
         self._lens = vocab.lengths
         self._pieces = vocab.pieces
@@ -363,9 +155,7 @@ class RadixTree:
         self._nterminals = 0
         self._nodes = 0
         self._ntokens = 0
-        self._heaps: dict[tuple, list] = {}  # (version, reclaimable) -> [(last_access, seq, node)]
-        self._heap_entries = 0
-        self._seq = 0
+        self._leaves = LeafHeaps()  # the eviction order (heaps.py)
         self._stats = dict(hits=0, misses=0, inserts=0, splits=0, evictions=0, evicted_unretrieved=0,
                            retrieve_exact=0, retrieve_partial=0, retrieve_ambiguous=0, superseded=0)
 
@@ -464,10 +254,10 @@ class RadixTree:
         codes = node.data[0]
         lo = max(P - pos, 0)  # first generated position, node-local
         if lo < L:
-            codes[lo:] |= _GEN_CODE
+            codes[lo:] |= GEN_CODE
             node.data[1, lo:] = lps[pos + lo - P:pos + L - P].view(np.int32)
         if 0 <= P - 1 - pos < L:
-            codes[P - 1 - pos] |= _ANCHOR_CODE  # end of the prompt
+            codes[P - 1 - pos] |= ANCHOR_CODE  # end of the prompt
         hi = min(L, n - 1 - pos)  # routed-expert rows: none for the trajectory's last token
         if r3 is not None and hi > 0:
             self._write_r3(node, r3[pos:pos + hi], version)
@@ -593,7 +383,7 @@ class RadixTree:
             if len(v) == 1:
                 parent.by_first[key] = v[0]
         if not parent.by_first and parent is not self.root:
-            parent.by_first = _NO_CHILDREN
+            parent.by_first = NO_CHILDREN
 
     def _split(self, node: Node, m: int) -> Node:
         """Cut `node` after its first m tokens; return the new upper part (the lower part keeps its identity,
@@ -732,7 +522,7 @@ class RadixTree:
                     else:
                         k, kbytes = self._partial_match(child, text, mv, pos)  # k >= 1: its first token matched
                         whole, end = False, pos + kbytes
-                    if anchors_only and not child.data.item(0, k - 1) & _ANCHOR_BIT:
+                    if anchors_only and not child.data.item(0, k - 1) & ANCHOR_BIT:
                         pending.append((end, pos, child, k, path))
                     else:
                         ties = 1 if end > best[0] else ties + (end == best[0])
@@ -744,7 +534,7 @@ class RadixTree:
         for bound, pos, child, k, path in pending:  # an anchor inside the run ends before `bound`
             if bound <= best[0]:
                 break
-            idx = np.flatnonzero(child.data[0, :k - 1] & _ANCHOR_CODE)
+            idx = np.flatnonzero(child.data[0, :k - 1] & ANCHOR_CODE)
             if idx.size:
                 i = int(idx[-1])
                 b = pos + self._bytes_upto(child, i + 1)
@@ -790,7 +580,7 @@ class RadixTree:
                 return Retrieved(True, toks, lps, mask, tlen, _dedup(versions), r3, rid or term.rid, term.finish,
                                  term.version, anchored=True, alternatives=len(group))
         segs, nbytes, _ = self._text_walk(text, False)
-        anchored = bool(segs) and bool(segs[-1][0].data.item(0, segs[-1][1] - 1) & _ANCHOR_BIT)
+        anchored = bool(segs) and bool(segs[-1][0].data.item(0, segs[-1][1] - 1) & ANCHOR_BIT)
         alternatives = 0
         if segs and nbytes == tlen:
             # The whole text is covered. Count the spellings that end on an anchor (a cut inside somebody else's
@@ -854,10 +644,6 @@ class RadixTree:
         rows = np.concatenate(parts) if parts else np.zeros((0, 1), self._r3_dtype)
         return rows.reshape(max(need, 0), *self._r3_shape)
 
-    def path_arrays(self, node: Node):
-        """Full (tokens, logprobs, loss_mask, routed_experts|None) of the path ending at `node`."""
-        return self.gather([(nd, nd.size) for nd in self.path(node)])
-
     def routed_experts_prefix(self, tokens: np.ndarray, *, version: str | None) -> np.ndarray | None:
         """Routed-expert rows [s, L, K] (the tree's width) for the longest run of leading positions of `tokens`
         whose rows are all cached and were recorded under weight version `version`; None when there are none.
@@ -882,31 +668,7 @@ class RadixTree:
 
     # ----------------------------------------------------------------------------------------------- eviction
     def _push(self, node: Node) -> None:
-        """(Re)register a leaf in the heap of its (version, reclaimable) group; older entries go stale."""
-        if node.by_first or node.parent is None:  # not a leaf, evicted, or the root
-            return
-        self._seq += 1
-        node.hseq = self._seq
-        heapq.heappush(self._heaps.setdefault((node.version, node.reclaimable()), []),
-                       (node.last_access, self._seq, node))
-        self._heap_entries += 1
-        if self._heap_entries > 2 * self._nodes + 1024:
-            self._rebuild_heaps()
-
-    def _rebuild_heaps(self) -> None:
-        self._heaps, self._heap_entries = {}, 0
-        stack = self.root.kids()
-        while stack:
-            nd = stack.pop()
-            if nd.by_first:
-                stack.extend(nd.kids())
-            else:
-                self._seq += 1
-                nd.hseq = self._seq
-                self._heaps.setdefault((nd.version, nd.reclaimable()), []).append((nd.last_access, nd.hseq, nd))
-                self._heap_entries += 1
-        for h in self._heaps.values():
-            heapq.heapify(h)
+        self._leaves.push(node, self._nodes, self.root)
 
     def evict(self, *, budget_bytes: int, hard_budget_bytes: int,
               stale_versions: Callable[[str | None], bool] | None = None) -> EvictionReport:
@@ -918,10 +680,15 @@ class RadixTree:
                 stale_cache[v] = bool(stale_versions(v))
             return stale_cache[v]
 
-        while True:  # phases 1-2 again after each phase-3 eviction: it may expose a reclaimable parent
+        # Phases 1-2 until neither evicts more (an eviction may expose a parent that is stale or reclaimable,
+        # also one that phase 1 has already passed), then one phase-3 eviction, and again.
+        while True:
+            progressed = 0
             if stale_versions is not None:
-                self._evict_while(budget_bytes, lambda key: is_stale(key[0]), "evicted_stale", rep)
-            self._evict_while(budget_bytes, lambda key: key[1], "evicted_retrieved", rep)
+                progressed += self._evict_while(budget_bytes, lambda key: is_stale(key[0]), "evicted_stale", rep)
+            progressed += self._evict_while(budget_bytes, lambda key: key[1], "evicted_retrieved", rep)
+            if progressed:
+                continue
             if not self._evict_while(hard_budget_bytes, lambda key: True, "evicted_unretrieved", rep, 1):
                 break
         self._stats["evictions"] += rep.nodes
@@ -930,27 +697,10 @@ class RadixTree:
     def _evict_while(self, limit: int, eligible, counter: str, rep: EvictionReport, most: int = -1) -> int:
         done = 0
         while self._nbytes > limit and done != most:
-            best_key = best = None
-            for key in list(self._heaps):  # one heap per (version, reclaimable): few groups
-                h = self._heaps[key]
-                while h:
-                    stamp, seq, nd = h[0]
-                    if nd.hseq != seq or nd.by_first or nd.parent is None:
-                        heapq.heappop(h)  # stale entry
-                        self._heap_entries -= 1
-                    elif stamp != nd.last_access:  # used since it was pushed: take its place by the new stamp
-                        heapq.heapreplace(h, (nd.last_access, seq, nd))
-                    else:
-                        break
-                if not h:
-                    del self._heaps[key]
-                elif eligible(key) and (best is None or h[0] < best):
-                    best_key, best = key, h[0]
-            if best is None:
+            node = self._leaves.pop_oldest(eligible)
+            if node is None:
                 break
-            heapq.heappop(self._heaps[best_key])
-            self._heap_entries -= 1
-            self._evict_node(best[2], counter, rep)
+            self._evict_node(node, counter, rep)
             done += 1
         return done
 
@@ -1011,3 +761,4 @@ class RadixTree:
     def stats(self) -> dict:
         return dict(nodes=self._nodes, tokens=self._ntokens, bytes=self._nbytes,
                     trajectories=self._nterminals, **self._stats)
+
