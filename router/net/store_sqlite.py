@@ -163,9 +163,6 @@ class _Op:
 _STOP = _Op("stop", None, None)
 
 
-_HeadFilter = KeyFilter  # the name other backends import the prefix-key filter by
-
-
 class SqliteStore:
     """A TrajectoryStore (router/core/store.py) on one SQLite file."""
 
