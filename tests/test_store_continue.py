@@ -1,7 +1,8 @@
 """Continuing a stored text: a later turn whose prompt starts with a trajectory that is only on disk (evicted from
 memory, or stored before a restart) reuses its exact tokens, and the store is asked only when the memory cache may
 not cover the prompt (issue 19 item 6: every prompt sharing one long system prompt must not cost a store query).
-Prefix keys and the key filter as properties; the router over real sockets for the rest."""
+Prefix keys and the key filter as properties; the router over real sockets, once over SQLite and once over
+PostgreSQL (a throwaway server, tests/pg.py), for the rest."""
 
 from __future__ import annotations
 
@@ -89,11 +90,11 @@ def test_an_evicted_trajectory_reports_the_tag_it_was_given():
 
 
 # ---------------------------------------------------------------------------------------------- over real sockets
-async def _router(nursery, path, sim, **cache):
+async def _router(nursery, store_at, sim, **cache):
     return await start_router(
         nursery, workers={"urls": [sim.url]}, cache=cache,
         routes=[{"path": "/generate", "pipeline": str(ROOT / "pipelines/radix-cache.toml")}],
-        store={"enabled": True, "path": str(path), "sync": "commit"})
+        store=store_at.config(sync="commit"))
 
 
 def _count_store_queries(router) -> list:
@@ -132,11 +133,11 @@ async def _stored_tokens(c, text: str) -> list:
     return got["tokens"]
 
 
-async def test_the_store_is_not_asked_about_what_memory_holds(nursery, tmp_path):
+async def test_the_store_is_not_asked_about_what_memory_holds(nursery, store_at):
     """Fresh questions behind one long system prompt, and conversations continued while their turns are in memory:
     no store query at all, and every next turn reuses the cached tokens."""
     sim = await start_sim(nursery, seed=4, noncanonical_rate=0.5)
-    router = await _router(nursery, tmp_path / "store.db", sim)
+    router = await _router(nursery, store_at, sim)
     asked = _count_store_queries(router)
     async with client(router) as c:
         convs = [_question(i) for i in range(6)]
@@ -151,12 +152,12 @@ async def test_the_store_is_not_asked_about_what_memory_holds(nursery, tmp_path)
     assert router.runtime.store.stats().rows == 18
 
 
-async def test_a_turn_evicted_from_memory_is_continued_with_its_exact_tokens(nursery, tmp_path):
+async def test_a_turn_evicted_from_memory_is_continued_with_its_exact_tokens(nursery, store_at):
     """With a memory budget that evicts every trajectory right after it is stored, each next turn's earlier turns
     come back from the store: the worker receives them token for token (the worker spells text non-canonically
     half the time, so a fresh tokenization would differ), and the store is asked only about evicted keys."""
     sim = await start_sim(nursery, seed=5, noncanonical_rate=0.5)
-    router = await _router(nursery, tmp_path / "store.db", sim, budget_bytes=1, hard_budget_bytes=1)
+    router = await _router(nursery, store_at, sim, budget_bytes=1, hard_budget_bytes=1)
     asked = _count_store_queries(router)
     async with client(router) as c:
         convs = [_question(i) for i in range(4)]
@@ -174,14 +175,13 @@ async def test_a_turn_evicted_from_memory_is_continued_with_its_exact_tokens(nur
     assert 0 < len(asked) <= 2 * 4 * 2
 
 
-async def test_a_conversation_stored_before_a_restart_is_continued_exactly(nursery, tmp_path):
+async def test_a_conversation_stored_before_a_restart_is_continued_exactly(nursery, store_at):
     """After a restart: new questions behind the same system prompt cost no store query; a conversation stored
     before the restart is continued with its exact tokens."""
-    path = tmp_path / "store.db"
     sim = await start_sim(nursery, seed=6, noncanonical_rate=0.5)
     texts = []
     async with trio.open_nursery() as n1:
-        router = await _router(n1, path, sim)
+        router = await _router(n1, store_at, sim)
         async with client(router) as c:
             for i in range(8):
                 out, _, _ = await _turn(c, sim, _question(i))
@@ -189,7 +189,7 @@ async def test_a_conversation_stored_before_a_restart_is_continued_exactly(nurse
             stored = [await _stored_tokens(c, t) for t in texts]
         n1.cancel_scope.cancel()
     async with trio.open_nursery() as n2:
-        router = await _router(n2, path, sim)
+        router = await _router(n2, store_at, sim)
         asked = _count_store_queries(router)
         async with client(router) as c:
             for i in range(100, 110):
@@ -202,25 +202,30 @@ async def test_a_conversation_stored_before_a_restart_is_continued_exactly(nurse
         n2.cancel_scope.cancel()
 
 
-async def test_a_store_keyed_by_text_heads_is_still_continued(nursery, tmp_path):
+async def test_a_store_keyed_by_text_heads_is_still_continued(nursery, store_at):
     """Stores written before keys moved to the end keyed every text by its first 64 bytes: their trajectories are
     still continued with their exact tokens."""
-    path = tmp_path / "store.db"
     sim = await start_sim(nursery, seed=7, noncanonical_rate=0.5)
     async with trio.open_nursery() as n1:
-        router = await _router(n1, path, sim)
+        router = await _router(n1, store_at, sim)
         async with client(router) as c:
             out, _, _ = await _turn(c, sim, _question(1))
             text = _question(1) + out["text"]
             stored = await _stored_tokens(c, text)
         n1.cancel_scope.cancel()
     legacy = int.from_bytes(hashlib.blake2b(text.encode()[:HEAD_BYTES], digest_size=8).digest(), "little") >> 1
-    conn = sqlite3.connect(path)
-    assert conn.execute("UPDATE trajectories SET head = ?", (legacy,)).rowcount == 1
-    conn.commit()
-    conn.close()
+    if store_at.kind == "sqlite":
+        conn = sqlite3.connect(store_at.where)
+        assert conn.execute("UPDATE trajectories SET head = ?", (legacy,)).rowcount == 1
+        conn.commit()
+        conn.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(store_at.where, autocommit=True) as conn:
+            assert conn.execute("UPDATE miles_router.trajectories SET head = %s", (legacy,)).rowcount == 1
     async with trio.open_nursery() as n2:
-        router = await _router(n2, path, sim)
+        router = await _router(n2, store_at, sim)
         async with client(router) as c:
             out, cached, sent = await _turn(c, sim, text + " Next: one more?")
             _assert_reused(cached, sent, stored)
