@@ -122,14 +122,20 @@ class Bench:
 
     def run_requests(self, body: bytes) -> Exchange:
         ex = Exchange("POST", "/sessions/x/v1/chat/completions", b"", [], body)
-        ex.scratch["session"] = self.session
+        if hasattr(Exchange, "session"):  # (an older router, for --compare-ref, kept it in scratch)
+            ex.session = self.session
+        else:
+            ex.scratch["session"] = self.session
         for s in self.req:
             _run(s.on_request(ex))
         return ex
 
     def run_responses(self, ex: Exchange, reply: bytes) -> bytes:
         ex.status, ex.response_body = 200, reply
-        ex.scratch["client_headers"] = []
+        if hasattr(Exchange, "client_headers"):
+            ex.client_headers = []
+        else:
+            ex.scratch["client_headers"] = []
         for s in self.resp:
             _run(s.on_response(ex))
         return ex.response_body

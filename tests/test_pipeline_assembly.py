@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from router.core.pipeline import PipelineError, build_pipeline, load_pipeline
+from router.core.pipeline import (BUILTIN_STAGES, EXCHANGE_ARTIFACTS, PipelineError, build_pipeline, load_pipeline,
+                                  resolve_stage)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,6 +31,11 @@ def test_shipped_pipelines_load():
         (["router.stages.tokenize:Missing", "forward"], {}, "has no stage 'Missing'"),
         (["tokenize", "forward"], {"tokenize": {"bogus": 1}}, "stages[0] (tokenize): bad option"),
         (["forward"], {"capture": {}}, "options.capture: no stage of that name"),
+        # the order that persisted nothing at run time: persist_session needs the turn session_reply commits
+        (["session_request", "chat_template", "session_generate", "forward", "chat_parse", "persist_session",
+          "session_reply"], {}, "stages[5] (persist_session): requires committed_turn"),
+        (["session_request", "session_generate", "forward"], {}, "stages[1] (session_generate): requires "
+                                                                 "session_prompt"),
     ],
 )
 def test_bad_pipelines_name_file_index_problem(stages, options, expected):
@@ -66,3 +72,58 @@ def test_unknown_pipeline_file_key(tmp_path):
     (tmp_path / "p.toml").write_text('stage = ["forward"]\n')
     with pytest.raises(PipelineError, match="p.toml"):
         load_pipeline("p.toml", tmp_path)
+
+
+def _scratch_keys_used(cls) -> set[str]:
+    """Every `scratch` key the stage's module reads or writes (`ex.scratch[K]`, `.get/.pop/.setdefault(K)`),
+    with module-level names (TURN, ...) resolved."""
+    import ast
+    import inspect
+    import sys
+
+    mod = sys.modules[cls.__module__]
+    keys = set()
+    for node in ast.walk(ast.parse(inspect.getsource(mod))):
+        target = None
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute) and node.value.attr == "scratch":
+            target = node.slice
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr in ("get", "pop", "setdefault") and isinstance(node.func.value, ast.Attribute)
+              and node.func.value.attr == "scratch" and node.args):
+            target = node.args[0]
+        if target is None:
+            continue
+        if isinstance(target, ast.Constant):
+            keys.add(target.value)
+        elif isinstance(target, ast.Name):
+            keys.add(getattr(mod, target.id))
+        else:
+            raise AssertionError(f"{cls.__module__}: a scratch key that is not a constant: {ast.dump(target)}")
+    return keys
+
+
+def _writes_upstream_body(cls) -> bool:
+    import inspect
+    import sys
+
+    return "ex.upstream_body =" in inspect.getsource(sys.modules[cls.__module__])
+
+
+@pytest.mark.parametrize("ref", sorted(BUILTIN_STAGES))
+def test_each_stage_declares_exactly_the_scratch_keys_it_uses(ref):
+    """The stage contract is what the code does: every scratch key a built-in stage's module touches is one it
+    declares (requires / optional / provides), and every declared key is one it touches; an Exchange artifact
+    it writes (`upstream_body`) is one it provides."""
+    cls = resolve_stage(ref)
+    declared = set(cls.requires) | set(cls.optional) | set(cls.provides)
+    assert declared - set(EXCHANGE_ARTIFACTS) == _scratch_keys_used(cls), ref
+    assert ("upstream_body" in cls.provides) == _writes_upstream_body(cls), ref
+    for hook in ("uses_tokenizer", "uses_tree", "uses_store", "evicts_cache"):
+        assert isinstance(getattr(cls, hook), bool), (ref, hook)
+
+
+def test_shipped_pipelines_declare_what_they_need():
+    for name in ("radix-cache.toml", "radix-cache-r3.toml", "radix-cache-r3-incremental.toml",
+                 "session-chat.toml", "session-chat-r3.toml"):
+        load_pipeline(f"pipelines/{name}", ROOT)
+    assert [s.ref for s in load_pipeline("session-chat", ROOT).stages][-2:] == ["session_reply", "persist_session"]

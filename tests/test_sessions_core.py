@@ -439,11 +439,11 @@ class Pipeline:
 
     async def chat(self, session, body: dict, text: str, length: int | None = None):
         ex = Exchange("POST", "/sessions/x/v1/chat/completions", b"", [], msgspec.json.encode(body))
-        ex.scratch["session"] = session
+        ex.session = session
         for s in self.request_stages:
             await s.on_request(ex)
         ex.status, ex.response_body = 200, self.worker.reply(ex.upstream_body, text, length)
-        ex.scratch["client_headers"] = []
+        ex.client_headers = []
         for s in self.response_stages:
             await s.on_response(ex)
         return ex

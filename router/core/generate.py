@@ -18,13 +18,13 @@ _INT32 = np.iinfo(np.int32)
 def generate_request(ex: Exchange) -> GenerateRequest:
     """The request's routing fields as the worker would get them (earlier stages' rewrites
     included), decoded once per request; the body itself is untouched."""
-    req = ex.scratch.get("request")
+    req = ex.parsed_request
     if req is None:
         try:
             req = generate_request_decoder.decode(ex.body_for_upstream)
         except DECODE_ERRORS as e:
             raise StageError(400, f"invalid /generate body: {decode_error_text(e, ex.body_for_upstream)}") from None
-        ex.scratch["request"] = req
+        ex.parsed_request = req
     return req
 
 

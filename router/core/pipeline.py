@@ -11,11 +11,20 @@ A stage is a class with:
   * `phase`     "request" (before the worker is called; may answer the request itself),
                 "forward" (exactly one: calls a worker and relays its reply), or
                 "response" (after the worker answered, before the client sees the end of the reply);
-  * `requires` / `provides`  names of `Exchange.scratch` keys, so an order that cannot work
-                (e.g. insert before capture) is refused at startup;
+  * `requires` / `optional` / `provides`: what it reads (`requires`: an earlier stage must provide it;
+                `optional`: used when an earlier stage did) and what it writes. A name is an
+                `Exchange.scratch` key, or one of the Exchange artifacts in `EXCHANGE_ARTIFACTS`
+                (`upstream_body`, `response`). So an order that cannot work (insert before capture,
+                persist_session before session_reply) is refused at startup; tests/test_pipeline_assembly.py
+                checks every built-in stage's code uses exactly the scratch keys it declares;
   * `Options`   a msgspec Struct (unknown keys are errors) built from `[options.<name>]`;
-  * `__init__(self, options, services)` and `async on_request(ex) -> Reply | None`,
-    `async forward(ex, client) -> None` or `async on_response(ex) -> None`.
+  * `__init__(self, options, services)` (`services`: the `Services` the router gives every stage) and
+    `async on_request(ex) -> Reply | None`, `async forward(ex, client: ClientSink) -> None` or
+    `async on_response(ex) -> None`;
+  * loading hooks (class attributes, default False): `uses_tokenizer` (the router loads the tokenizer),
+    `uses_tree` (the trajectory cache), `uses_store` (the durable store is opened), `evicts_cache` (it
+    enforces the cache's memory budget, so an earlier stage need not); and `bind_pipeline(response_stages)`,
+    called once with the route's response stages (a stage that depends on what follows it looks once).
 
 Assembly here is pure (imports and validation only); the I/O edge instantiates the stages.
 """
@@ -26,7 +35,7 @@ import importlib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import msgspec
 
@@ -84,14 +93,44 @@ class NoOptions(msgspec.Struct, forbid_unknown_fields=True):
     pass
 
 
+# Exchange fields a stage may name in requires/provides: set by one stage, read by later ones.
+EXCHANGE_ARTIFACTS = {
+    "upstream_body": "Exchange.upstream_body: the request body sent to the worker instead of the client's",
+    "response": "Exchange.status, response_headers and response_body (or final_event for a stream): "
+                "the worker's reply, set by the forward stage",
+}
+
+
+class ClientSink(Protocol):
+    """Where the forward stage writes the client's reply (router/net/app.py ClientStream)."""
+
+    pipeline_needs_response: bool  # response stages follow: hold back the end of the reply until they ran
+    started: bool  # the reply's head went out: an error can no longer be a clean status
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
+
+    async def send(self, chunk: bytes) -> None: ...
+
+    def defer(self, data: bytes) -> None:
+        """Hold back the end of the reply until the response stages ran."""
+
+    async def reply(self, reply: Reply) -> None:
+        """A complete reply of the router's own (before anything started)."""
+
+
 class Stage:
-    """Base class for stages (subclassing is optional; the attributes are the contract)."""
+    """Base class for stages (subclassing is optional; the attributes are the contract: see the module docstring)."""
 
     name: ClassVar[str] = ""
     phase: ClassVar[str] = "request"
     requires: ClassVar[frozenset[str]] = frozenset()
+    optional: ClassVar[frozenset[str]] = frozenset()
     provides: ClassVar[frozenset[str]] = frozenset()
     Options: ClassVar[type[msgspec.Struct]] = NoOptions
+    uses_tokenizer: ClassVar[bool] = False
+    uses_tree: ClassVar[bool] = False
+    uses_store: ClassVar[bool] = False
+    evicts_cache: ClassVar[bool] = False
 
     def __init__(self, options: Any, services: Any) -> None:
         self.options = options
@@ -109,7 +148,14 @@ class Exchange:
     body: bytes  # the client's bytes, never modified
     route: Any = None  # the RouteConfig, when the route is configured
     upstream_body: bytes | None = None  # set by a stage that rewrites the request
-    scratch: dict[str, Any] = field(default_factory=dict)  # stage-to-stage values
+    scratch: dict[str, Any] = field(default_factory=dict)  # stage-to-stage values (declared by the stages)
+    # Set by the router itself, for every stage to read:
+    session: Any = None  # the Session of a /sessions/{id}/... request (router/core/sessions/registry.py)
+    routing_key: str | None = None  # a sticky key the router chose (a session id), before any the client sent
+    parsed_request: Any = None  # the body decoded as a /generate request, once (router/core/generate.py)
+    affinity_seq: Any = None  # the prompt prefix-affinity routed by, to learn the reply's continuation
+    # the reply's head while response stages run (set by forward, added to by capture / session_reply)
+    client_headers: list[tuple[bytes, bytes]] | None = None
     worker: Any = None  # the Worker that served the request
     route_reason: str = ""
     status: int | None = None  # the worker's status

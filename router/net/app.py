@@ -300,15 +300,14 @@ class RouterApp:
 
     # ---- proxy ------------------------------------------------------------------------------
     async def _proxy(self, scope, receive, send, body: bytes, pipe: RoutePipeline, *,
-                     scratch: dict | None = None, upstream_path: str | None = None) -> int:
+                     session=None, routing_key: str | None = None, upstream_path: str | None = None) -> int:
         ex = Exchange(scope["method"], scope["path"], scope["query_string"], scope["headers"], body, route=pipe.route)
         if upstream_path is not None:
             ex.path = upstream_path
         elif scope.get("raw_path"):
             # Forward the path as the client spelled it (percent-encoding included), never re-quoted.
             ex.path = scope["raw_path"].decode("latin-1").split("?", 1)[0]
-        if scratch:
-            ex.scratch.update(scratch)
+        ex.session, ex.routing_key = session, routing_key
         client = ClientStream(send, pipe.needs_response)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope, client)
@@ -403,7 +402,7 @@ class RouterApp:
                             type(e).__name__, e)
                 ex.stage_errors.append(f"{stage.name}: {type(e).__name__}: {e}")
         if not client.started:
-            headers = list(ex.scratch.get("client_headers", ()))
+            headers = list(ex.client_headers or ())
             if ex.stage_errors:
                 headers.append((b"x-miles-router-stage-error", _ascii("; ".join(ex.stage_errors))))
             await client.start(ex.status or 502, headers)

@@ -546,7 +546,7 @@ class Runtime:
             reason = "affinity_miss"
         if w is not None:
             self.prefix_index.record(seq, w.url)
-            ex.scratch["affinity_seq"] = seq
+            ex.affinity_seq = seq
         return w, reason
 
     def _usable(self, url: str) -> bool:
@@ -567,7 +567,7 @@ class Runtime:
         out = outputs[0]
         if out.meta_info is not None and out.meta_info.weight_version is not None:
             self.observe_weight_version(ex.worker, out.meta_info.weight_version)
-        seq = ex.scratch.get("affinity_seq")
+        seq = ex.affinity_seq
         if seq is None:
             return
         if isinstance(seq, bytes):
@@ -577,9 +577,8 @@ class Runtime:
             self.prefix_index.record(np.concatenate([seq, np.asarray(out.output_ids, np.int32)]), ex.worker.url)
 
     def _routing_key(self, ex) -> str | None:
-        key = ex.scratch.get("routing_key")  # set by the router itself (e.g. a session id)
-        if key is not None:
-            return key
+        if ex.routing_key is not None:  # set by the router itself (e.g. a session id)
+            return ex.routing_key
         g = self.config.routing
         for k, v in ex.headers:
             if k == g.sticky_header.encode():

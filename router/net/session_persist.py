@@ -57,13 +57,7 @@ class SessionPersister:
     async def created(self, session: Session) -> None:
         await self.store.put_session(session.id, time.time(), wire.encode_header(time.time()), [], wait=True)
 
-    async def turn_committed(self, session: Session, request_seq: int) -> None:
-        tree = session.tree
-        for turn in reversed(tree.turns):  # this request's turn: the newest, unless a sibling committed since
-            if turn.request_seq == request_seq:
-                break
-        else:
-            return
+    async def turn_committed(self, session: Session, turn: Turn) -> None:
         await self.store.put_session(session.id, time.time(), None, [(turn.id, wire.encode_turn(turn))],
                                      wait=self.wait)
 

@@ -91,7 +91,7 @@ class SessionRoutes:
         session.last_used = time.monotonic()
         try:
             return await self.app._proxy(scope, receive, send, body, pipe, upstream_path=upstream_path,
-                                         scratch={"session": session, "routing_key": session.id})
+                                         session=session, routing_key=session.id)
         finally:
             session.inflight -= 1
             session.last_used = time.monotonic()

@@ -1,4 +1,9 @@
-"""What the session stages hand each other through `ex.scratch`, and the worker-reply decode they share."""
+"""What the session stages hand each other through `ex.scratch`, and the worker-reply decode they share.
+
+The scratch keys (declared by each stage): `session_turn` (a PendingTurn: session_request), `session_prompt`
+(the tokens the turn's new messages add: chat_template), `worker_output` and `assistant` (the worker's reply
+and the message read off it: chat_parse), `committed_turn` (the Turn as stored, or None when the session was
+closed meanwhile: session_reply)."""
 
 from __future__ import annotations
 
@@ -14,6 +19,10 @@ from router.wire.openai import ChatMessageIn, ChatRequest
 from router.wire.sglang import BadOutput, decode_generate_outputs, routed_experts_rows
 
 TURN = "session_turn"  # scratch key of the PendingTurn
+PROMPT = "session_prompt"
+OUTPUT = "worker_output"
+ASSISTANT = "assistant"
+COMMITTED = "committed_turn"
 
 
 @dataclass(slots=True)
@@ -27,8 +36,7 @@ class PendingTurn:
     new_raws: list[msgspec.Raw]  # the same as the client's JSON (owning its bytes), for the match index
     request_seq: int
     requested_at: float
-    prompt_ids: np.ndarray | None = None  # tokens the new messages add (set by the template stage)
-    input_len: int = 0  # tokens the worker receives
+    input_len: int = 0  # tokens the worker receives (set by the template stage)
     # The record's request (router/wire/sessions.py TurnRecord.request): the client's fields, then the
     # ones the session sets; set by session_request, completed by session_generate.
     request_fields: dict[str, msgspec.Raw] = field(default_factory=dict)
@@ -37,9 +45,6 @@ class PendingTurn:
     want_r3: bool = False
     r3_incremental: bool = False  # the worker was asked for the new rows only (routed_experts_start_len)
     r3_shape: tuple[int, int] = (0, 0)  # (layers, top_k)
-    output: Any = None  # WorkerOutput (set by the output stage)
-    assistant: Any = None  # AssistantOutput: content, reasoning_content, tool_calls
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # meta_info keys the client copy loses (miles strips both: they stay with the turn)
@@ -98,7 +103,3 @@ def decode_worker_output(body: bytes, r3_shape: tuple[int, int], skip_rows: int 
                         matched_stop=out.finish.matched, cached_tokens=out.cached_tokens,
                         prompt_tokens=out.prompt_tokens or 0, reasoning_tokens=out.reasoning_tokens or 0,
                         e2e_latency=out.e2e_latency)
-
-
-def pending(ex: Exchange) -> PendingTurn:
-    return ex.scratch[TURN]

@@ -40,6 +40,7 @@ class Capture(Stage):
     name = "capture"
     phase = "response"
     requires = frozenset({"prompt", "response"})
+    optional = frozenset({"r3_prefix"})
     provides = frozenset({"trajectory"})
     Options = Options
     uses_tokenizer = True
@@ -85,7 +86,7 @@ class Capture(Stage):
                 routed_experts=experts,
             ))
         ex.scratch["trajectory"] = records
-        client_headers = ex.scratch.get("client_headers")  # present while the reply's head is held back
+        client_headers = ex.client_headers  # present while the reply's head is held back
         if client_headers is not None and records:
             # the key /retrieve_from_text takes as `rid` when several samples' texts are the same
             rids = ",".join(r.rid for r in records).encode()

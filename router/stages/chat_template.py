@@ -8,7 +8,8 @@ the appended messages: what a fresh render puts after the stored assistant's end
 (`Tokenizer.render_appended`; for ChatML the `\n` after `<|im_end|>`, then the new turns and the
 generation prompt). Old turns are never re-rendered or re-tokenized. When the stored output did
 not end with the end-of-turn token (a stop string or another stop id ended it), the end-of-turn
-text comes first, as a fresh render has it. Writes `PendingTurn.prompt_ids`.
+text comes first, as a fresh render has it. Writes `scratch["session_prompt"]` (int32 ids) and
+`PendingTurn.input_len`.
 Swap this stage for another template family's junction rule.
 
 Tokenizing the appended text on its own gives a fresh render's tokens because the junction sits
@@ -24,7 +25,7 @@ import numpy as np
 
 from router.core.pipeline import Exchange, Stage, StageError
 from router.core.sessions.messages import message_dict
-from router.stages._session import TURN
+from router.stages._session import PROMPT, TURN
 from router.wire.openai import BadTool, sglang_tools
 
 _key_encoder = msgspec.json.Encoder(order="sorted")
@@ -34,7 +35,7 @@ class ChatTemplate(Stage):
     name = "chat_template"
     phase = "request"
     requires = frozenset({TURN})
-    provides = frozenset({"session_prompt"})
+    provides = frozenset({PROMPT})
     uses_tokenizer = True
 
     async def on_request(self, ex: Exchange) -> None:
@@ -63,7 +64,7 @@ class ChatTemplate(Stage):
             ids = np.asarray(await tok.encode_async(text), dtype=np.int32)
         if ids.size == 0:
             raise StageError(400, "the chat template rendered no tokens for these messages")
-        turn.prompt_ids = ids
+        ex.scratch[PROMPT] = ids
         turn.input_len = tree.path_length(turn.parent) + int(ids.size)
         return None
 

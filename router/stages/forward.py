@@ -102,7 +102,7 @@ class Forward(Stage):
                             continue  # an abort is deliberate, not a failure
                         if capture:
                             ex.response_body = reply
-                            ex.scratch["client_headers"] = out_headers
+                            ex.client_headers = out_headers
                         else:
                             await client.start(resp.status, out_headers)
                             client.defer(reply)

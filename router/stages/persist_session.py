@@ -1,6 +1,6 @@
 """persist_session: make a session turn durable before the client sees the end of the reply.
 
-Reads `scratch["session_turn"]` after `session_reply` committed it to the session's tree, and writes that
+Reads `scratch["committed_turn"]` (the turn `session_reply` committed to the session's tree) and writes that
 turn (messages, assistant reply, prompt and output tokens, logprobs, routed experts, record) to the durable
 store (`[store]`, router/net/session_persist.py). With `store.sync = "commit"` the reply waits for the commit.
 If the store cannot write, the client gets 503 naming the store instead of the reply (the turn stays in memory
@@ -11,21 +11,21 @@ from __future__ import annotations
 
 from router.core.pipeline import CommitError, Exchange, Stage
 from router.core.store import StoreWriteError
-from router.stages._session import TURN
+from router.stages._session import COMMITTED
 
 
 class PersistSession(Stage):
     name = "persist_session"
     phase = "response"
-    requires = frozenset({TURN, "assistant"})
+    requires = frozenset({COMMITTED})
     uses_store = True
 
     async def on_response(self, ex: Exchange) -> None:
-        persister = getattr(self.services, "session_persister", None)
-        turn = ex.scratch.get(TURN)
-        if persister is None or turn is None or ex.status != 200 or turn.session.closed:
+        persister = self.services.session_persister
+        turn = ex.scratch.get(COMMITTED)
+        if persister is None or turn is None or ex.status != 200 or ex.session.closed:
             return
         try:
-            await persister.turn_committed(turn.session, turn.request_seq)
+            await persister.turn_committed(ex.session, turn)
         except StoreWriteError as e:
             raise CommitError(503, str(e), store=persister.where) from None

@@ -38,7 +38,7 @@ class R3Prefix(Stage):
     name = "r3_prefix"
     phase = "request"
     requires = frozenset({"prompt"})
-    provides = frozenset({"r3_prefix"})
+    provides = frozenset({"r3_prefix", "upstream_body"})
     Options = Options
     uses_tree = True
 

@@ -43,7 +43,6 @@ class RadixLookup(Stage):
         if continue_from_store is not None and cut < len(text) and await continue_from_store(text, cut):
             m, cut = self._match(text)  # earlier turns this text continues came back from the durable store
         ex.scratch["prefix"] = (m.tokens, cut)
-        ex.scratch["prefix_worker"] = m.worker
         return None
 
     def _match(self, text: bytes):

@@ -1,6 +1,6 @@
 """session_generate: turn a session chat turn into a native SGLang /generate call.
 
-Reads `scratch["session_turn"]` (its prompt tokens). Writes `ex.upstream_body`: `input_ids` =
+Reads `scratch["session_turn"]` and `scratch["session_prompt"]`. Writes `ex.upstream_body`: `input_ids` =
 the stored tokens of the path (verbatim) + this turn's prompt tokens, the request's sampling
 parameters, forced `return_logprob`, `lora_path` (`[sessions] lora_path`, else the request's) and, when
 capturing R3, `return_routed_experts` (and `routed_experts_start_len` for incremental R3); sets the
@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from router.core.pipeline import Exchange, Stage, StageError
-from router.stages._session import TURN
+from router.stages._session import PROMPT, TURN
 
 _encoder = msgspec.json.Encoder()
 _TRUE, _FALSE = msgspec.Raw(b"true"), msgspec.Raw(b"false")
@@ -40,8 +40,8 @@ class Options(msgspec.Struct, forbid_unknown_fields=True):
 class SessionGenerate(Stage):
     name = "session_generate"
     phase = "request"
-    requires = frozenset({"session_prompt"})
-    provides = frozenset({"generate_body"})
+    requires = frozenset({TURN, PROMPT})
+    provides = frozenset({"upstream_body"})
     Options = Options
 
     async def on_request(self, ex: Exchange) -> None:
@@ -96,8 +96,8 @@ class SessionGenerate(Stage):
         rest = _encoder.encode(fields)
         # input_ids: the stored turns' ids verbatim (encoded once per turn, when first extended), then the new ones.
         ex.upstream_body = turn.session.tree.join_path_ids(turn.parent, b'{"input_ids":[',
-                                                           _encoder.encode(turn.prompt_ids.tolist())[1:-1],
+                                                           _encoder.encode(ex.scratch[PROMPT].tolist())[1:-1],
                                                            b"]," + rest[1:])
         ex.path, ex.query = "/generate", b""
-        ex.scratch["routing_key"] = turn.session.id
+        ex.routing_key = turn.session.id
         return None

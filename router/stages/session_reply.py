@@ -1,9 +1,10 @@
 """session_reply: record the turn in the session tree and answer as SGLang's chat completion.
 
-Reads `scratch["session_turn"]` with its parsed output. Commits the turn (prompt tokens, output
-ids incl. the stop token, logprobs, this turn's routed-experts rows, finish reason, record) as a
-child of its attach point, tells the registry the session changed (a durable store writes it
-there, before the reply ends), then replaces the worker's reply with a `chat.completion` in
+Reads `scratch["session_turn"]`, `scratch["session_prompt"]`, `scratch["worker_output"]` and
+`scratch["assistant"]`. Commits the turn (prompt tokens, output ids incl. the stop token, logprobs,
+this turn's routed-experts rows, finish reason, record) as a child of its attach point and writes it
+to `scratch["committed_turn"]` (None when the session was closed meanwhile), tells the registry the
+session changed, then replaces the worker's reply with a `chat.completion` in
 SGLang's shape (router/core/sessions/chat_reply.py: `id` is the worker's request id, which is also
 the turn's `response_id`), or for `stream: true` with miles' one-chunk stream. `choices[0].meta_info`
 is the worker's minus `routed_experts` and `indexer_topk`, which stay with the turn. Routed experts
@@ -24,34 +25,35 @@ from router.core.chat_output import finish_reason
 from router.core.pipeline import Exchange, Stage
 from router.core.sessions.chat_reply import completion, stream_body
 from router.core.sessions.tree import TurnLimit
-from router.stages._session import TURN
+from router.stages._session import ASSISTANT, COMMITTED, OUTPUT, PROMPT, TURN
 from router.wire.api import error_body
 from router.wire.openai import AssistantMessage, ChatMessageIn, FunctionCallIn, ToolCallIn, json_encoder
 from router.wire.sessions import TurnRecord
 
 
 def _route_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
-    return [(k, v) for k, v in ex.scratch.get("client_headers", ()) if k.startswith(b"x-miles-router-")]
+    return [(k, v) for k, v in ex.client_headers or () if k.startswith(b"x-miles-router-")]
 
 
 def fail(ex: Exchange, status: int, message: str) -> None:
     """Answer the client with a router error instead of the worker's reply (from a response stage)."""
     ex.status = status
     ex.response_body = error_body(message)
-    ex.scratch["client_headers"] = [(b"content-type", b"application/json")] + _route_headers(ex)
-    ex.scratch.pop(TURN, None)
+    ex.client_headers = [(b"content-type", b"application/json")] + _route_headers(ex)
+    ex.scratch.pop(OUTPUT, None)  # nothing to record
 
 
 class SessionReply(Stage):
     name = "session_reply"
     phase = "response"
-    requires = frozenset({TURN, "assistant"})
+    requires = frozenset({TURN, PROMPT, OUTPUT, ASSISTANT})
+    provides = frozenset({COMMITTED})
 
     async def on_response(self, ex: Exchange) -> None:
-        turn = ex.scratch.get(TURN)
-        if turn is None or turn.output is None or ex.status != 200:
+        turn, out = ex.scratch[TURN], ex.scratch.get(OUTPUT)
+        if out is None or ex.status != 200:
             return
-        out, parsed = turn.output, turn.assistant
+        parsed = ex.scratch[ASSISTANT]
         calls = parsed.tool_calls
         # "abort" is not a finished chat turn; it is reported (and recorded) as what it is.
         finish = "abort" if out.finish_type == "abort" else finish_reason(out.finish_type, bool(calls))
@@ -67,9 +69,10 @@ class SessionReply(Stage):
                             prompt_tokens=out.prompt_tokens, reasoning_tokens=out.reasoning_tokens,
                             e2e_latency=out.e2e_latency)
         session = turn.session
+        ex.scratch[COMMITTED] = None
         if not session.closed:
             try:
-                self._commit(turn, parsed, finish, rid, record)
+                ex.scratch[COMMITTED] = self._commit(turn, ex.scratch[PROMPT], out, parsed, finish, rid, record)
             except TurnLimit as e:
                 fail(ex, 409, str(e))
                 return
@@ -88,11 +91,10 @@ class SessionReply(Stage):
             body = json_encoder.encode(reply)
             headers = [(b"content-type", b"application/json")] + headers
         ex.response_body = body
-        ex.scratch["client_headers"] = headers + [(b"content-length", str(len(body)).encode())]
+        ex.client_headers = headers + [(b"content-length", str(len(body)).encode())]
 
     @staticmethod
-    def _commit(turn, parsed, finish: str, rid: str, record: TurnRecord) -> None:
-        out = turn.output
+    def _commit(turn, prompt_ids, out, parsed, finish: str, rid: str, record: TurnRecord):
         tree = turn.session.tree
         experts, r3_start, r3_error = None, turn.r3_start, out.routed_experts_error
         if out.routed_experts is not None:
@@ -109,8 +111,9 @@ class SessionReply(Stage):
         stored = ChatMessageIn(role="assistant", content=parsed.content, reasoning_content=parsed.reasoning_content,
                                tool_calls=[ToolCallIn(FunctionCallIn(c.function.name, c.function.arguments), id=c.id)
                                            for c in parsed.tool_calls] if parsed.tool_calls else None)
-        tree.commit(turn.parent, turn.new_raws, request_seq=turn.request_seq, messages=turn.new_messages,
-                    assistant=stored, assistant_raw=record.message, prompt_ids=turn.prompt_ids,
-                    output_ids=out.output_ids, output_logprobs=out.logprobs, routed_experts=experts,
-                    r3_start=r3_start, r3_error=r3_error, finish_reason=finish, weight_version=out.weight_version,
-                    response_id=rid, created_at=record.timestamp, record=record)
+        return tree.commit(turn.parent, turn.new_raws, request_seq=turn.request_seq, messages=turn.new_messages,
+                           assistant=stored, assistant_raw=record.message, prompt_ids=prompt_ids,
+                           output_ids=out.output_ids, output_logprobs=out.logprobs, routed_experts=experts,
+                           r3_start=r3_start, r3_error=r3_error, finish_reason=finish,
+                           weight_version=out.weight_version, response_id=rid, created_at=record.timestamp,
+                           record=record)

@@ -1,6 +1,6 @@
 """session_request: decode a chat.completions request and find where it attaches in the session.
 
-Reads the client's body and `scratch["session"]` (the live Session the session routes looked
+Reads the client's body and `ex.session` (the live Session the session routes looked
 up), whose `shared_prefix` (its last request's body) lets the history's bytes be compared instead
 of parsed (router/wire/chat_messages.py); sets it to this request's once every message is checked.
 Writes `scratch["session_turn"]`: a PendingTurn with the attach point (the deepest stored
@@ -39,7 +39,7 @@ class SessionRequest(Stage):
     uses_tokenizer = True
 
     async def on_request(self, ex: Exchange) -> None:
-        session = ex.scratch["session"]
+        session = ex.session
         try:
             decoded = decode_chat_request(ex.body, session.shared_prefix)
         except DECODE_ERRORS as e:

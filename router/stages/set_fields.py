@@ -22,6 +22,7 @@ class Options(msgspec.Struct, forbid_unknown_fields=True):
 class SetFields(Stage):
     name = "set_fields"
     phase = "request"
+    provides = frozenset({"upstream_body"})
     Options = Options
 
     async def on_request(self, ex: Exchange) -> None:

@@ -27,7 +27,8 @@ class Options(msgspec.Struct, forbid_unknown_fields=True):
 class Tokenize(Stage):
     name = "tokenize"
     phase = "request"
-    provides = frozenset({"prompt"})
+    optional = frozenset({"prefix"})
+    provides = frozenset({"prompt", "upstream_body"})
     Options = Options
     uses_tokenizer = True
 
