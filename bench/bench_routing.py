@@ -1,36 +1,50 @@
-"""Routing policies under a GRPO multi-turn workload against 8 simulated workers with finite prefix caches (issue #4).
+"""Routing policies under an agentic RL workload, on simulated workers that pay for overload (issue 20 item 6).
 
-Layout (2-core box): the 16 simulated SGLang workers (8 with `--cache-tokens` of prefix cache, 8 unbounded for the
-ideal run) run in ONE child process (one trio.run, each sim on its own loopback port). The router runs in THIS
-process, fresh for every run (cold router state), next to the load generator (a minimal keep-alive h11 client, one
-connection per conversation) and an in-flight sampler reading `runtime.pool` every `--sample-ms`. Before every run
-each worker's cache is flushed and warmed with the system prompt only (as after a previous rollout step).
+What runs (2-core box; every router is its own process, fresh for every run):
+- 8 simulated SGLang workers with the batch latency model (`latency_model = "batch"`, router/sim/batch.py), in
+  `--sim-procs` child processes: a decode step costs `--step-ms` + `--per-request-ms` per request in the batch +
+  `--per-context-ns` per context token, prefill `--prefill-us` per uncached prompt token (cached ones
+  `--cached-prefill-us`), at most `--max-running` requests in a batch (the rest queue). So a worker with more than
+  its share is slower for every request on it. Each has a `--cache-tokens` prefix cache; all share one seed, so
+  every worker generates the same tokens for the same request. Before every run each cache is flushed and warmed
+  with the shared system prompt (as after a previous rollout step), and the counters are reset.
+- the router under test: miles-router (`python -m router`, `routing.default_policy` = least_inflight,
+  prefix_affinity or sticky) or smg 1.13 (`smg launch --policy cache_aware|prefix_hash|consistent_hashing`, its
+  defaults otherwise), both given the 8 worker URLs at startup. smg is `--smg PATH`, else `smg` next to this Python
+  or on PATH; without an smg 1.x there (`pip install smg==1.13.0`; sglang-router's older `smg` alias lacks these
+  policies) the smg runs are skipped with a note and the table has the miles-router rows only.
+- the load generator, in this process: one keep-alive HTTP/1.1 connection per conversation.
 
-Workload ("grpo"): input_ids (builtin:qwen vocab) = a shared system prompt S + a per-prompt problem P; G prompt
-groups; a group's n=16 samples are sent together; each sample is a T-turn conversation (turn t+1 = turn t's prompt +
-its output_ids + a new per-sample user/tool turn U). At most K groups run at a time (the next starts when one
-finishes), so the caches see a stream of groups and evict. "hot": the same, but one family (prompt) sends
-`hot_factor` x the groups of each of the other families.
+Workload ("grpo"), identical for every router: input_ids (Qwen vocabulary) = a shared system prompt S + a problem P
+per prompt; G prompts, each a GRPO group of n samples sent at once; each sample is a T-turn agent conversation (turn
+t+1 = turn t's prompt + its output_ids + a tool result U, so prefixes grow). At most K groups run at a time (the next
+starts when one ends), so K x n conversations are in flight. Every request carries `x-smg-routing-key: <conversation
+id>` (miles' sticky and smg's consistent_hashing key on it; the other policies ignore it). "hot": one prompt sends
+`hot_factor` x the groups of each other prompt.
 
-Runs: least_inflight; sticky (X-SMG-Routing-Key = the sample's conversation id); prefix_affinity;
-`ideal:pinned_inf` = every conversation family pinned to one fixed worker (families round-robin over workers, no
-spill) on workers with an UNBOUNDED prefix cache; `pa+served` etc. = bench-only prototypes of selection changes
-(see `POLICIES`). Columns:
-  hit rate          sum(meta_info.cached_tokens) / sum(prompt_tokens)
-  ÷ ideal           hit rate / the ideal run's hit rate
-  trace bound       analytic upper bound from this run's own trace: every request may reuse the longest 16-token-block
-                    prefix of anything (prompt + output) ANY worker had finished when the request's worker looked up
-                    its cache (one global unbounded cache, sim clock). No routing can beat it on these sims.
-  same routing, ∞   what this run's routing would get with unbounded caches (each request sees only what finished on
-                    the worker it went to): bound - this = loss to routing, this - hit rate = loss to eviction
-  model ms          the sim's modeled latency (prefill of uncached tokens + decode), free of CPU noise
-  measured ms       client-side latency; "queueing" = measured - model (CPU contention on this shared box)
-  gap               max - min in-flight across workers, sampled over time in the steady state (K groups running)
-  >thr %            share of those samples beyond what the spill rule admits (gap > abs+1 and max > rel*min+1)
-  decision gap      chosen worker's in-flight minus the least-loaded worker's, at each routing decision
-  conv moves %      turns >= 1 served by a different worker than the conversation's previous turn
+Definitions (per run, from the run's own trace; the 16-token blocks and "the last prompt token is always computed"
+rule of the simulator's prefix cache):
+  hit            sum(meta_info.cached_tokens) / sum(prompt_tokens)
+  ideal          the hit rate of ONE worker with an UNBOUNDED cache serving the same request stream: a request may
+                 reuse the longest block prefix of its prompt that occurs in the warm-up sequence, in the prompt of any
+                 request sent before it, or in prompt + output of any request answered before it was sent (what SGLang's
+                 radix cache with in-batch prefix caching would give on one infinitely large worker)
+  ÷ ideal        hit / ideal
+  ∞-cache        the same, but a request sees only what was sent to / answered by ITS worker: the routing's hit rate
+                 with unbounded caches (ideal - ∞-cache = lost to routing, ∞-cache - hit = lost to eviction)
+  turn p50/p99   client-measured latency of a turn (one /generate), router included
+  worker p99     the simulator's own e2e_latency (queue + prefill + decode), p99
+  group p50      time from a group's first request to its last reply (a GRPO step waits for its slowest sample)
+  req max/mean   requests per worker, the busiest worker over the mean (1.00 = perfect spread)
+  busy max/mean  modeled compute seconds per worker (the sims' busy_s), busiest over mean
+  peak           the highest number of requests a worker had in flight at once
+  lag            how late the sims' step loops woke, mean over steps (ms; CPU contention: near 0 = the model's
+                 timing held, so latency differences come from the routing, not from the host)
+  CPU            CPU seconds of the router process / the sim processes / the load generator during the run
 
-    python bench/bench_routing.py [--quick] [--scenarios grpo,hot] [--policies ...] [--cache-tokens N]
+    python bench/bench_routing.py                       # every policy, 3 interleaved rounds (~8 min)
+    python bench/bench_routing.py --rounds 1 --quick    # a smoke run (~1 min)
+    python bench/bench_routing.py --policies prefix_affinity,smg:cache_aware --rounds 5
 """
 
 from __future__ import annotations
@@ -39,9 +53,11 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -49,52 +65,60 @@ from functools import partial
 
 import h11
 import msgspec
-import numpy as np
 import trio
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-BLOCK = 16  # the sim's PREFIX_BLOCK_TOKENS
+from load_streams import free_port  # noqa: E402
+from router.sim.model import PrefixCache  # noqa: E402  (the simulator's own block keys)
+
 N_WORKERS = 8
+MILES_POLICIES = ("least_inflight", "prefix_affinity", "sticky")
+SMG_POLICIES = ("cache_aware", "prefix_hash", "consistent_hashing")
+ALL_POLICIES = [*MILES_POLICIES, *(f"smg:{p}" for p in SMG_POLICIES)]
 
 
-# ---------------------------------------------------------------- child process: the simulated workers
+# ---------------------------------------------------------------- child processes: the simulated workers
 
 async def _sims_main(spec: dict) -> None:
     from router.sim import SimOptions, serve_sim_worker
 
-    urls: dict[str, list[str]] = {}
+    urls = []
     async with trio.open_nursery() as n:
-        for name, cap in spec["sets"].items():
-            urls[name] = []
-            for i in range(spec["n"]):
-                opts = SimOptions(tokenizer=spec["tokenizer"], seed=i, token_latency_s=spec["token_latency_s"],
-                                  prefill_latency_s_per_token=spec["prefill_latency_s_per_token"],
-                                  prefix_cache_tokens=cap, enable_routed_experts=False)
-                url, _ = await n.start(partial(serve_sim_worker, opts, "127.0.0.1", 0))
-                urls[name].append(url)
+        for name in spec["names"]:
+            opts = SimOptions(**spec["options"], name=name)
+            url, _ = await n.start(partial(serve_sim_worker, opts, "127.0.0.1", 0))
+            urls.append(url)
         print(json.dumps(urls), flush=True)
         await trio.to_thread.run_sync(sys.stdin.read)  # until the parent closes our stdin
         n.cancel_scope.cancel()
 
 
-def proc_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        parts = f.read().rsplit(")", 1)[1].split()
-    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+def sim_options(args) -> dict:
+    return {"tokenizer": args.tokenizer, "seed": 0, "latency_model": "batch", "token_latency_s": args.step_ms / 1e3,
+            "batch_step_s_per_request": args.per_request_ms / 1e3, "batch_step_s_per_context_token":
+            args.per_context_ns / 1e9, "prefill_latency_s_per_token": args.prefill_us / 1e6,
+            "cached_prefill_s_per_token": args.cached_prefill_us / 1e6, "max_running_requests": args.max_running,
+            "prefix_cache_tokens": args.cache_tokens, "enable_routed_experts": False}
 
 
-def start_sim_process(sets: dict[str, int], args) -> tuple[subprocess.Popen, dict[str, list[str]]]:
-    spec = {"n": N_WORKERS, "sets": sets, "tokenizer": args.tokenizer, "token_latency_s": args.token_latency_s,
-            "prefill_latency_s_per_token": args.prefill_us / 1e6}
+def start_sims(args) -> tuple[list[subprocess.Popen], list[str]]:
+    names = [f"w{i}" for i in range(N_WORKERS)]
+    procs, urls = [], []
     env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_sims", json.dumps(spec)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
-    line = proc.stdout.readline()
-    if not line:
-        raise SystemExit("sim process failed to start")
-    return proc, json.loads(line)
+    for k in range(args.sim_procs):
+        spec = {"names": names[k::args.sim_procs], "options": sim_options(args)}
+        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_sims", json.dumps(spec)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True))
+    by_name = {}
+    for k, p in enumerate(procs):
+        line = p.stdout.readline()
+        if not line:
+            raise SystemExit("a simulated-worker process failed to start")
+        by_name.update(zip(names[k::args.sim_procs], json.loads(line)))
+    urls = [by_name[n] for n in names]
+    return procs, urls
 
 
 # ---------------------------------------------------------------- a minimal keep-alive HTTP/1.1 client
@@ -107,27 +131,25 @@ class Conn:
         self.stream: trio.SocketStream | None = None
         self.h11: h11.Connection | None = None
 
-    async def _connect(self) -> None:
-        self.stream = await trio.open_tcp_stream(self.host, self.port)
-        self.h11 = h11.Connection(h11.CLIENT)
-
     async def close(self) -> None:
         if self.stream is not None:
             await self.stream.aclose()
             self.stream = None
 
-    async def post(self, path: str, body: bytes, headers: list[tuple[bytes, bytes]] = ()) -> tuple[int, dict, bytes]:
+    async def request(self, method: str, path: str, body: bytes = b"",
+                      headers: list[tuple[bytes, bytes]] = ()) -> tuple[int, dict, bytes]:
         for attempt in (0, 1):
             reused = self.stream is not None and self.h11.our_state is h11.IDLE
             if not reused:
                 await self.close()
-                await self._connect()
+                self.stream = await trio.open_tcp_stream(self.host, self.port)
+                self.h11 = h11.Connection(h11.CLIENT)
             fresh_bytes = 0
             try:
                 c = self.h11
                 hdrs = [(b"host", b"%s:%d" % (self.host.encode(), self.port)), (b"content-type", b"application/json"),
                         (b"content-length", b"%d" % len(body)), *headers]
-                await self.stream.send_all(c.send(h11.Request(method="POST", target=path, headers=hdrs))
+                await self.stream.send_all(c.send(h11.Request(method=method, target=path, headers=hdrs))
                                            + c.send(h11.Data(data=body)) + c.send(h11.EndOfMessage()))
                 status, rh, chunks = 0, {}, []
                 while True:
@@ -136,8 +158,7 @@ class Conn:
                         data = await self.stream.receive_some(65536)
                         fresh_bytes += len(data)
                         c.receive_data(data)
-                        continue
-                    if isinstance(ev, h11.Response):
+                    elif isinstance(ev, h11.Response):
                         status, rh = ev.status_code, {k.decode(): v.decode() for k, v in ev.headers}
                     elif isinstance(ev, h11.Data):
                         chunks.append(ev.data)
@@ -157,545 +178,457 @@ class Conn:
         raise AssertionError
 
 
-async def post_json(url: str, path: str, obj) -> tuple[int, bytes]:
+async def call(url: str, method: str, path: str, obj=None) -> tuple[int, bytes]:
     host, port = url.split("//", 1)[1].rsplit(":", 1)
     c = Conn(host, int(port))
     try:
-        status, _, body = await c.post(path, json.dumps(obj).encode())
+        status, _, body = await c.request(method, path, b"" if obj is None else json.dumps(obj).encode())
         return status, body
     finally:
         await c.close()
+
+
+# ---------------------------------------------------------------- the routers under test
+
+def cpu_s(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def find_smg(given: str | None) -> tuple[str | None, str]:
+    """(the smg 1.x binary to run or None, what was found: its version line or why not)."""
+    candidates = [given] if given else [os.path.join(os.path.dirname(sys.executable), "smg"), shutil.which("smg")]
+    for path in candidates:
+        if path and os.path.exists(path):
+            try:
+                out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+            except (OSError, subprocess.SubprocessError) as e:
+                return None, f"{path}: {e}"
+            version = out.splitlines()[0] if out else "no version"
+            return (path if version.startswith("smg 1.") else None), f"{path}: {version}"
+    return None, "no smg found"
+
+
+class RouterProc:
+    """A router process on a free loopback port; `ready()` waits until it routes to all 8 workers."""
+
+    def __init__(self, label: str, worker_urls: list[str], tmp: str, args) -> None:
+        self.label, self.port = label, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        log = open(os.path.join(tmp, f"{label.replace(':', '_')}.log"), "w")
+        if label.startswith("smg:"):
+            cmd = [args.smg, "launch", "--host", "127.0.0.1", "--port", str(self.port),
+                   "--disable-tokenizer-autoload", "--prometheus-host", "127.0.0.1",
+                   "--prometheus-port", str(free_port()), "--policy", label[4:], "--log-level", "warn",
+                   "--worker-urls", *worker_urls]
+            env = dict(os.environ)
+        else:
+            policy, *overrides = label.split("@")  # e.g. prefix_affinity@balance_abs_threshold=16
+            routing = {"default_policy": policy}
+            for o in overrides:
+                key, _, value = o.partition("=")
+                routing[key] = json.loads(value)
+            cfg = os.path.join(tmp, "router.toml")
+            with open(cfg, "w") as f:
+                f.write(f'[server]\nhost = "127.0.0.1"\nport = {self.port}\nlog_level = "warning"\n'
+                        f"[workers]\nurls = {json.dumps(worker_urls)}\nhealth_interval_s = 2.0\n"
+                        f'[tokenizer]\npath = "builtin:tiny"\n[store]\nenabled = false\n[simulate]\nworkers = 0\n'
+                        "[routing]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in routing.items()))
+            cmd = [sys.executable, "-m", "router", "--config", cfg]
+            env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                     start_new_session=True)
+
+    async def ready(self, timeout: float = 60.0) -> None:
+        deadline = trio.current_time() + timeout
+        while trio.current_time() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"{self.label}: router exited with code {self.proc.returncode} (see its log)")
+            try:
+                if self.label.startswith("smg:"):
+                    st, body = await call(self.url, "GET", "/workers")
+                    ok = st == 200 and json.loads(body).get("total") == N_WORKERS and all(
+                        w.get("is_healthy", True) for w in json.loads(body)["workers"])
+                else:
+                    st, body = await call(self.url, "GET", "/health")
+                    ok = st == 200 and json.loads(body).get("healthy_workers") == N_WORKERS
+                if ok:
+                    return
+            except (OSError, ConnectionError, ValueError):
+                pass
+            await trio.sleep(0.1)
+        raise SystemExit(f"{self.label}: not ready after {timeout:g} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 # ---------------------------------------------------------------- workload
 
 @dataclass
 class Sizes:
-    system_tokens: int = 384
-    problem_tokens: tuple[int, int] = (64, 160)
-    user_tokens: tuple[int, int] = (128, 256)
-    gen_tokens: tuple[int, int] = (24, 40)
+    system_tokens: int = 512
+    problem_tokens: tuple[int, int] = (64, 192)
+    user_tokens: tuple[int, int] = (96, 256)  # a tool result / user turn
+    gen_tokens: tuple[int, int] = (16, 48)
     samples: int = 16
     turns: int = 4
     groups: int = 24
     active_groups: int = 6
     hot_factor: int = 10
-    cold_families: int = 10  # hot scenario: families other than the hot one
+    cold_families: int = 10  # hot scenario: prompts other than the hot one
     cold_groups_each: int = 1
 
 
 @dataclass
-class Group:
-    gid: int
-    family: int
-    prompt: list[int]  # S + P_family
+class Workload:
+    sizes: Sizes
+    system: list[int]
+    groups: list[tuple[int, list[int]]]  # (family, S + P)
+    user: dict[tuple[int, int, int], list[int]]  # (group, sample, turn >= 1) -> U
+    gen: dict[tuple[int, int, int], int]  # (group, sample, turn) -> max_new_tokens
 
 
-@dataclass
-class Req:
-    policy: str
-    gid: int
-    family: int
-    sample: int
-    turn: int
-    prompt_len: int
-    sent: float
-    done: float = 0.0
-    cached: int = 0
-    status: int = 0
-    worker: str = ""
-    reason: str = ""
-    full: list[int] | None = None  # prompt + output ids, for the analytic bound
-    gen: int = 0
-    sim_done: float = 0.0  # sim wall clock: the worker inserted `full` into its cache just before this
-    sim_match: float = 0.0  # sim wall clock: an upper estimate of when the worker looked up its cache
+def make_workload(scenario: str, sz: Sizes, seed: int) -> Workload:
+    rng = random.Random(seed)
 
-
-def make_groups(scenario: str, sz: Sizes, rng: random.Random) -> list[Group]:
     def toks(n):
         return [rng.randrange(1000, 100000) for _ in range(n)]
 
     system = toks(sz.system_tokens)
     if scenario == "grpo":
         fams = list(range(sz.groups))  # one group per prompt (a GRPO step)
-    else:  # hot: family 0 sends hot_factor x the groups of each other family
+    elif scenario == "hot":
         fams = [0] * (sz.hot_factor * sz.cold_groups_each) + [f for f in range(1, sz.cold_families + 1)
                                                               for _ in range(sz.cold_groups_each)]
         rng.shuffle(fams)
+    else:
+        raise SystemExit(f"unknown scenario {scenario!r}")
     problems = {f: toks(rng.randint(*sz.problem_tokens)) for f in sorted(set(fams))}
-    return [Group(g, f, system + problems[f]) for g, f in enumerate(fams)]
-
-
-# ---------------------------------------------------------------- prototypes of selection changes (bench-only copies)
-
-class MultiOwnerPrefixIndex:
-    """PrefixIndex where every block remembers up to `k` recent owners instead of only the last one.
-
-    `lookup` returns all usable owners of the deepest matched block, so the caller can take the least-loaded worker
-    that holds the prefix; `record` adds (or refreshes) an owner instead of overwriting the block's only owner, so a
-    spill no longer drags a whole group's shared prefix (and every sibling after it) to the spill target."""
-
-    def __init__(self, block_tokens: int = 16, block_bytes: int = 64, capacity_blocks: int = 1 << 20, k: int = 4):
-        from router.core.selection import PrefixIndex
-
-        self._keys = PrefixIndex(block_tokens, block_bytes, capacity_blocks)._keys
-        self.capacity, self.k = capacity_blocks, k
-        self._owners: dict[bytes, list[str]] = {}  # insertion-ordered: LRU over blocks
-
-    def lookup(self, seq, usable=None) -> tuple[list[str], int]:
-        keys = self._keys(seq)
-        for i in range(len(keys) - 1, -1, -1):
-            urls = self._owners.get(keys[i])
-            if urls:
-                ok = [u for u in urls if usable is None or usable(u)]
-                if ok:
-                    return ok, i + 1
-        return [], 0
-
-    def record(self, seq, url: str) -> None:
-        owners = self._owners
-        for key in self._keys(seq):
-            lst = owners.pop(key, None) or []
-            if url in lst:
-                lst.remove(url)
-            lst.append(url)  # most recent last
-            if len(lst) > self.k:
-                del lst[0]
-            owners[key] = lst
-        while len(owners) > self.capacity:
-            del owners[next(iter(owners))]
-
-    def __len__(self) -> int:
-        return len(self._owners)
-
-
-def patch_multi_owner(runtime, k: int = 4) -> None:
-    """Prototype for router/net/runtime.py `_select_by_prefix` + a multi-owner PrefixIndex (see the report)."""
-    from router.core.selection import choose
-
-    g = runtime.config.routing
-    runtime.prefix_index = idx = MultiOwnerPrefixIndex(block_tokens=g.prefix_block_tokens,
-                                                       capacity_blocks=g.prefix_capacity_blocks, k=k)
-    pool = runtime.pool
-
-    def usable(u):
-        w = pool.get(u)
-        return w is not None and w.selectable
-
-    def select_by_prefix(ex):
-        seq = runtime._prefix_of(ex)
-        if seq is None:
-            return pool.pick(), "least_inflight"
-        urls, _ = idx.lookup(seq, usable=usable)
-        # among the workers holding the deepest matched prefix: the least loaded (ties: the most recent owner)
-        pref = min((pool.get(u) for u in reversed(urls)), key=lambda w: w.inflight, default=None)
-        w, reason = choose(pool, pref, runtime.spill, "affinity_hit")
-        if reason == "least_inflight":
-            reason = "affinity_miss"
-        if w is not None:
-            idx.record(seq, w.url)
-        return w, reason
-
-    runtime._select_by_prefix = select_by_prefix
-
-
-def instrument(runtime, gaps: list[int]) -> None:
-    """Record, at every routing decision, chosen worker's in-flight minus the least-loaded worker's."""
-    inner = runtime.select
-
-    def select(ex, exclude=()):
-        w, reason = inner(ex, exclude)
-        if w is not None:
-            loads = [x.inflight for x in runtime.pool.healthy()]
-            gaps.append(w.inflight - min(loads))
-        return w, reason
-
-    runtime.select = select
+    groups = [(f, system + problems[f]) for f in fams]
+    user = {(g, s, t): toks(rng.randint(*sz.user_tokens))
+            for g in range(len(groups)) for s in range(sz.samples) for t in range(1, sz.turns)}
+    gen = {(g, s, t): rng.randint(*sz.gen_tokens)
+           for g in range(len(groups)) for s in range(sz.samples) for t in range(sz.turns)}
+    return Workload(sz, system, groups, user, gen)
 
 
 # ---------------------------------------------------------------- one run
 
 @dataclass
-class RunResult:
+class Req:
+    gid: int
+    sample: int
+    turn: int
+    prompt: list[int]
+    sent: float
+    done: float = 0.0
+    status: int = 0
+    worker: str = ""
+    reason: str = ""
+    cached: int = 0
+    output: list[int] = field(default_factory=list)
+    e2e: float = 0.0  # the simulator's own latency
+
+
+@dataclass
+class Run:
     label: str
-    policy: str
+    round: int
     reqs: list[Req]
-    inflight_samples: list[list[int]]
-    worker_urls: list[str]
+    warm: list[int]
     wall_s: float
-    cpu_s: float
-    per_worker_requests: dict[str, int] = field(default_factory=dict)
-    per_worker_peak: dict[str, int] = field(default_factory=dict)
-    reasons: Counter = field(default_factory=Counter)
-    warm: list = field(default_factory=list)
-    decision_gaps: list = field(default_factory=list)
-    abs_threshold: int = 8
+    sim_stats: dict[str, dict]  # worker name -> /_sim/stats counters
+    cpu: tuple[float, float, float]  # CPU seconds of the router, the sims, this process
 
 
-async def run_once(label: str, policy: str, key_mode: str, worker_urls: list[str], groups: list[Group], sz: Sizes,
-                   args, patch=None, record_served: bool = False, abs_threshold: int | None = None) -> RunResult:
-    from router.config import Config
-    from router.net.server import run_router
-
-    warm = []
-    for u in worker_urls:  # every run starts from the same caches: empty but for the system prompt (warm-up)
-        st, body = await post_json(u, "/flush_cache", {})
+async def prepare_workers(worker_urls: list[str], wl: Workload) -> list[int]:
+    """Flush every cache, warm it with the system prompt, reset the counters: the same start for every run."""
+    warm: list[int] = []
+    for u in worker_urls:
+        st, body = await call(u, "POST", "/flush_cache", {})
         assert st == 200, body
-        if args.warm and groups:
-            system = groups[0].prompt[:sz.system_tokens]
-            st, body = await post_json(u, "/generate", {"input_ids": system, "sampling_params": {
-                "max_new_tokens": 1, "ignore_eos": True}})
-            assert st == 200, body
-            warm.append(system + json.loads(body)["output_ids"])
-    no_spill = key_mode == "family"  # the ideal ignores load
-    cfg = msgspec.convert({
-        "server": {"port": 0, "drain_timeout_s": 1.0, "log_level": "warning"},
-        "workers": {"urls": worker_urls, "health_interval_s": 2.0},
-        "tokenizer": {"path": "builtin:tiny"},
-        "routing": {"balance_abs_threshold": 1 << 30 if no_spill else abs_threshold,
-                    "balance_rel_threshold": args.rel_threshold},
-        "routes": [{"path": "/generate", "pipeline": "passthrough", "policy": policy}]}, Config)
-    rng = random.Random(args.seed * 7919 + 1)
-    reqs: list[Req] = []
-    samples: list[list[int]] = []
-    peak: dict[str, int] = defaultdict(int)
-    family_worker = {}
-    async with trio.open_nursery() as root:
-        handle = await root.start(partial(run_router, cfg, install_signals=False))
-        runtime = handle.runtime
-        if patch is not None:
-            patch(runtime)
-        decision_gaps: list[int] = []
-        instrument(runtime, decision_gaps)
-        pool = runtime.pool
-        host, port = handle.url.split("//", 1)[1].rsplit(":", 1)
-        port = int(port)
-        if key_mode == "family":
-            for i, f in enumerate(sorted({g.family for g in groups})):
-                family_worker[f] = i
-        # The router's health prober and first probe: wait until all workers are selectable.
-        with trio.fail_after(10):
-            while len(pool.healthy()) < len(worker_urls):
-                await trio.sleep(0.02)
-        # Pre-assign per-sample randomness so every policy sees the same workload.
-        user_turns = {(g.gid, s, t): [rng.randrange(1000, 100000) for _ in range(rng.randint(*sz.user_tokens))]
-                      for g in groups for s in range(sz.samples) for t in range(1, sz.turns)}
-        gen_len = {(g.gid, s, t): rng.randint(*sz.gen_tokens)
-                   for g in groups for s in range(sz.samples) for t in range(sz.turns)}
-        stop_sampling = trio.Event()
+        st, body = await call(u, "POST", "/generate", {"input_ids": wl.system, "sampling_params": {
+            "max_new_tokens": 1, "ignore_eos": True, "sampling_seed": 0}})
+        assert st == 200, body
+        warm = wl.system + json.loads(body)["output_ids"]
+        st, body = await call(u, "POST", "/_sim/stats/reset", {})
+        assert st == 200, body
+    return warm
 
-        active = [0, len(groups)]  # groups running, groups not finished
 
-        async def sampler():
-            while not stop_sampling.is_set():
-                loads = [w.inflight for w in pool.active]
-                # steady state only: as many groups running as allowed (not the ramp-up or the final drain)
-                if active[0] == min(sz.active_groups, active[1]) and active[1] > sz.active_groups:
-                    samples.append(loads)
-                for w in pool.active:
-                    if w.inflight > peak[w.url]:
-                        peak[w.url] = w.inflight
-                await trio.sleep(args.sample_ms / 1000)
+async def run_once(label: str, rnd: int, worker_urls: list[str], wl: Workload, args, tmp: str,
+                   sim_pids: list[int]) -> Run:
+    warm = await prepare_workers(worker_urls, wl)
+    router = RouterProc(label, worker_urls, tmp, args)
+    try:
+        await router.ready()
+        reqs: list[Req] = []
+        sz = wl.sizes
+        host, port = "127.0.0.1", router.port
 
-        async def conversation(g: Group, s: int):
+        async def conversation(gid: int, s: int) -> None:
             conn = Conn(host, port)
-            ids = list(g.prompt)
+            ids = list(wl.groups[gid][1])
+            key = [(b"x-smg-routing-key", b"conv-%d-%d" % (gid, s))]
             try:
                 for t in range(sz.turns):
                     if t:
-                        ids = ids + user_turns[(g.gid, s, t)]
+                        ids = ids + wl.user[(gid, s, t)]
                     body = msgspec.json.encode({"input_ids": ids, "sampling_params": {
-                        "max_new_tokens": gen_len[(g.gid, s, t)], "ignore_eos": True, "temperature": 1.0,
-                        "sampling_seed": args.seed * 1000003 + g.gid * 1009 + s * 31 + t}})
-                    if key_mode == "conversation":
-                        hdrs = [(b"x-smg-routing-key", b"conv-%d-%d" % (g.gid, s))]
-                    elif key_mode == "family":
-                        # the ideal: families assigned round-robin; a key per worker so least-load pinning
-                        # of fresh keys cannot collide
-                        hdrs = [(b"x-smg-routing-key", b"worker-%d" % (family_worker[g.family] % len(worker_urls)))]
-                    else:
-                        hdrs = []
-                    r = Req(label, g.gid, g.family, s, t, len(ids), time.perf_counter())
-                    status, rh, out = await conn.post("/generate", body, hdrs)
-                    r.done = time.perf_counter()
-                    r.status = status
-                    r.worker = rh.get("x-miles-router-worker", "")
-                    r.reason = rh.get("x-miles-router-route-reason", "")
-                    if status != 200:
-                        reqs.append(r)
-                        raise RuntimeError(f"{label}: HTTP {status}: {out[:200]!r}")
-                    o = msgspec.json.decode(out)
-                    r.cached = o["meta_info"]["cached_tokens"]
-                    assert o["meta_info"]["prompt_tokens"] == len(ids)
-                    ids = ids + o["output_ids"]
-                    r.full = ids
-                    if record_served and r.worker:
-                        # prototype: the router records prompt + output_ids when the reply passes through it
-                        runtime.record_served(np.asarray(ids, dtype=np.int32), r.worker)
-                    r.gen = o["meta_info"]["completion_tokens"]
-                    r.sim_done = o["meta_info"]["response_sent_to_client_ts"]
-                    # the sim looks its cache up, then sleeps exactly prefill + decode (never less), then inserts
-                    r.sim_match = r.sim_done - (args.prefill_us * 1e-6 * (r.prompt_len - r.cached)
-                                                + args.token_latency_s * r.gen)
+                        "max_new_tokens": wl.gen[(gid, s, t)], "ignore_eos": True, "temperature": 1.0,
+                        "sampling_seed": args.seed * 1000003 + gid * 1009 + s * 31 + t}})
+                    r = Req(gid, s, t, ids, time.perf_counter())
+                    status, rh, out = await conn.request("POST", "/generate", body, key)
+                    r.done, r.status = time.perf_counter(), status
+                    r.worker, r.reason = rh.get("x-sim-worker", ""), rh.get("x-miles-router-route-reason", "")
                     reqs.append(r)
+                    if status != 200:
+                        raise SystemExit(f"{label}: HTTP {status}: {out[:300]!r}")
+                    o = msgspec.json.decode(out)
+                    meta = o["meta_info"]
+                    if meta["prompt_tokens"] != len(ids) or len(o["output_ids"]) != wl.gen[(gid, s, t)]:
+                        raise SystemExit(f"{label}: the reply does not match the request (prompt_tokens "
+                                         f"{meta['prompt_tokens']} != {len(ids)} or a short output)")
+                    r.cached, r.e2e, r.output = meta["cached_tokens"], meta["e2e_latency"], o["output_ids"]
+                    ids = ids + o["output_ids"]
             finally:
                 await conn.close()
 
-        async def group_task(g: Group, sem: trio.Semaphore):
-            async with sem:
-                active[0] += 1
-                async with trio.open_nursery() as n:
-                    for s in range(sz.samples):
-                        n.start_soon(conversation, g, s)
-                active[0] -= 1
-                active[1] -= 1
+        async def group(gid: int, sem: trio.Semaphore) -> None:
+            async with sem, trio.open_nursery() as n:
+                for s in range(sz.samples):
+                    n.start_soon(conversation, gid, s)
 
-        if key_mode == "family":
-            # Pre-pin one key per worker: "worker-i" -> i-th worker (fresh keys go to the least loaded, and
-            # with all workers idle ties go round-robin, so pin them one by one with an idle pool).
-            for i, u in enumerate(worker_urls):
-                runtime.sticky.put(f"worker-{i}", runtime.pool.active[i].url, time.monotonic())
-        t0, c0 = time.perf_counter(), time.process_time()
-        root.start_soon(sampler)
+        t0, c0 = time.perf_counter(), (cpu_s(router.proc.pid), sum(map(cpu_s, sim_pids)), time.process_time())
         sem = trio.Semaphore(sz.active_groups)
         async with trio.open_nursery() as n:
-            for g in groups:
-                n.start_soon(group_task, g, sem)
+            for gid in range(len(wl.groups)):
+                n.start_soon(group, gid, sem)
                 await trio.sleep(0)  # start groups in order (trio.Semaphore is FIFO-fair)
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        stop_sampling.set()
-        res = RunResult(label, policy, reqs, samples, [w.url for w in pool.active], wall, cpu)
-        res.per_worker_requests = {w.url: w.requests_total for w in pool.active}
-        res.per_worker_peak = dict(peak)
-        res.reasons = Counter(r.reason for r in reqs)
-        res.warm = warm
-        res.decision_gaps = decision_gaps
-        res.abs_threshold = abs_threshold
-        handle.shutdown.set()
-        root.cancel_scope.cancel()
-    return res
+        wall = time.perf_counter() - t0
+        cpu = (cpu_s(router.proc.pid) - c0[0], sum(map(cpu_s, sim_pids)) - c0[1], time.process_time() - c0[2])
+    finally:
+        router.stop()
+    stats = {}
+    for i, u in enumerate(worker_urls):
+        st, body = await call(u, "GET", "/_sim/stats")
+        d = json.loads(body)
+        stats[f"w{i}"] = {k: d[k] for k in ("generate_requests", "busy_s", "steps", "late_s", "peak_in_flight")}
+    return Run(label, rnd, reqs, warm, wall, stats, cpu)
 
 
 # ---------------------------------------------------------------- analysis
 
-def _chain(ids, limit):
-    out, h = [], 0
-    for start in range(0, limit - BLOCK + 1, BLOCK):
-        h = hash((h, tuple(ids[start:start + BLOCK])))
-        out.append(h)
-    return out
+def _keys(ids: list[int], limit: int | None = None) -> list[int]:
+    return PrefixCache.keys(ids, limit)
 
 
-def analytic_bound(reqs: list[Req], warm: list[list[int]] = ()) -> int:
-    """Sum over requests of the best possible cached tokens: the longest block prefix of prompt[:-1] present in
-    the union of everything (prompt + output) any worker had finished when this request's worker looked up its
-    cache (one global, unbounded cache; sim clock; the lookup time is over-estimated, so this is an upper bound)."""
-    seen: set[int] = set()
-    for w in warm:
-        seen.update(_chain(w, len(w)))
-    done = sorted(reqs, key=lambda r: r.sim_done)
-    j = 0
-    total = 0
-    for r in sorted(reqs, key=lambda r: r.sim_match):
-        while j < len(done) and done[j].sim_done <= r.sim_match:
-            seen.update(_chain(done[j].full, len(done[j].full)))
-            j += 1
-        prompt = r.full[:r.prompt_len]
-        m = 0
-        for h in _chain(prompt, len(prompt) - 1):
-            if h not in seen:
-                break
-            m += BLOCK
-        total += m
-    return total
+def _match(keys: list[int], seen) -> int:
+    n = 0
+    for k in keys:
+        if k not in seen:
+            break
+        n += 1
+    return n * 16
 
 
-def routed_unbounded(reqs: list[Req], warm: list[list[int]] = ()) -> int:
-    """Cached tokens this run's routing would have got with unbounded caches: like `analytic_bound`, but each request
-    only sees what finished on the worker it was routed to. hit <= this <= bound; bound - this = loss to routing,
-    this - hit = loss to eviction (finite prefix_cache_tokens)."""
-    seen: dict[str, set[int]] = defaultdict(set)
-    warm_keys = set()
-    for w in warm:
-        warm_keys.update(_chain(w, len(w)))
-    done = sorted(reqs, key=lambda r: r.sim_done)
-    j = 0
-    total = 0
-    for r in sorted(reqs, key=lambda r: r.sim_match):
-        while j < len(done) and done[j].sim_done <= r.sim_match:
-            seen[done[j].worker].update(_chain(done[j].full, len(done[j].full)))
-            j += 1
-        prompt = r.full[:r.prompt_len]
-        mine = seen[r.worker]
-        m = 0
-        for h in _chain(prompt, len(prompt) - 1):
-            if h not in mine and h not in warm_keys:
-                break
-            m += BLOCK
-        total += m
-    return total
+def cache_bounds(run: Run) -> tuple[int, int]:
+    """(ideal, same-routing-with-unbounded-caches) cached tokens over the run (see the module docstring)."""
+    events = []
+    for r in run.reqs:
+        events.append((r.sent, 1, r))
+        events.append((r.done, 0, r))  # at equal times an answer counts before a send
+    events.sort(key=lambda e: (e[0], e[1]))
+    warm = set(_keys(run.warm))
+    ideal_seen: set[int] = set(warm)
+    per_worker: dict[str, set[int]] = defaultdict(lambda: set(warm))
+    ideal = routed = 0
+    for _, is_send, r in events:
+        if is_send:
+            keys = _keys(r.prompt, len(r.prompt) - 1)
+            ideal += _match(keys, ideal_seen)
+            routed += _match(keys, per_worker[r.worker])
+            prompt_keys = _keys(r.prompt)
+            ideal_seen.update(prompt_keys)
+            per_worker[r.worker].update(prompt_keys)
+        else:
+            full = _keys(r.prompt + r.output)
+            ideal_seen.update(full)
+            per_worker[r.worker].update(full)
+    return ideal, routed
 
 
-def _p99(xs: list) -> float:
-    return xs[min(len(xs) - 1, int(0.99 * len(xs)))] if xs else 0
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else 0.0
 
 
-def summarize(res: RunResult, args) -> dict:
-    reqs = res.reqs
-    lat = sorted(r.done - r.sent for r in reqs)
-    model = sorted(args.prefill_us * 1e-6 * (r.prompt_len - r.cached) + args.token_latency_s * r.gen for r in reqs)
-    prompt = sum(r.prompt_len for r in reqs)
-    # in-flight imbalance over time (steady-state samples only, see sampler)
-    gaps = sorted(max(s) - min(s) for s in res.inflight_samples)
-    a, rel = res.abs_threshold, args.rel_threshold
-    # share of samples where the busiest worker is beyond what the spill rule admits (+1: the admitted request)
-    viol = sum(1 for s in res.inflight_samples if max(s) - min(s) > a + 1 and max(s) > rel * max(min(s), 1) + 1)
-    dg = sorted(res.decision_gaps)
-    by_turn = defaultdict(lambda: [0, 0])
+def summarize(run: Run) -> dict:
+    reqs = run.reqs
+    prompt = sum(len(r.prompt) for r in reqs)
+    ideal, routed = cache_bounds(run)
+    lat = [r.done - r.sent for r in reqs]
+    groups: dict[int, list[Req]] = defaultdict(list)
     for r in reqs:
-        by_turn[r.turn][0] += r.cached
-        by_turn[r.turn][1] += r.prompt_len
-    # conversation moves: a turn >= 1 served by another worker than the conversation's previous turn
-    prev = {(r.gid, r.sample, r.turn): r.worker for r in reqs}
-    later = [r for r in reqs if r.turn > 0]
-    moves = sum(1 for r in later if prev.get((r.gid, r.sample, r.turn - 1)) != r.worker)
-    # the most frequent family (the hot one in the "hot" scenario)
-    hot = Counter(r.family for r in reqs).most_common(1)[0][0]
-    hot_reqs = [r for r in reqs if r.family == hot]
-    hot_t0 = [r for r in hot_reqs if r.turn == 0]
-    hot_workers = Counter(r.worker for r in hot_reqs)
-    peaks = [res.per_worker_peak.get(u, 0) for u in res.worker_urls]
-    reqcounts = [res.per_worker_requests[u] for u in res.worker_urls]
+        groups[r.gid].append(r)
+    group_s = [max(r.done for r in g) - min(r.sent for r in g) for g in groups.values()]
+    st = run.sim_stats.values()
+    reqs_w = [s["generate_requests"] for s in st]
+    busy = [s["busy_s"] for s in st]
+    prev = {(q.gid, q.sample, q.turn): q.worker for q in reqs}
+    moved = sum(1 for r in reqs if r.turn and prev.get((r.gid, r.sample, r.turn - 1), r.worker) != r.worker)
     return {
-        "label": res.label, "n": len(reqs),
-        "hit": sum(r.cached for r in reqs) / prompt,
-        "bound": analytic_bound(reqs, res.warm) / prompt,
-        "unbounded": routed_unbounded(reqs, res.warm) / prompt,
-        "by_turn": {t: v[0] / v[1] for t, v in sorted(by_turn.items())},
-        "mean_ms": 1e3 * statistics.fmean(lat), "p99_ms": 1e3 * _p99(lat),
-        "model_mean_ms": 1e3 * statistics.fmean(model), "model_p99_ms": 1e3 * _p99(model),
-        # measured latency minus the sim's modeled service time: CPU queueing in router/sims/client
-        "ovh_ms": 1e3 * (statistics.fmean(lat) - statistics.fmean(model)),
-        "gap_p99": _p99(gaps), "gap_max": gaps[-1] if gaps else 0, "viol": viol / max(1, len(gaps)),
-        "dgap_p99": _p99(dg), "dgap_max": dg[-1] if dg else 0,
-        "moves": moves / max(1, len(later)),
-        "reqs": reqcounts, "req_min": min(reqcounts), "req_max": max(reqcounts),
-        "peaks": peaks, "peak_max": max(peaks),
-        "reasons": dict(res.reasons), "wall_s": res.wall_s, "cpu": res.cpu_s / res.wall_s,
-        "rps": len(reqs) / res.wall_s,
-        "hot_share": len(hot_reqs) / len(reqs),
-        "hot_hit": sum(r.cached for r in hot_reqs) / sum(r.prompt_len for r in hot_reqs),
-        "hot_t0_hit": sum(r.cached for r in hot_t0) / max(1, sum(r.prompt_len for r in hot_t0)),
-        "hot_workers": [hot_workers.get(u, 0) for u in res.worker_urls],
+        "label": run.label, "round": run.round, "n": len(reqs),
+        "hit": sum(r.cached for r in reqs) / prompt, "ideal": ideal / prompt, "routed": routed / prompt,
+        "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "wp99": pct([r.e2e for r in reqs], 0.99),
+        "group_p50": statistics.median(group_s), "wall": run.wall_s,
+        "req_spread": max(reqs_w) / statistics.fmean(reqs_w), "busy_spread": max(busy) / statistics.fmean(busy),
+        "peak": max(s["peak_in_flight"] for s in st),
+        "lag": sum(s["late_s"] for s in st) / max(1, sum(s["steps"] for s in st)), "cpu": run.cpu,
+        "moves": moved / max(1, sum(1 for r in reqs if r.turn)),
+        "reasons": Counter(r.reason for r in reqs if r.reason), "per_worker": reqs_w,
     }
 
 
-def table(rows: list[dict], ideal_hit: float) -> str:
-    cols = ["run", "reqs", "hit rate", "÷ ideal", "trace bound", "same routing, ∞ cache", "model mean/p99 ms",
-            "measured mean/p99 ms", "queueing ms", "gap p99 / max", ">thr %", "decision gap p99 / max",
-            "conv moves %", "req/worker min–max", "peak in-flight max", "route reasons"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        reasons = ", ".join(f"{k}:{v}" for k, v in sorted(r["reasons"].items(), key=lambda kv: -kv[1]))
-        cells = [r["label"], r["n"], f"{r['hit']:.3f}", f"{r['hit'] / ideal_hit:.2f}", f"{r['bound']:.3f}",
-                 f"{r['unbounded']:.3f}", f"{r['model_mean_ms']:.0f} / {r['model_p99_ms']:.0f}",
-                 f"{r['mean_ms']:.0f} / {r['p99_ms']:.0f}", f"{r['ovh_ms']:.0f}", f"{r['gap_p99']} / {r['gap_max']}",
-                 f"{100 * r['viol']:.1f}", f"{r['dgap_p99']} / {r['dgap_max']}", f"{100 * r['moves']:.1f}",
-                 f"{r['req_min']}–{r['req_max']}", r["peak_max"], reasons]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+COLS = ["policy", "hit", "÷ ideal", "∞-cache ÷ ideal", "turn p50 / p99 ms", "p99 ÷ best smg", "worker p99 ms",
+        "group p50 s", "req max/mean", "busy max/mean", "peak", "conv moves", "lag ms", "CPU s router / sims / client"]
+
+
+def row_cells(s: dict, best_smg_p99: float | None) -> list[str]:
+    return [s["label"], f"{s['hit']:.3f}", f"{s['hit'] / s['ideal']:.3f}", f"{s['routed'] / s['ideal']:.3f}",
+            f"{1e3 * s['p50']:.0f} / {1e3 * s['p99']:.0f}",
+            f"{s['p99'] / best_smg_p99:.2f}" if best_smg_p99 else "–", f"{1e3 * s['wp99']:.0f}",
+            f"{s['group_p50']:.2f}", f"{s['req_spread']:.2f}", f"{s['busy_spread']:.2f}", str(s["peak"]),
+            f"{100 * s['moves']:.0f}%", f"{1e3 * s['lag']:.1f}", "{:.1f} / {:.1f} / {:.1f}".format(*s["cpu"])]
+
+
+def table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(COLS) + " |", "|" + "---|" * len(COLS)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def report(summaries: list[dict], policies: list[str], rounds: int) -> str:
+    """One table per round, then the medians over rounds of each column (ratios taken within each round)."""
+    out = []
+    by_round: dict[int, list[dict]] = defaultdict(list)
+    for s in summaries:
+        by_round[s["round"]].append(s)
+    ratio: dict[str, list[float]] = defaultdict(list)
+    for rnd in sorted(by_round):
+        rs = by_round[rnd]
+        smg = [s["p99"] for s in rs if s["label"].startswith("smg:")]
+        best = min(smg) if smg else None
+        for s in rs:
+            if best:
+                ratio[s["label"]].append(s["p99"] / best)
+        out += [f"round {rnd + 1} (ideal {rs[0]['ideal']:.3f}):", "", table([row_cells(s, best) for s in rs]), ""]
+    if rounds > 1:
+        med = []
+        for label in policies:
+            ss = [s for s in summaries if s["label"] == label]
+            if not ss:
+                continue
+            m = {k: statistics.median(s[k] for s in ss) for k in ("hit", "ideal", "routed", "p50", "p99", "wp99",
+                                                                     "group_p50", "req_spread", "busy_spread",
+                                                                     "peak", "moves", "lag")}
+            m["cpu"] = tuple(statistics.median(s["cpu"][i] for s in ss) for i in range(3))
+            m["label"] = label
+            m["peak"] = int(m["peak"])
+            cells = row_cells(m, None)
+            cells[2] = f"{statistics.median(s['hit'] / s['ideal'] for s in ss):.3f}"
+            cells[3] = f"{statistics.median(s['routed'] / s['ideal'] for s in ss):.3f}"
+            if ratio.get(label):
+                r = sorted(ratio[label])
+                cells[5] = f"{statistics.median(r):.2f} ({r[0]:.2f}–{r[-1]:.2f})"
+            med.append(cells)
+        out += [f"median of {rounds} rounds (p99 ÷ best smg: median (min–max) of the per-round ratios):", "",
+                table(med), ""]
+    out.append("route reasons (miles-router) and requests per worker, last round:")
+    out.append("")
+    for s in by_round[max(by_round)]:
+        reasons = ", ".join(f"{k} {v}" for k, v in s["reasons"].most_common())
+        out.append(f"- {s['label']}: {s['per_worker']}" + (f"; {reasons}" if reasons else ""))
+    return "\n".join(out)
+
+
+def describe(sz: Sizes, args, scenario: str) -> str:
+    return (f"scenario {scenario}: S={sz.system_tokens} tok, P={sz.problem_tokens}, U={sz.user_tokens}, "
+            f"gen={sz.gen_tokens}, n={sz.samples}, turns={sz.turns}, groups={sz.groups}, active groups="
+            f"{sz.active_groups} ({sz.active_groups * sz.samples} conversations in flight); 8 sims in "
+            f"{args.sim_procs} processes: step {args.step_ms:g} ms + {args.per_request_ms:g} ms/request + "
+            f"{args.per_context_ns:g} ns/context token, prefill {args.prefill_us:g} µs/uncached token "
+            f"({args.cached_prefill_us:g} cached), max running {args.max_running or '∞'}, cache "
+            f"{args.cache_tokens} tok/worker; seed {args.seed}")
 
 
 # ---------------------------------------------------------------- main
 
-POLICIES = {
-    # label: (route policy, routing-key mode, sim set, patch, record prompt+output after each reply)
-    "least_inflight": ("least_inflight", None, "finite", None, False),
-    "sticky": ("sticky", "conversation", "finite", None, False),
-    "prefix_affinity": ("prefix_affinity", None, "finite", None, False),
-    "ideal:pinned_inf": ("sticky", "family", "infinite", None, False),
-    # prototypes (bench-only): see patch_multi_owner / record_served
-    "pa+served": ("prefix_affinity", None, "finite", None, True),
-    "pa+multi": ("prefix_affinity", None, "finite", patch_multi_owner, False),
-    "pa+multi+served": ("prefix_affinity", None, "finite", patch_multi_owner, True),
-}
-
-
-def parse_policy(label: str, args):
-    """`name[@absN][@kN]`: a POLICIES entry, optionally with its own spill abs threshold / multi-owner k."""
-    name, *opts = label.split("@")
-    policy, key_mode, simset, patch, served = POLICIES[name]
-    abs_t = args.abs_threshold
-    for o in opts:
-        if o.startswith("abs"):
-            abs_t = int(o[3:])
-        elif o.startswith("k") and patch is patch_multi_owner:
-            patch = partial(patch_multi_owner, k=int(o[1:]))
-        else:
-            raise SystemExit(f"unknown policy option {o!r} in {label!r}")
-    return policy, key_mode, simset, patch, served, abs_t
-
-
 async def amain(args) -> None:
     sz = Sizes()
     if args.quick:
-        sz = Sizes(turns=3, groups=10, active_groups=4, cold_groups_each=1, cold_families=4, hot_factor=10)
-    for k in ("groups", "active_groups", "turns", "system_tokens"):
-        v = getattr(args, k)
-        if v is not None:
-            setattr(sz, k, v)
-    if args.user_tokens:
-        sz.user_tokens = tuple(int(x) for x in args.user_tokens.split(","))
+        sz = Sizes(turns=3, groups=8, active_groups=4, cold_families=4, hot_factor=4)
+    for k in ("groups", "active_groups", "turns", "system_tokens", "samples"):
+        if getattr(args, k) is not None:
+            setattr(sz, k, getattr(args, k))
     policies = args.policies.split(",")
-    print(describe(sz, args), flush=True)
-    proc, urls = start_sim_process({"finite": args.cache_tokens, "infinite": 1 << 40}, args)
-    out_md = []
+    unknown = [p for p in policies if p.split("@")[0] not in ALL_POLICIES]
+    if unknown:
+        raise SystemExit(f"unknown policies {unknown}; known: {', '.join(ALL_POLICIES)}")
+    if any(p.startswith("smg:") for p in policies):
+        args.smg, found = find_smg(args.smg)
+        if args.smg is None:
+            print(f"note: no smg 1.x ({found}; pip install smg==1.13.0): the smg policies are skipped", flush=True)
+            policies = [p for p in policies if not p.startswith("smg:")]
+        else:
+            print(f"smg: {found}", flush=True)
+    procs, urls = start_sims(args)
+    md_all = []
     try:
-        for scenario in args.scenarios.split(","):
-            groups = make_groups(scenario, sz, random.Random(args.seed))
-            rows = []
-            for label in policies:
-                policy, key_mode, simset, patch, served, abs_t = parse_policy(label, args)
-                res = await run_once(label, policy, key_mode, urls[simset], groups, sz, args, patch, served, abs_t)
-                row = summarize(res, args)
-                rows.append(row)
-                print(f"  [{scenario}] {label}: hit {row['hit']:.3f} (same routing, inf cache {row['unbounded']:.3f}; "
-                      f"bound {row['bound']:.3f}) mean {row['mean_ms']:.0f}ms (queueing {row['ovh_ms']:.0f}ms) "
-                      f"gap p99 {row['gap_p99']} {row['rps']:.0f} req/s, cpu {row['cpu']:.2f}, {row['wall_s']:.1f}s",
-                      flush=True)
-            ideal = next((r["hit"] for r in rows if r["label"].startswith("ideal")), None) or max(
-                r["bound"] for r in rows)
-            md = [f"### scenario `{scenario}` (ideal = {ideal:.3f})", "", table(rows, ideal), ""]
-            md.append("per-worker requests / peak in-flight:")
-            md.append("")
-            for r in rows:
-                md.append(f"- {r['label']}: requests {r['reqs']}, peak {r['peaks']}, hit by turn "
-                          + ", ".join(f"t{t}:{v:.2f}" for t, v in r["by_turn"].items())
-                          + (f"; hot family ({100 * r['hot_share']:.0f}% of requests): hit {r['hot_hit']:.3f}, "
-                             f"turn-0 hit {r['hot_t0_hit']:.3f}, requests per worker {r['hot_workers']}"
-                             if scenario == "hot" else ""))
-            md.append("")
-            print("\n".join(md), flush=True)
-            out_md += md
+        with tempfile.TemporaryDirectory(prefix="bench_routing_") as tmp:
+            for scenario in args.scenarios.split(","):
+                wl = make_workload(scenario, sz, args.seed)
+                head = describe(sz, args, scenario)
+                print(head, flush=True)
+                summaries = []
+                for rnd in range(args.rounds):
+                    order = policies[rnd % len(policies):] + policies[:rnd % len(policies)]  # rotate: interleaved
+                    for label in order:
+                        run = await run_once(label, rnd, urls, wl, args, tmp, [p.pid for p in procs])
+                        s = summarize(run)
+                        summaries.append(s)
+                        print(f"  round {rnd + 1} {label}: hit {s['hit']:.3f} (÷ ideal {s['hit'] / s['ideal']:.3f}) "
+                              f"p50/p99 {1e3 * s['p50']:.0f}/{1e3 * s['p99']:.0f} ms, worker p99 "
+                              f"{1e3 * s['wp99']:.0f} ms, req max/mean {s['req_spread']:.2f}, busy max/mean "
+                              f"{s['busy_spread']:.2f}, lag {1e3 * s['lag']:.1f} ms, CPU "
+                              + "{:.1f}/{:.1f}/{:.1f} s".format(*s["cpu"]) + f", {s['wall']:.1f} s", flush=True)
+                md = [f"### {head}", "", report(summaries, policies, args.rounds), ""]
+                print("\n".join(md), flush=True)
+                md_all += md
     finally:
-        proc.stdin.close()
-        proc.wait(timeout=10)
+        for p in procs:
+            p.stdin.close()
+        for p in procs:
+            p.wait(timeout=15)
     if args.out:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip() or "?"
         with open(args.out, "a") as f:
-            f.write(f"\n## {time.strftime('%Y-%m-%d %H:%M:%S')} `{' '.join(sys.argv[1:])}`\n\n")
-            legend = __doc__.split("Columns:")[1].split("\n\n")[0]
-            f.write(describe(sz, args) + "\n\n```" + legend + "\n```\n\n" + "\n".join(out_md) + "\n")
-
-
-def describe(sz: Sizes, args) -> str:
-    return (f"8 sims (one child process), router + client in-process; S={sz.system_tokens} tok, "
-            f"P={sz.problem_tokens}, U={sz.user_tokens}, gen={sz.gen_tokens}, n={sz.samples}, turns={sz.turns}, "
-            f"groups={sz.groups}, active groups={sz.active_groups}, cache={args.cache_tokens} tok/worker, "
-            f"prefill {args.prefill_us} us/tok, "
-            f"decode {args.token_latency_s * 1e3:g} ms/tok, spill abs={args.abs_threshold} rel={args.rel_threshold}; "
-            f"hot scenario: 1 family x {sz.hot_factor * sz.cold_groups_each} groups + {sz.cold_families} families x "
-            f"{sz.cold_groups_each} group(s); seed {args.seed}")
+            f.write(f"\n## {time.strftime('%Y-%m-%d %H:%M:%S')} `{' '.join(sys.argv[1:])}` at {commit}\n\n"
+                    + "\n".join(md_all) + "\n")
 
 
 def main() -> None:
@@ -703,25 +636,27 @@ def main() -> None:
         trio.run(_sims_main, json.loads(sys.argv[2]))
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--scenarios", default="grpo,hot")
-    p.add_argument("--policies", default="least_inflight,sticky,prefix_affinity,ideal:pinned_inf,pa+served",
-                   help="comma list of " + ", ".join(POLICIES) + "; options: name@absN (spill threshold), "
-                        "pa+multi...@kN (owners per block)")
+    p.add_argument("--quick", action="store_true", help="8 groups of 3 turns, 4 at a time")
+    p.add_argument("--rounds", type=int, default=3, help="every policy once per round, the order rotated per round")
+    p.add_argument("--scenarios", default="grpo", help="grpo and/or hot")
+    p.add_argument("--policies", default=",".join(ALL_POLICIES),
+                   help="comma list of " + ", ".join(ALL_POLICIES) + "; a miles policy may carry [routing] "
+                        "settings: prefix_affinity@balance_abs_threshold=16@balance_tokens_per_request=0")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--groups", type=int)
     p.add_argument("--active-groups", dest="active_groups", type=int)
+    p.add_argument("--samples", type=int)
     p.add_argument("--turns", type=int)
     p.add_argument("--system-tokens", dest="system_tokens", type=int)
-    p.add_argument("--user-tokens", help="min,max tokens of each follow-up user/tool turn")
-    p.add_argument("--cache-tokens", type=int, default=6144)
-    p.add_argument("--prefill-us", type=float, default=100.0)
-    p.add_argument("--token-latency-s", type=float, default=0.005)
-    p.add_argument("--no-warm", dest="warm", action="store_false",
-                   help="don't pre-load the system prompt into every worker's cache")
-    p.add_argument("--abs-threshold", type=int, default=8)
-    p.add_argument("--rel-threshold", type=float, default=1.5)
-    p.add_argument("--sample-ms", type=float, default=5.0)
+    p.add_argument("--cache-tokens", type=int, default=32768, help="prefix cache per worker")
+    p.add_argument("--step-ms", type=float, default=8.0, help="a decode step's fixed cost")
+    p.add_argument("--per-request-ms", type=float, default=1.5, help="a step's cost per request in the batch")
+    p.add_argument("--per-context-ns", type=float, default=100.0, help="a step's cost per decoding context token")
+    p.add_argument("--prefill-us", type=float, default=120.0, help="per uncached prompt token")
+    p.add_argument("--cached-prefill-us", type=float, default=2.0, help="per cached prompt token")
+    p.add_argument("--max-running", type=int, default=0, help="running-batch cap per worker (0 = none)")
+    p.add_argument("--sim-procs", type=int, default=2, help="processes the 8 simulated workers are spread over")
+    p.add_argument("--smg", help="the smg binary (default: next to this Python, else on PATH)")
     p.add_argument("--tokenizer", default="builtin:qwen")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "routing.md"))
     args = p.parse_args()

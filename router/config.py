@@ -142,6 +142,9 @@ class RoutingConfig(_Table):
     # and this many times busier than the least-loaded healthy worker.
     balance_abs_threshold: Annotated[int, Meta(ge=0)] = 8
     balance_rel_threshold: Annotated[float, Meta(ge=1.0)] = 1.5
+    # prefix_affinity: each this many prompt tokens the least-loaded worker would prefill again allow
+    # the preferred worker one more request in flight than it (router/core/selection.py; 0 = off).
+    balance_tokens_per_request: Annotated[int, Meta(ge=0, extra={"hint": "0 = off"})] = 32
     prefix_block_tokens: AtLeastOne = 16
     prefix_capacity_blocks: AtLeastOne = 1 << 20
     prefix_owners_per_block: AtLeastOne = 4

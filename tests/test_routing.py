@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from harness import client, start_router, start_sim, wait_until
-from router.core.selection import PrefixIndex, SpillRule, StickyTable, choose
+from router.core.selection import PrefixIndex, SpillRule, StickyTable, choose, select_by_prefix
 from router.core.workers import WorkerPool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +54,80 @@ def test_spill_rule():
     assert choose(pool, a, rule, "hit") == (a, "hit")
 
 
+def test_spill_rule_weighs_the_stake():
+    """Prefix affinity: each tokens_per_request tokens of stake allow one request of imbalance; below
+    abs_threshold the gap alone decides. A larger stake keeps the abs-and-rel rule with rel_threshold
+    raised by allowed / abs_threshold (up to 4x): a conversation leaves its history only for a worker
+    that is nearly idle by comparison."""
+    pool = WorkerPool()
+    a, _ = pool.add("http://a:1")
+    b, _ = pool.add("http://b:1")
+    rule = SpillRule(abs_threshold=8, rel_threshold=1.5, tokens_per_request=64)
+    a.inflight, b.inflight = 12, 9
+    assert rule.overloaded(a, b, stake_tokens=128)  # 2 allowed, gap 3
+    assert not rule.overloaded(a, b, stake_tokens=192)  # 3 allowed
+    assert rule.overloaded(a, b, stake_tokens=0)  # nothing at stake: 1 allowed
+    assert not rule.overloaded(a, b) and not rule.overloaded(a, b, stake_tokens=5000)  # the fixed rule: gap 3 <= 8
+    assert not SpillRule(8, 1.5, tokens_per_request=0).overloaded(a, b, stake_tokens=0)  # off: the fixed rule
+    a.inflight = 18  # gap 9 > 8 and 18 > 1.5 x 9: the fixed rule spills ...
+    assert rule.overloaded(a, b) and rule.overloaded(a, b, stake_tokens=512)  # (512 tokens: 8 allowed, rel x 1)
+    assert not rule.overloaded(a, b, stake_tokens=1024)  # ... a 1024-token stake wants 18 > 3 x 9
+    assert choose(pool, a, rule, "hit", stake_tokens=1024) == (a, "hit")
+    b.inflight = 2  # nearly idle: 18 > 6 x 2 (the raise stops at 4x) and gap 16 > 8
+    assert rule.overloaded(a, b, stake_tokens=10**6)
+    assert choose(pool, a, rule, "hit", stake_tokens=10**6) == (b, "spill")
+    b.inflight = 4  # 18 < 6 x 4: a long history stays
+    assert not rule.overloaded(a, b, stake_tokens=10**6) and rule.overloaded(a, b, stake_tokens=512)
+
+
+def test_unheld_counts_the_blocks_a_worker_would_prefill_again():
+    idx = PrefixIndex(block_tokens=4, owners_per_block=3)
+    seq = np.arange(24, dtype=np.int32)  # 6 blocks
+    keys = idx.keys(seq)
+    idx.record(seq[:8], "http://x:1")
+    idx.record(seq[:8], "http://y:1")
+    idx.record(seq[:16], "http://b:1")  # b holds blocks 0-3; 0-1 now have a full owner list: held everywhere
+    idx.record(seq, "http://a:1")
+    assert idx.unheld(keys, 6, "http://a:1") == 0
+    assert idx.unheld(keys, 6, "http://b:1") == 2
+    assert idx.unheld(keys, 6, "http://z:1") == 4  # only the shared head
+    assert idx.unheld(keys, 3, "http://z:1") == 1
+
+
+def test_select_by_prefix_spreads_a_group_and_keeps_a_conversation():
+    """Four workers, a system prompt every one of them received: the samples of a GRPO group
+    (system + problem) arriving together spread once the first worker is 2 requests (128 tokens of
+    problem / 64) busier than the least-loaded one, while a conversation's next turn (its whole
+    history at stake) stays on its worker at the same imbalance."""
+    pool = WorkerPool()
+    ws = [pool.add(f"http://w{i}:1")[0] for i in range(4)]
+    idx = PrefixIndex(block_tokens=16, owners_per_block=4)
+    rule = SpillRule(abs_threshold=8, rel_threshold=1.5, tokens_per_request=64)
+    system = np.arange(1000, 1512, dtype=np.int32)
+    for w in ws:
+        idx.record(system, w.url)
+    prompt = np.concatenate([system, np.arange(5000, 5128, dtype=np.int32)])  # + a 128-token problem
+    placed = []
+    for _ in range(12):  # the group's samples arrive together: nothing finishes meanwhile
+        w, reason = select_by_prefix(pool, idx, prompt, rule)
+        w.inflight += 1
+        placed.append((w.url, reason))
+    first = placed[0][0]
+    assert placed[:3] == [(first, "affinity_hit")] * 3  # the system prompt's owners, then its first worker
+    assert Counter(u for u, _ in placed)[first] <= 4 and len({u for u, _ in placed}) >= 3
+    assert max(w.inflight for w in ws) - min(w.inflight for w in ws) <= 3
+    # a conversation's turn 2 on the first worker: its history is worth more than the imbalance
+    history = np.concatenate([prompt, np.arange(7000, 7800, dtype=np.int32)])
+    idx.record(history, first)
+    owner = pool.get(first)
+    owner.inflight = min(w.inflight for w in ws) + 5
+    assert select_by_prefix(pool, idx, np.concatenate([history, [1, 2, 3]]), rule) == (owner, "affinity_hit")
+    # ... but not at any imbalance: past the fixed rule (abs and rel) it spills too
+    owner.inflight = 3 * min(w.inflight for w in ws) + 9
+    w, reason = select_by_prefix(pool, idx, np.concatenate([history, [1, 2, 3]]), rule)
+    assert reason == "spill" and w is not owner
+
+
 def test_sticky_table_expires_idle_keys():
     t = StickyTable(idle_s=10)
     t.put("k", "http://w:1", now=0)
@@ -71,7 +145,8 @@ async def routed(nursery, n, policy, pipeline="passthrough", **routing):
 
 
 async def test_prefix_affinity_keeps_a_grpo_group_together(nursery):
-    router, sims = await routed(nursery, 4, "prefix_affinity")
+    # the fixed spill rule alone (balance_tokens_per_request = 0): a group of 8 stays on one of 4 workers
+    router, sims = await routed(nursery, 4, "prefix_affinity", balance_tokens_per_request=0)
     got = []
     async with client(router) as c:
         async def sample(prompt, seed):
@@ -90,6 +165,31 @@ async def test_prefix_affinity_keeps_a_grpo_group_together(nursery):
     assert all(len(ws) == 1 for ws in by_prompt.values()), by_prompt  # each group on one worker
     reasons = Counter(r for _, _, r in got)
     assert reasons["affinity_hit"] >= 4 * 7 - 2 and reasons["spill"] == 0
+
+
+async def test_prefix_affinity_spreads_a_group_that_arrives_together(nursery):
+    """With the stake-aware rule (the default) the samples of a group sent at once spread as soon as
+    a worker is busier than the little they share is worth, and each sample's next turn still goes
+    back to the worker that holds its history."""
+    router, sims = await routed(nursery, 4, "prefix_affinity")
+    first: dict[int, tuple[str, str]] = {}
+    async with client(router) as c:
+        async def sample(s):
+            text = f"{LONG} Problem 7: what is 7 + 7?"
+            r = await c.post("/generate", json={"text": text, "sampling_params": {
+                "max_new_tokens": 160, "ignore_eos": True, "sampling_seed": s}})  # > a 64-byte block of its own
+            first[s] = (r.headers["x-miles-router-worker"], text + r.json()["text"])
+
+        async with trio.open_nursery() as n:
+            for s in range(12):
+                n.start_soon(sample, s)
+        per_worker = Counter(w for w, _ in first.values())
+        assert len(per_worker) >= 3 and max(per_worker.values()) - min(per_worker.values()) <= 3, per_worker
+        for s, (worker, history) in first.items():  # one at a time: no load to weigh
+            r = await c.post("/generate", json={"text": history + " And 8 + 8?", "sampling_params": {
+                "max_new_tokens": 4}})
+            assert r.headers["x-miles-router-worker"] == worker
+            assert r.headers["x-miles-router-route-reason"] == "affinity_hit"
 
 
 async def test_prefix_affinity_spills_a_hot_prefix(nursery):

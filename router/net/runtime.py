@@ -21,7 +21,7 @@ import trio
 from router.wire import DECODE_ERRORS
 from router.config import Config
 from router.core.pipeline import PipelineSpec, load_pipeline
-from router.core.selection import PrefixIndex, SpillRule, StickyTable, choose
+from router.core.selection import PrefixIndex, SpillRule, StickyTable, choose, select_by_prefix
 from router.core.store import KeyFilter, StoreError, prefix_heads
 from router.core.urls import normalize_worker_url
 from router.core.workers import BreakerState, BreakerTransition, Transition, Worker, WorkerPool
@@ -82,7 +82,7 @@ class Runtime:
         # weight version -> order first seen; the newest `cache.keep_weight_versions` are current
         self.versions_seen: dict[str, int] = {}
         g = config.routing
-        self.spill = SpillRule(g.balance_abs_threshold, g.balance_rel_threshold)
+        self.spill = SpillRule(g.balance_abs_threshold, g.balance_rel_threshold, g.balance_tokens_per_request)
         self.prefix_index = PrefixIndex(block_tokens=g.prefix_block_tokens, capacity_blocks=g.prefix_capacity_blocks,
                                         owners_per_block=g.prefix_owners_per_block)
         self.sticky = StickyTable(idle_s=g.sticky_idle_s)
@@ -539,19 +539,10 @@ class Runtime:
             if w is not None:  # counted once per request (a request waiting for a slot asks again)
                 self.metrics.affinity_unreadable.labels(ex.route.path if ex.route is not None else ex.path).inc()
             return w, "affinity_unreadable"
-        owners, _ = self.prefix_index.lookup(seq, usable=self._usable)
-        preferred = min((self.pool.get(u) for u in owners), key=lambda w: w.inflight) if owners else None
-        w, reason = choose(self.pool, preferred, self.spill, "affinity_hit")
-        if reason == "least_inflight":
-            reason = "affinity_miss"
+        w, reason = select_by_prefix(self.pool, self.prefix_index, seq, self.spill)
         if w is not None:
-            self.prefix_index.record(seq, w.url)
             ex.affinity_seq = seq
         return w, reason
-
-    def _usable(self, url: str) -> bool:
-        w = self.pool.get(url)
-        return w is not None and self.pool.admits(w)
 
     def record_served(self, tokens, worker_url: str) -> None:
         """A worker now holds these tokens in its KV cache (prompt + generated)."""

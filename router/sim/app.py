@@ -2,8 +2,9 @@
 
 `SimWorker` answers SGLang v0.5.12's native endpoints (shared/sglang_api.md §1-4): `/generate`
 (JSON, batch, `n`, SSE streaming), aborts, pause/continue, weight versions, flush_cache, health and
-info routes. Generation itself is `router.sim.model`; this module adds time (latency, pauses,
-aborts, disconnects), the prefix cache, fault injection and the `/_sim/*` test hooks:
+info routes. Generation itself is `router.sim.model`; time (the waiting queue, prefill and decode
+latency, pauses, aborts) is `router.sim.scheduler`; this module adds the HTTP side (parsing,
+replies, streaming, disconnects), fault injection and the `/_sim/*` test hooks:
 
 - `GET|POST /_sim/faults`: read / partially update `Faults` (JSON object);
 - `GET /_sim/stats`, `POST /_sim/stats/reset`: counters, peak in-flight, the last 64 request bodies;
@@ -15,7 +16,6 @@ Every reply carries `x-sim-worker: <name>` and `x-sim-query: <raw query string>`
 from __future__ import annotations
 
 import base64
-import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -43,6 +43,7 @@ from router.sim.model import (
     parse_generate,
     peek_stream_flag,
 )
+from router.sim.scheduler import Live, Scheduler
 from router.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["SimStats", "SimWorker", "serve_sim_worker"]
@@ -50,14 +51,14 @@ __all__ = ["SimStats", "SimWorker", "serve_sim_worker"]
 _json_encode = msgspec.json.encode
 _SSE_DONE = b"data: [DONE]\n\n"
 _STREAM_BUFFER_CHUNKS = 64
-_HANG_POLL_S = 0.05  # notices `worker.faults.hang = False` set directly, without set_faults()
 _KEEP_LAST = 64
 _JSON = b"application/json"
 _SSE = b"text/event-stream; charset=utf-8"
 
 
 class SimStats:
-    """Counters and the last requests, for tests (`GET /_sim/stats` gives `to_json()`)."""
+    """Counters and the last requests, for tests (`GET /_sim/stats` gives `to_json()` plus the
+    scheduler's batch-model counters `busy_s`, `steps`, `late_s`, `late_max_s`)."""
 
     def __init__(self) -> None:
         self.requests = 0  # every HTTP request, /_sim/* included
@@ -90,26 +91,6 @@ class SimStats:
                 {k: v for k, v in r.items() if k != "body"} | {"body": decoded(r["body"])} for r in self.last_requests
             ],
         }
-
-
-class _Live:
-    """A /generate item the worker knows about: waiting (queued) or running."""
-
-    __slots__ = ("aborted", "done", "num_retractions", "prompt_tokens", "retracted_in", "rid", "running", "wake")
-
-    def __init__(self, rid: str, prompt_tokens: int) -> None:
-        self.rid = rid
-        self.prompt_tokens = prompt_tokens
-        self.running = False
-        self.aborted = False
-        self.wake = trio.Event()  # set on abort / pause / continue / fault change
-        self.done = trio.Event()
-        self.num_retractions = 0
-        self.retracted_in = -1  # pause epoch of the last retraction
-
-    def abort(self) -> None:
-        self.aborted = True
-        self.wake.set()
 
 
 class _Reply:
@@ -149,10 +130,7 @@ class SimWorker:
         self.stats = SimStats()
         self.weight_version = options.weight_version
         self.prefix_cache = PrefixCache(options.prefix_cache_tokens)
-        self.paused = False
-        self.pause_mode = "abort"
-        self._pause_epoch = 0
-        self._live: dict[str, _Live] = {}
+        self.scheduler = Scheduler(options, self.prefix_cache, lambda: self.faults)
         self._created = int(time.time())
         self._routes: dict[str, tuple[frozenset[str], Callable[..., Awaitable[None]]]] = {}
         for methods, paths, handler in (
@@ -184,40 +162,30 @@ class SimWorker:
 
     def set_faults(self, **changes: Any) -> Faults:
         self.faults = msgspec.convert(msgspec.structs.asdict(self.faults) | changes, Faults)
-        self._wake_all()
+        self.scheduler.wake_all()
         return self.faults
 
     def abort(self, rid: str = "", abort_all: bool = False) -> int:
         """`/abort_request`: abort_all, or every live rid starting with `rid` if `rid` itself is live."""
-        if abort_all:
-            victims = list(self._live.values())
-        elif rid in self._live:
-            victims = [live for live in self._live.values() if live.rid.startswith(rid)]
-        else:
-            victims = []
-        for live in victims:
-            live.abort()
-        return len(victims)
+        return self.scheduler.abort(rid, abort_all)
 
-    def pause(self, mode: str = "abort") -> list[_Live]:
-        self.paused, self.pause_mode = True, mode
-        self._pause_epoch += 1
-        victims = list(self._live.values()) if mode == "abort" else []
-        for live in victims:
-            live.abort()
-        self._wake_all()
-        return victims
+    def pause(self, mode: str = "abort") -> list[Live]:
+        return self.scheduler.pause(mode)
 
     def resume(self) -> None:
-        self.paused = False
-        self._wake_all()
+        self.scheduler.resume()
 
     def reset_stats(self) -> None:
         self.stats = SimStats()
+        self.scheduler.reset_counters()
 
-    def _wake_all(self) -> None:
-        for live in self._live.values():
-            live.wake.set()
+    @property
+    def paused(self) -> bool:
+        return self.scheduler.paused
+
+    @property
+    def _live(self) -> dict[str, Live]:  # rid -> item, waiting or running (tests wait on it)
+        return self.scheduler.live
 
     # ---- ASGI entry
 
@@ -307,7 +275,7 @@ class SimWorker:
                 "status": "ready",
                 "max_total_num_tokens": opts.prefix_cache_tokens,
                 "max_req_input_len": opts.context_length - 1,
-                "internal_states": [{"last_gen_throughput": 0.0, "num_running_reqs": self._count(running=True)}],
+                "internal_states": [{"last_gen_throughput": 0.0, "num_running_reqs": self.scheduler.count(running=True)}],
                 "version": SGLANG_VERSION,
             },
         )
@@ -328,18 +296,15 @@ class SimWorker:
         }
         await reply.json(200, {"object": "list", "data": [card]})
 
-    def _count(self, *, running: bool) -> int:
-        return sum(live.running == running for live in self._live.values())
-
     async def _load(self, reply: _Reply, body: bytes, **_: Any) -> None:
-        running = [live for live in self._live.values() if live.running]
+        running = [live for live in self.scheduler.live.values() if live.running]
         await reply.json(
             200,
             [
                 {
                     "dp_rank": 0,
                     "num_reqs": len(running),
-                    "num_waiting_reqs": len(self._live) - len(running),
+                    "num_waiting_reqs": len(self.scheduler.live) - len(running),
                     "num_tokens": sum(live.prompt_tokens for live in running),
                     "num_pending_tokens": 0,
                     "ts_tic": time.time(),
@@ -411,7 +376,7 @@ class SimWorker:
             self.abort(abort_all=True)
         if isinstance(req.get("weight_version"), str):
             self.weight_version = req["weight_version"]
-        if req.get("flush_cache", True) and not self._live:
+        if req.get("flush_cache", True) and not self.scheduler.live:
             self.prefix_cache.clear()
         if scope["path"] == "/update_weights_from_disk":
             result = {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
@@ -428,7 +393,7 @@ class SimWorker:
         await reply.body(200, b"null", _JSON)
 
     async def _flush_cache(self, reply: _Reply, body: bytes, **_: Any) -> None:
-        idle = not self._live
+        idle = not self.scheduler.live
         if idle:
             self.prefix_cache.clear()
         text = (
@@ -452,11 +417,16 @@ class SimWorker:
         await reply.json(200, msgspec.structs.asdict(self.faults))
 
     async def _sim_stats(self, reply: _Reply, body: bytes, **_: Any) -> None:
-        await reply.json(200, self.stats.to_json())
+        await reply.json(200, self._stats_json())
 
     async def _sim_stats_reset(self, reply: _Reply, body: bytes, **_: Any) -> None:
         self.reset_stats()
-        await reply.json(200, self.stats.to_json())
+        await reply.json(200, self._stats_json())
+
+    def _stats_json(self) -> dict[str, Any]:
+        sched = self.scheduler  # the batch model's counters (0 with the independent one)
+        return self.stats.to_json() | {"busy_s": sched.busy_s, "steps": sched.steps, "late_s": sched.late_s,
+                                       "late_max_s": sched.late_max_s}
 
     async def _sim_echo(self, reply: _Reply, body: bytes, *, scope: dict, **_: Any) -> None:
         await reply.json(
@@ -515,7 +485,7 @@ class SimWorker:
                         raise
                     bad_request_aborts[item.index] = exc.message
                 prompts.append(ids)
-            duplicates = [item.rid for item in request.items if item.rid in self._live]
+            duplicates = [item.rid for item in request.items if item.rid in self.scheduler.live]
             if duplicates:
                 raise RequestError(f"Duplicate request ID detected: {duplicates[0]}")
         except ValidationError as exc:
@@ -535,9 +505,9 @@ class SimWorker:
 
         for ids in prompts:
             self.stats.last_input_ids.append(ids)
-        lives = [_Live(item.rid, len(ids)) for item, ids in zip(request.items, prompts)]
+        lives = [Live(item.rid, len(ids)) for item, ids in zip(request.items, prompts)]
         for live in lives:
-            self._live[live.rid] = live
+            self.scheduler.add(live)
         try:
             if request.stream:
                 await self._generate_stream(reply, request.items, prompts, lives, received, receive, bad_request_aborts)
@@ -545,12 +515,7 @@ class SimWorker:
                 await self._generate_json(reply, request.is_single, request.items, prompts, lives, received, receive)
         finally:
             for live in lives:  # items cut short by a disconnect or a dropped connection
-                self._forget(live)
-
-    def _forget(self, live: _Live) -> None:
-        if self._live.get(live.rid) is live:
-            del self._live[live.rid]
-        live.done.set()
+                self.scheduler.forget(live)
 
     async def _fault_error(self, reply: _Reply, status: int) -> None:
         message = f"Simulated fault: status {status}"
@@ -567,7 +532,7 @@ class SimWorker:
         is_single: bool,
         items: list[GenerateItem],
         prompts: list[list[int]],
-        lives: list[_Live],
+        lives: list[Live],
         received: float,
         receive: Callable,
     ) -> None:
@@ -590,7 +555,7 @@ class SimWorker:
         reply: _Reply,
         items: list[GenerateItem],
         prompts: list[list[int]],
-        lives: list[_Live],
+        lives: list[Live],
         received: float,
         receive: Callable,
         bad_request_aborts: dict[int, str],
@@ -673,57 +638,13 @@ class SimWorker:
             nursery.cancel_scope.cancel()
         return finished
 
-    # ---- one item through queue, prefill and decode
-
-    async def _wait_wake(self, live: _Live, timeout: float = math.inf) -> bool:
-        """Sleep until `live` is woken (True) or `timeout` passes (False)."""
-        with trio.move_on_after(timeout):
-            await live.wake.wait()
-        if live.wake.is_set():
-            live.wake = trio.Event()
-            return True
-        return False
-
-    async def _admit(self, live: _Live) -> bool:
-        """The waiting queue: fault delay, pauses, hangs. False if aborted while waiting."""
-        delay = self.faults.delay_s
-        deadline = trio.current_time() + delay
-        while delay > 0 and not live.aborted and trio.current_time() < deadline:
-            await self._wait_wake(live, deadline - trio.current_time())
-        while not live.aborted:
-            if self.faults.hang:
-                await self._wait_wake(live, _HANG_POLL_S)
-            elif self.paused:
-                await self._wait_wake(live)
-            else:
-                return True
-        return False
-
-    async def _run_for(self, live: _Live, duration: float) -> float:
-        """Spend `duration` s of running time (pauses excluded); less is returned iff aborted."""
-        spent = 0.0
-        while True:
-            if live.aborted:
-                return spent
-            if self.paused and self.pause_mode != "abort":
-                if self.pause_mode == "retract" and live.retracted_in != self._pause_epoch:
-                    live.retracted_in = self._pause_epoch
-                    live.num_retractions += 1
-                await self._wait_wake(live)
-                continue
-            if spent >= duration:
-                return duration
-            started = trio.current_time()
-            woken = await self._wait_wake(live, duration - spent)
-            spent += trio.current_time() - started
-            if not woken:
-                return duration
+    # ---- one item
 
     async def _run_item(
         self,
         item: GenerateItem,
         prompt_ids: list[int],
-        live: _Live,
+        live: Live,
         received: float,
         emit: Callable[[dict[str, Any]], Awaitable[None]] | None,
         index: int | None,
@@ -733,20 +654,21 @@ class SimWorker:
         try:
             return await self._generate_item(item, prompt_ids, live, received, emit, index, bad_request)
         finally:
-            self._forget(live)
+            self.scheduler.forget(live)
 
     async def _generate_item(
         self,
         item: GenerateItem,
         prompt_ids: list[int],
-        live: _Live,
+        live: Live,
         received: float,
         emit: Callable[[dict[str, Any]], Awaitable[None]] | None,
         index: int | None,
         bad_request: str | None,
     ) -> dict[str, Any]:
-        model, opts = self.model, self.options
-        if not await self._admit(live):
+        model = self.model
+
+        async def waiting_abort() -> dict[str, Any]:
             self.stats.aborted += 1
             out = model.waiting_abort_output(
                 item,
@@ -759,8 +681,9 @@ class SimWorker:
                 await emit(out)
             return out
 
-        live.running = True
-        cached = self.prefix_cache.match(prompt_ids)
+        if not await self.scheduler.admit(live):
+            return await waiting_abort()
+
         completion = model.complete(prompt_ids, item.params, item.sample_index)
         total = len(completion)
         sent_ts: float | None = None
@@ -778,7 +701,7 @@ class SimWorker:
                 finish_reason=finish,
                 text=text,
                 weight_version=self.weight_version,
-                cached_tokens=cached,
+                cached_tokens=live.cached,
                 num_retractions=live.num_retractions,
                 e2e_latency=trio.current_time() - received,
                 sent_ts=sent_ts if first else None,
@@ -786,29 +709,22 @@ class SimWorker:
             )
 
         if bad_request is not None:
+            live.running = True
+            live.cached = self.prefix_cache.match(prompt_ids)
             out = output(0, bad_request_abort(bad_request), "")
             if emit is not None:
                 await emit(out)
             return out
 
-        produced = 0
-        await self._run_for(live, opts.prefill_latency_s_per_token * (len(prompt_ids) - cached))
-        if not live.aborted:
-            if emit is None:
-                latency = opts.token_latency_s
-                spent = await self._run_for(live, latency * total)
-                produced = total if not live.aborted else min(total, int(spent / latency + 1e-9) if latency else 0)
-            else:
-                while produced < total:
-                    await self._run_for(live, opts.token_latency_s)
-                    if live.aborted:
-                        break
-                    produced += 1
-                    if produced < total:
-                        text = completion.partial_text(produced)
-                        if text is not None:
-                            await emit(output(produced, None, text))
-        self.prefix_cache.insert(prompt_ids + completion.output_ids[:produced])
+        async def on_token(produced: int) -> None:
+            text = completion.partial_text(produced)
+            if text is not None:
+                await emit(output(produced, None, text))
+
+        produced = await self.scheduler.execute(live, prompt_ids, completion.output_ids,
+                                                on_token if emit is not None else None)
+        if not live.running:  # batch model: aborted before it joined the running batch
+            return await waiting_abort()
         if produced == total:
             out = output(total, completion.finish_reason, completion.final_text())
         else:

@@ -780,7 +780,10 @@ def bad_request_abort(message: str) -> dict[str, Any]:
 
 
 class PrefixCache:
-    """Simulated radix cache: an LRU of chained hashes of 16-token blocks, `capacity_tokens` big."""
+    """Simulated radix cache: an LRU of chained hashes of 16-token blocks, `capacity_tokens` big.
+
+    A block key stands for the whole prefix up to the block's end (`keys`), so a prompt's cached
+    length is its run of leading keys present (`match_keys`)."""
 
     def __init__(self, capacity_tokens: int) -> None:
         self.capacity_blocks = max(0, capacity_tokens // PREFIX_BLOCK_TOKENS)
@@ -790,31 +793,40 @@ class PrefixCache:
         return len(self._blocks) * PREFIX_BLOCK_TOKENS
 
     @staticmethod
-    def _chain(ids: Sequence[int], limit: int) -> list[int]:
+    def keys(ids: Sequence[int], limit: int | None = None) -> list[int]:
+        """The chained key of every whole block of `ids[:limit]`."""
+        limit = len(ids) if limit is None else limit
         hashes, h = [], 0
         for start in range(0, limit - PREFIX_BLOCK_TOKENS + 1, PREFIX_BLOCK_TOKENS):
             h = hash((h, tuple(ids[start : start + PREFIX_BLOCK_TOKENS])))
             hashes.append(h)
         return hashes
 
-    def match(self, ids: Sequence[int]) -> int:
-        """Cached tokens for a prompt; at least its last token is always recomputed."""
+    def match_keys(self, keys: Sequence[int]) -> int:
+        """Cached tokens of the leading run of `keys` (refreshing them as recently used)."""
         matched = 0
-        for h in self._chain(ids, len(ids) - 1):
+        for h in keys:
             if h not in self._blocks:
                 break
             self._blocks.move_to_end(h)
             matched += PREFIX_BLOCK_TOKENS
         return matched
 
-    def insert(self, ids: Sequence[int]) -> None:
+    def match(self, ids: Sequence[int]) -> int:
+        """Cached tokens for a prompt; at least its last token is always recomputed."""
+        return self.match_keys(self.keys(ids, len(ids) - 1))
+
+    def insert_keys(self, keys: Sequence[int]) -> None:
         if self.capacity_blocks == 0:
             return
-        for h in self._chain(ids, len(ids)):
+        for h in keys:
             self._blocks[h] = None
             self._blocks.move_to_end(h)
         while len(self._blocks) > self.capacity_blocks:
             self._blocks.popitem(last=False)
+
+    def insert(self, ids: Sequence[int]) -> None:
+        self.insert_keys(self.keys(ids))
 
     def clear(self) -> None:
         self._blocks.clear()

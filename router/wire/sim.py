@@ -5,10 +5,12 @@ Kept free of heavy imports so the config can reuse them without loading a tokeni
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
+
+NonNegative = Annotated[float, Meta(ge=0)]
 
 
 class Faults(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -25,7 +27,20 @@ class Faults(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class SimOptions(msgspec.Struct, kw_only=True):
     tokenizer: str = "builtin:qwen"
     seed: int = 0
-    token_latency_s: Annotated[float, Meta(ge=0)] = 0.0
+    # Latency (router/sim/scheduler.py). "independent": an item takes prefill_latency_s_per_token per
+    # uncached (+ cached_prefill_s_per_token per cached) prompt token, then token_latency_s per generated
+    # token, whatever else runs. "batch": continuous batching (router/sim/batch.py): the running batch
+    # advances one step at a time; a step costs token_latency_s + batch_step_s_per_request per request in
+    # it + batch_step_s_per_context_token per context token of its decoding requests + the prefill
+    # costs of the prompt tokens it computes, so a busier worker is slower for everyone on it.
+    latency_model: Literal["independent", "batch"] = "independent"
+    token_latency_s: NonNegative = 0.0
+    prefill_latency_s_per_token: NonNegative = 0.0
+    cached_prefill_s_per_token: NonNegative = 0.0
+    batch_step_s_per_request: NonNegative = 0.0
+    batch_step_s_per_context_token: NonNegative = 0.0
+    max_running_requests: Annotated[int, Meta(ge=0)] = 0  # batch: more wait in the queue (0 = no cap)
+    chunked_prefill_size: Annotated[int, Meta(ge=0)] = 0  # batch: uncached prompt tokens per step (0 = no cap)
     num_layers: Annotated[int, Meta(ge=1)] = 2
     top_k: Annotated[int, Meta(ge=1)] = 2
     num_experts: int = 64
@@ -35,7 +50,6 @@ class SimOptions(msgspec.Struct, kw_only=True):
     weight_version: str = "default"
     prefix_cache_tokens: int = 1 << 20
     noncanonical_rate: Annotated[float, Meta(ge=0, le=1)] = 0.15
-    prefill_latency_s_per_token: float = 0.0
     model_path: str = "sim/qwen"
     name: str = "sim"
     context_length: int = 131072
