@@ -52,6 +52,8 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+import gitref  # bench/gitref.py
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ------------------------------------------------------------------ payloads (SGLang-shaped)
@@ -1056,11 +1058,7 @@ def main() -> int:
           f"tmp {tmp}", flush=True)
     compare_repo = None
     if args.compare_ref:
-        compare_repo = os.path.join(tmp, "compare_ref")
-        subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", compare_repo, args.compare_ref],
-                       check=True, capture_output=True)
-        atexit.register(subprocess.run, ["git", "-C", REPO, "worktree", "remove", "--force", compare_repo],
-                        capture_output=True)
+        compare_repo = gitref.worktree(REPO, args.compare_ref, os.path.join(tmp, "compare_ref"))
     try:
         if args.serve:
             ports = free_ports(4)

@@ -1,9 +1,11 @@
 """Durable trajectory store benchmark: what durability costs, bytes on disk, restart time vs store size.
 
     python bench/bench_store.py                      # throughput (c=64, 2 rounds x 3 modes, 8 s each) + bytes/token
+    python bench/bench_store.py --workload shared-system   # the RL norm: one long system prompt, c=16, Qwen vocab
+    python bench/bench_store.py --workload shared-system --compare-ref HEAD~1   # also the router as of a commit
     python bench/bench_store.py --restart-gb 0.25,1,4  # also: restart time on generated stores of these sizes
-    python bench/bench_store.py --quick              # 4 s per point, 1 round
     python bench/bench_store.py --pg                 # also the PostgreSQL store (a throwaway local cluster)
+    python bench/bench_store.py --quick              # 4 s per point, 1 round
 
 Throughput: a real router process (`python -m router --config <tmp toml>`, radix-cache pipeline, log level
 warning) in front of two simulated SGLang workers in their own processes (`python -m router sim-worker`, tiny
@@ -15,8 +17,18 @@ within each round so drift hits all of them alike:
   * commit: the store with `sync = "commit"` (fsync per group commit; the reply waits for it);
   * with --pg, pg-off and pg-commit: the same two over the PostgreSQL store (`[store] url`), on a throwaway
     cluster started from Debian's binaries (tests/pg.py; its own process, same disk, `fsync` on), a fresh
-    database per point; or on `--pg-url URL` (a database the bench may create tables in).
+    database per point (not prefilled); or on `--pg-url URL` (a database the bench may create tables in).
 Router CPU per request = utime+stime of the router process (from /proc) / requests completed.
+
+`--workload shared-system` is the RL norm instead: every prompt is the same ~2 KB ChatML system prompt
+(`<|im_start|>system ...`) followed by a distinct question, real Qwen vocabulary (builtin:qwen, router and worker),
+64 new tokens with logprobs, c=16, one simulated worker in its own process; modes memory and commit (`--modes`
+picks others). Each store point starts on a store already holding `--prefill` (default 20,000) earlier
+trajectories of the same workload (an RL run's earlier steps; written once per router version through the record
+format, keyed by that version's own code). Every prompt then shares its first ~2 KB with every stored trajectory,
+which is what a store lookup keyed on a prompt's head must not pay for. It prints the store's cost as router CPU per request, commit / memory
+(target <= 1.25x). `--compare-ref GITREF` also runs the router as of GITREF (a temporary git worktree) in the same
+run, its modes alternating with this checkout's: an A/B of a change.
 Bytes on disk per token: the commit run's store (record bytes, and whole-file bytes incl. SQLite's index and
 free pages) / stored tokens (prompt + output).
 
@@ -33,6 +45,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -42,6 +55,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+
+import gitref  # bench/gitref.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -56,9 +71,9 @@ def free_port() -> int:
     return p
 
 
-def spawn(cmd, log) -> subprocess.Popen:
-    p = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-                         env={**os.environ, "PYTHONPATH": REPO})
+def spawn(cmd, log, repo: str = REPO) -> subprocess.Popen:
+    p = subprocess.Popen(cmd, cwd=repo, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+                         env={**os.environ, "PYTHONPATH": repo})
     PROCS.append(p)
     return p
 
@@ -86,8 +101,10 @@ def wait_http(url: str, timeout: float = 60.0, check=lambda b: True) -> float:
     raise RuntimeError(f"{url} not ready after {timeout} s")
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
+def cpu_seconds(pid: int, stat: str = "stat") -> float:
+    """utime + stime of a process (all its threads, exited ones included), or of one thread with
+    stat=f"task/{tid}/stat" (the main thread's id is the pid)."""
+    with open(f"/proc/{pid}/{stat}") as f:
         parts = f.read().rsplit(")", 1)[1].split()
     return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -108,7 +125,49 @@ def server_cpu(args) -> dict[int, float] | None:
     return out
 
 
-def router_config(tmp: str, port: int, sims: list[int], mode: str, store_path: str) -> str:
+# The shared-system workload's system prompt: one long instruction block every request starts with (~2 KB).
+SYSTEM_PROMPT = (
+    "<|im_start|>system\nYou are a meticulous mathematical reasoning assistant trained with reinforcement learning. "
+    "For every problem you receive, think step by step before answering. First restate the problem in your own "
+    "words and list the quantities it gives, with their units. Then decide which relations connect them: rates "
+    "and times, ratios and proportions, areas and volumes, probabilities of independent events, or modular "
+    "arithmetic. Write each intermediate result on its own line, keep exact fractions until the end, and check "
+    "the units of every quantity you compute. When a problem can be solved in more than one way, prefer the "
+    "shortest argument that is still fully rigorous, and mention a second method only when it verifies the first. "
+    "Never guess: if the problem is ambiguous, say which reading you chose and why. If a step needs a known "
+    "theorem, name it. Avoid rounding until the last step, and then round to the precision the problem asks for. "
+    "Your final line must be of the form `Answer: <value>` with the value alone, no units and no explanation, so "
+    "that an automatic grader can compare it with the reference. Answers that do not follow this format receive "
+    "no reward even when the reasoning is correct. Keep the whole reply under four hundred words. Do not repeat "
+    "the problem statement verbatim, do not apologise, and do not address the user by name. Treat every problem "
+    "as independent of the previous ones. Use plain text for formulas (for example 3/4 * (x + 2)), never LaTeX. "
+    "If the problem contains a mistake that makes it unsolvable, explain the mistake in one sentence and answer "
+    "`Answer: none`. Think carefully, be concise, and be correct.<|im_end|>\n")
+
+
+def shared_system_prompt(tag: str, conn: int, seq: int) -> str:
+    a, b = (seq * 7919 + conn * 104729) % 997, (seq * 31 + conn) % 89 + 2
+    return (f"{SYSTEM_PROMPT}<|im_start|>user\nProblem {tag}.{conn}.{seq}: a train covers {a} km in {b} hours at a "
+            f"constant speed. How far does it travel in {b + 3} hours, and what is its speed in m/s?<|im_end|>\n"
+            "<|im_start|>assistant\n")
+
+
+def unique_prompt(tag: str, conn: int, seq: int) -> str:
+    return f"[{tag}-{conn}-{seq}] Write a short note about item {seq * 7919 % 1000}."
+
+
+WORKLOADS = {
+    # unique prompts (their heads differ), tiny vocabulary, two workers: BENCHMARKS.md section 5's first table
+    "unique": dict(prompt=unique_prompt, tokenizer="builtin:tiny", workers=2, concurrency=64, new_tokens=32,
+                   modes=("memory", "off", "commit"), prefill=0),
+    # the RL norm: one long shared system prompt, a distinct question, real Qwen vocabulary (issue 19 item 6)
+    "shared-system": dict(prompt=shared_system_prompt, tokenizer="builtin:qwen", workers=1, concurrency=16,
+                          new_tokens=64, modes=("memory", "commit"), prefill=20_000),
+}
+
+
+def router_config(tmp: str, port: int, sims: list[int], mode: str, store_path: str, *, repo: str = REPO,
+                  tokenizer: str = "builtin:tiny") -> str:
     path = os.path.join(tmp, f"router-{mode}-{port}.toml")
     if mode == "memory":
         store = 'enabled = false'
@@ -116,6 +175,7 @@ def router_config(tmp: str, port: int, sims: list[int], mode: str, store_path: s
         store = f'url = "{store_path}"\nsync = "{mode[3:]}"'
     else:
         store = f'path = "{store_path}"\nsync = "{mode}"'
+
     with open(path, "w") as f:
         f.write(f"""[server]
 port = {port}
@@ -123,12 +183,12 @@ log_level = "warning"
 [workers]
 urls = [{", ".join(f'"http://127.0.0.1:{p}"' for p in sims)}]
 [tokenizer]
-path = "builtin:tiny"
+path = "{tokenizer}"
 [store]
 {store}
 [[routes]]
 path = "/generate"
-pipeline = "{REPO}/pipelines/radix-cache.toml"
+pipeline = "{repo}/pipelines/radix-cache.toml"
 """)
     return path
 
@@ -143,16 +203,25 @@ def load_main(argv) -> None:
     ap.add_argument("--seconds", type=float)
     ap.add_argument("--warmup", type=float)
     ap.add_argument("--tag")
+    ap.add_argument("--workload", default="unique")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--rate", type=float, default=0.0)
     a = ap.parse_args(argv)
+    prompt = WORKLOADS[a.workload]["prompt"]
     counts = {"ok": 0, "bad": 0}
 
     async def conn(i: int, measuring: list) -> None:
         stream = await trio.open_tcp_stream("127.0.0.1", a.port)
         buf = b""
         seq = 0
+        interval = a.concurrency / a.rate if a.rate else 0.0  # each connection's share of --rate
+        due = trio.current_time() + interval * i / a.concurrency
         while True:
-            body = json.dumps({"text": f"[{a.tag}-{i}-{seq}] Write a short note about item {seq * 7919 % 1000}.",
-                               "sampling_params": {"max_new_tokens": 32}, "return_logprob": True}).encode()
+            if interval:
+                await trio.sleep_until(due)
+                due = max(due + interval, trio.current_time() - interval)  # behind schedule: no burst to catch up
+            body = json.dumps({"text": prompt(a.tag, i, seq), "sampling_params": {"max_new_tokens": a.new_tokens},
+                               "return_logprob": True}).encode()
             seq += 1
             await stream.send_all(b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                                   b"content-length: %d\r\n\r\n%s" % (len(body), body))
@@ -184,21 +253,28 @@ def load_main(argv) -> None:
     print(json.dumps(counts))
 
 
-def measure(tmp: str, sims: list[int], mode: str, args, round_: int) -> dict:
+def measure(tmp: str, sims: list[int], mode: str, args, round_: int, repo: str = REPO, label: str = "") -> dict:
+    """One point: a fresh router (from `repo`) in `mode`, loaded for args.seconds after a 1 s warm-up."""
     port = free_port()
-    store_path = args.pg_database() if mode.startswith("pg-") else os.path.join(tmp, f"store-{mode}-{round_}.db")
-    cfg = router_config(tmp, port, sims, mode, store_path)
-    router = spawn([sys.executable, "-m", "router", "--config", cfg], os.path.join(tmp, f"router-{mode}.log"))
+    name = mode + label
+    store_path = args.pg_database() if mode.startswith("pg-") else os.path.join(tmp, f"store-{name}-{round_}.db")
+    if mode in ("off", "commit") and args.prefill:
+        shutil.copyfile(prefilled(tmp, repo, label, args.prefill), store_path)
+    work = WORKLOADS[args.workload]
+    cfg = router_config(tmp, port, sims, mode, store_path, repo=repo, tokenizer=work["tokenizer"])
+    router = spawn([sys.executable, "-m", "router", "--config", cfg], os.path.join(tmp, f"router-{name}.log"), repo)
     try:
         wait_http(f"http://127.0.0.1:{port}/health")
         client = subprocess.Popen([sys.executable, __file__, "_load", "--port", str(port), "--concurrency",
                                    str(args.concurrency), "--seconds", str(args.seconds), "--warmup", "1.0",
-                                   "--tag", f"{mode}{round_}"], stdout=subprocess.PIPE, cwd=REPO)
+                                   "--tag", f"{mode}{round_}{label.replace('@', '-')}", "--workload", args.workload,
+                                   "--new-tokens", str(work["new_tokens"]), "--rate", str(args.rate)],
+                                  stdout=subprocess.PIPE, cwd=REPO)
         PROCS.append(client)
         time.sleep(1.0)  # the client's warm-up
-        c0, d0 = cpu_seconds(router.pid), server_cpu(args)
+        c0, main0, d0 = cpu_seconds(router.pid), cpu_seconds(router.pid, f"task/{router.pid}/stat"), server_cpu(args)
         out, _ = client.communicate(timeout=args.seconds + 60)
-        c1, d1 = cpu_seconds(router.pid), server_cpu(args)
+        c1, main1, d1 = cpu_seconds(router.pid), cpu_seconds(router.pid, f"task/{router.pid}/stat"), server_cpu(args)
         res = json.loads(out)
         if mode != "memory":  # group commit as the router saw it
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
@@ -208,9 +284,11 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int) -> dict:
                        commit_ms=1e3 * float(m["miles_router_store_commit_seconds_sum"]) / commits)
     finally:
         stop(router)
-    res.update(mode=mode, rps=res["ok"] / res["elapsed"], cpu_us=(c1 - c0) * 1e6 / max(res["ok"], 1))
+    ok = max(res["ok"], 1)
+    res.update(mode=mode, label=label, rps=res["ok"] / res["elapsed"], cpu_us=(c1 - c0) * 1e6 / ok,
+               main_us=(main1 - main0) * 1e6 / ok)
     if mode.startswith("pg-") and d0 is not None:  # the database server's own work (in-process for SQLite)
-        res["db_cpu_us"] = sum(t - d0.get(pid, 0.0) for pid, t in d1.items()) * 1e6 / max(res["ok"], 1)
+        res["db_cpu_us"] = sum(t - d0.get(pid, 0.0) for pid, t in d1.items()) * 1e6 / ok
     if mode == "commit":
         conn = sqlite3.connect(store_path)
         rows, tokens, payload = conn.execute("SELECT count(*), total(ntokens), total(nbytes) FROM trajectories").fetchone()
@@ -223,38 +301,133 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int) -> dict:
     return res
 
 
+def prefilled(tmp: str, repo: str, label: str, n: int) -> str:
+    """A store holding n earlier trajectories of the shared-system workload, written once per router version (each
+    keys texts its own way), copied for each point."""
+    path = os.path.join(tmp, f"prefill{label.replace('@', '-')}.db")
+    if not os.path.exists(path):
+        subprocess.run([sys.executable, __file__, "_prefill", "--repo", repo, "--path", path, "--n", str(n)],
+                       check=True, cwd=repo)
+    return path
+
+
+def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str]]) -> None:
+    """Every mode of every target (this checkout, and --compare-ref's), alternated within each round (reversed in
+    odd rounds) so drift on a shared machine hits all of them alike; then the medians and the ratios."""
+    modes = args.modes
+    results = []
+    for r in range(args.rounds):
+        points = [(m, repo, label) for m in modes for label, repo in targets]
+        for mode, repo, label in points if r % 2 == 0 else points[::-1]:
+            res = measure(tmp, sims, mode, args, r, repo, label)
+            results.append(res)
+            extra = (f"  {res['batch']:.1f} trajectories/commit, {res['commit_ms']:.2f} ms/commit"
+                     if "batch" in res else "")
+            if "db_cpu_us" in res:
+                extra += f", database server {res['db_cpu_us']:.0f} µs/req"
+            print(f"round {r} {mode + label:>14}: {res['rps']:7.0f} req/s  router {res['cpu_us']:6.0f} µs/req "
+                  f"(event loop thread {res['main_us']:.0f})  bad {res['bad']}{extra}", flush=True)
+    med = {(m, lb): statistics.median(x["rps"] for x in results if x["mode"] == m and x["label"] == lb)
+           for m in modes for lb, _ in targets}
+    cpu = {(m, lb): statistics.median(x["cpu_us"] for x in results if x["mode"] == m and x["label"] == lb)
+           for m in modes for lb, _ in targets}
+    main = {(m, lb): statistics.median(x["main_us"] for x in results if x["mode"] == m and x["label"] == lb)
+            for m in modes for lb, _ in targets}
+    base = "memory" if "memory" in modes else modes[0]
+    print(f"\n| router | mode | req/s (median) | router CPU µs/req | of it, event loop thread | CPU vs {base} | "
+          f"req/s vs {base} |\n|---|---|---|---|---|---|---|")
+    for label, _ in targets:
+        for m in modes:
+            print(f"| {label[1:] or 'this checkout'} | {m} | {med[m, label]:.0f} | {cpu[m, label]:.0f} | "
+                  f"{main[m, label]:.0f} | {cpu[m, label] / cpu[base, label]:.2f}× | "
+                  f"{med[m, label] / med[base, label]:.2f}× |")
+    print()
+    for label, _ in targets:
+        who = label[1:] or "this checkout"
+        if "commit" in modes and "off" in modes:
+            print(f"{who}: commit/off throughput {med['commit', label] / med['off', label]:.2f}× (target >= 0.8)")
+        for c in ("commit", "pg-commit"):
+            if c in modes and "memory" in modes:
+                print(f"{who}: store cost, router CPU per request {c}/memory "
+                      f"{cpu[c, label] / cpu['memory', label]:.2f}× (target <= 1.25), throughput "
+                      f"{med[c, label] / med['memory', label]:.2f}×")
+    if args.pg:
+        if args.cluster is not None:
+            db = {m: statistics.median(x["db_cpu_us"] for x in results if x["mode"] == m and not x["label"])
+                  for m in modes if m.startswith("pg-")}
+            print("PostgreSQL server CPU per request (its own processes, not in the router's): "
+                  + ", ".join(f"{m} {v:.0f} µs" for m, v in db.items()))
+        for m in ("off", "commit"):
+            if m in modes and "pg-" + m in modes:
+                print(f"PostgreSQL vs SQLite, router CPU per request, sync={m}: "
+                      f"{cpu['pg-' + m, ''] / cpu[m, '']:.2f}× ({cpu['pg-' + m, ''] - cpu[m, '']:+.0f} µs); "
+                      f"throughput {med['pg-' + m, ''] / med[m, '']:.2f}×")
+    if len(targets) > 1:
+        ref = targets[1][0]
+        for m in modes:
+            print(f"{m}: router CPU per request, this checkout / {ref[1:]}: {cpu[m, ''] / cpu[m, ref]:.2f}×")
+    commits = [x for x in results if x["mode"] == "commit" and not x["label"]]
+    if commits:
+        c = commits[-1]
+        print(f"bytes on disk per token (no R3): records {c['record_bytes_per_token']:.2f} B, whole file "
+              f"{c['file_bytes_per_token']:.2f} B  ({c['rows']} trajectories, {c['tokens']:.0f} tokens)")
+
+
 # ------------------------------------------------------------------ restart vs store size
-def generate_store(path: str, gigabytes: float, tokens_per: int = 1000) -> tuple[int, str]:
+def record_blob(tokens_per: int, prompt: int) -> bytes:
+    """One trajectory in the store's record format (random ids and logprobs), as the router on sys.path writes it."""
     import numpy as np
 
+    from router.wire import store as wire
+
+    rng = np.random.default_rng(0)
+    return wire.encode(wire.pack(
+        rid="x", created=time.time(), prompt_len=prompt, finish="stop", worker=None, weight_version="v1",
+        versions=["v1"], tokens=rng.integers(0, 151000, tokens_per).astype(np.int32),
+        logprobs=rng.normal(size=tokens_per).astype(np.float32),
+        loss_mask=np.r_[np.zeros(prompt, np.uint8), np.ones(tokens_per - prompt, np.uint8)], experts=None))
+
+
+def write_records(path: str, n: int, text_of, blob: bytes, tokens_per: int) -> None:
+    """Write n copies of `blob` straight into a store, the i-th under the visible text text_of(i), keyed as the
+    router on sys.path keys texts."""
     from router.core.radix import text_digest
     from router.core.store import text_head
     from router.net.store_sqlite import open_database
-    from router.wire import store as wire
 
     conn, _ = open_database(__import__("pathlib").Path(path), sync="off")
-    rng = np.random.default_rng(0)
-    prompt = min(200, tokens_per // 2)
-    rec = wire.pack(rid="x", created=time.time(), prompt_len=prompt, finish="stop", worker=None, weight_version="v1",
-                    versions=["v1"], tokens=rng.integers(0, 151000, tokens_per).astype(np.int32),
-                    logprobs=rng.normal(size=tokens_per).astype(np.float32),
-                    loss_mask=np.r_[np.zeros(prompt, np.uint8), np.ones(tokens_per - prompt, np.uint8)], experts=None)
-    blob = wire.encode(rec)
-    n = int(gigabytes * 1e9 / len(blob))
-    batch = 5000
-    for start in range(0, n, batch):
-        ids = range(start, min(n, start + batch))
+    for start in range(0, n, 5000):
         conn.execute("BEGIN")
-        for i in ids:
-            # every text its own 64-byte prefix key (the worst case for startup, which loads the distinct keys)
-            text = _stored_text(i)
+        for i in range(start, min(n, start + 5000)):
+            text = text_of(i)
             cur = conn.execute("INSERT INTO trajectories (digest, created, retrieved, version, ntokens, nbytes, head, "
                                "vlen) VALUES (?, ?, 0, 'v1', ?, ?, ?, ?)",
                                (text_digest(text), time.time(), tokens_per, len(blob), text_head(text), len(text)))
             conn.execute("INSERT INTO payloads (id, data) VALUES (?, ?)", (cur.lastrowid, blob))
         conn.execute("COMMIT")
     conn.close()
+
+
+def generate_store(path: str, gigabytes: float, tokens_per: int = 1000) -> tuple[int, str]:
+    blob = record_blob(tokens_per, min(200, tokens_per // 2))
+    n = int(gigabytes * 1e9 / len(blob))
+    # every text its own 64-byte prefix key (the worst case for startup, which loads the distinct keys)
+    write_records(path, n, _stored_text, blob, tokens_per)
     return n, _stored_text(n // 2).decode()
+
+
+def prefill_main(argv) -> None:
+    """`_prefill --repo R --path P --n N`: N earlier trajectories of the shared-system workload (the system prompt,
+    a question, a ~400-byte answer), keyed by the router in R (its own prefix-key scheme)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repo")
+    ap.add_argument("--path")
+    ap.add_argument("--n", type=int)
+    a = ap.parse_args(argv)
+    sys.path.insert(0, a.repo)
+    answer = "The speed is the distance over the time, so the train covers the same distance every hour. "
+    write_records(a.path, a.n, lambda i: (shared_system_prompt("earlier", i % 16, i) + answer * 4).encode(),
+                  record_blob(520, 456), 520)
 
 
 def _stored_text(i: int) -> bytes:
@@ -291,31 +464,42 @@ def restart_time(tmp: str, sims: list[int], store_path: str, probe_text: str | N
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="unique",
+                    help="unique: unique prompts, tiny vocabulary, c=64; shared-system: one long system prompt, "
+                         "Qwen vocabulary, 64 tokens out, c=16")
+    ap.add_argument("--modes", help="comma-separated of memory,off,commit (default: the workload's)")
+    ap.add_argument("--concurrency", type=int, help="default: the workload's (64 unique, 16 shared-system)")
+    ap.add_argument("--prefill", type=int,
+                    help="trajectories already in the store when each store point starts (default: 20000 for "
+                         "shared-system, earlier steps of an RL run behind the same system prompt; 0 for unique)")
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="offer this many requests/s in total (each connection paced) instead of a closed loop: "
+                         "CPU per request compared at equal throughput (0 = closed loop, the default)")
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--compare-ref", metavar="GITREF",
+                    help="also measure the router as of GITREF (a temporary git worktree) in the same run")
+    ap.add_argument("--pg", action="store_true", help="also measure the PostgreSQL store (pg-off, pg-commit) on a "
+                                                       "throwaway local cluster (Debian's postgresql package)")
+    ap.add_argument("--pg-url", help="with --pg: this database instead of a throwaway cluster")
     ap.add_argument("--restart-gb", default="", help="comma-separated store sizes in GB for the restart table")
     ap.add_argument("--restart-tokens", type=int, default=1000, help="tokens per generated trajectory")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--tmp", help="folder for stores and logs (default: a new temp folder)")
-    ap.add_argument("--pg", action="store_true", help="also measure the PostgreSQL store (pg-off, pg-commit) on a "
-                                                       "throwaway local cluster (Debian's postgresql package)")
-    ap.add_argument("--pg-url", help="with --pg: this database instead of a throwaway cluster")
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.rounds = 4.0, 1
+    work = WORKLOADS[args.workload]
+    args.concurrency = args.concurrency or work["concurrency"]
+    args.modes = tuple(args.modes.split(",")) if args.modes else work["modes"]
+    args.prefill = work["prefill"] if args.prefill is None else args.prefill
+    if not set(args.modes) <= {"memory", "off", "commit"}:
+        ap.error(f"--modes: {args.modes} (known: memory, off, commit)")
+    if args.pg:  # the store modes again, over PostgreSQL
+        args.modes += tuple("pg-" + m for m in args.modes if m != "memory")
     tmp = args.tmp or tempfile.mkdtemp(prefix="bench_store_")
     os.makedirs(tmp, exist_ok=True)
-    sims = [free_port() for _ in range(2)]
-    for i, p in enumerate(sims):
-        spawn([sys.executable, "-m", "router", "sim-worker", "--port", str(p), "--tokenizer", "builtin:tiny",
-               "--seed", str(i)], os.path.join(tmp, f"sim{i}.log"))
-    for p in sims:
-        wait_http(f"http://127.0.0.1:{p}/health")
-    print(f"# bench_store.py  (c={args.concurrency}, {args.seconds:g} s per point, {args.rounds} round(s); "
-          f"logs in {tmp})")
-    modes = ["memory", "off", "commit"] + (["pg-off", "pg-commit"] if args.pg else [])
     cluster = None
     if args.pg and not args.pg_url:
         sys.path.insert(0, os.path.join(REPO, "tests"))
@@ -327,38 +511,23 @@ def main() -> int:
     else:
         args.pg_database = lambda: args.pg_url
     args.cluster = cluster
+    targets = [("", REPO)]
+    if args.compare_ref:
+        ref_repo = gitref.worktree(REPO, args.compare_ref, os.path.join(tmp, "compare_ref"))
+        targets.append(("@" + args.compare_ref, ref_repo))
+    sims = [free_port() for _ in range(work["workers"])]
+    for i, p in enumerate(sims):
+        spawn([sys.executable, "-m", "router", "sim-worker", "--port", str(p), "--tokenizer", work["tokenizer"],
+               "--seed", str(i)], os.path.join(tmp, f"sim{i}.log"))
+    for p in sims:
+        wait_http(f"http://127.0.0.1:{p}/health")
+    print(f"# bench_store.py --workload {args.workload}  (c={args.concurrency}"
+          f"{f', paced to {args.rate:g} req/s' if args.rate else ''}, {args.seconds:g} s per point, "
+          f"{args.rounds} round(s), {args.prefill} trajectories in the store at the start of each store point; "
+          f"logs in {tmp})")
     try:
         if not args.skip_throughput:
-            results = []
-            for r in range(args.rounds):
-                for mode in modes if r % 2 == 0 else modes[::-1]:
-                    res = measure(tmp, sims, mode, args, r)
-                    results.append(res)
-                    extra = (f"  {res['batch']:.1f} trajectories/commit, {res['commit_ms']:.2f} ms/commit"
-                             if "batch" in res else "")
-                    if "db_cpu_us" in res:
-                        extra += f", database server {res['db_cpu_us']:.0f} µs/req"
-                    print(f"round {r} {mode:>9}: {res['rps']:7.0f} req/s  router {res['cpu_us']:6.0f} µs/req  "
-                          f"bad {res['bad']}{extra}", flush=True)
-            med = {m: statistics.median(x["rps"] for x in results if x["mode"] == m) for m in modes}
-            cpu = {m: statistics.median(x["cpu_us"] for x in results if x["mode"] == m) for m in modes}
-            print("\n| mode | req/s (median) | router CPU µs/req | vs off |\n|---|---|---|---|")
-            for m in modes:
-                print(f"| {m} | {med[m]:.0f} | {cpu[m]:.0f} | {med[m] / med['off']:.2f}× |")
-            c = [x for x in results if x["mode"] == "commit"][-1]
-            print(f"\ncommit/off throughput: {med['commit'] / med['off']:.2f}× (target >= 0.8)")
-            if args.pg:
-                if args.cluster is not None:
-                    db = {m: statistics.median(x["db_cpu_us"] for x in results if x["mode"] == m)
-                          for m in ("pg-off", "pg-commit")}
-                    print(f"PostgreSQL server CPU per request (its own processes, not in the router's): "
-                          f"pg-off {db['pg-off']:.0f} µs, pg-commit {db['pg-commit']:.0f} µs")
-                print(f"PostgreSQL vs SQLite, router CPU per request: sync=commit "
-                      f"{cpu['pg-commit'] / cpu['commit']:.2f}× ({cpu['pg-commit'] - cpu['commit']:+.0f} µs), sync=off "
-                      f"{cpu['pg-off'] / cpu['off']:.2f}× ({cpu['pg-off'] - cpu['off']:+.0f} µs); throughput: commit "
-                      f"{med['pg-commit'] / med['commit']:.2f}×, off {med['pg-off'] / med['off']:.2f}×")
-            print(f"bytes on disk per token (no R3): records {c['record_bytes_per_token']:.2f} B, whole file "
-                  f"{c['file_bytes_per_token']:.2f} B  ({c['rows']} trajectories, {c['tokens']:.0f} tokens)")
+            throughput(tmp, sims, args, targets)
         if args.restart_gb:
             print(f"\n{args.restart_tokens}-token trajectories\n"
                   "| store | trajectories | file size | ready (/health) | first exact retrieve from disk | router RSS "
@@ -386,5 +555,7 @@ def main() -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_load":
         load_main(sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "_prefill":
+        prefill_main(sys.argv[2:])
     else:
         raise SystemExit(main())

@@ -25,6 +25,7 @@ from router.core.headers import header_value
 from router.core.pipeline import PipelineSpec, load_pipeline
 from router.core.selection import PrefixIndex, SpillRule, StickyTable, choose, select_by_prefix
 from router.core.sticky import KeyInflight, preferred, routing_key
+from router.core.store import KeyFilter, StoreError, prefix_heads
 from router.core.urls import normalize_worker_url
 from router.core.workers import BreakerState, BreakerTransition, Transition, Worker, WorkerPool
 from router.core.pipeline import StageError
@@ -79,6 +80,8 @@ class Runtime:
         self.tokenizer = None
         self.tree_if_loaded = None
         self.store = None  # the durable trajectory store (a TrajectoryStore), when a pipeline persists
+        # prefix keys of this process's stored trajectories that it evicted from memory (a KeyFilter, once any was)
+        self.evicted_heads = None
         self.session_persister = None  # sessions over the store (router/net/session_persist.py)
         self.pipelines: dict[tuple[str, str], RoutePipeline] = {}
         self.sessions = None  # SessionRegistry when [sessions] enabled
@@ -213,44 +216,62 @@ class Runtime:
         """Load back into the memory cache the stored trajectories whose visible text is a prefix of `text`
         longer than what the cache matched (a conversation's earlier turns, evicted or stored before a restart),
         oldest first, as they were inserted the first time: the merged loss mask and anchors come out the same.
-        True if any was loaded. Texts shorter than the prefix key (64 bytes) are not found this way."""
+        True if any was loaded. Texts shorter than one prefix-key block (64 bytes) are not found this way.
+
+        The store is asked only about the prompt's prefix keys (router/core/store.py `prefix_heads`) that may
+        name a record the memory cache does not hold: one another process wrote or that was there before this
+        one started (`store.may_continue`), or one of this process's own that it evicted (`evicted_heads`).
+        Everything else this process stored is still in memory, so the cache's own match already covers it."""
+        store = self.store
+        if store is None:
+            return False
+        may_continue, evicted = store.may_continue, self.evicted_heads
+        if evicted is None:
+            heads = [h for h in prefix_heads(text, matched) if may_continue(h)]
+        else:
+            heads = [h for h in prefix_heads(text, matched) if may_continue(h) or h in evicted]
+        if not heads:
+            return False
         from router.core.radix import TrajectoryInput, text_digest
-        from router.core.store import StoreError, text_head
         from router.wire import store as wire
 
-        store = self.store
-        head = text_head(text) if store is not None else None
-        if head is None or not store.may_continue(head):
-            return False
         tree = self.tree
-        chosen = []
+        chosen: dict[int, int] = {}
         try:
-            for rid, vlen, digest in await store.prefix_candidates(head, len(text)):
-                if vlen > matched and text_digest(text[:vlen]) == digest and tree.peek_exact(text[:vlen]) is None:
-                    chosen.append((rid, vlen))
+            for head in heads:
+                for rid, vlen, digest in await store.prefix_candidates(head, len(text)):
+                    if (vlen > matched and rid not in chosen and text_digest(text[:vlen]) == digest
+                            and tree.peek_exact(text[:vlen]) is None):
+                        chosen[rid] = vlen
             if not chosen:
                 return False
-            chosen.sort()
-            records = await store.get_ids([rid for rid, _ in chosen])
+            order = sorted(chosen)
+            records = await store.get_ids(order)
         except StoreError as e:
             # The earlier turns' exact tokens cannot be read now (the store's database is away): fail the request
             # rather than re-tokenize a conversation the engine already spelled.
             raise StageError(503, str(e), store=str(getattr(store, "path", store.name))) from None
         now = time.time()
-        for (_, vlen), rec in zip(chosen, records):
+        for rid, rec in zip(order, records):
             tokens, p = wire.tokens_of(rec), rec.prompt_len
             tree.insert(TrajectoryInput(
                 rid=rec.rid, prompt_ids=tokens[:p], output_ids=tokens[p:], output_logprobs=wire.logprobs_of(rec)[p:],
-                visible_text=text[:vlen], weight_version=rec.weight_version, worker=rec.worker,
+                visible_text=text[:chosen[rid]], weight_version=rec.weight_version, worker=rec.worker,
                 finish=rec.finish or "stop", routed_experts=wire.experts_of(rec)), now=now)
         return True
+
+    def _evicted_to_store(self, heads: list[int]) -> None:
+        """Remember the prefix keys of stored trajectories that left memory (persist tagged them with their key):
+        a later prompt continuing one of them must ask the store for it."""
+        if self.evicted_heads is None:
+            self.evicted_heads = KeyFilter(26)  # 8 MiB, allocated at the first eviction of a stored trajectory
+        for h in heads:
+            self.evicted_heads.add(h)
 
     def stale_versions(self) -> frozenset:
         return frozenset(v for v in self.versions_seen if self._is_stale(v))
 
     async def store_maintenance(self) -> None:
-        from router.core.store import StoreError
-
         while True:
             await trio.sleep(self.config.cache.cleanup_interval_s)
             try:
@@ -280,6 +301,8 @@ class Runtime:
             return
         report = tree.evict(budget_bytes=c.budget_bytes, hard_budget_bytes=c.hard_budget_bytes,
                             stale_versions=self._is_stale)
+        if getattr(report, "tags", None):
+            self._evicted_to_store(report.tags)
         if getattr(report, "evicted_unretrieved", 0) and self.store is not None:
             # Out of memory, not out of existence: /retrieve_from_text reads them back from the store.
             log.debug("trajectory cache over its hard budget: %d unretrieved trajectories left memory for the "

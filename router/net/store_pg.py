@@ -22,8 +22,10 @@
 - **Shared by several routers.** Ids come from an identity sequence; schema creation and retention take
   PostgreSQL advisory locks (one retention pass at a time across routers); nothing in the tables is
   process-local. The in-memory parts are caches: the counters behind `stats()` (re-read from the database
-  every `TOTALS_EVERY_S` by the retention pass) and the prefix-key filter (`may_continue`: this process's
-  own writes plus what was stored at startup).
+  every `TOTALS_EVERY_S` by the retention pass) and the prefix-key filter (`may_continue`: what was stored
+  at startup; this process's own writes the router remembers itself, router/core/store.py). Keys another router
+  writes later are not in it: a radix-cache text conversation whose earlier turns another router stored after
+  this one started is not continued from the store here.
 
 Schema `miles_router` (created if missing): `trajectories` (one row per record, the blob in `data`, stored
 out of line and uncompressed), `sessions`, `session_turns`, `meta`.
@@ -42,9 +44,9 @@ import psycopg
 import trio
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from router.core.store import (Keyed, RetentionPlan, RowInfo, StoreError, StoreOpenError, StoreStats,
+from router.core.store import (KeyFilter, Keyed, RetentionPlan, RowInfo, StoreError, StoreOpenError, StoreStats,
                                StoreWriteError, plan_retention)
-from router.net.store_sqlite import _HeadFilter, _Op, _STOP
+from router.net.store_sqlite import _Op, _STOP
 from router.wire import store as wire
 from router.wire.store import StoredTrajectory
 
@@ -187,7 +189,7 @@ class PgStore:
         self.read_only = self.write_error is not None
         self.commits = self.deleted = self.deleted_unretrieved = 0
         self._load_totals(self._conn)
-        self._heads = _HeadFilter()
+        self._heads = KeyFilter()
         with self._conn.cursor() as cur:
             cur.execute("SELECT DISTINCT head FROM miles_router.trajectories WHERE head IS NOT NULL")
             self._heads.load(cur)
@@ -266,8 +268,6 @@ class PgStore:
         records = [r if isinstance(r, Keyed) else Keyed(*r) for r in records]
         for r in records:
             self._pending.setdefault(r.digest, []).append(r.record)
-            if r.head is not None:
-                self._heads.add(r.head)
         self._pending_writes += len(records)
         await self._submit(_Op("put", records, trio.Event() if wait else None))
 

@@ -18,7 +18,6 @@ startup, statistics and retention scan; `payloads` holds the record blobs, read 
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import queue
@@ -29,11 +28,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import quote
 
-import numpy as np
 import trio
 
-from router.core.store import (Keyed, RetentionPlan, RowInfo, StoreOpenError, StoreStats, StoreWriteError,
-                               plan_retention)
+from router.core.store import (KeyFilter, Keyed, RetentionPlan, RowInfo, StoreOpenError, StoreStats,
+                               StoreWriteError, plan_retention)
 from router.wire import store as wire
 from router.wire.store import StoredTrajectory
 
@@ -165,35 +163,6 @@ class _Op:
 _STOP = _Op("stop", None, None)
 
 
-class _HeadFilter:
-    """Which prefix keys (63-bit hashes) may be stored: one bit per key hash in a fixed 16 MiB bitmap, so memory
-    does not grow with the store (a set of Python ints took ~72 bytes per key: 85 MB for 1.2M trajectories).
-    False positives only cost a query (~1% at a million distinct keys, ~4% at five million)."""
-
-    BITS = 1 << 27
-
-    def __init__(self) -> None:
-        self._bits = np.zeros(self.BITS >> 3, np.uint8)
-
-    def load(self, rows) -> None:
-        """Set the bits of every key in `rows` (a cursor of 1-tuples), in chunks."""
-        cur = iter(rows)
-        while True:
-            chunk = list(itertools.islice(cur, 1 << 16))
-            if not chunk:
-                return
-            idx = np.fromiter((h for (h,) in chunk), np.int64, len(chunk)) & (self.BITS - 1)
-            np.bitwise_or.at(self._bits, idx >> 3, (1 << (idx & 7)).astype(np.uint8))
-
-    def add(self, head: int) -> None:
-        i = head & (self.BITS - 1)
-        self._bits[i >> 3] |= 1 << (i & 7)
-
-    def __contains__(self, head: int) -> bool:
-        i = head & (self.BITS - 1)
-        return bool(self._bits[i >> 3] & (1 << (i & 7)))
-
-
 class SqliteStore:
     """A TrajectoryStore (router/core/store.py) on one SQLite file."""
 
@@ -210,9 +179,10 @@ class SqliteStore:
         row = self._conn.execute("SELECT count(*), total(nbytes), total(retrieved = 0) FROM trajectories").fetchone()
         self.rows, self.payload_bytes, self.unretrieved = int(row[0]), int(row[1]), int(row[2])
         self.commits = self.deleted = self.deleted_unretrieved = 0
-        # prefix keys of stored texts (router/core/store.py text_head): a cheap "maybe" before a query
+        # prefix keys (router/core/store.py text_head) of the texts stored before this process started: a cheap
+        # "maybe" before a query (`may_continue`; this process's own writes are the router's to remember)
         cols = {r[1] for r in self._conn.execute("PRAGMA table_info(trajectories)")}
-        self._heads = _HeadFilter()
+        self._heads = KeyFilter()
         if "head" in cols:
             self._heads.load(self._conn.execute("SELECT DISTINCT head FROM trajectories WHERE head IS NOT NULL"))
         self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
@@ -250,8 +220,6 @@ class SqliteStore:
         records = [r if isinstance(r, Keyed) else Keyed(*r) for r in records]
         for r in records:
             self._pending.setdefault(r.digest, []).append(r.record)
-            if r.head is not None:
-                self._heads.add(r.head)
         self._pending_writes += len(records)
         op = _Op("put", records, trio.Event() if wait else None)
         self._queue.put(op)
@@ -483,6 +451,8 @@ class SqliteStore:
         return newest
 
     def may_continue(self, head: int) -> bool:
+        """Keys of the records stored before this process opened the store; its own writes it does not count
+        (router/core/store.py TrajectoryStore.may_continue: the router remembers those it evicts)."""
         return head in self._heads
 
     def _candidates(self, head: int, max_len: int) -> list[tuple[int, int, bytes]]:

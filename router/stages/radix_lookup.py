@@ -5,7 +5,8 @@ from the trajectory cache: the exact tokens the engine saw and produced for that
 where reuse is safe (after a generated token, a prompt's end, or a finished trajectory). The
 match never ends inside a UTF-8 character, so the remainder can be tokenized as text. With the durable
 store, earlier turns the prompt continues that are no longer in memory (evicted, or stored before a
-restart) are loaded back into the cache first, so the next turn reuses their exact tokens.
+restart) are loaded back into the cache first, so the next turn reuses their exact tokens; the store is
+asked only when the prompt may continue such a turn (router/net/runtime.py `continue_from_store`).
 Requests with `input_ids`, batches and n>1 prompts built from lists are left alone.
 """
 

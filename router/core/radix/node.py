@@ -33,12 +33,13 @@ class Terminal:
     the same tokens (e.g. two GRPO samples that generated identical ids) share one Terminal; its `rid` is the
     newest one and `older_rids` the others (at most MAX_ALIASES), so each stays retrievable by its rid."""
 
-    __slots__ = ("rid", "older_rids", "version", "finish", "created", "retrieved", "key", "node")
+    __slots__ = ("rid", "older_rids", "version", "finish", "created", "retrieved", "key", "node", "tag")
 
     def __init__(self, rid, version, finish, created, key, node):
         self.rid, self.version, self.finish, self.created = rid, version, finish, created
         self.retrieved, self.key, self.node = False, key, node  # key: text_key(visible text)
         self.older_rids: list[str] | None = None
+        self.tag: int | None = None  # the caller's (peek_exact), reported when the terminal is evicted
 
     def rids(self) -> list[str]:
         return [*(self.older_rids or ()), self.rid]

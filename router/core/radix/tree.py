@@ -88,7 +88,7 @@ class EvictionReport(msgspec.Struct):
     evicted_retrieved: int = 0  # terminals dropped in phase 2
     evicted_unretrieved: int = 0  # never-retrieved terminals dropped in phase 3 (the caller should warn)
     rids: list = msgspec.field(default_factory=list)
-
+    tags: list = msgspec.field(default_factory=list)  # the `tag` of each evicted terminal that had one
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -712,6 +712,8 @@ class RadixTree:
         for term in node.terminals:
             self._forget(term)
             rep.rids.extend(term.rids())
+            if term.tag is not None:
+                rep.tags.append(term.tag)
             if counter != "evicted_unretrieved" or not term.retrieved:
                 setattr(rep, counter, getattr(rep, counter) + 1)
         if counter == "evicted_unretrieved":
@@ -731,16 +733,20 @@ class RadixTree:
         self._push(parent)  # a parent becomes a candidate once its last child goes
 
     # ----------------------------------------------------------------------------------------------- store hook
-    def peek_exact(self, text: bytes, rid: str | None = None) -> Retrieved | None:
+    def peek_exact(self, text: bytes, rid: str | None = None, *, tag: int | None = None) -> Retrieved | None:
         """What `retrieve(text, rid=rid)` answers for an exact hit, without marking it retrieved or counting it,
         or None (no such trajectory, or several spellings of the text and no `rid` to pick one). The durable
-        store (router/stages/persist.py) records this answer right after the insert."""
+        store (router/stages/persist.py) records this answer right after the insert, and tags the trajectory
+        (`tag`, kept on it and listed in `EvictionReport.tags` when it is evicted) with its prefix key, so the
+        router knows which stored texts are no longer in memory."""
         group = self._by_key.get(text_key(text))
         if not group:
             return None
         term, ambiguous = self._choose(group, rid, None)
         if term is None or ambiguous or term.node is None:
             return None
+        if tag is not None:
+            term.tag = tag
         path = self.path(term.node)
         versions = [tm.version for nd in path[:-1] for tm in nd.terminals] + [term.version]
         toks, lps, mask, r3 = self.gather([(nd, nd.size) for nd in path])
