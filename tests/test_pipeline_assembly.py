@@ -127,3 +127,44 @@ def test_shipped_pipelines_declare_what_they_need():
                  "session-chat.toml", "session-chat-r3.toml"):
         load_pipeline(f"pipelines/{name}", ROOT)
     assert [s.ref for s in load_pipeline("session-chat", ROOT).stages][-2:] == ["session_reply", "persist_session"]
+
+
+def _services_used(cls) -> set[str]:
+    """The names a stage's module reaches on `self.services` (or a local alias of it)."""
+    import ast
+    import inspect
+    import sys
+
+    tree = ast.parse(inspect.getsource(sys.modules[cls.__module__]))
+    aliases = {"svc"}
+    used = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            base = node.value
+            if (isinstance(base, ast.Attribute) and base.attr == "services") or \
+                    (isinstance(base, ast.Name) and base.id in aliases):
+                used.add(node.attr)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "getattr" and node.args and \
+                isinstance(node.args[0], ast.Attribute) and node.args[0].attr == "services":
+            raise AssertionError(f"{cls.__module__}: getattr on services hides what a stage uses")
+    return used
+
+
+@pytest.mark.parametrize("ref", sorted(BUILTIN_STAGES))
+def test_stages_use_only_the_declared_services(ref):
+    from router.core.pipeline import Services
+
+    declared = {n for n in dir(Services) if not n.startswith("_")} | set(Services.__annotations__)
+    assert _services_used(resolve_stage(ref)) <= declared, ref
+
+
+async def test_the_runtime_provides_every_service(nursery):
+    from harness import make_config
+    from router.core.pipeline import Services
+    from router.net.runtime import Runtime
+
+    rt = Runtime(make_config(), nursery)
+    rt.tree_if_loaded = object()  # (the tree is built on first use; the name is what matters here)
+    for name in {n for n in dir(Services) if not n.startswith("_")} | set(Services.__annotations__):
+        assert hasattr(type(rt), name) or hasattr(rt, name), name
+    await rt.aclose()

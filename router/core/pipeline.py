@@ -118,6 +118,40 @@ class ClientSink(Protocol):
         """A complete reply of the router's own (before anything started)."""
 
 
+class Services(Protocol):
+    """Everything a stage may use of the router: the object every stage receives as `services` (the router's
+    Runtime, router/net/runtime.py, implements it; tests/test_pipeline_assembly.py checks it does, and that the
+    built-in stages use nothing else). Attributes are None when the route's pipelines do not need them."""
+
+    config: Any  # router.config.Config
+    tokenizer: Any  # router.tokenizer.Tokenizer (stages with uses_tokenizer)
+    tree: Any  # router.core.radix.RadixTree, the trajectory cache (stages with uses_tree)
+    store: Any  # a router.core.store.TrajectoryStore (stages with uses_store), or None when [store] is off
+    sessions: Any  # router.core.sessions.registry.SessionRegistry
+    session_persister: Any  # router/net/session_persist.py, or None without a store
+    metrics: Any  # router/net/metrics.py
+    upstream: Any  # the worker connection pool (router/net/upstream.py): the forward stage's
+    pool: Any  # router.core.workers.WorkerPool
+    retry_statuses: frozenset[int]
+
+    # the forward stage's worker lifecycle
+    async def take_worker(self, ex: Exchange, exclude: Any = ()) -> tuple[Any, str, bool]: ...
+    def give_back(self, worker: Any, trial: bool = False, ex: Exchange | None = None) -> None: ...
+    def routable(self, ex: Exchange, exclude: Any = ()) -> list: ...
+    def pickable(self, ex: Exchange, exclude: Any = ()) -> bool: ...
+    def on_outcome(self, worker: Any, failed: bool, reason: str = "", trial: bool = False) -> None: ...
+    def on_worker_error(self, worker: Any, error: str) -> None: ...
+    def note_reply(self, ex: Exchange, outputs: list) -> None: ...
+    # weight versions
+    def note_weight_version(self, version: str | None) -> None: ...
+    def observe_weight_version(self, worker: Any, version: str | None) -> None: ...
+    def current_weight_version(self) -> str | None: ...
+    # the trajectory cache over the store
+    def record_served(self, tokens: Any, worker_url: str) -> None: ...
+    def evict_cache(self) -> None: ...
+    async def continue_from_store(self, text: bytes, matched: int) -> bool: ...
+
+
 class Stage:
     """Base class for stages (subclassing is optional; the attributes are the contract: see the module docstring)."""
 
@@ -132,7 +166,7 @@ class Stage:
     uses_store: ClassVar[bool] = False
     evicts_cache: ClassVar[bool] = False
 
-    def __init__(self, options: Any, services: Any) -> None:
+    def __init__(self, options: Any, services: Services) -> None:
         self.options = options
         self.services = services
 

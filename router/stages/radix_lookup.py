@@ -39,8 +39,7 @@ class RadixLookup(Stage):
             return None
         text = req.text.encode("utf-8", "surrogatepass")
         m, cut = self._match(text)
-        continue_from_store = getattr(self.services, "continue_from_store", None)
-        if continue_from_store is not None and cut < len(text) and await continue_from_store(text, cut):
+        if cut < len(text) and await self.services.continue_from_store(text, cut):
             m, cut = self._match(text)  # earlier turns this text continues came back from the durable store
         ex.scratch["prefix"] = (m.tokens, cut)
         return None
