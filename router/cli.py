@@ -155,6 +155,25 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _route_table(cfg) -> list[dict]:
+    """The routes the router answers itself for this config (router/net/routes.py), as `check` prints them."""
+    import trio
+
+    from router.net.app import RouterApp
+    from router.net.runtime import Runtime
+
+    async def build() -> list[dict]:
+        async with trio.open_nursery() as n:
+            rt = Runtime(cfg, n)
+            try:
+                rt.load_pipelines()
+                return RouterApp(rt).routes.rows()
+            finally:
+                await rt.aclose()
+
+    return trio.run(build)
+
+
 def cmd_check(args) -> int:
     import msgspec
 
@@ -172,6 +191,7 @@ def cmd_check(args) -> int:
         out["routes"].append({"path": key[1], "method": "POST", "pipeline": cfg.sessions.pipeline,
                               "policy": "sticky (session id)", "stages": pipelines[key].describe()})
     out["routes"].append({"path": "(any other path)", "pipeline": "passthrough", "stages": [{"stage": "forward", "phase": "forward", "options": {}}]})
+    out["router_routes"] = _route_table(cfg)
     print(json.dumps(out, indent=2))
     print(f"{args.config}: OK", file=sys.stderr)
     return 0

@@ -20,6 +20,7 @@ import trio
 
 from router.wire import DECODE_ERRORS, decode_error_text
 from router.core.errors import RouterError
+from router.net.routes import Route, build_routes
 from router.core.headers import header_value
 from router.core.labels import check_labels, parse_label_list
 from router.core.pipeline import CommitError, Exchange, Reply, StageError
@@ -152,36 +153,17 @@ class RouterApp:
         cfg = runtime.config
         self.max_body = cfg.server.max_body_bytes
         self.admin_key = os.environ.get("MILES_ROUTER_ADMIN_KEY") or cfg.server.admin_api_key
-        # (method, path) -> (handler, needs admin key)
-        self.endpoints: dict[tuple[str, str], tuple[Handler, bool]] = {
-            ("POST", "/add_worker"): (self.add_worker, True),
-            ("POST", "/remove_worker"): (self.remove_worker, True),
-            ("GET", "/list_workers"): (self.list_workers, False),
-            ("GET", "/workers"): (self.workers, False),
-            ("GET", "/health"): (self.health, False),
-            ("GET", "/metrics"): (self.metrics, False),
-        }
-        # (path prefix, handler(scope, receive, send, body) -> status) for route families with ids in
-        # the path (/sessions/{id}/...); checked only when no exact endpoint matches.
-        self.prefix_routes: list[tuple[str, Callable]] = []
-        # (method, path prefix) -> (handler, needs admin key), for paths with an id in them
-        self.prefix_endpoints: dict[tuple[str, str], tuple[Handler, bool]] = {}
+        self.routes = build_routes(self, runtime)  # every route the router answers itself (router/net/routes.py)
 
-    def register(self, method: str, path: str, handler: Handler, admin: bool = False) -> None:
-        self.endpoints[(method, path)] = (handler, admin)
-
-    def register_prefix(self, method: str, prefix: str, handler: Handler, admin: bool = False) -> None:
-        """Serve every `method` request whose path starts with `prefix` (e.g. /workers/{id})."""
-        self.prefix_endpoints[(method, prefix)] = (handler, admin)
-
-    def _endpoint_for(self, method: str, path: str) -> tuple[tuple[Handler, bool] | None, str]:
-        """(handler and admin flag, or None to proxy; the route label for metrics)."""
-        endpoint = self.endpoints.get((method, path))
-        if endpoint is None:
-            for (m, prefix), prefixed in self.prefix_endpoints.items():
-                if m == method and path.startswith(prefix):  # (an empty id is the handler's 400)
-                    return prefixed, prefix + "{id}"  # one label, not one per id
-        return endpoint, path
+    def own_routes(self) -> list[Route]:
+        return [Route(("POST",), "/add_worker", self.add_worker, "register a worker (?url= or JSON; miles' way)",
+                      admin=True),
+                Route(("POST",), "/remove_worker", self.remove_worker, "remove a worker (in-flight requests finish)",
+                      admin=True),
+                Route(("GET",), "/list_workers", self.list_workers, "the registered worker URLs"),
+                Route(("GET",), "/workers", self.workers, "every worker's state (the gateway's listing)"),
+                Route(("GET",), "/health", self.health, "the router's liveness (+ miles' session_server_instance_id)"),
+                Route(("GET",), "/metrics", self.metrics, "Prometheus text")]
 
     # ---- ASGI -------------------------------------------------------------------------------
     async def __call__(self, scope, receive, send) -> None:
@@ -213,7 +195,8 @@ class RouterApp:
             # the request is a fan-out or proxied (tests/test_admin_security.py).
             scope = {**scope, "headers": self._without_admin_credentials(scope["headers"]),
                      "admin_headers": scope["headers"]}
-        endpoint, route_label = self._endpoint_for(method, path)
+        route = self.routes.match(method, path)
+        route_label = route.label if route is not None else "(proxy)"
         try:
             body = await self._read_body(scope, receive)
         except ClientGone:
@@ -225,34 +208,32 @@ class RouterApp:
                 await send_reply(send, reply)
             else:
                 await send_reply_before_body(send, receive, reply)
-            self.rt.metrics.observe_request(route_label if endpoint else "(proxy)", 413, time.perf_counter() - t0)
+            self.rt.metrics.observe_request(route_label, 413, time.perf_counter() - t0)
             return
-        if endpoint is not None:
-            handler, admin = endpoint
-            if admin and not self._admin_ok(scope):
+        if route is not None and route.streaming:
+            status = await route.handler(scope, receive, send, body)
+            self.rt.metrics.observe_request(route_label, status, time.perf_counter() - t0)
+            return
+        if route is not None:
+            if route.admin and not self._admin_ok(scope):
                 reply = error_reply(401, "admin endpoint: missing or wrong admin API key "
                                          "(send 'Authorization: Bearer <key>')")
                 reply.headers.append((b"www-authenticate", b'Bearer realm="miles-router admin"'))
             else:
                 try:
-                    reply = await handler(scope, body)
+                    reply = await route.handler(scope, body)
                 except RouterError as e:
                     reply = error_reply_for(e)
             await send_reply(send, reply)
             self.rt.metrics.observe_request(route_label, reply.status, time.perf_counter() - t0)
             return
-        for prefix, handle in self.prefix_routes:
-            if path == prefix or path.startswith(prefix + "/"):
-                status = await handle(scope, receive, send, body)
-                self.rt.metrics.observe_request(prefix, status, time.perf_counter() - t0)
-                return
         if method not in _PROXY_METHODS:
             await send_reply(send, error_reply(405, f"method {method} is not proxied"))
             return
         pipe = self.rt.pipeline_for(method, path)
-        status = await self._proxy(scope, receive, send, body, pipe)
-        route = pipe.route.path if pipe.route is not None else "(proxy)"
-        self.rt.metrics.observe_request(route, status, time.perf_counter() - t0)
+        status = await self.proxy(scope, receive, send, body, pipe)
+        self.rt.metrics.observe_request(pipe.route.path if pipe.route is not None else "(proxy)", status,
+                                        time.perf_counter() - t0)
 
     async def _read_body(self, scope, receive) -> bytes:
         declared = header_value(scope["headers"], b"content-length")
@@ -303,8 +284,11 @@ class RouterApp:
         return out
 
     # ---- proxy ------------------------------------------------------------------------------
-    async def _proxy(self, scope, receive, send, body: bytes, pipe: RoutePipeline, *,
-                     session=None, routing_key: str | None = None, upstream_path: str | None = None) -> int:
+    async def proxy(self, scope, receive, send, body: bytes, pipe: RoutePipeline, *,
+                    session=None, routing_key: str | None = None, upstream_path: str | None = None) -> int:
+        """Run `pipe` for this request and relay the worker's reply (admission, disconnect watch, stages): the
+        one entry for a proxied request, also the session routes' (`session`, `routing_key`: set on the
+        Exchange; `upstream_path`: the path the worker gets). Returns the status the client got."""
         ex = Exchange(scope["method"], scope["path"], scope["query_string"], scope["headers"], body, route=pipe.route)
         if upstream_path is not None:
             ex.path = upstream_path

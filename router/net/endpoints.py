@@ -19,19 +19,16 @@ from router.wire import DECODE_ERRORS, decode_error_text, validation_problem
 from router.core.pipeline import Reply, StageError
 from router.core.radix import text_digest
 from router.core.store import StoreError
+from router.net.routes import Route
 from router.wire import retrieve as retrieve_wire
 from router.wire import store as store_wire
 from router.wire.api import EXPERTS_DTYPES, FORMATS, RetrieveBatch, Trajectory, json_encoder, retrieve_request_decoder
 
 
-def install(app, runtime) -> None:
-    app.register("POST", "/retrieve_from_text", _retrieve_handler(runtime))
-    app.register("GET", "/cache/stats", _stats_handler(runtime))
-    from router.net import fanout, gateway, rl
-
-    fanout.install(app, runtime)
-    gateway.install(app, runtime)
-    rl.install(app, runtime)
+def routes(runtime) -> list[Route]:
+    return [Route(("POST",), "/retrieve_from_text", _retrieve_handler(runtime),
+                  "text -> the engine's exact tokens, logprobs, loss mask, routed experts (JSON or safetensors)"),
+            Route(("GET",), "/cache/stats", _stats_handler(runtime), "trajectory cache and store counters")]
 
 
 def _need_tree(runtime):

@@ -18,16 +18,17 @@ import trio
 from router.wire import DECODE_ERRORS, decode_error_text
 from router.core.headers import request_headers_for_upstream
 from router.core.pipeline import Reply
+from router.net.routes import Route
 from router.net.rl import engine_call
 from router.wire.api import json_encoder
 
 _METHODS = {"/flush_cache": ("GET", "POST")}
 
 
-def install(app, runtime) -> None:
-    for path in runtime.config.routing.fanout_paths:
-        for method in _METHODS.get(path, ("POST",)):
-            app.register(method, path, _handler(runtime, method, path), admin=True)
+def routes(runtime) -> list[Route]:
+    return [Route((method,), path, _handler(runtime, method, path), "to every healthy worker (routing.fanout_paths)",
+                  admin=True)
+            for path in runtime.config.routing.fanout_paths for method in _METHODS.get(path, ("POST",))]
 
 
 def _check_body(path: str, body: bytes) -> Reply | None:

@@ -22,6 +22,7 @@ import msgspec
 
 from router.core.labels import check_labels
 from router.core.pipeline import Reply
+from router.net.routes import Route
 from router.core.urls import WorkerUrlError, host_allowed, normalize_worker_url
 from router.core.workers import Worker
 from router.wire import DECODE_ERRORS, decode_error_text
@@ -92,7 +93,7 @@ def _find(runtime, key: str) -> Worker | Reply:
     return _error(404, f"Worker {wanted} not found", "WORKER_NOT_FOUND")
 
 
-def install(app, runtime) -> None:
+def routes(runtime) -> list[Route]:
     allowed = runtime.config.workers.allowed_hosts
 
     async def create(scope, body: bytes) -> Reply:
@@ -163,14 +164,15 @@ def install(app, runtime) -> None:
         return _json(200, {"loads": entries, "total_workers": len(entries), "successful": ok,
                            "failed": len(entries) - ok})
 
-    app.register("POST", "/workers", create, admin=True)
-    app.register_prefix("GET", WORKERS_PREFIX, get_one)
-    app.register_prefix("DELETE", WORKERS_PREFIX, delete_one, admin=True)
-    for method in ("POST", "PUT", "PATCH", "HEAD", "OPTIONS"):
-        app.register_prefix(method, WORKERS_PREFIX, other_method)
-    for method in ("PUT", "PATCH", "DELETE"):
-        app.register(method, "/workers", other_method_on_list)
-    app.register("GET", "/readiness", readiness)
-    app.register("GET", "/liveness", liveness)
-    app.register("GET", "/v1/loads", loads)
-    app.register("GET", "/get_loads", loads)
+    return [
+        Route(("POST",), "/workers", create, "register a worker (the gateway's API: 202 and its id)", admin=True),
+        Route(("GET",), WORKERS_PREFIX, get_one, "one worker, by id or URL-encoded URL", prefix=True),
+        Route(("DELETE",), WORKERS_PREFIX, delete_one, "remove a worker (in-flight requests finish)", admin=True,
+              prefix=True),
+        Route(("POST", "PUT", "PATCH", "HEAD", "OPTIONS"), WORKERS_PREFIX, other_method, "405", prefix=True),
+        Route(("PUT", "PATCH", "DELETE"), "/workers", other_method_on_list, "405 (never proxied)"),
+        Route(("GET",), "/readiness", readiness, "200 ready / 503 without a healthy worker"),
+        Route(("GET",), "/liveness", liveness, "200 OK"),
+        Route(("GET",), "/v1/loads", loads, "in-flight requests per worker"),
+        Route(("GET",), "/get_loads", loads, "alias of /v1/loads"),
+    ]

@@ -34,6 +34,7 @@ from router.core.pipeline import Reply
 from router.core.workers import Worker, WorkerState
 from router.wire import DECODE_ERRORS
 from router.wire.api import json_encoder
+from router.net.routes import Route
 
 PREFIX = "/v1/rl/"
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
@@ -178,9 +179,9 @@ def _selector_of(query: str) -> str | None:
     return None
 
 
-def install(app, runtime) -> None:
+def routes(runtime) -> list[Route]:
     if not runtime.config.rl.enabled:
-        return
+        return []
     cfg = runtime.config.rl
 
     def headers_of(scope) -> list[tuple[str, str]]:
@@ -262,6 +263,7 @@ def install(app, runtime) -> None:
         return _error(404, "not_found", f"no route {scope['path']} (the RL plane: /v1/rl/workers, "
                                         f"/v1/rl/workers/{{id}}[/engine/{{path}}], /v1/rl/engine/{{path}}?selector=)")
 
-    app.register("GET", "/v1/rl/workers", list_workers, admin=True)
-    for method in METHODS:
-        app.register_prefix(method, PREFIX, dispatch, admin=True)
+    return [Route(("GET",), "/v1/rl/workers", list_workers, "smg's RL plane: the workers with labels and versions",
+                  admin=True),
+            Route(METHODS, PREFIX, dispatch, "smg's RL plane: /workers/{id}[/engine/{path}], /engine/{path}?selector=",
+                  admin=True, prefix=True)]

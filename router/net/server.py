@@ -68,7 +68,6 @@ async def run_router(config: Config, *, install_signals: bool = True, shutdown: 
             if runtime.store_wanted():
                 runtime.open_store()
             app = RouterApp(runtime)
-            install_extra_endpoints(app, runtime)
             sims = await start_sim_workers(config, root)
             for url, _ in sims:
                 runtime.add_worker(url)
@@ -93,11 +92,3 @@ async def run_router(config: Config, *, install_signals: bool = True, shutdown: 
         finally:
             root.cancel_scope.cancel()
             await runtime.aclose()
-
-
-def install_extra_endpoints(app: RouterApp, runtime: Runtime) -> None:
-    """Endpoints that live in their own modules (trajectory retrieval, admin fan-out)."""
-    from router.net import endpoints, sessions
-
-    endpoints.install(app, runtime)
-    sessions.install(app, runtime)

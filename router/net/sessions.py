@@ -31,6 +31,7 @@ from router.core.sessions.samples import Assembly, SampleError, collect, session
 from router.core.sessions.tree import SessionTree, Turn
 from router.core.store import StoreError
 from router.net.app import error_reply, error_reply_for, json_reply, send_reply
+from router.net.routes import ANY_METHOD, Route
 from router.wire import DECODE_ERRORS, decode_error_text
 from router.wire.openai import BadTool, json_encoder, sglang_tools
 from router.wire.samples import CONTENT_TYPE, encode_samples
@@ -41,9 +42,14 @@ CHAT_PATH = ("v1", "chat", "completions")
 _OFFLOAD_TOKENS = 65_536
 
 
-def install(app, runtime) -> None:
-    if runtime.sessions is not None:
-        app.prefix_routes.append(("/sessions", SessionRoutes(app, runtime).handle))
+def routes(app, runtime) -> list[Route]:
+    if runtime.sessions is None:
+        return []
+    handle = SessionRoutes(app, runtime).handle
+    return [Route(ANY_METHOD, "/sessions", handle, "POST: a new session (miles' session server API)", streaming=True,
+                  metrics_label="/sessions"),
+            Route(ANY_METHOD, "/sessions/", handle, "/sessions/{id}[/v1/chat/completions | /samples | /{path}]",
+                  streaming=True, prefix=True, metrics_label="/sessions")]
 
 
 class SessionRoutes:
@@ -90,7 +96,7 @@ class SessionRoutes:
         session.inflight += 1
         session.last_used = time.monotonic()
         try:
-            return await self.app._proxy(scope, receive, send, body, pipe, upstream_path=upstream_path,
+            return await self.app.proxy(scope, receive, send, body, pipe, upstream_path=upstream_path,
                                          session=session, routing_key=session.id)
         finally:
             session.inflight -= 1
