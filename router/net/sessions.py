@@ -30,7 +30,7 @@ from router.core.sessions.registry import Session, SessionError
 from router.core.sessions.samples import Assembly, SampleError, collect, session_metadata
 from router.core.sessions.tree import SessionTree, Turn
 from router.core.store import StoreError
-from router.net.app import error_reply, error_reply_for, json_reply, send_reply
+from router.net.replies import error_reply, error_reply_for, json_reply, send_reply
 from router.net.routes import ANY_METHOD, Route
 from router.wire import DECODE_ERRORS, decode_error_text
 from router.wire.openai import BadTool, json_encoder, sglang_tools

@@ -24,7 +24,6 @@ width, and `_retrieve_meta` {"results": [...]} with the retrieve fields plus the
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 

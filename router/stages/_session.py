@@ -14,7 +14,6 @@ import msgspec
 import numpy as np
 
 from router.core.errors import BadGateway
-from router.core.pipeline import Exchange
 from router.wire.openai import ChatMessageIn, ChatRequest
 from router.wire.sglang import BadOutput, decode_generate_outputs, routed_experts_rows
 
