@@ -1,16 +1,22 @@
 """smg's own RL client (`smg.rl`, from the `smg` wheel, 1.13.0) against the router, unchanged.
 
 smg is not a dependency of the router (its wheel carries a 106 MB binary), so this skips where it is not
-installed: `pip install --no-deps smg==1.13.0` runs it (smg.rl uses only the standard library)."""
+installed: `pip install --no-deps smg==1.13.0` runs it (smg.rl uses only the standard library). CI installs it
+and sets MILES_ROUTER_REQUIRE_SMG=1, which turns the skip into a failure."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import trio
 
 from tests.harness import start_router, start_sim, wait_until
 
-smg_rl = pytest.importorskip("smg.rl")
+if os.environ.get("MILES_ROUTER_REQUIRE_SMG") == "1":
+    import smg.rl as smg_rl  # CI: a missing smg is a failure, not a skip
+else:
+    smg_rl = pytest.importorskip("smg.rl")
 
 
 async def test_smg_client_drives_the_router(nursery):
