@@ -1,6 +1,7 @@
 """Docs that cannot drift: README's configuration table is checked against the config Structs (every key
 documented, no key that does not exist, the defaults the table states are the code's), and its stage tables
-against the stage classes (every built-in stage listed once, with its phase)."""
+against the stage classes (every built-in stage listed once, with its phase); every test, file and folder the
+README, RELIABILITY.md and BENCHMARKS.md name exists."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ import pytest
 from router.config import Config
 from router.core.pipeline import BUILTIN_STAGES, resolve_stage
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+DOCS = {name: (ROOT / name).read_text() for name in ("README.md", "RELIABILITY.md", "BENCHMARKS.md")}
+# Paths a doc names on purpose although they are gone: where a bug was found or a number measured at the time.
+HISTORICAL_PATHS = {
+    "router/core/radix.py": "BENCHMARKS.md §7 names the tree's file as it was when the run was made",
+    "router/stages/_generate.py": "RELIABILITY.md's found-bugs table says where the bug was (since removed)",
+}
 
 
 def section(title: str) -> str:
@@ -148,3 +156,25 @@ def test_every_builtin_stage_is_in_a_stage_table_with_its_phase():
                                         ("unset (no cap)", None), ("2^20", 1 << 20), ("true", True)])
 def test_the_default_cells_parse(text, value):
     assert parse_default(text) == value
+
+
+def test_every_test_the_docs_name_exists():
+    defined = set()
+    for path in (ROOT / "tests").rglob("*.py"):
+        defined |= set(re.findall(r"^(?:async )?def (test_\w+)", path.read_text(), re.M))
+        defined.add(path.stem)
+    named = {(doc, name) for doc, text in DOCS.items() for name in re.findall(r"`(test_\w+)(?:\.py)?`", text)}
+    assert len(named) > 100  # the docs do name their tests: a regex that found nothing would check nothing
+    missing = sorted((doc, name) for doc, name in named if name not in defined)
+    assert missing == [], "the docs name tests that do not exist"
+
+
+def test_every_path_the_docs_name_exists():
+    named = {(doc, path) for doc, text in DOCS.items()
+             for path in re.findall(r"`((?:router|tests|bench|pipelines|docs)/[\w./-]*)", text)}
+    assert len(named) > 50
+    missing = sorted((doc, p) for doc, p in named
+                     if not (ROOT / p).exists() and p not in HISTORICAL_PATHS and not p.startswith("bench/results/"))
+    assert missing == [], "the docs name files that do not exist"
+    for p in HISTORICAL_PATHS:
+        assert not (ROOT / p).exists(), f"{p} exists again: take it off HISTORICAL_PATHS"
