@@ -762,7 +762,7 @@ INCLUSIVE = (
     ("ClientStream.start/send/finish (ASGI sends into hypercorn)", "ClientStream."),
     ("hypercorn HTTPStream.app_send (all ASGI sends)", "HTTPStream.app_send"),
     ("Metrics.observe_request", "Metrics.observe_request"),
-    ("Runtime.select / WorkerPool.pick", "Runtime.select"),
+    ("WorkerSupervisor._select / Router.select / WorkerPool.pick", "WorkerSupervisor._select"),
     ("request/response header filtering", "router/core/headers.py"),
     ("hypercorn outside the app (parse request, write response)", "_hypercorn_outside"),
     ("h11 anywhere (server + client side)", "(h11/"),

@@ -590,7 +590,7 @@ async def test_megabyte_exact_retrieve_does_not_stall(nursery):
     prompt = np.tile(ids, 1_000_000 // ids.size)
     out = prompt[:64]
     visible = tok.text_bytes(prompt) + tok.text_bytes(out)
-    router.runtime.tree.insert(TrajectoryInput(rid="big", prompt_ids=prompt, output_ids=out,
+    router.runtime.trajectories.tree.insert(TrajectoryInput(rid="big", prompt_ids=prompt, output_ids=out,
                                                output_logprobs=np.full(out.size, -0.5, np.float32),
                                                visible_text=visible, finish="length"), now=time.time())
     async with client(router) as c:

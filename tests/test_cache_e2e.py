@@ -345,7 +345,7 @@ async def test_evicted_trajectory_recovered_by_a_later_prompt_is_not_exact(nurse
         sent2 = (await last_received(sim))["input_ids"]
         assert sent2[:len(turn1)] != turn1  # turn 2 left turn 1's path inside its output
         # evict what was retrieved (turn 1's own tail); turn 2 was never retrieved and stays
-        report = router.runtime.tree.evict(budget_bytes=0, hard_budget_bytes=1 << 40)
+        report = router.runtime.trajectories.tree.evict(budget_bytes=0, hard_budget_bytes=1 << 40)
         assert report.evicted_retrieved == 1 and report.evicted_unretrieved == 0
 
         again = await retrieve(c, t1)

@@ -525,7 +525,7 @@ async def test_per_worker_cap_queues_fairly_and_places_on_the_least_loaded(nurse
             for i in range(16):
                 n.start_soon(send, c, i)
                 await trio.sleep(0.005)
-            await wait_until(lambda: len(router.runtime.slot_queue) > 0)
+            await wait_until(lambda: len(router.runtime.workers.slot_queue) > 0)
             text = (await c.get("/metrics")).text
             assert metric(text, "miles_router_queue_depth", queue="worker_slot") > 0
         text = (await c.get("/metrics")).text
@@ -559,7 +559,7 @@ async def test_per_worker_cap_places_a_waiter_on_the_worker_whose_slot_frees_fir
             await wait_until(lambda: sum(w.inflight for w in pool.all) == 2)
             for i in range(4):  # both workers full: these wait
                 n.start_soon(send, c, f"w{i}", 4)
-                await wait_until(lambda i=i: len(router.runtime.slot_queue) == i + 1)
+                await wait_until(lambda i=i: len(router.runtime.workers.slot_queue) == i + 1)
     other = next(s.url for s in sims if s.url != busy)
     assert served["long"][0] == busy and served["short"][0] == other
     assert all(served[f"w{i}"][0] == other for i in range(4)), served
@@ -598,7 +598,7 @@ async def test_per_worker_cap_queue_is_fifo(nursery):
             await wait_until(lambda: router.runtime.pool.get(sim.url).inflight == 1)
             for i in range(1, 6):
                 n.start_soon(send, c, i)
-                await wait_until(lambda i=i: len(router.runtime.slot_queue) == i)
+                await wait_until(lambda i=i: len(router.runtime.workers.slot_queue) == i)
     assert done == list(range(6)) and sim.worker.stats.peak_in_flight == 1
 
 

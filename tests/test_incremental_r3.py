@@ -124,4 +124,4 @@ async def test_wide_expert_ids_come_back_exactly(nursery, num_experts):
         top = max(top, int(rows_of(t["got"]["routed_experts"]).max()))
     assert (top > 255) == (num_experts > 256)
     want = "uint8" if num_experts <= 256 else "uint16"
-    assert str(router.runtime.tree.routed_experts_dtype) == want
+    assert str(router.runtime.trajectories.tree.routed_experts_dtype) == want

@@ -63,7 +63,7 @@ async def test_pause_holds_generation_until_continue_and_nothing_reaches_a_pause
         async with trio.open_nursery() as n:
             for i in range(6):
                 n.start_soon(gen, i)
-            await wait_until(lambda: len(rt.hold_queue) == 6)
+            await wait_until(lambda: len(rt.workers.hold_queue) == 6)
             # held at the router: the engines received nothing
             assert sum(s.worker.stats.generate_requests for s in sims) == 0
             text = (await c.get("/metrics")).text
@@ -119,7 +119,7 @@ async def test_a_subset_paused_through_the_rl_plane_sends_traffic_to_the_rest(nu
         for i in range(6):
             r = await c.post("/generate", json=gen_body(f"s{i}"))
             assert r.status_code == 200 and r.headers["x-miles-router-worker"] == sims[2].url
-        assert len(rt.hold_queue) == 0
+        assert len(rt.workers.hold_queue) == 0
         assert [s.worker.stats.generate_requests for s in sims] == [0, 0, 6]
         r = await c.post(f"/v1/rl/engine/continue_generation?selector={sel}", json={})
         assert r.status_code == 200
@@ -134,7 +134,7 @@ async def test_a_subset_paused_through_the_rl_plane_sends_traffic_to_the_rest(nu
                 outs.append((await c.post("/generate", json=gen_body("asleep"))).status_code)
 
             n.start_soon(gen)
-            await wait_until(lambda: len(rt.hold_queue) == 1)
+            await wait_until(lambda: len(rt.workers.hold_queue) == 1)
             r = await c.post(f"/v1/rl/workers/{ids[sims[1].url]}/engine/resume_memory_occupation", json={})
             assert r.status_code == 200
         assert outs == [200] and sims[1].worker.stats.generate_requests == 1
@@ -207,10 +207,10 @@ async def test_sessions_and_the_radix_pipeline_survive_pause_update_continue_cyc
                 r = await c.post("/v1/rl/engine/pause_generation?selector=engine%3Dsglang", json={"mode": "retract"})
                 assert r.status_code == 200
                 # agents arriving during the update (most running ones wait inside the engines): held
-                held = len(rt.hold_queue)
+                held = len(rt.workers.hold_queue)
                 n.start_soon(chat_agent, f"late{cycle}")
                 n.start_soon(_text_agent, c, done, text, f"late{cycle}")
-                await wait_until(lambda: len(rt.hold_queue) >= held + 2)
+                await wait_until(lambda: len(rt.workers.hold_queue) >= held + 2)
                 r = await c.post("/v1/rl/engine/update_weights_from_disk?selector=engine%3Dsglang",
                                  json={"model_path": "/ckpt", "weight_version": f"v{cycle + 2}",
                                        "abort_all_requests": False})
@@ -239,7 +239,7 @@ async def test_sessions_and_the_radix_pipeline_survive_pause_update_continue_cyc
             records = (await c.get(f"/sessions/{sid}")).json()["records"]
             versions.append([rec["response"]["metadata"]["weight_version"] for rec in records])
         assert all(v[-1] == "v4" for v in versions) and any(v[0] == "default" for v in versions), versions
-    assert rt.current_weight_version() == "v4"
+    assert rt.workers.current_version() == "v4"
 
 
 async def test_an_engine_that_registers_again_is_running(nursery):
@@ -255,7 +255,7 @@ async def test_an_engine_that_registers_again_is_running(nursery):
             async def gen():
                 outs.append((await c.post("/generate", json=gen_body("restart"))).status_code)
             n.start_soon(gen)
-            await wait_until(lambda: len(rt.hold_queue) == 1)
+            await wait_until(lambda: len(rt.workers.hold_queue) == 1)
             r = await c.post("/workers", json={"url": sim.url})
             assert r.status_code == 202
         assert outs == [200] and rt.pool.get(sim.url).control.name == "running"

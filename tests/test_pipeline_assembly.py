@@ -129,42 +129,76 @@ def test_shipped_pipelines_declare_what_they_need():
     assert [s.ref for s in load_pipeline("session-chat", ROOT).stages][-2:] == ["session_reply", "persist_session"]
 
 
-def _services_used(cls) -> set[str]:
-    """The names a stage's module reaches on `self.services` (or a local alias of it)."""
+GROUPS = {"workers": "WorkerAccess", "trajectories": "TrajectoryAccess"}  # Services' parts with their own protocol
+
+
+def _members(protocol) -> set[str]:
+    return {n for n in dir(protocol) if not n.startswith("_")} | set(protocol.__annotations__)
+
+
+def _services_used(cls) -> tuple[set[str], set[tuple[str, str]]]:
+    """What a stage's module reaches on `self.services` (or a local alias of it): the names, and (part, name) for
+    what it uses of a part (`services.workers.take`, or `workers = svc.workers` then `workers.take`)."""
     import ast
     import inspect
     import sys
 
     tree = ast.parse(inspect.getsource(sys.modules[cls.__module__]))
-    aliases = {"svc"}
-    used = set()
+
+    def is_services(node) -> bool:
+        return (isinstance(node, ast.Attribute) and node.attr == "services") or \
+            (isinstance(node, ast.Name) and node.id == "svc")
+
+    part_aliases = {}  # local name -> the part it holds
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Attribute) and is_services(node.value.value) \
+                and node.value.attr in GROUPS:
+            part_aliases.update({t.id: node.value.attr for t in node.targets if isinstance(t, ast.Name)})
+    used, used_of_parts = set(), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute):
             base = node.value
-            if (isinstance(base, ast.Attribute) and base.attr == "services") or \
-                    (isinstance(base, ast.Name) and base.id in aliases):
+            if is_services(base):
                 used.add(node.attr)
+            elif isinstance(base, ast.Attribute) and is_services(base.value) and base.attr in GROUPS:
+                used_of_parts.add((base.attr, node.attr))
+            elif isinstance(base, ast.Name) and base.id in part_aliases:
+                used_of_parts.add((part_aliases[base.id], node.attr))
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "getattr" and node.args and \
-                isinstance(node.args[0], ast.Attribute) and node.args[0].attr == "services":
+                is_services(node.args[0]):
             raise AssertionError(f"{cls.__module__}: getattr on services hides what a stage uses")
-    return used
+    return used, used_of_parts
 
 
 @pytest.mark.parametrize("ref", sorted(BUILTIN_STAGES))
 def test_stages_use_only_the_declared_services(ref):
-    from router.core.pipeline import Services
+    import router.core.pipeline as pipeline
 
-    declared = {n for n in dir(Services) if not n.startswith("_")} | set(Services.__annotations__)
-    assert _services_used(resolve_stage(ref)) <= declared, ref
+    used, used_of_parts = _services_used(resolve_stage(ref))
+    assert used <= _members(pipeline.Services), ref
+    for part, name in used_of_parts:
+        assert name in _members(getattr(pipeline, GROUPS[part])), f"{ref}: services.{part}.{name} is not declared"
+
+
+def test_the_services_check_sees_what_a_stage_uses():
+    used, used_of_parts = _services_used(resolve_stage("forward"))
+    assert {"config", "upstream", "metrics", "workers"} <= used
+    assert {("workers", "take"), ("workers", "give_back"), ("workers", "pool")} <= used_of_parts
+    used, used_of_parts = _services_used(resolve_stage("persist"))
+    assert {("trajectories", "store"), ("trajectories", "evict"), ("trajectories", "tree")} <= used_of_parts
 
 
 async def test_the_runtime_provides_every_service(nursery):
     from harness import make_config
-    from router.core.pipeline import Services
+    import router.core.pipeline as pipeline
     from router.net.runtime import Runtime
 
     rt = Runtime(make_config(), nursery)
-    rt.tree_if_loaded = object()  # (the tree is built on first use; the name is what matters here)
-    for name in {n for n in dir(Services) if not n.startswith("_")} | set(Services.__annotations__):
-        assert hasattr(type(rt), name) or hasattr(rt, name), name
+    rt.trajectories.tree_if_loaded = object()  # (the tree is built on first use; the name is what matters here)
+    for name in _members(pipeline.Services):
+        assert hasattr(rt, name), name
+    for part, protocol in GROUPS.items():
+        assert part in pipeline.Services.__annotations__
+        for name in _members(getattr(pipeline, protocol)):
+            assert hasattr(getattr(rt, part), name), f"{part}.{name}"
     await rt.aclose()

@@ -244,12 +244,12 @@ async def test_removing_a_worker_cancels_exactly_its_prober(nursery):
     a, b = await start_sim(nursery), await start_sim(nursery)
     router = await start_router(nursery, workers={"urls": [a.url, b.url], "health_interval_s": 0.02})
     rt = router.runtime
-    assert set(rt._probers) == {a.url, b.url}
-    scope_a, scope_b = rt._probers[a.url], rt._probers[b.url]
+    assert set(rt.workers._probers) == {a.url, b.url}
+    scope_a, scope_b = rt.workers._probers[a.url], rt.workers._probers[b.url]
     async with client(router) as c:
         await c.post("/remove_worker", params={"url": a.url})
     assert scope_a.cancel_called and not scope_b.cancel_called
-    assert set(rt._probers) == {b.url}
+    assert set(rt.workers._probers) == {b.url}
 
 
 # ---- timeouts, streaming, disconnects --------------------------------------------------------

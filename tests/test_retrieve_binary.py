@@ -259,7 +259,7 @@ async def test_from_the_store_after_a_restart(nursery, tmp_path, qwen):
     async with trio.open_nursery() as n2:
         router, _ = await cache_router(n2, tmp_path, store=store, sim=sim)
         async with client(router) as c:
-            assert router.runtime.tree.stats()["trajectories"] == 0  # answered from disk, not from memory
+            assert router.runtime.trajectories.tree.stats()["trajectories"] == 0  # answered from disk, not from memory
             blob = (await c.post("/retrieve_from_text", json={"text": text}, headers=BINARY)).content
             after, _ = await retrieve_both(c, {"text": text})
         n2.cancel_scope.cancel()

@@ -363,7 +363,7 @@ async def test_prefix_index_is_kept_only_when_a_route_uses_it(nursery):
     async with client(router) as c:
         for i in range(3):
             await c.post("/generate", json={"text": f"{LONG} {i}", "sampling_params": {"max_new_tokens": 20}})
-    assert len(router.runtime.prefix_index) == 0
+    assert len(router.runtime.routing.prefix_index) == 0
 
 
 async def test_passthrough_replies_update_the_workers_weight_version(nursery):

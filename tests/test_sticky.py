@@ -153,10 +153,10 @@ async def test_a_keys_inflight_cap_sends_its_third_request_to_its_next_worker(nu
             await wait_until(lambda: pool.get(order[1]).inflight == 1)
             n.start_soon(turn, 3)
             await wait_until(lambda: pool.get(order[1]).inflight == 2)
-            assert len(router.runtime.key_inflight) == 2  # (conv, first) and (conv, second)
+            assert len(router.runtime.routing.key_inflight) == 2  # (conv, first) and (conv, second)
         assert sorted(got) == sorted([(order[0], "sticky_new"), (order[0], "sticky"), (order[1], "sticky_cap"),
                                       (order[1], "sticky_cap")])
-        assert len(router.runtime.key_inflight) == 0  # every count returned
+        assert len(router.runtime.routing.key_inflight) == 0  # every count returned
         r = await c.post("/generate", json=gen_body("after"), headers={"x-smg-routing-key": "conv"})
         assert (r.headers["x-miles-router-worker"], r.headers["x-miles-router-route-reason"]) == (order[0], "sticky")
     # sticky_inflight_cap = 0: no cap

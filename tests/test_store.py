@@ -232,7 +232,7 @@ async def test_restart_serves_retrieve_exactly_as_before(nursery, store_at):
 
     async with trio.open_nursery() as n2:
         router, _ = await store_router(n2, store_at, sims=[sim])
-        assert router.runtime.tree.stats()["trajectories"] == 0  # nothing was loaded: read lazily
+        assert router.runtime.trajectories.tree.stats()["trajectories"] == 0  # nothing was loaded: read lazily
         async with client(router) as c:
             for t in texts:
                 assert await _retrieve(c, t) == before[t]
@@ -261,7 +261,7 @@ async def test_memory_budget_moves_trajectories_to_disk_not_out_of_existence(nur
         for i in range(60):
             out = await _generate(c, _prompt(i), n=20)
             replies[_prompt(i) + out["text"]] = out
-            assert router.runtime.tree.nbytes < 64_000  # memory stays flat: at most the tree's skeleton
+            assert router.runtime.trajectories.tree.nbytes < 64_000  # memory stays flat: at most the tree's skeleton
         for text, out in replies.items():
             got = await _retrieve(c, text)
             assert got["exact"] and got["match"] == "trajectory"
@@ -270,7 +270,7 @@ async def test_memory_budget_moves_trajectories_to_disk_not_out_of_existence(nur
                 [t[0] for t in out["meta_info"]["output_token_logprobs"]], abs=1e-6)
             rows = np.frombuffer(base64.b64decode(got["routed_experts"]), "<i4")
             assert rows.tobytes() == base64.b64decode(out["meta_info"]["routed_experts"])
-        assert router.runtime.tree.stats()["trajectories"] <= 1
+        assert router.runtime.trajectories.tree.stats()["trajectories"] <= 1
 
 
 async def test_group_commit_shares_commits_between_concurrent_replies(nursery, store_at):
@@ -279,7 +279,7 @@ async def test_group_commit_shares_commits_between_concurrent_replies(nursery, s
         async with trio.open_nursery() as n:
             for i in range(48):
                 n.start_soon(_generate, c, _prompt(i), 8)
-    st_ = router.runtime.store.stats()
+    st_ = router.runtime.trajectories.store.stats()
     assert st_.rows == 48 and st_.pending_writes == 0
     assert st_.commits < 48, "concurrent replies should share commits"
 
@@ -308,7 +308,7 @@ async def test_store_disabled_keeps_trajectories_in_memory_only(nursery, tmp_pat
         out = await _generate(c, _prompt(2))
         assert (await _retrieve(c, _prompt(2) + out["text"]))["exact"]
         assert "store" not in (await c.get("/cache/stats")).json()
-    assert router.runtime.store is None and not (tmp_path / "never.db").exists()
+    assert router.runtime.trajectories.store is None and not (tmp_path / "never.db").exists()
 
 
 async def test_backend_sessions_survive_reopen_and_delete(store_at):
@@ -376,7 +376,7 @@ async def test_next_turn_after_restart_reuses_the_stored_tokens(nursery, store_a
             assert cached >= len(stored) - 1 and sent[:cached] == stored[:cached]
             # and the restored turn answers exactly as before the restart, from memory now
             assert await _retrieve(c, t1 + out1["text"]) == before
-            assert router.runtime.tree.peek_exact((t1 + out1["text"]).encode()) is not None
+            assert router.runtime.trajectories.tree.peek_exact((t1 + out1["text"]).encode()) is not None
         n2.cancel_scope.cancel()
 
 
@@ -587,9 +587,9 @@ async def test_the_router_runs_over_another_backend_of_the_protocol(nursery, tmp
     """The router over MemoryStore (above) instead of SQLite, nothing else changed: trajectories retrieved exactly
     after a restart, a text conversation continued with the stored tokens, sessions that survive, and a 503 naming
     the store when it cannot write."""
-    from router.net.runtime import Runtime
+    from router.net.trajectories import TrajectoryService
 
-    monkeypatch.setattr(Runtime, "store_backend", MemoryStore)
+    monkeypatch.setattr(TrajectoryService, "store_backend", MemoryStore)
     path = tmp_path / "elsewhere"
     sim = await start_sim(nursery, seed=8, chat_replies=True)
     t1 = "You are a careful assistant who answers briefly and precisely. Question: what is 7 times 6? "
@@ -602,7 +602,7 @@ async def test_the_router_runs_over_another_backend_of_the_protocol(nursery, tmp
 
     async with trio.open_nursery() as n1:
         router = await router_on(n1)
-        assert isinstance(router.runtime.store, MemoryStore)
+        assert isinstance(router.runtime.trajectories.store, MemoryStore)
         async with client(router) as c:
             out1 = await _generate(c, t1, n=24)
             before = await _retrieve(c, t1 + out1["text"])
@@ -617,7 +617,7 @@ async def test_the_router_runs_over_another_backend_of_the_protocol(nursery, tmp
 
     async with trio.open_nursery() as n2:
         router = await router_on(n2)
-        assert router.runtime.tree.stats()["trajectories"] == 0
+        assert router.runtime.trajectories.tree.stats()["trajectories"] == 0
         async with client(router) as c:
             assert await _retrieve(c, t1 + out1["text"]) == before  # from the backend, byte for byte
             t2 = t1 + out1["text"] + " Thanks. And 8 times 6?"

@@ -99,7 +99,7 @@ async def _router(nursery, store_at, sim, **cache):
 
 def _count_store_queries(router) -> list:
     """Wrap the router's store so every prefix_candidates query is recorded (the key asked about)."""
-    store, asked = router.runtime.store, []
+    store, asked = router.runtime.trajectories.store, []
     real = store.prefix_candidates
 
     async def counted(head, max_len):
@@ -149,7 +149,7 @@ async def test_the_store_is_not_asked_about_what_memory_holds(nursery, store_at)
                     _assert_reused(cached, sent, prev)
                 convs[k] = text + out["text"] + f" Next: and {turn} more?"
     assert asked == []
-    assert router.runtime.store.stats().rows == 18
+    assert router.runtime.trajectories.store.stats().rows == 18
 
 
 async def test_a_turn_evicted_from_memory_is_continued_with_its_exact_tokens(nursery, store_at):
@@ -170,7 +170,7 @@ async def test_a_turn_evicted_from_memory_is_continued_with_its_exact_tokens(nur
                     _assert_reused(cached, sent, prev)
                     assert len(asked) > before  # it had to come from the store
                 convs[k] = text + out["text"] + f" Next: and {turn} more?"
-            assert router.runtime.tree.stats()["trajectories"] <= 1
+            assert router.runtime.trajectories.tree.stats()["trajectories"] <= 1
     # only keys of evicted trajectories were asked about: at most a couple per continued turn
     assert 0 < len(asked) <= 2 * 4 * 2
 

@@ -88,7 +88,7 @@ async def test_latest_only_holds_while_the_new_weights_are_paused(nursery):
                 r = await c.post("/generate", json=gen_body("wait"))
                 outs.append((r.status_code, r.headers["x-miles-router-worker"]))
             n.start_soon(gen)
-            await wait_until(lambda: len(rt.hold_queue) == 1)
+            await wait_until(lambda: len(rt.workers.hold_queue) == 1)
             assert sims[1].worker.stats.generate_requests == 0
             await c.post(f"/v1/rl/workers/{wid}/engine/continue_generation", json={})
         assert outs == [(200, sims[0].url)]

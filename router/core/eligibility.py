@@ -11,7 +11,7 @@ weight version. Selection (any policy) only ever sees the workers `Eligibility.a
   worker serves (paused ones included, so a half-finished update holds requests for the updated engines rather
   than serving the old weights). A worker whose version is unknown is eligible only while no version is known.
 
-Pure: the runtime builds one `Eligibility` per request from the pool's state and asks it about workers.
+Pure: the routing policies (router/core/routing.py) build one `Eligibility` per request from the pool's state and asks it about workers.
 """
 
 from __future__ import annotations

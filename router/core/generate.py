@@ -1,6 +1,6 @@
 """/generate requests as the router reads them: decode the request once, describe its prompt.
 
-Shared by the /generate stages (router/stages/) and the routing policies (router/net/runtime.py)."""
+Shared by the /generate stages (router/stages/) and the routing policies (router/core/routing.py)."""
 
 from __future__ import annotations
 

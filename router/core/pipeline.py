@@ -118,38 +118,47 @@ class ClientSink(Protocol):
         """A complete reply of the router's own (before anything started)."""
 
 
-class Services(Protocol):
-    """Everything a stage may use of the router: the object every stage receives as `services` (the router's
-    Runtime, router/net/runtime.py, implements it; tests/test_pipeline_assembly.py checks it does, and that the
-    built-in stages use nothing else). Attributes are None when the route's pipelines do not need them."""
+class WorkerAccess(Protocol):
+    """The forward stage's worker lifecycle, and what replies teach the router (router/net/workers.py)."""
 
-    config: Any  # router.config.Config
-    tokenizer: Any  # router.tokenizer.Tokenizer (stages with uses_tokenizer)
-    tree: Any  # router.core.radix.RadixTree, the trajectory cache (stages with uses_tree)
-    store: Any  # a router.core.store.TrajectoryStore (stages with uses_store), or None when [store] is off
-    sessions: Any  # router.core.sessions.registry.SessionRegistry
-    session_persister: Any  # router/net/session_persist.py, or None without a store
-    metrics: Any  # router/net/metrics.py
-    upstream: Any  # the worker connection pool (router/net/upstream.py): the forward stage's
     pool: Any  # router.core.workers.WorkerPool
     retry_statuses: frozenset[int]
 
-    # the forward stage's worker lifecycle
-    async def take_worker(self, ex: Exchange, exclude: Any = ()) -> tuple[Any, str, bool]: ...
+    async def take(self, ex: Exchange, exclude: Any = ()) -> tuple[Any, str, bool]: ...
     def give_back(self, worker: Any, trial: bool = False, ex: Exchange | None = None) -> None: ...
     def routable(self, ex: Exchange, exclude: Any = ()) -> list: ...
     def pickable(self, ex: Exchange, exclude: Any = ()) -> bool: ...
     def on_outcome(self, worker: Any, failed: bool, reason: str = "", trial: bool = False) -> None: ...
     def on_worker_error(self, worker: Any, error: str) -> None: ...
     def note_reply(self, ex: Exchange, outputs: list) -> None: ...
-    # weight versions
-    def note_weight_version(self, version: str | None) -> None: ...
-    def observe_weight_version(self, worker: Any, version: str | None) -> None: ...
-    def current_weight_version(self) -> str | None: ...
-    # the trajectory cache over the store
     def record_served(self, tokens: Any, worker_url: str) -> None: ...
-    def evict_cache(self) -> None: ...
+    def observe_version(self, worker: Any, version: str | None) -> None: ...
+    def current_version(self) -> str | None: ...
+
+
+class TrajectoryAccess(Protocol):
+    """The exact trajectory cache over the durable store (router/net/trajectories.py)."""
+
+    tree: Any  # router.core.radix.RadixTree (stages with uses_tree)
+    store: Any  # a router.core.store.TrajectoryStore (stages with uses_store), or None when [store] is off
+
+    def evict(self) -> None: ...
     async def continue_from_store(self, text: bytes, matched: int) -> bool: ...
+
+
+class Services(Protocol):
+    """Everything a stage may use of the router: the object every stage receives as `services` (the router's
+    Runtime, router/net/runtime.py, implements it; tests/test_pipeline_assembly.py checks it does, and that the
+    built-in stages use nothing else). Attributes are None when the route's pipelines do not need them."""
+
+    config: Any  # router.config.Config
+    metrics: Any  # router/net/metrics.py
+    upstream: Any  # the worker connection pool (router/net/upstream.py): the forward stage's
+    tokenizer: Any  # router.tokenizer.Tokenizer (stages with uses_tokenizer)
+    workers: WorkerAccess
+    trajectories: TrajectoryAccess
+    sessions: Any  # router.core.sessions.registry.SessionRegistry
+    session_persister: Any  # router/net/session_persist.py, or None without a store
 
 
 class Stage:

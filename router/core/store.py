@@ -10,7 +10,7 @@ a restart): each record is also stored under its prefix key (`text_head`, a hash
 block boundary, so texts behind one long shared system prompt still get keys of their own). `radix_lookup` asks
 the store only about the keys of the prompt's block boundaries past what the memory cache matched
 (`prefix_heads`), and of those only the ones the memory cache may not cover: `may_continue` (records this process
-did not write) or a key whose trajectory this process evicted (router/net/runtime.py). A prompt that continues
+did not write) or a key whose trajectory this process evicted (router/net/trajectories.py). A prompt that continues
 nothing missing from memory therefore costs no store query.
 
 Retention (`plan_retention`), applied by the backend on a schedule:
@@ -217,7 +217,7 @@ class StoreStats:
 
 
 class TrajectoryStore(Protocol):
-    """What the router needs from a durable store: everything the router calls on `runtime.store`, so a new
+    """What the router needs from a durable store: everything the router calls on `runtime.trajectories.store`, so a new
     backend (PostgreSQL, Valkey) is one class implementing this and nothing else changes. Async methods run on
     the router's event loop and must not block it; the synchronous ones are cheap (in memory) or run at startup
     before serving. `scan` is for offline tools (`miles-router store export`). router/net/store_sqlite.py is the

@@ -339,12 +339,12 @@ class RouterApp:
         url, labels = self._worker_spec_from(scope, body)
         if not host_allowed(url, self.rt.config.workers.allowed_hosts):
             return error_reply(403, f"worker host not in workers.allowed_hosts: {url}")
-        self.rt.add_worker(url, labels)
+        self.rt.workers.add(url, labels)
         return json_reply(200, {"status": "success", "worker_urls": self.rt.pool.inflight_by_url()})
 
     async def remove_worker(self, scope, body: bytes) -> Reply:
         url = self._worker_url_from(scope, body)
-        w = self.rt.remove_worker(url)
+        w = self.rt.workers.remove(url)
         if w is None:
             return error_reply(404, f"unknown worker: {url}")
         return json_reply(200, {"status": "success", "removed": url, "inflight": w.inflight,

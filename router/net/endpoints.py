@@ -35,7 +35,7 @@ def _need_tree(runtime):
     if not runtime.tree_wanted():
         raise StageError(404, "the trajectory cache is not enabled: route /generate through a pipeline with "
                               "radix stages (e.g. pipelines/radix-cache.toml)")
-    return runtime.tree
+    return runtime.trajectories.tree
 
 
 # A reply covering more tokens than this is built (array -> list -> JSON) in a worker thread: for
@@ -72,7 +72,7 @@ async def _lookup(runtime, text: str, rid: str | None = None, handed_out: set | 
     tree = _need_tree(runtime)
     data = text.encode("utf-8", "surrogatepass")
     r = tree.retrieve(data, now=time.time(), rid=rid, handed_out=handed_out)
-    store = runtime.store
+    store = runtime.trajectories.store
     if store is not None:
         digest = text_digest(data)
         if not r.exact and not r.ambiguous:
@@ -359,12 +359,12 @@ def _retrieve_handler(runtime):
 
 def _stats_handler(runtime):
     async def handler(scope, body: bytes) -> Reply:
-        tree = runtime.tree_if_loaded
+        tree = runtime.trajectories.tree_if_loaded
         stats = tree.stats() if tree is not None else {}
         c = runtime.config.cache
         stats.update(enabled=runtime.tree_wanted(), budget_bytes=c.budget_bytes, hard_budget_bytes=c.hard_budget_bytes)
-        if runtime.store is not None:
-            stats["store"] = runtime.store.stats()
+        if runtime.trajectories.store is not None:
+            stats["store"] = runtime.trajectories.store.stats()
         return Reply(200, json_encoder.encode(stats))
 
     return handler

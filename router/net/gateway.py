@@ -117,7 +117,7 @@ def routes(runtime) -> list[Route]:
             labels = None if spec.labels is None else check_labels(spec.labels)
         except ValueError as e:
             return _error(400, str(e), "BAD_REQUEST")
-        worker, created = runtime.add_worker(url, labels)
+        worker, created = runtime.workers.add(url, labels)
         worker.worker_type = spec.worker_type
         worker.bootstrap_port = spec.bootstrap_port
         location = f"/workers/{worker.id}"
@@ -133,7 +133,7 @@ def routes(runtime) -> list[Route]:
         found = _find(runtime, scope["path"][len(WORKERS_PREFIX):])
         if isinstance(found, Reply):
             return found
-        runtime.remove_worker(found.url)
+        runtime.workers.remove(found.url)
         return _json(202, {"status": "accepted", "worker_id": found.id, "url": found.url,
                            "message": f"Worker removed ({found.inflight} requests in flight finish first)"})
 

@@ -48,14 +48,14 @@ class _StateCollector:
         yield from (inflight, state, healthy, failures, quarantines, breaker, request_failures)
         depth = GaugeMetricFamily("miles_router_queue_depth", "Requests waiting in a queue", labels=["queue"])
         depth.add_metric(["admission"], len(self.runtime.admission.queue))
-        depth.add_metric(["worker_slot"], len(self.runtime.slot_queue))
-        depth.add_metric(["pause_hold"], len(self.runtime.hold_queue))
+        depth.add_metric(["worker_slot"], len(self.runtime.workers.slot_queue))
+        depth.add_metric(["pause_hold"], len(self.runtime.workers.hold_queue))
         yield depth
         yield GaugeMetricFamily("miles_router_admitted_requests",
                                 "Proxied requests holding an admission slot (server.max_concurrent_requests)",
                                 value=self.runtime.admission.active)
         yield GaugeMetricFamily("miles_router_workers", "Registered workers", value=len(pool))
-        tree = self.runtime.tree_if_loaded
+        tree = self.runtime.trajectories.tree_if_loaded
         if tree is not None:
             st = tree.stats()
             for key, kind in (("nodes", "gauge"), ("tokens", "gauge"), ("bytes", "gauge"), ("trajectories", "gauge"),
@@ -67,7 +67,7 @@ class _StateCollector:
                 fam = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, f"Trajectory cache {key}")
                 fam.add_metric([], st[key])
                 yield fam
-        sessions = getattr(self.runtime, "sessions", None)
+        sessions = self.runtime.sessions
         if sessions is not None:
             live = sessions.sessions
             for name, kind, value, doc in (
@@ -86,7 +86,7 @@ class _StateCollector:
                 fam = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(f"miles_router_sessions_{name}", doc)
                 fam.add_metric([], value)
                 yield fam
-        store = getattr(self.runtime, "store", None)
+        store = self.runtime.trajectories.store
         if store is not None:
             s = store.stats()
             for name, kind, value, doc in (

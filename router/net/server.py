@@ -62,26 +62,15 @@ async def run_router(config: Config, *, install_signals: bool = True, shutdown: 
     async with trio.open_nursery() as root:
         runtime = Runtime(config, root)
         try:
-            runtime.load_pipelines()
-            if runtime.needs_tokenizer():
-                await runtime.load_tokenizer()
-            if runtime.store_wanted():
-                runtime.open_store()
+            await runtime.start()
             app = RouterApp(runtime)
             sims = await start_sim_workers(config, root)
             for url, _ in sims:
-                runtime.add_worker(url)
+                runtime.workers.add(url)
             for url in config.workers.urls:
-                runtime.add_worker(url)
+                runtime.workers.add(url)
             if install_signals:
                 root.start_soon(_signal_watcher, shutdown, root.cancel_scope)
-            if runtime.tree_wanted():
-                root.start_soon(runtime.cache_maintenance)
-            if runtime.store is not None:
-                root.start_soon(runtime.store_maintenance)
-            root.start_soon(runtime.upstream_maintenance)
-            if runtime.sessions is not None:
-                root.start_soon(runtime.session_maintenance)
             async with trio.open_nursery() as server_nursery:
                 bound = await server_nursery.start(partial(
                     serve_asgi, app, config.server.host, config.server.port,

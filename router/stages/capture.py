@@ -71,9 +71,7 @@ class Capture(Stage):
             # No logprobs requested: the trajectory is kept, with NaN marking "unknown" (as for a null logprob).
             logps = (out.logprobs if out.logprobs is not None else np.full(ids.size, np.nan)).astype(np.float32)
             experts = self._experts(out.routed_experts, prompt.tokens.size + ids.size, ex, out.weight_version)
-            self.services.note_weight_version(out.weight_version)
-            if ex.worker is not None:
-                self.services.observe_weight_version(ex.worker, out.weight_version)
+            self.services.workers.observe_version(ex.worker, out.weight_version)
             records.append(TrajectoryInput(
                 rid=out.rid or f"{i}",
                 prompt_ids=prompt.tokens,

@@ -54,9 +54,10 @@ class Forward(Stage):
         # An error reply (retry.statuses) means the worker did not do the work: unlike a delivered
         # request on a dropped connection, it is safe to send it to another worker, at once.
         status_retries = svc.config.retry.max_attempts - 1
-        retry_statuses = svc.retry_statuses
+        workers = svc.workers
+        retry_statuses = workers.retry_statuses
         while True:
-            worker, reason, trial = await svc.take_worker(ex, exclude=tried)
+            worker, reason, trial = await workers.take(ex, exclude=tried)
             if worker is None:
                 break
             reasons.append(reason)
@@ -70,7 +71,7 @@ class Forward(Stage):
                     # 5xx is a failure; 4xx (incl. 429) means the worker is alive and answering.
                     outcome = (resp.status >= 500, f"HTTP {resp.status}")
                     if (resp.status in retry_statuses and status_retries > 0
-                            and svc.routable(ex, exclude=[*tried, worker])):
+                            and workers.routable(ex, exclude=[*tried, worker])):
                         status_retries -= 1
                         tried.append(worker)
                         failed_attempts.append(f"{worker.url} {resp.status}")
@@ -95,7 +96,7 @@ class Forward(Stage):
                         reply = await resp.read()
                         outputs = reply_summaries(reply) if resp.status == 200 and (is_generate or abort_retries) else None
                         if (abort_retries and outputs and any(o.aborted for o in outputs)
-                                and svc.pickable(ex, exclude=[*tried, worker])):
+                                and workers.pickable(ex, exclude=[*tried, worker])):
                             abort_retries -= 1
                             tried.append(worker)
                             svc.metrics.abort_retries.inc()
@@ -107,7 +108,7 @@ class Forward(Stage):
                             await client.start(resp.status, out_headers)
                             client.defer(reply)
                             if is_generate and outputs:
-                                svc.note_reply(ex, outputs)
+                                workers.note_reply(ex, outputs)
                 return
             except UpstreamLocalError as e:
                 # The router is out of sockets or memory: not the worker's fault, and no retry helps.
@@ -115,7 +116,7 @@ class Forward(Stage):
             except UpstreamConnectError as e:
                 outcome = (True, f"connect failed: {e}")
                 last_error = f"{worker.url}: {e}"
-                svc.on_worker_error(worker, f"connect failed: {e}")
+                workers.on_worker_error(worker, f"connect failed: {e}")
                 tried.append(worker)
                 if not connect_retries:
                     break
@@ -130,15 +131,15 @@ class Forward(Stage):
                 outcome = (True, f"disconnected: {e}")
                 if client.started:
                     raise
-                svc.on_worker_error(worker, f"disconnected: {e}")
+                workers.on_worker_error(worker, f"disconnected: {e}")
                 raise StageError(502, f"worker {worker.url} closed the connection: {e}", worker=worker.url) from None
             finally:
                 if outcome is not None:  # None: cancelled (the client left), which says nothing of the worker
-                    svc.on_outcome(worker, outcome[0], outcome[1], trial)
-                svc.give_back(worker, trial, ex)
+                    workers.on_outcome(worker, outcome[0], outcome[1], trial)
+                workers.give_back(worker, trial, ex)
         if tried:
             raise StageError(502, f"could not connect to a worker ({last_error})")
-        raise StageError(503, "no healthy worker available", workers=len(svc.pool))
+        raise StageError(503, "no healthy worker available", workers=len(svc.workers.pool))
 
     @staticmethod
     async def _relay_sse(ex: Exchange, resp, client) -> None:

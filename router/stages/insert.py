@@ -27,16 +27,16 @@ class Insert(Stage):
 
     async def on_response(self, ex: Exchange) -> None:
         records = ex.scratch.get("trajectory") or ()
-        tree = self.services.tree
+        tree = self.services.trajectories.tree
         now = time.time()
         for rec in records:
             tree.insert(rec, now=now)
             if rec.worker is not None:
-                self.services.record_served(np.concatenate([rec.prompt_ids, rec.output_ids]), rec.worker)
+                self.services.workers.record_served(np.concatenate([rec.prompt_ids, rec.output_ids]), rec.worker)
         if records:
             ex.scratch["cached"] = records
             if not self.persist_follows:
-                self.services.evict_cache()
+                self.services.trajectories.evict()
 
     persist_follows = False
 

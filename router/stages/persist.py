@@ -34,11 +34,12 @@ class Persist(Stage):
     async def on_response(self, ex: Exchange) -> None:
         records = ex.scratch.get("cached") or ()
         svc = self.services
-        store = svc.store
+        trajectories = svc.trajectories
+        store = trajectories.store
         if store is None or not records:
-            svc.evict_cache()
+            trajectories.evict()
             return
-        tree = svc.tree
+        tree = trajectories.tree
         now = time.time()
         items = []
         for rec in records:
@@ -51,7 +52,7 @@ class Persist(Stage):
                 rid=rec.rid, created=now, prompt_len=len(rec.prompt_ids), finish=ans.finish, worker=rec.worker,
                 weight_version=ans.version, versions=ans.versions, tokens=ans.tokens, logprobs=ans.logprobs,
                 loss_mask=ans.loss_mask, experts=ans.routed_experts), head, len(rec.visible_text)))
-        svc.evict_cache()
+        trajectories.evict()
         try:
             await store.put(items, wait=svc.config.store.sync == "commit")
         except StoreWriteError as e:

@@ -53,8 +53,8 @@ class R3Prefix(Stage):
             return None  # tokenize already answered a body it could not read
         if not fields.return_routed_experts or fields.routed_experts_start_len is not None:
             return None
-        version = self.services.current_weight_version()
-        rows = self.services.tree.routed_experts_prefix(prompt.tokens, version=version)
+        version = self.services.workers.current_version()
+        rows = self.services.trajectories.tree.routed_experts_prefix(prompt.tokens, version=version)
         if rows is None or rows.shape[0] < max(self.options.min_rows, 1):
             return None
         start = int(rows.shape[0])

@@ -6,7 +6,7 @@ where reuse is safe (after a generated token, a prompt's end, or a finished traj
 match never ends inside a UTF-8 character, so the remainder can be tokenized as text. With the durable
 store, earlier turns the prompt continues that are no longer in memory (evicted, or stored before a
 restart) are loaded back into the cache first, so the next turn reuses their exact tokens; the store is
-asked only when the prompt may continue such a turn (router/net/runtime.py `continue_from_store`).
+asked only when the prompt may continue such a turn (router/net/trajectories.py `continue_from_store`).
 Requests with `input_ids`, batches and n>1 prompts built from lists are left alone.
 """
 
@@ -39,13 +39,13 @@ class RadixLookup(Stage):
             return None
         text = req.text.encode("utf-8", "surrogatepass")
         m, cut = self._match(text)
-        if cut < len(text) and await self.services.continue_from_store(text, cut):
+        if cut < len(text) and await self.services.trajectories.continue_from_store(text, cut):
             m, cut = self._match(text)  # earlier turns this text continues came back from the durable store
         ex.scratch["prefix"] = (m.tokens, cut)
         return None
 
     def _match(self, text: bytes):
-        tree = self.services.tree
+        tree = self.services.trajectories.tree
         limit = len(text)
         while True:
             m = tree.match_text(text[:limit], now=time.time(), anchors_only=not self.options.any_boundary)
