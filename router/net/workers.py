@@ -211,16 +211,14 @@ class WorkerSupervisor:
             ex.sticky_lease = (key, worker.url)
         return worker, reason, trial
 
-    async def _hold(self, ex, exclude, waiting_for: list[Worker]) -> tuple[Worker, str, bool]:
-        """Wait (FIFO) until a worker `ex` may use resumes; 503 past routing.hold_timeout_s."""
-        timeout = self.config.routing.hold_timeout_s
+    async def _wait(self, queue: FifoQueue, timeout_s: float, ex, exclude) -> tuple[Worker, str, bool]:
+        """Wait in `queue` (FIFO) until `ex` can be placed; QueueTimeout past `timeout_s`, after counting it."""
         try:
-            return await self.hold_queue.acquire(lambda: self._take(ex, exclude),
-                                                 lambda g: self.give_back(g[0], g[2], ex), timeout_s=timeout)
-        except QueueTimeout as e:
-            self.metrics.queue_rejected("pause_hold", "timeout")
-            held = HoldTimeout(e.waited_s, timeout, tuple(w.url for w in waiting_for))
-            raise StageError(503, held.message, held_s=round(e.waited_s, 3)) from None
+            return await queue.acquire(lambda: self._take(ex, exclude), lambda g: self.give_back(g[0], g[2], ex),
+                                       timeout_s=timeout_s)
+        except QueueTimeout:
+            self.metrics.queue_rejected(queue.name, "timeout")
+            raise
 
     async def take(self, ex, exclude=()) -> tuple[Worker | None, str, bool]:
         """Select a worker and count the request on it: (worker, route reason, is breaker trial).
@@ -238,17 +236,20 @@ class WorkerSupervisor:
             elig = self.router.eligibility(ex)
             with self.pool.only(elig.waits_for):
                 waiting_for = self.pool.routable(exclude)
-            if waiting_for:
-                return await self._hold(ex, exclude, waiting_for)
+            if waiting_for:  # every worker it may use is paused: wait until one resumes
+                timeout = self.config.routing.hold_timeout_s
+                try:
+                    return await self._wait(self.hold_queue, timeout, ex, exclude)
+                except QueueTimeout as e:
+                    held = HoldTimeout(e.waited_s, timeout, tuple(w.url for w in waiting_for))
+                    raise StageError(503, held.message, held_s=round(e.waited_s, 3)) from None
             return None, "none", False
         if self.pool.max_inflight is None and not len(self.slot_queue):
             return None, "none", False
         timeout = self.config.workers.queue_timeout_s
         try:
-            return await self.slot_queue.acquire(lambda: self._take(ex, exclude),
-                                                 lambda g: self.give_back(g[0], g[2], ex), timeout_s=timeout)
+            return await self._wait(self.slot_queue, timeout, ex, exclude)
         except QueueTimeout as e:
-            self.metrics.queue_rejected("worker_slot", "timeout")
             raise StageError(503, f"no worker slot freed within workers.queue_timeout_s ({timeout:g}s): every "
                                   f"usable worker has workers.max_inflight_per_worker "
                                   f"({self.pool.max_inflight}) requests in flight", waited_s=round(e.waited_s, 3),
