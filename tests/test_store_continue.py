@@ -98,13 +98,15 @@ async def _router(nursery, store_at, sim, **cache):
 
 
 def _count_store_queries(router) -> list:
-    """Wrap the router's store so every prefix_candidates query is recorded (the key asked about)."""
+    """Wrap the router's store so every prefix_candidates query is recorded (the keys asked about, one list per
+    query)."""
     store, asked = router.runtime.store, []
     real = store.prefix_candidates
 
-    async def counted(head, max_len):
-        asked.append(head)
-        return await real(head, max_len)
+    async def counted(heads, max_len):
+        assert heads
+        asked.append(list(heads))
+        return await real(heads, max_len)
 
     store.prefix_candidates = counted
     return asked
@@ -135,7 +137,8 @@ async def _stored_tokens(c, text: str) -> list:
 
 async def test_the_store_is_not_asked_about_what_memory_holds(nursery, store_at):
     """Fresh questions behind one long system prompt, and conversations continued while their turns are in memory:
-    no store query at all, and every next turn reuses the cached tokens."""
+    no store query at all on a store only this router writes (SQLite), at most one per prompt on a store other
+    routers may have written a moment ago (PostgreSQL), and every next turn reuses the cached tokens."""
     sim = await start_sim(nursery, seed=4, noncanonical_rate=0.5)
     router = await _router(nursery, store_at, sim)
     asked = _count_store_queries(router)
@@ -148,7 +151,7 @@ async def test_the_store_is_not_asked_about_what_memory_holds(nursery, store_at)
                     prev = await _stored_tokens(c, text[:text.rindex(" Next: ")])
                     _assert_reused(cached, sent, prev)
                 convs[k] = text + out["text"] + f" Next: and {turn} more?"
-    assert asked == []
+    assert asked == [] if not router.runtime.store.shared else len(asked) <= 18
     assert router.runtime.store.stats().rows == 18
 
 
@@ -171,8 +174,10 @@ async def test_a_turn_evicted_from_memory_is_continued_with_its_exact_tokens(nur
                     assert len(asked) > before  # it had to come from the store
                 convs[k] = text + out["text"] + f" Next: and {turn} more?"
             assert router.runtime.tree.stats()["trajectories"] <= 1
-    # only keys of evicted trajectories were asked about: at most a couple per continued turn
-    assert 0 < len(asked) <= 2 * 4 * 2
+    if router.runtime.store.shared:  # one query per prompt, for all its keys
+        assert len(asked) <= 3 * 4
+    else:  # only keys of evicted trajectories were asked about: at most a couple per continued turn
+        assert 0 < sum(map(len, asked)) <= 2 * 4 * 2
 
 
 async def test_a_conversation_stored_before_a_restart_is_continued_exactly(nursery, store_at):
@@ -194,11 +199,11 @@ async def test_a_conversation_stored_before_a_restart_is_continued_exactly(nurse
         async with client(router) as c:
             for i in range(100, 110):
                 await _turn(c, sim, _question(i))
-            assert asked == []
+            assert asked == [] if not router.runtime.store.shared else len(asked) <= 10
             for k in (5, 2):
                 out, cached, sent = await _turn(c, sim, texts[k] + " Next: one more?")
                 _assert_reused(cached, sent, stored[k])
-            assert 0 < len(asked) <= 4
+            assert 0 < len(asked) <= (4 if not router.runtime.store.shared else 12)
         n2.cancel_scope.cancel()
 
 

@@ -139,8 +139,9 @@ async def test_two_stores_share_one_database(pg_url):
     assert len(ids) == len(set(ids)) == 60
     await a.put_session("s" * 32, 1.0, b"header", [(0, b"turn 0")], wait=True)
     c = PgStore(pg_url)
-    assert list(c.load_sessions()) == [("s" * 32, 1.0, b"header", [b"turn 0"])]
-    c.close_sync()
+    c.start()
+    assert await c.session_turns("s" * 32) == [b"turn 0"]
+    await c.aclose()
     for d in da + db:
         a.mark_retrieved(d)
     await a.put([], wait=True)

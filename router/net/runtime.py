@@ -137,10 +137,10 @@ class Runtime:
         interval = min(max(self.config.sessions.idle_timeout_s / 4, 0.05), 30.0)
         while True:
             await trio.sleep(interval)
+            if self.session_persister is not None:  # idle as the store says: uses on every router count
+                await self.session_persister.expire()
+                continue
             gone = self.sessions.expire_idle(time.monotonic())
-            if self.session_persister is not None:
-                for sid in gone:  # in the background: an expired session coming back after a crash is harmless
-                    await self.session_persister.deleted(sid, wait=False)
             if gone:
                 log.info("reclaimed %d idle session(s)", len(gone))
 
@@ -203,9 +203,7 @@ class Runtime:
             from router.net.session_persist import SessionPersister
 
             self.session_persister = SessionPersister(self.store, self.sessions, wait=c.sync == "commit")
-            restored = self.session_persister.restore()
-            if restored:
-                log.info("%s: %d sessions restored", self.store.name, restored)
+            self.session_persister.restore()  # the key; sessions are read when a request names them
         self.store.start()
         st = self.store.stats()
         log.info("%s: %d trajectories (%d unretrieved), %d bytes%s", self.store.name, st.rows, st.unretrieved,
@@ -238,11 +236,10 @@ class Runtime:
         tree = self.tree
         chosen: dict[int, int] = {}
         try:
-            for head in heads:
-                for rid, vlen, digest in await store.prefix_candidates(head, len(text)):
-                    if (vlen > matched and rid not in chosen and text_digest(text[:vlen]) == digest
-                            and tree.peek_exact(text[:vlen]) is None):
-                        chosen[rid] = vlen
+            for rid, vlen, digest in await store.prefix_candidates(heads, len(text)):
+                if (vlen > matched and rid not in chosen and text_digest(text[:vlen]) == digest
+                        and tree.peek_exact(text[:vlen]) is None):
+                    chosen[rid] = vlen
             if not chosen:
                 return False
             order = sorted(chosen)

@@ -19,16 +19,18 @@
   so writes resume as soon as the database is back, without a restart. A commit whose outcome is unknown (the
   connection broke during it) is reported as failed and not retried: the client got a 503, and the record may
   or may not be there, as for a request in flight at a crash.
-- **Shared by several routers.** Ids come from an identity sequence; schema creation and retention take
-  PostgreSQL advisory locks (one retention pass at a time across routers); nothing in the tables is
-  process-local. The in-memory parts are caches: the counters behind `stats()` (re-read from the database
-  every `TOTALS_EVERY_S` by the retention pass) and the prefix-key filter (`may_continue`: what was stored
-  at startup; this process's own writes the router remembers itself, router/core/store.py). Keys another router
-  writes later are not in it: a radix-cache text conversation whose earlier turns another router stored after
-  this one started is not continued from the store here.
+- **Shared by several routers** (`shared = True`). Ids come from an identity sequence; schema creation and
+  retention take PostgreSQL advisory locks (one retention pass at a time across routers); nothing in the tables is
+  process-local, and nothing in memory claims to know what other routers wrote: `may_continue` says "maybe" for
+  every key (the prompt's keys the memory cache does not cover cost one indexed query, all keys at once), and a
+  session in memory is brought up to date before use (its turns after the last one known: one indexed query). A
+  batch that writes sessions first locks their rows, in id order (two routers' writers never deadlock), so a turn
+  id is taken once (`INSERT ... ON CONFLICT DO NOTHING`, the loser told), a deleted or expired session gets no
+  turns, and expiry skips a session some router is writing. The counters behind `stats()` are re-read from the
+  database every `TOTALS_EVERY_S` by the retention pass.
 
 Schema `miles_router` (created if missing): `trajectories` (one row per record, the blob in `data`, stored
-out of line and uncompressed), `sessions`, `session_turns`, `meta`.
+out of line and uncompressed), `sessions` (with `last_used`, wall clock), `session_turns`, `meta`.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import psycopg
 import trio
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from router.core.store import (KeyFilter, Keyed, RetentionPlan, RowInfo, StoreError, StoreOpenError, StoreStats,
+from router.core.store import (Keyed, RetentionPlan, RowInfo, SessionWrite, StoreError, StoreOpenError, StoreStats,
                                StoreWriteError, plan_retention)
 from router.net.store_sqlite import _Op, _STOP
 from router.wire import store as wire
@@ -78,6 +80,9 @@ CREATE INDEX IF NOT EXISTS trajectories_digest ON miles_router.trajectories (dig
 CREATE INDEX IF NOT EXISTS trajectories_created ON miles_router.trajectories (created);
 CREATE INDEX IF NOT EXISTS trajectories_head ON miles_router.trajectories (head, id) WHERE head IS NOT NULL;
 CREATE TABLE IF NOT EXISTS miles_router.sessions (id text PRIMARY KEY, created double precision NOT NULL, data bytea);
+ALTER TABLE miles_router.sessions ADD COLUMN IF NOT EXISTS last_used double precision;
+-- sessions stored before last_used existed: used now, as a restart used to treat them (a fresh idle timer)
+UPDATE miles_router.sessions SET last_used = extract(epoch FROM clock_timestamp()) WHERE last_used IS NULL;
 CREATE TABLE IF NOT EXISTS miles_router.session_turns (
     session text NOT NULL,
     turn integer NOT NULL,
@@ -91,8 +96,50 @@ _COPY = ("COPY miles_router.trajectories (digest, created, version, ntokens, nby
 _COPY_TYPES = ["bytea", "float8", "text", "int4", "int4", "int8", "int4", "bytea"]
 _TOTALS = ("SELECT count(*), coalesce(sum(nbytes), 0), count(*) FILTER (WHERE NOT retrieved) "
            "FROM miles_router.trajectories")
+_CANDIDATES = ("SELECT t.id, t.vlen, t.digest FROM unnest(%s::bigint[]) AS k(head) CROSS JOIN LATERAL "
+               "(SELECT id, vlen, digest FROM miles_router.trajectories WHERE head = k.head AND vlen <= %s "
+               "ORDER BY id DESC LIMIT 256) AS t")
+# one statement, one snapshot: no row at all when the session has none, one NULL when it has no turn past `after`
+_SESSION_TURNS = ("SELECT t.data FROM miles_router.sessions s LEFT JOIN miles_router.session_turns t "
+                  "ON t.session = s.id AND t.turn > %s WHERE s.id = %s ORDER BY t.turn")
+_TOUCH = ("UPDATE miles_router.sessions SET last_used = greatest(coalesce(last_used, created), %s) "
+          "WHERE id = %s")
+_OWN_TRANSACTION = ("maintain", "session_expire")
 _FILE_BYTES = ("SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c JOIN pg_namespace n "
                "ON n.oid = c.relnamespace WHERE n.nspname = 'miles_router' AND c.relkind = 'r'")
+
+
+def _write_session(cur: psycopg.Cursor, sid: str, at: float, header: bytes | None,
+                   turns: list[tuple[int, bytes]]) -> SessionWrite:
+    """One session write in the writer's transaction (the session's row is locked already)."""
+    if header is not None:
+        cur.execute("INSERT INTO miles_router.sessions AS s (id, created, data, last_used) VALUES (%s, %s, %s, %s) "
+                    "ON CONFLICT (id) DO UPDATE SET data = excluded.data, "
+                    "last_used = greatest(coalesce(s.last_used, s.created), excluded.last_used)", (sid, at, header, at))
+    else:
+        cur.execute(_TOUCH, (at, sid))
+        if not cur.rowcount:
+            return SessionWrite(gone=True)  # deleted or expired meanwhile: its turns must not bring it back
+    if not turns:
+        return SessionWrite()
+    cur.execute("INSERT INTO miles_router.session_turns (session, turn, data) SELECT %s, x.t, x.d "
+                "FROM unnest(%s::int[], %s::bytea[]) AS x(t, d) ON CONFLICT (session, turn) DO NOTHING RETURNING turn",
+                (sid, [t for t, _ in turns], [b for _, b in turns]))
+    written = {r[0] for r in cur.fetchall()}
+    return SessionWrite(taken=tuple(t for t, _ in turns if t not in written))
+
+
+def _expire_sessions(conn: psycopg.Connection, before: float, keep: list[str]) -> list[str]:
+    """Delete the sessions idle since before `before`, but none that another transaction holds (a router writing
+    it right now is using it)."""
+    with conn.transaction():
+        gone = [r[0] for r in conn.execute(
+            "SELECT id FROM miles_router.sessions WHERE coalesce(last_used, created) < %s AND NOT id = ANY(%s) "
+            "ORDER BY id FOR UPDATE SKIP LOCKED", (before, keep)).fetchall()]
+        if gone:
+            conn.execute("DELETE FROM miles_router.sessions WHERE id = ANY(%s)", (gone,))
+            conn.execute("DELETE FROM miles_router.session_turns WHERE session = ANY(%s)", (gone,))
+    return gone
 
 
 def redact(url: str) -> str:
@@ -171,6 +218,8 @@ def check_openable(url: str, *, timeout_s: float = 5.0) -> str | None:
 class PgStore:
     """A TrajectoryStore (router/core/store.py) on a PostgreSQL database, shareable by several routers."""
 
+    shared = True  # any router of a fleet may have written anything a moment ago
+
     def __init__(self, url: str, *, sync: str = "commit", retention_s: float = 0.0, max_bytes: int = 0,
                  metrics=None, timeout_s: float = 5.0) -> None:
         self.url = url
@@ -189,10 +238,6 @@ class PgStore:
         self.read_only = self.write_error is not None
         self.commits = self.deleted = self.deleted_unretrieved = 0
         self._load_totals(self._conn)
-        self._heads = KeyFilter()
-        with self._conn.cursor() as cur:
-            cur.execute("SELECT DISTINCT head FROM miles_router.trajectories WHERE head IS NOT NULL")
-            self._heads.load(cur)
         self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
         self._pending: dict[bytes, list[StoredTrajectory]] = {}  # digest -> records not yet committed, oldest first
         self._pending_writes = 0
@@ -271,10 +316,23 @@ class PgStore:
         self._pending_writes += len(records)
         await self._submit(_Op("put", records, trio.Event() if wait else None))
 
-    async def put_session(self, sid: str, created: float, header: bytes | None,
-                          turns: Sequence[tuple[int, bytes]], *, wait: bool) -> None:
+    async def put_session(self, sid: str, at: float, header: bytes | None,
+                          turns: Sequence[tuple[int, bytes]], *, wait: bool) -> SessionWrite:
         self._refuse_writes()
-        await self._submit(_Op("session", (sid, created, header, list(turns)), trio.Event() if wait else None))
+        op = _Op("session", (sid, at, header, list(turns)), trio.Event() if wait else None)
+        await self._submit(op)
+        return op.result or SessionWrite()
+
+    def touch_session(self, sid: str, at: float) -> None:
+        if not self.read_only:
+            self._queue.put(_Op("touch", (sid, at), None))
+
+    async def expire_sessions(self, before: float, keep: Sequence[str]) -> list[str]:
+        if self.read_only:
+            return []
+        op = _Op("session_expire", (before, sorted(keep)), trio.Event())
+        await self._submit(op)
+        return op.result
 
     async def delete_session(self, sid: str, *, wait: bool) -> None:
         if self.read_only:
@@ -308,12 +366,12 @@ class PgStore:
                     break
             stop = any(op is _STOP for op in batch)
             batch = [op for op in batch if op is not _STOP]
-            writes = [op for op in batch if op.kind != "maintain"]
+            writes = [op for op in batch if op.kind not in _OWN_TRANSACTION]
             if writes:
                 self._run_batch(writes)
             for op in batch:
-                if op.kind == "maintain":
-                    self._run_maintain(op)
+                if op.kind in _OWN_TRANSACTION:
+                    self._run_own(op)
             if stop:
                 return
 
@@ -344,6 +402,14 @@ class PgStore:
             with conn.transaction(), conn.cursor() as cur:
                 rows: list = []
                 digests: list = []
+                # The sessions this batch writes, locked in id order: a writer in another router locks them in the
+                # same order (no deadlock), a turn is written only while its session's row exists (a deletion
+                # waits for this batch, and deletes its turns too), and turn ids are taken first come, first served
+                sids = sorted({op.args[0] if op.kind != "session_delete" else op.args for op in batch
+                               if op.kind in ("session", "touch", "session_delete")})
+                if sids:
+                    cur.execute("SELECT id FROM miles_router.sessions WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+                                (sids,))
                 for i, op in enumerate(batch):  # in queue order; consecutive ops of a kind share one statement
                     following = batch[i + 1].kind if i + 1 < len(batch) else None
                     if op.kind == "put":
@@ -369,21 +435,13 @@ class PgStore:
                             retrieved += max(cur.rowcount, 0)
                             digests = []
                     elif op.kind == "session":
-                        sid, created, header, turns = op.args
-                        if header is not None:
-                            cur.execute("INSERT INTO miles_router.sessions (id, created, data) VALUES (%s, %s, %s) "
-                                        "ON CONFLICT (id) DO UPDATE SET data = excluded.data", (sid, created, header))
-                        else:
-                            cur.execute("INSERT INTO miles_router.sessions (id, created, data) VALUES (%s, %s, NULL) "
-                                        "ON CONFLICT (id) DO NOTHING", (sid, created))
-                        if turns:
-                            cur.executemany("INSERT INTO miles_router.session_turns (session, turn, data) "
-                                            "VALUES (%s, %s, %s) ON CONFLICT (session, turn) "
-                                            "DO UPDATE SET data = excluded.data", [(sid, t, b) for t, b in turns])
-                        records += len(turns)
+                        op.result = _write_session(cur, *op.args)
+                        records += len(op.args[3])
+                    elif op.kind == "touch":
+                        cur.execute(_TOUCH, (op.args[1], op.args[0]))
                     elif op.kind == "session_delete":
-                        cur.execute("DELETE FROM miles_router.session_turns WHERE session = %s", (op.args,))
                         cur.execute("DELETE FROM miles_router.sessions WHERE id = %s", (op.args,))
+                        cur.execute("DELETE FROM miles_router.session_turns WHERE session = %s", (op.args,))
         except Exception as e:  # noqa: BLE001 - every waiter must hear about it, whatever it was
             error = describe(e)
             if not isinstance(e, psycopg.Error):
@@ -421,16 +479,20 @@ class PgStore:
             if op.done is not None:
                 op.done.set()
 
-    def _run_maintain(self, op: _Op) -> None:
+    def _run_own(self, op: _Op) -> None:
+        """A retention pass or a session expiry, in a transaction of its own."""
         try:
             conn = self._writer_conn()
-            if time.monotonic() - self._totals_at > TOTALS_EVERY_S:
-                self._load_totals(conn)  # other routers' writes and deletions
-            op.result = self._apply_retention(conn, *op.args)
+            if op.kind == "maintain":
+                if time.monotonic() - self._totals_at > TOTALS_EVERY_S:
+                    self._load_totals(conn)  # other routers' writes and deletions
+                op.result = self._apply_retention(conn, *op.args)
+            else:
+                op.result = _expire_sessions(conn, *op.args)
         except Exception as e:  # noqa: BLE001 - the waiter must hear about it
             op.error = describe(e)
             if not isinstance(e, psycopg.Error):
-                log.exception("%s: retention pass failed", self.name)
+                log.exception("%s: %s failed", self.name, op.kind)
         self._token.run_sync_soon(self._finish, [op])
 
     def _apply_retention(self, conn: psycopg.Connection, now: float, stale_versions: frozenset) -> RetentionPlan:
@@ -502,11 +564,10 @@ class PgStore:
         return newest
 
     def may_continue(self, head: int) -> bool:
-        return head in self._heads
+        return True  # another router may have stored it a moment ago: only the database knows
 
-    async def prefix_candidates(self, head: int, max_len: int) -> list[tuple[int, int, bytes]]:
-        rows = await self._query("SELECT id, vlen, digest FROM miles_router.trajectories WHERE head = %s "
-                                 "AND vlen <= %s ORDER BY id DESC LIMIT 256", (head, max_len))
+    async def prefix_candidates(self, heads: Sequence[int], max_len: int) -> list[tuple[int, int, bytes]]:
+        rows = await self._query(_CANDIDATES, (list(heads), max_len))
         return [(int(i), int(v), bytes(d)) for i, v, d in rows]
 
     async def get_ids(self, ids: Sequence[int]) -> list[StoredTrajectory]:
@@ -517,25 +578,20 @@ class PgStore:
             raise StoreError(f"{self.name}: trajectories {missing[:5]} are no longer stored")
         return [wire.decode(by_id[i]) for i in ids]
 
-    # ---- sessions (startup, before `start`: on the startup connection) -----------------------------
-    def load_sessions(self) -> Iterator[tuple[str, float, bytes | None, list[bytes]]]:
-        turns: dict[str, list[bytes]] = {}
-        for sid, data in self._conn.execute("SELECT session, data FROM miles_router.session_turns "
-                                            "ORDER BY session, turn"):
-            turns.setdefault(sid, []).append(bytes(data))
-        for sid, created, header in self._conn.execute("SELECT id, created, data FROM miles_router.sessions "
-                                                       "ORDER BY created, id").fetchall():
-            yield sid, created, None if header is None else bytes(header), turns.get(sid, [])
+    # ---- sessions ----------------------------------------------------------------------------------
+    async def session_turns(self, sid: str, after: int = -1) -> list[bytes] | None:
+        rows = await self._query(_SESSION_TURNS, (after, sid))
+        if not rows:
+            return None
+        return [bytes(r[0]) for r in rows if r[0] is not None]
 
-    def meta_get(self, key: str) -> str | None:
-        row = self._conn.execute("SELECT value FROM miles_router.meta WHERE key = %s", (key,)).fetchone()
-        return None if row is None else row[0]
-
-    def meta_set_now(self, key: str, value: str) -> None:
+    def meta_setdefault(self, key: str, value: str) -> str:
         """Synchronous, before the writer starts (startup only)."""
         if not self.read_only:
             self._conn.execute("INSERT INTO miles_router.meta (key, value) VALUES (%s, %s) "
-                               "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+                               "ON CONFLICT (key) DO NOTHING", (key, value))
+        row = self._conn.execute("SELECT value FROM miles_router.meta WHERE key = %s", (key,)).fetchone()
+        return value if row is None else row[0]
 
     # ---- offline (`miles-router store ...`: no writer thread, the startup connection) ---------------
     def scan(self, *, unretrieved_only: bool) -> Iterator[tuple[int, StoredTrajectory]]:
