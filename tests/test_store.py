@@ -411,12 +411,13 @@ async def test_next_turn_after_restart_reuses_the_stored_tokens(nursery, store_a
 
 
 # ---------------------------------------------------------------------------------------------- same text, two spellings
-async def _two_spellings(c, tiny, text: str):
+async def _two_spellings(c, tiny, text: str, c2=None):
     """Two trajectories whose visible text is `text` with different tokens: the prompt spelled canonically and cut
-    in two, each generation stopped at its first token (whose text the engine strips). (token lists, rids)"""
+    in two, each generation stopped at its first token (whose text the engine strips); the second through `c2`
+    when given (another router). (token lists, rids)"""
     cut = next(i for i in range(1, len(text)) if tiny.encode(text[:i]) + tiny.encode(text[i:]) != tiny.encode(text))
     want, rids = [], []
-    for ids in (tiny.encode(text), tiny.encode(text[:cut]) + tiny.encode(text[cut:])):
+    for c, ids in ((c, tiny.encode(text)), (c2 or c, tiny.encode(text[:cut]) + tiny.encode(text[cut:]))):
         first = await c.post("/generate", json={"input_ids": ids, "sampling_params": {"max_new_tokens": 1}})
         tok = first.json()["output_ids"][0]
         r = await c.post("/generate", json={"input_ids": ids, "return_logprob": True, "sampling_params": {

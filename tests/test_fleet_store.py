@@ -1,6 +1,9 @@
-"""Sessions in a fleet: several routers on one PostgreSQL store (tests/pg.py) serve every session, in process over
-loopback (the same behaviour over real router processes, with kill -9 and the database stopped: tests/test_fleet.py).
+"""A fleet: several routers on one PostgreSQL store (tests/pg.py), in process over loopback (the main cases over real
+router processes, with kill -9 and the database stopped: tests/test_fleet.py).
 
+- any router answers `/retrieve_from_text` (single, batch, binary) exactly for a trajectory another router stored,
+  continues a text conversation from the exact tokens of turns another router stored, and treats a text that two
+  routers stored with different token spellings as ambiguous, as one router does;
 - any router serves any turn: a session is read from the store when a request names it, and a router holding it
   in memory appends the turns other routers committed since before it uses it;
 - two routers extending one session at once both succeed and neither overwrites the other: the turn whose write
@@ -13,7 +16,73 @@ from __future__ import annotations
 import trio
 
 from harness import client, start_router, start_sim
+from test_store import _two_spellings
 from test_store_crash import ROOT
+from router.tokenizer import load_tokenizer
+
+SYSTEM = "You are a careful assistant who answers briefly and precisely, in one sentence. "  # > 64 bytes
+
+
+async def _generator(nursery, sim, url: str):
+    return await start_router(nursery, workers={"urls": [sim.url]}, store={"enabled": True, "url": url},
+                              routes=[{"path": "/generate", "pipeline": str(ROOT / "pipelines/radix-cache-r3.toml")}])
+
+
+async def _generate(c, text: str, n: int = 16) -> dict:
+    r = await c.post("/generate", json={"text": text, "sampling_params": {"max_new_tokens": n},
+                                        "return_logprob": True})
+    assert r.status_code == 200, r.text
+    return r.json() | {"cached": int(r.headers["x-miles-router-cached-prompt-tokens"])}
+
+
+async def test_any_router_answers_for_trajectories_another_stored(nursery, pg_url):
+    """Router A serves text conversations (two turns each); router B then answers every trajectory exactly as A does,
+    single, batched and in the binary form, and a conversation's next turn on B starts with the exact tokens A's
+    turns got from the worker (which spells half its text non-canonically: a fresh tokenization would differ)."""
+    sim = await start_sim(nursery, seed=21, noncanonical_rate=0.5)
+    a, b = await _generator(nursery, sim, pg_url), await _generator(nursery, sim, pg_url)
+    texts = []
+    async with client(a) as ca, client(b) as cb:
+        for i in range(4):
+            text = f"{SYSTEM}Question {i}: what is {i} times {i + 7}? "
+            for turn in range(2):
+                text += (await _generate(ca, text))["text"]
+                texts.append(text)
+                text += f" Next {turn}: and plus one? "
+        for i, t in enumerate(texts):
+            body = {"text": t} if i % 2 else {"texts": [t]}
+            assert (await cb.post("/retrieve_from_text", json=body)).json() == \
+                (await ca.post("/retrieve_from_text", json=body)).json()
+        answers = (await cb.post("/retrieve_from_text", json={"texts": texts})).json()["results"]
+        assert all(x["exact"] and x["match"] == "trajectory" and x["routed_experts"] for x in answers)
+        binary = {"texts": texts, "format": "safetensors"}
+        assert (await cb.post("/retrieve_from_text", json=binary)).content == \
+            (await ca.post("/retrieve_from_text", json=binary)).content
+        # the next turn of a conversation A served, on B
+        out = await _generate(cb, texts[3] + " Thanks. One more?")
+        async with client(sim.url) as s:
+            sent = (await s.get("/_sim/stats")).json()["last_bodies"][-1]["input_ids"]
+        stored = answers[3]["tokens"]
+        assert out["cached"] >= len(stored) - 1 and sent[:out["cached"]] == stored[:out["cached"]]
+
+
+async def test_one_text_spelled_differently_on_two_routers_is_ambiguous_on_both(nursery, pg_url):
+    """A GRPO group spread over two routers, whose samples spelled the same text differently, one on each: neither
+    router answers the text alone as exact (each held one spelling in memory); by rid each is exact, and a batch
+    naming the text twice gets each spelling once, on either router."""
+    text = "<0003> Say hello to the wonderful world, please, and then stop."
+    sim = await start_sim(nursery, seed=22)
+    a, b = await _generator(nursery, sim, pg_url), await _generator(nursery, sim, pg_url)
+    async with client(a) as ca, client(b) as cb:
+        want, rids = await _two_spellings(ca, load_tokenizer("builtin:tiny"), text, cb)
+        for c in (ca, cb):
+            got = (await c.post("/retrieve_from_text", json={"text": text})).json()
+            assert got["exact"] is False and got["match"] == "ambiguous" and got["alternatives"] == 2, got
+            for rid, toks in zip(rids, want):
+                got = (await c.post("/retrieve_from_text", json={"text": text, "rid": rid})).json()
+                assert got["exact"] is True and got["tokens"] == toks
+            batch = (await c.post("/retrieve_from_text", json={"texts": [text, text]})).json()["results"]
+            assert sorted(x["tokens"] for x in batch) == sorted(want) and all(x["exact"] for x in batch)
 
 
 async def _router(nursery, sim, url: str, **sessions):
