@@ -90,11 +90,11 @@ def test_an_evicted_trajectory_reports_the_tag_it_was_given():
 
 
 # ---------------------------------------------------------------------------------------------- over real sockets
-async def _router(nursery, store_at, sim, **cache):
+async def _router(nursery, store_at, sim, store_extra=None, **cache):
     return await start_router(
         nursery, workers={"urls": [sim.url]}, cache=cache,
         routes=[{"path": "/generate", "pipeline": str(ROOT / "pipelines/radix-cache.toml")}],
-        store=store_at.config(sync="commit"))
+        store=store_at.config(sync="commit", **(store_extra or {})))
 
 
 def _count_store_queries(router) -> list:
@@ -181,12 +181,26 @@ async def test_a_turn_evicted_from_memory_is_continued_with_its_exact_tokens(nur
 
 
 async def test_a_conversation_stored_before_a_restart_is_continued_exactly(nursery, store_at):
-    """After a restart: new questions behind the same system prompt cost no store query; a conversation stored
-    before the restart is continued with its exact tokens."""
+    """After a restart: new questions behind the same system prompt cost no store query (on a shared store, one
+    per prompt); a conversation stored before the restart is continued with its exact tokens."""
+    await _continued_after_restart(nursery, store_at)
+
+
+async def test_a_postgresql_store_one_router_writes_is_asked_no_more_than_sqlite(nursery, pg_url):
+    """`store.shared = false`: the database is this router's alone, so it is asked only about keys stored before
+    the router started (a filter loaded at startup, as SQLite's): no query for new questions, and a conversation
+    stored before a restart is still continued exactly."""
+    from harness import StoreAt
+
+    await _continued_after_restart(nursery, StoreAt("postgresql", pg_url), {"shared": False})
+
+
+async def _continued_after_restart(nursery, store_at, store_extra=None):
     sim = await start_sim(nursery, seed=6, noncanonical_rate=0.5)
     texts = []
     async with trio.open_nursery() as n1:
-        router = await _router(n1, store_at, sim)
+        router = await _router(n1, store_at, sim, store_extra)
+        assert router.runtime.store.shared == (store_at.kind == "postgresql" and store_extra is None)
         async with client(router) as c:
             for i in range(8):
                 out, _, _ = await _turn(c, sim, _question(i))
@@ -194,7 +208,7 @@ async def test_a_conversation_stored_before_a_restart_is_continued_exactly(nurse
             stored = [await _stored_tokens(c, t) for t in texts]
         n1.cancel_scope.cancel()
     async with trio.open_nursery() as n2:
-        router = await _router(n2, store_at, sim)
+        router = await _router(n2, store_at, sim, store_extra)
         asked = _count_store_queries(router)
         async with client(router) as c:
             for i in range(100, 110):

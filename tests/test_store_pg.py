@@ -42,6 +42,7 @@ def _rec(i: int, n: int = 40) -> wire.StoredTrajectory:
     ('url = "postgresql://h/x"\npath = "s.db"', "store.url",
      "set store.url (PostgreSQL) or store.path (SQLite), not both"),
     ('url = "postgresql://h/x"\ntimeout_s = 0', "store.timeout_s", "must be > 0"),
+    ('path = "s.db"\nshared = true', "store.shared", "only a PostgreSQL store (store.url) can be shared"),
 ])
 def test_config_errors_name_file_key_and_reason(tmp_path, store, key, reason):
     cfg = tmp_path / "router.toml"

@@ -19,7 +19,7 @@
   so writes resume as soon as the database is back, without a restart. A commit whose outcome is unknown (the
   connection broke during it) is reported as failed and not retried: the client got a 503, and the record may
   or may not be there, as for a request in flight at a crash.
-- **Shared by several routers** (`shared = True`). Ids come from an identity sequence; schema creation and
+- **Shared by several routers** (`store.shared`, the default). Ids come from an identity sequence; schema creation and
   retention take PostgreSQL advisory locks (one retention pass at a time across routers); nothing in the tables is
   process-local, and nothing in memory claims to know what other routers wrote: `may_continue` says "maybe" for
   every key (the prompt's keys the memory cache does not cover cost one indexed query, all keys at once), and a
@@ -27,7 +27,9 @@
   batch that writes sessions first locks their rows, in id order (two routers' writers never deadlock), so a turn
   id is taken once (`INSERT ... ON CONFLICT DO NOTHING`, the loser told), a deleted or expired session gets no
   turns, and expiry skips a session some router is writing. The counters behind `stats()` are re-read from the
-  database every `TOTALS_EVERY_S` by the retention pass.
+  database every `TOTALS_EVERY_S` by the retention pass. `store.shared = false` (one router owns the database)
+  answers `may_continue` as SQLite does instead, from the keys stored before it started, and keeps no session
+  up to date from the database.
 
 Schema `miles_router` (created if missing): `trajectories` (one row per record, the blob in `data`, stored
 out of line and uncompressed), `sessions` (with `last_used`, wall clock), `session_turns`, `meta`.
@@ -46,7 +48,7 @@ import psycopg
 import trio
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from router.core.store import (Keyed, RetentionPlan, RowInfo, SessionWrite, StoreError, StoreOpenError, StoreStats,
+from router.core.store import (KeyFilter, Keyed, RetentionPlan, RowInfo, SessionWrite, StoreError, StoreOpenError, StoreStats,
                                StoreWriteError, plan_retention)
 from router.net.store_sqlite import _Op, _STOP
 from router.wire import store as wire
@@ -218,10 +220,10 @@ def check_openable(url: str, *, timeout_s: float = 5.0) -> str | None:
 class PgStore:
     """A TrajectoryStore (router/core/store.py) on a PostgreSQL database, shareable by several routers."""
 
-    shared = True  # any router of a fleet may have written anything a moment ago
+    shared = True  # any router of a fleet may have written anything a moment ago (`store.shared`)
 
     def __init__(self, url: str, *, sync: str = "commit", retention_s: float = 0.0, max_bytes: int = 0,
-                 metrics=None, timeout_s: float = 5.0) -> None:
+                 metrics=None, timeout_s: float = 5.0, shared: bool = True) -> None:
         self.url = url
         self.path = redact(url)
         self.name = f"trajectory store {self.path}"
@@ -238,6 +240,13 @@ class PgStore:
         self.read_only = self.write_error is not None
         self.commits = self.deleted = self.deleted_unretrieved = 0
         self._load_totals(self._conn)
+        self.shared = shared
+        self._heads = None
+        if not shared:  # this router is the database's only writer: what `may_continue` needs is SQLite's
+            self._heads = KeyFilter()
+            with self._conn.cursor() as cur:
+                cur.execute("SELECT DISTINCT head FROM miles_router.trajectories WHERE head IS NOT NULL")
+                self._heads.load(cur)
         self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
         self._pending: dict[bytes, list[StoredTrajectory]] = {}  # digest -> records not yet committed, oldest first
         self._pending_writes = 0
@@ -564,7 +573,9 @@ class PgStore:
         return newest
 
     def may_continue(self, head: int) -> bool:
-        return True  # another router may have stored it a moment ago: only the database knows
+        # shared: another router may have stored it a moment ago, only the database knows. Else: the keys stored
+        # before this router started (its own it remembers itself)
+        return self._heads is None or head in self._heads
 
     async def prefix_candidates(self, heads: Sequence[int], max_len: int) -> list[tuple[int, int, bytes]]:
         rows = await self._query(_CANDIDATES, (list(heads), max_len))
