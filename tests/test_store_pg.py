@@ -155,6 +155,8 @@ async def test_two_stores_share_one_database(pg_url):
     with psycopg.connect(pg_url, autocommit=True) as other:
         other.execute("SELECT pg_advisory_lock(%s)", (_LOCK_RETENTION,))
         assert (await a.maintain(now=5000.0, stale_versions=frozenset())).delete == []
+        # released before the passes below (a lock a closing connection holds goes only once its server notices)
+        other.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_RETENTION,))
     results = []
 
     async def run(s):
@@ -316,6 +318,7 @@ async def test_database_that_stops_answering_costs_a_bounded_wait(nursery, pg_cl
         assert r.status_code == 200
         stored = "<before> a prompt" + r.json()["text"]
         await c.post("/generate", json=_gen("<before> another prompt"))  # the first one leaves memory
+        assert (await c.post("/retrieve_from_text", json={"text": stored})).json()["exact"]  # a read connection
         pids = _server_pids(pg_cluster)
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)

@@ -1,18 +1,18 @@
-"""The networked trajectory store: PostgreSQL (psycopg 3, with a psycopg_pool connection pool for reads).
+"""The networked trajectory store: PostgreSQL (psycopg 3; reads on the event loop through libpq's nonblocking API).
 
 `[store] url = "postgresql://user@host/db"` selects it (router/net/store_open.py). Same record format
 (router/wire/store.py, router/wire/session_store.py) and same guarantees as the SQLite store:
 
-- **Threads, not asyncio.** psycopg's async API runs on asyncio only, and the router runs on trio. Driving it
-  through an asyncio loop in a second thread would add a thread hop per call anyway, so this backend uses
-  psycopg's synchronous API off the event loop exactly as router/net/store_sqlite.py does: ONE writer thread
-  owns the write connection, reads run in trio's worker threads on pooled connections. The event loop only
-  queues work and is woken (`TrioToken.run_sync_soon`) when a batch committed or failed.
+- **A writer thread, reads on the loop.** psycopg's async API runs on asyncio only, and the router runs on trio.
+  Writes use psycopg's synchronous API off the event loop exactly as router/net/store_sqlite.py does: ONE writer
+  thread owns the write connection; the event loop only queues work and is woken (`TrioToken.run_sync_soon`)
+  when a batch committed or failed. Reads, which a fleet makes once per request, run on the event loop itself
+  through libpq's nonblocking API (router/net/pg_loop.py: under half the CPU of a worker thread and a pool).
 - **Group commit.** The writer takes everything queued and writes it in ONE transaction (the records as one
   binary COPY); records that finish while a commit is in progress share the next one. `sync = "commit"`:
   `synchronous_commit = on` and the reply's end waits for the commit; `sync = "off"`: `synchronous_commit = off`
   and nobody waits (a read still sees records not yet committed).
-- **The database away.** Every wait is bounded: connecting and getting a pooled connection by `store.timeout_s`;
+- **The database away.** Every wait is bounded: connecting by `store.timeout_s`;
   a read, and a reply's wait for its commit, by `wait_s` = 2 × `timeout_s` + 1 s (the batch in progress, then its
   own). While the database cannot be reached, or stops answering, a write fails with StoreWriteError (the
   request: 503 naming the store) and a read with StoreError (503 too); the writer reconnects at its next batch,
@@ -46,10 +46,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 import trio
-from psycopg_pool import ConnectionPool, PoolTimeout
 
 from router.core.store import (KeyFilter, Keyed, RetentionPlan, RowInfo, SessionWrite, StoreError, StoreOpenError, StoreStats,
                                StoreWriteError, plan_retention)
+from router.net.pg_loop import LoopConnections, QueryFailed
 from router.net.store_sqlite import _Op, _STOP
 from router.wire import store as wire
 from router.wire.store import StoredTrajectory
@@ -98,12 +98,13 @@ _COPY = ("COPY miles_router.trajectories (digest, created, version, ntokens, nby
 _COPY_TYPES = ["bytea", "float8", "text", "int4", "int4", "int8", "int4", "bytea"]
 _TOTALS = ("SELECT count(*), coalesce(sum(nbytes), 0), count(*) FILTER (WHERE NOT retrieved) "
            "FROM miles_router.trajectories")
-_CANDIDATES = ("SELECT t.id, t.vlen, t.digest FROM unnest(%s::bigint[]) AS k(head) CROSS JOIN LATERAL "
-               "(SELECT id, vlen, digest FROM miles_router.trajectories WHERE head = k.head AND vlen <= %s "
-               "ORDER BY id DESC LIMIT 256) AS t")
+# (reads: router/net/pg_loop.py's $n parameters)
+_CANDIDATES = (b"SELECT t.id, t.vlen, t.digest FROM unnest($1::bigint[]) AS k(head) CROSS JOIN LATERAL "
+               b"(SELECT id, vlen, digest FROM miles_router.trajectories WHERE head = k.head AND vlen <= $2::integer "
+               b"ORDER BY id DESC LIMIT 256) AS t")
 # one statement, one snapshot: no row at all when the session has none, one NULL when it has no turn past `after`
-_SESSION_TURNS = ("SELECT t.data FROM miles_router.sessions s LEFT JOIN miles_router.session_turns t "
-                  "ON t.session = s.id AND t.turn > %s WHERE s.id = %s ORDER BY t.turn")
+_SESSION_TURNS = (b"SELECT t.data FROM miles_router.sessions s LEFT JOIN miles_router.session_turns t "
+                  b"ON t.session = s.id AND t.turn > $1::integer WHERE s.id = $2::text ORDER BY t.turn")
 _TOUCH = ("UPDATE miles_router.sessions SET last_used = greatest(coalesce(last_used, created), %s) "
           "WHERE id = %s")
 _OWN_TRANSACTION = ("maintain", "session_expire")
@@ -250,7 +251,7 @@ class PgStore:
         self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
         self._pending: dict[bytes, list[StoredTrajectory]] = {}  # digest -> records not yet committed, oldest first
         self._pending_writes = 0
-        self._pool: ConnectionPool | None = None
+        self._reads: LoopConnections | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._thread: threading.Thread | None = None
 
@@ -262,14 +263,9 @@ class PgStore:
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
-        """Open the read pool and start the writer thread; wake-ups go to the calling trio loop."""
+        """Start the writer thread (wake-ups go to the calling trio loop); reads connect when first made."""
         self._token = trio.lowlevel.current_trio_token()
-        # reconnect_timeout: a connection attempt that keeps failing is given up soon, so the next read asks
-        # for a fresh one at once instead of waiting out a long backoff after the database came back
-        self._pool = ConnectionPool(self._info, min_size=1, max_size=8, open=False, timeout=self.timeout_s,
-                                    kwargs={"autocommit": True}, reconnect_timeout=self.timeout_s,
-                                    name=f"{self.name} (reads)")
-        self._pool.open(wait=False)
+        self._reads = LoopConnections(self._info)
         self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
         self._thread.start()
 
@@ -284,16 +280,13 @@ class PgStore:
                             "stopping without it", self.name, self.wait_s)
                 self._conn = None  # still the writer's: not closed under it
             self._thread = None
-        if self._pool is not None:
-            await trio.to_thread.run_sync(self._pool.close, self.timeout_s)
-            self._pool = None
         self.close_sync()
 
     def close_sync(self) -> None:
         """Close the connections (offline tools; the router uses aclose)."""
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        if self._reads is not None:
+            self._reads.close()
+            self._reads = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -531,33 +524,19 @@ class PgStore:
         return plan
 
     # ---- reads -------------------------------------------------------------------------------------
-    def _read(self, query: str, params) -> list[tuple]:
-        """One query on a pooled connection, in a worker thread. A connection that died with the server is
-        replaced once; a database that stays away is a StoreError after `timeout_s`."""
-        for attempt in range(2):
-            try:
-                with self._pool.connection(timeout=self.timeout_s) as conn:
-                    return conn.execute(query, params).fetchall()
-            except PoolTimeout:
-                raise StoreError(f"{self.name}: cannot read: no connection to the database within "
-                                 f"{self.timeout_s:g} s") from None
-            except psycopg.OperationalError as e:
-                if attempt:
-                    raise StoreError(f"{self.name}: cannot read: {describe(e)}") from None
-            except psycopg.Error as e:
-                raise StoreError(f"{self.name}: cannot read: {describe(e)}") from None
-        raise AssertionError("unreachable")
-
-    async def _query(self, query: str, params) -> list[tuple]:
-        """`_read` off the event loop, bounded like a write: a database that stopped answering (its connections
-        open, nothing coming back) costs a request `wait_s`, then a StoreError; the thread is left to finish."""
+    async def _query(self, query: bytes, params: tuple) -> list[tuple]:
+        """One query on the event loop (router/net/pg_loop.py), bounded like a write: a database that stopped
+        answering (its connections open, nothing coming back) costs a request `wait_s`, then a StoreError."""
         with trio.move_on_after(self.wait_s):
-            return await trio.to_thread.run_sync(self._read, query, params, abandon_on_cancel=True)
+            try:
+                return await self._reads.query(query, params)
+            except QueryFailed as e:
+                raise StoreError(f"{self.name}: cannot read: {e}") from None
         raise StoreError(f"{self.name}: cannot read: no answer within {self.wait_s:g} s (the database does not answer)")
 
     async def get_all(self, digest: bytes) -> list[StoredTrajectory]:
         pending = list(self._pending.get(digest, ()))
-        rows = await self._query("SELECT data FROM miles_router.trajectories WHERE digest = %s ORDER BY id",
+        rows = await self._query(b"SELECT data FROM miles_router.trajectories WHERE digest = $1 ORDER BY id",
                                  (digest,))
         found = [wire.decode(r[0]) for r in rows]
         # a record committed while it is still listed as pending (its wake-up not run yet) is there once
@@ -578,11 +557,11 @@ class PgStore:
         return self._heads is None or head in self._heads
 
     async def prefix_candidates(self, heads: Sequence[int], max_len: int) -> list[tuple[int, int, bytes]]:
-        rows = await self._query(_CANDIDATES, (list(heads), max_len))
-        return [(int(i), int(v), bytes(d)) for i, v, d in rows]
+        return await self._query(_CANDIDATES, (heads, max_len))
 
     async def get_ids(self, ids: Sequence[int]) -> list[StoredTrajectory]:
-        rows = await self._query("SELECT id, data FROM miles_router.trajectories WHERE id = ANY(%s)", (list(ids),))
+        rows = await self._query(b"SELECT id, data FROM miles_router.trajectories WHERE id = ANY($1::bigint[])",
+                                 (ids,))
         by_id = {i: data for i, data in rows}
         missing = [i for i in ids if i not in by_id]
         if missing:  # deleted meanwhile (retention, here or in another router)
@@ -594,7 +573,7 @@ class PgStore:
         rows = await self._query(_SESSION_TURNS, (after, sid))
         if not rows:
             return None
-        return [bytes(r[0]) for r in rows if r[0] is not None]
+        return [r[0] for r in rows if r[0] is not None]
 
     def meta_setdefault(self, key: str, value: str) -> str:
         """Synchronous, before the writer starts (startup only)."""
