@@ -5,6 +5,7 @@
     python bench/bench_store.py --workload shared-system --compare-ref HEAD~1   # also the router as of a commit
     python bench/bench_store.py --restart-gb 0.25,1,4  # also: restart time on generated stores of these sizes
     python bench/bench_store.py --pg                 # also the PostgreSQL store (a throwaway local cluster)
+    python bench/bench_store.py --pg --pg-alone      # also PostgreSQL owned by one router (store.shared = false)
     python bench/bench_store.py --quick              # 4 s per point, 1 round
 
 Throughput: a real router process (`python -m router --config <tmp toml>`, radix-cache pipeline, log level
@@ -17,7 +18,10 @@ within each round so drift hits all of them alike:
   * commit: the store with `sync = "commit"` (fsync per group commit; the reply waits for it);
   * with --pg, pg-off and pg-commit: the same two over the PostgreSQL store (`[store] url`), on a throwaway
     cluster started from Debian's binaries (tests/pg.py; its own process, same disk, `fsync` on), a fresh
-    database per point (not prefilled); or on `--pg-url URL` (a database the bench may create tables in).
+    database per point (not prefilled); or on `--pg-url URL` (a database the bench may create tables in). The
+    store is `shared` (a fleet's: every prompt key past the memory cache's match is looked up in the database);
+  * with --pg-alone, pg1-off and pg1-commit: the same with `store.shared = false` (one router owns the database;
+    this checkout only: a --compare-ref older than the key has no such mode).
 Router CPU per request = utime+stime of the router process (from /proc) / requests completed.
 
 `--workload shared-system` is the RL norm instead: every prompt is the same ~2 KB ChatML system prompt
@@ -171,8 +175,10 @@ def router_config(tmp: str, port: int, sims: list[int], mode: str, store_path: s
     path = os.path.join(tmp, f"router-{mode}-{port}.toml")
     if mode == "memory":
         store = 'enabled = false'
-    elif mode.startswith("pg-"):  # store_path is a database URL
-        store = f'url = "{store_path}"\nsync = "{mode[3:]}"'
+    elif mode.startswith(("pg-", "pg1-")):  # store_path is a database URL
+        store = f'url = "{store_path}"\nsync = "{mode.split("-", 1)[1]}"'
+        if mode.startswith("pg1-"):
+            store += "\nshared = false"
     else:
         store = f'path = "{store_path}"\nsync = "{mode}"'
 
@@ -253,11 +259,15 @@ def load_main(argv) -> None:
     print(json.dumps(counts))
 
 
+def is_pg(mode: str) -> bool:
+    return mode.startswith(("pg-", "pg1-"))
+
+
 def measure(tmp: str, sims: list[int], mode: str, args, round_: int, repo: str = REPO, label: str = "") -> dict:
     """One point: a fresh router (from `repo`) in `mode`, loaded for args.seconds after a 1 s warm-up."""
     port = free_port()
     name = mode + label
-    store_path = args.pg_database() if mode.startswith("pg-") else os.path.join(tmp, f"store-{name}-{round_}.db")
+    store_path = args.pg_database() if is_pg(mode) else os.path.join(tmp, f"store-{name}-{round_}.db")
     if mode in ("off", "commit") and args.prefill:
         shutil.copyfile(prefilled(tmp, repo, label, args.prefill), store_path)
     work = WORKLOADS[args.workload]
@@ -287,7 +297,7 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int, repo: str =
     ok = max(res["ok"], 1)
     res.update(mode=mode, label=label, rps=res["ok"] / res["elapsed"], cpu_us=(c1 - c0) * 1e6 / ok,
                main_us=(main1 - main0) * 1e6 / ok)
-    if mode.startswith("pg-") and d0 is not None:  # the database server's own work (in-process for SQLite)
+    if is_pg(mode) and d0 is not None:  # the database server's own work (in-process for SQLite)
         res["db_cpu_us"] = sum(t - d0.get(pid, 0.0) for pid, t in d1.items()) * 1e6 / ok
     if mode == "commit":
         conn = sqlite3.connect(store_path)
@@ -317,7 +327,7 @@ def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str]]) 
     modes = args.modes
     results = []
     for r in range(args.rounds):
-        points = [(m, repo, label) for m in modes for label, repo in targets]
+        points = [(m, repo, label) for m in modes for label, repo in targets if not (label and m.startswith("pg1-"))]
         for mode, repo, label in points if r % 2 == 0 else points[::-1]:
             res = measure(tmp, sims, mode, args, r, repo, label)
             results.append(res)
@@ -327,17 +337,18 @@ def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str]]) 
                 extra += f", database server {res['db_cpu_us']:.0f} µs/req"
             print(f"round {r} {mode + label:>14}: {res['rps']:7.0f} req/s  router {res['cpu_us']:6.0f} µs/req "
                   f"(event loop thread {res['main_us']:.0f})  bad {res['bad']}{extra}", flush=True)
+    measured = {(x["mode"], x["label"]) for x in results}
     med = {(m, lb): statistics.median(x["rps"] for x in results if x["mode"] == m and x["label"] == lb)
-           for m in modes for lb, _ in targets}
+           for m, lb in measured}
     cpu = {(m, lb): statistics.median(x["cpu_us"] for x in results if x["mode"] == m and x["label"] == lb)
-           for m in modes for lb, _ in targets}
+           for m, lb in measured}
     main = {(m, lb): statistics.median(x["main_us"] for x in results if x["mode"] == m and x["label"] == lb)
-            for m in modes for lb, _ in targets}
+            for m, lb in measured}
     base = "memory" if "memory" in modes else modes[0]
     print(f"\n| router | mode | req/s (median) | router CPU µs/req | of it, event loop thread | CPU vs {base} | "
           f"req/s vs {base} |\n|---|---|---|---|---|---|---|")
     for label, _ in targets:
-        for m in modes:
+        for m in (m for m in modes if (m, label) in measured):
             print(f"| {label[1:] or 'this checkout'} | {m} | {med[m, label]:.0f} | {cpu[m, label]:.0f} | "
                   f"{main[m, label]:.0f} | {cpu[m, label] / cpu[base, label]:.2f}× | "
                   f"{med[m, label] / med[base, label]:.2f}× |")
@@ -346,15 +357,15 @@ def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str]]) 
         who = label[1:] or "this checkout"
         if "commit" in modes and "off" in modes:
             print(f"{who}: commit/off throughput {med['commit', label] / med['off', label]:.2f}× (target >= 0.8)")
-        for c in ("commit", "pg-commit"):
-            if c in modes and "memory" in modes:
+        for c in ("commit", "pg-commit", "pg1-commit"):
+            if (c, label) in measured and "memory" in modes:
                 print(f"{who}: store cost, router CPU per request {c}/memory "
                       f"{cpu[c, label] / cpu['memory', label]:.2f}× (target <= 1.25), throughput "
                       f"{med[c, label] / med['memory', label]:.2f}×")
     if args.pg:
         if args.cluster is not None:
             db = {m: statistics.median(x["db_cpu_us"] for x in results if x["mode"] == m and not x["label"])
-                  for m in modes if m.startswith("pg-")}
+                  for m in modes if is_pg(m)}
             print("PostgreSQL server CPU per request (its own processes, not in the router's): "
                   + ", ".join(f"{m} {v:.0f} µs" for m, v in db.items()))
         for m in ("off", "commit"):
@@ -362,9 +373,14 @@ def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str]]) 
                 print(f"PostgreSQL vs SQLite, router CPU per request, sync={m}: "
                       f"{cpu['pg-' + m, ''] / cpu[m, '']:.2f}× ({cpu['pg-' + m, ''] - cpu[m, '']:+.0f} µs); "
                       f"throughput {med['pg-' + m, ''] / med[m, '']:.2f}×")
+            if "pg1-" + m in modes and "pg-" + m in modes:
+                print(f"PostgreSQL shared (a fleet's) vs one router's (shared = false), router CPU per request, "
+                      f"sync={m}: {cpu['pg-' + m, ''] / cpu['pg1-' + m, '']:.2f}× "
+                      f"({cpu['pg-' + m, ''] - cpu['pg1-' + m, '']:+.0f} µs); throughput "
+                      f"{med['pg-' + m, ''] / med['pg1-' + m, '']:.2f}×")
     if len(targets) > 1:
         ref = targets[1][0]
-        for m in modes:
+        for m in (m for m in modes if (m, ref) in measured):
             print(f"{m}: router CPU per request, this checkout / {ref[1:]}: {cpu[m, ''] / cpu[m, ref]:.2f}×")
     commits = [x for x in results if x["mode"] == "commit" and not x["label"]]
     if commits:
@@ -483,6 +499,8 @@ def main() -> int:
     ap.add_argument("--pg", action="store_true", help="also measure the PostgreSQL store (pg-off, pg-commit) on a "
                                                        "throwaway local cluster (Debian's postgresql package)")
     ap.add_argument("--pg-url", help="with --pg: this database instead of a throwaway cluster")
+    ap.add_argument("--pg-alone", action="store_true",
+                    help="with --pg: also PostgreSQL owned by one router (store.shared = false: pg1-off, pg1-commit)")
     ap.add_argument("--restart-gb", default="", help="comma-separated store sizes in GB for the restart table")
     ap.add_argument("--restart-tokens", type=int, default=1000, help="tokens per generated trajectory")
     ap.add_argument("--skip-throughput", action="store_true")
@@ -496,8 +514,11 @@ def main() -> int:
     args.prefill = work["prefill"] if args.prefill is None else args.prefill
     if not set(args.modes) <= {"memory", "off", "commit"}:
         ap.error(f"--modes: {args.modes} (known: memory, off, commit)")
-    if args.pg:  # the store modes again, over PostgreSQL
-        args.modes += tuple("pg-" + m for m in args.modes if m != "memory")
+    if args.pg:  # the store modes again, over PostgreSQL (shared, and with --pg-alone one router's)
+        store_modes = [m for m in args.modes if m != "memory"]
+        args.modes += tuple("pg-" + m for m in store_modes)
+        if args.pg_alone:
+            args.modes += tuple("pg1-" + m for m in store_modes)
     tmp = args.tmp or tempfile.mkdtemp(prefix="bench_store_")
     os.makedirs(tmp, exist_ok=True)
     cluster = None

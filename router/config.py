@@ -126,6 +126,9 @@ class StoreConfig(_Table):
     url: str | None = None
     # PostgreSQL: the longest a connection, a read or a write waits for the database before the request gets 503
     timeout_s: Positive = 5.0
+    # Other routers write the same store (a fleet): sessions and prefix keys are re-read from it (default: true
+    # with `url`; false means this router is the database's only writer). SQLite is always one router's.
+    shared: bool | None = None
     # "commit": the end of a /generate reply waits until its trajectory is committed (fsynced);
     # "off": written in the background, a crash may lose the last few ms.
     sync: Literal["commit", "off"] = "commit"
@@ -339,6 +342,8 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
     need(c.hard_budget_bytes >= c.budget_bytes, "cache.hard_budget_bytes", "must be >= cache.budget_bytes")
     url_problem = None if cfg.store.url is None else _postgres_url_problem(cfg.store.url)
     need(url_problem is None, "store.url", url_problem or "")
+    need(not (cfg.store.shared and cfg.store.url is None), "store.shared",
+         "only a PostgreSQL store (store.url) can be shared by several routers")
     cfg.routing.sticky_header = cfg.routing.sticky_header.lower()
     from router.core.eligibility import parse_version_policy
 

@@ -312,21 +312,51 @@ async def test_store_disabled_keeps_trajectories_in_memory_only(nursery, tmp_pat
 
 
 async def test_backend_sessions_survive_reopen_and_delete(store_at):
+    """Sessions by id: turns after a given id, each turn id written once (a second write of it is reported, not
+    applied), a session that is gone is never brought back by its turns, and the startup key is set once."""
+    from router.core.store import SessionWrite
+
+    a, b, c = "a" * 32, "b" * 32, "c" * 32
     store = store_at.open()
     store.start()
-    await store.put_session("a" * 32, 1.0, b"header-a", [(0, b"turn0"), (1, b"turn1")], wait=True)
-    await store.put_session("b" * 32, 2.0, None, [(0, b"b0")], wait=True)
-    await store.put_session("a" * 32, 1.0, b"header-a2", [(2, b"turn2")], wait=True)
-    store.meta_set_now("k", "v")
+    assert await store.put_session(a, 1.0, b"header-a", [(0, b"turn0"), (1, b"turn1")], wait=True) == SessionWrite()
+    assert await store.put_session(b, 2.0, None, [(0, b"b0")], wait=True) == SessionWrite(gone=True)  # never created
+    assert await store.put_session(a, 1.5, None, [(1, b"other1"), (2, b"turn2")], wait=True) == \
+        SessionWrite(taken=(1,))
+    assert store.meta_setdefault("k", "v") == "v" and store.meta_setdefault("k", "w") == "v"
     await store.aclose()
     store = store_at.open()
     store.start()
-    assert list(store.load_sessions()) == [("a" * 32, 1.0, b"header-a2", [b"turn0", b"turn1", b"turn2"]),
-                                           ("b" * 32, 2.0, None, [b"b0"])]
-    assert store.meta_get("k") == "v" and store.meta_get("nothing") is None
-    await store.delete_session("a" * 32, wait=True)
-    await store.put_session("c" * 32, 3.0, None, [], wait=True)  # a commit after the delete
-    assert [s[0] for s in store.load_sessions()] == ["b" * 32, "c" * 32]
+    assert await store.session_turns(a) == [b"turn0", b"turn1", b"turn2"]
+    assert await store.session_turns(a, 0) == [b"turn1", b"turn2"] and await store.session_turns(a, 2) == []
+    assert await store.session_turns(b) is None
+    assert store.meta_setdefault("k", "x") == "v"
+    await store.put_session(c, 3.0, b"header-c", [], wait=True)
+    await store.delete_session(a, wait=True)
+    assert await store.session_turns(a) is None
+    assert await store.put_session(a, 4.0, None, [(3, b"turn3")], wait=True) == SessionWrite(gone=True)
+    assert await store.session_turns(a) is None and await store.session_turns(c) == []
+    await store.aclose()
+
+
+async def test_backend_expires_only_sessions_idle_everywhere(store_at):
+    """Idle expiry by last use: creation and turn writes count as uses, and so do touches (from any router);
+    sessions named in `keep` (in flight here) stay."""
+    store = store_at.open()
+    store.start()
+    ids = [f"{i:032x}" for i in range(5)]
+    for sid in ids:
+        await store.put_session(sid, 100.0, b"h", [], wait=True)
+    await store.put_session(ids[1], 200.0, None, [(0, b"t0")], wait=True)  # a turn: used at 200
+    store.touch_session(ids[2], 300.0)  # a request started (another router's, say)
+    await store.put_session(ids[0], 100.0, None, [], wait=True)  # after the touch, in queue order
+    assert sorted(await store.expire_sessions(150.0, keep=[ids[3]])) == [ids[0], ids[4]]
+    assert await store.session_turns(ids[0]) is None and await store.session_turns(ids[1]) == [b"t0"]
+    assert await store.expire_sessions(150.0, keep=[]) == [ids[3]]
+    assert sorted(await store.expire_sessions(250.0, keep=[])) == [ids[1]]
+    store.touch_session(ids[2], 50.0)  # an older use never moves it back
+    await store.put_session(ids[2], 10.0, None, [], wait=True)
+    assert await store.expire_sessions(299.0, keep=[]) == []
     await store.aclose()
 
 
@@ -381,12 +411,13 @@ async def test_next_turn_after_restart_reuses_the_stored_tokens(nursery, store_a
 
 
 # ---------------------------------------------------------------------------------------------- same text, two spellings
-async def _two_spellings(c, tiny, text: str):
+async def _two_spellings(c, tiny, text: str, c2=None):
     """Two trajectories whose visible text is `text` with different tokens: the prompt spelled canonically and cut
-    in two, each generation stopped at its first token (whose text the engine strips). (token lists, rids)"""
+    in two, each generation stopped at its first token (whose text the engine strips); the second through `c2`
+    when given (another router). (token lists, rids)"""
     cut = next(i for i in range(1, len(text)) if tiny.encode(text[:i]) + tiny.encode(text[i:]) != tiny.encode(text))
     want, rids = [], []
-    for ids in (tiny.encode(text), tiny.encode(text[:cut]) + tiny.encode(text[cut:])):
+    for c, ids in ((c, tiny.encode(text)), (c2 or c, tiny.encode(text[:cut]) + tiny.encode(text[cut:]))):
         first = await c.post("/generate", json={"input_ids": ids, "sampling_params": {"max_new_tokens": 1}})
         tok = first.json()["output_ids"][0]
         r = await c.post("/generate", json={"input_ids": ids, "return_logprob": True, "sampling_params": {
@@ -454,10 +485,11 @@ async def test_same_text_two_spellings_by_rid_and_batch_after_restart(nursery, s
 
 
 # ---------------------------------------------------------------------------------------------- the store protocol
-@pytest.mark.parametrize("backend", ["router.net.store_sqlite:SqliteStore", "router.net.store_pg:PgStore"])
+@pytest.mark.parametrize("backend", ["router.net.store_sqlite:SqliteStore", "router.net.store_pg:PgStore",
+                                     "test_store:MemoryStore"])
 def test_each_store_implements_the_whole_protocol(backend):
-    """Every member of TrajectoryStore exists on SqliteStore and PgStore with the same parameters: the protocol is
-    what the router uses, and a second backend implementing it is enough (test below)."""
+    """Every member of TrajectoryStore exists on SqliteStore, PgStore and the in-memory one below with the same
+    parameters: the protocol is what the router uses, and a backend implementing it is enough (test below)."""
     import importlib
     import inspect
 
@@ -467,10 +499,13 @@ def test_each_store_implements_the_whole_protocol(backend):
     Store = getattr(importlib.import_module(module), cls)
 
     members = [m for m in vars(TrajectoryStore) if not m.startswith("_")] + list(TrajectoryStore.__annotations__)
-    assert {"put", "get", "get_all", "put_session", "load_sessions", "start", "aclose"} <= set(members)
+    assert {"put", "get", "get_all", "put_session", "session_turns", "touch_session", "expire_sessions",
+            "meta_setdefault", "start", "aclose"} <= set(members)
     for name in members:
         if name in TrajectoryStore.__annotations__:
-            continue  # attributes: checked on an instance below
+            if name == "shared":  # a class attribute: whether other processes write the store too
+                assert isinstance(Store.shared, bool)
+            continue  # the others are set per instance
         want = inspect.signature(getattr(TrajectoryStore, name))
         got = inspect.signature(getattr(Store, name))
         assert list(got.parameters) == list(want.parameters), name
@@ -494,11 +529,13 @@ class MemoryStore:
     def __init__(self, path, **kw) -> None:
         pass
 
+    shared = False  # one router at a time
+
     def _init(self, path) -> None:
         self.path = str(path)
         self.name = f"trajectory store {path}"
         self.rows: list = []  # (id, digest, head, vlen, created, retrieved, record)
-        self.sessions: dict = {}  # sid -> [created, header, {turn: blob}]
+        self.sessions: dict = {}  # sid -> [last used, header, {turn: blob}]
         self.meta: dict = {}
         self.fail_writes: str | None = None
         self.commits = 0
@@ -526,8 +563,9 @@ class MemoryStore:
     def may_continue(self, head):
         return any(row[2] == head for row in self.rows)
 
-    async def prefix_candidates(self, head, max_len):
-        return [(row[0], row[3], row[1]) for row in reversed(self.rows) if row[2] == head and row[3] <= max_len]
+    async def prefix_candidates(self, heads, max_len):
+        return [(row[0], row[3], row[1]) for head in heads for row in reversed(self.rows)
+                if row[2] == head and row[3] <= max_len]
 
     async def get_ids(self, ids):
         by_id = {row[0]: row[6] for row in self.rows}
@@ -556,28 +594,40 @@ class MemoryStore:
             if not (unretrieved_only and row[5]):
                 yield row[0], row[6]
 
-    async def put_session(self, sid, created, header, turns, *, wait):
-        from router.core.store import StoreWriteError
+    async def put_session(self, sid, at, header, turns, *, wait):
+        from router.core.store import SessionWrite, StoreWriteError
 
         if self.fail_writes:
             raise StoreWriteError(f"{self.name}: cannot write: {self.fail_writes}")
-        s = self.sessions.setdefault(sid, [created, None, {}])
         if header is not None:
-            s[1] = header
-        s[2].update(turns)
+            self.sessions.setdefault(sid, [at, None, {}])[1] = header
+        elif sid not in self.sessions:
+            return SessionWrite(gone=True)
+        s = self.sessions[sid]
+        s[0] = max(s[0], at)
+        taken = tuple(t for t, _ in turns if t in s[2])
+        s[2].update((t, blob) for t, blob in turns if t not in taken)
+        return SessionWrite(taken=taken)
+
+    async def session_turns(self, sid, after=-1):
+        s = self.sessions.get(sid)
+        return None if s is None else [s[2][t] for t in sorted(s[2]) if t > after]
+
+    def touch_session(self, sid, at):
+        if sid in self.sessions:
+            self.sessions[sid][0] = max(self.sessions[sid][0], at)
+
+    async def expire_sessions(self, before, keep):
+        gone = [sid for sid, s in self.sessions.items() if s[0] < before and sid not in keep]
+        for sid in gone:
+            del self.sessions[sid]
+        return gone
 
     async def delete_session(self, sid, *, wait):
         self.sessions.pop(sid, None)
 
-    def load_sessions(self):
-        for sid, (created, header, turns) in self.sessions.items():
-            yield sid, created, header, [turns[k] for k in sorted(turns)]
-
-    def meta_get(self, key):
-        return self.meta.get(key)
-
-    def meta_set_now(self, key, value):
-        self.meta[key] = value
+    def meta_setdefault(self, key, value):
+        return self.meta.setdefault(key, value)
 
     async def aclose(self):
         pass

@@ -2,16 +2,18 @@
 
 The memory cache (router/core/radix/) is a cache over a store. A backend keeps, per trajectory, the record the
 cache would answer for its visible text (router/wire/store.py), found by the text's 16-byte digest. The embedded
-backend is SQLite (router/net/store_sqlite.py); the networked one, PostgreSQL (router/net/store_pg.py), implements
-the same `TrajectoryStore` protocol, so several routers can share it (README, "Scaling past one machine").
+backend is SQLite (router/net/store_sqlite.py), written by one router; the networked one, PostgreSQL
+(router/net/store_pg.py), implements the same `TrajectoryStore` protocol and is `shared`: a fleet of routers
+uses it at once (README, "Scaling past one machine").
 
 Continuing a stored text (a later turn whose prompt starts with a trajectory evicted from memory, or stored before
 a restart): each record is also stored under its prefix key (`text_head`, a hash of its text up to its last 64-byte
 block boundary, so texts behind one long shared system prompt still get keys of their own). `radix_lookup` asks
 the store only about the keys of the prompt's block boundaries past what the memory cache matched
 (`prefix_heads`), and of those only the ones the memory cache may not cover: `may_continue` (records this process
-did not write) or a key whose trajectory this process evicted (router/net/trajectories.py). A prompt that continues
-nothing missing from memory therefore costs no store query.
+did not write) or a key whose trajectory this process evicted (router/net/trajectories.py), all in one query. A prompt
+that continues nothing missing from memory therefore costs no store query, on a store only this router writes; on
+a shared one every key may name another router's record, so a prompt past the memory cache's match costs one.
 
 Retention (`plan_retention`), applied by the backend on a schedule:
 1. age: records older than `retention_s` that were retrieved, or whose weight version is stale, are deleted;
@@ -216,6 +218,13 @@ class StoreStats:
     deleted_unretrieved: int = 0
 
 
+class SessionWrite(NamedTuple):
+    """What a session write did (`put_session`)."""
+
+    gone: bool = False  # the session has no row (deleted or expired, by any router): nothing was written
+    taken: tuple[int, ...] = ()  # turn ids some writer had already stored: those turns were NOT written
+
+
 class TrajectoryStore(Protocol):
     """What the router needs from a durable store: everything the router calls on `runtime.trajectories.store`, so a new
     backend (PostgreSQL, Valkey) is one class implementing this and nothing else changes. Async methods run on
@@ -226,6 +235,9 @@ class TrajectoryStore(Protocol):
 
     name: str  # "trajectory store <where>", used in every error message
     path: object  # where it lives (a file, a URL), named in 503 replies as `"store"`
+    # Other processes (routers of a fleet) may write it while this one runs: the router then re-reads a session's
+    # turns before using it, and asks about every prefix key a prompt has (`may_continue` answers "maybe").
+    shared: bool
 
     def start(self) -> None:
         """Start background work (a writer); called once on the router's event loop, after the restore."""
@@ -251,11 +263,12 @@ class TrajectoryStore(Protocol):
         for every block of a prompt it does not cover from memory. False positives are allowed (they cost a
         `prefix_candidates` query), false negatives are not. This process's own records need not be counted:
         the router keeps them in its memory cache and remembers the keys of those it evicts (counting them
-        anyway is correct, only slower)."""
+        anyway is correct, only slower). A shared store cannot know in memory what another router wrote a moment
+        ago (a conversation's previous turn, on another router): it answers True for every key."""
 
-    async def prefix_candidates(self, head: int, max_len: int) -> list[tuple[int, int, bytes]]:
-        """(id, visible length, digest) of records with this prefix key (any writer) and a text no longer than
-        max_len, newest first (bounded)."""
+    async def prefix_candidates(self, heads: Sequence[int], max_len: int) -> list[tuple[int, int, bytes]]:
+        """(id, visible length, digest) of records with any of these prefix keys (any writer) and a text no longer
+        than max_len, newest first per key (bounded per key); one query for all of them."""
 
     async def get_ids(self, ids: Sequence[int]) -> list[StoredTrajectory]:
         """Records by id, in the order asked."""
@@ -272,21 +285,35 @@ class TrajectoryStore(Protocol):
         """Every record, oldest first (offline use)."""
 
     # ---- sessions (router/net/session_persist.py; the blobs are router/wire/session_store.py's) ---------
-    async def put_session(self, sid: str, created: float, header: bytes | None,
-                          turns: Sequence[tuple[int, bytes]], *, wait: bool) -> None:
-        """Create a session (header given) or update its header, and add turns (written once each); durable on
-        return when wait=True, else StoreWriteError."""
+    # A session is a row (its header and when it was last used, wall clock) plus one row per turn, keyed by
+    # (session, turn id) and written once. Any router may write any session: a turn id another writer took
+    # first is reported, never overwritten, and a session that is gone is never brought back by a turn.
+    async def put_session(self, sid: str, at: float, header: bytes | None,
+                          turns: Sequence[tuple[int, bytes]], *, wait: bool) -> SessionWrite:
+        """With a header: create the session (or replace its header), used at `at`. Without: the session, if it
+        still exists, was used at `at`, and gets these turns. Durable on return when wait=True (else
+        StoreWriteError), and then says which turns were not written (`SessionWrite`); with wait=False the write
+        is queued and the answer is an empty SessionWrite."""
+
+    async def session_turns(self, sid: str, after: int = -1) -> list[bytes] | None:
+        """The blobs of the session's turns with ids above `after`, in id order (one indexed query); None when
+        the session has no row (never stored, deleted or expired)."""
+
+    def touch_session(self, sid: str, at: float) -> None:
+        """Best effort, in the background: the session was used at `at` (wall clock), so that no router's idle
+        expiry reclaims it before `at` + the idle timeout."""
+
+    async def expire_sessions(self, before: float, keep: Sequence[str]) -> list[str]:
+        """Delete every session last used before `before` (wall clock), with its turns, except those in `keep`
+        (this router's sessions with a request in flight) and any another writer is writing right now. Returns
+        the ids deleted."""
 
     async def delete_session(self, sid: str, *, wait: bool) -> None:
         """Remove a session and its turns."""
 
-    def load_sessions(self) -> Iterator[tuple[str, float, bytes | None, list[bytes]]]:
-        """(id, created, header, turn blobs in turn order) of every stored session (startup, before serving)."""
-
-    def meta_get(self, key: str) -> str | None:
-        """A small startup value (the session registry's key), or None."""
-
-    def meta_set_now(self, key: str, value: str) -> None:
-        """Store a small startup value at once (before `start`)."""
+    def meta_setdefault(self, key: str, value: str) -> str:
+        """The small startup value stored under `key` (the session registry's key), storing `value` first when
+        there is none: routers starting at once on one store all get the value the first of them stored. A
+        read-only store stores nothing and answers what it holds, else `value`."""
 
     async def aclose(self) -> None: ...

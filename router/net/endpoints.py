@@ -75,18 +75,26 @@ async def _lookup(runtime, text: str, rid: str | None = None, handed_out: set | 
     store = runtime.trajectories.store
     if store is not None:
         digest = text_digest(data)
-        if not r.exact and not r.ambiguous:
-            # Not in memory (evicted, or stored before a restart): the store has it if it was ever acknowledged.
+        # Not in memory (evicted, or stored before a restart): the store has it if it was ever acknowledged. In
+        # memory, on a store other routers share: they may have stored other spellings of the same text (a GRPO
+        # group spread over routers), and then the text alone is as ambiguous here as there.
+        fleet = r.exact and rid is None and store.shared
+        if (not r.exact and not r.ambiguous) or fleet:
             try:
                 stored = await store.get_all(digest)
             except StoreError as e:  # the store cannot be read now (its database is away): say so, do not guess
                 raise StageError(503, str(e), store=str(getattr(store, "path", store.name))) from None
+            if fleet:
+                spellings = {rec.tokens for rec in stored}
+                spellings.add(r.tokens.astype("<i4", copy=False).tobytes())
+                if len(spellings) == 1:
+                    stored = []  # only the one memory has: its answer stands
             found = _from_store(text, stored, rid, handed_out)
             if found is not None:
                 if found.exact:
                     store.mark_retrieved(digest)
                 return found
-        elif r.exact:
+        if r.exact:
             store.mark_retrieved(digest)
     if rid is not None and not r.exact:
         raise _RidNotFound(rid)

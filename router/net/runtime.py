@@ -156,9 +156,7 @@ class Runtime:
             from router.net.session_persist import SessionPersister
 
             self.session_persister = SessionPersister(store, self.sessions, wait=self.config.store.sync == "commit")
-            restored = self.session_persister.restore()
-            if restored:
-                log.info("%s: %d sessions restored", store.name, restored)
+            self.session_persister.restore()  # the key; sessions are read when a request names them
         self.trajectories.started()
 
     # ---- sessions -----------------------------------------------------------------------------
@@ -175,10 +173,10 @@ class Runtime:
         interval = min(max(self.config.sessions.idle_timeout_s / 4, 0.05), 30.0)
         while True:
             await trio.sleep(interval)
+            if self.session_persister is not None:  # idle as the store says: uses on every router count
+                await self.session_persister.expire()
+                continue
             gone = self.sessions.expire_idle(time.monotonic())
-            if self.session_persister is not None:
-                for sid in gone:  # in the background: an expired session coming back after a crash is harmless
-                    await self.session_persister.deleted(sid, wait=False)
             if gone:
                 log.info("reclaimed %d idle session(s)", len(gone))
 

@@ -9,7 +9,10 @@
 | `POST /sessions/{id}/samples` | miles' safetensors samples (router/wire/samples.py) |
 | any other `/sessions/{id}/{path}` | proxied to the session's worker as `/{path}`, not recorded |
 
-Every worker call of a session is routed with the session id as its sticky key.
+Every worker call of a session is routed with the session id as its sticky key. With the durable store a
+session a request names is read from the store when it is not in memory, and on a store other routers share,
+brought up to date with the turns they committed (router/net/session_persist.py): 503 naming the store when it
+cannot be read.
 """
 
 from __future__ import annotations
@@ -65,10 +68,13 @@ class SessionRoutes:
             reply = await self.create() if method == "POST" else _method_not_allowed(method, "/sessions", "POST")
             return await _send(send, reply)
         sid, rest = parts[0], parts[1:]
-        try:
-            session = self.registry.get(sid)  # reading a session is not using it: no idle refresh
+        persister = self.rt.session_persister
+        try:  # reading a session is not using it: no idle refresh
+            session = self.registry.get(sid) if persister is None else await persister.session(sid)
         except SessionError as e:
             return await _send(send, error_reply_for(e))
+        except StoreError as e:
+            return await _send(send, error_reply_for(e, store=persister.where))
         if not rest:
             if method == "GET":
                 return await _send(send, json_reply(200, self.describe(session)))
@@ -95,6 +101,8 @@ class SessionRoutes:
     async def _run(self, scope, receive, send, body, session: Session, pipe, upstream_path) -> int:
         session.inflight += 1
         session.last_used = time.monotonic()
+        if self.rt.session_persister is not None:
+            self.rt.session_persister.used(session)
         try:
             return await self.app.proxy(scope, receive, send, body, pipe, upstream_path=upstream_path,
                                          session=session, routing_key=session.id)

@@ -15,7 +15,7 @@ def open_store(cfg: Config, *, metrics=None):
         from router.net.store_pg import PgStore
 
         return PgStore(c.url, sync=c.sync, retention_s=c.retention_s, max_bytes=c.max_bytes, metrics=metrics,
-                       timeout_s=c.timeout_s)
+                       timeout_s=c.timeout_s, shared=c.shared is not False)
     from router.net.store_sqlite import SqliteStore
 
     return SqliteStore(store_path(cfg), sync=c.sync, retention_s=c.retention_s, max_bytes=c.max_bytes,

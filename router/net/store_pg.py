@@ -1,34 +1,38 @@
-"""The networked trajectory store: PostgreSQL (psycopg 3, with a psycopg_pool connection pool for reads).
+"""The networked trajectory store: PostgreSQL (psycopg 3; reads on the event loop through libpq's nonblocking API).
 
 `[store] url = "postgresql://user@host/db"` selects it (router/net/store_open.py). Same record format
 (router/wire/store.py, router/wire/session_store.py) and same guarantees as the SQLite store:
 
-- **Threads, not asyncio.** psycopg's async API runs on asyncio only, and the router runs on trio. Driving it
-  through an asyncio loop in a second thread would add a thread hop per call anyway, so this backend uses
-  psycopg's synchronous API off the event loop exactly as router/net/store_sqlite.py does: ONE writer thread
-  owns the write connection, reads run in trio's worker threads on pooled connections. The event loop only
-  queues work and is woken (`TrioToken.run_sync_soon`) when a batch committed or failed.
+- **A writer thread, reads on the loop.** psycopg's async API runs on asyncio only, and the router runs on trio.
+  Writes use psycopg's synchronous API off the event loop exactly as router/net/store_sqlite.py does: ONE writer
+  thread owns the write connection; the event loop only queues work and is woken (`TrioToken.run_sync_soon`)
+  when a batch committed or failed. Reads, which a fleet makes once per request, run on the event loop itself
+  through libpq's nonblocking API (router/net/pg_loop.py: under half the CPU of a worker thread and a pool).
 - **Group commit.** The writer takes everything queued and writes it in ONE transaction (the records as one
   binary COPY); records that finish while a commit is in progress share the next one. `sync = "commit"`:
   `synchronous_commit = on` and the reply's end waits for the commit; `sync = "off"`: `synchronous_commit = off`
   and nobody waits (a read still sees records not yet committed).
-- **The database away.** Every wait is bounded: connecting and getting a pooled connection by `store.timeout_s`;
+- **The database away.** Every wait is bounded: connecting by `store.timeout_s`;
   a read, and a reply's wait for its commit, by `wait_s` = 2 × `timeout_s` + 1 s (the batch in progress, then its
   own). While the database cannot be reached, or stops answering, a write fails with StoreWriteError (the
   request: 503 naming the store) and a read with StoreError (503 too); the writer reconnects at its next batch,
   so writes resume as soon as the database is back, without a restart. A commit whose outcome is unknown (the
   connection broke during it) is reported as failed and not retried: the client got a 503, and the record may
   or may not be there, as for a request in flight at a crash.
-- **Shared by several routers.** Ids come from an identity sequence; schema creation and retention take
-  PostgreSQL advisory locks (one retention pass at a time across routers); nothing in the tables is
-  process-local. The in-memory parts are caches: the counters behind `stats()` (re-read from the database
-  every `TOTALS_EVERY_S` by the retention pass) and the prefix-key filter (`may_continue`: what was stored
-  at startup; this process's own writes the router remembers itself, router/core/store.py). Keys another router
-  writes later are not in it: a radix-cache text conversation whose earlier turns another router stored after
-  this one started is not continued from the store here.
+- **Shared by several routers** (`store.shared`, the default). Ids come from an identity sequence; schema creation and
+  retention take PostgreSQL advisory locks (one retention pass at a time across routers); nothing in the tables is
+  process-local, and nothing in memory claims to know what other routers wrote: `may_continue` says "maybe" for
+  every key (the prompt's keys the memory cache does not cover cost one indexed query, all keys at once), and a
+  session in memory is brought up to date before use (its turns after the last one known: one indexed query). A
+  batch that writes sessions first locks their rows, in id order (two routers' writers never deadlock), so a turn
+  id is taken once (`INSERT ... ON CONFLICT DO NOTHING`, the loser told), a deleted or expired session gets no
+  turns, and expiry skips a session some router is writing. The counters behind `stats()` are re-read from the
+  database every `TOTALS_EVERY_S` by the retention pass. `store.shared = false` (one router owns the database)
+  answers `may_continue` as SQLite does instead, from the keys stored before it started, and keeps no session
+  up to date from the database.
 
 Schema `miles_router` (created if missing): `trajectories` (one row per record, the blob in `data`, stored
-out of line and uncompressed), `sessions`, `session_turns`, `meta`.
+out of line and uncompressed), `sessions` (with `last_used`, wall clock), `session_turns`, `meta`.
 """
 
 from __future__ import annotations
@@ -42,10 +46,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 import trio
-from psycopg_pool import ConnectionPool, PoolTimeout
 
-from router.core.store import (KeyFilter, Keyed, RetentionPlan, RowInfo, StoreError, StoreOpenError, StoreStats,
+from router.core.store import (KeyFilter, Keyed, RetentionPlan, RowInfo, SessionWrite, StoreError, StoreOpenError, StoreStats,
                                StoreWriteError, plan_retention)
+from router.net.pg_loop import LoopConnections, QueryFailed
 from router.net.store_sqlite import _Op, _STOP
 from router.wire import store as wire
 from router.wire.store import StoredTrajectory
@@ -78,6 +82,9 @@ CREATE INDEX IF NOT EXISTS trajectories_digest ON miles_router.trajectories (dig
 CREATE INDEX IF NOT EXISTS trajectories_created ON miles_router.trajectories (created);
 CREATE INDEX IF NOT EXISTS trajectories_head ON miles_router.trajectories (head, id) WHERE head IS NOT NULL;
 CREATE TABLE IF NOT EXISTS miles_router.sessions (id text PRIMARY KEY, created double precision NOT NULL, data bytea);
+ALTER TABLE miles_router.sessions ADD COLUMN IF NOT EXISTS last_used double precision;
+-- sessions stored before last_used existed: used now, as a restart used to treat them (a fresh idle timer)
+UPDATE miles_router.sessions SET last_used = extract(epoch FROM clock_timestamp()) WHERE last_used IS NULL;
 CREATE TABLE IF NOT EXISTS miles_router.session_turns (
     session text NOT NULL,
     turn integer NOT NULL,
@@ -91,8 +98,51 @@ _COPY = ("COPY miles_router.trajectories (digest, created, version, ntokens, nby
 _COPY_TYPES = ["bytea", "float8", "text", "int4", "int4", "int8", "int4", "bytea"]
 _TOTALS = ("SELECT count(*), coalesce(sum(nbytes), 0), count(*) FILTER (WHERE NOT retrieved) "
            "FROM miles_router.trajectories")
+# (reads: router/net/pg_loop.py's $n parameters)
+_CANDIDATES = (b"SELECT t.id, t.vlen, t.digest FROM unnest($1::bigint[]) AS k(head) CROSS JOIN LATERAL "
+               b"(SELECT id, vlen, digest FROM miles_router.trajectories WHERE head = k.head AND vlen <= $2::integer "
+               b"ORDER BY id DESC LIMIT 256) AS t")
+# one statement, one snapshot: no row at all when the session has none, one NULL when it has no turn past `after`
+_SESSION_TURNS = (b"SELECT t.data FROM miles_router.sessions s LEFT JOIN miles_router.session_turns t "
+                  b"ON t.session = s.id AND t.turn > $1::integer WHERE s.id = $2::text ORDER BY t.turn")
+_TOUCH = ("UPDATE miles_router.sessions SET last_used = greatest(coalesce(last_used, created), %s) "
+          "WHERE id = %s")
+_OWN_TRANSACTION = ("maintain", "session_expire")
 _FILE_BYTES = ("SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c JOIN pg_namespace n "
                "ON n.oid = c.relnamespace WHERE n.nspname = 'miles_router' AND c.relkind = 'r'")
+
+
+def _write_session(cur: psycopg.Cursor, sid: str, at: float, header: bytes | None,
+                   turns: list[tuple[int, bytes]]) -> SessionWrite:
+    """One session write in the writer's transaction (the session's row is locked already)."""
+    if header is not None:
+        cur.execute("INSERT INTO miles_router.sessions AS s (id, created, data, last_used) VALUES (%s, %s, %s, %s) "
+                    "ON CONFLICT (id) DO UPDATE SET data = excluded.data, "
+                    "last_used = greatest(coalesce(s.last_used, s.created), excluded.last_used)", (sid, at, header, at))
+    else:
+        cur.execute(_TOUCH, (at, sid))
+        if not cur.rowcount:
+            return SessionWrite(gone=True)  # deleted or expired meanwhile: its turns must not bring it back
+    if not turns:
+        return SessionWrite()
+    cur.execute("INSERT INTO miles_router.session_turns (session, turn, data) SELECT %s, x.t, x.d "
+                "FROM unnest(%s::int[], %s::bytea[]) AS x(t, d) ON CONFLICT (session, turn) DO NOTHING RETURNING turn",
+                (sid, [t for t, _ in turns], [b for _, b in turns]))
+    written = {r[0] for r in cur.fetchall()}
+    return SessionWrite(taken=tuple(t for t, _ in turns if t not in written))
+
+
+def _expire_sessions(conn: psycopg.Connection, before: float, keep: list[str]) -> list[str]:
+    """Delete the sessions idle since before `before`, but none that another transaction holds (a router writing
+    it right now is using it)."""
+    with conn.transaction():
+        gone = [r[0] for r in conn.execute(
+            "SELECT id FROM miles_router.sessions WHERE coalesce(last_used, created) < %s AND NOT id = ANY(%s) "
+            "ORDER BY id FOR UPDATE SKIP LOCKED", (before, keep)).fetchall()]
+        if gone:
+            conn.execute("DELETE FROM miles_router.sessions WHERE id = ANY(%s)", (gone,))
+            conn.execute("DELETE FROM miles_router.session_turns WHERE session = ANY(%s)", (gone,))
+    return gone
 
 
 def redact(url: str) -> str:
@@ -171,8 +221,10 @@ def check_openable(url: str, *, timeout_s: float = 5.0) -> str | None:
 class PgStore:
     """A TrajectoryStore (router/core/store.py) on a PostgreSQL database, shareable by several routers."""
 
+    shared = True  # any router of a fleet may have written anything a moment ago (`store.shared`)
+
     def __init__(self, url: str, *, sync: str = "commit", retention_s: float = 0.0, max_bytes: int = 0,
-                 metrics=None, timeout_s: float = 5.0) -> None:
+                 metrics=None, timeout_s: float = 5.0, shared: bool = True) -> None:
         self.url = url
         self.path = redact(url)
         self.name = f"trajectory store {self.path}"
@@ -189,14 +241,17 @@ class PgStore:
         self.read_only = self.write_error is not None
         self.commits = self.deleted = self.deleted_unretrieved = 0
         self._load_totals(self._conn)
-        self._heads = KeyFilter()
-        with self._conn.cursor() as cur:
-            cur.execute("SELECT DISTINCT head FROM miles_router.trajectories WHERE head IS NOT NULL")
-            self._heads.load(cur)
+        self.shared = shared
+        self._heads = None
+        if not shared:  # this router is the database's only writer: what `may_continue` needs is SQLite's
+            self._heads = KeyFilter()
+            with self._conn.cursor() as cur:
+                cur.execute("SELECT DISTINCT head FROM miles_router.trajectories WHERE head IS NOT NULL")
+                self._heads.load(cur)
         self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
         self._pending: dict[bytes, list[StoredTrajectory]] = {}  # digest -> records not yet committed, oldest first
         self._pending_writes = 0
-        self._pool: ConnectionPool | None = None
+        self._reads: LoopConnections | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._thread: threading.Thread | None = None
 
@@ -208,14 +263,9 @@ class PgStore:
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
-        """Open the read pool and start the writer thread; wake-ups go to the calling trio loop."""
+        """Start the writer thread (wake-ups go to the calling trio loop); reads connect when first made."""
         self._token = trio.lowlevel.current_trio_token()
-        # reconnect_timeout: a connection attempt that keeps failing is given up soon, so the next read asks
-        # for a fresh one at once instead of waiting out a long backoff after the database came back
-        self._pool = ConnectionPool(self._info, min_size=1, max_size=8, open=False, timeout=self.timeout_s,
-                                    kwargs={"autocommit": True}, reconnect_timeout=self.timeout_s,
-                                    name=f"{self.name} (reads)")
-        self._pool.open(wait=False)
+        self._reads = LoopConnections(self._info)
         self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
         self._thread.start()
 
@@ -230,16 +280,13 @@ class PgStore:
                             "stopping without it", self.name, self.wait_s)
                 self._conn = None  # still the writer's: not closed under it
             self._thread = None
-        if self._pool is not None:
-            await trio.to_thread.run_sync(self._pool.close, self.timeout_s)
-            self._pool = None
         self.close_sync()
 
     def close_sync(self) -> None:
         """Close the connections (offline tools; the router uses aclose)."""
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        if self._reads is not None:
+            self._reads.close()
+            self._reads = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -271,10 +318,23 @@ class PgStore:
         self._pending_writes += len(records)
         await self._submit(_Op("put", records, trio.Event() if wait else None))
 
-    async def put_session(self, sid: str, created: float, header: bytes | None,
-                          turns: Sequence[tuple[int, bytes]], *, wait: bool) -> None:
+    async def put_session(self, sid: str, at: float, header: bytes | None,
+                          turns: Sequence[tuple[int, bytes]], *, wait: bool) -> SessionWrite:
         self._refuse_writes()
-        await self._submit(_Op("session", (sid, created, header, list(turns)), trio.Event() if wait else None))
+        op = _Op("session", (sid, at, header, list(turns)), trio.Event() if wait else None)
+        await self._submit(op)
+        return op.result or SessionWrite()
+
+    def touch_session(self, sid: str, at: float) -> None:
+        if not self.read_only:
+            self._queue.put(_Op("touch", (sid, at), None))
+
+    async def expire_sessions(self, before: float, keep: Sequence[str]) -> list[str]:
+        if self.read_only:
+            return []
+        op = _Op("session_expire", (before, sorted(keep)), trio.Event())
+        await self._submit(op)
+        return op.result
 
     async def delete_session(self, sid: str, *, wait: bool) -> None:
         if self.read_only:
@@ -308,12 +368,12 @@ class PgStore:
                     break
             stop = any(op is _STOP for op in batch)
             batch = [op for op in batch if op is not _STOP]
-            writes = [op for op in batch if op.kind != "maintain"]
+            writes = [op for op in batch if op.kind not in _OWN_TRANSACTION]
             if writes:
                 self._run_batch(writes)
             for op in batch:
-                if op.kind == "maintain":
-                    self._run_maintain(op)
+                if op.kind in _OWN_TRANSACTION:
+                    self._run_own(op)
             if stop:
                 return
 
@@ -344,6 +404,14 @@ class PgStore:
             with conn.transaction(), conn.cursor() as cur:
                 rows: list = []
                 digests: list = []
+                # The sessions this batch writes, locked in id order: a writer in another router locks them in the
+                # same order (no deadlock), a turn is written only while its session's row exists (a deletion
+                # waits for this batch, and deletes its turns too), and turn ids are taken first come, first served
+                sids = sorted({op.args[0] if op.kind != "session_delete" else op.args for op in batch
+                               if op.kind in ("session", "touch", "session_delete")})
+                if sids:
+                    cur.execute("SELECT id FROM miles_router.sessions WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+                                (sids,))
                 for i, op in enumerate(batch):  # in queue order; consecutive ops of a kind share one statement
                     following = batch[i + 1].kind if i + 1 < len(batch) else None
                     if op.kind == "put":
@@ -369,21 +437,13 @@ class PgStore:
                             retrieved += max(cur.rowcount, 0)
                             digests = []
                     elif op.kind == "session":
-                        sid, created, header, turns = op.args
-                        if header is not None:
-                            cur.execute("INSERT INTO miles_router.sessions (id, created, data) VALUES (%s, %s, %s) "
-                                        "ON CONFLICT (id) DO UPDATE SET data = excluded.data", (sid, created, header))
-                        else:
-                            cur.execute("INSERT INTO miles_router.sessions (id, created, data) VALUES (%s, %s, NULL) "
-                                        "ON CONFLICT (id) DO NOTHING", (sid, created))
-                        if turns:
-                            cur.executemany("INSERT INTO miles_router.session_turns (session, turn, data) "
-                                            "VALUES (%s, %s, %s) ON CONFLICT (session, turn) "
-                                            "DO UPDATE SET data = excluded.data", [(sid, t, b) for t, b in turns])
-                        records += len(turns)
+                        op.result = _write_session(cur, *op.args)
+                        records += len(op.args[3])
+                    elif op.kind == "touch":
+                        cur.execute(_TOUCH, (op.args[1], op.args[0]))
                     elif op.kind == "session_delete":
-                        cur.execute("DELETE FROM miles_router.session_turns WHERE session = %s", (op.args,))
                         cur.execute("DELETE FROM miles_router.sessions WHERE id = %s", (op.args,))
+                        cur.execute("DELETE FROM miles_router.session_turns WHERE session = %s", (op.args,))
         except Exception as e:  # noqa: BLE001 - every waiter must hear about it, whatever it was
             error = describe(e)
             if not isinstance(e, psycopg.Error):
@@ -421,16 +481,20 @@ class PgStore:
             if op.done is not None:
                 op.done.set()
 
-    def _run_maintain(self, op: _Op) -> None:
+    def _run_own(self, op: _Op) -> None:
+        """A retention pass or a session expiry, in a transaction of its own."""
         try:
             conn = self._writer_conn()
-            if time.monotonic() - self._totals_at > TOTALS_EVERY_S:
-                self._load_totals(conn)  # other routers' writes and deletions
-            op.result = self._apply_retention(conn, *op.args)
+            if op.kind == "maintain":
+                if time.monotonic() - self._totals_at > TOTALS_EVERY_S:
+                    self._load_totals(conn)  # other routers' writes and deletions
+                op.result = self._apply_retention(conn, *op.args)
+            else:
+                op.result = _expire_sessions(conn, *op.args)
         except Exception as e:  # noqa: BLE001 - the waiter must hear about it
             op.error = describe(e)
             if not isinstance(e, psycopg.Error):
-                log.exception("%s: retention pass failed", self.name)
+                log.exception("%s: %s failed", self.name, op.kind)
         self._token.run_sync_soon(self._finish, [op])
 
     def _apply_retention(self, conn: psycopg.Connection, now: float, stale_versions: frozenset) -> RetentionPlan:
@@ -460,33 +524,19 @@ class PgStore:
         return plan
 
     # ---- reads -------------------------------------------------------------------------------------
-    def _read(self, query: str, params) -> list[tuple]:
-        """One query on a pooled connection, in a worker thread. A connection that died with the server is
-        replaced once; a database that stays away is a StoreError after `timeout_s`."""
-        for attempt in range(2):
-            try:
-                with self._pool.connection(timeout=self.timeout_s) as conn:
-                    return conn.execute(query, params).fetchall()
-            except PoolTimeout:
-                raise StoreError(f"{self.name}: cannot read: no connection to the database within "
-                                 f"{self.timeout_s:g} s") from None
-            except psycopg.OperationalError as e:
-                if attempt:
-                    raise StoreError(f"{self.name}: cannot read: {describe(e)}") from None
-            except psycopg.Error as e:
-                raise StoreError(f"{self.name}: cannot read: {describe(e)}") from None
-        raise AssertionError("unreachable")
-
-    async def _query(self, query: str, params) -> list[tuple]:
-        """`_read` off the event loop, bounded like a write: a database that stopped answering (its connections
-        open, nothing coming back) costs a request `wait_s`, then a StoreError; the thread is left to finish."""
+    async def _query(self, query: bytes, params: tuple) -> list[tuple]:
+        """One query on the event loop (router/net/pg_loop.py), bounded like a write: a database that stopped
+        answering (its connections open, nothing coming back) costs a request `wait_s`, then a StoreError."""
         with trio.move_on_after(self.wait_s):
-            return await trio.to_thread.run_sync(self._read, query, params, abandon_on_cancel=True)
+            try:
+                return await self._reads.query(query, params)
+            except QueryFailed as e:
+                raise StoreError(f"{self.name}: cannot read: {e}") from None
         raise StoreError(f"{self.name}: cannot read: no answer within {self.wait_s:g} s (the database does not answer)")
 
     async def get_all(self, digest: bytes) -> list[StoredTrajectory]:
         pending = list(self._pending.get(digest, ()))
-        rows = await self._query("SELECT data FROM miles_router.trajectories WHERE digest = %s ORDER BY id",
+        rows = await self._query(b"SELECT data FROM miles_router.trajectories WHERE digest = $1 ORDER BY id",
                                  (digest,))
         found = [wire.decode(r[0]) for r in rows]
         # a record committed while it is still listed as pending (its wake-up not run yet) is there once
@@ -502,40 +552,36 @@ class PgStore:
         return newest
 
     def may_continue(self, head: int) -> bool:
-        return head in self._heads
+        # shared: another router may have stored it a moment ago, only the database knows. Else: the keys stored
+        # before this router started (its own it remembers itself)
+        return self._heads is None or head in self._heads
 
-    async def prefix_candidates(self, head: int, max_len: int) -> list[tuple[int, int, bytes]]:
-        rows = await self._query("SELECT id, vlen, digest FROM miles_router.trajectories WHERE head = %s "
-                                 "AND vlen <= %s ORDER BY id DESC LIMIT 256", (head, max_len))
-        return [(int(i), int(v), bytes(d)) for i, v, d in rows]
+    async def prefix_candidates(self, heads: Sequence[int], max_len: int) -> list[tuple[int, int, bytes]]:
+        return await self._query(_CANDIDATES, (heads, max_len))
 
     async def get_ids(self, ids: Sequence[int]) -> list[StoredTrajectory]:
-        rows = await self._query("SELECT id, data FROM miles_router.trajectories WHERE id = ANY(%s)", (list(ids),))
+        rows = await self._query(b"SELECT id, data FROM miles_router.trajectories WHERE id = ANY($1::bigint[])",
+                                 (ids,))
         by_id = {i: data for i, data in rows}
         missing = [i for i in ids if i not in by_id]
         if missing:  # deleted meanwhile (retention, here or in another router)
             raise StoreError(f"{self.name}: trajectories {missing[:5]} are no longer stored")
         return [wire.decode(by_id[i]) for i in ids]
 
-    # ---- sessions (startup, before `start`: on the startup connection) -----------------------------
-    def load_sessions(self) -> Iterator[tuple[str, float, bytes | None, list[bytes]]]:
-        turns: dict[str, list[bytes]] = {}
-        for sid, data in self._conn.execute("SELECT session, data FROM miles_router.session_turns "
-                                            "ORDER BY session, turn"):
-            turns.setdefault(sid, []).append(bytes(data))
-        for sid, created, header in self._conn.execute("SELECT id, created, data FROM miles_router.sessions "
-                                                       "ORDER BY created, id").fetchall():
-            yield sid, created, None if header is None else bytes(header), turns.get(sid, [])
+    # ---- sessions ----------------------------------------------------------------------------------
+    async def session_turns(self, sid: str, after: int = -1) -> list[bytes] | None:
+        rows = await self._query(_SESSION_TURNS, (after, sid))
+        if not rows:
+            return None
+        return [r[0] for r in rows if r[0] is not None]
 
-    def meta_get(self, key: str) -> str | None:
-        row = self._conn.execute("SELECT value FROM miles_router.meta WHERE key = %s", (key,)).fetchone()
-        return None if row is None else row[0]
-
-    def meta_set_now(self, key: str, value: str) -> None:
+    def meta_setdefault(self, key: str, value: str) -> str:
         """Synchronous, before the writer starts (startup only)."""
         if not self.read_only:
             self._conn.execute("INSERT INTO miles_router.meta (key, value) VALUES (%s, %s) "
-                               "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+                               "ON CONFLICT (key) DO NOTHING", (key, value))
+        row = self._conn.execute("SELECT value FROM miles_router.meta WHERE key = %s", (key,)).fetchone()
+        return value if row is None else row[0]
 
     # ---- offline (`miles-router store ...`: no writer thread, the startup connection) ---------------
     def scan(self, *, unretrieved_only: bool) -> Iterator[tuple[int, StoredTrajectory]]:

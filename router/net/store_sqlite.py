@@ -30,8 +30,8 @@ from urllib.parse import quote
 
 import trio
 
-from router.core.store import (KeyFilter, Keyed, RetentionPlan, RowInfo, StoreOpenError, StoreStats,
-                               StoreWriteError, plan_retention)
+from router.core.store import (KeyFilter, Keyed, RetentionPlan, RowInfo, SessionWrite, StoreError, StoreOpenError,
+                               StoreStats, StoreWriteError, plan_retention)
 from router.wire import store as wire
 from router.wire.store import StoredTrajectory
 
@@ -52,7 +52,7 @@ CREATE TABLE IF NOT EXISTS trajectories (
 CREATE INDEX IF NOT EXISTS trajectories_digest ON trajectories (digest);
 CREATE INDEX IF NOT EXISTS trajectories_created ON trajectories (created);
 CREATE TABLE IF NOT EXISTS payloads (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, created REAL NOT NULL, data BLOB);
+CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, created REAL NOT NULL, data BLOB, last_used REAL);
 CREATE TABLE IF NOT EXISTS session_turns (
     session TEXT NOT NULL,
     turn INTEGER NOT NULL,
@@ -142,6 +142,10 @@ def _migrate(conn: sqlite3.Connection) -> None:
         if col not in cols:
             conn.execute(f"ALTER TABLE trajectories ADD COLUMN {col} INTEGER")
     conn.execute("CREATE INDEX IF NOT EXISTS trajectories_head ON trajectories (head)")
+    if "last_used" not in {r[1] for r in conn.execute("PRAGMA table_info(sessions)")}:
+        conn.execute("ALTER TABLE sessions ADD COLUMN last_used REAL")
+        # sessions stored before: used now, as a restart used to treat them (a fresh idle timer)
+        conn.execute("UPDATE sessions SET last_used = ?", (time.time(),))
 
 
 def check_openable(path: Path) -> str | None:
@@ -164,7 +168,10 @@ _STOP = _Op("stop", None, None)
 
 
 class SqliteStore:
-    """A TrajectoryStore (router/core/store.py) on one SQLite file."""
+    """A TrajectoryStore (router/core/store.py) on one SQLite file, written by one router process."""
+
+    shared = False  # this process is the store's only writer: sessions in memory are up to date, and so is
+    # what `may_continue` knows (the keys stored before it started; its own it remembers itself)
 
     def __init__(self, path: str | Path, *, sync: str = "commit", retention_s: float = 0.0, max_bytes: int = 0,
                  metrics=None) -> None:
@@ -212,6 +219,16 @@ class SqliteStore:
         self._conn.close()
 
     # ---- writes ------------------------------------------------------------------------------------
+    async def _write(self, op: _Op):
+        """Queue a write; with a waiter, its result once committed (StoreWriteError if it failed)."""
+        self._queue.put(op)
+        if op.done is None:
+            return None
+        await op.done.wait()
+        if op.error is not None:
+            raise StoreWriteError(f"{self.name}: cannot write: {op.error}")
+        return op.result
+
     async def put(self, records: Sequence[tuple[bytes, StoredTrajectory]], *, wait: bool) -> None:
         if not records:
             return
@@ -221,25 +238,17 @@ class SqliteStore:
         for r in records:
             self._pending.setdefault(r.digest, []).append(r.record)
         self._pending_writes += len(records)
-        op = _Op("put", records, trio.Event() if wait else None)
-        self._queue.put(op)
-        if op.done is not None:
-            await op.done.wait()
-            if op.error is not None:
-                raise StoreWriteError(f"{self.name}: cannot write: {op.error}")
+        await self._write(_Op("put", records, trio.Event() if wait else None))
 
     # ---- sessions (opaque blobs: router/wire/session_store.py encodes them) --------------------------
-    async def put_session(self, sid: str, created: float, header: bytes | None,
-                          turns: Sequence[tuple[int, bytes]], *, wait: bool) -> None:
-        """Create or update a session (its header blob) and add turns; durable on return when wait=True."""
+    async def put_session(self, sid: str, at: float, header: bytes | None,
+                          turns: Sequence[tuple[int, bytes]], *, wait: bool) -> SessionWrite:
+        """Create a session (header given) or note its use, and add turns (each id written once); durable on
+        return when wait=True."""
         if self.read_only:
             raise StoreWriteError(f"{self.name}: cannot write: {self.write_error}")
-        op = _Op("session", (sid, created, header, list(turns)), trio.Event() if wait else None)
-        self._queue.put(op)
-        if op.done is not None:
-            await op.done.wait()
-            if op.error is not None:
-                raise StoreWriteError(f"{self.name}: cannot write: {op.error}")
+        done = await self._write(_Op("session", (sid, at, header, list(turns)), trio.Event() if wait else None))
+        return done or SessionWrite()
 
     async def delete_session(self, sid: str, *, wait: bool) -> None:
         """A deleted (or expired) session's rows go; 410 for its id needs no per-id row (the registry's key)."""
@@ -247,33 +256,39 @@ class SqliteStore:
             if wait:
                 raise StoreWriteError(f"{self.name}: cannot write: {self.write_error}")
             return
-        op = _Op("session_delete", sid, trio.Event() if wait else None)
-        self._queue.put(op)
-        if op.done is not None:
-            await op.done.wait()
-            if op.error is not None:
-                raise StoreWriteError(f"{self.name}: cannot write: {op.error}")
+        await self._write(_Op("session_delete", sid, trio.Event() if wait else None))
 
-    def load_sessions(self) -> Iterator[tuple[str, float, bytes | None, list[bytes]]]:
-        """Every stored session with its turns in turn order (startup)."""
+    def touch_session(self, sid: str, at: float) -> None:
+        if not self.read_only:
+            self._queue.put(_Op("touch", (sid, at), None))
+
+    async def expire_sessions(self, before: float, keep: Sequence[str]) -> list[str]:
+        if self.read_only:
+            return []
+        return await self._write(_Op("session_expire", (before, frozenset(keep)), trio.Event()))
+
+    def _session_turns(self, sid: str, after: int) -> list[bytes] | None:
         conn = self._reader()
-        try:
-            turns: dict[str, list[bytes]] = {}
-            for sid, _, data in conn.execute("SELECT session, turn, data FROM session_turns ORDER BY session, turn"):
-                turns.setdefault(sid, []).append(data)
-            for sid, created, header in conn.execute("SELECT id, created, data FROM sessions ORDER BY created"):
-                yield sid, created, header, turns.get(sid, [])
+        try:  # one statement, one snapshot: no row at all when the session has none
+            rows = conn.execute("SELECT t.data FROM sessions s LEFT JOIN session_turns t ON t.session = s.id "
+                                "AND t.turn > ? WHERE s.id = ? ORDER BY t.turn", (after, sid)).fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.name}: cannot read: {_describe(e)}") from None
         finally:
             self._release(conn)
+        if not rows:
+            return None
+        return [r[0] for r in rows if r[0] is not None]
 
-    def meta_get(self, key: str) -> str | None:
-        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else row[0]
+    async def session_turns(self, sid: str, after: int = -1) -> list[bytes] | None:
+        return await trio.to_thread.run_sync(self._session_turns, sid, after)
 
-    def meta_set_now(self, key: str, value: str) -> None:
+    def meta_setdefault(self, key: str, value: str) -> str:
         """Synchronous, before the writer starts (startup only)."""
         if not self.read_only:
-            self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+            self._conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return value if row is None else row[0]
 
     def mark_retrieved(self, digest: bytes) -> None:
         if not self.read_only:
@@ -329,19 +344,23 @@ class SqliteStore:
                     retrieved += conn.execute("UPDATE trajectories SET retrieved = 1 WHERE digest = ? AND retrieved = 0",
                                               (op.args,)).rowcount
                 elif op.kind == "session":
-                    sid, created, header, turns = op.args
-                    if header is not None:
-                        conn.execute("INSERT INTO sessions (id, created, data) VALUES (?, ?, ?) "
-                                     "ON CONFLICT (id) DO UPDATE SET data = excluded.data", (sid, created, header))
-                    else:
-                        conn.execute("INSERT OR IGNORE INTO sessions (id, created, data) VALUES (?, ?, NULL)",
-                                     (sid, created))
-                    conn.executemany("INSERT OR REPLACE INTO session_turns (session, turn, data) VALUES (?, ?, ?)",
-                                     [(sid, t, blob) for t, blob in turns])
-                    records += len(turns)
+                    op.result = self._write_session(conn, *op.args)
+                    records += len(op.args[3])
+                elif op.kind == "touch":
+                    conn.execute("UPDATE sessions SET last_used = max(coalesce(last_used, created), ?) WHERE id = ?",
+                                 (op.args[1], op.args[0]))
                 elif op.kind == "session_delete":
                     conn.execute("DELETE FROM session_turns WHERE session = ?", (op.args,))
                     conn.execute("DELETE FROM sessions WHERE id = ?", (op.args,))
+                elif op.kind == "session_expire":
+                    before, keep = op.args
+                    gone = [sid for (sid,) in conn.execute(
+                        "SELECT id FROM sessions WHERE coalesce(last_used, created) < ?", (before,)).fetchall()
+                        if sid not in keep]
+                    for sid in gone:
+                        conn.execute("DELETE FROM session_turns WHERE session = ?", (sid,))
+                        conn.execute("DELETE FROM sessions WHERE id = ?", (sid,))
+                    op.result = gone
                 elif op.kind == "maintain":
                     op.result = self._apply_retention(conn, *op.args)
             conn.execute("COMMIT")
@@ -392,6 +411,20 @@ class SqliteStore:
                             del self._pending[r.digest]
             if op.done is not None:
                 op.done.set()
+
+    @staticmethod
+    def _write_session(conn: sqlite3.Connection, sid: str, at: float, header: bytes | None,
+                       turns: list[tuple[int, bytes]]) -> SessionWrite:
+        if header is not None:
+            conn.execute("INSERT INTO sessions (id, created, data, last_used) VALUES (?, ?, ?, ?) ON CONFLICT (id) "
+                         "DO UPDATE SET data = excluded.data, last_used = max(coalesce(last_used, created), "
+                         "excluded.last_used)", (sid, at, header, at))
+        elif not conn.execute("UPDATE sessions SET last_used = max(coalesce(last_used, created), ?) WHERE id = ?",
+                              (at, sid)).rowcount:
+            return SessionWrite(gone=True)  # deleted or expired meanwhile: its turns must not bring it back
+        taken = [t for t, blob in turns if not conn.execute(
+            "INSERT OR IGNORE INTO session_turns (session, turn, data) VALUES (?, ?, ?)", (sid, t, blob)).rowcount]
+        return SessionWrite(taken=tuple(taken))
 
     def _apply_retention(self, conn: sqlite3.Connection, now: float, stale_versions: frozenset) -> RetentionPlan:
         if self.max_bytes > 0 and self.payload_bytes > self.max_bytes:
@@ -455,16 +488,19 @@ class SqliteStore:
         (router/core/store.py TrajectoryStore.may_continue: the router remembers those it evicts)."""
         return head in self._heads
 
-    def _candidates(self, head: int, max_len: int) -> list[tuple[int, int, bytes]]:
+    def _candidates(self, heads: Sequence[int], max_len: int) -> list[tuple[int, int, bytes]]:
         conn = self._reader()
         try:
-            return conn.execute("SELECT id, vlen, digest FROM trajectories WHERE head = ? AND vlen <= ? "
-                                "ORDER BY id DESC LIMIT 256", (head, max_len)).fetchall()
+            out = []
+            for head in heads:
+                out += conn.execute("SELECT id, vlen, digest FROM trajectories WHERE head = ? AND vlen <= ? "
+                                    "ORDER BY id DESC LIMIT 256", (head, max_len)).fetchall()
+            return out
         finally:
             self._release(conn)
 
-    async def prefix_candidates(self, head: int, max_len: int) -> list[tuple[int, int, bytes]]:
-        return await trio.to_thread.run_sync(self._candidates, head, max_len)
+    async def prefix_candidates(self, heads: Sequence[int], max_len: int) -> list[tuple[int, int, bytes]]:
+        return await trio.to_thread.run_sync(self._candidates, heads, max_len)
 
     def _by_ids(self, ids: Sequence[int]) -> list[bytes]:
         conn = self._reader()

@@ -102,11 +102,10 @@ class TrajectoryService:
         tree = self.tree
         chosen: dict[int, int] = {}
         try:
-            for head in heads:
-                for rid, vlen, digest in await store.prefix_candidates(head, len(text)):
-                    if (vlen > matched and rid not in chosen and text_digest(text[:vlen]) == digest
-                            and tree.peek_exact(text[:vlen]) is None):
-                        chosen[rid] = vlen
+            for rid, vlen, digest in await store.prefix_candidates(heads, len(text)):
+                if (vlen > matched and rid not in chosen and text_digest(text[:vlen]) == digest
+                        and tree.peek_exact(text[:vlen]) is None):
+                    chosen[rid] = vlen
             if not chosen:
                 return False
             order = sorted(chosen)

@@ -31,6 +31,9 @@ class PendingTurn:
     session: Any  # router.core.sessions.registry.Session
     request: ChatRequest
     parent: int  # attach point: the turn this one extends, -1 for a new root
+    # the session's tree `parent` is an id of (a store shared by several routers may replace the session's tree
+    # while the worker runs: the path's tokens are read here, the commit finds the parent again by response id)
+    tree: Any
     new_messages: list[ChatMessageIn]  # the request's messages after the attach point's path
     new_raws: list[msgspec.Raw]  # the same as the client's JSON (owning its bytes), for the match index
     request_seq: int

@@ -28,7 +28,7 @@ class ChatParse(Stage):
             return
         try:
             # Only this turn's new positions keep routed-experts rows; earlier ones belong to earlier turns.
-            skip = max(turn.session.tree.path_length(turn.parent) - 1, 0) - turn.r3_start
+            skip = max(turn.tree.path_length(turn.parent) - 1, 0) - turn.r3_start
             out = ex.scratch[OUTPUT] = decode_worker_output(ex.response_body, turn.r3_shape, skip)
         except BadWorkerReply as e:
             fail(ex, 502, str(e))

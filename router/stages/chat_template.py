@@ -47,7 +47,7 @@ class ChatTemplate(Stage):
             tools = sglang_tools(req.tools)
         except BadTool as e:
             raise StageError(400, f"invalid chat completions body: {e}") from None
-        tree = turn.session.tree
+        tree = turn.tree
         new = [message_dict(m) for m in turn.new_messages]
         if turn.parent < 0:
             cache = self.services.sessions.prompts

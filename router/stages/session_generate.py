@@ -77,7 +77,7 @@ class SessionGenerate(Stage):
             record["return_routed_experts"] = _TRUE
             if opts.routed_experts_start_len:
                 turn.r3_incremental = True
-                turn.r3_start = max(turn.session.tree.path_length(turn.parent) - 1, 0)
+                turn.r3_start = max(turn.tree.path_length(turn.parent) - 1, 0)
                 fields["routed_experts_start_len"] = turn.r3_start
         record["no_stop_trim"] = _FALSE
         lora = self.services.config.sessions.lora_path
@@ -95,7 +95,7 @@ class SessionGenerate(Stage):
             record["routed_experts_start_len"] = msgspec.Raw(str(turn.r3_start).encode())
         rest = _encoder.encode(fields)
         # input_ids: the stored turns' ids verbatim (encoded once per turn, when first extended), then the new ones.
-        ex.upstream_body = turn.session.tree.join_path_ids(turn.parent, b'{"input_ids":[',
+        ex.upstream_body = turn.tree.join_path_ids(turn.parent, b'{"input_ids":[',
                                                            _encoder.encode(ex.scratch[PROMPT].tolist())[1:-1],
                                                            b"]," + rest[1:])
         ex.path, ex.query = "/generate", b""

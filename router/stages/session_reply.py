@@ -10,7 +10,9 @@ the turn's `response_id`), or for `stream: true` with miles' one-chunk stream. `
 is the worker's minus `routed_experts` and `indexer_topk`, which stay with the turn. Routed experts
 that cannot be read, or that do not cover the turn's positions, do not fail the turn (as in miles):
 they are recorded as such and the samples answer 422. A session deleted while the turn was in flight
-gets its reply, but the turn is not recorded. Non-200 worker replies pass through.
+gets its reply, but the turn is not recorded. Non-200 worker replies pass through. If the session's tree was
+re-read from a store other routers share while the worker ran, the attach point is found again there by its
+response id (409, retryable, if it is no longer stored).
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ from router.stages._session import ASSISTANT, COMMITTED, OUTPUT, PROMPT, TURN
 from router.wire.api import error_body
 from router.wire.openai import AssistantMessage, ChatMessageIn, FunctionCallIn, ToolCallIn, json_encoder
 from router.wire.sessions import TurnRecord
+
+
+class ParentGone(Exception):
+    """The turn a request extends left the session while the worker ran (its write failed, or lost to another
+    router's and is being stored again): 409, the request may be retried."""
 
 
 def _route_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
@@ -76,7 +83,7 @@ class SessionReply(Stage):
             try:
                 ex.scratch[COMMITTED] = self._commit(turn, ex.scratch[PROMPT], out, parsed, finish, rid, record,
                                                      version)
-            except TurnLimit as e:
+            except (TurnLimit, ParentGone) as e:
                 fail(ex, 409, str(e))
                 return
             self.services.sessions.changed(session)
@@ -98,14 +105,21 @@ class SessionReply(Stage):
 
     @staticmethod
     def _commit(turn, prompt_ids, out, parsed, finish: str, rid: str, record: TurnRecord, version: str | None):
-        tree = turn.session.tree
+        tree, parent = turn.session.tree, turn.parent
+        if tree is not turn.tree and parent >= 0:
+            # the session's tree was re-read meanwhile (a store shared with other routers): the same parent turn,
+            # found by its response id, may have another id there
+            parent = tree.find_response(turn.tree.turns[parent].response_id, len(tree.turns))
+            if parent < 0:
+                raise ParentGone(f"the turn this request extends (response {turn.tree.turns[turn.parent].response_id})"
+                                 f" is not stored in session {turn.session.id}: retry the request")
         experts, r3_start, r3_error = None, turn.r3_start, out.routed_experts_error
         if out.routed_experts is not None:
             end = turn.input_len + len(out.output_ids)
             if turn.r3_incremental:
                 experts = np.ascontiguousarray(out.routed_experts)  # what the worker sent; /samples checks it
             else:
-                r3_start = max(tree.path_length(turn.parent) - 1, 0)
+                r3_start = max(tree.path_length(parent) - 1, 0)
                 if len(out.routed_experts) == end - 1 - r3_start:
                     experts = np.ascontiguousarray(out.routed_experts)
                 else:
@@ -114,7 +128,7 @@ class SessionReply(Stage):
         stored = ChatMessageIn(role="assistant", content=parsed.content, reasoning_content=parsed.reasoning_content,
                                tool_calls=[ToolCallIn(FunctionCallIn(c.function.name, c.function.arguments), id=c.id)
                                            for c in parsed.tool_calls] if parsed.tool_calls else None)
-        return tree.commit(turn.parent, turn.new_raws, request_seq=turn.request_seq, messages=turn.new_messages,
+        return tree.commit(parent, turn.new_raws, request_seq=turn.request_seq, messages=turn.new_messages,
                            assistant=stored, assistant_raw=record.message, prompt_ids=prompt_ids,
                            output_ids=out.output_ids, output_logprobs=out.logprobs, routed_experts=experts,
                            r3_start=r3_start, r3_error=r3_error, finish_reason=finish, weight_version=version,

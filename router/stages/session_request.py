@@ -83,7 +83,7 @@ class SessionRequest(Stage):
         fields = decoded.fields_without_messages()
         fields.pop("stream", None)
         fields.pop("stream_options", None)
-        ex.scratch[TURN] = PendingTurn(session=session, request=req, parent=parent,
+        ex.scratch[TURN] = PendingTurn(session=session, request=req, parent=parent, tree=tree,
                                        new_messages=new_messages, new_raws=messages.raw[covered:],
                                        request_seq=tree.next_request_seq(), requested_at=time.time(),
                                        request_fields=fields, chat_template_kwargs=kwargs)

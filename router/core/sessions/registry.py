@@ -42,7 +42,7 @@ class SessionLimit(SessionError, TooManyRequests):
 
 
 class Session:
-    __slots__ = ("id", "tree", "created_at", "last_used", "closed", "inflight", "shared_prefix")
+    __slots__ = ("id", "tree", "created_at", "last_used", "closed", "inflight", "shared_prefix", "store_state")
 
     def __init__(self, sid: str, now: float, max_turns: int, matcher: Matcher = BUILTIN_MATCHERS["lenient"]) -> None:
         self.id = sid
@@ -54,6 +54,7 @@ class Session:
         # The last request's body, so the next one's history is compared, not parsed
         # (router/wire/chat_messages.py); it costs one body per session.
         self.shared_prefix = None
+        self.store_state = None  # what the durable store's layer keeps for it (router/net/session_persist.py)
 
 
 class PromptCache:
@@ -123,12 +124,20 @@ class SessionRegistry:
         """A Session object with this registry's limits and matcher (not registered)."""
         return Session(sid, now, self.max_turns, self.matcher)
 
+    def new_tree(self) -> SessionTree:
+        """An empty tree with this registry's limits and matcher."""
+        return SessionTree(max_turns=self.max_turns, matcher=self.matcher)
+
+    def missing(self, sid: str) -> SessionError:
+        """What a request for a session that is not live gets: 410 for an id issued here, else 404."""
+        if self.issued_here(sid):
+            return SessionGone(f"session reclaimed: session_id={sid} was deleted or expired")
+        return SessionNotFound(f"session not found: session_id={sid}")
+
     def get(self, sid: str, now: float | None = None) -> Session:
         session = self.sessions.get(sid)
         if session is None:
-            if self.issued_here(sid):
-                raise SessionGone(f"session reclaimed: session_id={sid} was deleted or expired")
-            raise SessionNotFound(f"session not found: session_id={sid}")
+            raise self.missing(sid)
         if now is not None:
             session.last_used = now
         return session
@@ -150,13 +159,34 @@ class SessionRegistry:
         return gone
 
     # ---- durable store hooks (router/net/session_persist.py) -----------------------------------
+    # With a store, memory is a cache: a session is read back when a request names it, leaves memory when it is
+    # not used here for `idle_timeout_s` (`uncache_idle`), and is gone only once the store says so (`gone`).
     def use_secret(self, secret: bytes) -> None:
-        """Use the store's key: ids issued before a restart stay recognizable (410 once gone, not 404)."""
+        """Use the store's key: ids issued before a restart (or by another router) stay recognizable (410 once
+        gone, not 404)."""
         self._key = secret
 
     def adopt(self, session: Session) -> None:
-        """A session read back from the store at startup."""
+        """A session read back from the store."""
         self.sessions[session.id] = session
+
+    def uncache_idle(self, now: float) -> list[str]:
+        """Drop from memory the sessions not used here for `idle_timeout_s` (never one with a turn in flight); the
+        store keeps them."""
+        cutoff = now - self.idle_timeout_s
+        idle = [s.id for s in self.sessions.values() if s.last_used < cutoff and s.inflight == 0]
+        for sid in idle:
+            del self.sessions[sid]
+        return idle
+
+    def gone(self, sid: str, *, expired: bool = False) -> None:
+        """The store no longer has this session (deleted or expired, maybe by another router): it is closed here
+        too (an in-flight turn finishes unrecorded)."""
+        session = self.sessions.pop(sid, None)
+        if session is not None:
+            session.closed = True
+        if expired:
+            self.expired_total += 1
 
     def changed(self, session: Session) -> None:
         if self.on_change is not None:

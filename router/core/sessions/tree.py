@@ -276,6 +276,20 @@ class SessionTree:
         self.active = tid
         return turn
 
+    def graft(self, turn: Turn, parent: int) -> Turn:
+        """Commit the generation another tree's `turn` holds (a tree of the same session) as a child of `parent`
+        here, under this tree's next id: the same messages, tokens, experts and record. How a turn that lost its
+        id to another router's is stored as the next one (router/net/session_persist.py)."""
+        fields = {f: getattr(turn, f) for f in turn.__struct_fields__ if f not in ("id", "parent", "seq", "end")}
+        return self.commit(parent, **fields)
+
+    def find_response(self, response_id: str, below: int) -> int:
+        """The id of the turn among the first `below` whose response id this is, or -1."""
+        for tid in range(min(below, len(self.turns)) - 1, -1, -1):
+            if self.turns[tid].response_id == response_id:
+                return tid
+        return -1
+
     def _place(self, turn: Turn, raws: list[msgspec.Raw] | None = None,
                assistant_raw: msgspec.Raw | None = None) -> None:
         """Put a new turn in its segment: its parent's, when it is the parent's first child."""

@@ -1,0 +1,137 @@
+"""PostgreSQL reads on the trio event loop, through libpq's nonblocking API (`psycopg.pq`, psycopg's documented
+libpq wrapper): a query is sent, and the loop waits for the socket as for any other, instead of a worker thread
+blocking on it.
+
+Why not a thread: a router of a fleet asks the database once per request (a prompt's prefix keys, a session's
+new turns), and a worker thread plus a thread-safe pool cost ~180-240 µs of router CPU per query where this costs
+~90 µs (bench/bench_store_reads.py). Why not psycopg's async API (and psycopg_pool's async pool): they run on
+asyncio only, and the router runs on trio. So the few connections are kept here: idle ones in a list, at most
+`size` in use (a query waits for one), one query at a time on each.
+
+Parameters go as text, except `bytes` (binary: bytea), lists of ints as array literals (`$1::bigint[]`); results
+come back in binary and are decoded for the column types the store reads (bigint, integer, bytea). A connection
+that breaks (the server restarted or went away) is dropped and the query tried once on a fresh one; a query cut
+off by its deadline drops its connection too (its answer may still be on the way).
+"""
+
+from __future__ import annotations
+
+import psycopg
+import trio
+from psycopg import pq
+
+_DECODE = {
+    20: lambda v: int.from_bytes(v, "big", signed=True),  # bigint
+    23: lambda v: int.from_bytes(v, "big", signed=True),  # integer
+    17: bytes,  # bytea
+}
+
+
+class QueryFailed(Exception):
+    """The database answered the query with an error, or could not be reached: the reason, on one line."""
+
+
+class _Broken(Exception):
+    pass
+
+
+def _describe(text: str | bytes | None) -> str:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return " ".join((text or "").split()) or "the connection failed"
+
+
+def _param(p) -> tuple[bytes | None, int]:
+    """(value, format): text, except bytes (binary)."""
+    if p is None:
+        return None, 0
+    if isinstance(p, bytes):
+        return p, 1
+    if isinstance(p, (list, tuple)):
+        return ("{" + ",".join(str(int(x)) for x in p) + "}").encode(), 0
+    return str(p).encode(), 0
+
+
+class LoopConnections:
+    def __init__(self, conninfo: str, *, size: int = 8) -> None:
+        self._info = conninfo
+        self._idle: list[psycopg.Connection] = []  # queried through their libpq connection (`.pgconn`) only
+        self._slots = trio.Semaphore(size)
+
+    async def query(self, sql: bytes, params: tuple = ()) -> list[tuple]:
+        """The rows of one query (QueryFailed). Bound it with a cancel scope: cancelled, its connection goes."""
+        values, formats = zip(*map(_param, params)) if params else ((), ())
+        async with self._slots:
+            for attempt in range(2):
+                conn = self._idle.pop() if self._idle else await self._connect()
+                try:
+                    rows = await self._run(conn.pgconn, sql, list(values), list(formats))
+                except _Broken as e:  # the server restarted or went away: the idle connections went with it
+                    conn.close()
+                    self.close()
+                    if attempt:
+                        raise QueryFailed(str(e)) from None
+                    continue
+                except BaseException:  # an error answer keeps the connection usable; anything else does not
+                    pg = conn.pgconn
+                    if pg.status == pq.ConnStatus.OK and pg.transaction_status == pq.TransactionStatus.IDLE:
+                        self._idle.append(conn)
+                    else:
+                        conn.close()
+                    raise
+                self._idle.append(conn)
+                return rows
+        raise AssertionError("unreachable")
+
+    async def _connect(self) -> psycopg.Connection:
+        # psycopg's connect (bounded by the conninfo's connect_timeout), in a thread: connections are made rarely
+        # (at the first queries, and after the database came back). Not libpq's PQconnectdb: it holds the GIL
+        # while it waits for a server that does not answer, which would stop the event loop with it.
+        try:
+            conn = await trio.to_thread.run_sync(lambda: psycopg.connect(self._info, autocommit=True),
+                                                 abandon_on_cancel=True)
+        except psycopg.Error as e:
+            raise QueryFailed(_describe(str(e))) from None
+        conn.pgconn.nonblocking = 1
+        return conn
+
+    @staticmethod
+    async def _run(conn: pq.PGconn, sql: bytes, values: list, formats: list) -> list[tuple]:
+        results = []
+        try:
+            conn.send_query_params(sql, values, param_formats=formats, result_format=1)
+            while conn.flush():
+                await trio.lowlevel.wait_writable(conn.socket)
+            while True:
+                conn.consume_input()
+                while not conn.is_busy():
+                    res = conn.get_result()
+                    if res is None:
+                        break
+                    results.append(res)
+                else:
+                    await trio.lowlevel.wait_readable(conn.socket)
+                    continue
+                break
+        except psycopg.OperationalError as e:
+            raise _Broken(_describe(str(e))) from None
+        rows: list[tuple] = []
+        for res in results:
+            if res.status == pq.ExecStatus.TUPLES_OK:
+                decode = [_DECODE[res.ftype(c)] for c in range(res.nfields)]
+                for r in range(res.ntuples):
+                    row = []
+                    for c, d in enumerate(decode):
+                        v = res.get_value(r, c)
+                        row.append(None if v is None else d(v))
+                    rows.append(tuple(row))
+            elif res.status != pq.ExecStatus.COMMAND_OK:
+                message = _describe(res.error_message)
+                if conn.status != pq.ConnStatus.OK:
+                    raise _Broken(message)
+                raise QueryFailed(message)
+        return rows
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().close()
