@@ -7,9 +7,10 @@ gateways, `DELETE /workers/{url-encoded url}`); with the miles router it uses `/
 
 Differences from the gateway, on purpose: registration is immediate (the 202 still says
 "accepted"); registering a URL that is already registered answers 202 with its existing id
-(idempotent, like /add_worker); only `worker_type: "regular"` is served (no prefill/decode
-disaggregation). Admin endpoints need the admin key and `workers.allowed_hosts` applies, as for
-/add_worker.
+(idempotent, like /add_worker); a worker's id is a hash of its URL (UUID5), not a random UUID per
+registration, so every router process (and every router of a fleet) gives a worker the same id; only
+`worker_type: "regular"` is served (no prefill/decode disaggregation). Admin endpoints need the admin
+key and `workers.allowed_hosts` applies, as for /add_worker.
 """
 
 from __future__ import annotations
