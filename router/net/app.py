@@ -448,7 +448,9 @@ class RouterApp:
         url, labels = self._worker_spec_from(scope, body)
         if not host_allowed(url, self.rt.config.workers.allowed_hosts):
             return error_reply(403, f"worker host not in workers.allowed_hosts: {url}")
-        self.rt.add_worker(url, labels)
+        worker, _ = self.rt.add_worker(url, labels)
+        if self.rt.siblings is not None:
+            self.rt.siblings.worker_changed(worker)
         return json_reply(200, {"status": "success", "worker_urls": self.rt.pool.inflight_by_url()})
 
     async def remove_worker(self, scope, body: bytes) -> Reply:
@@ -456,6 +458,8 @@ class RouterApp:
         w = self.rt.remove_worker(url)
         if w is None:
             return error_reply(404, f"unknown worker: {url}")
+        if self.rt.siblings is not None:
+            self.rt.siblings.worker_removed(w.url)
         return json_reply(200, {"status": "success", "removed": url, "inflight": w.inflight,
                                 "worker_urls": self.rt.pool.inflight_by_url()})
 
@@ -469,7 +473,8 @@ class RouterApp:
 
     async def health(self, scope, body: bytes) -> Reply:
         healthy = len(self.rt.pool.healthy())
-        body = {"status": "ok", "healthy_workers": healthy, "total_workers": len(self.rt.pool)}
+        # pid: which process answered (`--processes N` serves one port from N processes)
+        body = {"status": "ok", "healthy_workers": healthy, "total_workers": len(self.rt.pool), "pid": os.getpid()}
         if self.rt.sessions is not None:  # miles' session server answers with its instance id
             body["session_server_instance_id"] = self.rt.sessions.instance_id
         return json_reply(200, body)

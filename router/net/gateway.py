@@ -120,6 +120,8 @@ def install(app, runtime) -> None:
         worker, created = runtime.add_worker(url, labels)
         worker.worker_type = spec.worker_type
         worker.bootstrap_port = spec.bootstrap_port
+        if runtime.siblings is not None:
+            runtime.siblings.worker_changed(worker)
         location = f"/workers/{worker.id}"
         return _json(202, {"status": "accepted", "worker_id": worker.id, "url": url, "location": location,
                            "message": "Worker added" if created else "Worker already registered"},
@@ -134,6 +136,8 @@ def install(app, runtime) -> None:
         if isinstance(found, Reply):
             return found
         runtime.remove_worker(found.url)
+        if runtime.siblings is not None:
+            runtime.siblings.worker_removed(found.url)
         return _json(202, {"status": "accepted", "worker_id": found.id, "url": found.url,
                            "message": f"Worker removed ({found.inflight} requests in flight finish first)"})
 

@@ -75,6 +75,8 @@ async def engine_call(runtime, worker: Worker, method: str, path: str, query: st
     undo = control.before(worker.control, p)
     if p.pause or p.release:
         runtime.control_changed(worker)
+        if runtime.siblings is not None:
+            runtime.siblings.worker_changed(worker)
     url = worker.url + path + (f"?{query}" if query else "")
     t0 = time.perf_counter()
     out = None
@@ -95,6 +97,8 @@ async def engine_call(runtime, worker: Worker, method: str, path: str, query: st
                 runtime.observe_weight_version(worker, version)
             if p.changes_anything:
                 runtime.control_changed(worker)
+                if runtime.siblings is not None:
+                    runtime.siblings.worker_changed(worker)
     return out
 
 

@@ -85,6 +85,8 @@ class Runtime:
         self.session_persister = None  # sessions over the store (router/net/session_persist.py)
         self.pipelines: dict[tuple[str, str], RoutePipeline] = {}
         self.sessions = None  # SessionRegistry when [sessions] enabled
+        # The other processes on this port (router/net/siblings.py), told what admin calls change here; None alone.
+        self.siblings = None
         self.session_pipeline: RoutePipeline | None = None
         self.session_proxy: RoutePipeline | None = None
         self.passthrough = self._instantiate(load_pipeline("passthrough", config.base_dir), None)
