@@ -1,7 +1,8 @@
 """`--processes N` over real processes (router/net/supervisor.py): one supervisor, N router processes on one port.
 
-- both processes serve the port (fresh connections reach each: /health says which pid answered), and an admin
-  call that reaches one process (register a worker, pause the engines, remove a worker) holds in every process;
+- both processes serve the port (fresh connections reach each: /health says which pid answered), /metrics on
+  either answers for both (a `process` label), and an admin call that reaches one process (register a worker,
+  pause the engines, remove a worker) holds in every process;
 - a process killed with SIGKILL: the port keeps serving (every request after the kill succeeds), a new process
   takes its place and has the admin state from before it started; the supervisor killed with SIGKILL: its
   processes drain and exit;
@@ -22,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from harness import free_port, start_sim
 from router.config import load_config
@@ -158,6 +160,15 @@ async def test_processes_share_the_port_and_every_admin_call(supervised, nursery
         async with fresh(s.url) as c:
             r = await generate(c)
             assert r.status_code == 200 and r.headers["x-miles-router-worker"] == sim_url
+    # /metrics on either process answers for both, each process's series under its own label
+    for _ in range(4):
+        async with fresh(s.url) as c:
+            families = {f.name: f for f in text_string_to_metric_families((await c.get("/metrics")).text)}
+        served = {smp.labels["process"]: smp.value for smp in families["miles_router_requests"].samples
+                  if smp.name == "miles_router_requests_total" and smp.labels["route"] == "(proxy)"}
+        assert sum(served.values()) == 6 and set(served) <= {"1", "2"}
+        probed = {smp.labels["process"] for smp in families["miles_router_worker_healthy"].samples}
+        assert probed == {"1", "2"}
 
     # an admin call reaches one process; every process acts on it
     extra = await start_sim(nursery)

@@ -480,4 +480,7 @@ class RouterApp:
         return json_reply(200, body)
 
     async def metrics(self, scope, body: bytes) -> Reply:
-        return Reply(200, self.rt.metrics.render(), [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
+        text = self.rt.metrics.render()
+        if self.rt.siblings is not None:  # one of several processes on the port: it answers for all
+            text = await self.rt.siblings.all_metrics(text)
+        return Reply(200, text, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])

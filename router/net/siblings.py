@@ -11,7 +11,9 @@ What it changed is sent on, so every process routes over the same workers with t
 It arrives within milliseconds (one hop through the supervisor): a request that reaches another process in
 that window sees the state before the call, as it would had it come a moment earlier. A process that starts
 (or restarts) gets the current state before it listens. What stays per process: health probing (each
-process probes every worker), in-flight counts and the admission limits, metrics, the memory cache.
+process probes every worker), in-flight counts and the admission limits, the memory cache. `/metrics` on any
+process answers for all, each process's series under a `process` label (router/net/metrics.py
+`merge_expositions`).
 
 Wire: router/wire/procs.py, one JSON object per line over the socketpair the supervisor passed down (its fd
 in $MILES_ROUTER_PROCESS). The supervisor's `Drain` is the same as a signal's drain, `Stop` cancels at once,
@@ -30,12 +32,14 @@ from collections.abc import AsyncIterator
 import trio
 
 from router.core.control import ControlState
+from router.net.metrics import merge_expositions
 from router.wire import procs
-from router.wire.procs import Drain, Stop, Synced, WorkerGone, WorkerView
+from router.wire.procs import Drain, MetricsAll, MetricsAsk, MetricsText, Stop, Synced, WorkerGone, WorkerView
 
 log = logging.getLogger("miles_router")
 
 ENV = "MILES_ROUTER_PROCESS"  # {"fd", "index", "processes", "workers"}: set by the supervisor for its processes
+METRICS_WAIT_S = 3.0  # the longest /metrics waits for the other processes' (the supervisor waits 2 s for them)
 
 
 async def read_messages(stream: trio.abc.ReceiveStream) -> AsyncIterator[procs.Message]:
@@ -90,6 +94,8 @@ class SiblingLink:
         self.fd, self.index, self.processes, self.workers = fd, index, processes, workers
         self._stream: trio.SocketStream | None = None
         self._outbox, self._outbox_out = trio.open_memory_channel(math.inf)
+        self._asked = 0
+        self._metrics_asks: dict[int, tuple[trio.Event, list]] = {}  # ask -> (answered, [MetricsAll])
 
     @classmethod
     def from_env(cls) -> SiblingLink | None:
@@ -123,6 +129,13 @@ class SiblingLink:
                 elif isinstance(msg, Stop):
                     log.warning("%s: the supervisor stops: stopping now", self.name)
                     root.cancel()
+                elif isinstance(msg, MetricsAsk):
+                    self._send(MetricsText(msg.ask, self.index + 1, runtime.metrics.render().decode()))
+                elif isinstance(msg, MetricsAll):
+                    waiting = self._metrics_asks.get(msg.ask)
+                    if waiting is not None:
+                        waiting[1].append(msg)
+                        waiting[0].set()
                 else:
                     apply(runtime, msg)
             log.error("%s: the supervisor is gone: draining, then stopping", self.name)
@@ -141,3 +154,18 @@ class SiblingLink:
 
     def ready(self) -> None:
         self._send(procs.Ready(os.getpid()))
+
+    async def all_metrics(self, own: bytes) -> bytes:
+        """Every process's metrics (this one's is `own`), each under its `process` label. A process that does not
+        answer within the wait (busy, or restarting) is left out of this scrape."""
+        self._asked += 1
+        ask, answered = self._asked, trio.Event()
+        self._metrics_asks[ask] = (answered, [])
+        try:
+            self._send(MetricsAsk(ask))
+            with trio.move_on_after(METRICS_WAIT_S):
+                await answered.wait()
+            texts = {t.process: t.text.encode() for m in self._metrics_asks[ask][1] for t in m.texts}
+        finally:
+            del self._metrics_asks[ask]
+        return merge_expositions({**texts, self.index + 1: own})

@@ -51,7 +51,7 @@ import trio
 from router.config import Config
 from router.http.serve import reuse_port_socket
 from router.net.siblings import ENV, read_messages, write_messages
-from router.wire.procs import Drain, Ready, Stop, Synced, WorkerGone, WorkerView
+from router.wire.procs import Drain, MetricsAll, MetricsAsk, MetricsText, Ready, Stop, Synced, WorkerGone, WorkerView
 
 log = logging.getLogger("miles_router")
 
@@ -59,6 +59,7 @@ RESTART_MIN_S = 0.5
 RESTART_MAX_S = 30.0
 STABLE_S = 30.0  # a process that lived this long resets the restart delay
 KILL_GRACE_S = 10.0  # past the drain timeout, a process still alive is killed
+METRICS_WAIT_S = 2.0  # the longest a /metrics question waits for the other processes
 
 
 def _stateful(spec) -> tuple[bool, bool]:
@@ -135,6 +136,9 @@ class Supervisor:
         self.failed: str | None = None  # why startup failed
         self.all_serving = trio.Event()
         self.port = 0
+        self._nursery: trio.Nursery | None = None
+        self._asked = 0
+        self._metrics_asks: dict[int, tuple[list, int, trio.Event]] = {}  # ask -> (answers, expected, all in)
 
     # ---- the port ---------------------------------------------------------------------------
     def reserve_port(self) -> socket.socket:
@@ -167,6 +171,7 @@ class Supervisor:
             async with trio.open_nursery() as root:
                 sims = await start_sim_workers(self.config, root)
                 self.sim_urls = [url for url, _ in sims]
+                self._nursery = root
                 root.start_soon(self._signals, root)
                 root.start_soon(self._announce_when_serving)
                 async with trio.open_nursery() as slots:
@@ -279,6 +284,23 @@ class Supervisor:
                 await stream.aclose()
         return code
 
+    async def _gather_metrics(self, slot: Slot, ask: int) -> None:
+        """Ask every other serving process for its metrics; hand what came within METRICS_WAIT_S to `slot`."""
+        others = [s for s in self.slots if s is not slot and s.serving and s.outbox is not None]
+        self._asked += 1
+        ours, answers, all_in = self._asked, [], trio.Event()
+        self._metrics_asks[ours] = (answers, len(others), all_in)
+        try:
+            for other in others:
+                other.outbox.send_nowait(MetricsAsk(ours))
+            if others:
+                with trio.move_on_after(METRICS_WAIT_S):
+                    await all_in.wait()
+        finally:
+            del self._metrics_asks[ours]
+        if slot.outbox is not None:
+            slot.outbox.send_nowait(MetricsAll(ask, list(answers)))
+
     async def _read(self, slot: Slot, stream: trio.SocketStream, done: trio.Event) -> None:
         async for msg in read_messages(stream):
             if isinstance(msg, Ready):
@@ -286,6 +308,14 @@ class Supervisor:
                 log.info("process %d/%d (pid %d) serving", slot.index + 1, self.n, msg.pid)
                 if all(s.serving for s in self.slots):
                     self.all_serving.set()
+            elif isinstance(msg, MetricsAsk):
+                self._nursery.start_soon(self._gather_metrics, slot, msg.ask)
+            elif isinstance(msg, MetricsText):
+                waiting = self._metrics_asks.get(msg.ask)
+                if waiting is not None:
+                    waiting[0].append(msg)
+                    if len(waiting[0]) == waiting[1]:
+                        waiting[2].set()
             elif isinstance(msg, (WorkerView, WorkerGone)):
                 if isinstance(msg, WorkerView):
                     self.views[msg.url] = msg

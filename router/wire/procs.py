@@ -5,7 +5,8 @@ A router process reports every change an admin call made to its worker set and i
 worker registered or removed, paused, asleep, a new weight version) as the whole `WorkerView` of that worker,
 or `WorkerGone`; the supervisor keeps the latest of each and sends it on to every other process, and to a
 new process (a restart) before it serves, ending with `Synced`. `Drain` and `Stop` are the supervisor's
-first and second signal.
+first and second signal. `/metrics` on one process answers for all: it sends `MetricsAsk`, the supervisor
+asks the others, each answers `MetricsText`, and the asker gets them back in one `MetricsAll`.
 """
 
 from __future__ import annotations
@@ -46,7 +47,22 @@ class Stop(msgspec.Struct, tag="stop"):
     """Exit now."""
 
 
-Message = WorkerView | WorkerGone | Ready | Synced | Drain | Stop
+class MetricsAsk(msgspec.Struct, tag="metrics_ask"):
+    ask: int  # the asker's number for this question (to it) or the supervisor's (to the others)
+
+
+class MetricsText(msgspec.Struct, tag="metrics_text"):
+    ask: int
+    process: int  # 1..N
+    text: str  # the Prometheus exposition
+
+
+class MetricsAll(msgspec.Struct, tag="metrics_all"):
+    ask: int
+    texts: list[MetricsText]  # the other processes' that answered in time
+
+
+Message = WorkerView | WorkerGone | Ready | Synced | Drain | Stop | MetricsAsk | MetricsText | MetricsAll
 
 encoder = msgspec.json.Encoder()
 decoder = msgspec.json.Decoder(Message)
