@@ -61,9 +61,10 @@ class Runtime:
                                breaker=config.breaker, max_inflight=w.max_inflight_per_worker)
         self.retry_statuses = frozenset(config.retry.statuses)
         self.upstream = UpstreamPool(keepalive_expiry_s=w.keepalive_expiry_s, connect_timeout_s=w.connect_timeout_s)
-        # Control plane (health probes, admin fan-out): httpx; the data path uses the h11 pool.
-        self.control = httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(w.health_timeout_s),
-                                         limits=httpx.Limits(max_connections=256, keepalive_expiry=w.keepalive_expiry_s))
+        # Control plane (health probes, /model_info, admin fan-out, the RL plane): httpx, one client per worker
+        # (`control_client`); the data path uses the h11 pool.
+        self._control_clients: dict[str, httpx.AsyncClient] = {}
+        self._control_tls = None  # one TLS context for all of them (httpx builds one per client: ~23 ms each)
         self.metrics = Metrics(self)
         # Requests waiting for a worker slot (workers.max_inflight_per_worker), and for admission
         # (server.max_concurrent_requests): one FIFO mechanism, router/net/admission.py.
@@ -358,6 +359,22 @@ class Runtime:
             self.slot_queue.wake()
         return worker, created
 
+    def control_client(self, worker: Worker) -> httpx.AsyncClient:
+        """The httpx client for `worker`'s control calls. One per worker, not one for all: httpx's pool looks at
+        every connection it holds for each request (`_assign_requests_to_connections`, and `is_idle` on each when
+        a response closes), so with one shared client a probe cost ~11 µs per registered worker, and 1,000 workers'
+        probes alone took more than a core (BENCHMARKS.md §8)."""
+        client = self._control_clients.get(worker.url)
+        if client is None:
+            w = self.config.workers
+            if self._control_tls is None:
+                self._control_tls = httpx.create_ssl_context()
+            client = self._control_clients[worker.url] = httpx.AsyncClient(
+                trust_env=False, verify=self._control_tls, timeout=httpx.Timeout(w.health_timeout_s),
+                limits=httpx.Limits(max_connections=64, max_keepalive_connections=4,
+                                    keepalive_expiry=w.keepalive_expiry_s))
+        return client
+
     def remove_worker(self, url: str) -> Worker | None:
         url = normalize_worker_url(url)
         worker = self.pool.remove(url)
@@ -366,6 +383,9 @@ class Runtime:
             if scope is not None:
                 scope.cancel()
             self.upstream.drop_origin(url)
+            client = self._control_clients.pop(url, None)
+            if client is not None:
+                self.nursery.start_soon(client.aclose)
             log.info("worker removed: %s (%d in flight)", url, worker.inflight)
         return worker
 
@@ -498,7 +518,7 @@ class Runtime:
     async def probe_once(self, worker: Worker) -> tuple[bool, str]:
         timeout = self.config.workers.health_timeout_s
         try:
-            r = await self.control.get(worker.url + "/health", timeout=timeout)
+            r = await self.control_client(worker).get(worker.url + "/health", timeout=timeout)
         except httpx.TimeoutException:
             return False, f"health check timed out after {timeout:g}s"
         except httpx.HTTPError as e:
@@ -546,7 +566,8 @@ class Runtime:
 
     async def fetch_weight_version(self, worker: Worker) -> None:
         try:
-            r = await self.control.get(worker.url + "/model_info", timeout=self.config.workers.health_timeout_s)
+            r = await self.control_client(worker).get(worker.url + "/model_info",
+                                                      timeout=self.config.workers.health_timeout_s)
             if r.status_code == 200:
                 self.observe_weight_version(worker, r.json().get("weight_version"))
         except (httpx.HTTPError, ValueError, AttributeError):
@@ -719,7 +740,8 @@ class Runtime:
         self._probers.clear()
         with trio.CancelScope(shield=True):
             await self.upstream.aclose()
-            await self.control.aclose()
+            for client in self._control_clients.values():
+                await client.aclose()
             if self.store is not None:
                 await self.store.aclose()
 
