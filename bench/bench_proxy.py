@@ -4,6 +4,7 @@
     python bench/bench_proxy.py --quick         # 3 s per point (about 1 min)
     python bench/bench_proxy.py --no-sglang-router --concurrency 64 --skip-sse
     python bench/bench_proxy.py --compare-ref HEAD~1  # adds miles-router as of another commit (same run)
+    python bench/bench_proxy.py --processes 1,2       # adds miles-router with 1 and 2 processes (same run)
     python bench/bench_proxy.py --profile /tmp/prof # then a py-spy (+ perf) breakdown of miles-router
     python bench/bench_proxy.py --serve         # just start nginx + routers, for wrk/py-spy/strace by hand
 
@@ -19,7 +20,10 @@ What it starts (every process in its own session, all killed on exit, Ctrl-C inc
   * miles-router: `python -m router --config <tmp toml>` with one worker (the upstream), no simulated workers,
     no routes (so every path is the built-in passthrough pipeline), log level warning;
   * sglang-router: `smg launch --worker-urls <upstream> --policy round_robin ...` (a router per upstream, so
-    the SSE phase starts its own miles-router and smg).
+    the SSE phase starts its own miles-router and smg);
+  * with --processes N,...: `miles-router xN`, the same config with `[server] processes = N` and `[sessions]
+    enabled = false` (N > 1 refuses sessions without a shared store; for a passthrough benchmark they are
+    idle), JSON table only. Its CPU is the whole process tree: the supervisor and its N router processes.
 
 JSON table: `wrk` with a Lua script that POSTs a ~200-byte /generate body and checks every response (status
 2xx and a byte-exact body; anything else is counted in `bad`); concurrency 1, 64, 256; a 1 s warm-up per
@@ -493,30 +497,36 @@ def start_sse_server(tmp: str, port: int, events: int, interval: float, cpus: st
 # ------------------------------------------------------------------ routers
 
 def start_miles(tmp: str, port: int, upstream_port: int, name: str, cpus: str | None,
-                repo: str = REPO) -> subprocess.Popen:
-    """miles-router (the passthrough pipeline) from `repo`: this checkout, or --compare-ref's worktree."""
+                repo: str = REPO, processes: int | None = None) -> subprocess.Popen:
+    """miles-router (the passthrough pipeline) from `repo`: this checkout, or --compare-ref's worktree; with
+    `processes`, that many router processes (and sessions off)."""
     cfg = os.path.join(tmp, f"{name}.toml")
+    several = "" if processes is None else f"processes = {processes}\n[sessions]\nenabled = false\n"
     with open(cfg, "w") as f:
         f.write(f"""
-[server]
-host = "127.0.0.1"
-port = {port}
-log_level = "warning"
+[simulate]
+workers = 0
 
 [workers]
 urls = ["http://127.0.0.1:{upstream_port}"]
 
-[simulate]
-workers = 0
-""")
+[server]
+host = "127.0.0.1"
+port = {port}
+log_level = "warning"
+{several}""")
     env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "router", "--config", cfg]
     p = spawn(name, cmd, tmp, env=env, cpus=cpus, cwd=repo)
 
+    serving = set()  # pids that answered, each over a new connection: ready once all N processes have
+
     def ok(port):
         st, body = http_call(port, "GET", "/health")
-        return st == 200 and json.loads(body).get("healthy_workers", 0) >= 1
+        if st == 200 and json.loads(body).get("healthy_workers", 0) >= 1:
+            serving.add(json.loads(body).get("pid"))
+        return len(serving) >= (processes or 1)
 
     wait_ready(name, p, port, ok, 60)
     return p
@@ -986,6 +996,12 @@ def ratios(points: list[Point], sse: list[SsePoint]) -> tuple[str, list[str]]:
         if p.target.startswith("miles-router gc0=") and ms and ms[0].router_us_per_chunk:
             verdicts.append(f"{p.target} SSE: {p.router_us_per_chunk:.1f} µs/chunk "
                             f"({100 * (p.router_us_per_chunk / ms[0].router_us_per_chunk - 1):+.0f}% vs miles-router)")
+    for p in points:
+        one = by.get(("miles-router x1", p.conc))
+        if p.target.startswith("miles-router x") and p.target != "miles-router x1" and one and one.rps:
+            verdicts.append(f"{p.target} / miles-router x1 at c={p.conc}: {p.rps / one.rps:.2f}x req/s, "
+                            f"{p.router_us / one.router_us:.2f}x router CPU per request, "
+                            f"{p.router_cores:.2f} / {one.router_cores:.2f} router cores")
     busy = [p for p in [*points, *sse] if p.other_cores == p.other_cores and p.other_cores > 0.25]
     if busy:
         verdicts.append(f"host was shared: other processes used > 0.25 cores during {len(busy)} of "
@@ -1014,6 +1030,9 @@ def main() -> int:
     ap.add_argument("--sse-interval-ms", type=float, default=10.0)
     ap.add_argument("--compare-ref", metavar="GITREF",
                     help="also measure miles-router as of GITREF (a git worktree) in the same run: an A/B of a change")
+    ap.add_argument("--processes", metavar="N,...",
+                    help="also measure miles-router with N router processes (`--processes N`), for each N given; "
+                         "JSON table only")
     ap.add_argument("--pin", action="store_true",
                     help="taskset: routers on CPU 0, upstreams on the last CPU, load generators unpinned")
     ap.add_argument("--profile", metavar="DIR",
@@ -1076,7 +1095,8 @@ def main() -> int:
                 time.sleep(0.5)
             raise RuntimeError("a served process exited")
         if not args.skip_json:
-            ports = free_ports(6)
+            procs = [int(n) for n in args.processes.split(",")] if args.processes else []
+            ports = free_ports(6 + len(procs))
             nginx_port, miles_port, smg_port, smg_prom, ref_port = ports[:5]
             nginx = start_nginx(tmp, nginx_port, upstream_cpus)
             t = time.monotonic()
@@ -1086,6 +1106,11 @@ def main() -> int:
             if compare_repo:
                 ref = start_miles(tmp, ref_port, nginx_port, "miles_ref_json", router_cpus, compare_repo)
                 targets.append((f"miles-router @{args.compare_ref}", ref_port, ref.pid))
+            for n, port in zip(procs, ports[6:]):
+                t = time.monotonic()
+                several = start_miles(tmp, port, nginx_port, f"miles_x{n}_json", router_cpus, processes=n)
+                print(f"  miles-router x{n} ready in {time.monotonic() - t:.1f} s", flush=True)
+                targets.append((f"miles-router x{n}", port, several.pid))
             if use_smg:
                 try:
                     t = time.monotonic()

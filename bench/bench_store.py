@@ -113,6 +113,38 @@ def cpu_seconds(pid: int, stat: str = "stat") -> float:
     return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children(pid: int) -> list[int]:
+    found = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(d))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def router_cpu(pid: int, processes: int) -> tuple[float, float]:
+    """(CPU seconds of the router, of its event loop threads): the process, or the supervisor and its processes."""
+    pids = [pid] if processes == 1 else [pid, *children(pid)]
+    return (sum(cpu_seconds(p) for p in pids),
+            sum(cpu_seconds(p, f"task/{p}/stat") for p in (pids if processes == 1 else pids[1:])))
+
+
+def wait_processes(port: int, n: int, timeout: float = 60.0) -> None:
+    """Until n different router processes answered /health, each on a new connection."""
+    seen, t0 = set(), time.perf_counter()
+    while len(seen) < n:
+        if time.perf_counter() - t0 > timeout:
+            raise RuntimeError(f"only {len(seen)} of {n} router processes answered on port {port}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                seen.add(json.loads(r.read())["pid"])
+        except OSError:
+            time.sleep(0.01)
+
+
 def server_cpu(args) -> dict[int, float] | None:
     """CPU seconds of the local PostgreSQL server's processes (the postmaster and its children), by pid."""
     if args.cluster is None:
@@ -160,6 +192,16 @@ def unique_prompt(tag: str, conn: int, seq: int) -> str:
     return f"[{tag}-{conn}-{seq}] Write a short note about item {seq * 7919 % 1000}."
 
 
+def session_messages(tag: str, conn: int, seq: int) -> list[dict]:
+    """An agent's first messages (the sessions workload): a system prompt and a task of its own."""
+    return [{"role": "system", "content": SYSTEM_PROMPT.removeprefix("<|im_start|>system\n").removesuffix(
+                "<|im_end|>\n")},
+            {"role": "user", "content": f"Task {tag}.{conn}.{seq}: plan the next step, then call a tool."}]
+
+
+SESSION_TURNS = 8  # chat turns per session in the sessions workload (then DELETE and a new session)
+
+
 WORKLOADS = {
     # unique prompts (their heads differ), tiny vocabulary, two workers: BENCHMARKS.md section 5's first table
     "unique": dict(prompt=unique_prompt, tokenizer="builtin:tiny", workers=2, concurrency=64, new_tokens=32,
@@ -167,11 +209,16 @@ WORKLOADS = {
     # the RL norm: one long shared system prompt, a distinct question, real Qwen vocabulary (issue 19 item 6)
     "shared-system": dict(prompt=shared_system_prompt, tokenizer="builtin:qwen", workers=1, concurrency=16,
                           new_tokens=64, modes=("memory", "commit"), prefill=20_000),
+    # agents on /sessions (issue 19 item 7's per-turn cost): each connection is one agent at a time, 8 chat turns
+    # per session (a ~2 KB system prompt; the simulator's chat replies end by themselves, 10-100 tokens; a tool
+    # result back), then DELETE
+    "sessions": dict(prompt=session_messages, tokenizer="builtin:qwen", workers=1, concurrency=16, new_tokens=400,
+                     modes=("memory", "commit"), prefill=0),
 }
 
 
 def router_config(tmp: str, port: int, sims: list[int], mode: str, store_path: str, *, repo: str = REPO,
-                  tokenizer: str = "builtin:tiny") -> str:
+                  tokenizer: str = "builtin:tiny", processes: int = 1) -> str:
     path = os.path.join(tmp, f"router-{mode}-{port}.toml")
     if mode == "memory":
         store = 'enabled = false'
@@ -186,6 +233,7 @@ def router_config(tmp: str, port: int, sims: list[int], mode: str, store_path: s
         f.write(f"""[server]
 port = {port}
 log_level = "warning"
+{f"processes = {processes}" if processes > 1 else ""}
 [workers]
 urls = [{", ".join(f'"http://127.0.0.1:{p}"' for p in sims)}]
 [tokenizer]
@@ -222,23 +270,50 @@ def load_main(argv) -> None:
         seq = 0
         interval = a.concurrency / a.rate if a.rate else 0.0  # each connection's share of --rate
         due = trio.current_time() + interval * i / a.concurrency
+
+        async def call(method: bytes, path: bytes, body: bytes = b"") -> tuple[int, bytes]:
+            nonlocal buf
+            await stream.send_all(b"%s %s HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                                  b"content-length: %d\r\n\r\n%s" % (method, path, len(body), body))
+            while b"\r\n\r\n" not in buf:
+                buf += await stream.receive_some(65536)
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            length = int(next((l.split(b":")[1] for l in head.split(b"\r\n")
+                               if l.lower().startswith(b"content-length")), 0))  # none: 204
+            while len(buf) < length:
+                buf += await stream.receive_some(65536)
+            reply, buf = buf[:length], buf[length:]
+            return int(head[9:12]), reply
+
+        async def agent() -> None:
+            """One session: SESSION_TURNS chat turns (each counted), then DELETE."""
+            nonlocal seq
+            status, reply = await call(b"POST", b"/sessions")
+            sid = json.loads(reply)["session_id"].encode()
+            messages = prompt(a.tag, i, seq)
+            seq += 1
+            for turn in range(SESSION_TURNS):
+                status, reply = await call(b"POST", b"/sessions/%s/v1/chat/completions" % sid, json.dumps(
+                    {"messages": messages, "max_tokens": a.new_tokens, "temperature": 1.0}).encode())
+                if measuring[0]:
+                    counts["ok" if status == 200 else "bad"] += 1
+                if status != 200:
+                    break
+                messages = messages + [json.loads(reply)["choices"][0]["message"],
+                                       {"role": "user", "content": f"Tool result {turn}: 42 rows, 3 columns."}]
+            await call(b"DELETE", b"/sessions/%s" % sid)
+
         while True:
             if interval:
                 await trio.sleep_until(due)
                 due = max(due + interval, trio.current_time() - interval)  # behind schedule: no burst to catch up
+            if a.workload == "sessions":
+                await agent()
+                continue
             body = json.dumps({"text": prompt(a.tag, i, seq), "sampling_params": {"max_new_tokens": a.new_tokens},
                                "return_logprob": True}).encode()
             seq += 1
-            await stream.send_all(b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                                  b"content-length: %d\r\n\r\n%s" % (len(body), body))
-            while b"\r\n\r\n" not in buf:
-                buf += await stream.receive_some(65536)
-            head, _, buf = buf.partition(b"\r\n\r\n")
-            status = int(head[9:12])
-            length = int(next(l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")))
-            while len(buf) < length:
-                buf += await stream.receive_some(65536)
-            buf = buf[length:]
+            status, _ = await call(b"POST", b"/generate", body)
             if measuring[0]:
                 counts["ok" if status == 200 else "bad"] += 1
 
@@ -271,10 +346,12 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int, repo: str =
     if mode in ("off", "commit") and args.prefill:
         shutil.copyfile(prefilled(tmp, repo, label, args.prefill), store_path)
     work = WORKLOADS[args.workload]
-    cfg = router_config(tmp, port, sims, mode, store_path, repo=repo, tokenizer=work["tokenizer"])
+    cfg = router_config(tmp, port, sims, mode, store_path, repo=repo, tokenizer=work["tokenizer"],
+                        processes=processes)
     router = spawn([sys.executable, "-m", "router", "--config", cfg], os.path.join(tmp, f"router-{name}.log"), repo)
     try:
         wait_http(f"http://127.0.0.1:{port}/health")
+        wait_processes(port, processes)
         client = subprocess.Popen([sys.executable, __file__, "_load", "--port", str(port), "--concurrency",
                                    str(args.concurrency), "--seconds", str(args.seconds), "--warmup", "1.0",
                                    "--tag", f"{mode}{round_}{label.replace('@', '-')}", "--workload", args.workload,
@@ -282,16 +359,19 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int, repo: str =
                                   stdout=subprocess.PIPE, cwd=REPO)
         PROCS.append(client)
         time.sleep(1.0)  # the client's warm-up
-        c0, main0, d0 = cpu_seconds(router.pid), cpu_seconds(router.pid, f"task/{router.pid}/stat"), server_cpu(args)
+        (c0, main0), d0 = router_cpu(router.pid, processes), server_cpu(args)
         out, _ = client.communicate(timeout=args.seconds + 60)
-        c1, main1, d1 = cpu_seconds(router.pid), cpu_seconds(router.pid, f"task/{router.pid}/stat"), server_cpu(args)
+        (c1, main1), d1 = router_cpu(router.pid, processes), server_cpu(args)
         res = json.loads(out)
-        if mode != "memory":  # group commit as the router saw it
+        if mode != "memory":  # group commit as the router saw it (summed over processes: `process` labels)
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                m = dict(re.findall(r"^(miles_router_store_\w+(?:_sum|_count)) (\S+)$", r.read().decode(), re.M))
-            commits = float(m.get("miles_router_store_commit_seconds_count", 0)) or 1.0
-            res.update(batch=float(m["miles_router_store_batch_records_sum"]) / commits,
-                       commit_ms=1e3 * float(m["miles_router_store_commit_seconds_sum"]) / commits)
+                m: dict[str, float] = {}
+                for name_, value in re.findall(r"^(miles_router_store_\w+(?:_sum|_count))(?:\{[^}]*\})? (\S+)$",
+                                               r.read().decode(), re.M):
+                    m[name_] = m.get(name_, 0.0) + float(value)
+            commits = m.get("miles_router_store_commit_seconds_count", 0.0) or 1.0
+            res.update(batch=m["miles_router_store_batch_records_sum"] / commits,
+                       commit_ms=1e3 * m["miles_router_store_commit_seconds_sum"] / commits)
     finally:
         stop(router)
     ok = max(res["ok"], 1)
@@ -299,7 +379,7 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int, repo: str =
                main_us=(main1 - main0) * 1e6 / ok)
     if is_pg(mode) and d0 is not None:  # the database server's own work (in-process for SQLite)
         res["db_cpu_us"] = sum(t - d0.get(pid, 0.0) for pid, t in d1.items()) * 1e6 / ok
-    if mode == "commit":
+    if mode == "commit" and args.workload != "sessions":  # (session turns are not trajectories)
         conn = sqlite3.connect(store_path)
         rows, tokens, payload = conn.execute("SELECT count(*), total(ntokens), total(nbytes) FROM trajectories").fetchone()
         conn.close()
@@ -321,9 +401,10 @@ def prefilled(tmp: str, repo: str, label: str, n: int) -> str:
     return path
 
 
-def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str]]) -> None:
-    """Every mode of every target (this checkout, and --compare-ref's), alternated within each round (reversed in
-    odd rounds) so drift on a shared machine hits all of them alike; then the medians and the ratios."""
+def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str, int]]) -> None:
+    """Every mode of every target (this checkout, --processes' counts of it for the PostgreSQL modes, and
+    --compare-ref's), alternated within each round (reversed in odd rounds) so drift on a shared machine hits all
+    of them alike; then the medians and the ratios."""
     modes = args.modes
     results = []
     for r in range(args.rounds):
@@ -345,7 +426,12 @@ def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str]]) 
     main = {(m, lb): statistics.median(x["main_us"] for x in results if x["mode"] == m and x["label"] == lb)
             for m, lb in measured}
     base = "memory" if "memory" in modes else modes[0]
-    print(f"\n| router | mode | req/s (median) | router CPU µs/req | of it, event loop thread | CPU vs {base} | "
+
+    def who(label: str) -> str:
+        return (label[1:] if label.startswith("@") else f"this checkout, {label[1:]} processes" if label
+                else "this checkout")
+
+    print(f"\n| router | mode | req/s (median) | router CPU µs/req | of it, event loop thread(s) | CPU vs {base} | "
           f"req/s vs {base} |\n|---|---|---|---|---|---|---|")
     for label, _ in targets:
         for m in (m for m in modes if (m, label) in measured):
@@ -353,8 +439,14 @@ def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str]]) 
                   f"{main[m, label]:.0f} | {cpu[m, label] / cpu[base, label]:.2f}× | "
                   f"{med[m, label] / med[base, label]:.2f}× |")
     print()
-    for label, _ in targets:
-        who = label[1:] or "this checkout"
+    for label, _, n in targets:
+        if n > 1:
+            for m in modes:
+                if (m, label) in measured:
+                    print(f"{m}: {n} router processes / 1: throughput {med[m, label] / med[m, '']:.2f}×, router CPU "
+                          f"per request {cpu[m, label] / cpu[m, '']:.2f}× ({cpu[m, label]:.0f} vs {cpu[m, '']:.0f} µs)")
+            continue
+        name = who(label)
         if "commit" in modes and "off" in modes:
             print(f"{who}: commit/off throughput {med['commit', label] / med['off', label]:.2f}× (target >= 0.8)")
         for c in ("commit", "pg-commit", "pg1-commit"):
@@ -367,7 +459,7 @@ def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str]]) 
             db = {m: statistics.median(x["db_cpu_us"] for x in results if x["mode"] == m and not x["label"])
                   for m in modes if is_pg(m)}
             print("PostgreSQL server CPU per request (its own processes, not in the router's): "
-                  + ", ".join(f"{m} {v:.0f} µs" for m, v in db.items()))
+                  + ", ".join(f"{m}{f' ({lb[1:]} processes)' if lb else ''} {v:.0f} µs" for (m, lb), v in db.items()))
         for m in ("off", "commit"):
             if m in modes and "pg-" + m in modes:
                 print(f"PostgreSQL vs SQLite, router CPU per request, sync={m}: "
@@ -382,7 +474,7 @@ def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str]]) 
         ref = targets[1][0]
         for m in (m for m in modes if (m, ref) in measured):
             print(f"{m}: router CPU per request, this checkout / {ref[1:]}: {cpu[m, ''] / cpu[m, ref]:.2f}×")
-    commits = [x for x in results if x["mode"] == "commit" and not x["label"]]
+    commits = [x for x in results if x["mode"] == "commit" and not x["label"] and "rows" in x]
     if commits:
         c = commits[-1]
         print(f"bytes on disk per token (no R3): records {c['record_bytes_per_token']:.2f} B, whole file "
@@ -532,10 +624,10 @@ def main() -> int:
     else:
         args.pg_database = lambda: args.pg_url
     args.cluster = cluster
-    targets = [("", REPO)]
+    targets = [("", REPO, 1)] + [(f"x{n}", REPO, n) for n in args.processes if n > 1]
     if args.compare_ref:
         ref_repo = gitref.worktree(REPO, args.compare_ref, os.path.join(tmp, "compare_ref"))
-        targets.append(("@" + args.compare_ref, ref_repo))
+        targets.append(("@" + args.compare_ref, ref_repo, 1))
     sims = [free_port() for _ in range(work["workers"])]
     for i, p in enumerate(sims):
         spawn([sys.executable, "-m", "router", "sim-worker", "--port", str(p), "--tokenizer", work["tokenizer"],

@@ -1,11 +1,12 @@
 """`miles-router`: run the router, check a config, or run one simulated SGLang worker.
 
-    miles-router --config router.toml [--host H] [--port P] [--log-level L]
+    miles-router --config router.toml [--host H] [--port P] [--log-level L] [--processes N]
     miles-router check --config router.toml
     miles-router sim-worker --port 31000 [--tokenizer builtin:qwen] [--seed 0] [--token-latency-s 0.01]
     miles-router store stats|export|vacuum --config router.toml [--out FILE] [--all] [--format samples|retrieve]
 
-A bad config or pipeline, a trajectory store that cannot be opened, or a library whose patched code is not the
+A bad config or pipeline, a trajectory store that cannot be opened, `--processes N` (`server.processes`) > 1
+without a store every process shares (router/net/supervisor.py), or a library whose patched code is not the
 reviewed one (router/http/reviewed.py) prints one line on stderr and exits 2.
 """
 
@@ -16,9 +17,20 @@ import json
 import logging
 import os
 import sys
+from functools import partial
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _processes(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 256:
+        raise argparse.ArgumentTypeError(f"must be a whole number in 1..256, got {text!r}")
+    return n
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--host")
         q.add_argument("--port", type=int)
         q.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+        q.add_argument("--processes", type=_processes, metavar="N",
+                       help="router processes sharing the port (server.processes; > 1 needs [store] url)")
     chk = sub.add_parser("check", help="validate a config and print the resolved configuration")
     chk.add_argument("--config", required=True)
     demo = sub.add_parser("demo-agent", help="run a short tool-calling agent (openai SDK) through /sessions "
@@ -93,8 +107,9 @@ def _check_store(cfg, pipelines) -> None:
         raise SystemExit(2) from None
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _setup_logging(level: str, *, with_pid: bool = False) -> None:
+    name = "%(name)s[%(process)d]" if with_pid else "%(name)s"  # several router processes write to one stderr
+    logging.basicConfig(level=getattr(logging, level.upper()), format=f"%(asctime)s %(levelname)s {name}: %(message)s")
     # One line per health probe is noise; the router logs state changes itself.
     for noisy in ("httpx", "httpcore", "hypercorn"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
@@ -128,14 +143,40 @@ def _libraries_reviewed() -> bool:
     return True
 
 
+def _check_processes(cfg, pipelines, where: str) -> None:
+    """Refuse `server.processes` > 1 without state every process shares: one line naming the key, exit 2."""
+    from router.net.supervisor import processes_problem
+
+    problem = processes_problem(cfg, pipelines)
+    if problem is not None:
+        print(f"miles-router: {where}: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _child_command(args, cfg) -> list[str]:
+    """How the supervisor starts one router process: this command line, minus --processes and --port."""
+    cmd = [sys.executable, "-m", "router", "run", "--host", cfg.server.host, "--log-level", cfg.server.log_level]
+    if args.config:
+        cmd += ["--config", os.path.abspath(args.config)]
+    return cmd
+
+
 def cmd_run(args) -> int:
     import trio
 
     from router.net.server import run_router
+    from router.net.siblings import SiblingLink
 
     if not _libraries_reviewed():
         return 2
+    link = SiblingLink.from_env()  # set: this is one of the processes of `--processes N`
     cfg, pipelines = _load(args.config)
+    if link is None:
+        if args.processes is not None:
+            cfg.server.processes = args.processes
+        n = cfg.server.processes
+        where = f"--processes {n}" if args.processes is not None else f"{args.config}: server.processes = {n}"
+        _check_processes(cfg, pipelines, where)
     _check_store(cfg, pipelines)
     if args.host:
         cfg.server.host = args.host
@@ -143,10 +184,21 @@ def cmd_run(args) -> int:
         cfg.server.port = args.port
     if args.log_level:
         cfg.server.log_level = args.log_level
-    _setup_logging(cfg.server.log_level)
+    several = link is not None or cfg.server.processes > 1
+    _setup_logging(cfg.server.log_level, with_pid=several)
     tune_process()
     try:
-        trio.run(run_router, cfg)
+        if link is not None:
+            # the supervisor runs the simulated workers, once for all processes
+            cfg.simulate.workers = 0
+            cfg.workers.urls = [*cfg.workers.urls, *link.workers]
+            trio.run(partial(run_router, cfg, siblings=link))
+        elif cfg.server.processes > 1:
+            from router.net.supervisor import Supervisor
+
+            return trio.run(Supervisor(cfg, _child_command(args, cfg)).run)
+        else:
+            trio.run(run_router, cfg)
     except KeyboardInterrupt:
         pass
     except OSError as e:

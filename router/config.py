@@ -45,6 +45,9 @@ class ServerConfig(_Table):
     max_body_bytes: AtLeastOne = 512 * 1024 * 1024
     request_timeout_s: Positive = 1800.0
     drain_timeout_s: NonNegative = 30.0
+    # Router processes sharing `port` (SO_REUSEPORT) under one supervisor (router/net/supervisor.py); > 1
+    # needs every process to see the same trajectories and sessions: the PostgreSQL store (`[store] url`).
+    processes: Annotated[int, Meta(ge=1, le=256)] = 1
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Optional shared secret for the admin surface (add/remove workers, fan-out);
     # the env var MILES_ROUTER_ADMIN_KEY overrides it.

@@ -64,9 +64,10 @@ async def test_engine_registers_and_deregisters_through_the_gateway_api(nursery)
         assert (await generate(c)).status_code == 503
         assert (await c.get("/readiness")).json()["status"] == "not_ready"
 
-        # re-registered: a new registration, a new id
+        # re-registered: the same id (a hash of the URL: every router process names a worker the same)
         r = await c.post("/workers", json={"url": sim.url, "worker_type": "regular"})
-        assert r.status_code == 202 and r.json()["worker_id"] != worker_id
+        assert r.status_code == 202 and r.json()["worker_id"] == worker_id
+        assert worker_id == str(uuid.uuid5(uuid.NAMESPACE_URL, sim.url))
         # shutdown, sglang_router < 0.3: DELETE /workers/{quote(url, safe="")}
         r = await c.delete(f"/workers/{quote(sim.url, safe='')}")
         assert r.status_code == 202, r.text

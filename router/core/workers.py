@@ -95,8 +95,10 @@ class Worker:
     request_failures_total: int = 0  # failed request outcomes (what the breaker counts)
     breaker: Breaker = field(default_factory=Breaker)
     added_at: float = field(default_factory=time.time)
-    # The SGLang Model Gateway's view (POST /workers): an id per registration and the engine's role.
-    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    # The SGLang Model Gateway's view (POST /workers): an id and the engine's role. The id is a hash of the URL
+    # (a UUID5), so every router process and every router of a fleet names a worker the same: `GET /workers`
+    # on one and `DELETE /workers/{id}` on another act on one worker (the gateway draws a random UUID).
+    id: str = ""
     worker_type: str = "regular"
     bootstrap_port: int | None = None
     # Labels for selectors (the RL plane's `?selector=`): from the config, POST /workers or /add_worker.
@@ -106,6 +108,10 @@ class Worker:
     # The engine's own facts for the RL plane's discovery rows (router/net/rl.py), fetched once.
     engine_info: dict | None = None
     engine_info_tried: float = float("-inf")
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            self.id = str(uuid.uuid5(uuid.NAMESPACE_URL, self.url))
 
     @property
     def selectable(self) -> bool:

@@ -13,6 +13,7 @@ So the fixes apply to this server's connections only; hypercorn and trio are not
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -47,6 +48,24 @@ def hypercorn_config(host: str, port: int, *, graceful_timeout_s: float = 3.0,
     return cfg
 
 
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port) with SO_REUSEPORT, not listening yet. Every process that binds
+    the same address this way (same user) shares the port: Linux spreads new connections over the
+    listening ones by a hash of their addresses, and one that is bound but never listens (the
+    supervisor's, router/net/supervisor.py) only keeps the port reserved. Options as hypercorn sets them."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host.strip("[]"), port))
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
 async def serve_asgi(
     app: Callable[..., Awaitable[None]],
     host: str,
@@ -55,23 +74,27 @@ async def serve_asgi(
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     graceful_timeout_s: float = 3.0,
     keep_alive_timeout_s: float = 75.0,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `app` until `shutdown_trigger` returns; `task_status.started(url)` once bound.
 
     After the trigger fires the server stops accepting and waits up to `graceful_timeout_s`
-    for in-flight requests before returning. Refuses to start (reviewed.LibraryChanged, one line)
+    for in-flight requests before returning. `reuse_port`: listen on a `reuse_port_socket`, so
+    other processes can serve the same port. Refuses to start (reviewed.LibraryChanged, one line)
     when a library function a fix was reviewed against has changed.
     """
     reviewed.check()
     cfg = hypercorn_config(host, port, graceful_timeout_s=graceful_timeout_s, keep_alive_timeout_s=keep_alive_timeout_s)
+    sockets = [reuse_port_socket(host, port)] if reuse_port else None
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(partial(_serve, app, cfg, shutdown_trigger or trio.sleep_forever))
+        binds = await nursery.start(partial(_serve, app, cfg, shutdown_trigger or trio.sleep_forever, sockets))
         # binds look like ["http://127.0.0.1:PORT"]
         task_status.started(binds[0])
 
 
 async def _serve(app, config: HypercornConfig, shutdown_trigger: Callable[[], Awaitable[None]],
+                 sockets: list[socket.socket] | None = None,
                  task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     app = wrap_app(app, config.wsgi_max_body_size, "asgi")
     config.set_statsd_logger_class(StatsdLogger)
@@ -88,7 +111,8 @@ async def _serve(app, config: HypercornConfig, shutdown_trigger: Callable[[], Aw
             await RouterTCPServer(app, config, context, state, reused_buffer_stream(stream)).run()
 
         async with trio.open_nursery() as server_nursery:
-            sockets = config.create_sockets().insecure_sockets
+            if sockets is None:
+                sockets = config.create_sockets().insecure_sockets
             listeners, binds = [], []
             for sock in sockets:
                 sock.listen(config.backlog)

@@ -339,7 +339,8 @@ class RouterApp:
         url, labels = self._worker_spec_from(scope, body)
         if not host_allowed(url, self.rt.config.workers.allowed_hosts):
             return error_reply(403, f"worker host not in workers.allowed_hosts: {url}")
-        self.rt.workers.add(url, labels)
+        worker, _ = self.rt.workers.add(url, labels)
+        self.rt.admin_changed(worker)
         return json_reply(200, {"status": "success", "worker_urls": self.rt.pool.inflight_by_url()})
 
     async def remove_worker(self, scope, body: bytes) -> Reply:
@@ -347,6 +348,7 @@ class RouterApp:
         w = self.rt.workers.remove(url)
         if w is None:
             return error_reply(404, f"unknown worker: {url}")
+        self.rt.admin_removed(w.url)
         return json_reply(200, {"status": "success", "removed": url, "inflight": w.inflight,
                                 "worker_urls": self.rt.pool.inflight_by_url()})
 
@@ -360,10 +362,14 @@ class RouterApp:
 
     async def health(self, scope, body: bytes) -> Reply:
         healthy = len(self.rt.pool.healthy())
-        body = {"status": "ok", "healthy_workers": healthy, "total_workers": len(self.rt.pool)}
+        # pid: which process answered (`--processes N` serves one port from N processes)
+        body = {"status": "ok", "healthy_workers": healthy, "total_workers": len(self.rt.pool), "pid": os.getpid()}
         if self.rt.sessions is not None:  # miles' session server answers with its instance id
             body["session_server_instance_id"] = self.rt.sessions.instance_id
         return json_reply(200, body)
 
     async def metrics(self, scope, body: bytes) -> Reply:
-        return Reply(200, self.rt.metrics.render(), [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
+        text = self.rt.metrics.render()
+        if self.rt.siblings is not None:  # one of several processes on the port: it answers for all
+            text = await self.rt.siblings.all_metrics(text)
+        return Reply(200, text, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])

@@ -7,9 +7,10 @@ gateways, `DELETE /workers/{url-encoded url}`); with the miles router it uses `/
 
 Differences from the gateway, on purpose: registration is immediate (the 202 still says
 "accepted"); registering a URL that is already registered answers 202 with its existing id
-(idempotent, like /add_worker); only `worker_type: "regular"` is served (no prefill/decode
-disaggregation). Admin endpoints need the admin key and `workers.allowed_hosts` applies, as for
-/add_worker.
+(idempotent, like /add_worker); a worker's id is a hash of its URL (UUID5), not a random UUID per
+registration, so every router process (and every router of a fleet) gives a worker the same id; only
+`worker_type: "regular"` is served (no prefill/decode disaggregation). Admin endpoints need the admin
+key and `workers.allowed_hosts` applies, as for /add_worker.
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ def routes(runtime) -> list[Route]:
         worker, created = runtime.workers.add(url, labels)
         worker.worker_type = spec.worker_type
         worker.bootstrap_port = spec.bootstrap_port
+        runtime.admin_changed(worker)
         location = f"/workers/{worker.id}"
         return _json(202, {"status": "accepted", "worker_id": worker.id, "url": url, "location": location,
                            "message": "Worker added" if created else "Worker already registered"},
@@ -134,6 +136,7 @@ def routes(runtime) -> list[Route]:
         if isinstance(found, Reply):
             return found
         runtime.workers.remove(found.url)
+        runtime.admin_removed(found.url)
         return _json(202, {"status": "accepted", "worker_id": found.id, "url": found.url,
                            "message": f"Worker removed ({found.inflight} requests in flight finish first)"})
 

@@ -189,3 +189,32 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def merge_expositions(texts: dict[int, bytes]) -> bytes:
+    """Several processes' `/metrics` (Prometheus text format, process number -> text) as one: each family once,
+    its HELP and TYPE, then every process's samples with a `process="<n>"` label (`--processes N`: a scrape
+    of the shared port reaches one process, which answers for all). Sum over processes in queries:
+    `sum without (process) (rate(miles_router_requests_total[1m]))`; a restarted process's counters start
+    over under its number, which `rate` takes as a counter reset."""
+    families: dict[bytes, list] = {}  # name -> [HELP and TYPE lines, sample lines]
+    for number in sorted(texts):
+        label = b'process="%d"' % number
+        current = None
+        for line in texts[number].splitlines():
+            if line.startswith(b"# HELP ") or line.startswith(b"# TYPE "):
+                name = line.split(b" ", 3)[2]
+                current = families.setdefault(name, [[], []])
+                if line not in current[0]:
+                    current[0].append(line)
+            elif line and not line.startswith(b"#") and current is not None:
+                cut = min(i for i in (line.find(b"{"), line.find(b" ")) if i >= 0)
+                if line[cut:cut + 1] == b"{":
+                    current[1].append(line[:cut + 1] + label + b"," + line[cut + 1:])
+                else:
+                    current[1].append(line[:cut] + b"{" + label + b"}" + line[cut:])
+    out = []
+    for head, samples in families.values():
+        out += head
+        out += samples
+    return b"\n".join(out) + b"\n"

@@ -76,11 +76,12 @@ async def engine_call(runtime, worker: Worker, method: str, path: str, query: st
     undo = control.before(worker.control, p)
     if p.pause or p.release:
         runtime.workers.control_changed(worker)
+        runtime.admin_changed(worker)
     url = worker.url + path + (f"?{query}" if query else "")
     t0 = time.perf_counter()
     out = None
     try:
-        r = await runtime.workers.control.request(method, url, content=body, headers=headers, timeout=timeout_s)
+        r = await runtime.workers.control_client(worker).request(method, url, content=body, headers=headers, timeout=timeout_s)
         out = CallOutcome(r.status_code, r.content, _ms(t0))
     except httpx.TimeoutException as e:
         out = CallOutcome(None, b"", _ms(t0), "upstream_timeout",
@@ -96,6 +97,7 @@ async def engine_call(runtime, worker: Worker, method: str, path: str, query: st
                 runtime.workers.observe_version(worker, version)
             if p.changes_anything:
                 runtime.workers.control_changed(worker)
+                runtime.admin_changed(worker)
     return out
 
 
@@ -153,7 +155,7 @@ async def _engine_info(runtime, workers: list[Worker]) -> None:
     async def fetch(w: Worker) -> None:
         w.engine_info_tried = now
         try:
-            r = await runtime.workers.control.get(w.url + "/server_info", timeout=runtime.config.workers.health_timeout_s)
+            r = await runtime.workers.control_client(w).get(w.url + "/server_info", timeout=runtime.config.workers.health_timeout_s)
             d = r.json() if r.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
             return

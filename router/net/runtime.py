@@ -68,6 +68,8 @@ class Runtime:
         self.tokenizer = None
         self.sessions = None  # SessionRegistry when [sessions] enabled
         self.session_persister = None  # sessions over the store (router/net/session_persist.py)
+        # The other router processes on this port (`--processes N`, router/net/siblings.py); None when alone.
+        self.siblings = None
         self.pipelines: dict[tuple[str, str], RoutePipeline] = {}
         self.session_pipeline: RoutePipeline | None = None
         self.session_proxy: RoutePipeline | None = None
@@ -179,6 +181,17 @@ class Runtime:
             gone = self.sessions.expire_idle(time.monotonic())
             if gone:
                 log.info("reclaimed %d idle session(s)", len(gone))
+
+    # ---- admin changes other processes must see -----------------------------------------------
+    def admin_changed(self, worker) -> None:
+        """An admin call here registered `worker` or changed its control state: the other processes on the port
+        take the same change (a change they sent us is applied without this, so it is not sent back)."""
+        if self.siblings is not None:
+            self.siblings.worker_changed(worker)
+
+    def admin_removed(self, url: str) -> None:
+        if self.siblings is not None:
+            self.siblings.worker_removed(url)
 
     # ---- shutdown -----------------------------------------------------------------------------
     async def aclose(self) -> None:

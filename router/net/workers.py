@@ -10,7 +10,8 @@
   the request's claim and wakes the next waiter.
 
 The data path's connections (router/net/upstream.py) are the forward stage's; this module only drops a
-removed worker's. The control plane (probes, engine calls) uses `control`, an httpx client.
+removed worker's. The control plane (probes, /model_info, engine calls) uses httpx, one client per worker
+(`control_client`).
 """
 
 from __future__ import annotations
@@ -40,9 +41,8 @@ class WorkerSupervisor:
         self.metrics, self.upstream = metrics, upstream
         w = config.workers
         self.retry_statuses = frozenset(config.retry.statuses)
-        # Control plane (health probes, admin fan-out, engine calls): httpx; the data path uses the h11 pool.
-        self.control = httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(w.health_timeout_s),
-                                         limits=httpx.Limits(max_connections=256, keepalive_expiry=w.keepalive_expiry_s))
+        self._control_clients: dict[str, httpx.AsyncClient] = {}
+        self._control_tls = None  # one TLS context for all of them (httpx builds one per client: ~23 ms each)
         # Requests waiting for a worker slot (workers.max_inflight_per_worker), and generation requests held while
         # every worker they may use is paused (routing.hold_when_paused): one FIFO mechanism, router/net/admission.py.
         self.slot_queue = FifoQueue("worker_slot", metrics.queue_waited)
@@ -84,8 +84,27 @@ class WorkerSupervisor:
             if scope is not None:
                 scope.cancel()
             self.upstream.drop_origin(url)
+            client = self._control_clients.pop(url, None)
+            if client is not None:
+                self.nursery.start_soon(client.aclose)
             log.info("worker removed: %s (%d in flight)", url, worker.inflight)
         return worker
+
+    def control_client(self, worker: Worker) -> httpx.AsyncClient:
+        """The httpx client for `worker`'s control calls. One per worker, not one for all: httpx's pool looks at
+        every connection it holds for each request (`_assign_requests_to_connections`, and `is_idle` on each when
+        a response closes), so with one shared client a probe cost ~11 µs per registered worker, and 1,000 workers'
+        probes alone took more than a core (BENCHMARKS.md §8)."""
+        client = self._control_clients.get(worker.url)
+        if client is None:
+            w = self.config.workers
+            if self._control_tls is None:
+                self._control_tls = httpx.create_ssl_context()
+            client = self._control_clients[worker.url] = httpx.AsyncClient(
+                trust_env=False, verify=self._control_tls, timeout=httpx.Timeout(w.health_timeout_s),
+                limits=httpx.Limits(max_connections=64, max_keepalive_connections=4,
+                                    keepalive_expiry=w.keepalive_expiry_s))
+        return client
 
     # ---- health and the breaker ------------------------------------------------------------------
     def _transition(self, t: Transition | BreakerTransition | None) -> None:
@@ -118,7 +137,7 @@ class WorkerSupervisor:
     async def probe_once(self, worker: Worker) -> tuple[bool, str]:
         timeout = self.config.workers.health_timeout_s
         try:
-            r = await self.control.get(worker.url + "/health", timeout=timeout)
+            r = await self.control_client(worker).get(worker.url + "/health", timeout=timeout)
         except httpx.TimeoutException:
             return False, f"health check timed out after {timeout:g}s"
         except httpx.HTTPError as e:
@@ -157,7 +176,7 @@ class WorkerSupervisor:
 
     async def fetch_weight_version(self, worker: Worker) -> None:
         try:
-            r = await self.control.get(worker.url + "/model_info", timeout=self.config.workers.health_timeout_s)
+            r = await self.control_client(worker).get(worker.url + "/model_info", timeout=self.config.workers.health_timeout_s)
             if r.status_code == 200:
                 self.observe_version(worker, r.json().get("weight_version"))
         except (httpx.HTTPError, ValueError, AttributeError):
@@ -279,4 +298,5 @@ class WorkerSupervisor:
         self._probers.clear()
         with trio.CancelScope(shield=True):
             await self.upstream.aclose()
-            await self.control.aclose()
+            for client in self._control_clients.values():
+                await client.aclose()
