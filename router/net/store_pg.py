@@ -38,8 +38,6 @@ out of line and uncompressed), `sessions` (with `last_used`, wall clock), `sessi
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -47,10 +45,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import psycopg
 import trio
 
-from router.core.store import (KeyFilter, Keyed, RetentionPlan, RowInfo, SessionWrite, StoreError, StoreOpenError, StoreStats,
-                               StoreWriteError, plan_retention)
+from router.core.store import (KeyFilter, RetentionPlan, RowInfo, SessionWrite, StoreError, StoreOpenError, StoreStats,
+                               plan_retention)
 from router.net.pg_loop import LoopConnections, QueryFailed
-from router.net.store_sqlite import _Op, _STOP
+from router.net.store_writer import Op, QueuedStore
 from router.wire import store as wire
 from router.wire.store import StoredTrajectory
 
@@ -218,7 +216,7 @@ def check_openable(url: str, *, timeout_s: float = 5.0) -> str | None:
     return reason
 
 
-class PgStore:
+class PgStore(QueuedStore):
     """A TrajectoryStore (router/core/store.py) on a PostgreSQL database, shareable by several routers."""
 
     shared = True  # any router of a fleet may have written anything a moment ago (`store.shared`)
@@ -239,8 +237,8 @@ class PgStore:
         self._info = conninfo(url, timeout_s)
         self._conn_used = time.monotonic()
         self.read_only = self.write_error is not None
-        self.commits = self.deleted = self.deleted_unretrieved = 0
         self._load_totals(self._conn)
+        self._init_queue()
         self.shared = shared
         self._heads = None
         if not shared:  # this router is the database's only writer: what `may_continue` needs is SQLite's
@@ -248,12 +246,7 @@ class PgStore:
             with self._conn.cursor() as cur:
                 cur.execute("SELECT DISTINCT head FROM miles_router.trajectories WHERE head IS NOT NULL")
                 self._heads.load(cur)
-        self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
-        self._pending: dict[bytes, list[StoredTrajectory]] = {}  # digest -> records not yet committed, oldest first
-        self._pending_writes = 0
         self._reads: LoopConnections | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._thread: threading.Thread | None = None
 
     def _load_totals(self, conn: psycopg.Connection) -> None:
         rows, payload, unretrieved = conn.execute(_TOTALS).fetchone()
@@ -264,22 +257,16 @@ class PgStore:
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
         """Start the writer thread (wake-ups go to the calling trio loop); reads connect when first made."""
-        self._token = trio.lowlevel.current_trio_token()
         self._reads = LoopConnections(self._info)
-        self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
-        self._thread.start()
+        self._start_writer()
 
     async def aclose(self) -> None:
         """Stop the writer after what is queued, within `wait_s`: a database that hangs must not hang the
         router's shutdown (a writer stuck in a commit is left behind, its connection with it)."""
-        if self._thread is not None:
-            self._queue.put(_STOP)
-            await trio.to_thread.run_sync(self._thread.join, self.wait_s)
-            if self._thread.is_alive():
-                log.warning("%s: the writer did not finish within %g s (the database does not answer); "
-                            "stopping without it", self.name, self.wait_s)
-                self._conn = None  # still the writer's: not closed under it
-            self._thread = None
+        if not await self._stop_writer(self.wait_s):
+            log.warning("%s: the writer did not finish within %g s (the database does not answer); "
+                        "stopping without it", self.name, self.wait_s)
+            self._conn = None  # still the writer's: not closed under it
         self.close_sync()
 
     def close_sync(self) -> None:
@@ -291,91 +278,18 @@ class PgStore:
             self._conn.close()
             self._conn = None
 
-    # ---- writes ------------------------------------------------------------------------------------
-    async def _submit(self, op: _Op) -> None:
-        self._queue.put(op)
-        if op.done is None:
-            return
-        with trio.move_on_after(self.wait_s):
-            await op.done.wait()
-        if not op.done.is_set():
-            raise StoreWriteError(f"{self.name}: cannot write: no commit within {self.wait_s:g} s "
-                                  "(the database does not answer)")
-        if op.error is not None:
-            raise StoreWriteError(f"{self.name}: cannot write: {op.error}")
-
-    def _refuse_writes(self) -> None:
-        if self.read_only:
-            raise StoreWriteError(f"{self.name}: cannot write: {self.write_error}")
-
-    async def put(self, records: Sequence[Keyed], *, wait: bool) -> None:
-        if not records:
-            return
-        self._refuse_writes()
-        records = [r if isinstance(r, Keyed) else Keyed(*r) for r in records]
-        for r in records:
-            self._pending.setdefault(r.digest, []).append(r.record)
-        self._pending_writes += len(records)
-        await self._submit(_Op("put", records, trio.Event() if wait else None))
-
-    async def put_session(self, sid: str, at: float, header: bytes | None,
-                          turns: Sequence[tuple[int, bytes]], *, wait: bool) -> SessionWrite:
-        self._refuse_writes()
-        op = _Op("session", (sid, at, header, list(turns)), trio.Event() if wait else None)
-        await self._submit(op)
-        return op.result or SessionWrite()
-
-    def touch_session(self, sid: str, at: float) -> None:
-        if not self.read_only:
-            self._queue.put(_Op("touch", (sid, at), None))
-
-    async def expire_sessions(self, before: float, keep: Sequence[str]) -> list[str]:
-        if self.read_only:
-            return []
-        op = _Op("session_expire", (before, sorted(keep)), trio.Event())
-        await self._submit(op)
-        return op.result
-
-    async def delete_session(self, sid: str, *, wait: bool) -> None:
-        if self.read_only:
-            if wait:
-                self._refuse_writes()
-            return
-        await self._submit(_Op("session_delete", sid, trio.Event() if wait else None))
-
-    def mark_retrieved(self, digest: bytes) -> None:
-        if not self.read_only:
-            self._queue.put(_Op("retrieved", digest, None))
-
-    async def maintain(self, *, now: float, stale_versions: frozenset = frozenset()) -> RetentionPlan:
-        if self.read_only:
-            return RetentionPlan()
-        op = _Op("maintain", (now, stale_versions), trio.Event())
-        self._queue.put(op)
-        await op.done.wait()  # not bounded: nobody's reply waits for retention
-        if op.error is not None:
-            raise StoreWriteError(f"{self.name}: retention pass failed: {op.error}")
-        return op.result
+    # ---- writes (router/net/store_writer.py queues them; the writer thread runs `_write_batch`) ------------
+    def _retention_due(self) -> bool:
+        return True  # the pass also re-reads the totals other routers moved (`_load_totals`)
 
     # ---- the writer thread -------------------------------------------------------------------------
-    def _writer(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            while True:  # group commit: everything that queued up meanwhile shares this transaction
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stop = any(op is _STOP for op in batch)
-            batch = [op for op in batch if op is not _STOP]
-            writes = [op for op in batch if op.kind not in _OWN_TRANSACTION]
-            if writes:
-                self._run_batch(writes)
-            for op in batch:
-                if op.kind in _OWN_TRANSACTION:
-                    self._run_own(op)
-            if stop:
-                return
+    def _write_batch(self, batch: list[Op]) -> None:
+        writes = [op for op in batch if op.kind not in _OWN_TRANSACTION]
+        if writes:
+            self._write_group(writes)
+        for op in batch:
+            if op.kind in _OWN_TRANSACTION:
+                self._run_own(op)
 
     def _writer_conn(self) -> psycopg.Connection:
         """The writer's connection, reconnected if the last one broke (the database restarted, the network
@@ -395,7 +309,7 @@ class PgStore:
         self._conn_used = time.monotonic()
         return conn
 
-    def _run_batch(self, batch: list[_Op]) -> None:
+    def _write_group(self, batch: list[Op]) -> None:
         t0 = time.perf_counter()
         added = added_bytes = records = retrieved = 0
         error = None
@@ -448,40 +362,10 @@ class PgStore:
             error = describe(e)
             if not isinstance(e, psycopg.Error):
                 log.exception("%s: writer failed", self.name)
-        elapsed = time.perf_counter() - t0
-        if error is None:
-            self.commits += 1
-            self.rows += added
-            self.payload_bytes += added_bytes
-            self.unretrieved += added - retrieved
-            if self.write_error is not None and not self.read_only:
-                log.info("%s: writes succeed again", self.name)
-                self.write_error = None
-        else:
-            if self.write_error != error:
-                log.error("%s: write failed: %s", self.name, error)
-            self.write_error = error
-            for op in batch:
-                op.error = error
-        if self.metrics is not None:
-            self.metrics.store_commit(elapsed, records, error is not None)
-        self._token.run_sync_soon(self._finish, batch)
+        self._committed(batch, elapsed=time.perf_counter() - t0, records=records, error=error, added=added,
+                        added_bytes=added_bytes, retrieved=retrieved)
 
-    def _finish(self, batch: list[_Op]) -> None:
-        """On the event loop: forget the pending records, wake the waiters."""
-        for op in batch:
-            if op.kind == "put":
-                self._pending_writes -= len(op.args)
-                for r in op.args:
-                    waiting = self._pending.get(r.digest)
-                    if waiting is not None:
-                        waiting[:] = [x for x in waiting if x is not r.record]
-                        if not waiting:
-                            del self._pending[r.digest]
-            if op.done is not None:
-                op.done.set()
-
-    def _run_own(self, op: _Op) -> None:
+    def _run_own(self, op: Op) -> None:
         """A retention pass or a session expiry, in a transaction of its own."""
         try:
             conn = self._writer_conn()
@@ -495,7 +379,7 @@ class PgStore:
             op.error = describe(e)
             if not isinstance(e, psycopg.Error):
                 log.exception("%s: %s failed", self.name, op.kind)
-        self._token.run_sync_soon(self._finish, [op])
+        self._wake([op])
 
     def _apply_retention(self, conn: psycopg.Connection, now: float, stale_versions: frozenset) -> RetentionPlan:
         """One retention pass in its own transaction; skipped while another router holds the retention lock."""
@@ -534,22 +418,10 @@ class PgStore:
                 raise StoreError(f"{self.name}: cannot read: {e}") from None
         raise StoreError(f"{self.name}: cannot read: no answer within {self.wait_s:g} s (the database does not answer)")
 
-    async def get_all(self, digest: bytes) -> list[StoredTrajectory]:
-        pending = list(self._pending.get(digest, ()))
+    async def _read_committed(self, digest: bytes) -> list[bytes]:
         rows = await self._query(b"SELECT data FROM miles_router.trajectories WHERE digest = $1 ORDER BY id",
                                  (digest,))
-        found = [wire.decode(r[0]) for r in rows]
-        # a record committed while it is still listed as pending (its wake-up not run yet) is there once
-        return found + [rec for rec in pending if rec not in found]
-
-    async def get(self, digest: bytes) -> StoredTrajectory | None:
-        records = await self.get_all(digest)
-        if not records:
-            return None
-        newest = records[-1]
-        if any(rec.tokens != newest.tokens for rec in records):
-            return None  # several spellings of one text: not determined by the text alone
-        return newest
+        return [r[0] for r in rows]
 
     def may_continue(self, head: int) -> bool:
         # shared: another router may have stored it a moment ago, only the database knows. Else: the keys stored

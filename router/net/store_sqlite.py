@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import sqlite3
 import threading
 import time
@@ -30,8 +29,9 @@ from urllib.parse import quote
 
 import trio
 
-from router.core.store import (KeyFilter, Keyed, RetentionPlan, RowInfo, SessionWrite, StoreError, StoreOpenError,
-                               StoreStats, StoreWriteError, plan_retention)
+from router.core.store import (KeyFilter, RetentionPlan, RowInfo, SessionWrite, StoreError, StoreOpenError,
+                               StoreStats, plan_retention)
+from router.net.store_writer import Op, QueuedStore
 from router.wire import store as wire
 from router.wire.store import StoredTrajectory
 
@@ -155,19 +155,7 @@ def check_openable(path: Path) -> str | None:
     return reason
 
 
-class _Op:
-    __slots__ = ("kind", "args", "done", "error", "result")
-
-    def __init__(self, kind: str, args, done: trio.Event | None) -> None:
-        self.kind, self.args, self.done = kind, args, done
-        self.error: str | None = None
-        self.result = None
-
-
-_STOP = _Op("stop", None, None)
-
-
-class SqliteStore:
+class SqliteStore(QueuedStore):
     """A TrajectoryStore (router/core/store.py) on one SQLite file, written by one router process."""
 
     shared = False  # this process is the store's only writer: sessions in memory are up to date, and so is
@@ -185,87 +173,31 @@ class SqliteStore:
         self.read_only = self.write_error is not None
         row = self._conn.execute("SELECT count(*), total(nbytes), total(retrieved = 0) FROM trajectories").fetchone()
         self.rows, self.payload_bytes, self.unretrieved = int(row[0]), int(row[1]), int(row[2])
-        self.commits = self.deleted = self.deleted_unretrieved = 0
+        self._init_queue()
         # prefix keys (router/core/store.py text_head) of the texts stored before this process started: a cheap
         # "maybe" before a query (`may_continue`; this process's own writes are the router's to remember)
         cols = {r[1] for r in self._conn.execute("PRAGMA table_info(trajectories)")}
         self._heads = KeyFilter()
         if "head" in cols:
             self._heads.load(self._conn.execute("SELECT DISTINCT head FROM trajectories WHERE head IS NOT NULL"))
-        self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
-        self._pending: dict[bytes, list[StoredTrajectory]] = {}  # digest -> records not yet committed, oldest first
-        self._pending_writes = 0
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._thread: threading.Thread | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the writer thread; wake-ups go to the calling trio loop."""
-        self._token = trio.lowlevel.current_trio_token()
-        self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
-        self._thread.start()
+        self._start_writer()
 
     async def aclose(self) -> None:
-        if self._thread is not None:
-            self._queue.put(_STOP)
-            await trio.to_thread.run_sync(self._thread.join)
-            self._thread = None
+        await self._stop_writer()
         with self._readers_lock:
             for c in self._readers:
                 c.close()
             self._readers.clear()
         self._conn.close()
 
-    # ---- writes ------------------------------------------------------------------------------------
-    async def _write(self, op: _Op):
-        """Queue a write; with a waiter, its result once committed (StoreWriteError if it failed)."""
-        self._queue.put(op)
-        if op.done is None:
-            return None
-        await op.done.wait()
-        if op.error is not None:
-            raise StoreWriteError(f"{self.name}: cannot write: {op.error}")
-        return op.result
-
-    async def put(self, records: Sequence[tuple[bytes, StoredTrajectory]], *, wait: bool) -> None:
-        if not records:
-            return
-        if self.read_only:
-            raise StoreWriteError(f"{self.name}: cannot write: {self.write_error}")
-        records = [r if isinstance(r, Keyed) else Keyed(*r) for r in records]
-        for r in records:
-            self._pending.setdefault(r.digest, []).append(r.record)
-        self._pending_writes += len(records)
-        await self._write(_Op("put", records, trio.Event() if wait else None))
-
-    # ---- sessions (opaque blobs: router/wire/session_store.py encodes them) --------------------------
-    async def put_session(self, sid: str, at: float, header: bytes | None,
-                          turns: Sequence[tuple[int, bytes]], *, wait: bool) -> SessionWrite:
-        """Create a session (header given) or note its use, and add turns (each id written once); durable on
-        return when wait=True."""
-        if self.read_only:
-            raise StoreWriteError(f"{self.name}: cannot write: {self.write_error}")
-        done = await self._write(_Op("session", (sid, at, header, list(turns)), trio.Event() if wait else None))
-        return done or SessionWrite()
-
-    async def delete_session(self, sid: str, *, wait: bool) -> None:
-        """A deleted (or expired) session's rows go; 410 for its id needs no per-id row (the registry's key)."""
-        if self.read_only:
-            if wait:
-                raise StoreWriteError(f"{self.name}: cannot write: {self.write_error}")
-            return
-        await self._write(_Op("session_delete", sid, trio.Event() if wait else None))
-
-    def touch_session(self, sid: str, at: float) -> None:
-        if not self.read_only:
-            self._queue.put(_Op("touch", (sid, at), None))
-
-    async def expire_sessions(self, before: float, keep: Sequence[str]) -> list[str]:
-        if self.read_only:
-            return []
-        return await self._write(_Op("session_expire", (before, frozenset(keep)), trio.Event()))
+    # ---- writes (router/net/store_writer.py queues them; the writer thread runs `_write_batch`) ------------
+    def _retention_due(self) -> bool:
+        return self.retention_s > 0 or 0 < self.max_bytes < self.payload_bytes
 
     def _session_turns(self, sid: str, after: int) -> list[bytes] | None:
         conn = self._reader()
@@ -290,40 +222,10 @@ class SqliteStore:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return value if row is None else row[0]
 
-    def mark_retrieved(self, digest: bytes) -> None:
-        if not self.read_only:
-            self._queue.put(_Op("retrieved", digest, None))
-
-    async def maintain(self, *, now: float, stale_versions: frozenset = frozenset()) -> RetentionPlan:
-        if self.read_only or (self.retention_s <= 0 and not (0 < self.max_bytes < self.payload_bytes)):
-            return RetentionPlan()
-        op = _Op("maintain", (now, stale_versions), trio.Event())
-        self._queue.put(op)
-        await op.done.wait()
-        if op.error is not None:
-            raise StoreWriteError(f"{self.name}: retention pass failed: {op.error}")
-        return op.result
-
-    def _writer(self) -> None:
+    def _write_batch(self, batch: list[Op]) -> None:
         conn = self._conn
-        while True:
-            batch = [self._queue.get()]
-            while True:  # group commit: everything that queued up meanwhile shares this transaction
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stop = any(op is _STOP for op in batch)
-            batch = [op for op in batch if op is not _STOP]
-            if batch:
-                self._run_batch(conn, batch)
-            if stop:
-                return
-
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         t0 = time.perf_counter()
-        added = added_bytes = added_unretrieved = retrieved = 0
-        records = 0
+        added = added_bytes = retrieved = records = 0
         error = None
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -337,7 +239,6 @@ class SqliteStore:
                             (digest, rec.created, rec.weight_version, rec.ntokens, len(blob), head, vlen))
                         conn.execute("INSERT INTO payloads (id, data) VALUES (?, ?)", (cur.lastrowid, blob))
                         added += 1
-                        added_unretrieved += 1
                         added_bytes += len(blob)
                     records += len(op.args)
                 elif op.kind == "retrieved":
@@ -353,7 +254,7 @@ class SqliteStore:
                     conn.execute("DELETE FROM session_turns WHERE session = ?", (op.args,))
                     conn.execute("DELETE FROM sessions WHERE id = ?", (op.args,))
                 elif op.kind == "session_expire":
-                    before, keep = op.args
+                    before, keep = op.args[0], set(op.args[1])
                     gone = [sid for (sid,) in conn.execute(
                         "SELECT id FROM sessions WHERE coalesce(last_used, created) < ?", (before,)).fetchall()
                         if sid not in keep]
@@ -370,12 +271,8 @@ class SqliteStore:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass  # no transaction left to roll back (SQLite rolled it back itself)
-        elapsed = time.perf_counter() - t0
+        unretrieved = None  # recounted after a retention pass deleted rows
         if error is None:
-            self.commits += 1
-            self.rows += added
-            self.payload_bytes += added_bytes
-            self.unretrieved += added_unretrieved - retrieved
             for op in batch:
                 plan = op.result if op.kind == "maintain" else None
                 if plan is not None and plan.delete:
@@ -383,34 +280,9 @@ class SqliteStore:
                     self.payload_bytes -= plan.freed_bytes
                     self.deleted += len(plan.delete)
                     self.deleted_unretrieved += plan.evicted_unretrieved
-            if any(op.kind == "maintain" and op.result is not None and op.result.delete for op in batch):
-                self.unretrieved = int(conn.execute("SELECT total(retrieved = 0) FROM trajectories").fetchone()[0])
-            if self.write_error is not None and not self.read_only:
-                log.info("%s: writes succeed again", self.name)
-                self.write_error = None
-        else:
-            if self.write_error != error:
-                log.error("%s: write failed: %s", self.name, error)
-            self.write_error = error
-            for op in batch:
-                op.error = error
-        if self.metrics is not None:
-            self.metrics.store_commit(elapsed, records, error is not None)
-        self._token.run_sync_soon(self._finish, batch)
-
-    def _finish(self, batch: list[_Op]) -> None:
-        """On the event loop: forget the pending records, wake the waiters."""
-        for op in batch:
-            if op.kind == "put":
-                self._pending_writes -= len(op.args)
-                for r in op.args:
-                    waiting = self._pending.get(r.digest)
-                    if waiting is not None:
-                        waiting[:] = [x for x in waiting if x is not r.record]
-                        if not waiting:
-                            del self._pending[r.digest]
-            if op.done is not None:
-                op.done.set()
+                    unretrieved = int(conn.execute("SELECT total(retrieved = 0) FROM trajectories").fetchone()[0])
+        self._committed(batch, elapsed=time.perf_counter() - t0, records=records, error=error, added=added,
+                        added_bytes=added_bytes, retrieved=retrieved, unretrieved=unretrieved)
 
     @staticmethod
     def _write_session(conn: sqlite3.Connection, sid: str, at: float, header: bytes | None,
@@ -468,20 +340,8 @@ class SqliteStore:
         finally:
             self._release(conn)
 
-    async def get_all(self, digest: bytes) -> list[StoredTrajectory]:
-        pending = list(self._pending.get(digest, ()))
-        found = [wire.decode(b) for b in await trio.to_thread.run_sync(self._read_all, digest)]
-        # a record committed while it is still listed as pending (its wake-up not run yet) is there once
-        return found + [rec for rec in pending if rec not in found]
-
-    async def get(self, digest: bytes) -> StoredTrajectory | None:
-        records = await self.get_all(digest)
-        if not records:
-            return None
-        newest = records[-1]
-        if any(rec.tokens != newest.tokens for rec in records):
-            return None  # several spellings of one text: not determined by the text alone
-        return newest
+    async def _read_committed(self, digest: bytes) -> list[bytes]:
+        return await trio.to_thread.run_sync(self._read_all, digest)
 
     def may_continue(self, head: int) -> bool:
         """Keys of the records stored before this process opened the store; its own writes it does not count

@@ -1,0 +1,226 @@
+"""What both durable stores share (router/net/store_sqlite.py, router/net/store_pg.py): one writer thread that owns
+the write connection and commits whatever queued up meanwhile in one transaction (group commit), and the trio side
+that queues a write and, when the caller must know it is durable, waits for its commit.
+
+A backend subclasses `QueuedStore` and supplies `_write_batch(batch)` (the SQL of one group commit, ending with
+`_committed`), `_read_committed(digest)` (the stored blobs of one digest) and `_retention_due()`. Everything else
+here is the same for every backend: the operations' queue, the records queued but not yet committed (reads see
+them, so a trajectory is retrievable from the moment its reply ends, whatever `store.sync` says), the counters a
+batch moves, a write error's logging and recovery, and the wake-ups on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+
+import trio
+
+from router.core.store import Keyed, RetentionPlan, SessionWrite, StoreWriteError
+from router.wire import store as wire
+from router.wire.store import StoredTrajectory
+
+log = logging.getLogger("miles_router")
+
+
+class Op:
+    """One queued write: `kind` names it, `args` are the backend's, `done` (when someone waits) is set on the event
+    loop once the batch holding it committed or failed (`error`)."""
+
+    __slots__ = ("kind", "args", "done", "error", "result")
+
+    def __init__(self, kind: str, args, done: trio.Event | None) -> None:
+        self.kind, self.args, self.done = kind, args, done
+        self.error: str | None = None
+        self.result = None
+
+
+STOP = Op("stop", None, None)
+
+
+class QueuedStore:
+    """The queue, the writer thread and the write API of a TrajectoryStore (router/core/store.py). The subclass sets
+    `name`, `read_only`, `write_error`, `metrics`, `rows`, `payload_bytes`, `unretrieved` before `_init_queue`."""
+
+    name: str
+    wait_s: float | None = None  # how long a caller waits for its commit; None: as long as it takes (a local file)
+
+    def _init_queue(self) -> None:
+        self.commits = self.deleted = self.deleted_unretrieved = 0
+        self._queue: queue.SimpleQueue[Op] = queue.SimpleQueue()
+        self._pending: dict[bytes, list[StoredTrajectory]] = {}  # digest -> records not yet committed, oldest first
+        self._pending_writes = 0
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- the writer thread's lifecycle -----------------------------------------------------------
+    def _start_writer(self) -> None:
+        """Start the writer thread; wake-ups go to the calling trio loop."""
+        self._token = trio.lowlevel.current_trio_token()
+        self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
+        self._thread.start()
+
+    async def _stop_writer(self, timeout_s: float | None = None) -> bool:
+        """Stop the writer after what is queued; False if it did not finish within `timeout_s` (left behind)."""
+        if self._thread is None:
+            return True
+        self._queue.put(STOP)
+        await trio.to_thread.run_sync(self._thread.join, timeout_s)
+        stopped = not self._thread.is_alive()
+        self._thread = None
+        return stopped
+
+    def _writer(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while True:  # group commit: everything that queued up meanwhile shares this transaction
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(op is STOP for op in batch)
+            batch = [op for op in batch if op is not STOP]
+            if batch:
+                self._write_batch(batch)
+            if stop:
+                return
+
+    def _write_batch(self, batch: list[Op]) -> None:
+        """In the writer thread: write `batch` in one transaction, then `_committed` (also when it failed)."""
+        raise NotImplementedError
+
+    def _committed(self, batch: list[Op], *, elapsed: float, records: int, error: str | None, added: int = 0,
+                   added_bytes: int = 0, retrieved: int = 0, unretrieved: int | None = None) -> None:
+        """In the writer thread, after a batch: the counters it moved (`unretrieved`: the count read back, when the
+        batch deleted rows), the write error it set or cleared, its metrics, then the waiters' wake-up on the event
+        loop. `error` fails every operation in it."""
+        if error is None:
+            self.commits += 1
+            self.rows += added
+            self.payload_bytes += added_bytes
+            self.unretrieved = self.unretrieved + added - retrieved if unretrieved is None else unretrieved
+            if self.write_error is not None and not self.read_only:
+                log.info("%s: writes succeed again", self.name)
+                self.write_error = None
+        else:
+            if self.write_error != error:
+                log.error("%s: write failed: %s", self.name, error)
+            self.write_error = error
+            for op in batch:
+                op.error = error
+        if self.metrics is not None:
+            self.metrics.store_commit(elapsed, records, error is not None)
+        self._wake(batch)
+
+    def _wake(self, ops: list[Op]) -> None:
+        """From the writer thread: finish `ops` on the event loop."""
+        self._token.run_sync_soon(self._finish, ops)
+
+    def _finish(self, batch: list[Op]) -> None:
+        """On the event loop: forget the pending records, wake the waiters."""
+        for op in batch:
+            if op.kind == "put":
+                self._pending_writes -= len(op.args)
+                for r in op.args:
+                    waiting = self._pending.get(r.digest)
+                    if waiting is not None:
+                        waiting[:] = [x for x in waiting if x is not r.record]
+                        if not waiting:
+                            del self._pending[r.digest]
+            if op.done is not None:
+                op.done.set()
+
+    # ---- writes (on the event loop) --------------------------------------------------------------
+    async def _submit(self, op: Op):
+        """Queue a write; with a waiter, its result once committed (StoreWriteError if it failed, or if no commit
+        came within `wait_s`)."""
+        self._queue.put(op)
+        if op.done is None:
+            return None
+        with trio.move_on_after(self.wait_s if self.wait_s is not None else float("inf")):
+            await op.done.wait()
+        if not op.done.is_set():
+            raise StoreWriteError(f"{self.name}: cannot write: no commit within {self.wait_s:g} s "
+                                  "(the database does not answer)")
+        if op.error is not None:
+            raise StoreWriteError(f"{self.name}: cannot write: {op.error}")
+        return op.result
+
+    def _refuse_writes(self) -> None:
+        if self.read_only:
+            raise StoreWriteError(f"{self.name}: cannot write: {self.write_error}")
+
+    async def put(self, records: Sequence[Keyed | tuple[bytes, StoredTrajectory]], *, wait: bool) -> None:
+        if not records:
+            return
+        self._refuse_writes()
+        records = [r if isinstance(r, Keyed) else Keyed(*r) for r in records]
+        for r in records:
+            self._pending.setdefault(r.digest, []).append(r.record)
+        self._pending_writes += len(records)
+        await self._submit(Op("put", records, trio.Event() if wait else None))
+
+    async def put_session(self, sid: str, at: float, header: bytes | None,
+                          turns: Sequence[tuple[int, bytes]], *, wait: bool) -> SessionWrite:
+        """Create a session (header given) or note its use, and add turns (each id written once); durable on
+        return when wait=True."""
+        self._refuse_writes()
+        done = await self._submit(Op("session", (sid, at, header, list(turns)), trio.Event() if wait else None))
+        return done or SessionWrite()
+
+    async def delete_session(self, sid: str, *, wait: bool) -> None:
+        """A deleted (or expired) session's rows go; 410 for its id needs no per-id row (the registry's key)."""
+        if self.read_only:
+            if wait:
+                self._refuse_writes()
+            return
+        await self._submit(Op("session_delete", sid, trio.Event() if wait else None))
+
+    def touch_session(self, sid: str, at: float) -> None:
+        if not self.read_only:
+            self._queue.put(Op("touch", (sid, at), None))
+
+    async def expire_sessions(self, before: float, keep: Sequence[str]) -> list[str]:
+        if self.read_only:
+            return []
+        return await self._submit(Op("session_expire", (before, sorted(keep)), trio.Event()))
+
+    def mark_retrieved(self, digest: bytes) -> None:
+        if not self.read_only:
+            self._queue.put(Op("retrieved", digest, None))
+
+    def _retention_due(self) -> bool:
+        """Whether a retention pass may delete anything (cheap, on the event loop)."""
+        raise NotImplementedError
+
+    async def maintain(self, *, now: float, stale_versions: frozenset = frozenset()) -> RetentionPlan:
+        if self.read_only or not self._retention_due():
+            return RetentionPlan()
+        op = Op("maintain", (now, stale_versions), trio.Event())
+        self._queue.put(op)
+        await op.done.wait()  # not bounded: nobody's reply waits for retention
+        if op.error is not None:
+            raise StoreWriteError(f"{self.name}: retention pass failed: {op.error}")
+        return op.result
+
+    # ---- reads -----------------------------------------------------------------------------------
+    async def _read_committed(self, digest: bytes) -> list[bytes]:
+        """The stored blobs of `digest`, oldest first."""
+        raise NotImplementedError
+
+    async def get_all(self, digest: bytes) -> list[StoredTrajectory]:
+        pending = list(self._pending.get(digest, ()))
+        found = [wire.decode(b) for b in await self._read_committed(digest)]
+        # a record committed while it is still listed as pending (its wake-up not run yet) is there once
+        return found + [rec for rec in pending if rec not in found]
+
+    async def get(self, digest: bytes) -> StoredTrajectory | None:
+        records = await self.get_all(digest)
+        if not records:
+            return None
+        newest = records[-1]
+        if any(rec.tokens != newest.tokens for rec in records):
+            return None  # several spellings of one text: not determined by the text alone
+        return newest
