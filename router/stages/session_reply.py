@@ -3,8 +3,8 @@
 Reads `scratch["session_turn"]`, `scratch["session_prompt"]`, `scratch["worker_output"]` and
 `scratch["assistant"]`. Commits the turn (prompt tokens, output ids incl. the stop token, logprobs,
 this turn's routed-experts rows, finish reason, record) as a child of its attach point and writes it
-to `scratch["committed_turn"]` (None when the session was closed meanwhile), tells the registry the
-session changed, then replaces the worker's reply with a `chat.completion` in
+to `scratch["committed_turn"]` (None when the session was closed meanwhile; `persist_session` stores it), then
+replaces the worker's reply with a `chat.completion` in
 SGLang's shape (router/core/sessions/chat_reply.py: `id` is the worker's request id, which is also
 the turn's `response_id`), or for `stream: true` with miles' one-chunk stream. `choices[0].meta_info`
 is the worker's minus `routed_experts` and `indexer_topk`, which stay with the turn. Routed experts
@@ -86,7 +86,6 @@ class SessionReply(Stage):
             except (TurnLimit, ParentGone) as e:
                 fail(ex, 409, str(e))
                 return
-            self.services.sessions.changed(session)
         reply = completion(rid=rid, created=record.created, model=record.model, message=message,
                            finish_reason=finish, matched_stop=out.matched_stop, meta_info=record.meta_info,
                            prompt_tokens=turn.input_len, completion_tokens=len(out.output_ids),

@@ -7,8 +7,8 @@ the key lives, with no per-id memory at all. Any other unknown id was never crea
 The prompt cache shares turn-1 tokens between sessions that start with the same messages (a GRPO
 group of n sessions): rendered and tokenized once, one read-only array referenced by every tree.
 
-State changes: `changed(session)` is called once a turn is committed and before its reply ends,
-so a durable store hooked there (`on_change`) writes the session before the client sees the reply.
+Durability is not this module's: the `persist_session` stage writes each committed turn to the store before its
+reply ends (router/net/session_persist.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
-from collections.abc import Callable
 
 import numpy as np
 
@@ -98,7 +97,6 @@ class SessionRegistry:
         self.instance_id = os.urandom(16).hex()
         self.sessions: dict[str, Session] = {}
         self.prompts = PromptCache(prompt_cache_entries)
-        self.on_change: Callable[[Session], None] | None = None
         self.created_total = 0
         self.deleted_total = 0
         self.expired_total = 0
@@ -187,7 +185,3 @@ class SessionRegistry:
             session.closed = True
         if expired:
             self.expired_total += 1
-
-    def changed(self, session: Session) -> None:
-        if self.on_change is not None:
-            self.on_change(session)
