@@ -78,6 +78,20 @@ def client(handle_or_url, **kw) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=url, trust_env=False, timeout=kw.pop("timeout", 30.0), **kw)
 
 
+async def chat_turn(c: httpx.AsyncClient, sid: str, messages: list, **kw) -> dict:
+    """One session chat turn (up to 400 tokens unless `max_tokens` says otherwise): the reply, 200 asserted."""
+    r = await c.post(f"/sessions/{sid}/v1/chat/completions",
+                     json={"model": "sim", "messages": messages, "max_tokens": 400, **kw})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def assistant_message(reply: dict) -> dict:
+    """A chat reply's assistant message as an agent sends it back next turn (its non-empty fields)."""
+    msg = reply["choices"][0]["message"]
+    return {k: v for k, v in msg.items() if k in ("role", "content", "reasoning_content", "tool_calls") and v}
+
+
 async def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) -> None:
     with trio.fail_after(timeout):
         while not predicate():

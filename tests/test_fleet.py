@@ -24,6 +24,7 @@ import httpx
 import pytest
 import trio
 
+from harness import assistant_message, chat_turn
 from test_store_crash import RouterProcess, run_agents, run_load, verify, verify_sessions
 from router.net.store_pg import redact
 from router.tokenizer import load_tokenizer
@@ -72,18 +73,6 @@ async def _generate(c, text: str, n: int = 16) -> dict:
     return r.json() | {"cached": int(r.headers["x-miles-router-cached-prompt-tokens"])}
 
 
-async def _chat(c, sid: str, messages: list, **kw) -> dict:
-    r = await c.post(f"/sessions/{sid}/v1/chat/completions",
-                     json={"model": "sim", "messages": messages, "max_tokens": 400, **kw})
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def _message(reply: dict) -> dict:
-    msg = reply["choices"][0]["message"]
-    return {k: v for k, v in msg.items() if k in ("role", "content", "reasoning_content", "tool_calls") and v}
-
-
 async def test_any_router_of_the_fleet_answers_for_every_trajectory_and_session(fleet, pg_url):
     a, b = fleet(f'url = "{pg_url}"')
     await _start([a, b])
@@ -117,11 +106,11 @@ async def test_any_router_of_the_fleet_answers_for_every_trajectory_and_session(
         msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "count to three"}]
         accumulated: list = []
         for t, c in enumerate([cb, ca, cb, cb, ca, cb]):
-            reply = await _chat(c, sid, msgs)
+            reply = await chat_turn(c, sid, msgs)
             ids = [body["input_ids"] for body in await _sims_bodies(c) if body.get("input_ids")]
             assert any(x[:len(accumulated)] == accumulated and len(x) > len(accumulated) for x in ids), t
             accumulated = (await c.get(f"/sessions/{sid}")).json()["metadata"]["accumulated_token_ids"]
-            msgs += [_message(reply), {"role": "user", "content": f"and then {t}?"}]
+            msgs += [assistant_message(reply), {"role": "user", "content": f"and then {t}?"}]
         assert (await ca.get(f"/sessions/{sid}")).json() == (await cb.get(f"/sessions/{sid}")).json()
         samples = [(await c.post(f"/sessions/{sid}/samples", json={})) for c in (ca, cb)]
         assert samples[0].status_code == 200 and samples[0].content == samples[1].content
@@ -131,7 +120,7 @@ async def test_any_router_of_the_fleet_answers_for_every_trajectory_and_session(
         replies = []
 
         async def one(c, seed):
-            replies.append(await _chat(c, sid, msgs, seed=seed, temperature=1.0))
+            replies.append(await chat_turn(c, sid, msgs, seed=seed, temperature=1.0))
 
         async with trio.open_nursery() as n:
             for i, c in enumerate((ca, cb, ca, cb)):
@@ -223,7 +212,7 @@ async def test_database_stopped_under_load_gives_503_naming_the_store_on_every_r
                 r = await timed(c, "POST", f"/sessions/{sid}/v1/chat/completions",
                                 {"model": "sim", "messages": msgs, "max_tokens": 24})
                 if r.status_code == 200:
-                    msgs += [_message(r.json()), {"role": "user", "content": f"next {turn}"}]
+                    msgs += [assistant_message(r.json()), {"role": "user", "content": f"next {turn}"}]
                     if r.json()["choices"][0]["finish_reason"] == "length":
                         msgs, sid = msgs[:1], None  # a cut turn cannot be extended: a new session
                 else:

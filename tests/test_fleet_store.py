@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import trio
 
-from harness import client, start_router, start_sim
+from harness import assistant_message, chat_turn, client, start_router, start_sim
 from test_store import _two_spellings
 from test_store_crash import ROOT
 from router.tokenizer import load_tokenizer
@@ -91,18 +91,6 @@ async def _router(nursery, sim, url: str, **sessions):
         sessions={"enabled": True, "pipeline": str(ROOT / "pipelines/session-chat-r3.toml"), **sessions})
 
 
-async def _turn(c, sid: str, messages: list, **kw) -> dict:
-    r = await c.post(f"/sessions/{sid}/v1/chat/completions",
-                     json={"model": "sim", "messages": messages, "max_tokens": 400, **kw})
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def _message(reply: dict) -> dict:
-    msg = reply["choices"][0]["message"]
-    return {k: v for k, v in msg.items() if k in ("role", "content", "reasoning_content", "tool_calls") and v}
-
-
 async def _sent(sim) -> list:
     async with client(sim.url) as c:
         return (await c.get("/_sim/stats")).json()["last_bodies"][-1]["input_ids"]
@@ -120,13 +108,13 @@ async def test_any_router_serves_every_turn_of_a_session(nursery, pg_url):
         msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "count to three"}]
         before: list = []
         for t, c in enumerate([ca, cb, ca, ca, cb, cb, ca]):
-            reply = await _turn(c, sid, msgs)
+            reply = await chat_turn(c, sid, msgs)
             sent = await _sent(sim)
             assert sent[:len(before)] == before and len(sent) > len(before), t
             state = (await c.get(f"/sessions/{sid}")).json()
             before = state["metadata"]["accumulated_token_ids"]
             assert len(state["metadata"]["tree"]["nodes"]) == t + 1
-            msgs += [_message(reply), {"role": "user", "content": f"and then {t}?"}]
+            msgs += [assistant_message(reply), {"role": "user", "content": f"and then {t}?"}]
         assert (await ca.get(f"/sessions/{sid}")).json() == (await cb.get(f"/sessions/{sid}")).json()
         assert (await ca.post(f"/sessions/{sid}/samples", json={})).content == \
             (await cb.post(f"/sessions/{sid}/samples", json={})).content
@@ -141,13 +129,13 @@ async def test_two_routers_extending_one_session_at_once_make_siblings(nursery, 
     async with client(a) as ca, client(b) as cb:
         sid = (await ca.post("/sessions")).json()["session_id"]
         msgs = [{"role": "user", "content": "start"}]
-        first = await _turn(ca, sid, msgs)
-        msgs += [_message(first), {"role": "user", "content": "now branch"}]
-        await _turn(cb, sid, [{"role": "user", "content": "warm b"}])  # b holds the session in memory too
+        first = await chat_turn(ca, sid, msgs)
+        msgs += [assistant_message(first), {"role": "user", "content": "now branch"}]
+        await chat_turn(cb, sid, [{"role": "user", "content": "warm b"}])  # b holds the session in memory too
         replies = []
 
         async def one(c, seed):
-            replies.append(await _turn(c, sid, msgs, seed=seed, temperature=1.0))
+            replies.append(await chat_turn(c, sid, msgs, seed=seed, temperature=1.0))
 
         async with trio.open_nursery() as n:
             for i in range(3):
@@ -180,13 +168,13 @@ async def test_deletion_and_idle_expiry_are_the_fleets(nursery, pg_url):
     async with client(a) as ca, client(b) as cb:
         gone = (await ca.post("/sessions")).json()["session_id"]
         busy = (await ca.post("/sessions")).json()["session_id"]
-        await _turn(cb, gone, [{"role": "user", "content": "hello"}])
+        await chat_turn(cb, gone, [{"role": "user", "content": "hello"}])
         assert (await ca.delete(f"/sessions/{gone}")).status_code == 204
         r = await cb.get(f"/sessions/{gone}")
         assert r.status_code == 410 and r.json()["error"].startswith("session reclaimed"), r.text
         with trio.fail_after(10):
             for i in range(12):  # 3 s of use on b only, every 0.25 s: a's expiry passes run 4 times a second
-                await _turn(cb, busy, [{"role": "user", "content": f"still here {i}"}], max_tokens=4)
+                await chat_turn(cb, busy, [{"role": "user", "content": f"still here {i}"}], max_tokens=4)
                 await trio.sleep(0.25)
         assert (await ca.get(f"/sessions/{busy}")).status_code == 200
         with trio.fail_after(10):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import trio
 
-from harness import client, start_router, start_sim
+from harness import assistant_message, chat_turn, client, start_router, start_sim
 from test_store_crash import ROOT
 
 
@@ -16,14 +16,6 @@ async def _router(nursery, sim, store_at):
         nursery, workers={"urls": [sim.url]},
         sessions={"enabled": True, "pipeline": str(ROOT / "pipelines/session-chat-r3.toml")},
         store=store_at.config())
-
-
-async def _turn(c, sid: str, messages: list) -> dict:
-    r = await c.post(f"/sessions/{sid}/v1/chat/completions",
-                     json={"model": "sim", "messages": messages, "max_tokens": 400})
-    assert r.status_code == 200, r.text
-    msg = r.json()["choices"][0]["message"]
-    return {k: v for k, v in msg.items() if k in ("role", "content", "reasoning_content", "tool_calls") and v}
 
 
 async def _last_input_ids(sim) -> list:
@@ -42,7 +34,7 @@ async def test_sessions_survive_restart_exactly(nursery, store_at):
                 msgs = [{"role": "system", "content": "You are terse."},
                         {"role": "user", "content": f"Session {s}: what is {s} + 2?"}]
                 for t in range(3 - s):
-                    msgs.append(await _turn(c, sid, msgs))
+                    msgs.append(assistant_message(await chat_turn(c, sid, msgs)))
                     msgs.append({"role": "user", "content": f"and times {t + 3}?"})
                 histories[sid] = msgs
             gone = (await c.post("/sessions")).json()["session_id"]
@@ -65,7 +57,7 @@ async def test_sessions_survive_restart_exactly(nursery, store_at):
             # the next turn continues: the worker receives the stored tokens verbatim, then only the new part
             for sid, msgs in histories.items():
                 stored = before[sid]["metadata"]["accumulated_token_ids"]
-                await _turn(c, sid, msgs)
+                await chat_turn(c, sid, msgs)
                 sent = await _last_input_ids(sim)
                 assert sent[:len(stored)] == stored and len(sent) > len(stored)
                 assert len((await c.get(f"/sessions/{sid}")).json()["metadata"]["tree"]["nodes"]) == \
