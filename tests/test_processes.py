@@ -348,7 +348,10 @@ pipeline = "{ROOT / 'pipelines/radix-cache.toml'}"
     ("[server]\nprocesses = 2\n", "/sessions: the SQLite store (store.path) cannot be shared"),
     # PostgreSQL: every process reads what the others stored
     ("[server]\nprocesses = 2\n[store]\nurl = \"postgresql://router@db/t\"\n" + RADIX, None),
-    # ... unless a route keeps trajectories without storing them
+    # ... unless the database is declared one router's own
+    ("[server]\nprocesses = 2\n[store]\nurl = \"postgresql://router@db/t\"\nshared = false\n" + RADIX,
+     "/generate, /sessions: store.shared = false makes the database one process's own"),
+    # ... or a route keeps trajectories without storing them
     ("[server]\nprocesses = 2\n[store]\nurl = \"postgresql://router@db/t\"\n[sessions]\nenabled = false\n"
      "[[routes]]\npath = \"/generate\"\npipeline = \"no-persist.toml\"\n",
      "/generate: the pipeline keeps trajectories in each process's memory only (no persist stage)"),
