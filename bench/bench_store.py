@@ -6,6 +6,8 @@
     python bench/bench_store.py --restart-gb 0.25,1,4  # also: restart time on generated stores of these sizes
     python bench/bench_store.py --pg                 # also the PostgreSQL store (a throwaway local cluster)
     python bench/bench_store.py --pg --pg-alone      # also PostgreSQL owned by one router (store.shared = false)
+    python bench/bench_store.py --pg --processes 1,2 # the PostgreSQL points with 1 and with 2 router processes
+    python bench/bench_store.py --workload sessions --pg   # agents' chat turns on /sessions (per-turn cost)
     python bench/bench_store.py --quick              # 4 s per point, 1 round
 
 Throughput: a real router process (`python -m router --config <tmp toml>`, radix-cache pipeline, log level
@@ -22,7 +24,11 @@ within each round so drift hits all of them alike:
     store is `shared` (a fleet's: every prompt key past the memory cache's match is looked up in the database);
   * with --pg-alone, pg1-off and pg1-commit: the same with `store.shared = false` (one router owns the database;
     this checkout only: a --compare-ref older than the key has no such mode).
-Router CPU per request = utime+stime of the router process (from /proc) / requests completed.
+  * with --processes N,...: each pg-* point once per N, the router run with `[server] processes = N` (N router
+    processes on the port under one supervisor; this checkout only). The SQLite, memory-only and pg1-* modes serve
+    one process (the router refuses N > 1 over a store it cannot share), so they run with N = 1 only.
+Router CPU per request = utime+stime of the router process (from /proc; with several processes, the supervisor's
+and all its router processes') / requests completed.
 
 `--workload shared-system` is the RL norm instead: every prompt is the same ~2 KB ChatML system prompt
 (`<|im_start|>system ...`) followed by a distinct question, real Qwen vocabulary (builtin:qwen, router and worker),
@@ -30,8 +36,13 @@ Router CPU per request = utime+stime of the router process (from /proc) / reques
 picks others). Each store point starts on a store already holding `--prefill` (default 20,000) earlier
 trajectories of the same workload (an RL run's earlier steps; written once per router version through the record
 format, keyed by that version's own code). Every prompt then shares its first ~2 KB with every stored trajectory,
-which is what a store lookup keyed on a prompt's head must not pay for. It prints the store's cost as router CPU per request, commit / memory
-(target <= 1.25x). `--compare-ref GITREF` also runs the router as of GITREF (a temporary git worktree) in the same
+which is what a store lookup keyed on a prompt's head must not pay for. It prints the store's cost as router CPU
+per request, commit / memory (target <= 1.25x).
+
+`--workload sessions` is agents on /sessions instead: each of c=16 connections is one agent at a time, POST
+/sessions, 8 chat turns (`/sessions/{id}/v1/chat/completions`, the same ~2 KB system prompt, the simulator's reply
+and a short tool result appended each turn), then DELETE; one "request" is one turn (the create and delete calls
+are in the CPU but not counted), so router CPU per request is the per-turn cost. `--compare-ref GITREF` also runs the router as of GITREF (a temporary git worktree) in the same
 run, its modes alternating with this checkout's: an A/B of a change.
 Bytes on disk per token: the commit run's store (record bytes, and whole-file bytes incl. SQLite's index and
 free pages) / stored tokens (prompt + output).
@@ -338,8 +349,10 @@ def is_pg(mode: str) -> bool:
     return mode.startswith(("pg-", "pg1-"))
 
 
-def measure(tmp: str, sims: list[int], mode: str, args, round_: int, repo: str = REPO, label: str = "") -> dict:
-    """One point: a fresh router (from `repo`) in `mode`, loaded for args.seconds after a 1 s warm-up."""
+def measure(tmp: str, sims: list[int], mode: str, args, round_: int, repo: str = REPO, label: str = "",
+            processes: int = 1) -> dict:
+    """One point: a fresh router (from `repo`; `processes` router processes) in `mode`, loaded for args.seconds
+    after a 1 s warm-up."""
     port = free_port()
     name = mode + label
     store_path = args.pg_database() if is_pg(mode) else os.path.join(tmp, f"store-{name}-{round_}.db")
@@ -408,9 +421,11 @@ def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str, in
     modes = args.modes
     results = []
     for r in range(args.rounds):
-        points = [(m, repo, label) for m in modes for label, repo in targets if not (label and m.startswith("pg1-"))]
-        for mode, repo, label in points if r % 2 == 0 else points[::-1]:
-            res = measure(tmp, sims, mode, args, r, repo, label)
+        # N > 1 processes: the shared PostgreSQL modes only; pg1-*: this checkout's single process only
+        points = [(m, repo, label, n) for m in modes for label, repo, n in targets
+                  if (n == 1 or m.startswith("pg-")) and not (label and m.startswith("pg1-"))]
+        for mode, repo, label, n in points if r % 2 == 0 else points[::-1]:
+            res = measure(tmp, sims, mode, args, r, repo, label, n)
             results.append(res)
             extra = (f"  {res['batch']:.1f} trajectories/commit, {res['commit_ms']:.2f} ms/commit"
                      if "batch" in res else "")
@@ -419,12 +434,12 @@ def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str, in
             print(f"round {r} {mode + label:>14}: {res['rps']:7.0f} req/s  router {res['cpu_us']:6.0f} µs/req "
                   f"(event loop thread {res['main_us']:.0f})  bad {res['bad']}{extra}", flush=True)
     measured = {(x["mode"], x["label"]) for x in results}
-    med = {(m, lb): statistics.median(x["rps"] for x in results if x["mode"] == m and x["label"] == lb)
-           for m, lb in measured}
-    cpu = {(m, lb): statistics.median(x["cpu_us"] for x in results if x["mode"] == m and x["label"] == lb)
-           for m, lb in measured}
-    main = {(m, lb): statistics.median(x["main_us"] for x in results if x["mode"] == m and x["label"] == lb)
-            for m, lb in measured}
+
+    def median(key: str) -> dict:
+        return {(m, lb): statistics.median(x[key] for x in results if (x["mode"], x["label"]) == (m, lb))
+                for m, lb in measured}
+
+    med, cpu, main = median("rps"), median("cpu_us"), median("main_us")
     base = "memory" if "memory" in modes else modes[0]
 
     def who(label: str) -> str:
@@ -433,11 +448,12 @@ def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str, in
 
     print(f"\n| router | mode | req/s (median) | router CPU µs/req | of it, event loop thread(s) | CPU vs {base} | "
           f"req/s vs {base} |\n|---|---|---|---|---|---|---|")
-    for label, _ in targets:
+    for label, _, _ in targets:
         for m in (m for m in modes if (m, label) in measured):
-            print(f"| {label[1:] or 'this checkout'} | {m} | {med[m, label]:.0f} | {cpu[m, label]:.0f} | "
-                  f"{main[m, label]:.0f} | {cpu[m, label] / cpu[base, label]:.2f}× | "
-                  f"{med[m, label] / med[base, label]:.2f}× |")
+            vs = ((f"{cpu[m, label] / cpu[base, label]:.2f}×", f"{med[m, label] / med[base, label]:.2f}×")
+                  if (base, label) in measured else ("–", "–"))  # N processes: no memory-only point to compare
+            print(f"| {who(label)} | {m} | {med[m, label]:.0f} | {cpu[m, label]:.0f} | "
+                  f"{main[m, label]:.0f} | {vs[0]} | {vs[1]} |")
     print()
     for label, _, n in targets:
         if n > 1:
@@ -448,16 +464,16 @@ def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str, in
             continue
         name = who(label)
         if "commit" in modes and "off" in modes:
-            print(f"{who}: commit/off throughput {med['commit', label] / med['off', label]:.2f}× (target >= 0.8)")
+            print(f"{name}: commit/off throughput {med['commit', label] / med['off', label]:.2f}× (target >= 0.8)")
         for c in ("commit", "pg-commit", "pg1-commit"):
             if (c, label) in measured and "memory" in modes:
-                print(f"{who}: store cost, router CPU per request {c}/memory "
+                print(f"{name}: store cost, router CPU per request {c}/memory "
                       f"{cpu[c, label] / cpu['memory', label]:.2f}× (target <= 1.25), throughput "
                       f"{med[c, label] / med['memory', label]:.2f}×")
     if args.pg:
         if args.cluster is not None:
-            db = {m: statistics.median(x["db_cpu_us"] for x in results if x["mode"] == m and not x["label"])
-                  for m in modes if is_pg(m)}
+            db = {(m, lb): statistics.median(x["db_cpu_us"] for x in results if (x["mode"], x["label"]) == (m, lb))
+                  for m, lb in sorted(measured) if is_pg(m) and not lb.startswith("@")}
             print("PostgreSQL server CPU per request (its own processes, not in the router's): "
                   + ", ".join(f"{m}{f' ({lb[1:]} processes)' if lb else ''} {v:.0f} µs" for (m, lb), v in db.items()))
         for m in ("off", "commit"):
@@ -470,8 +486,9 @@ def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str, in
                       f"sync={m}: {cpu['pg-' + m, ''] / cpu['pg1-' + m, '']:.2f}× "
                       f"({cpu['pg-' + m, ''] - cpu['pg1-' + m, '']:+.0f} µs); throughput "
                       f"{med['pg-' + m, ''] / med['pg1-' + m, '']:.2f}×")
-    if len(targets) > 1:
-        ref = targets[1][0]
+    for ref, _, _ in targets:
+        if not ref.startswith("@"):
+            continue
         for m in (m for m in modes if (m, ref) in measured):
             print(f"{m}: router CPU per request, this checkout / {ref[1:]}: {cpu[m, ''] / cpu[m, ref]:.2f}×")
     commits = [x for x in results if x["mode"] == "commit" and not x["label"] and "rows" in x]
@@ -593,6 +610,9 @@ def main() -> int:
     ap.add_argument("--pg-url", help="with --pg: this database instead of a throwaway cluster")
     ap.add_argument("--pg-alone", action="store_true",
                     help="with --pg: also PostgreSQL owned by one router (store.shared = false: pg1-off, pg1-commit)")
+    ap.add_argument("--processes", default="1", metavar="N,...",
+                    help="with --pg: measure each shared PostgreSQL mode (pg-*) with each of these router process "
+                         "counts (`[server] processes`), e.g. 1,2")
     ap.add_argument("--restart-gb", default="", help="comma-separated store sizes in GB for the restart table")
     ap.add_argument("--restart-tokens", type=int, default=1000, help="tokens per generated trajectory")
     ap.add_argument("--skip-throughput", action="store_true")
@@ -606,6 +626,9 @@ def main() -> int:
     args.prefill = work["prefill"] if args.prefill is None else args.prefill
     if not set(args.modes) <= {"memory", "off", "commit"}:
         ap.error(f"--modes: {args.modes} (known: memory, off, commit)")
+    args.processes = [int(n) for n in args.processes.split(",")]
+    if max(args.processes) > 1 and not args.pg:
+        ap.error("--processes above 1 needs --pg (the SQLite store and memory-only modes serve one process)")
     if args.pg:  # the store modes again, over PostgreSQL (shared, and with --pg-alone one router's)
         store_modes = [m for m in args.modes if m != "memory"]
         args.modes += tuple("pg-" + m for m in store_modes)

@@ -29,6 +29,9 @@ from test_store_crash import RouterProcess, run_agents, run_load, verify, verify
 from router.net.store_pg import redact
 from router.tokenizer import load_tokenizer
 
+# B's first answer for a session A served, read from the store on demand (a generous bound for a loaded machine;
+# the figure measured is printed)
+SESSION_TAKEOVER_BOUND_S = 2.0
 SYSTEM = "You are a careful assistant who answers briefly and precisely, in one sentence. "  # > 64 bytes
 
 
@@ -164,11 +167,17 @@ async def test_kill9_of_one_router_under_load_loses_nothing_and_another_continue
             t0 = time.monotonic()
             assert (await cb.get(f"/sessions/{sid}")).status_code == 200
             took.append(time.monotonic() - t0)
-    n_acked, _ = await verify(b.url, load_tokenizer("builtin:tiny"), acked, sent)
+    # (RELIABILITY.md "A fleet" quotes this bound and the printed figures)
+    assert max(took) < SESSION_TAKEOVER_BOUND_S, took
+    n_acked, _ = await verify(b.url, load_tokenizer("builtin:tiny"), acked, sent)  # each one exact, or it fails
     assert n_acked == len(acked)
-    assert await verify_sessions(b.url, sessions) >= 1
-    print(f"\nkill -9 of A: {len(acked)} acknowledged trajectories and {len(sessions)} sessions, all exact on B; "
-          f"B's first answer for a session A served: {max(took) * 1000:.0f} ms at most")
+    t0 = time.monotonic()
+    continued = await verify_sessions(b.url, sessions)  # a turn on B for each: from A's acknowledged tokens
+    assert continued >= 1
+    print(f"\nkill -9 of A: {len(acked)} acknowledged trajectories and {len(sessions)} sessions' acknowledged turns, "
+          f"all exact on B (lost: 0); B's first answer for a session A served: {max(took) * 1000:.0f} ms at most "
+          f"(bound {SESSION_TAKEOVER_BOUND_S:g} s); {continued} sessions continued on B, "
+          f"{(time.monotonic() - t0) / continued * 1000:.0f} ms each (check and next turn)")
 
 
 async def test_database_stopped_under_load_gives_503_naming_the_store_on_every_router(fleet, own_pg_cluster):
@@ -249,6 +258,11 @@ async def test_database_stopped_under_load_gives_503_naming_the_store_on_every_r
             assert "Traceback" not in Path(log).read_text(), Path(log).read_text()[-3000:]
     resumed = min(t1 for t0, t1, s, _ in replies if t0 > up and s == 200) - up
     last_503 = max(t0 for t0, _ in failed) - up
+    took_503 = sorted(t1 - t0 for t0, t1, s, _ in replies if s == 503)
+    assert took_503[-1] < bound + 1.0, took_503[-1]
+    errors = sorted({err["error"].split(": cannot ")[1].split(":")[0] for _, err in failed})
     print(f"\ndatabase down {up - down:.1f} s under two routers: {len(replies)} requests, {len(failed)} x 503 naming "
-          f"the store (the last one started {last_503:+.2f} s after it was back), longest request {longest:.2f} s, "
+          f"the store (kinds: {'; '.join(errors)}; e.g. {failed[0][1]}), each answered in "
+          f"{took_503[0]:.3f}-{took_503[-1]:.2f} s (median {took_503[len(took_503) // 2]:.3f} s, bound {bound:g} s; "
+          f"the last one started {last_503:+.2f} s after it was back), longest request {longest:.2f} s, "
           f"the first 200 after it was back {resumed:.2f} s after; {len(late)} requests later, all 200")

@@ -31,8 +31,8 @@ as one request to drain, not two. A process whose supervisor dies (kill -9) drai
 
 N > 1 needs state every process shares (`processes_problem`): each process has its own memory cache, sessions
 and prefix-key filter, so with the SQLite store, or no store, a trajectory or session one process recorded
-would be missing or stale in the next request's process. With `[store] url` (PostgreSQL) every process reads
-what the others stored.
+would be missing or stale in the next request's process. With `[store] url` (PostgreSQL, shared: not
+`store.shared = false`) every process reads what the others stored.
 """
 
 from __future__ import annotations
@@ -96,6 +96,10 @@ def processes_problem(cfg: Config, pipelines: dict) -> str | None:
         return (f"{routes}: the SQLite store (store.path) cannot be shared: each process would keep its own "
                 f"memory cache, prefix-key filter and sessions over the one file, so a trajectory or session "
                 f"that one process stored would be missing or stale in another; {fix}")
+    if cfg.store.shared is False:
+        return (f"{routes}: store.shared = false makes the database one process's own (asked only about keys "
+                f"stored before it started, sessions never re-read), so a trajectory or session that one process "
+                f"stored would be missing or stale in another; drop store.shared = false, or server.processes = 1")
     if unpersisted:
         return (f"{', '.join(sorted(set(unpersisted)))}: the pipeline keeps trajectories in each process's memory "
                 f"only (no persist stage), so another process would not find them; add persist, or "
