@@ -78,6 +78,15 @@ def client(handle_or_url, **kw) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=url, trust_env=False, timeout=kw.pop("timeout", 30.0), **kw)
 
 
+async def generate_text(c: httpx.AsyncClient, text: str, n: int = 16) -> dict:
+    """One `/generate` of `text` with logprobs (`n` new tokens): the reply, 200 asserted, plus `cached`: the prompt
+    tokens the router's cache supplied (x-miles-router-cached-prompt-tokens)."""
+    r = await c.post("/generate", json={"text": text, "sampling_params": {"max_new_tokens": n},
+                                        "return_logprob": True})
+    assert r.status_code == 200, r.text
+    return r.json() | {"cached": int(r.headers["x-miles-router-cached-prompt-tokens"])}
+
+
 async def chat_turn(c: httpx.AsyncClient, sid: str, messages: list, **kw) -> dict:
     """One session chat turn (up to 400 tokens unless `max_tokens` says otherwise): the reply, 200 asserted."""
     r = await c.post(f"/sessions/{sid}/v1/chat/completions",

@@ -24,7 +24,7 @@ import httpx
 import pytest
 import trio
 
-from harness import assistant_message, chat_turn
+from harness import assistant_message, chat_turn, generate_text
 from test_store_crash import RouterProcess, run_agents, run_load, verify, verify_sessions
 from router.net.store_pg import redact
 from router.tokenizer import load_tokenizer
@@ -69,13 +69,6 @@ async def _sims_bodies(c: httpx.AsyncClient) -> list[dict]:
     return bodies
 
 
-async def _generate(c, text: str, n: int = 16) -> dict:
-    r = await c.post("/generate", json={"text": text, "sampling_params": {"max_new_tokens": n},
-                                        "return_logprob": True})
-    assert r.status_code == 200, r.text
-    return r.json() | {"cached": int(r.headers["x-miles-router-cached-prompt-tokens"])}
-
-
 async def test_any_router_of_the_fleet_answers_for_every_trajectory_and_session(fleet, pg_url):
     a, b = fleet(f'url = "{pg_url}"')
     await _start([a, b])
@@ -86,7 +79,7 @@ async def test_any_router_of_the_fleet_answers_for_every_trajectory_and_session(
         for i in range(3):
             text = f"{SYSTEM}Question {i}: what is {i} times {i + 7}? "
             for turn in range(2):
-                text += (await _generate(ca, text))["text"]
+                text += (await generate_text(ca, text))["text"]
                 texts.append(text)
                 text += f" Next {turn}: and plus one? "
         for body in [{"text": t} for t in texts] + [{"texts": texts}]:
@@ -97,7 +90,7 @@ async def test_any_router_of_the_fleet_answers_for_every_trajectory_and_session(
         binary = {"texts": texts, "format": "safetensors"}
         assert (await cb.post("/retrieve_from_text", json=binary)).content == \
             (await ca.post("/retrieve_from_text", json=binary)).content
-        out = await _generate(cb, texts[-1] + " Thanks. One more?")
+        out = await generate_text(cb, texts[-1] + " Thanks. One more?")
         stored, cached = results[-1]["tokens"], out["cached"]
         assert cached >= len(stored) - 1
         assert any(body.get("input_ids", [])[:cached] == stored[:cached] for body in await _sims_bodies(cb))

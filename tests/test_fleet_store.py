@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import trio
 
-from harness import assistant_message, chat_turn, client, start_router, start_sim
+from harness import assistant_message, chat_turn, client, generate_text, start_router, start_sim
 from test_store import _two_spellings
 from test_store_crash import ROOT
 from router.tokenizer import load_tokenizer
@@ -26,13 +26,6 @@ SYSTEM = "You are a careful assistant who answers briefly and precisely, in one 
 async def _generator(nursery, sim, url: str):
     return await start_router(nursery, workers={"urls": [sim.url]}, store={"enabled": True, "url": url},
                               routes=[{"path": "/generate", "pipeline": str(ROOT / "pipelines/radix-cache-r3.toml")}])
-
-
-async def _generate(c, text: str, n: int = 16) -> dict:
-    r = await c.post("/generate", json={"text": text, "sampling_params": {"max_new_tokens": n},
-                                        "return_logprob": True})
-    assert r.status_code == 200, r.text
-    return r.json() | {"cached": int(r.headers["x-miles-router-cached-prompt-tokens"])}
 
 
 async def test_any_router_answers_for_trajectories_another_stored(nursery, pg_url):
@@ -46,7 +39,7 @@ async def test_any_router_answers_for_trajectories_another_stored(nursery, pg_ur
         for i in range(4):
             text = f"{SYSTEM}Question {i}: what is {i} times {i + 7}? "
             for turn in range(2):
-                text += (await _generate(ca, text))["text"]
+                text += (await generate_text(ca, text))["text"]
                 texts.append(text)
                 text += f" Next {turn}: and plus one? "
         for i, t in enumerate(texts):
@@ -59,7 +52,7 @@ async def test_any_router_answers_for_trajectories_another_stored(nursery, pg_ur
         assert (await cb.post("/retrieve_from_text", json=binary)).content == \
             (await ca.post("/retrieve_from_text", json=binary)).content
         # the next turn of a conversation A served, on B
-        out = await _generate(cb, texts[3] + " Thanks. One more?")
+        out = await generate_text(cb, texts[3] + " Thanks. One more?")
         async with client(sim.url) as s:
             sent = (await s.get("/_sim/stats")).json()["last_bodies"][-1]["input_ids"]
         stored = answers[3]["tokens"]
