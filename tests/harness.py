@@ -87,6 +87,19 @@ async def generate_text(c: httpx.AsyncClient, text: str, n: int = 16) -> dict:
     return r.json() | {"cached": int(r.headers["x-miles-router-cached-prompt-tokens"])}
 
 
+async def text_conversations(c: httpx.AsyncClient, head: str, n: int) -> list[str]:
+    """`n` two-turn text conversations through `/generate`, each starting with `head` (a system prompt): every
+    turn's visible text (prompt + reply), in order."""
+    texts = []
+    for i in range(n):
+        text = f"{head}Question {i}: what is {i} times {i + 7}? "
+        for turn in range(2):
+            text += (await generate_text(c, text))["text"]
+            texts.append(text)
+            text += f" Next {turn}: and plus one? "
+    return texts
+
+
 async def chat_turn(c: httpx.AsyncClient, sid: str, messages: list, **kw) -> dict:
     """One session chat turn (up to 400 tokens unless `max_tokens` says otherwise): the reply, 200 asserted."""
     r = await c.post(f"/sessions/{sid}/v1/chat/completions",

@@ -24,7 +24,7 @@ import httpx
 import pytest
 import trio
 
-from harness import assistant_message, chat_turn, generate_text
+from harness import assistant_message, chat_turn, generate_text, text_conversations
 from test_store_crash import RouterProcess, run_agents, run_load, verify, verify_sessions
 from router.net.store_pg import redact
 from router.tokenizer import load_tokenizer
@@ -75,13 +75,7 @@ async def test_any_router_of_the_fleet_answers_for_every_trajectory_and_session(
     async with httpx.AsyncClient(base_url=a.url, trust_env=False, timeout=30.0) as ca, \
             httpx.AsyncClient(base_url=b.url, trust_env=False, timeout=30.0) as cb:
         # --- trajectories: A stores two-turn text conversations, B answers for them exactly
-        texts = []
-        for i in range(3):
-            text = f"{SYSTEM}Question {i}: what is {i} times {i + 7}? "
-            for turn in range(2):
-                text += (await generate_text(ca, text))["text"]
-                texts.append(text)
-                text += f" Next {turn}: and plus one? "
+        texts = await text_conversations(ca, SYSTEM, 3)
         for body in [{"text": t} for t in texts] + [{"texts": texts}]:
             assert (await cb.post("/retrieve_from_text", json=body)).json() == \
                 (await ca.post("/retrieve_from_text", json=body)).json()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import trio
 
-from harness import assistant_message, chat_turn, client, generate_text, start_router, start_sim
+from harness import assistant_message, chat_turn, client, generate_text, start_router, start_sim, text_conversations
 from test_store import _two_spellings
 from test_store_crash import ROOT
 from router.tokenizer import load_tokenizer
@@ -34,14 +34,8 @@ async def test_any_router_answers_for_trajectories_another_stored(nursery, pg_ur
     turns got from the worker (which spells half its text non-canonically: a fresh tokenization would differ)."""
     sim = await start_sim(nursery, seed=21, noncanonical_rate=0.5)
     a, b = await _generator(nursery, sim, pg_url), await _generator(nursery, sim, pg_url)
-    texts = []
     async with client(a) as ca, client(b) as cb:
-        for i in range(4):
-            text = f"{SYSTEM}Question {i}: what is {i} times {i + 7}? "
-            for turn in range(2):
-                text += (await generate_text(ca, text))["text"]
-                texts.append(text)
-                text += f" Next {turn}: and plus one? "
+        texts = await text_conversations(ca, SYSTEM, 4)
         for i, t in enumerate(texts):
             body = {"text": t} if i % 2 else {"texts": [t]}
             assert (await cb.post("/retrieve_from_text", json=body)).json() == \
