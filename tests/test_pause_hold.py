@@ -163,19 +163,21 @@ async def test_a_hold_past_the_timeout_is_a_clear_503_and_holding_can_be_off(nur
         await c.post("/continue_generation", json={})
 
 
-async def _chat_agent(c, done: trio.Event, finishes: list, tag: str) -> str:
-    """Turns until `done`, then one more."""
+async def _chat_agent(c, done: trio.Event, finishes: list, tag: str, turns: dict) -> str:
+    """Turns until `done`, then one more. Each sends the replies back whole and none is cut at max_tokens, so
+    every turn extends the one before (a reply re-sent without its reasoning_content starts a branch, as miles'
+    matcher says, and a truncated turn cannot be extended). `turns[session id]`: how many turns it made."""
     sid = (await c.post("/sessions")).json()["session_id"]
     messages = [{"role": "user", "content": f"agent {tag}: go"}]
     t, last = 0, False
     while not last:
         last, t = done.is_set(), t + 1
-        r = await c.post(f"/sessions/{sid}/v1/chat/completions", json={"messages": messages, "max_tokens": 300})
+        r = await c.post(f"/sessions/{sid}/v1/chat/completions", json={"messages": messages, "max_tokens": 4000})
         assert r.status_code == 200, r.text
         reply = r.json()
         finishes.append(reply["choices"][0]["finish_reason"])
-        messages += [{"role": "assistant", "content": reply["choices"][0]["message"]["content"]},
-                     {"role": "user", "content": f"step {t}"}]
+        messages += [reply["choices"][0]["message"], {"role": "user", "content": f"step {t}"}]
+        turns[sid] = t
     return sid
 
 
@@ -197,7 +199,7 @@ async def test_sessions_and_the_radix_pipeline_survive_pause_update_continue_cyc
     router, sims = await fleet(nursery, 2, token_latency_s=0.002, routes=[{"path": "/generate",
                                                     "pipeline": str(root / "pipelines/radix-cache.toml")}])
     rt = router.runtime
-    chat, text, sids = [], [], []
+    chat, text, sids, turns = [], [], [], {}
     done = trio.Event()
     async with client(router) as c:
         async def controller(n):
@@ -220,7 +222,7 @@ async def test_sessions_and_the_radix_pipeline_survive_pause_update_continue_cyc
             done.set()
 
         async def chat_agent(i):
-            sids.append(await _chat_agent(c, done, chat, f"c{i}"))
+            sids.append(await _chat_agent(c, done, chat, f"c{i}", turns))
 
         async with trio.open_nursery() as n:
             n.start_soon(controller, n)
@@ -233,12 +235,16 @@ async def test_sessions_and_the_radix_pipeline_survive_pause_update_continue_cyc
         assert sum(s.worker.stats.aborted for s in sims) == 0
         waited = metric((await c.get("/metrics")).text, "miles_router_queue_wait_seconds_count", queue="pause_hold")
         assert waited >= 6  # the late agents' first turns, at least, were held
-        # each session turn records the weights that served it; the later turns the new ones
-        versions = []
+        # each session is one line of turns (no turn lost to the cycles), and each turn records the weights that
+        # served it: the first agents began on the first weights (one still running at the first pause may be retracted
+        # and finish on the next), every agent ended on the last
+        versions = {}
         for sid in sids:
             records = (await c.get(f"/sessions/{sid}")).json()["records"]
-            versions.append([rec["response"]["metadata"]["weight_version"] for rec in records])
-        assert all(v[-1] == "v4" for v in versions) and any(v[0] == "default" for v in versions), versions
+            assert len(records) == turns[sid], (sid, len(records), turns[sid])
+            versions[sid] = [rec["response"]["metadata"]["weight_version"] for rec in records]
+        assert all(v[-1] == "v4" for v in versions.values()), versions
+        assert any(v[0] == "default" for v in versions.values()), versions
     assert rt.workers.current_version() == "v4"
 
 
