@@ -84,8 +84,8 @@ async def run(setting: str, args) -> dict:
                     finishes.append(choice["finish_reason"])
                     if choice["finish_reason"] in ("abort", "length"):
                         continue  # an aborted (or cut) turn is retried from the same history
-                    messages += [{"role": "assistant", "content": choice["message"]["content"]},
-                                 {"role": "user", "content": f"step {t}"}]
+                    # the reply whole: without its reasoning_content the next turn would start a branch
+                    messages += [choice["message"], {"role": "user", "content": f"step {t}"}]
                     t += 1
 
             async def text_agent(i):
