@@ -10,8 +10,8 @@ workload's (bench/bench_store.py) and one session of `--turns` turns:
     cache's match (6 keys, none stored: a new question);
   * session_turns: the re-read before a session in memory is used (the turns after the last one known: none new);
   * get_all: the check of a retrieve the memory cache answered exactly (one record under the digest).
-Printed per call: router CPU (the whole process, worker threads included) and wall time. SQLite is shown for
-scale; a router on SQLite (or `store.shared = false`) makes the first two only for what memory does not hold.
+Printed per call: router CPU (the whole process, worker threads included), wall time and, on the throwaway
+cluster, the PostgreSQL server's CPU (its processes share the router's cores). SQLite is shown for scale; a router on SQLite (or `store.shared = false`) makes the first two only for what memory does not hold.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
+import bench_store  # noqa: E402  (bench/bench_store.py: the PostgreSQL server's CPU)
 from router.core.radix import text_digest  # noqa: E402
 from router.core.store import Keyed, text_head  # noqa: E402
 from router.wire import store as wire  # noqa: E402
@@ -47,7 +48,12 @@ def record(i: int) -> wire.StoredTrajectory:
                      loss_mask=np.r_[np.zeros(500, np.uint8), np.ones(100, np.uint8)], experts=None)
 
 
-async def run(store, args) -> list[tuple[str, float, float]]:
+def server_seconds(args) -> float:
+    cpu = bench_store.server_cpu(args)  # None: SQLite, or a database of --pg-url's (not on this host's books)
+    return sum(cpu.values()) if cpu else float("nan")
+
+
+async def run(store, args) -> list[tuple[str, float, float, float]]:
     store.start()
     texts = [f"{'system prompt ' * 150} question {i}: reply {i}".encode() for i in range(args.rows)]
     for start in range(0, args.rows, 500):
@@ -65,10 +71,11 @@ async def run(store, args) -> list[tuple[str, float, float]]:
     for name, call in calls.items():
         for _ in range(50):
             await call()
-        c0, t0 = cpu(), time.perf_counter()
+        c0, t0, s0 = cpu(), time.perf_counter(), server_seconds(args)
         for _ in range(args.calls):
             await call()
-        out.append((name, (cpu() - c0) / args.calls * 1e6, (time.perf_counter() - t0) / args.calls * 1e6))
+        out.append((name, (cpu() - c0) / args.calls * 1e6, (time.perf_counter() - t0) / args.calls * 1e6,
+                    (server_seconds(args) - s0) / args.calls * 1e6))
     await store.aclose()
     return out
 
@@ -92,17 +99,21 @@ def main() -> int:
         cluster.start()
         url = cluster.create_database("bench")
     try:
+        args.cluster = cluster
         results = {"PostgreSQL": trio.run(run, PgStore(url), args)}
+        args.cluster = None
         with tempfile.TemporaryDirectory() as tmp:
             results["SQLite"] = trio.run(run, SqliteStore(os.path.join(tmp, "reads.db")), args)
     finally:
         if cluster is not None:
             cluster.destroy()
     print(f"# bench_store_reads.py: {args.calls} calls each, {args.rows} trajectories, a session of {args.turns} "
-          f"turns\n| call | store | router CPU µs/call | wall µs/call |\n|---|---|---|---|")
+          f"turns\n| call | store | router CPU µs/call | wall µs/call | database server CPU µs/call |\n"
+          "|---|---|---|---|---|")
     for store, rows in results.items():
-        for name, cpu_us, wall_us in rows:
-            print(f"| {name} | {store} | {cpu_us:.0f} | {wall_us:.0f} |")
+        for name, cpu_us, wall_us, server_us in rows:
+            server = "–" if server_us != server_us else f"{server_us:.0f}"  # NaN: not measured
+            print(f"| {name} | {store} | {cpu_us:.0f} | {wall_us:.0f} | {server} |")
     return 0
 
 

@@ -172,6 +172,32 @@ async def test_two_stores_share_one_database(pg_url):
     await b.aclose()
 
 
+async def test_reads_are_prepared_once_per_connection_and_again_on_a_new_one(pg_url):
+    """The reads a fleet makes per request are prepared statements: each connection parses a statement once, and
+    a connection that replaced a broken one prepares it again (its answers stay right)."""
+    import psycopg
+
+    from router.net.pg_loop import LoopConnections
+
+    reads = LoopConnections(pg_url, size=1)
+    sql = b"SELECT $1::bigint + 1"
+    prepared = b"SELECT convert_to(name, 'UTF8'), convert_to(statement, 'UTF8') FROM pg_prepared_statements"
+
+    async def backend() -> int:
+        return (await reads.query(b"SELECT pg_backend_pid()::bigint"))[0][0]
+
+    assert [await reads.query(sql, (i,)) for i in range(3)] == [[(1,)], [(2,)], [(3,)]]
+    first = await backend()
+    statements = [(n.decode(), s.decode()) for n, s in await reads.query(prepared)]
+    assert len(statements) == 3 and ("miles_router_0", sql.decode()) in statements, statements
+    with psycopg.connect(pg_url, autocommit=True) as admin:  # the server drops the read connection
+        admin.execute("SELECT pg_terminate_backend(%s)", (first,))
+    assert await reads.query(sql, (41,)) == [(42,)]
+    assert await backend() != first
+    assert ("miles_router_0", sql.decode()) in [(n.decode(), s.decode()) for n, s in await reads.query(prepared)]
+    reads.close()
+
+
 # ---------------------------------------------------------------------------------------------- the database away
 def _gen(text: str) -> dict:
     return {"text": text, "sampling_params": {"max_new_tokens": 8}, "return_logprob": True}

@@ -6,7 +6,9 @@ Why not a thread: a router of a fleet asks the database once per request (a prom
 new turns), and a worker thread plus a thread-safe pool cost ~180-240 µs of router CPU per query where this costs
 ~90 µs (bench/bench_store_reads.py). Why not psycopg's async API (and psycopg_pool's async pool): they run on
 asyncio only, and the router runs on trio. So the few connections are kept here: idle ones in a list, at most
-`size` in use (a query waits for one), one query at a time on each.
+`size` in use (a query waits for one), one query at a time on each. Each statement is prepared once per connection
+(named after its place in `_names`) and then only executed: the server parses and plans it once, not per request
+(the lookup a fleet makes for every `/generate` cost the database ~2x the CPU unprepared: BENCHMARKS.md §8).
 
 Parameters go as text, except `bytes` (binary: bytea), lists of ints as array literals (`$1::bigint[]`); results
 come back in binary and are decoded for the column types the store reads (bigint, integer, bytea). A connection
@@ -57,6 +59,8 @@ class LoopConnections:
         self._info = conninfo
         self._idle: list[psycopg.Connection] = []  # queried through their libpq connection (`.pgconn`) only
         self._slots = trio.Semaphore(size)
+        self._names: dict[bytes, bytes] = {}  # statement -> its prepared name (the same on every connection)
+        self._prepared: dict[int, set[bytes]] = {}  # id(connection) -> the names prepared on it
 
     async def query(self, sql: bytes, params: tuple = ()) -> list[tuple]:
         """The rows of one query (QueryFailed). Bound it with a cancel scope: cancelled, its connection goes."""
@@ -64,10 +68,16 @@ class LoopConnections:
         async with self._slots:
             for attempt in range(2):
                 conn = self._idle.pop() if self._idle else await self._connect()
+                name = self._names.setdefault(sql, b"miles_router_%d" % len(self._names))
                 try:
-                    rows = await self._run(conn.pgconn, sql, list(values), list(formats))
+                    prepared = self._prepared.setdefault(id(conn), set())
+                    if name not in prepared:
+                        await self._run(conn.pgconn, lambda pg: pg.send_prepare(name, sql))
+                        prepared.add(name)
+                    rows = await self._run(conn.pgconn, lambda pg: pg.send_query_prepared(
+                        name, list(values), param_formats=list(formats), result_format=1))
                 except _Broken as e:  # the server restarted or went away: the idle connections went with it
-                    conn.close()
+                    self._drop(conn)
                     self.close()
                     if attempt:
                         raise QueryFailed(str(e)) from None
@@ -77,7 +87,7 @@ class LoopConnections:
                     if pg.status == pq.ConnStatus.OK and pg.transaction_status == pq.TransactionStatus.IDLE:
                         self._idle.append(conn)
                     else:
-                        conn.close()
+                        self._drop(conn)
                     raise
                 self._idle.append(conn)
                 return rows
@@ -95,11 +105,16 @@ class LoopConnections:
         conn.pgconn.nonblocking = 1
         return conn
 
+    def _drop(self, conn: psycopg.Connection) -> None:
+        self._prepared.pop(id(conn), None)
+        conn.close()
+
     @staticmethod
-    async def _run(conn: pq.PGconn, sql: bytes, values: list, formats: list) -> list[tuple]:
+    async def _run(conn: pq.PGconn, send) -> list[tuple]:
+        """Send one command (`send(conn)`) and read its results to the end: the rows of a query."""
         results = []
         try:
-            conn.send_query_params(sql, values, param_formats=formats, result_format=1)
+            send(conn)
             while conn.flush():
                 await trio.lowlevel.wait_writable(conn.socket)
             while True:
@@ -134,4 +149,4 @@ class LoopConnections:
 
     def close(self) -> None:
         while self._idle:
-            self._idle.pop().close()
+            self._drop(self._idle.pop())
