@@ -37,7 +37,9 @@ picks others). Each store point starts on a store already holding `--prefill` (d
 trajectories of the same workload (an RL run's earlier steps; written once per router version through the record
 format, keyed by that version's own code). Every prompt then shares its first ~2 KB with every stored trajectory,
 which is what a store lookup keyed on a prompt's head must not pay for. It prints the store's cost as router CPU
-per request, commit / memory (target <= 1.25x).
+per request, commit / memory (target <= 1.25x): the median over rounds of each round's own ratio (the points of a
+round run minutes apart at most, so a shared host's drift between rounds cancels out), with their range and the
+ratio of the two modes' medians.
 
 `--workload sessions` is agents on /sessions instead: each of c=16 connections is one agent at a time, POST
 /sessions, 8 chat turns (`/sessions/{id}/v1/chat/completions`, the same ~2 KB system prompt, the simulator's reply
@@ -388,7 +390,7 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int, repo: str =
     finally:
         stop(router)
     ok = max(res["ok"], 1)
-    res.update(mode=mode, label=label, rps=res["ok"] / res["elapsed"], cpu_us=(c1 - c0) * 1e6 / ok,
+    res.update(mode=mode, label=label, round=round_, rps=res["ok"] / res["elapsed"], cpu_us=(c1 - c0) * 1e6 / ok,
                main_us=(main1 - main0) * 1e6 / ok)
     if is_pg(mode) and d0 is not None:  # the database server's own work (in-process for SQLite)
         res["db_cpu_us"] = sum(t - d0.get(pid, 0.0) for pid, t in d1.items()) * 1e6 / ok
@@ -412,6 +414,13 @@ def prefilled(tmp: str, repo: str, label: str, n: int) -> str:
         subprocess.run([sys.executable, __file__, "_prefill", "--repo", repo, "--path", path, "--n", str(n)],
                        check=True, cwd=repo)
     return path
+
+
+def paired_ratios(results: list[dict], mode: str, base: str, label: str) -> list[float]:
+    """Router CPU per request of `mode` over `base`, per round: the points of a round run within a minute or two, so
+    the machine's drift between rounds (±10-25% on a shared host) mostly cancels out of each ratio."""
+    cpu = {(x["mode"], x["round"]): x["cpu_us"] for x in results if x["label"] == label}
+    return [cpu[mode, r] / cpu[base, r] for (m, r) in sorted(cpu) if m == mode and (base, r) in cpu]
 
 
 def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str, int]]) -> None:
@@ -467,9 +476,11 @@ def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str, in
             print(f"{name}: commit/off throughput {med['commit', label] / med['off', label]:.2f}× (target >= 0.8)")
         for c in ("commit", "pg-commit", "pg1-commit"):
             if (c, label) in measured and "memory" in modes:
-                print(f"{name}: store cost, router CPU per request {c}/memory "
-                      f"{cpu[c, label] / cpu['memory', label]:.2f}× (target <= 1.25), throughput "
-                      f"{med[c, label] / med['memory', label]:.2f}×")
+                paired = paired_ratios(results, c, "memory", label)
+                print(f"{name}: store cost, router CPU per request {c}/memory {statistics.median(paired):.2f}× "
+                      f"(target <= 1.25; the median of {len(paired)} rounds' ratios, each of two points of one round: "
+                      f"{min(paired):.2f}-{max(paired):.2f}×; ratio of the medians "
+                      f"{cpu[c, label] / cpu['memory', label]:.2f}×), throughput {med[c, label] / med['memory', label]:.2f}×")
     if args.pg:
         if args.cluster is not None:
             db = {(m, lb): statistics.median(x["db_cpu_us"] for x in results if (x["mode"], x["label"]) == (m, lb))
