@@ -104,31 +104,38 @@ _CANDIDATES = (b"SELECT t.id, t.vlen, t.digest FROM unnest($1::bigint[]) AS k(he
 # one statement, one snapshot: no row at all when the session has none, one NULL when it has no turn past `after`
 _SESSION_TURNS = (b"SELECT t.data FROM miles_router.sessions s LEFT JOIN miles_router.session_turns t "
                   b"ON t.session = s.id AND t.turn > $1::integer WHERE s.id = $2::text ORDER BY t.turn")
-_TOUCH = ("UPDATE miles_router.sessions SET last_used = greatest(coalesce(last_used, created), %s) "
-          "WHERE id = %s")
 _OWN_TRANSACTION = ("maintain", "session_expire")
 _FILE_BYTES = ("SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c JOIN pg_namespace n "
                "ON n.oid = c.relnamespace WHERE n.nspname = 'miles_router' AND c.relkind = 'r'")
 
 
+_SESSION_UPSERT = ("INSERT INTO miles_router.sessions AS s (id, created, data, last_used) VALUES (%(sid)s, %(at)s, "
+                   "%(header)s, %(at)s) ON CONFLICT (id) DO UPDATE SET data = excluded.data, "
+                   "last_used = greatest(coalesce(s.last_used, s.created), excluded.last_used) RETURNING id")
+_SESSION_TOUCH = ("UPDATE miles_router.sessions SET last_used = greatest(coalesce(last_used, created), %(at)s) "
+                  "WHERE id = %(sid)s RETURNING id")
+# Turns go only to a session whose row the first part found (a deleted or expired one stays gone), each id written
+# once; the answer says whether the session was there and which turn ids this statement wrote.
+_SESSION_WRITE = ("WITH s AS ({}), ins AS (INSERT INTO miles_router.session_turns (session, turn, data) "
+                  "SELECT s.id, x.t, x.d FROM s CROSS JOIN unnest(%(turns)s::int[], %(data)s::bytea[]) AS x(t, d) "
+                  "ON CONFLICT (session, turn) DO NOTHING RETURNING turn) "
+                  "SELECT (SELECT count(*) FROM s), array(SELECT turn FROM ins)")
+
+
 def _write_session(cur: psycopg.Cursor, sid: str, at: float, header: bytes | None,
-                   turns: list[tuple[int, bytes]]) -> SessionWrite:
-    """One session write in the writer's transaction (the session's row is locked already)."""
-    if header is not None:
-        cur.execute("INSERT INTO miles_router.sessions AS s (id, created, data, last_used) VALUES (%s, %s, %s, %s) "
-                    "ON CONFLICT (id) DO UPDATE SET data = excluded.data, "
-                    "last_used = greatest(coalesce(s.last_used, s.created), excluded.last_used)", (sid, at, header, at))
-    else:
-        cur.execute(_TOUCH, (at, sid))
-        if not cur.rowcount:
-            return SessionWrite(gone=True)  # deleted or expired meanwhile: its turns must not bring it back
-    if not turns:
-        return SessionWrite()
-    cur.execute("INSERT INTO miles_router.session_turns (session, turn, data) SELECT %s, x.t, x.d "
-                "FROM unnest(%s::int[], %s::bytea[]) AS x(t, d) ON CONFLICT (session, turn) DO NOTHING RETURNING turn",
-                (sid, [t for t, _ in turns], [b for _, b in turns]))
-    written = {r[0] for r in cur.fetchall()}
-    return SessionWrite(taken=tuple(t for t, _ in turns if t not in written))
+                   turns: list[tuple[int, bytes]]) -> None:
+    """One session write in the writer's transaction (the session's row is locked already), as one statement, so
+    a batch of them needs no answer before the next is sent (see `_session_written` for its result)."""
+    cur.execute(_SESSION_WRITE.format(_SESSION_UPSERT if header is not None else _SESSION_TOUCH),
+                {"sid": sid, "at": at, "header": header, "turns": [t for t, _ in turns],
+                 "data": [b for _, b in turns]})
+
+
+def _session_written(cur: psycopg.Cursor, turns: list[tuple[int, bytes]]) -> SessionWrite:
+    found, written = cur.fetchone()
+    if not found:
+        return SessionWrite(gone=True)  # deleted or expired meanwhile: its turns must not bring it back
+    return SessionWrite(taken=tuple(t for t, _ in turns if t not in set(written)))
 
 
 def _expire_sessions(conn: psycopg.Connection, before: float, keep: list[str]) -> list[str]:
@@ -320,7 +327,13 @@ class PgStore(QueuedStore):
             # at `sync = "commit"` flushed, before the COPY's end is answered): two round trips fewer than BEGIN,
             # COPY, COMMIT, so a shorter commit for every reply waiting on it
             only_puts = all(op.kind == "put" for op in batch)
-            with contextlib.nullcontext() if only_puts else conn.transaction(), conn.cursor() as cur:
+            # A batch without trajectories (session turns, touches, deletions, retrieve marks) is sent as one
+            # pipeline: BEGIN, the lock, a statement per write and COMMIT in one round trip, answers read at its end
+            # (COPY cannot run in a pipeline, so a batch with trajectories waits for each statement's answer)
+            pipelined = not any(op.kind == "put" for op in batch)
+            answers: list[tuple[Op, psycopg.Cursor]] = []  # the statements whose answers the batch reports
+            with (conn.pipeline() if pipelined else contextlib.nullcontext()), \
+                    (contextlib.nullcontext() if only_puts else conn.transaction()), conn.cursor() as cur:
                 rows: list = []
                 digests: list = []
                 # The sessions this batch writes, locked in id order: a writer in another router locks them in the
@@ -351,18 +364,27 @@ class PgStore(QueuedStore):
                     elif op.kind == "retrieved":
                         digests.append(op.args)
                         if following != "retrieved":
-                            cur.execute("UPDATE miles_router.trajectories SET retrieved = true "
-                                        "WHERE digest = ANY(%s) AND NOT retrieved", (digests,))
-                            retrieved += max(cur.rowcount, 0)
+                            marks = conn.cursor()
+                            marks.execute("UPDATE miles_router.trajectories SET retrieved = true "
+                                          "WHERE digest = ANY(%s) AND NOT retrieved", (digests,))
+                            answers.append((op, marks))
                             digests = []
                     elif op.kind == "session":
-                        op.result = _write_session(cur, *op.args)
+                        own = conn.cursor()  # its answer is read once the batch committed
+                        _write_session(own, *op.args)
+                        answers.append((op, own))
                         records += len(op.args[3])
                     elif op.kind == "touch":
-                        cur.execute(_TOUCH, (op.args[1], op.args[0]))
+                        cur.execute(_SESSION_TOUCH, {"at": op.args[1], "sid": op.args[0]})
                     elif op.kind == "session_delete":
                         cur.execute("DELETE FROM miles_router.sessions WHERE id = %s", (op.args,))
                         cur.execute("DELETE FROM miles_router.session_turns WHERE session = %s", (op.args,))
+            for op, answer in answers:  # committed: what each statement answered
+                if op.kind == "session":
+                    op.result = _session_written(answer, op.args[3])
+                else:
+                    retrieved += max(answer.rowcount, 0)
+                answer.close()
         except Exception as e:  # noqa: BLE001 - every waiter must hear about it, whatever it was
             error = describe(e)
             if not isinstance(e, psycopg.Error):
