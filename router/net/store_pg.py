@@ -9,7 +9,8 @@
   when a batch committed or failed. Reads, which a fleet makes once per request, run on the event loop itself
   through libpq's nonblocking API (router/net/pg_loop.py: under half the CPU of a worker thread and a pool).
 - **Group commit.** The writer takes everything queued and writes it in ONE transaction (the records as one
-  binary COPY); records that finish while a commit is in progress share the next one. `sync = "commit"`:
+  binary COPY; a batch without records as one pipeline, a single round trip); records that finish while a commit
+  is in progress share the next one. `sync = "commit"`:
   `synchronous_commit = on` and the reply's end waits for the commit; `sync = "off"`: `synchronous_commit = off`
   and nobody waits (a read still sees records not yet committed).
 - **The database away.** Every wait is bounded: connecting by `store.timeout_s`;
