@@ -44,8 +44,10 @@ ratio of the two modes' medians.
 `--workload sessions` is agents on /sessions instead: each of c=16 connections is one agent at a time, POST
 /sessions, 8 chat turns (`/sessions/{id}/v1/chat/completions`, the same ~2 KB system prompt, the simulator's reply
 and a short tool result appended each turn), then DELETE; one "request" is one turn (the create and delete calls
-are in the CPU but not counted), so router CPU per request is the per-turn cost. `--compare-ref GITREF` also runs the router as of GITREF (a temporary git worktree) in the same
-run, its modes alternating with this checkout's: an A/B of a change.
+are in the CPU but not counted), so router CPU per request is the per-turn cost.
+
+`--compare-ref GITREF` also runs the router as of GITREF (a temporary git worktree) in the same run, its modes
+alternating with this checkout's: an A/B of a change.
 Bytes on disk per token: the commit run's store (record bytes, and whole-file bytes incl. SQLite's index and
 free pages) / stored tokens (prompt + output).
 
@@ -478,9 +480,10 @@ def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str, in
             if (c, label) in measured and "memory" in modes:
                 paired = paired_ratios(results, c, "memory", label)
                 print(f"{name}: store cost, router CPU per request {c}/memory {statistics.median(paired):.2f}× "
-                      f"(target <= 1.25; the median of {len(paired)} rounds' ratios, each of two points of one round: "
-                      f"{min(paired):.2f}-{max(paired):.2f}×; ratio of the medians "
-                      f"{cpu[c, label] / cpu['memory', label]:.2f}×), throughput {med[c, label] / med['memory', label]:.2f}×")
+                      f"(target <= 1.25; the median of {len(paired)} rounds' ratios, each of two points of one "
+                      f"round: {min(paired):.2f}-{max(paired):.2f}×; ratio of the medians "
+                      f"{cpu[c, label] / cpu['memory', label]:.2f}×), "
+                      f"throughput {med[c, label] / med['memory', label]:.2f}×")
     if args.pg:
         if args.cluster is not None:
             db = {(m, lb): statistics.median(x["db_cpu_us"] for x in results if (x["mode"], x["label"]) == (m, lb))

@@ -11,7 +11,8 @@ workload's (bench/bench_store.py) and one session of `--turns` turns:
   * session_turns: the re-read before a session in memory is used (the turns after the last one known: none new);
   * get_all: the check of a retrieve the memory cache answered exactly (one record under the digest).
 Printed per call: router CPU (the whole process, worker threads included), wall time and, on the throwaway
-cluster, the PostgreSQL server's CPU (its processes share the router's cores). SQLite is shown for scale; a router on SQLite (or `store.shared = false`) makes the first two only for what memory does not hold.
+cluster, the PostgreSQL server's CPU (its processes share the router's cores). SQLite is shown for scale; a router
+on SQLite (or `store.shared = false`) makes the first two only for what memory does not hold.
 """
 
 from __future__ import annotations

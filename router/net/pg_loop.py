@@ -60,7 +60,7 @@ class LoopConnections:
         self._idle: list[psycopg.Connection] = []  # queried through their libpq connection (`.pgconn`) only
         self._slots = trio.Semaphore(size)
         self._names: dict[bytes, bytes] = {}  # statement -> its prepared name (the same on every connection)
-        self._prepared: dict[int, set[bytes]] = {}  # id(connection) -> the names prepared on it
+        self._prepared: dict[psycopg.Connection, set[bytes]] = {}  # connection -> the names prepared on it
 
     async def query(self, sql: bytes, params: tuple = ()) -> list[tuple]:
         """The rows of one query (QueryFailed). Bound it with a cancel scope: cancelled, its connection goes."""
@@ -70,7 +70,7 @@ class LoopConnections:
                 conn = self._idle.pop() if self._idle else await self._connect()
                 name = self._names.setdefault(sql, b"miles_router_%d" % len(self._names))
                 try:
-                    prepared = self._prepared.setdefault(id(conn), set())
+                    prepared = self._prepared.setdefault(conn, set())
                     if name not in prepared:
                         await self._run(conn.pgconn, lambda pg: pg.send_prepare(name, sql))
                         prepared.add(name)
@@ -106,7 +106,7 @@ class LoopConnections:
         return conn
 
     def _drop(self, conn: psycopg.Connection) -> None:
-        self._prepared.pop(id(conn), None)
+        self._prepared.pop(conn, None)
         conn.close()
 
     @staticmethod

@@ -121,13 +121,15 @@ _SESSION_WRITE = ("WITH s AS ({}), ins AS (INSERT INTO miles_router.session_turn
                   "SELECT s.id, x.t, x.d FROM s CROSS JOIN unnest(%(turns)s::int[], %(data)s::bytea[]) AS x(t, d) "
                   "ON CONFLICT (session, turn) DO NOTHING RETURNING turn) "
                   "SELECT (SELECT count(*) FROM s), array(SELECT turn FROM ins)")
+_SESSION_CREATE_WRITE = _SESSION_WRITE.format(_SESSION_UPSERT)  # with the session's header: created or replaced
+_SESSION_USE_WRITE = _SESSION_WRITE.format(_SESSION_TOUCH)  # without: it must exist already
 
 
 def _write_session(cur: psycopg.Cursor, sid: str, at: float, header: bytes | None,
                    turns: list[tuple[int, bytes]]) -> None:
     """One session write in the writer's transaction (the session's row is locked already), as one statement, so
     a batch of them needs no answer before the next is sent (see `_session_written` for its result)."""
-    cur.execute(_SESSION_WRITE.format(_SESSION_UPSERT if header is not None else _SESSION_TOUCH),
+    cur.execute(_SESSION_CREATE_WRITE if header is not None else _SESSION_USE_WRITE,
                 {"sid": sid, "at": at, "header": header, "turns": [t for t, _ in turns],
                  "data": [b for _, b in turns]})
 
@@ -136,7 +138,8 @@ def _session_written(cur: psycopg.Cursor, turns: list[tuple[int, bytes]]) -> Ses
     found, written = cur.fetchone()
     if not found:
         return SessionWrite(gone=True)  # deleted or expired meanwhile: its turns must not bring it back
-    return SessionWrite(taken=tuple(t for t, _ in turns if t not in set(written)))
+    written = set(written)
+    return SessionWrite(taken=tuple(t for t, _ in turns if t not in written))
 
 
 def _expire_sessions(conn: psycopg.Connection, before: float, keep: list[str]) -> list[str]:

@@ -4,7 +4,8 @@ One writer thread owns the write connection, off the event loop (router/net/stor
 PostgreSQL store; this module is the SQL). It takes everything queued, writes it in ONE transaction and commits
 (group commit): records that finish while a commit is in progress share the next one, so the fsync cost is paid
 per batch, not per record, and no artificial delay is added at low load (a 1 ms one cost more router CPU, not
-less: BENCHMARKS.md §5). Each caller is woken (from the writer thread, via `TrioToken.run_sync_soon`) once its batch committed or failed.
+less: BENCHMARKS.md §5). Each caller is woken (from the writer thread, via `TrioToken.run_sync_soon`) once its
+batch committed or failed.
 
 `sync = "commit"`: PRAGMA synchronous=FULL (the WAL is fsynced at every commit) and the reply's end waits for its
 commit. `sync = "off"`: synchronous=NORMAL and nobody waits (a crash may lose the last few ms; a read still sees

@@ -93,8 +93,8 @@ class WorkerSupervisor:
     def control_client(self, worker: Worker) -> httpx.AsyncClient:
         """The httpx client for `worker`'s control calls. One per worker, not one for all: httpx's pool looks at
         every connection it holds for each request (`_assign_requests_to_connections`, and `is_idle` on each when
-        a response closes), so with one shared client a probe cost ~11–16 µs per registered worker, and 1,000 workers'
-        probes alone took more than a core (BENCHMARKS.md §8)."""
+        a response closes), so with one shared client a probe cost ~11–16 µs per registered worker, and 1,000
+        workers' probes alone took more than a core (BENCHMARKS.md §8)."""
         client = self._control_clients.get(worker.url)
         if client is None:
             w = self.config.workers
