@@ -680,7 +680,8 @@ async def test_info_endpoints(start_sim: StartSim) -> None:
 
 async def test_stats_record_bodies_and_peak_in_flight(start_sim: StartSim) -> None:
     client, worker = await start_sim(token_latency_s=0.01)
-    body = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 5, "ignore_eos": True}}
+    # 30 tokens at 10 ms: the four overlap however slowly a loaded host delivers them
+    body = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 30, "ignore_eos": True}}
     async with trio.open_nursery() as nursery:
         for _ in range(4):
             nursery.start_soon(functools.partial(generate, client, **body))
