@@ -46,6 +46,9 @@ ratio of the two modes' medians.
 and a short tool result appended each turn), then DELETE; one "request" is one turn (the create and delete calls
 are in the CPU but not counted), so router CPU per request is the per-turn cost.
 
+`--pin` runs the router on CPU 0 alone and this script, the simulated worker, the load generator and the PostgreSQL
+server on the other CPUs (a host where the router's core is its own; the router's writer thread shares its core).
+
 `--compare-ref GITREF` also runs the router as of GITREF (a temporary git worktree) in the same run, its modes
 alternating with this checkout's: an A/B of a change.
 Bytes on disk per token: the commit run's store (record bytes, and whole-file bytes incl. SQLite's index and
@@ -90,9 +93,13 @@ def free_port() -> int:
     return p
 
 
-def spawn(cmd, log, repo: str = REPO) -> subprocess.Popen:
+ROUTER_CPUS: set[int] | None = None  # --pin: the routers' CPUs (everything else runs on the others)
+
+
+def spawn(cmd, log, repo: str = REPO, cpus: set[int] | None = None) -> subprocess.Popen:
+    pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
     p = subprocess.Popen(cmd, cwd=repo, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-                         env={**os.environ, "PYTHONPATH": repo})
+                         env={**os.environ, "PYTHONPATH": repo}, preexec_fn=pin)
     PROCS.append(p)
     return p
 
@@ -365,7 +372,8 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int, repo: str =
     work = WORKLOADS[args.workload]
     cfg = router_config(tmp, port, sims, mode, store_path, repo=repo, tokenizer=work["tokenizer"],
                         processes=processes)
-    router = spawn([sys.executable, "-m", "router", "--config", cfg], os.path.join(tmp, f"router-{name}.log"), repo)
+    router = spawn([sys.executable, "-m", "router", "--config", cfg], os.path.join(tmp, f"router-{name}.log"), repo,
+                   cpus=ROUTER_CPUS)
     try:
         wait_http(f"http://127.0.0.1:{port}/health")
         wait_processes(port, processes)
@@ -631,6 +639,9 @@ def main() -> int:
     ap.add_argument("--restart-tokens", type=int, default=1000, help="tokens per generated trajectory")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--tmp", help="folder for stores and logs (default: a new temp folder)")
+    ap.add_argument("--pin", action="store_true",
+                    help="the router on CPU 0 alone; this script, the simulated worker, the load generator and the "
+                         "PostgreSQL server on the others (a host where the router's core is its own)")
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.rounds = 4.0, 1
@@ -648,6 +659,12 @@ def main() -> int:
         args.modes += tuple("pg-" + m for m in store_modes)
         if args.pg_alone:
             args.modes += tuple("pg1-" + m for m in store_modes)
+    if args.pin:  # before anything starts: every process but the routers inherits the other CPUs
+        global ROUTER_CPUS
+        ROUTER_CPUS, others = {0}, os.sched_getaffinity(0) - {0}
+        if not others:
+            ap.error("--pin needs at least 2 CPUs")
+        os.sched_setaffinity(0, others)
     tmp = args.tmp or tempfile.mkdtemp(prefix="bench_store_")
     os.makedirs(tmp, exist_ok=True)
     cluster = None
@@ -672,6 +689,7 @@ def main() -> int:
     for p in sims:
         wait_http(f"http://127.0.0.1:{p}/health")
     print(f"# bench_store.py --workload {args.workload}  (c={args.concurrency}"
+          f"{', router pinned to CPU 0' if args.pin else ''}"
           f"{f', paced to {args.rate:g} req/s' if args.rate else ''}, {args.seconds:g} s per point, "
           f"{args.rounds} round(s), {args.prefill} trajectories in the store at the start of each store point; "
           f"logs in {tmp})")
