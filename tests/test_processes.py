@@ -113,7 +113,7 @@ def gone(pid: int) -> bool:
     """Exited (a zombie has closed its sockets already)."""
     try:
         data = Path(f"/proc/{pid}/stat").read_bytes()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # reaped before the open, or between the open and the read
         return True
     return data[data.rindex(b")") + 2:].split()[0] == b"Z"
 
