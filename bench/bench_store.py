@@ -93,9 +93,6 @@ def free_port() -> int:
     return p
 
 
-ROUTER_CPUS: set[int] | None = None  # --pin: the routers' CPUs (everything else runs on the others)
-
-
 def spawn(cmd, log, repo: str = REPO, cpus: set[int] | None = None) -> subprocess.Popen:
     pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
     p = subprocess.Popen(cmd, cwd=repo, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
@@ -373,7 +370,7 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int, repo: str =
     cfg = router_config(tmp, port, sims, mode, store_path, repo=repo, tokenizer=work["tokenizer"],
                         processes=processes)
     router = spawn([sys.executable, "-m", "router", "--config", cfg], os.path.join(tmp, f"router-{name}.log"), repo,
-                   cpus=ROUTER_CPUS)
+                   cpus=args.router_cpus)
     try:
         wait_http(f"http://127.0.0.1:{port}/health")
         wait_processes(port, processes)
@@ -659,9 +656,9 @@ def main() -> int:
         args.modes += tuple("pg-" + m for m in store_modes)
         if args.pg_alone:
             args.modes += tuple("pg1-" + m for m in store_modes)
+    args.router_cpus = {0} if args.pin else None  # --pin: the routers' CPUs
     if args.pin:  # before anything starts: every process but the routers inherits the other CPUs
-        global ROUTER_CPUS
-        ROUTER_CPUS, others = {0}, os.sched_getaffinity(0) - {0}
+        others = os.sched_getaffinity(0) - args.router_cpus
         if not others:
             ap.error("--pin needs at least 2 CPUs")
         os.sched_setaffinity(0, others)

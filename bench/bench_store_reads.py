@@ -49,12 +49,14 @@ def record(i: int) -> wire.StoredTrajectory:
                      loss_mask=np.r_[np.zeros(500, np.uint8), np.ones(100, np.uint8)], experts=None)
 
 
-def server_seconds(args) -> float:
-    cpu = bench_store.server_cpu(args)  # None: SQLite, or a database of --pg-url's (not on this host's books)
-    return sum(cpu.values()) if cpu else float("nan")
+def server_seconds(args) -> float | None:
+    """The local PostgreSQL server's CPU seconds; None for SQLite, or a database of --pg-url's (not on this host's
+    books)."""
+    cpu = bench_store.server_cpu(args)
+    return sum(cpu.values()) if cpu else None
 
 
-async def run(store, args) -> list[tuple[str, float, float, float]]:
+async def run(store, args) -> list[tuple[str, float, float, float | None]]:
     store.start()
     texts = [f"{'system prompt ' * 150} question {i}: reply {i}".encode() for i in range(args.rows)]
     for start in range(0, args.rows, 500):
@@ -75,8 +77,9 @@ async def run(store, args) -> list[tuple[str, float, float, float]]:
         c0, t0, s0 = cpu(), time.perf_counter(), server_seconds(args)
         for _ in range(args.calls):
             await call()
+        s1 = server_seconds(args)
         out.append((name, (cpu() - c0) / args.calls * 1e6, (time.perf_counter() - t0) / args.calls * 1e6,
-                    (server_seconds(args) - s0) / args.calls * 1e6))
+                    None if s0 is None else (s1 - s0) / args.calls * 1e6))
     await store.aclose()
     return out
 
@@ -113,7 +116,7 @@ def main() -> int:
           "|---|---|---|---|---|")
     for store, rows in results.items():
         for name, cpu_us, wall_us, server_us in rows:
-            server = "–" if server_us != server_us else f"{server_us:.0f}"  # NaN: not measured
+            server = "–" if server_us is None else f"{server_us:.0f}"
             print(f"| {name} | {store} | {cpu_us:.0f} | {wall_us:.0f} | {server} |")
     return 0
 

@@ -68,7 +68,9 @@ class LoopConnections:
         async with self._slots:
             for attempt in range(2):
                 conn = self._idle.pop() if self._idle else await self._connect()
-                name = self._names.setdefault(sql, b"miles_router_%d" % len(self._names))
+                name = self._names.get(sql)
+                if name is None:  # (not setdefault: that would format a name on every query)
+                    name = self._names[sql] = b"miles_router_%d" % len(self._names)
                 try:
                     prepared = self._prepared.setdefault(conn, set())
                     if name not in prepared:
