@@ -16,7 +16,7 @@ vocabulary, no latency), loaded by a separate client process with `--concurrency
 `/generate {"text": <unique prompt>, max_new_tokens 32}`; every reply is checked (status 200). Modes, alternated
 within each round so drift hits all of them alike:
   * memory: `[store] enabled = false` (the cache only, as before the store existed);
-  * off:    the store with `sync = "off"` (written by the writer thread, nobody waits);
+  * off:    the store with `sync = "off"` (written in the background, nobody waits);
   * commit: the store with `sync = "commit"` (fsync per group commit; the reply waits for it);
   * with --pg, pg-off and pg-commit: the same two over the PostgreSQL store (`[store] url`), on a throwaway
     cluster started from Debian's binaries (tests/pg.py; its own process, same disk, `fsync` on), a fresh
@@ -144,11 +144,22 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def router_cpu(pid: int, processes: int) -> tuple[float, float]:
-    """(CPU seconds of the router, of its event loop threads): the process, or the supervisor and its processes."""
-    pids = [pid] if processes == 1 else [pid, *children(pid)]
-    return (sum(cpu_seconds(p) for p in pids),
-            sum(cpu_seconds(p, f"task/{p}/stat") for p in (pids if processes == 1 else pids[1:])))
+def router_cpu(pid: int, processes: int) -> tuple[float, float, int]:
+    """(CPU seconds of the router, of its event loop threads, their context switches so far): the router process and
+    its children (the SQLite store's writer process; with --processes, the supervisor's router processes and
+    theirs)."""
+    loops = [pid] if processes == 1 else children(pid)
+    pids = [pid, *children(pid)]
+    if processes > 1:
+        pids += [c for p in loops for c in children(p)]
+    return (sum(cpu_seconds(p) for p in pids), sum(cpu_seconds(p, f"task/{p}/stat") for p in loops),
+            sum(context_switches(p) for p in loops))
+
+
+def context_switches(pid: int) -> int:
+    """Voluntary and involuntary context switches of a process's main thread (its event loop)."""
+    with open(f"/proc/{pid}/task/{pid}/status") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith(("voluntary_ctxt", "nonvoluntary_ctxt")))
 
 
 def wait_processes(port: int, n: int, timeout: float = 60.0) -> None:
@@ -381,9 +392,9 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int, repo: str =
                                   stdout=subprocess.PIPE, cwd=REPO)
         PROCS.append(client)
         time.sleep(1.0)  # the client's warm-up
-        (c0, main0), d0 = router_cpu(router.pid, processes), server_cpu(args)
+        (c0, main0, sw0), d0 = router_cpu(router.pid, processes), server_cpu(args)
         out, _ = client.communicate(timeout=args.seconds + 60)
-        (c1, main1), d1 = router_cpu(router.pid, processes), server_cpu(args)
+        (c1, main1, sw1), d1 = router_cpu(router.pid, processes), server_cpu(args)
         res = json.loads(out)
         if mode != "memory":  # group commit as the router saw it (summed over processes: `process` labels)
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
@@ -398,7 +409,7 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int, repo: str =
         stop(router)
     ok = max(res["ok"], 1)
     res.update(mode=mode, label=label, round=round_, rps=res["ok"] / res["elapsed"], cpu_us=(c1 - c0) * 1e6 / ok,
-               main_us=(main1 - main0) * 1e6 / ok)
+               main_us=(main1 - main0) * 1e6 / ok, switches=(sw1 - sw0) / ok)
     if is_pg(mode) and d0 is not None:  # the database server's own work (in-process for SQLite)
         res["db_cpu_us"] = sum(t - d0.get(pid, 0.0) for pid, t in d1.items()) * 1e6 / ok
     if mode == "commit" and args.workload != "sessions":  # (session turns are not trajectories)
@@ -448,7 +459,8 @@ def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str, in
             if "db_cpu_us" in res:
                 extra += f", database server {res['db_cpu_us']:.0f} µs/req"
             print(f"round {r} {mode + label:>14}: {res['rps']:7.0f} req/s  router {res['cpu_us']:6.0f} µs/req "
-                  f"(event loop thread {res['main_us']:.0f})  bad {res['bad']}{extra}", flush=True)
+                  f"(event loop thread {res['main_us']:.0f}, {res['switches']:.2f} context switches)  "
+                  f"bad {res['bad']}{extra}", flush=True)
     measured = {(x["mode"], x["label"]) for x in results}
 
     def median(key: str) -> dict:

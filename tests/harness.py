@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -161,3 +162,30 @@ class StoreAt:
         from router.net.store_sqlite import SqliteStore
 
         return SqliteStore(self.where, **kw)
+
+
+# ---------------------------------------------------------------------------------------------- processes
+def parent_of(pid: int) -> int:
+    data = Path(f"/proc/{pid}/stat").read_bytes()
+    return int(data[data.rindex(b")") + 2:].split()[1])
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie has closed its sockets already)."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):  # reaped before the open, or between the open and the read
+        return True
+    return data[data.rindex(b")") + 2:].split()[0] == b"Z"
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for d in os.listdir("/proc"):
+        try:
+            if d.isdigit() and parent_of(int(d)) == pid:
+                found.append(int(d))
+        except (OSError, ValueError, IndexError):  # exited meanwhile
+            continue
+    return found
+

@@ -25,7 +25,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import free_port, start_sim
+from harness import free_port, gone, parent_of, start_sim
 from router.config import load_config
 from router.core.pipeline import load_pipeline
 from router.net.supervisor import processes_problem
@@ -102,20 +102,6 @@ async def eventually_each(url: str, n: int, path: str, check, timeout: float = 5
             if all(check(a) for a in answers.values()):
                 return answers
             await trio.sleep(0.02)
-
-
-def parent_of(pid: int) -> int:
-    data = Path(f"/proc/{pid}/stat").read_bytes()
-    return int(data[data.rindex(b")") + 2:].split()[1])
-
-
-def gone(pid: int) -> bool:
-    """Exited (a zombie has closed its sockets already)."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except (FileNotFoundError, ProcessLookupError):  # reaped before the open, or between the open and the read
-        return True
-    return data[data.rindex(b")") + 2:].split()[0] == b"Z"
 
 
 SIM = """

@@ -5,6 +5,8 @@ over SQLite and once over PostgreSQL (a throwaway server, tests/pg.py)."""
 from __future__ import annotations
 
 import base64
+import os
+import signal
 import re
 import sqlite3
 from pathlib import Path
@@ -148,17 +150,44 @@ async def test_backend_write_failure_is_a_store_error_and_recovers(tmp_path):
     store = SqliteStore(path)
     store.start()
     await store.put([(b"a" * 16, _rec(0))], wait=True)
-    # fill the database to its page limit: SQLite's "disk is full"
-    pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
-    store._conn.execute(f"PRAGMA max_page_count = {pages}")
-    with pytest.raises(StoreWriteError, match=rf"trajectory store {path}: cannot write: .*full"):
+    # the writer is a process of its own: another connection makes its inserts of big records fail
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("CREATE TRIGGER fail BEFORE INSERT ON payloads WHEN length(NEW.data) > 10000 "
+                  "BEGIN SELECT RAISE(ABORT, 'injected write failure'); END")
+    with pytest.raises(StoreWriteError, match=rf"trajectory store {path}: cannot write: injected write failure"):
         await store.put([(b"b" * 16, _rec(1, n=20_000))], wait=True)
     assert store.stats().writable is False and store.stats().rows == 1
     assert await store.get(b"b" * 16) is None  # a failed write leaves nothing behind
-    store._conn.execute("PRAGMA max_page_count = 1000000")
+    other.execute("DROP TRIGGER fail")
     await store.put([(b"c" * 16, _rec(2))], wait=True)
     assert store.stats().writable is True and (await store.get(b"c" * 16)).rid == "r2"
     await store.aclose()
+    other.close()
+
+
+async def test_sqlite_writer_process_killed_fails_what_it_had_not_answered_and_restarts(tmp_path):
+    """The SQLite writer runs in a child process (router/net/writer_process.py). Killed while a reply waits for
+    its commit, that reply fails naming the store, and the next write goes to a new writer."""
+    path = tmp_path / "s.db"
+    store = SqliteStore(path)
+    store.start()
+    await store.put([(b"a" * 16, _rec(0))], wait=True)
+    first = store._child.pid
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # the writer cannot commit until this ends: the kill comes first
+    os.kill(first, signal.SIGKILL)
+    with pytest.raises(StoreWriteError, match=rf"trajectory store {path}: cannot write: writer process killed by "
+                                              rf"signal {int(signal.SIGKILL)}$"):
+        await store.put([(b"b" * 16, _rec(1))], wait=True)
+    other.execute("ROLLBACK")
+    await store.put([(b"c" * 16, _rec(2))], wait=True)
+    assert store._child.pid != first and store.stats().writable is True
+    assert await store.get(b"b" * 16) is None and (await store.get(b"c" * 16)).rid == "r2"
+    assert store.stats().rows == 2
+    child = store._child
+    await store.aclose()
+    assert child.poll() == 0  # closed: it wrote what it had and exited
+    other.close()
 
 
 def test_not_a_store_cannot_be_opened(tmp_path):

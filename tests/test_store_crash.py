@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import trio
 
-from harness import free_port
+from harness import children_of, free_port, gone
 from router.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +50,8 @@ class RouterProcess:
     port: int = 0
     proc: subprocess.Popen | None = None
     log: list = field(default_factory=list)
+    orphans: list = field(default_factory=list)  # children a kill9 left running
+    killed_children: int = 0
 
     @property
     def url(self) -> str:
@@ -100,8 +102,15 @@ pipeline = "{ROOT / pipeline}"
                     await trio.sleep(0.05)
 
     def kill9(self) -> None:
+        """SIGKILL the router; its children (the SQLite store's writer process) must exit by themselves."""
+        kids = children_of(self.proc.pid)
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
+        deadline = time.monotonic() + 10.0
+        while any(not gone(k) for k in kids) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.orphans += [k for k in kids if not gone(k)]
+        self.killed_children += len(kids)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -287,6 +296,8 @@ async def test_kill9_under_load_loses_no_acknowledged_trajectory(router_proc, ti
     assert got >= 20, f"only {got} replies before the kill: the load did not run"
     assert len(sent) > len(acked)  # some requests were in flight at a kill
     assert len(sessions) >= 2, "fewer than 2 agents finished a turn before the kill"
+    assert router_proc.orphans == []  # the SQLite store's writer process does not outlive its router
+    assert router_proc.killed_children >= (1 if router_proc.store.startswith("path") else 0)
     router_proc.start(sessions=True)
     t0 = time.monotonic()
     await router_proc.ready()

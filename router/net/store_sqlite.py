@@ -1,11 +1,12 @@
 """The embedded trajectory store: SQLite (the standard library's sqlite3) in WAL mode.
 
-One writer thread owns the write connection, off the event loop (router/net/store_writer.py, shared with the
-PostgreSQL store; this module is the SQL). It takes everything queued, writes it in ONE transaction and commits
-(group commit): records that finish while a commit is in progress share the next one, so the fsync cost is paid
-per batch, not per record, and no artificial delay is added at low load (a 1 ms one cost more router CPU, not
-less: BENCHMARKS.md §5). Each caller is woken (from the writer thread, via `TrioToken.run_sync_soon`) once its
-batch committed or failed.
+One writer owns the write connection: `SqliteWriter`, in a process of its own (`python -m router.net.store_sqlite`,
+started and restarted by the router: router/net/writer_process.py says why not a thread). The router queues writes
+as the PostgreSQL store does (router/net/store_writer.py; this module is the SQL). The writer takes everything
+that arrived, writes it in ONE transaction and commits (group commit): records that finish while a commit is in
+progress share the next one, so the fsync cost is paid per batch, not per record, and no artificial delay is added
+at low load (a 1 ms one cost more router CPU, not less: BENCHMARKS.md §5). Each caller is woken on the event loop
+once the writer answered that its batch committed or failed.
 
 `sync = "commit"`: PRAGMA synchronous=FULL (the WAL is fsynced at every commit) and the reply's end waits for its
 commit. `sync = "off"`: synchronous=NORMAL and nobody waits (a crash may lose the last few ms; a read still sees
@@ -23,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -34,6 +36,7 @@ import trio
 from router.core.store import (KeyFilter, RetentionPlan, RowInfo, SessionWrite, StoreError, StoreOpenError,
                                StoreStats, plan_retention)
 from router.net.store_writer import Op, QueuedStore
+from router.net.writer_process import ProcessQueue, child_argv, serve
 from router.wire import store as wire
 from router.wire.store import StoredTrajectory
 
@@ -157,74 +160,20 @@ def check_openable(path: Path) -> str | None:
     return reason
 
 
-class SqliteStore(QueuedStore):
-    """A TrajectoryStore (router/core/store.py) on one SQLite file, written by one router process."""
+class SqliteWriter:
+    """The writing half of the store: the write connection and the SQL of one group commit. The router runs it in a
+    process of its own (`python -m router.net.store_sqlite`, router/net/writer_process.py: no thread of the router
+    waits for its GIL); the offline retention pass runs it in process."""
 
-    shared = False  # this process is the store's only writer: sessions in memory are up to date, and so is
-    # what `may_continue` knows (the keys stored before it started; its own it remembers itself)
-
-    def __init__(self, path: str | Path, *, sync: str = "commit", retention_s: float = 0.0, max_bytes: int = 0,
-                 metrics=None) -> None:
-        self.path = Path(path)
-        self.name = f"trajectory store {self.path}"
-        self.sync = sync
+    def __init__(self, conn: sqlite3.Connection, *, retention_s: float, max_bytes: int) -> None:
+        self._conn = conn
         self.retention_s = retention_s
         self.max_bytes = max_bytes
-        self.metrics = metrics
-        self._conn, self.write_error = open_database(self.path, sync=sync)
-        self.read_only = self.write_error is not None
-        row = self._conn.execute("SELECT count(*), total(nbytes), total(retrieved = 0) FROM trajectories").fetchone()
-        self.rows, self.payload_bytes, self.unretrieved = int(row[0]), int(row[1]), int(row[2])
-        self._init_queue()
-        # prefix keys (router/core/store.py text_head) of the texts stored before this process started: a cheap
-        # "maybe" before a query (`may_continue`; this process's own writes are the router's to remember)
-        cols = {r[1] for r in self._conn.execute("PRAGMA table_info(trajectories)")}
-        self._heads = KeyFilter()
-        if "head" in cols:
-            self._heads.load(self._conn.execute("SELECT DISTINCT head FROM trajectories WHERE head IS NOT NULL"))
-        self._readers: list[sqlite3.Connection] = []
-        self._readers_lock = threading.Lock()
+        self.payload_bytes = int(conn.execute("SELECT total(nbytes) FROM trajectories").fetchone()[0])
 
-    # ---- lifecycle ---------------------------------------------------------------------------------
-    def start(self) -> None:
-        self._start_writer()
-
-    async def aclose(self) -> None:
-        await self._stop_writer()
-        with self._readers_lock:
-            for c in self._readers:
-                c.close()
-            self._readers.clear()
-        self._conn.close()
-
-    # ---- writes (router/net/store_writer.py queues them; the writer thread runs `_write_batch`) ------------
-    def _retention_due(self) -> bool:
-        return self.retention_s > 0 or 0 < self.max_bytes < self.payload_bytes
-
-    def _session_turns(self, sid: str, after: int) -> list[bytes] | None:
-        conn = self._reader()
-        try:  # one statement, one snapshot: no row at all when the session has none
-            rows = conn.execute("SELECT t.data FROM sessions s LEFT JOIN session_turns t ON t.session = s.id "
-                                "AND t.turn > ? WHERE s.id = ? ORDER BY t.turn", (after, sid)).fetchall()
-        except sqlite3.Error as e:
-            raise StoreError(f"{self.name}: cannot read: {_describe(e)}") from None
-        finally:
-            self._release(conn)
-        if not rows:
-            return None
-        return [r[0] for r in rows if r[0] is not None]
-
-    async def session_turns(self, sid: str, after: int = -1) -> list[bytes] | None:
-        return await trio.to_thread.run_sync(self._session_turns, sid, after)
-
-    def meta_setdefault(self, key: str, value: str) -> str:
-        """Synchronous, before the writer starts (startup only)."""
-        if not self.read_only:
-            self._conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value))
-        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return value if row is None else row[0]
-
-    def _write_batch(self, batch: list[Op]) -> None:
+    def write(self, batch: list[Op]) -> dict:
+        """Write `batch` in one transaction (each op's `result` set) and return its outcome, the keywords of
+        QueuedStore._committed."""
         conn = self._conn
         t0 = time.perf_counter()
         added = added_bytes = retrieved = records = 0
@@ -265,7 +214,7 @@ class SqliteStore(QueuedStore):
                         conn.execute("DELETE FROM sessions WHERE id = ?", (sid,))
                     op.result = gone
                 elif op.kind == "maintain":
-                    op.result = self._apply_retention(conn, *op.args)
+                    op.result = self.apply_retention(*op.args)
             conn.execute("COMMIT")
         except sqlite3.Error as e:
             error = _describe(e)
@@ -275,16 +224,14 @@ class SqliteStore(QueuedStore):
                 pass  # no transaction left to roll back (SQLite rolled it back itself)
         unretrieved = None  # recounted after a retention pass deleted rows
         if error is None:
+            self.payload_bytes += added_bytes
             for op in batch:
                 plan = op.result if op.kind == "maintain" else None
                 if plan is not None and plan.delete:
-                    self.rows -= len(plan.delete)
                     self.payload_bytes -= plan.freed_bytes
-                    self.deleted += len(plan.delete)
-                    self.deleted_unretrieved += plan.evicted_unretrieved
                     unretrieved = int(conn.execute("SELECT total(retrieved = 0) FROM trajectories").fetchone()[0])
-        self._committed(batch, elapsed=time.perf_counter() - t0, records=records, error=error, added=added,
-                        added_bytes=added_bytes, retrieved=retrieved, unretrieved=unretrieved)
+        return dict(elapsed=time.perf_counter() - t0, records=records, error=error, added=added,
+                    added_bytes=added_bytes, retrieved=retrieved, unretrieved=unretrieved)
 
     @staticmethod
     def _write_session(conn: sqlite3.Connection, sid: str, at: float, header: bytes | None,
@@ -300,7 +247,9 @@ class SqliteStore(QueuedStore):
             "INSERT OR IGNORE INTO session_turns (session, turn, data) VALUES (?, ?, ?)", (sid, t, blob)).rowcount]
         return SessionWrite(taken=tuple(taken))
 
-    def _apply_retention(self, conn: sqlite3.Connection, now: float, stale_versions: frozenset) -> RetentionPlan:
+    def apply_retention(self, now: float, stale_versions: frozenset) -> RetentionPlan:
+        """One retention pass, in the caller's transaction."""
+        conn = self._conn
         if self.max_bytes > 0 and self.payload_bytes > self.max_bytes:
             rows = conn.execute("SELECT id, created, retrieved, version, nbytes FROM trajectories")
         elif self.retention_s > 0:  # only what phase 1 may delete: old and retrieved or stale
@@ -318,6 +267,90 @@ class SqliteStore(QueuedStore):
             conn.executemany("DELETE FROM trajectories WHERE id = ?", chunk)
             conn.executemany("DELETE FROM payloads WHERE id = ?", chunk)
         return plan
+
+
+class SqliteStore(ProcessQueue, QueuedStore):
+    """A TrajectoryStore (router/core/store.py) on one SQLite file, written by one router process."""
+
+    shared = False  # this process is the store's only writer: sessions in memory are up to date, and so is
+    # what `may_continue` knows (the keys stored before it started; its own it remembers itself)
+
+    def __init__(self, path: str | Path, *, sync: str = "commit", retention_s: float = 0.0, max_bytes: int = 0,
+                 metrics=None) -> None:
+        self.path = Path(path)
+        self.name = f"trajectory store {self.path}"
+        self.sync = sync
+        self.retention_s = retention_s
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+        self._conn, self.write_error = open_database(self.path, sync=sync)
+        self.read_only = self.write_error is not None
+        row = self._conn.execute("SELECT count(*), total(nbytes), total(retrieved = 0) FROM trajectories").fetchone()
+        self.rows, self.payload_bytes, self.unretrieved = int(row[0]), int(row[1]), int(row[2])
+        self._init_queue()
+        # prefix keys (router/core/store.py text_head) of the texts stored before this process started: a cheap
+        # "maybe" before a query (`may_continue`; this process's own writes are the router's to remember)
+        cols = {r[1] for r in self._conn.execute("PRAGMA table_info(trajectories)")}
+        self._heads = KeyFilter()
+        if "head" in cols:
+            self._heads.load(self._conn.execute("SELECT DISTINCT head FROM trajectories WHERE head IS NOT NULL"))
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        if not self.read_only:  # (a read-only store refuses every write before it is queued)
+            self._start_writer()
+
+    async def aclose(self) -> None:
+        await self._stop_writer()
+        with self._readers_lock:
+            for c in self._readers:
+                c.close()
+            self._readers.clear()
+        self._conn.close()
+
+    # ---- writes (router/net/store_writer.py queues them; the writer process runs SqliteWriter.write) --------
+    def _retention_due(self) -> bool:
+        return self.retention_s > 0 or 0 < self.max_bytes < self.payload_bytes
+
+    def _session_turns(self, sid: str, after: int) -> list[bytes] | None:
+        conn = self._reader()
+        try:  # one statement, one snapshot: no row at all when the session has none
+            rows = conn.execute("SELECT t.data FROM sessions s LEFT JOIN session_turns t ON t.session = s.id "
+                                "AND t.turn > ? WHERE s.id = ? ORDER BY t.turn", (after, sid)).fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.name}: cannot read: {_describe(e)}") from None
+        finally:
+            self._release(conn)
+        if not rows:
+            return None
+        return [r[0] for r in rows if r[0] is not None]
+
+    async def session_turns(self, sid: str, after: int = -1) -> list[bytes] | None:
+        return await trio.to_thread.run_sync(self._session_turns, sid, after)
+
+    def meta_setdefault(self, key: str, value: str) -> str:
+        """Synchronous, before the writer starts (startup only)."""
+        if not self.read_only:
+            self._conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return value if row is None else row[0]
+
+    def _child_argv(self, fd: int) -> list[str]:
+        return child_argv(__name__, str(self.path), self.sync, repr(self.retention_s), str(self.max_bytes), str(fd))
+
+    def _batch_done(self, ops: list[Op], outcome: dict) -> None:
+        """On the event loop, when the writer process answered: what its retention passes deleted, then the rest."""
+        if outcome["error"] is None:
+            for op in ops:
+                plan = op.result if op.kind == "maintain" else None
+                if plan is not None and plan.delete:
+                    self.rows -= len(plan.delete)
+                    self.payload_bytes -= plan.freed_bytes
+                    self.deleted += len(plan.delete)
+                    self.deleted_unretrieved += plan.evicted_unretrieved
+        self._committed(ops, **outcome)
 
     # ---- reads -------------------------------------------------------------------------------------
     def _reader(self) -> sqlite3.Connection:
@@ -400,10 +433,11 @@ class SqliteStore(QueuedStore):
         return int(sessions), int(turns)
 
     def apply_retention_now(self, now: float) -> RetentionPlan:
-        """Offline (no writer thread): one retention pass in its own transaction."""
+        """Offline (no writer process): one retention pass in its own transaction."""
         self._conn.execute("BEGIN IMMEDIATE")
         try:
-            plan = self._apply_retention(self._conn, now, frozenset())
+            plan = SqliteWriter(self._conn, retention_s=self.retention_s, max_bytes=self.max_bytes).apply_retention(
+                now, frozenset())
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
@@ -438,3 +472,16 @@ class SqliteStore(QueuedStore):
                           pending_writes=self._pending_writes, writable=self.write_error is None,
                           write_error=self.write_error, commits=self.commits, deleted=self.deleted,
                           deleted_unretrieved=self.deleted_unretrieved)
+
+
+def _writer_main(argv: list[str]) -> None:
+    """`python -m router.net.store_sqlite PATH SYNC RETENTION_S MAX_BYTES FD`: the router's writer process."""
+    path, sync, retention_s, max_bytes, fd = argv
+    conn, reason = open_database(Path(path), sync=sync)
+    if reason is not None:
+        raise SystemExit(f"trajectory store {path}: {reason}")
+    serve(SqliteWriter(conn, retention_s=float(retention_s), max_bytes=int(max_bytes)).write, int(fd))
+
+
+if __name__ == "__main__":
+    _writer_main(sys.argv[1:])

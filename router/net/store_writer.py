@@ -1,8 +1,10 @@
-"""What both durable stores share (router/net/store_sqlite.py, router/net/store_pg.py): one writer thread that owns
-the write connection and commits whatever queued up meanwhile in one transaction (group commit), and the trio side
+"""What both durable stores share (router/net/store_sqlite.py, router/net/store_pg.py): one writer that owns the
+write connection and commits whatever queued up meanwhile in one transaction (group commit), and the trio side
 that queues a write and, when the caller must know it is durable, waits for its commit.
 
-A backend subclasses `QueuedStore` and supplies `_write_batch(batch)` (the SQL of one group commit, ending with
+The writer is a thread here (the PostgreSQL store's); the SQLite store's is a process of its own
+(router/net/writer_process.py replaces `_enqueue`, the writer's start and stop, and the wake-up). A backend with a
+writer thread subclasses `QueuedStore` and supplies `_write_batch(batch)` (the SQL of one group commit, ending with
 `_committed`), `_read_committed(digest)` (the stored blobs of one digest) and `_retention_due()`. Everything else
 here is the same for every backend: the operations' queue, the records queued but not yet committed (reads see
 them, so a trajectory is retrievable from the moment its reply ends, whatever `store.sync` says), the counters a
@@ -87,6 +89,10 @@ class QueuedStore:
             if stop:
                 return
 
+    def _enqueue(self, op: Op) -> None:
+        """On the event loop: hand `op` to the writer."""
+        self._queue.put(op)
+
     def _write_batch(self, batch: list[Op]) -> None:
         """In the writer thread: write `batch` in one transaction, then `_committed` (also when it failed)."""
         raise NotImplementedError
@@ -136,7 +142,7 @@ class QueuedStore:
     async def _submit(self, op: Op):
         """Queue a write; with a waiter, its result once committed (StoreWriteError if it failed, or if no commit
         came within `wait_s`)."""
-        self._queue.put(op)
+        self._enqueue(op)
         if op.done is None:
             return None
         if self.wait_s is None:  # a local file: no deadline (and no cancel scope, ~1.5% of the loop per request)
@@ -183,7 +189,7 @@ class QueuedStore:
 
     def touch_session(self, sid: str, at: float) -> None:
         if not self.read_only:
-            self._queue.put(Op("touch", (sid, at), None))
+            self._enqueue(Op("touch", (sid, at), None))
 
     async def expire_sessions(self, before: float, keep: Sequence[str]) -> list[str]:
         if self.read_only:
@@ -192,7 +198,7 @@ class QueuedStore:
 
     def mark_retrieved(self, digest: bytes) -> None:
         if not self.read_only:
-            self._queue.put(Op("retrieved", digest, None))
+            self._enqueue(Op("retrieved", digest, None))
 
     def _retention_due(self) -> bool:
         """Whether a retention pass may delete anything (cheap, on the event loop)."""
@@ -202,7 +208,7 @@ class QueuedStore:
         if self.read_only or not self._retention_due():
             return RetentionPlan()
         op = Op("maintain", (now, stale_versions), trio.Event())
-        self._queue.put(op)
+        self._enqueue(op)
         await op.done.wait()  # not bounded: nobody's reply waits for retention
         if op.error is not None:
             raise StoreWriteError(f"{self.name}: retention pass failed: {op.error}")
