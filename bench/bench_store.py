@@ -47,7 +47,7 @@ and a short tool result appended each turn), then DELETE; one "request" is one t
 are in the CPU but not counted), so router CPU per request is the per-turn cost.
 
 `--pin` runs the router on CPU 0 alone and this script, the simulated worker, the load generator and the PostgreSQL
-server on the other CPUs (a host where the router's core is its own; the router's writer thread shares its core).
+server on the other CPUs (a host where the router's core is its own; the store's writer process shares it).
 
 `--compare-ref GITREF` also runs the router as of GITREF (a temporary git worktree) in the same run, its modes
 alternating with this checkout's: an A/B of a change.

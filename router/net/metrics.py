@@ -166,8 +166,7 @@ class Metrics:
         h.observe(seconds)
 
     def store_commit(self, seconds: float, records: int, failed: bool) -> None:
-        """Called from the store's writer thread, or on the event loop when a writer process answered
-        (prometheus_client metrics are thread-safe)."""
+        """Called on the event loop when the store's writer process answered for a batch."""
         self.store_commit_seconds.observe(seconds)
         self.store_batch_records.observe(records)
         if failed:

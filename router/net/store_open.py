@@ -35,7 +35,7 @@ def check_openable(cfg: Config) -> str | None:
 
 
 def open_existing(cfg: Config, *, retention: bool = False):
-    """An existing store for the offline tools (no writer thread); with `retention`, with the config's policy."""
+    """An existing store for the offline tools (no writer process); with `retention`, with the config's policy."""
     c = cfg.store
     policy = {"retention_s": c.retention_s, "max_bytes": c.max_bytes} if retention else {}
     if c.url is not None:

@@ -3,11 +3,12 @@
 `[store] url = "postgresql://user@host/db"` selects it (router/net/store_open.py). Same record format
 (router/wire/store.py, router/wire/session_store.py) and same guarantees as the SQLite store:
 
-- **A writer thread, reads on the loop.** psycopg's async API runs on asyncio only, and the router runs on trio.
+- **A writer process, reads on the loop.** psycopg's async API runs on asyncio only, and the router runs on trio.
   Writes use psycopg's synchronous API off the event loop exactly as router/net/store_sqlite.py does: ONE writer
-  thread owns the write connection; the event loop only queues work and is woken (`TrioToken.run_sync_soon`)
-  when a batch committed or failed. Reads, which a fleet makes once per request, run on the event loop itself
-  through libpq's nonblocking API (router/net/pg_loop.py: under half the CPU of a worker thread and a pool).
+  (`PgWriter`, in a process of its own: router/net/writer_process.py) owns the write connection; the event loop
+  only sends it work and reads its answers. Reads, which a fleet makes once per request, run on the event loop
+  itself through libpq's nonblocking API (router/net/pg_loop.py: under half the CPU of a worker thread and a
+  pool).
 - **Group commit.** The writer takes everything queued and writes it in ONE transaction (the records as one
   binary COPY; a batch without records as one pipeline, a single round trip); records that finish while a commit
   is in progress share the next one. `sync = "commit"`:
@@ -50,7 +51,8 @@ import trio
 from router.core.store import (KeyFilter, RetentionPlan, RowInfo, SessionWrite, StoreError, StoreOpenError, StoreStats,
                                plan_retention)
 from router.net.pg_loop import LoopConnections, QueryFailed
-from router.net.store_writer import Op, QueuedStore
+from router.net.store_writer import QueuedStore
+from router.net.writer_process import Op, serve
 from router.wire import store as wire
 from router.wire.store import StoredTrajectory
 
@@ -228,80 +230,45 @@ def check_openable(url: str, *, timeout_s: float = 5.0) -> str | None:
     return reason
 
 
-class PgStore(QueuedStore):
-    """A TrajectoryStore (router/core/store.py) on a PostgreSQL database, shareable by several routers."""
+class PgWriter:
+    """The writing half of the store: a connection of its own (reconnected when it broke) and the SQL of one group
+    commit. The router runs it in a process of its own (`python -m router.net.store_pg`, the URL sent over the
+    socket, never on a command line; router/net/writer_process.py says why not a thread); the offline retention
+    pass runs it in process on the startup connection."""
 
-    shared = True  # any router of a fleet may have written anything a moment ago (`store.shared`)
-
-    def __init__(self, url: str, *, sync: str = "commit", retention_s: float = 0.0, max_bytes: int = 0,
-                 metrics=None, timeout_s: float = 5.0, shared: bool = True) -> None:
-        self.url = url
-        self.path = redact(url)
-        self.name = f"trajectory store {self.path}"
+    def __init__(self, info: str, *, sync: str, retention_s: float, max_bytes: int, payload_bytes: int,
+                 name: str = "trajectory store", conn: psycopg.Connection | None = None) -> None:
+        """`payload_bytes`: the total the router read at startup (re-read every TOTALS_EVERY_S). No connection is
+        made here: a database that is away fails the first batch, as any later one, and is retried at the next."""
+        self._info = info
         self.sync = sync
         self.retention_s = retention_s
         self.max_bytes = max_bytes
-        self.metrics = metrics
-        self.timeout_s = timeout_s
-        self.wait_s = 2 * timeout_s + 1.0  # a reply's wait for its commit: the batch in progress, then its own
-        # startup and offline work (and, once started, the writer thread) use this connection
-        self._conn, self.write_error = open_database(url, timeout_s=timeout_s, sync=sync)
-        self._info = conninfo(url, timeout_s)
+        self.payload_bytes = payload_bytes
+        self.name = name
+        self._conn = conn
         self._conn_used = time.monotonic()
-        self.read_only = self.write_error is not None
-        self._load_totals(self._conn)
-        self._init_queue()
-        self.shared = shared
-        self._heads = None
-        if not shared:  # this router is the database's only writer: what `may_continue` needs is SQLite's
-            self._heads = KeyFilter()
-            with self._conn.cursor() as cur:
-                cur.execute("SELECT DISTINCT head FROM miles_router.trajectories WHERE head IS NOT NULL")
-                self._heads.load(cur)
-        self._reads: LoopConnections | None = None
+        self._totals_at = time.monotonic()
+        self._totals: tuple[int, int, int, int] | None = None  # re-read this batch: (rows, payload, unretrieved,
+        # file bytes), for the router's stats()
 
-    def _load_totals(self, conn: psycopg.Connection) -> None:
+    def _read_totals(self, conn: psycopg.Connection) -> None:
         rows, payload, unretrieved = conn.execute(_TOTALS).fetchone()
-        self.rows, self.payload_bytes, self.unretrieved = int(rows), int(payload), int(unretrieved)
-        self._file_bytes = int(conn.execute(_FILE_BYTES).fetchone()[0])
+        self.payload_bytes = int(payload)
+        self._totals = (int(rows), int(payload), int(unretrieved), int(conn.execute(_FILE_BYTES).fetchone()[0]))
         self._totals_at = time.monotonic()
 
-    # ---- lifecycle ---------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Start the writer thread (wake-ups go to the calling trio loop); reads connect when first made."""
-        self._reads = LoopConnections(self._info)
-        self._start_writer()
-
-    async def aclose(self) -> None:
-        """Stop the writer after what is queued, within `wait_s`: a database that hangs must not hang the
-        router's shutdown (a writer stuck in a commit is left behind, its connection with it)."""
-        if not await self._stop_writer(self.wait_s):
-            log.warning("%s: the writer did not finish within %g s (the database does not answer); "
-                        "stopping without it", self.name, self.wait_s)
-            self._conn = None  # still the writer's: not closed under it
-        self.close_sync()
-
-    def close_sync(self) -> None:
-        """Close the connections (offline tools; the router uses aclose)."""
-        if self._reads is not None:
-            self._reads.close()
-            self._reads = None
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    # ---- writes (router/net/store_writer.py queues them; the writer thread runs `_write_batch`) ------------
-    def _retention_due(self) -> bool:
-        return True  # the pass also re-reads the totals other routers moved (`_load_totals`)
-
-    # ---- the writer thread -------------------------------------------------------------------------
-    def _write_batch(self, batch: list[Op]) -> None:
+    def write(self, batch: list[Op]) -> dict:
+        """Write `batch`: its writes in one transaction (group commit), then each retention pass or session expiry
+        in a transaction of its own (each op's `result` or `error` set). Returns the writes' outcome, the keywords
+        of QueuedStore._committed, plus `totals` when they were re-read."""
+        self._totals = None
         writes = [op for op in batch if op.kind not in _OWN_TRANSACTION]
-        if writes:
-            self._write_group(writes)
+        outcome = self._write_group(writes) if writes else {}
         for op in batch:
             if op.kind in _OWN_TRANSACTION:
                 self._run_own(op)
+        return {**outcome, "totals": self._totals}
 
     def _writer_conn(self) -> psycopg.Connection:
         """The writer's connection, reconnected if the last one broke (the database restarted, the network
@@ -321,7 +288,7 @@ class PgStore(QueuedStore):
         self._conn_used = time.monotonic()
         return conn
 
-    def _write_group(self, batch: list[Op]) -> None:
+    def _write_group(self, batch: list[Op]) -> dict:
         t0 = time.perf_counter()
         added = added_bytes = records = retrieved = 0
         error = None
@@ -393,8 +360,10 @@ class PgStore(QueuedStore):
             error = describe(e)
             if not isinstance(e, psycopg.Error):
                 log.exception("%s: writer failed", self.name)
-        self._committed(batch, elapsed=time.perf_counter() - t0, records=records, error=error, added=added,
-                        added_bytes=added_bytes, retrieved=retrieved)
+        if error is None:
+            self.payload_bytes += added_bytes
+        return dict(elapsed=time.perf_counter() - t0, records=records, error=error, added=added,
+                    added_bytes=added_bytes, retrieved=retrieved)
 
     def _run_own(self, op: Op) -> None:
         """A retention pass or a session expiry, in a transaction of its own."""
@@ -402,18 +371,18 @@ class PgStore(QueuedStore):
             conn = self._writer_conn()
             if op.kind == "maintain":
                 if time.monotonic() - self._totals_at > TOTALS_EVERY_S:
-                    self._load_totals(conn)  # other routers' writes and deletions
-                op.result = self._apply_retention(conn, *op.args)
+                    self._read_totals(conn)  # other routers' writes and deletions
+                op.result = self.apply_retention(*op.args)
             else:
                 op.result = _expire_sessions(conn, *op.args)
         except Exception as e:  # noqa: BLE001 - the waiter must hear about it
             op.error = describe(e)
             if not isinstance(e, psycopg.Error):
                 log.exception("%s: %s failed", self.name, op.kind)
-        self._wake([op])
 
-    def _apply_retention(self, conn: psycopg.Connection, now: float, stale_versions: frozenset) -> RetentionPlan:
+    def apply_retention(self, now: float, stale_versions: frozenset) -> RetentionPlan:
         """One retention pass in its own transaction; skipped while another router holds the retention lock."""
+        conn = self._writer_conn()
         if self.retention_s <= 0 and not (0 < self.max_bytes < self.payload_bytes):
             return RetentionPlan()
         with conn.transaction():
@@ -433,10 +402,100 @@ class PgStore(QueuedStore):
                 conn.execute("DELETE FROM miles_router.trajectories WHERE id = ANY(%s)", (plan.delete,))
                 totals = conn.execute(_TOTALS).fetchone()  # what is left, other routers' rows included
         if plan.delete:
-            self.rows, self.payload_bytes, self.unretrieved = (int(x) for x in totals)
-            self.deleted += len(plan.delete)
-            self.deleted_unretrieved += plan.evicted_unretrieved
+            self.payload_bytes = int(totals[1])
+            self._totals = (*(int(x) for x in totals), int(conn.execute(_FILE_BYTES).fetchone()[0]))
         return plan
+
+
+class PgStore(QueuedStore):
+    """A TrajectoryStore (router/core/store.py) on a PostgreSQL database, shareable by several routers."""
+
+    shared = True  # any router of a fleet may have written anything a moment ago (`store.shared`)
+
+    def __init__(self, url: str, *, sync: str = "commit", retention_s: float = 0.0, max_bytes: int = 0,
+                 metrics=None, timeout_s: float = 5.0, shared: bool = True) -> None:
+        self.url = url
+        self.path = redact(url)
+        self.name = f"trajectory store {self.path}"
+        self.sync = sync
+        self.retention_s = retention_s
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+        self.timeout_s = timeout_s
+        self.wait_s = 2 * timeout_s + 1.0  # a reply's wait for its commit: the batch in progress, then its own
+        # startup and offline work use this connection (the writer process has its own)
+        self._conn, self.write_error = open_database(url, timeout_s=timeout_s, sync=sync)
+        self._info = conninfo(url, timeout_s)
+        self._conn_used = time.monotonic()
+        self.read_only = self.write_error is not None
+        self._load_totals(self._conn)
+        self._init_queue()
+        self.shared = shared
+        self._heads = None
+        if not shared:  # this router is the database's only writer: what `may_continue` needs is SQLite's
+            self._heads = KeyFilter()
+            with self._conn.cursor() as cur:
+                cur.execute("SELECT DISTINCT head FROM miles_router.trajectories WHERE head IS NOT NULL")
+                self._heads.load(cur)
+        self._reads: LoopConnections | None = None
+
+    def _load_totals(self, conn: psycopg.Connection) -> None:
+        rows, payload, unretrieved = conn.execute(_TOTALS).fetchone()
+        self.rows, self.payload_bytes, self.unretrieved = int(rows), int(payload), int(unretrieved)
+        self._file_bytes = int(conn.execute(_FILE_BYTES).fetchone()[0])
+        self._totals_at = time.monotonic()
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the writer process; reads connect when first made."""
+        self._reads = LoopConnections(self._info)
+        if not self.read_only:  # (a read-only store refuses every write before it is queued)
+            self._start_writer()
+
+    async def aclose(self) -> None:
+        """Stop the writer after what is queued, within `wait_s`: a database that hangs must not hang the
+        router's shutdown (a writer stuck in a commit is killed, what it had not answered fails)."""
+        if not await self._stop_writer(self.wait_s):
+            log.warning("%s: the writer did not finish within %g s (the database does not answer); "
+                        "stopped it", self.name, self.wait_s)
+        self.close_sync()
+
+    def close_sync(self) -> None:
+        """Close the connections (offline tools; the router uses aclose)."""
+        if self._reads is not None:
+            self._reads.close()
+            self._reads = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # ---- writes (router/net/store_writer.py queues them; the writer process runs PgWriter.write) -----------
+    def _retention_due(self) -> bool:
+        return True  # the pass also re-reads the totals other routers moved (`_load_totals`)
+
+    # ---- the writer process (router/net/writer_process.py runs PgWriter.write there) -------------------------
+    _child_module = "router.net.store_pg"
+
+    def _child_config(self) -> tuple:
+        return self._info, self.sync, self.retention_s, self.max_bytes, self.payload_bytes, self.name
+
+    def _batch_done(self, ops: list[Op], outcome: dict) -> None:
+        """On the event loop, when the writer process answered: the counters it re-read from the database (other
+        routers' writes), what its retention passes deleted, then the batch's own writes (`_committed`) and the
+        operations that ran in transactions of their own (each with its own result or error)."""
+        totals = outcome.pop("totals")
+        writes = [op for op in ops if op.kind not in _OWN_TRANSACTION]
+        if writes:
+            self._committed(writes, **outcome)
+        if totals is not None:  # read after those writes: they are counted in it
+            self.rows, self.payload_bytes, self.unretrieved, self._file_bytes = totals
+        own = [op for op in ops if op.kind in _OWN_TRANSACTION]
+        for op in own:
+            plan = op.result if op.kind == "maintain" else None
+            if plan is not None and plan.delete:
+                self.deleted += len(plan.delete)
+                self.deleted_unretrieved += plan.evicted_unretrieved
+        self._finish(own)
 
     # ---- reads -------------------------------------------------------------------------------------
     async def _query(self, query: bytes, params: tuple) -> list[tuple]:
@@ -486,7 +545,7 @@ class PgStore(QueuedStore):
         row = self._conn.execute("SELECT value FROM miles_router.meta WHERE key = %s", (key,)).fetchone()
         return value if row is None else row[0]
 
-    # ---- offline (`miles-router store ...`: no writer thread, the startup connection) ---------------
+    # ---- offline (`miles-router store ...`: no writer process, the startup connection) --------------
     def scan(self, *, unretrieved_only: bool) -> Iterator[tuple[int, StoredTrajectory]]:
         sql = ("SELECT id, data FROM miles_router.trajectories" + (" WHERE NOT retrieved" if unretrieved_only else "")
                + " ORDER BY id")
@@ -510,7 +569,14 @@ class PgStore(QueuedStore):
 
     def apply_retention_now(self, now: float) -> RetentionPlan:
         """Offline: one retention pass (if no router is applying one right now)."""
-        return self._apply_retention(self._conn, now, frozenset())
+        writer = PgWriter(self._info, sync=self.sync, retention_s=self.retention_s, max_bytes=self.max_bytes,
+                          payload_bytes=self.payload_bytes, name=self.name, conn=self._conn)
+        plan = writer.apply_retention(now, frozenset())
+        if plan.delete:
+            self.rows, self.payload_bytes, self.unretrieved, self._file_bytes = writer._totals
+            self.deleted += len(plan.delete)
+            self.deleted_unretrieved += plan.evicted_unretrieved
+        return plan
 
     def vacuum(self) -> None:
         """Plain VACUUM ANALYZE: frees dead rows' space for reuse without the exclusive lock of VACUUM FULL (routers
@@ -529,3 +595,15 @@ class PgStore(QueuedStore):
                           pending_writes=self._pending_writes, writable=self.write_error is None,
                           write_error=self.write_error, commits=self.commits, deleted=self.deleted,
                           deleted_unretrieved=self.deleted_unretrieved)
+
+
+def _open_writer(config: tuple):
+    info, sync, retention_s, max_bytes, payload_bytes, name = config
+    return PgWriter(info, sync=sync, retention_s=retention_s, max_bytes=max_bytes, payload_bytes=payload_bytes,
+                    name=name).write
+
+
+if __name__ == "__main__":  # the router's writer process (router/net/writer_process.py): `... FD`
+    import sys
+
+    serve(_open_writer, int(sys.argv[1]))

@@ -35,8 +35,8 @@ import trio
 
 from router.core.store import (KeyFilter, RetentionPlan, RowInfo, SessionWrite, StoreError, StoreOpenError,
                                StoreStats, plan_retention)
-from router.net.store_writer import Op, QueuedStore
-from router.net.writer_process import ProcessQueue, child_argv, serve
+from router.net.store_writer import QueuedStore
+from router.net.writer_process import Op, serve
 from router.wire import store as wire
 from router.wire.store import StoredTrajectory
 
@@ -269,7 +269,7 @@ class SqliteWriter:
         return plan
 
 
-class SqliteStore(ProcessQueue, QueuedStore):
+class SqliteStore(QueuedStore):
     """A TrajectoryStore (router/core/store.py) on one SQLite file, written by one router process."""
 
     shared = False  # this process is the store's only writer: sessions in memory are up to date, and so is
@@ -337,8 +337,10 @@ class SqliteStore(ProcessQueue, QueuedStore):
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return value if row is None else row[0]
 
-    def _child_argv(self, fd: int) -> list[str]:
-        return child_argv(__name__, str(self.path), self.sync, repr(self.retention_s), str(self.max_bytes), str(fd))
+    _child_module = "router.net.store_sqlite"  # its writer process: _writer_main
+
+    def _child_config(self) -> tuple:
+        return str(self.path), self.sync, self.retention_s, self.max_bytes
 
     def _batch_done(self, ops: list[Op], outcome: dict) -> None:
         """On the event loop, when the writer process answered: what its retention passes deleted, then the rest."""
@@ -474,14 +476,13 @@ class SqliteStore(ProcessQueue, QueuedStore):
                           deleted_unretrieved=self.deleted_unretrieved)
 
 
-def _writer_main(argv: list[str]) -> None:
-    """`python -m router.net.store_sqlite PATH SYNC RETENTION_S MAX_BYTES FD`: the router's writer process."""
-    path, sync, retention_s, max_bytes, fd = argv
+def _open_writer(config: tuple):
+    path, sync, retention_s, max_bytes = config
     conn, reason = open_database(Path(path), sync=sync)
     if reason is not None:
         raise SystemExit(f"trajectory store {path}: {reason}")
-    serve(SqliteWriter(conn, retention_s=float(retention_s), max_bytes=int(max_bytes)).write, int(fd))
+    return SqliteWriter(conn, retention_s=retention_s, max_bytes=max_bytes).write
 
 
-if __name__ == "__main__":
-    _writer_main(sys.argv[1:])
+if __name__ == "__main__":  # the router's writer process (router/net/writer_process.py): `... FD`
+    serve(_open_writer, int(sys.argv[1]))

@@ -1,107 +1,48 @@
 """What both durable stores share (router/net/store_sqlite.py, router/net/store_pg.py): one writer that owns the
-write connection and commits whatever queued up meanwhile in one transaction (group commit), and the trio side
-that queues a write and, when the caller must know it is durable, waits for its commit.
+write connection and commits whatever arrived meanwhile in one transaction (group commit), in a process of its own
+(router/net/writer_process.py: the transport, and why not a thread), and the trio side that queues a write and,
+when the caller must know it is durable, waits for its commit.
 
-The writer is a thread here (the PostgreSQL store's); the SQLite store's is a process of its own
-(router/net/writer_process.py replaces `_enqueue`, the writer's start and stop, and the wake-up). A backend with a
-writer thread subclasses `QueuedStore` and supplies `_write_batch(batch)` (the SQL of one group commit, ending with
-`_committed`), `_read_committed(digest)` (the stored blobs of one digest) and `_retention_due()`. Everything else
-here is the same for every backend: the operations' queue, the records queued but not yet committed (reads see
-them, so a trajectory is retrievable from the moment its reply ends, whatever `store.sync` says), the counters a
-batch moves, a write error's logging and recovery, and the wake-ups on the event loop.
+A backend subclasses `QueuedStore` and supplies its writer (`_child_module`, which serves a `write(batch)` that
+writes one group commit and returns its outcome), `_read_committed(digest)` (the stored blobs of one digest) and
+`_retention_due()`. Everything else here is the same for every backend: the operations' queue, the records queued
+but not yet committed (reads see them, so a trajectory is retrievable from the moment its reply ends, whatever
+`store.sync` says), the counters a batch moves, a write error's logging and recovery, and the waiters' wake-up.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from collections.abc import Sequence
 
 import trio
 
 from router.core.store import Keyed, RetentionPlan, SessionWrite, StoreWriteError
+from router.net.writer_process import Op, ProcessQueue
 from router.wire import store as wire
 from router.wire.store import StoredTrajectory
 
 log = logging.getLogger("miles_router")
 
 
-class Op:
-    """One queued write: `kind` names it, `args` are the backend's, `done` (when someone waits) is set on the event
-    loop once the batch holding it committed or failed (`error`)."""
-
-    __slots__ = ("kind", "args", "done", "error", "result")
-
-    def __init__(self, kind: str, args, done: trio.Event | None) -> None:
-        self.kind, self.args, self.done = kind, args, done
-        self.error: str | None = None
-        self.result = None
-
-
-STOP = Op("stop", None, None)
-
-
-class QueuedStore:
-    """The queue, the writer thread and the write API of a TrajectoryStore (router/core/store.py). The subclass sets
-    `name`, `read_only`, `write_error`, `metrics`, `rows`, `payload_bytes`, `unretrieved` before `_init_queue`."""
+class QueuedStore(ProcessQueue):
+    """The write API of a TrajectoryStore (router/core/store.py) over its writer process. The subclass sets `name`,
+    `read_only`, `write_error`, `metrics`, `rows`, `payload_bytes`, `unretrieved` before `_init_queue`, and what
+    ProcessQueue needs (`_child_module`, `_child_config`)."""
 
     name: str
     wait_s: float | None = None  # how long a caller waits for its commit; None: as long as it takes (a local file)
 
     def _init_queue(self) -> None:
         self.commits = self.deleted = self.deleted_unretrieved = 0
-        self._queue: queue.SimpleQueue[Op] = queue.SimpleQueue()
         self._pending: dict[bytes, list[StoredTrajectory]] = {}  # digest -> records not yet committed, oldest first
         self._pending_writes = 0
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._thread: threading.Thread | None = None
-
-    # ---- the writer thread's lifecycle -----------------------------------------------------------
-    def _start_writer(self) -> None:
-        """Start the writer thread; wake-ups go to the calling trio loop."""
-        self._token = trio.lowlevel.current_trio_token()
-        self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
-        self._thread.start()
-
-    async def _stop_writer(self, timeout_s: float | None = None) -> bool:
-        """Stop the writer after what is queued; False if it did not finish within `timeout_s` (left behind)."""
-        if self._thread is None:
-            return True
-        self._queue.put(STOP)
-        await trio.to_thread.run_sync(self._thread.join, timeout_s)
-        stopped = not self._thread.is_alive()
-        self._thread = None
-        return stopped
-
-    def _writer(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            while True:  # group commit: everything that queued up meanwhile shares this transaction
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stop = any(op is STOP for op in batch)
-            batch = [op for op in batch if op is not STOP]
-            if batch:
-                self._write_batch(batch)
-            if stop:
-                return
-
-    def _enqueue(self, op: Op) -> None:
-        """On the event loop: hand `op` to the writer."""
-        self._queue.put(op)
-
-    def _write_batch(self, batch: list[Op]) -> None:
-        """In the writer thread: write `batch` in one transaction, then `_committed` (also when it failed)."""
-        raise NotImplementedError
 
     def _committed(self, batch: list[Op], *, elapsed: float, records: int, error: str | None, added: int = 0,
                    added_bytes: int = 0, retrieved: int = 0, unretrieved: int | None = None) -> None:
-        """In the writer thread, after a batch: the counters it moved (`unretrieved`: the count read back, when the
-        batch deleted rows), the write error it set or cleared, its metrics, then the waiters' wake-up on the event
-        loop. `error` fails every operation in it."""
+        """On the event loop, when the writer answered for a batch: the counters it moved (`unretrieved`: the
+        count read back, when the batch deleted rows), the write error it set or cleared, its metrics, then the
+        waiters' wake-up. `error` fails every operation in it."""
         if error is None:
             self.commits += 1
             self.rows += added
@@ -119,10 +60,6 @@ class QueuedStore:
         if self.metrics is not None:
             self.metrics.store_commit(elapsed, records, error is not None)
         self._wake(batch)
-
-    def _wake(self, ops: list[Op]) -> None:
-        """From the writer thread: finish `ops` on the event loop."""
-        self._token.run_sync_soon(self._finish, ops)
 
     def _finish(self, batch: list[Op]) -> None:
         """On the event loop: forget the pending records, wake the waiters."""

@@ -33,9 +33,20 @@ from collections.abc import Callable
 
 import trio
 
-from router.net.store_writer import Op
 
 log = logging.getLogger("miles_router")
+
+class Op:
+    """One queued write: `kind` names it, `args` are the backend's, `done` (when someone waits) is set on the event
+    loop once the writer answered for it (`error` if it failed, `result` what it returned)."""
+
+    __slots__ = ("kind", "args", "done", "error", "result")
+
+    def __init__(self, kind: str, args, done: trio.Event | None) -> None:
+        self.kind, self.args, self.done = kind, args, done
+        self.error: str | None = None
+        self.result = None
+
 
 _HEADER = 4  # little-endian length of the pickle that follows
 RESTART_DELAY_S = (0.05, 2.0)  # shortest and longest wait before a new child, after one that never answered died
@@ -60,42 +71,47 @@ def unframe(buf: bytearray) -> list:
 
 
 # ---------------------------------------------------------------------------------------------- the child
-def serve(write: Callable[[list[Op]], dict], fd: int) -> None:
-    """The child's loop: `write(batch)` writes one batch in one transaction (setting each op's `result`) and
-    returns its outcome (QueuedStore._committed's keywords). Returns at the end of the socket."""
+def serve(open_writer: Callable[[object], Callable[[list[Op]], dict]], fd: int) -> None:
+    """The child's loop on the inherited socket `fd`. The first message is the store's configuration;
+    `open_writer(config)` returns `write(batch)`, which writes one batch (setting each op's `result`, and `error`
+    when that op alone failed) and returns its outcome (QueuedStore._committed's keywords). Returns at the end of
+    the socket."""
     sock = socket.socket(fileno=fd)
     buf = bytearray()
+    write = None
     while True:
         data = sock.recv(1 << 20)
         if not data:  # the router closed its side (or died): everything it sent has been written
             return
         buf += data
         msgs = unframe(buf)
+        if write is None and msgs:
+            write = open_writer(msgs.pop(0))
         if not msgs:
             continue
         batch = [Op(kind, args, None) for _, kind, args in msgs]
         outcome = write(batch)
-        results = {seq: op.result for (seq, _, _), op in zip(msgs, batch) if op.result is not None}
+        results = {seq: (op.result, op.error) for (seq, _, _), op in zip(msgs, batch)
+                   if op.result is not None or op.error is not None}
         try:
             sock.sendall(frame(([seq for seq, _, _ in msgs], outcome, results)))
         except OSError:  # the router is gone
             return
 
 
-def child_argv(module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", module, *args]
-
-
 # ---------------------------------------------------------------------------------------------- the parent
 class ProcessQueue:
-    """A QueuedStore's writer as a child process (mix in before QueuedStore). The store supplies
-    `_child_argv(fd)` (the command that runs `serve` on inherited socket `fd`) and may extend `_batch_done`."""
+    """The router's side of a store's writer process (router/net/store_writer.py's QueuedStore builds on it). The
+    store supplies `_child_module`
+    (run as `python -m <module> <fd>`, it calls `serve` on that socket), `_child_config()` (the first message:
+    what the child opens) and may extend `_batch_done`."""
 
     name: str
+    _child_module: str
     _committed: Callable
     _finish: Callable
 
-    def _child_argv(self, fd: int) -> list[str]:
+    def _child_config(self) -> object:
         raise NotImplementedError
 
     def _start_writer(self) -> None:
@@ -154,9 +170,12 @@ class ProcessQueue:
                 env = dict(os.environ)  # the child imports the same router package as this process
                 root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
                 env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+                # the configuration goes first, over the socket (a database URL may hold a password: never argv)
+                self._outbox.insert(0, frame(self._child_config()))
                 try:
-                    self._child = subprocess.Popen(self._child_argv(theirs.fileno()), pass_fds=[theirs.fileno()],
-                                                   env=env, start_new_session=True)  # (Ctrl-C: the router drains it)
+                    self._child = subprocess.Popen([sys.executable, "-m", self._child_module, str(theirs.fileno())],
+                                                   pass_fds=[theirs.fileno()], env=env,
+                                                   start_new_session=True)  # (Ctrl-C: the router drains it)
                 except OSError as e:
                     self._child, error = None, f"cannot start the writer process: {e}"
                 else:
@@ -217,6 +236,6 @@ class ProcessQueue:
             for seqs, outcome, results in unframe(buf):
                 self._answered = True
                 ops = {seq: self._inflight.pop(seq) for seq in seqs}
-                for seq, result in results.items():
-                    ops[seq].result = result
+                for seq, (result, error) in results.items():
+                    ops[seq].result, ops[seq].error = result, error
                 self._batch_done(list(ops.values()), outcome)
