@@ -23,7 +23,8 @@ from test_store_faults import _run_cli
 from router.config import ConfigError, load_config
 from router.core.radix import text_digest
 from router.core.store import StoreOpenError, StoreWriteError
-from router.net.store_pg import PgStore, check_openable, redact
+from router.net.pg_writer import check_openable, redact
+from router.net.store_pg import PgStore
 from router.wire import store as wire
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,7 +151,7 @@ async def test_two_stores_share_one_database(pg_url):
     # while another router holds the retention lock, a pass deletes nothing; then one pass deletes each row once
     import psycopg
 
-    from router.net.store_pg import _LOCK_RETENTION
+    from router.net.pg_writer import _LOCK_RETENTION
 
     with psycopg.connect(pg_url, autocommit=True) as other:
         other.execute("SELECT pg_advisory_lock(%s)", (_LOCK_RETENTION,))

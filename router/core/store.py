@@ -28,12 +28,14 @@ import hashlib
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from router.core.errors import Unavailable
-from router.wire.store import StoredTrajectory
+
+if TYPE_CHECKING:  # (at run time this module needs neither: a store's writer process imports it)
+    import numpy as np
+
+    from router.wire.store import StoredTrajectory
 
 
 HEAD_BYTES = 64  # prefix keys are hashes of a text's first k * HEAD_BYTES bytes (k >= 1)
@@ -110,12 +112,16 @@ class KeyFilter:
 
     def load(self, rows) -> None:
         """Add every key of `rows` (an iterable of 1-tuples, e.g. a database cursor), in vectorized chunks."""
+        import numpy as np  # (here, not at the top: see the imports)
+
         it = iter(rows)
         while chunk := list(itertools.islice(it, 1 << 16)):
             self.add_many(np.fromiter((k for (k,) in chunk), np.int64, len(chunk)))
 
     def add_many(self, keys: np.ndarray) -> None:
         """Add an array of keys at once (vectorized: a store's keys at startup)."""
+        import numpy as np
+
         bits = np.frombuffer(self._bytes, np.uint8)
         k = np.asarray(keys, np.int64).view(np.uint64)
         for m in self._MULTS:

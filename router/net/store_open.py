@@ -26,7 +26,7 @@ def check_openable(cfg: Config) -> str | None:
     """Startup check (before the event loop): raises StoreOpenError (one line naming the store), or returns
     why the store is read-only."""
     if cfg.store.url is not None:
-        from router.net.store_pg import check_openable as check_pg
+        from router.net.pg_writer import check_openable as check_pg
 
         return check_pg(cfg.store.url, timeout_s=cfg.store.timeout_s)
     from router.net.store_sqlite import check_openable as check_sqlite

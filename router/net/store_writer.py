@@ -38,6 +38,14 @@ class QueuedStore(ProcessQueue):
         self._pending: dict[bytes, list[StoredTrajectory]] = {}  # digest -> records not yet committed, oldest first
         self._pending_writes = 0
 
+    def _child_args(self, op: Op) -> object:
+        """A put's records go to the writer encoded (router/wire/store.py), as the rows it writes: (digest, blob,
+        created, weight version, tokens, prefix key, visible length). The writer needs no record types."""
+        if op.kind != "put":
+            return op.args
+        return [(r.digest, wire.encode(r.record), r.record.created, r.record.weight_version, r.record.ntokens, r.head,
+                 r.vlen) for r in op.args]
+
     def _committed(self, batch: list[Op], *, elapsed: float, records: int, error: str | None, added: int = 0,
                    added_bytes: int = 0, retrieved: int = 0, unretrieved: int | None = None) -> None:
         """On the event loop, when the writer answered for a batch: the counters it moved (`unretrieved`: the

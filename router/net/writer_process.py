@@ -1,4 +1,4 @@
-"""A store's writer in a process of its own (the SQLite store's: router/net/store_sqlite.py).
+"""A store's writer in a process of its own: the router's side (the child's is router/net/writer_child.py).
 
 Why a process and not a thread: the event loop's thread is busy nearly all the time and releases the GIL around
 every system call it makes. A writer thread takes the GIL back after every sqlite3 call, so while it waits for it,
@@ -8,7 +8,7 @@ the loop takes the GIL again. Measured (BENCHMARKS.md §5): with a writer thread
 `take_gil` after `sqlite3_step`. With the writer in a process, the loop sends it each write over a socketpair and
 reads its answers as it reads any socket, so no thread of the router's process competes for its GIL.
 
-The parent side (`ProcessQueue`, mixed into a `QueuedStore`) numbers each operation and pickles
+The parent side (`ProcessQueue`, under router/net/store_writer.py's `QueuedStore`) numbers each operation and pickles
 `(seq, kind, args)` into an outbox; one task on the event loop sends the outbox, another reads the answers
 `(seqs, outcome, results)` and finishes those operations (`QueuedStore._committed`, then the waiters' wake-up,
 directly: it runs on the loop). The child (`serve`) reads whatever has arrived, writes it in ONE transaction
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import socket
 import subprocess
 import sys
@@ -33,77 +32,18 @@ from collections.abc import Callable
 
 import trio
 
+from router.net.writer_child import Op, frame, unframe
+
 
 log = logging.getLogger("miles_router")
 
-class Op:
-    """One queued write: `kind` names it, `args` are the backend's, `done` (when someone waits) is set on the event
-    loop once the writer answered for it (`error` if it failed, `result` what it returned)."""
-
-    __slots__ = ("kind", "args", "done", "error", "result")
-
-    def __init__(self, kind: str, args, done: trio.Event | None) -> None:
-        self.kind, self.args, self.done = kind, args, done
-        self.error: str | None = None
-        self.result = None
-
-
-_HEADER = 4  # little-endian length of the pickle that follows
 RESTART_DELAY_S = (0.05, 2.0)  # shortest and longest wait before a new child, after one that never answered died
 
 
-def frame(obj) -> bytes:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    return len(data).to_bytes(_HEADER, "little") + data
-
-
-def unframe(buf: bytearray) -> list:
-    """The complete messages at the start of `buf` (removed from it)."""
-    out, at = [], 0
-    while len(buf) - at >= _HEADER:
-        n = int.from_bytes(buf[at:at + _HEADER], "little")
-        if len(buf) - at - _HEADER < n:
-            break
-        out.append(pickle.loads(buf[at + _HEADER:at + _HEADER + n]))
-        at += _HEADER + n
-    del buf[:at]
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- the child
-def serve(open_writer: Callable[[object], Callable[[list[Op]], dict]], fd: int) -> None:
-    """The child's loop on the inherited socket `fd`. The first message is the store's configuration;
-    `open_writer(config)` returns `write(batch)`, which writes one batch (setting each op's `result`, and `error`
-    when that op alone failed) and returns its outcome (QueuedStore._committed's keywords). Returns at the end of
-    the socket."""
-    sock = socket.socket(fileno=fd)
-    buf = bytearray()
-    write = None
-    while True:
-        data = sock.recv(1 << 20)
-        if not data:  # the router closed its side (or died): everything it sent has been written
-            return
-        buf += data
-        msgs = unframe(buf)
-        if write is None and msgs:
-            write = open_writer(msgs.pop(0))
-        if not msgs:
-            continue
-        batch = [Op(kind, args, None) for _, kind, args in msgs]
-        outcome = write(batch)
-        results = {seq: (op.result, op.error) for (seq, _, _), op in zip(msgs, batch)
-                   if op.result is not None or op.error is not None}
-        try:
-            sock.sendall(frame(([seq for seq, _, _ in msgs], outcome, results)))
-        except OSError:  # the router is gone
-            return
-
-
-# ---------------------------------------------------------------------------------------------- the parent
 class ProcessQueue:
     """The router's side of a store's writer process (router/net/store_writer.py's QueuedStore builds on it). The
-    store supplies `_child_module`
-    (run as `python -m <module> <fd>`, it calls `serve` on that socket), `_child_config()` (the first message:
+    store supplies `_child_module` (run as `python -m <module> <fd>`, it calls router/net/writer_child.py's
+    `serve` on that socket), `_child_config()` (the first message:
     what the child opens) and may extend `_batch_done`."""
 
     name: str
@@ -113,6 +53,10 @@ class ProcessQueue:
 
     def _child_config(self) -> object:
         raise NotImplementedError
+
+    def _child_args(self, op: Op) -> object:
+        """What the child gets of `op`'s arguments."""
+        return op.args
 
     def _start_writer(self) -> None:
         self._seq = 0
@@ -128,7 +72,7 @@ class ProcessQueue:
     def _enqueue(self, op: Op) -> None:
         self._seq += 1
         self._inflight[self._seq] = op
-        self._outbox.append(frame((self._seq, op.kind, op.args)))
+        self._outbox.append(frame((self._seq, op.kind, self._child_args(op))))
         self._outbox_lot.unpark_all()
 
     def _wake(self, ops: list[Op]) -> None:
