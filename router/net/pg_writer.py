@@ -193,6 +193,12 @@ def check_openable(url: str, *, timeout_s: float = 5.0) -> str | None:
     return reason
 
 
+def read_totals(conn: psycopg.Connection) -> tuple[int, int, int, int]:
+    """(rows, payload bytes, unretrieved rows, bytes on disk) of the whole store, every router's rows included."""
+    rows, payload, unretrieved = conn.execute(_TOTALS).fetchone()
+    return int(rows), int(payload), int(unretrieved), int(conn.execute(_FILE_BYTES).fetchone()[0])
+
+
 class PgWriter:
     """The writing half of the store: a connection of its own (reconnected when it broke) and the SQL of one group
     commit. The router runs it in a process of its own (`python -m router.net.store_pg`, the URL sent over the
@@ -216,9 +222,8 @@ class PgWriter:
         # file bytes), for the router's stats()
 
     def _read_totals(self, conn: psycopg.Connection) -> None:
-        rows, payload, unretrieved = conn.execute(_TOTALS).fetchone()
-        self.payload_bytes = int(payload)
-        self._totals = (int(rows), int(payload), int(unretrieved), int(conn.execute(_FILE_BYTES).fetchone()[0]))
+        self._totals = read_totals(conn)
+        self.payload_bytes = self._totals[1]
         self._totals_at = time.monotonic()
 
     def write(self, batch: list[Op]) -> dict:

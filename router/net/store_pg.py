@@ -41,7 +41,6 @@ out of line and uncompressed), `sessions` (with `last_used`, wall clock), `sessi
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator, Sequence
 
 import psycopg
@@ -49,8 +48,8 @@ import trio
 
 from router.core.store import KeyFilter, RetentionPlan, StoreError, StoreStats
 from router.net.pg_loop import LoopConnections, QueryFailed
-from router.net.pg_writer import (_CANDIDATES, _FILE_BYTES, _OWN_TRANSACTION, _SESSION_TURNS, _TABLES, _TOTALS,
-                                  PgWriter, conninfo, open_database, redact)
+from router.net.pg_writer import (_CANDIDATES, _FILE_BYTES, _OWN_TRANSACTION, _SESSION_TURNS, _TABLES, PgWriter,
+                                  conninfo, open_database, read_totals, redact)
 from router.net.store_writer import QueuedStore
 from router.net.writer_child import Op
 from router.wire import store as wire
@@ -78,7 +77,6 @@ class PgStore(QueuedStore):
         # startup and offline work use this connection (the writer process has its own)
         self._conn, self.write_error = open_database(url, timeout_s=timeout_s, sync=sync)
         self._info = conninfo(url, timeout_s)
-        self._conn_used = time.monotonic()
         self.read_only = self.write_error is not None
         self._load_totals(self._conn)
         self._init_queue()
@@ -92,10 +90,7 @@ class PgStore(QueuedStore):
         self._reads: LoopConnections | None = None
 
     def _load_totals(self, conn: psycopg.Connection) -> None:
-        rows, payload, unretrieved = conn.execute(_TOTALS).fetchone()
-        self.rows, self.payload_bytes, self.unretrieved = int(rows), int(payload), int(unretrieved)
-        self._file_bytes = int(conn.execute(_FILE_BYTES).fetchone()[0])
-        self._totals_at = time.monotonic()
+        self.rows, self.payload_bytes, self.unretrieved, self._file_bytes = read_totals(conn)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
