@@ -5,6 +5,9 @@ pipeline go through pause/update/continue cycles with no aborted turn."""
 
 from __future__ import annotations
 
+import socket
+
+import h11
 import pytest
 import trio
 
@@ -265,3 +268,106 @@ async def test_an_engine_that_registers_again_is_running(nursery):
             r = await c.post("/workers", json={"url": sim.url})
             assert r.status_code == 202
         assert outs == [200] and rt.pool.get(sim.url).control.name == "running"
+
+
+class SlowReadingEngine:
+    """A raw engine (h11 over trio) that answers every request with 200 `{}`, except that it starts reading
+    the body of a POST to `/slow` only `stall_s` after its head arrived, through a small receive buffer. It
+    records how much of that body it had read when a `/pause_generation` arrived."""
+
+    RCVBUF = 64 * 1024
+
+    def __init__(self, stall_s: float) -> None:
+        self.stall_s = stall_s
+        self.slow_started = trio.Event()
+        self.slow_read = 0  # body bytes of /slow read so far
+        self.slow_read_at_pause: int | None = None
+        self.url = ""
+
+    async def start(self, nursery) -> SlowReadingEngine:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        # Set on the listener, so accepted sockets start with it (fixed: no autotuning past it).
+        listeners[0].socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.RCVBUF)
+        await nursery.start(trio.serve_listeners, self._serve, listeners)
+        self.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        return self
+
+    async def _serve(self, stream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=1 << 20)
+        target = b""
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Request):
+                    target = event.target
+                    if target == b"/pause_generation":
+                        self.slow_read_at_pause = self.slow_read
+                    if target == b"/slow":
+                        self.slow_started.set()
+                        await trio.sleep(self.stall_s)
+                elif isinstance(event, h11.Data):
+                    if target == b"/slow":
+                        self.slow_read += len(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    headers = [(b"content-type", b"application/json"), (b"content-length", b"2")]
+                    await stream.send_all(conn.send(h11.Response(status_code=200, headers=headers))
+                                          + conn.send(h11.Data(data=b"{}")) + conn.send(h11.EndOfMessage()))
+                    conn.start_next_cycle()
+                else:
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError):
+            pass
+
+
+async def test_a_pause_is_sent_only_after_the_requests_routed_before_it(nursery):
+    """A request routed to an engine just before a pause can still be on its way (connecting, or writing a large
+    body). The pause waits until it is written, so it cannot overtake it: the engine has read all of the earlier
+    request but what the kernel buffers hold when the pause arrives. Without the wait, the pause arrived with
+    none of it read."""
+    engine = await SlowReadingEngine(stall_s=0.5).start(nursery)
+    router = await start_router(nursery, workers={"urls": [engine.url], "health_interval_s": 30})
+    wmem_max = int(open("/proc/sys/net/ipv4/tcp_wmem").read().split()[2])
+    # What may still sit in buffers once the router wrote it all: its socket's send buffer (autotuned at most to
+    # tcp_wmem's max) and the engine's receive buffer (the kernel doubles SO_RCVBUF).
+    buffered_at_most = wmem_max + 2 * SlowReadingEngine.RCVBUF + 65536
+    body = b"x" * (3 * buffered_at_most)
+    replies = {}
+    async with client(router, timeout=30) as c:
+        async def slow() -> None:
+            replies["slow"] = await c.post("/slow", content=body)
+
+        async def pause() -> None:
+            await engine.slow_started.wait()
+            replies["pause"] = await c.post("/pause_generation", json={})
+
+        async with trio.open_nursery() as n:
+            n.start_soon(slow)
+            n.start_soon(pause)
+    assert replies["slow"].status_code == 200 and replies["pause"].status_code == 200
+    assert engine.slow_read == len(body)
+    assert len(body) - engine.slow_read_at_pause <= buffered_at_most, (engine.slow_read_at_pause, len(body))
+    assert router.runtime.pool.all[0].unsent == 0
+
+
+async def test_waiting_for_unsent_requests_is_bounded_and_counts_each_once(nursery):
+    sim = await start_sim(nursery)
+    router = await start_router(nursery, workers={"urls": [sim.url], "health_interval_s": 30})
+    workers, w = router.runtime.workers, router.runtime.pool.all[0]
+    first, second = workers.sending(w), workers.sending(w)
+    with trio.fail_after(2):
+        assert await workers.wait_sent(w, 0.05) is False  # bounded: both still unsent
+    first(), first()  # a second call (a resend, or the forward stage's `finally`) counts nothing
+    assert w.unsent == 1
+    done = []
+
+    async def waiter() -> None:
+        done.append(await workers.wait_sent(w, 5))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(waiter)
+        await trio.sleep(0.05)
+        assert not done
+        second()
+    assert done == [True] and w.unsent == 0

@@ -83,6 +83,9 @@ class Worker:
     url: str
     state: WorkerState = WorkerState.HEALTHY
     inflight: int = 0
+    # Requests routed here whose bytes are not all written to the worker yet: a pause waits for them, so it
+    # cannot overtake a request that was routed before it (router/net/rl.py `engine_call`).
+    unsent: int = 0
     consecutive_failures: int = 0
     consecutive_successes: int = 0
     last_error: str | None = None

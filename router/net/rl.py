@@ -43,6 +43,10 @@ SGLANG_CAPABILITIES = {"source": "static", "pause_modes": ["abort", "retract", "
                        "update_from": ["disk", "tensor", "distributed"], "abort": True, "flush_cache": True,
                        "sleep_wake": True, "reports_weight_version": True}
 _ENGINE_INFO_RETRY_S = 10.0
+# How long a pause (or sleep) waits for the requests routed to the engine before it to be written. Writing one
+# takes microseconds unless its connection is still opening; past this the pause is sent anyway (such a request
+# then waits inside SGLang until `continue`: it is not aborted).
+_PAUSE_WAITS_FOR_SENDS_S = 5.0
 
 
 @dataclass(slots=True)
@@ -77,6 +81,8 @@ async def engine_call(runtime, worker: Worker, method: str, path: str, query: st
     if p.pause or p.release:
         runtime.workers.control_changed(worker)
         runtime.admin_changed(worker)
+        if worker.unsent:  # requests routed here before the pause: they reach the engine first
+            await runtime.workers.wait_sent(worker, min(timeout_s, _PAUSE_WAITS_FOR_SENDS_S))
     url = worker.url + path + (f"?{query}" if query else "")
     t0 = time.perf_counter()
     out = None

@@ -56,7 +56,7 @@ import select
 import socket
 import sys
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from urllib.parse import urlsplit
 
@@ -409,7 +409,8 @@ class _StallDeadline:
 class _RequestContext:
     """What `UpstreamPool.request()` returns: sends on enter, closes/releases the connection on exit."""
 
-    __slots__ = ("_pool", "_origin", "_request", "_body", "_timeout_s", "_body_timeout_s", "_response", "_stall")
+    __slots__ = ("_pool", "_origin", "_request", "_body", "_timeout_s", "_body_timeout_s", "_response", "_stall",
+                 "_on_sent")
 
     def __init__(
         self,
@@ -419,7 +420,9 @@ class _RequestContext:
         body: bytes | bytearray | memoryview,
         timeout_s: float,
         body_timeout_s: float | None,
+        on_sent: Callable[[], None] | None = None,
     ) -> None:
+        self._on_sent = on_sent
         self._pool = pool
         self._origin = origin
         self._request = request
@@ -494,6 +497,8 @@ class _RequestContext:
                         await conn.send_all(head)
                         await conn.send_all(body)
                     conn.sent += len(head) + len(body)
+                    if self._on_sent is not None:
+                        self._on_sent()
                 except OSError:
                     # The worker may have answered (e.g. 413) and closed; read whatever response it left.
                     conn.broken = send_failed = True
@@ -594,6 +599,7 @@ class UpstreamPool:
         *,
         timeout_s: float,
         body_timeout_s: float | None = None,
+        on_sent: Callable[[], None] | None = None,
     ) -> _RequestContext:
         """`async with pool.request(...) as resp:` one exchange with `origin` ("http://host:port").
 
@@ -601,8 +607,9 @@ class UpstreamPool:
         end-to-end headers with lower-case names (any host/content-length/transfer-encoding in them is dropped).
         `timeout_s` bounds connect + send + response head; `body_timeout_s` (default timeout_s) bounds the time
         between body chunks, within 10% (see `_StallDeadline`): a stall cancels the `async with` body and raises
-        UpstreamTimeout as it exits (like `trio.fail_after`). Invalid method/target/headers raise ValueError before
-        anything is sent.
+        UpstreamTimeout as it exits (like `trio.fail_after`). `on_sent` is called once the whole request is written to
+        the socket (again if a dead kept-alive connection makes it resend). Invalid method/target/headers raise
+        ValueError before anything is sent.
         """
         origin_state = self._origins.get(origin)
         if origin_state is None:
@@ -622,7 +629,7 @@ class UpstreamPool:
         if body_timeout_s is None:
             body_timeout_s = timeout_s
         return _RequestContext(
-            self, origin_state, request, body, timeout_s, None if body_timeout_s == math.inf else body_timeout_s
+            self, origin_state, request, body, timeout_s, None if body_timeout_s == math.inf else body_timeout_s, on_sent
         )
 
     async def __aenter__(self) -> UpstreamPool:

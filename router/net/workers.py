@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import httpx
 import trio
@@ -49,6 +50,7 @@ class WorkerSupervisor:
         self.hold_queue = FifoQueue("pause_hold", metrics.queue_waited)
         self.config_labels = {normalize_worker_url(u): check_labels(v) for u, v in w.labels.items()}
         self._probers: dict[str, trio.CancelScope] = {}
+        self._all_sent: dict[str, trio.Event] = {}  # per worker URL: set when its last unsent request is written
         if config.routing.weight_version_gate:
             pool.admission_check = router.version_hold
 
@@ -273,6 +275,33 @@ class WorkerSupervisor:
                                   f"usable worker has workers.max_inflight_per_worker "
                                   f"({self.pool.max_inflight}) requests in flight", waited_s=round(e.waited_s, 3),
                              ) from None
+
+    def sending(self, worker: Worker) -> Callable[[], None]:
+        """Count a request routed to `worker` as unsent until the returned function is called (once it is
+        written, or failed: calling it again is a no-op)."""
+        worker.unsent += 1
+        done = False
+
+        def sent() -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            worker.unsent -= 1
+            if not worker.unsent:
+                event = self._all_sent.pop(worker.url, None)
+                if event is not None:
+                    event.set()
+
+        return sent
+
+    async def wait_sent(self, worker: Worker, timeout_s: float) -> bool:
+        """Wait at most `timeout_s` until every request already routed to `worker` is written to it (a pause
+        that waits for them cannot reach the engine before them). False if some were still unsent."""
+        with trio.move_on_after(timeout_s):
+            while worker.unsent:
+                await self._all_sent.setdefault(worker.url, trio.Event()).wait()
+        return not worker.unsent
 
     def give_back(self, worker: Worker, trial: bool = False, ex=None) -> None:
         self.pool.release(worker, trial)

@@ -63,9 +63,10 @@ class Forward(Stage):
             reasons.append(reason)
             ex.worker, ex.route_reason = worker, ", ".join(reasons)
             outcome = None  # (failed, reason) once known; the breaker hears every outcome once
+            sent = workers.sending(worker)  # a pause of this worker waits until the request is written
             try:
                 async with svc.upstream.request(worker.url, ex.method, target, headers, body,
-                                                timeout_s=cfg.request_timeout_s) as resp:
+                                                timeout_s=cfg.request_timeout_s, on_sent=sent) as resp:
                     ex.status = resp.status
                     ex.response_headers = resp.headers
                     # 5xx is a failure; 4xx (incl. 429) means the worker is alive and answering.
@@ -134,6 +135,7 @@ class Forward(Stage):
                 workers.on_worker_error(worker, f"disconnected: {e}")
                 raise StageError(502, f"worker {worker.url} closed the connection: {e}", worker=worker.url) from None
             finally:
+                sent()
                 if outcome is not None:  # None: cancelled (the client left), which says nothing of the worker
                     workers.on_outcome(worker, outcome[0], outcome[1], trial)
                 workers.give_back(worker, trial, ex)
