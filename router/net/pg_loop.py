@@ -50,7 +50,7 @@ def _param(p) -> tuple[bytes | None, int]:
     if isinstance(p, bytes):
         return p, 1
     if isinstance(p, (list, tuple)):
-        return ("{" + ",".join(str(int(x)) for x in p) + "}").encode(), 0
+        return ("{" + ",".join(map(str, map(int, p))) + "}").encode(), 0
     return str(p).encode(), 0
 
 
@@ -65,34 +65,43 @@ class LoopConnections:
     async def query(self, sql: bytes, params: tuple = ()) -> list[tuple]:
         """The rows of one query (QueryFailed). Bound it with a cancel scope: cancelled, its connection goes."""
         values, formats = zip(*map(_param, params)) if params else ((), ())
-        async with self._slots:
-            for attempt in range(2):
-                conn = self._idle.pop() if self._idle else await self._connect()
-                name = self._names.get(sql)
-                if name is None:  # (not setdefault: that would format a name on every query)
-                    name = self._names[sql] = b"miles_router_%d" % len(self._names)
-                try:
-                    prepared = self._prepared.setdefault(conn, set())
-                    if name not in prepared:
-                        await self._run(conn.pgconn, lambda pg: pg.send_prepare(name, sql))
-                        prepared.add(name)
-                    rows = await self._run(conn.pgconn, lambda pg: pg.send_query_prepared(
-                        name, list(values), param_formats=list(formats), result_format=1))
-                except _Broken as e:  # the server restarted or went away: the idle connections went with it
+        try:  # a free slot is taken without a checkpoint: the query yields to the loop while it waits anyway
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._slots.acquire()
+        try:
+            return await self._query(sql, values, formats)
+        finally:
+            self._slots.release()
+
+    async def _query(self, sql: bytes, values, formats) -> list[tuple]:
+        for attempt in range(2):
+            conn = self._idle.pop() if self._idle else await self._connect()
+            name = self._names.get(sql)
+            if name is None:  # (not setdefault: that would format a name on every query)
+                name = self._names[sql] = b"miles_router_%d" % len(self._names)
+            try:
+                prepared = self._prepared.setdefault(conn, set())
+                if name not in prepared:
+                    await self._run(conn.pgconn, lambda pg: pg.send_prepare(name, sql))
+                    prepared.add(name)
+                rows = await self._run(conn.pgconn, lambda pg: pg.send_query_prepared(
+                    name, list(values), param_formats=list(formats), result_format=1))
+            except _Broken as e:  # the server restarted or went away: the idle connections went with it
+                self._drop(conn)
+                self.close()
+                if attempt:
+                    raise QueryFailed(str(e)) from None
+                continue
+            except BaseException:  # an error answer keeps the connection usable; anything else does not
+                pg = conn.pgconn
+                if pg.status == pq.ConnStatus.OK and pg.transaction_status == pq.TransactionStatus.IDLE:
+                    self._idle.append(conn)
+                else:
                     self._drop(conn)
-                    self.close()
-                    if attempt:
-                        raise QueryFailed(str(e)) from None
-                    continue
-                except BaseException:  # an error answer keeps the connection usable; anything else does not
-                    pg = conn.pgconn
-                    if pg.status == pq.ConnStatus.OK and pg.transaction_status == pq.TransactionStatus.IDLE:
-                        self._idle.append(conn)
-                    else:
-                        self._drop(conn)
-                    raise
-                self._idle.append(conn)
-                return rows
+                raise
+            self._idle.append(conn)
+            return rows
         raise AssertionError("unreachable")
 
     async def _connect(self) -> psycopg.Connection:
