@@ -199,6 +199,23 @@ async def test_reads_are_prepared_once_per_connection_and_again_on_a_new_one(pg_
     reads.close()
 
 
+async def test_the_fleet_lookup_runs_one_generic_plan(pg_url):
+    """The per-request lookup's statement (an array of prefix keys) is planned once per connection and then only
+    executed: left to choose, the server planned it anew at each execution (twice its CPU per lookup)."""
+    from router.net.pg_writer import _CANDIDATES
+
+    store = PgStore(pg_url)
+    store.start()
+    try:
+        for n in range(1, 12):  # arrays of several lengths, as prompts of several lengths send
+            assert await store.prefix_candidates([7 * k for k in range(n)], 4096) == []
+        plans = await store._reads.query(b"SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+                                         b"WHERE statement = $1", (_CANDIDATES.decode(),))
+        assert plans == [(11, 0)], plans
+    finally:
+        await store.aclose()
+
+
 # ---------------------------------------------------------------------------------------------- the database away
 def _gen(text: str) -> dict:
     return {"text": text, "sampling_params": {"max_new_tokens": 8}, "return_logprob": True}

@@ -109,11 +109,22 @@ class LoopConnections:
         # (at the first queries, and after the database came back). Not libpq's PQconnectdb: it holds the GIL
         # while it waits for a server that does not answer, which would stop the event loop with it.
         try:
-            conn = await trio.to_thread.run_sync(lambda: psycopg.connect(self._info, autocommit=True),
-                                                 abandon_on_cancel=True)
+            conn = await trio.to_thread.run_sync(self._connect_sync, abandon_on_cancel=True)
         except psycopg.Error as e:
             raise QueryFailed(_describe(str(e))) from None
         conn.pgconn.nonblocking = 1
+        return conn
+
+    def _connect_sync(self) -> psycopg.Connection:
+        conn = psycopg.connect(self._info, autocommit=True)
+        # Every statement here is an index lookup whose generic plan is the right one. Left to choose (`auto`),
+        # the server keeps planning the array-parameter statements anew at each execution, since its generic
+        # cost estimate is higher: the fleet's per-request lookup then cost the server ~120 µs instead of ~57
+        # (bench/bench_store_reads.py). PostgreSQL 11 and older lack the setting.
+        try:
+            conn.execute("SET plan_cache_mode = force_generic_plan")
+        except psycopg.errors.UndefinedObject:
+            pass
         return conn
 
     def _drop(self, conn: psycopg.Connection) -> None:
