@@ -8,8 +8,9 @@ is paused (`/pause_generation` ... `/continue_generation`), whether the engine r
 (`(weight_version, control_state)` per engine, smg-project/smg#2529).
 
 Pausing and sleeping take effect *before* the call is sent, so no request is routed to an engine while its pause
-is on the wire (and the call waits until the requests routed there before it are written: router/net/rl.py); a call that fails undoes it (the engine did not pause). Resuming and version changes take
-effect only once the engine said yes. Pure: `plan` reads a path and a body, `ControlState` is plain data.
+is on the wire (and the call waits until the requests routed there before it are written: router/net/rl.py); a
+call that fails undoes it (the engine did not pause). Resuming and version changes take effect only once the
+engine said yes. Pure: `plan` reads a path and a body, `ControlState` is plain data.
 """
 
 from __future__ import annotations

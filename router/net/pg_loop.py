@@ -119,7 +119,7 @@ class LoopConnections:
         conn = psycopg.connect(self._info, autocommit=True)
         # Every statement here is an index lookup whose generic plan is the right one. Left to choose (`auto`),
         # the server keeps planning the array-parameter statements anew at each execution, since its generic
-        # cost estimate is higher: the fleet's per-request lookup then cost the server ~120 µs instead of ~57
+        # cost estimate is higher: the fleet's per-request lookup then cost the server ~120 µs instead of ~50
         # (bench/bench_store_reads.py). PostgreSQL 11 and older lack the setting.
         try:
             conn.execute("SET plan_cache_mode = force_generic_plan")

@@ -629,7 +629,8 @@ class UpstreamPool:
         if body_timeout_s is None:
             body_timeout_s = timeout_s
         return _RequestContext(
-            self, origin_state, request, body, timeout_s, None if body_timeout_s == math.inf else body_timeout_s, on_sent
+            self, origin_state, request, body, timeout_s, None if body_timeout_s == math.inf else body_timeout_s,
+            on_sent,
         )
 
     async def __aenter__(self) -> UpstreamPool:
