@@ -366,10 +366,8 @@ class PgWriter:
                                   max_bytes=self.max_bytes, stale_versions=stale_versions)
             if plan.delete:
                 conn.execute("DELETE FROM miles_router.trajectories WHERE id = ANY(%s)", (plan.delete,))
-                totals = conn.execute(_TOTALS).fetchone()  # what is left, other routers' rows included
         if plan.delete:
-            self.payload_bytes = int(totals[1])
-            self._totals = (*(int(x) for x in totals), int(conn.execute(_FILE_BYTES).fetchone()[0]))
+            self._read_totals(conn)  # what is left, other routers' rows included
         return plan
 
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 
-import psycopg
 import trio
 
 from router.core.store import KeyFilter, RetentionPlan, StoreError, StoreStats
@@ -78,7 +77,7 @@ class PgStore(QueuedStore):
         self._conn, self.write_error = open_database(url, timeout_s=timeout_s, sync=sync)
         self._info = conninfo(url, timeout_s)
         self.read_only = self.write_error is not None
-        self._load_totals(self._conn)
+        self.rows, self.payload_bytes, self.unretrieved, self._file_bytes = read_totals(self._conn)
         self._init_queue()
         self.shared = shared
         self._heads = None
@@ -88,9 +87,6 @@ class PgStore(QueuedStore):
                 cur.execute("SELECT DISTINCT head FROM miles_router.trajectories WHERE head IS NOT NULL")
                 self._heads.load(cur)
         self._reads: LoopConnections | None = None
-
-    def _load_totals(self, conn: psycopg.Connection) -> None:
-        self.rows, self.payload_bytes, self.unretrieved, self._file_bytes = read_totals(conn)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -118,9 +114,8 @@ class PgStore(QueuedStore):
 
     # ---- writes (router/net/store_writer.py queues them; the writer process runs PgWriter.write) -----------
     def _retention_due(self) -> bool:
-        return True  # the pass also re-reads the totals other routers moved (`_load_totals`)
+        return True  # the pass also re-reads the totals other routers moved (PgWriter, every TOTALS_EVERY_S)
 
-    # ---- the writer process (router/net/writer_process.py runs PgWriter.write there) -------------------------
     _child_module = "router.net.pg_writer"
 
     def _child_config(self) -> tuple:

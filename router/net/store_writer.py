@@ -67,7 +67,7 @@ class QueuedStore(ProcessQueue):
                 op.error = error
         if self.metrics is not None:
             self.metrics.store_commit(elapsed, records, error is not None)
-        self._wake(batch)
+        self._finish(batch)
 
     def _finish(self, batch: list[Op]) -> None:
         """On the event loop: forget the pending records, wake the waiters."""

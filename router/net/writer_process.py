@@ -49,7 +49,6 @@ class ProcessQueue:
     name: str
     _child_module: str
     _committed: Callable
-    _finish: Callable
 
     def _child_config(self) -> object:
         raise NotImplementedError
@@ -74,9 +73,6 @@ class ProcessQueue:
         self._inflight[self._seq] = op
         self._outbox.append(frame((self._seq, op.kind, self._child_args(op))))
         self._outbox_lot.unpark_all()
-
-    def _wake(self, ops: list[Op]) -> None:
-        self._finish(ops)  # already on the event loop
 
     async def _stop_writer(self, timeout_s: float | None = None) -> bool:
         """Send what is queued, then wait for the child to write it and exit; False if it did not finish within
