@@ -131,6 +131,38 @@ async def test_engine_tokens_win_over_retokenization(nursery, qwen):
     assert differs > 0
 
 
+async def test_prompts_sharing_a_system_prompt_reuse_its_tokens(nursery, qwen):
+    """RL prompts start with the same long system prompt. The router cuts a new prompt after the last special
+    token it shares with a prompt it tokenized itself (<|im_start|> of the user turn), reuses those tokens and
+    tokenizes only the rest; the worker still receives exactly the tokens of the whole text. A prompt that came
+    as input_ids is never cut inside (a client's ids may spell its text differently)."""
+    router, (sim,) = await cache_router(nursery)
+    system = {"role": "system", "content": "You are a careful assistant who shows every step. " * 30}
+    first, second, third = (chat([system, {"role": "user", "content": q}])
+                            for q in ("What is 2+2?", "Name a prime.", "Spell 'cat'."))
+    shared = first[:first.index("<|im_start|>user") + len("<|im_start|>")]
+    params = {"max_new_tokens": 8}
+    async with client(router) as c:
+        r1 = await c.post("/generate", json={"text": first, "sampling_params": params})
+        assert r1.status_code == 200 and r1.headers["x-miles-router-cached-prompt-tokens"] == "0"
+        r2 = await c.post("/generate", json={"text": second, "sampling_params": params})
+        sent = await last_received(sim)
+        assert sent["input_ids"] == qwen.encode(second)
+        assert int(r2.headers["x-miles-router-cached-prompt-tokens"]) == len(qwen.encode(shared))
+        assert int(r2.headers["x-miles-router-fresh-prompt-tokens"]) == len(qwen.encode(second)) - len(
+            qwen.encode(shared))
+        got = await retrieve(c, shared)  # a cut inside a prompt is still no generation boundary
+        assert got["exact"] is False and got["match"] == "inside_prompt"
+
+    router, (sim,) = await cache_router(nursery)
+    async with client(router) as c:
+        r1 = await c.post("/generate", json={"input_ids": qwen.encode(first), "sampling_params": params})
+        assert r1.status_code == 200
+        r3 = await c.post("/generate", json={"text": third, "sampling_params": params})
+        assert r3.headers["x-miles-router-cached-prompt-tokens"] == "0"
+        assert (await last_received(sim))["input_ids"] == qwen.encode(third)
+
+
 async def test_grpo_samples_share_the_prompt(nursery, qwen):
     router, _ = await cache_router(nursery, n_workers=2)
     p = chat([{"role": "user", "content": "Solve 17 * 23 step by step."}])

@@ -23,6 +23,7 @@ from router.core.radix import (
     MASK,
     NODE_OVERHEAD,
     TERMINAL_OVERHEAD,
+    SPLIT,
     RadixTree,
     TrajectoryInput,
     text_key,
@@ -38,6 +39,10 @@ AB2 = len(VOCAB) - 1
 EOS = ID[b"<|im_end|>"]
 MAXLEN = max(map(len, VOCAB))
 token_bytes = VocabBytes(VOCAB)
+# The same vocabulary with a tokenizer that splits text after <|im_start|> and <|im_end|> (like Qwen's).
+SPLIT_IDS = frozenset((ID[b"<|im_start|>"], EOS))
+split_vocab = VocabBytes(VOCAB)
+split_vocab.set_split_after(sorted(SPLIT_IDS))
 
 
 def enc(text: bytes) -> list[int]:
@@ -101,7 +106,9 @@ def check_invariants(tree: RadixTree) -> None:
         assert nd.r3_known is None or (nd.r3 is not None and nd.r3_known.shape == (n,) and not nd.r3_known.all())
         # the node's text is derived from its tokens; only its length and keyed hash are kept
         assert nd.tlen == len(dec(nd.tokens)) and nd.thash == hash(dec(nd.tokens)) == hash(tree.node_text(nd))
-        assert not np.any(nd.flags & ~np.uint8(MASK | ANCHOR))
+        assert not np.any(nd.flags & ~np.uint8(MASK | ANCHOR | SPLIT))
+        split = (nd.flags & SPLIT) != 0  # only after split tokens, only where the tree's tokenizer has them
+        assert not split.any() or (tree._split_after is not None and tree._split_after[nd.tokens[split]].all())
         assert np.all(nd.logprobs[(nd.flags & MASK) == 0] == 0)
         assert bool(nd.kids()) == bool(nd.by_first)
         check_child_index(nd)
@@ -235,6 +242,30 @@ def test_no_anchor_means_no_match_and_partial_retrieve():
     empty = tree.retrieve(b"nothing", now=3)
     assert not empty.exact and empty.tokens.size == 0 and empty.matched_bytes == 0
     check_invariants(tree)
+
+
+def test_a_text_prompt_cuts_after_a_split_token_of_a_prompt_the_router_tokenized():
+    """RL prompts share a long system prompt. A new prompt may cut after the last split token (<|im_start|> of the
+    user turn) it shares with a prompt whose text the router tokenized itself (`tokenized_from`): a tokenizer
+    splits text there, so those tokens are what tokenizing the new prompt would give. Never inside a prompt that
+    came as ids, nor in the part of one that came from the cache; retrieve still calls such a cut inside a prompt."""
+    head = b"<|im_start|>system\nthe answer<|im_end|>\n<|im_start|>"
+    p1 = head + b"user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    p2 = head + b"user\nworld<|im_end|>\n<|im_start|>assistant\n"
+    ids1, out = enc(p1), enc(b"the") + [EOS]
+    after_end = ids1.index(EOS) + 1  # the first <|im_end|>: a cut there only takes "<|im_start|>" less
+    for vocab, tokenized_from, expect in ((split_vocab, 0, len(head)), (split_vocab, after_end, len(head)),
+                                          (split_vocab, len(enc(head)), 0), (split_vocab, None, 0),
+                                          (token_bytes, 0, 0)):
+        tree = RadixTree(vocab)
+        tree.insert(TrajectoryInput(rid="r1", prompt_ids=ids1, output_ids=out, output_logprobs=[0.0] * len(out),
+                                    visible_text=p1 + b"the", tokenized_from=tokenized_from), now=1)
+        m = tree.match_text(p2, now=2)
+        assert m.matched_bytes == expect, (tokenized_from, vocab is split_vocab)
+        assert m.tokens.tolist() == ids1[:len(enc(head))][:len(m.tokens)] and dec(m.tokens) == p2[:expect]
+        r = tree.retrieve(head, now=3)
+        assert r.matched_bytes == len(head) and not r.anchored  # a cut inside r1's prompt: not exact
+        check_invariants(tree)
 
 
 def test_non_canonical_engine_tokenization_is_preserved():
@@ -529,16 +560,22 @@ def test_rejects_malformed_trajectories():
 
 # ------------------------------------------------------------------------------------------------ stateful
 SMALL = [ID[x] for x in (b"a", b"b", b"c", b"ab", b"abc", b"bc", "你".encode()[:2], b"\xa0", b"\xf0",
-                         "🙂".encode()[1:], b"\n")] + [AB2]
+                         "🙂".encode()[1:], b"\n", b"<|im_start|>")] + [AB2]
 TOK = st.sampled_from(SMALL)
 SEQ = st.lists(TOK, min_size=0, max_size=6)
 
 
 class Rec:
-    def __init__(self, idx, rid, toks, P, lps, r3, visible, version):
+    def __init__(self, idx, rid, toks, P, lps, r3, visible, version, split_from=None):
         self.idx, self.rid, self.toks, self.P, self.lps, self.r3 = idx, rid, toks, P, lps, r3
-        self.visible, self.version = visible, version
+        self.visible, self.version, self.split_from = visible, version, split_from
         self.alive_len, self.term_alive = len(toks), True
+
+    def cut_after(self, b: int) -> bool:
+        """A text prompt may cut after this trajectory's first b tokens: a generation boundary, or a split token
+        in the part of the prompt the router tokenized itself."""
+        return b >= self.P or (self.split_from is not None and self.split_from < b
+                               and self.toks[b - 1] in SPLIT_IDS)
 
 
 def cached_prefix_len(tree, toks) -> int:
@@ -563,7 +600,7 @@ class RadixMachine(RuleBasedStateMachine):
 
     @initialize()
     def setup(self):
-        self.tree = RadixTree(token_bytes)
+        self.tree = RadixTree(split_vocab)
         self.recs: list[Rec] = []
         self.now = 0.0
         self.r3_seen = False
@@ -603,11 +640,20 @@ class RadixMachine(RuleBasedStateMachine):
                 out[key] = out.get(key, False) or b >= r.P
         return out
 
+    def cuts(self):
+        """tuple(token prefix) -> may a text prompt cut after it?, over everything still cached."""
+        out: dict[tuple, bool] = {}
+        for r in self.recs:
+            for b in range(1, r.alive_len + 1):
+                key = tuple(r.toks[:b])
+                out[key] = out.get(key, False) or r.cut_after(b)
+        return out
+
     def best_text_match(self, text, anchors_only):
         best = 0
-        for key, anchored in self.prefixes().items():
+        for key, cut in (self.cuts() if anchors_only else self.prefixes()).items():
             t = dec(key)
-            if (anchored or not anchors_only) and text.startswith(t):
+            if (cut or not anchors_only) and text.startswith(t):
                 best = max(best, len(t))
         return best
 
@@ -643,10 +689,11 @@ class RadixMachine(RuleBasedStateMachine):
             self.r3_seen = True
         idx = len(self.recs)
         shared = max([0] + [_lcp(r.toks[:r.alive_len], toks) for r in self.recs])
-        rec = Rec(idx, f"r{idx}", toks, len(prompt), lps, r3, visible, version)
+        split_from = data.draw(st.one_of(st.none(), st.integers(0, len(prompt))))  # None: the prompt came as ids
+        rec = Rec(idx, f"r{idx}", toks, len(prompt), lps, r3, visible, version, split_from)
         res = self.tree.insert(TrajectoryInput(rid=rec.rid, prompt_ids=prompt, output_ids=output, output_logprobs=lps,
                                                visible_text=visible, weight_version=version, worker=f"w{idx % 3}",
-                                               routed_experts=r3), now=self.tick())
+                                               routed_experts=r3, tokenized_from=split_from), now=self.tick())
         assert res.replaced_rid is None  # other spellings never replace each other; aliases stay under MAX_ALIASES
         assert res.shared_tokens == shared and res.new_tokens == len(toks) - shared
         same = any(r.term_alive and r.visible == visible and r.toks == toks for r in self.recs)
@@ -662,7 +709,7 @@ class RadixMachine(RuleBasedStateMachine):
         toks = tuple(m.tokens.tolist())
         assert dec(toks) == text[:m.matched_bytes]
         if toks:
-            assert self.prefixes()[toks] or not anchors_only
+            assert self.cuts()[toks] or not anchors_only
 
     @rule(data=st.data())
     def match_tokens(self, data):

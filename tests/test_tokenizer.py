@@ -185,3 +185,71 @@ def test_sentencepiece_style_folder(tmp_path: Path) -> None:
     assert tok.text_bytes(ids) == " Hello 猫 world".encode()  # Metaspace prepends the word-start marker
     assert tok.text_bytes(tok.encode("猫")) == " 猫".encode()
     assert tok.eos_token_id == tok.hf.convert_tokens_to_ids("</s>")
+
+
+# ---- split tokens: where the trajectory cache may cut a text prompt inside another prompt (router/core/radix) ----
+_PIECES = st.one_of(
+    st.sampled_from(["<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<think>", "</think>",
+                     "<|endoftext|>", "<|im_", "|>", "<tool", "think>", "\n", "\n\n", " ", "  ", "user", "assistant"]),
+    st.text(alphabet=st.sampled_from("ab xyz.,'!?\n\t0123456789éü你好🙂<>|/_"), max_size=12),
+)
+
+
+def _split_points(tok: Tokenizer, text: str) -> list[int]:
+    """Byte offsets right after each split token in the tokenizer's own encoding of `text`."""
+    ids = tok.encode(text)
+    ends = np.cumsum(tok.vocab.lengths[np.asarray(ids, np.int64)]) if ids else []
+    return [int(e) for i, e in zip(ids, ends) if tok.vocab.split_after is not None and tok.vocab.split_after[i]]
+
+
+def test_the_builtin_tokenizers_split_after_their_chat_tokens(qwen: Tokenizer, tiny: Tokenizer) -> None:
+    for tok in (qwen, tiny):
+        table = tok.vocab.split_after
+        assert table is not None
+        for name in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
+            assert table[tok.raw.token_to_id(name)], (tok.name, name)
+        assert not table[tok.raw.token_to_id("Hello")]  # an ordinary token never
+    assert all(qwen.vocab.split_after[qwen.raw.token_to_id(t)] for t in ("<tool_call>", "</think>"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_PIECES, max_size=10).map("".join))
+def test_a_text_cut_after_a_split_token_encodes_as_its_two_pieces(qwen: Tokenizer, text: str) -> None:
+    """What the cache relies on: encode(text) == encode(text[:b]) + encode(text[b:]) at every split point b."""
+    data = text.encode("utf-8", "surrogatepass")
+    whole = qwen.encode(text)
+    for b in _split_points(qwen, text):
+        assert qwen.encode(data[:b].decode()) + qwen.encode(data[b:].decode()) == whole, b
+
+
+def _word_level(pre_tokenizer, added):
+    """A small offline tokenizer (tokenizers' WordLevel model) with the given pre-tokenizer and added tokens."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import models
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "a", "▁a", "Hello", "▁Hello", "x", "▁x", "1", "▁1"])}
+    raw = RawTokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizer
+    raw.add_special_tokens(added)
+    return raw
+
+
+def test_split_tokens_are_refused_where_a_cut_would_change_the_tokens() -> None:
+    from tokenizers import AddedToken, pre_tokenizers
+
+    from router.tokenizer.vocab import split_after_ids
+
+    def ids(raw):
+        return sorted(raw.get_added_tokens_decoder()[i].content for i in
+                      split_after_ids(raw, raw.get_added_tokens_decoder()))
+
+    plain = [AddedToken("<sep>", special=True, normalized=False)]
+    assert ids(_word_level(pre_tokenizers.Whitespace(), plain)) == ["<sep>"]
+    # SentencePiece's prefix space on the first piece only: the text after a cut would gain one
+    assert ids(_word_level(pre_tokenizers.Metaspace(prepend_scheme="first"), plain)) == []
+    # a token that takes the whitespace after it, or one another added token contains
+    assert ids(_word_level(pre_tokenizers.Whitespace(),
+                           [AddedToken("<sep>", special=True, rstrip=True, normalized=False)])) == []
+    assert ids(_word_level(pre_tokenizers.Whitespace(),
+                           [AddedToken("<s>", special=True, normalized=False),
+                            AddedToken("<s><t>", special=True, normalized=False)])) == ["<s><t>"]

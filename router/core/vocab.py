@@ -18,9 +18,13 @@ _GATHER_MIN_IDS = 256
 class VocabBytes:
     """The exact bytes of each token id (`pieces`; a token may hold part of a multi-byte UTF-8
     character), their lengths (`lengths`, uint32), all of them in one `blob` with each id's start in
-    `offsets` (int64, one more entry than ids, so id i is blob[offsets[i]:offsets[i + 1]])."""
+    `offsets` (int64, one more entry than ids, so id i is blob[offsets[i]:offsets[i + 1]]).
 
-    __slots__ = ("pieces", "lengths", "blob", "offsets", "size", "_blob_u8")
+    `split_after` (bool per id, or None: none) marks the ids after which the tokenizer splits any text: for a
+    text that its encode spells with such an id ending at byte b, encode(text) == encode(text[:b]) +
+    encode(text[b:]). The tokenizer sets it (router/tokenizer/vocab.py `split_after_ids`, which checks it)."""
+
+    __slots__ = ("pieces", "lengths", "blob", "offsets", "size", "split_after", "_blob_u8")
 
     def __init__(self, pieces: Sequence[bytes]) -> None:
         self.pieces: list[bytes] = list(pieces)
@@ -30,6 +34,12 @@ class VocabBytes:
         np.cumsum(self.lengths, out=self.offsets[1:])
         self.blob = b"".join(self.pieces)
         self._blob_u8 = np.frombuffer(self.blob, dtype=np.uint8)
+        self.split_after: np.ndarray | None = None
+
+    def set_split_after(self, ids: Sequence[int]) -> None:
+        table = np.zeros(self.size, np.bool_)
+        table[list(ids)] = True
+        self.split_after = table if table.any() else None
 
     def __len__(self) -> int:
         return self.size

@@ -82,6 +82,7 @@ class Capture(Stage):
                 worker=ex.worker.url if ex.worker is not None else None,
                 finish=out.finish.type,
                 routed_experts=experts,
+                tokenized_from=prompt.cached_tokens if prompt.text is not None else None,
             ))
         ex.scratch["trajectory"] = records
         client_headers = ex.client_headers  # present while the reply's head is held back

@@ -2,7 +2,8 @@
 
 Reads the request's single `text` prompt. Writes `scratch["prefix"]` = (token ids, matched bytes)
 from the trajectory cache: the exact tokens the engine saw and produced for that prefix, ending
-where reuse is safe (after a generated token, a prompt's end, or a finished trajectory). The
+where reuse is safe (after a generated token, a prompt's end, a finished trajectory, or a split
+token such as <|im_start|> in a prompt the router tokenized itself: router/core/radix). The
 match never ends inside a UTF-8 character, so the remainder can be tokenized as text. With the durable
 store, earlier turns the prompt continues that are no longer in memory (evicted, or stored before a
 restart) are loaded back into the cache first, so the next turn reuses their exact tokens; the store is

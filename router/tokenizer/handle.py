@@ -12,7 +12,7 @@ import trio
 
 from router.core.vocab import VocabBytes
 from router.tokenizer.qwen3 import render_qwen3
-from router.tokenizer.vocab import token_vocabulary
+from router.tokenizer.vocab import split_after_ids, token_vocabulary
 from router.wire.qwen3 import QWEN3_CHAT_TEMPLATE
 
 # Texts shorter than this are encoded on the trio thread: a thread hop costs more than the encode.
@@ -47,6 +47,8 @@ class Tokenizer:
         self._hf_cleans_up_spaces = bool(getattr(hf, "clean_up_tokenization_spaces", False))
         # The exact bytes of every id, one table (the trajectory cache derives its text from it too).
         self.vocab: VocabBytes = token_vocabulary(self.raw, added)
+        # where the trajectory cache may cut a text prompt inside another prompt's tokens (router/core/radix)
+        self.vocab.set_split_after(split_after_ids(self.raw, added))
         self._renders_role: dict[str, bool] = {}
 
     def __repr__(self) -> str:

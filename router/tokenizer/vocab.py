@@ -57,3 +57,52 @@ def token_vocabulary(raw: Any, added: dict[int, Any]) -> VocabBytes:
             pieces.append(raw.decode([i], skip_special_tokens=False).encode())
     return VocabBytes(pieces)
 
+
+
+# Texts on either side of a candidate split token in `split_after_ids`' check: letters, spaces, newlines,
+# punctuation, a multi-byte character, a word a pre-tokenizer keeps whole, the start of a special token.
+_LEFTS = ("", "a", "Hello world", " ", "\n", "é", "x ", "1.5")
+_RIGHTS = ("", "a", " a", "\n", "\n\n", "Hello", "é", "  x", "'s", "<", "|", "1")
+
+
+def split_after_ids(raw: Any, added: dict[int, Any]) -> list[int]:
+    """The added tokens after which `raw` splits any text: a text its encode spells with one of them ending at
+    byte b encodes as encode(text[:b]) + encode(text[b:]), so a prompt's tokens up to such a token can be reused
+    for any text that starts the same way, without tokenizing that part again.
+
+    Hugging Face tokenizers find added tokens first (leftmost-longest) and tokenize the text between them piece by
+    piece, so this holds for a token that takes no text from its right (no `rstrip`, not `single_word`, matched
+    on the raw text: not `normalized`) and that no other added token contains (which could then match across the
+    cut). A pre-tokenizer that treats the first piece of a text apart (SentencePiece's prefix space) breaks it:
+    each candidate is also checked on sample texts, and kept only if every sample splits exactly."""
+    contents = {i: tok.content for i, tok in added.items()}
+    candidates = []
+    for i, tok in added.items():
+        c = tok.content
+        if (not c or tok.rstrip or tok.single_word or tok.normalized or raw.token_to_id(c) != i
+                or any(c in other for j, other in contents.items() if j != i)):
+            continue
+        candidates.append((i, c))
+    if not candidates:
+        return []
+    rights = list(_RIGHTS)
+    texts: dict[str, int] = {}
+    for _, c in candidates:
+        for t in [x + c for x in _LEFTS] + [x + c + y for x in _LEFTS for y in rights + [c, c[:1]]] + [c, c[:1]]:
+            texts.setdefault(t, len(texts))
+    for y in rights:
+        texts.setdefault(y, len(texts))
+    ids = [e.ids for e in raw.encode_batch(list(texts), add_special_tokens=False)]
+    enc = {t: ids[n] for t, n in texts.items()}
+    safe = []
+    for i, c in candidates:
+        ok = True
+        for x in _LEFTS:
+            left = enc[x + c]
+            ok = bool(left) and left[-1] == i and all(enc[x + c + y] == left + enc[y]
+                                                      for y in rights + [c, c[:1]])
+            if not ok:
+                break
+        if ok:
+            safe.append(i)
+    return safe

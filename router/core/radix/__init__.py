@@ -16,8 +16,9 @@ This module is the pure data structure (no I/O, no clock, no tokenizer import). 
 
 * The tree is keyed by TOKENS (a compressed trie over token ids, split on divergence like SGLang's RadixCache), so
   every cached sequence is exactly what an engine produced; text is only an index. Each node holds its run of
-  tokens in ONE int32 array `data` [2, n]: row 0 the token ids with two flag bits on top (bit 29 = loss mask,
-  bit 30 = "anchor after this token"), row 1 the float32 logprobs (bit for bit). That is 8 bytes per token, the
+  tokens in ONE int32 array `data` [2, n]: row 0 the token ids with three flag bits on top (bit 28 = loss mask,
+  bit 29 = "anchor after this token": a generation boundary, bit 30 = "split after this token": a prompt token the
+  router tokenized from text, after which its tokenizer splits any text), row 1 the float32 logprobs (bit for bit). That is 8 bytes per token, the
   information itself. The run's text is not stored: it is derived from the tokens through the tokenizer's
   vocabulary table (`VocabBytes`, one per tokenizer, shared by every node). A node keeps only its text's length
   and a keyed hash of it. Optional routed-expert rows `r3` [n, L*K] are stored at the width the expert ids need
@@ -65,11 +66,12 @@ Where each part lives (read this docstring first, then tree.py):
 """
 
 from router.core.radix.keys import text_digest, text_key
-from router.core.radix.node import (ALIAS_OVERHEAD, ANCHOR, MASK, MAX_ALIASES, NODE_OVERHEAD, TERMINAL_OVERHEAD, Node,
-                                    Terminal)
+from router.core.radix.node import (ALIAS_OVERHEAD, ANCHOR, MASK, MAX_ALIASES, NODE_OVERHEAD, SPLIT, TERMINAL_OVERHEAD,
+                                    Node, Terminal)
 from router.core.radix.tree import (EvictionReport, InsertResult, PrefixMatch, RadixTree, Retrieved,
                                     TrajectoryInput)
 
-__all__ = ["ALIAS_OVERHEAD", "ANCHOR", "MASK", "MAX_ALIASES", "NODE_OVERHEAD", "TERMINAL_OVERHEAD", "EvictionReport",
+__all__ = ["ALIAS_OVERHEAD", "ANCHOR", "MASK", "MAX_ALIASES", "NODE_OVERHEAD", "SPLIT", "TERMINAL_OVERHEAD",
+           "EvictionReport",
            "InsertResult", "Node", "PrefixMatch", "RadixTree", "Retrieved", "Terminal", "TrajectoryInput",
            "text_digest", "text_key"]

@@ -10,12 +10,18 @@ from typing import Any
 import numpy as np
 
 MASK = 1  # flag: generated token (loss mask 1)
-ANCHOR = 2  # flag: a text-keyed request may cut right after this token
-FLAG_SHIFT = 29  # flags live in bits 29-30 of a node's token codes, so token ids must be < 2**29
+ANCHOR = 2  # flag: a generation boundary (a prompt's end, after a generated token): a text prompt may cut here
+# flag: a prompt token the router tokenized from text itself, after which the tokenizer splits any text (an added
+# token such as <|im_end|>): a text prompt may cut here too, and its tokens are the ones tokenizing it would give
+SPLIT = 4
+FLAG_SHIFT = 28  # flags live in bits 28-30 of a node's token codes, so token ids must be < 2**28
 TOKEN_BITS = (1 << FLAG_SHIFT) - 1
 GEN_CODE = np.int32((MASK | ANCHOR) << FLAG_SHIFT)
 ANCHOR_CODE = np.int32(ANCHOR << FLAG_SHIFT)
 ANCHOR_BIT = ANCHOR << FLAG_SHIFT
+SPLIT_CODE = np.int32(SPLIT << FLAG_SHIFT)
+CUT_CODE = np.int32((ANCHOR | SPLIT) << FLAG_SHIFT)  # where a text prompt may cut: either flag
+CUT_BIT = (ANCHOR | SPLIT) << FLAG_SHIFT
 # Fixed per-object estimates for `nbytes` (CPython 3.11, numpy 2; calibrated with tracemalloc by
 # tests/test_radix.py::test_nbytes_tracks_real_memory): the Node object, its array header, its entries in the
 # parent's child index, its heap entry; a Terminal with its key and index entry.

@@ -14,9 +14,9 @@ import numpy as np
 
 from router.core.radix.heaps import LeafHeaps
 from router.core.radix.keys import text_key
-from router.core.radix.node import (ALIAS_OVERHEAD, ANCHOR_BIT, ANCHOR_CODE, FLAG_SHIFT, GEN_CODE, MASK,
-                                    MAX_ALIASES, MIXED_VERSIONS, NO_CHILDREN, NODE_OVERHEAD, TERMINAL_OVERHEAD, TOKEN_BITS,
-                                    Node, Terminal)
+from router.core.radix.node import (ALIAS_OVERHEAD, ANCHOR_BIT, ANCHOR_CODE, CUT_BIT, FLAG_SHIFT, GEN_CODE, MASK,
+                                    MAX_ALIASES, MIXED_VERSIONS, NO_CHILDREN, NODE_OVERHEAD, SPLIT_CODE,
+                                    TERMINAL_OVERHEAD, TOKEN_BITS, Node, Terminal)
 from router.core.vocab import VocabBytes
 from router.wire.sglang import expert_dtype
 
@@ -38,6 +38,10 @@ class TrajectoryInput(msgspec.Struct, kw_only=True):
     # int [len(prompt)+len(output)-1, L, K] or None; rows of -1 mean "not reported" (e.g. the worker was asked
     # for rows from routed_experts_start_len on) and leave the cached rows in place
     routed_experts: Any = None
+    # The prompt tokens from this index on are the router's own tokenization of the prompt's text (None: the
+    # prompt came as ids, or nobody knows). After a split token there (VocabBytes.split_after), a later text
+    # prompt may cut: those tokens are what tokenizing its text would give.
+    tokenized_from: int | None = None
 
 
 class InsertResult(msgspec.Struct):
@@ -138,6 +142,7 @@ class RadixTree:
         if vocab.size > TOKEN_BITS:
             raise ValueError(f"vocabulary of {vocab.size} tokens: the trajectory cache takes ids < {TOKEN_BITS + 1}")
         self._vocab = vocab
+        self._split_after = vocab.split_after
         self._lens = vocab.lengths
         self._pieces = vocab.pieces
         self.root = Node(np.zeros((2, 0), np.int32), 0, hash(b""), None)
@@ -195,7 +200,8 @@ class RadixTree:
             if r3.size:
                 self._fit_expert_width(r3)
         version = self._intern(t.weight_version)
-        args = (P, n, lps, r3, version, t.worker, now)
+        split_from = t.tokenized_from if self._split_after is not None else None
+        args = (P, n, lps, r3, version, t.worker, now, split_from)
         node, pos, splits = self.root, 0, 0
         for child, at, m in self._token_path(toks):
             if m < child.size:
@@ -248,7 +254,7 @@ class RadixTree:
         self._stats["superseded"] += 1
         return term.older_rids.pop(0)
 
-    def _write(self, node: Node, pos, P, n, lps, r3, version, worker, now) -> None:
+    def _write(self, node: Node, pos, P, n, lps, r3, version, worker, now, split_from) -> None:
         """Merge one trajectory into `node`, which holds its positions [pos, pos+len)."""
         L = node.size
         codes = node.data[0]
@@ -258,6 +264,10 @@ class RadixTree:
             node.data[1, lo:] = lps[pos + lo - P:pos + L - P].view(np.int32)
         if 0 <= P - 1 - pos < L:
             codes[P - 1 - pos] |= ANCHOR_CODE  # end of the prompt
+        if split_from is not None and split_from - pos < min(lo, L):
+            # split tokens in the part of the prompt the router tokenized itself
+            run = codes[max(split_from - pos, 0):min(lo, L)]
+            run[self._split_after[run & TOKEN_BITS]] |= SPLIT_CODE
         hi = min(L, n - 1 - pos)  # routed-expert rows: none for the trajectory's last token
         if r3 is not None and hi > 0:
             self._write_r3(node, r3[pos:pos + hi], version)
@@ -473,13 +483,14 @@ class RadixTree:
         return self._matched(segs, q[:end].copy(), nbytes, now)
 
     def match_text(self, text: bytes, *, now: float, anchors_only: bool = True) -> PrefixMatch:
-        """Longest prefix of `text` spelled by cached tokens that ends on an anchor (any token boundary when
-        anchors_only=False). Ties between different token paths go to the most recently used."""
+        """Longest prefix of `text` spelled by cached tokens that ends where a text prompt may cut: on an anchor
+        or after a split token of a prompt the router tokenized (any token boundary when anchors_only=False).
+        Ties between different token paths go to the most recently used."""
         memo = self._last_match
         if memo is not None and memo[1] == anchors_only and memo[0] == text:
             segs, nbytes = memo[2], memo[3]  # a GRPO group sends the same prompt n times in a row
         else:
-            segs, nbytes, _ = self._text_walk(text, anchors_only)
+            segs, nbytes, _ = self._text_walk(text, CUT_BIT if anchors_only else 0)
             self._last_match = (text, anchors_only, segs, nbytes)
         if segs:
             toks = np.concatenate([nd.data[0, :k] for nd, k in segs])
@@ -497,11 +508,12 @@ class RadixTree:
         last = segs[-1][0]
         return PrefixMatch(toks, nbytes, last.worker, last.version)
 
-    def _text_walk(self, text: bytes, anchors_only: bool) -> tuple[list, int, int]:
+    def _text_walk(self, text: bytes, ends: int) -> tuple[list, int, int]:
         """Depth-first over the children whose first token matches the text (normally one per level; several
         only where different tokenizations spell the same bytes). Returns the best [(node, k tokens)] path
-        (most bytes, ties to the most recently used), its length in bytes, and how many distinct token paths
-        reach that length (each (node, k) ends a different token sequence)."""
+        (most bytes, ties to the most recently used) ending after a token with one of the flag bits `ends`
+        (0: after any token), its length in bytes, and how many distinct token paths reach that length (each
+        (node, k) ends a different token sequence)."""
         best: tuple = (0, 0.0, None)  # (bytes, recency, linked path)
         ties = 0
         stack = [(self.root, 0, None)]
@@ -522,7 +534,7 @@ class RadixTree:
                     else:
                         k, kbytes = self._partial_match(child, text, mv, pos)  # k >= 1: its first token matched
                         whole, end = False, pos + kbytes
-                    if anchors_only and not child.data.item(0, k - 1) & ANCHOR_BIT:
+                    if ends and not child.data.item(0, k - 1) & ends:
                         pending.append((end, pos, child, k, path))
                     else:
                         ties = 1 if end > best[0] else ties + (end == best[0])
@@ -534,7 +546,7 @@ class RadixTree:
         for bound, pos, child, k, path in pending:  # an anchor inside the run ends before `bound`
             if bound <= best[0]:
                 break
-            idx = np.flatnonzero(child.data[0, :k - 1] & ANCHOR_CODE)
+            idx = np.flatnonzero(child.data[0, :k - 1] & ends)
             if idx.size:
                 i = int(idx[-1])
                 b = pos + self._bytes_upto(child, i + 1)
@@ -579,14 +591,14 @@ class RadixTree:
                 self._stats["retrieve_exact"] += 1
                 return Retrieved(True, toks, lps, mask, tlen, _dedup(versions), r3, rid or term.rid, term.finish,
                                  term.version, anchored=True, alternatives=len(group))
-        segs, nbytes, _ = self._text_walk(text, False)
+        segs, nbytes, _ = self._text_walk(text, 0)
         anchored = bool(segs) and bool(segs[-1][0].data.item(0, segs[-1][1] - 1) & ANCHOR_BIT)
         alternatives = 0
         if segs and nbytes == tlen:
             # The whole text is covered. Count the spellings that end on an anchor (a cut inside somebody else's
             # prompt, e.g. a later turn's prompt over an evicted trajectory's text, is no spelling of its own);
             # one of them is preferred to a cut inside a prompt.
-            asegs, abytes, aties = self._text_walk(text, True)
+            asegs, abytes, aties = self._text_walk(text, ANCHOR_BIT)
             if abytes == tlen:
                 segs, anchored, alternatives = asegs, True, aties
             else:
