@@ -18,8 +18,8 @@ This module is the pure data structure (no I/O, no clock, no tokenizer import). 
   every cached sequence is exactly what an engine produced; text is only an index. Each node holds its run of
   tokens in ONE int32 array `data` [2, n]: row 0 the token ids with three flag bits on top (bit 28 = loss mask,
   bit 29 = "anchor after this token": a generation boundary, bit 30 = "split after this token": a prompt token the
-  router tokenized from text, after which its tokenizer splits any text), row 1 the float32 logprobs (bit for bit). That is 8 bytes per token, the
-  information itself. The run's text is not stored: it is derived from the tokens through the tokenizer's
+  router tokenized from text, after which its tokenizer splits any text), row 1 the float32 logprobs (bit for
+  bit). That is 8 bytes per token, the information itself. The run's text is not stored: it is derived from the tokens through the tokenizer's
   vocabulary table (`VocabBytes`, one per tokenizer, shared by every node). A node keeps only its text's length
   and a keyed hash of it. Optional routed-expert rows `r3` [n, L*K] are stored at the width the expert ids need
   (uint8 for <= 256 experts, uint16, else int32; the tree widens every node the first time a larger id arrives,
