@@ -19,11 +19,12 @@ This module is the pure data structure (no I/O, no clock, no tokenizer import). 
   tokens in ONE int32 array `data` [2, n]: row 0 the token ids with three flag bits on top (bit 28 = loss mask,
   bit 29 = "anchor after this token": a generation boundary, bit 30 = "split after this token": a prompt token the
   router tokenized from text, after which its tokenizer splits any text), row 1 the float32 logprobs (bit for
-  bit). That is 8 bytes per token, the information itself. The run's text is not stored: it is derived from the tokens through the tokenizer's
-  vocabulary table (`VocabBytes`, one per tokenizer, shared by every node). A node keeps only its text's length
-  and a keyed hash of it. Optional routed-expert rows `r3` [n, L*K] are stored at the width the expert ids need
-  (uint8 for <= 256 experts, uint16, else int32; the tree widens every node the first time a larger id arrives,
-  never truncating), with `r3_known` marking rows not reported yet (None once every row is known).
+  bit). That is 8 bytes per token, the information itself. The run's text is not stored: it is derived from the
+  tokens through the tokenizer's vocabulary table (`VocabBytes`, one per tokenizer, shared by every node). A node
+  keeps only its text's length and a keyed hash of it. Optional routed-expert rows `r3` [n, L*K] are stored at
+  the width the expert ids need (uint8 for <= 256 experts, uint16, else int32; the tree widens every node the
+  first time a larger id arrives, never truncating), with `r3_known` marking rows not reported yet (None once
+  every row is known).
 * Text walk: each node indexes its children by the exact bytes of their first token, so only children whose first
   token matches are visited (several only where different tokenizations spell the same bytes: then all are
   explored and the longest match wins, ties to the most recently used). A child whose whole text fits is checked
@@ -72,6 +73,5 @@ from router.core.radix.tree import (EvictionReport, InsertResult, PrefixMatch, R
                                     TrajectoryInput)
 
 __all__ = ["ALIAS_OVERHEAD", "ANCHOR", "MASK", "MAX_ALIASES", "NODE_OVERHEAD", "SPLIT", "TERMINAL_OVERHEAD",
-           "EvictionReport",
-           "InsertResult", "Node", "PrefixMatch", "RadixTree", "Retrieved", "Terminal", "TrajectoryInput",
-           "text_digest", "text_key"]
+           "EvictionReport", "InsertResult", "Node", "PrefixMatch", "RadixTree", "Retrieved", "Terminal",
+           "TrajectoryInput", "text_digest", "text_key"]

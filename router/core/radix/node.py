@@ -20,8 +20,7 @@ GEN_CODE = np.int32((MASK | ANCHOR) << FLAG_SHIFT)
 ANCHOR_CODE = np.int32(ANCHOR << FLAG_SHIFT)
 ANCHOR_BIT = ANCHOR << FLAG_SHIFT
 SPLIT_CODE = np.int32(SPLIT << FLAG_SHIFT)
-CUT_CODE = np.int32((ANCHOR | SPLIT) << FLAG_SHIFT)  # where a text prompt may cut: either flag
-CUT_BIT = (ANCHOR | SPLIT) << FLAG_SHIFT
+CUT_BIT = (ANCHOR | SPLIT) << FLAG_SHIFT  # where a text prompt may cut: either flag
 # Fixed per-object estimates for `nbytes` (CPython 3.11, numpy 2; calibrated with tracemalloc by
 # tests/test_radix.py::test_nbytes_tracks_real_memory): the Node object, its array header, its entries in the
 # parent's child index, its heap entry; a Terminal with its key and index entry.
