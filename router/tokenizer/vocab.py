@@ -58,7 +58,6 @@ def token_vocabulary(raw: Any, added: dict[int, Any]) -> VocabBytes:
     return VocabBytes(pieces)
 
 
-
 # Texts on either side of a candidate split token in `split_after_ids`' check: letters, spaces, newlines,
 # punctuation, a multi-byte character, a word a pre-tokenizer keeps whole, the start of a special token.
 _LEFTS = ("", "a", "Hello world", " ", "\n", "é", "x ", "1.5")
@@ -76,33 +75,21 @@ def split_after_ids(raw: Any, added: dict[int, Any]) -> list[int]:
     cut). A pre-tokenizer that treats the first piece of a text apart (SentencePiece's prefix space) breaks it:
     each candidate is also checked on sample texts, and kept only if every sample splits exactly."""
     contents = {i: tok.content for i, tok in added.items()}
-    candidates = []
-    for i, tok in added.items():
-        c = tok.content
-        if (not c or tok.rstrip or tok.single_word or tok.normalized or raw.token_to_id(c) != i
-                or any(c in other for j, other in contents.items() if j != i)):
-            continue
-        candidates.append((i, c))
-    if not candidates:
-        return []
-    rights = list(_RIGHTS)
-    texts: dict[str, int] = {}
-    for _, c in candidates:
-        for t in [x + c for x in _LEFTS] + [x + c + y for x in _LEFTS for y in rights + [c, c[:1]]] + [c, c[:1]]:
-            texts.setdefault(t, len(texts))
-    for y in rights:
-        texts.setdefault(y, len(texts))
-    ids = [e.ids for e in raw.encode_batch(list(texts), add_special_tokens=False)]
-    enc = {t: ids[n] for t, n in texts.items()}
-    safe = []
-    for i, c in candidates:
-        ok = True
+    candidates = [(i, c) for i, c in contents.items()
+                  if c and not (added[i].rstrip or added[i].single_word or added[i].normalized)
+                  and raw.token_to_id(c) == i and not any(c in other for j, other in contents.items() if j != i)]
+    texts = set(_RIGHTS)
+    for _, c in candidates:  # each left + token + each right ("" among them), and the token as a right
+        texts.update(x + c + y for x in _LEFTS for y in _RIGHTS + (c, c[:1]))
+        texts.update((c, c[:1]))
+    order = list(texts)
+    enc = dict(zip(order, (e.ids for e in raw.encode_batch(order, add_special_tokens=False))))
+
+    def splits(i: int, c: str) -> bool:
         for x in _LEFTS:
             left = enc[x + c]
-            ok = bool(left) and left[-1] == i and all(enc[x + c + y] == left + enc[y]
-                                                      for y in rights + [c, c[:1]])
-            if not ok:
-                break
-        if ok:
-            safe.append(i)
-    return safe
+            if not left or left[-1] != i or any(enc[x + c + y] != left + enc[y] for y in _RIGHTS + (c, c[:1])):
+                return False
+        return True
+
+    return [i for i, c in candidates if splits(i, c)]
