@@ -124,6 +124,132 @@ async def test_concurrent_puts_share_commits(pg_url):
     await store.aclose()
 
 
+async def test_a_backlog_of_records_is_written_in_bounded_inserts(pg_url):
+    """Records that piled up while the database held the INSERT back (here a lock; in production an outage's
+    backlog) are written in statements of at most MAX_RECORDS_PER_INSERT rows: one INSERT of thousands would pass
+    PostgreSQL's 65,535 parameters."""
+    import psycopg
+
+    from router.net.store_pg import MAX_RECORDS_PER_INSERT
+
+    store = PgStore(pg_url)
+    store.start()
+    admin = psycopg.connect(pg_url, autocommit=True)
+    n = 2 * MAX_RECORDS_PER_INSERT + 88
+    try:
+        before = store.stats().commits
+        admin.execute("BEGIN")
+        admin.execute("LOCK TABLE miles_router.trajectories IN EXCLUSIVE MODE")
+        for i in range(n):
+            await store.put([(text_digest(f"backlog {i}".encode()), _rec(i))], wait=False)
+            await trio.sleep(0)
+        admin.execute("COMMIT")
+        for _ in range(1000):
+            if store.stats().pending_writes == 0:
+                break
+            await trio.sleep(0.01)
+        st = store.stats()
+        assert st.pending_writes == 0 and st.write_error is None and st.rows == n, st
+        assert st.commits - before >= 3, st.commits - before  # (the first INSERT, held back, has one row)
+        assert admin.execute("SELECT count(*) FROM miles_router.trajectories").fetchone()[0] == n
+    finally:
+        admin.close()
+        await store.aclose()
+
+
+def _write_backends(admin) -> list[int]:
+    """The server pids of the store's record-writing connections (their last statement: the records' INSERT)."""
+    return [r[0] for r in admin.execute(
+        "SELECT pid FROM pg_stat_activity WHERE query LIKE 'INSERT INTO miles_router.trajectories%'").fetchall()]
+
+
+async def test_a_record_whose_connection_broke_fails_and_is_not_sent_again(pg_url):
+    """A records' INSERT whose connection breaks may have committed: its writer fails it (the request gets a 503)
+    instead of sending it again; the next write uses a new connection. An idle connection the server closed
+    meanwhile is noticed before a write is sent on it: that write succeeds."""
+    import psycopg
+
+    store = PgStore(pg_url)
+    store.start()
+    admin = psycopg.connect(pg_url, autocommit=True)
+    try:
+        await store.put([(text_digest(b"first"), _rec(0))], wait=True)
+        (idle,) = _write_backends(admin)
+        admin.execute("SELECT pg_terminate_backend(%s)", (idle,))
+        for _ in range(500):  # (the server answers before the backend is gone)
+            if not admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (idle,)).fetchall():
+                break
+            await trio.sleep(0.01)
+        await store.put([(text_digest(b"after an idle close"), _rec(1))], wait=True)  # a new connection
+
+        blocked = text_digest(b"cut off")
+        failed = []
+
+        async def put_blocked():
+            try:
+                await store.put([(blocked, _rec(2))], wait=True)
+            except StoreWriteError as e:
+                failed.append(str(e))
+
+        async with trio.open_nursery() as n:
+            admin.execute("BEGIN")  # the INSERT waits for this lock; its connection is cut meanwhile
+            admin.execute("LOCK TABLE miles_router.trajectories IN EXCLUSIVE MODE")
+            n.start_soon(put_blocked)
+            for _ in range(500):
+                await trio.sleep(0.01)
+                busy = [r[0] for r in admin.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE 'INSERT INTO miles_router.trajectories%'").fetchall()]
+                if busy:
+                    break
+            assert busy, "the INSERT never waited for the lock"
+            admin.execute("SELECT pg_terminate_backend(%s)", (busy[0],))
+            admin.execute("COMMIT")  # the lock is gone: an INSERT sent again would commit now
+        assert len(failed) == 1 and failed[0].startswith(f"{store.name}: cannot write: "), failed
+        assert store.stats().write_error is not None
+        assert admin.execute("SELECT count(*) FROM miles_router.trajectories WHERE digest = %s",
+                             (blocked,)).fetchone()[0] == 0
+        assert await store.get(blocked) is None
+        await store.put([(text_digest(b"next"), _rec(3))], wait=True)
+        assert store.stats().write_error is None
+        assert (await store.get(text_digest(b"next"))).rid == "r3"
+    finally:
+        admin.close()
+        await store.aclose()
+
+
+async def test_a_retrieve_mark_waits_for_its_records_commit(pg_url):
+    """A trajectory retrieved while its record is still being written is marked retrieved once the record is
+    there: the mark goes to the writer process and the record's INSERT runs on the loop, so a mark sent at once
+    would find no row and be lost, leaving the record counted as unretrieved (kept past retention)."""
+    import psycopg
+
+    store = PgStore(pg_url)
+    store.start()
+    admin = psycopg.connect(pg_url, autocommit=True)
+    digest = text_digest(b"retrieved while written")
+    try:
+        # every INSERT of records takes 0.5 s before it commits; an UPDATE meanwhile is not held back
+        admin.execute("CREATE FUNCTION miles_router.slow() RETURNS trigger LANGUAGE plpgsql AS "
+                      "$$ BEGIN PERFORM pg_sleep(0.5); RETURN NEW; END $$")
+        admin.execute("CREATE TRIGGER slow BEFORE INSERT ON miles_router.trajectories "
+                      "FOR EACH ROW EXECUTE FUNCTION miles_router.slow()")
+        await store.put([(digest, _rec(0))], wait=False)
+        assert (await store.get(digest)).rid == "r0"  # read from what is queued
+        store.mark_retrieved(digest)
+        for _ in range(500):
+            if store.stats().pending_writes == 0:
+                break
+            await trio.sleep(0.01)
+        await trio.sleep(0.3)  # the mark, sent after the commit, reaches the writer process
+        assert store.stats().unretrieved == 0
+    finally:
+        await store.aclose()
+    assert admin.execute("SELECT retrieved FROM miles_router.trajectories WHERE digest = %s",
+                         (digest,)).fetchall() == [(True,)]
+    admin.close()
+
+
 async def test_two_stores_share_one_database(pg_url):
     """Two routers' stores on one database: ids never collide, each reads what the other wrote, sessions one
     wrote are loaded by the other, and their retention passes do not delete anything twice."""

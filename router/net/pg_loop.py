@@ -14,9 +14,16 @@ Parameters go as text, except `bytes` (binary: bytea), lists of ints as array li
 come back in binary and are decoded for the column types the store reads (bigint, integer, bytea). A connection
 that breaks (the server restarted or went away) is dropped and the query tried once on a fresh one; a query cut
 off by its deadline drops its connection too (its answer may still be on the way).
+
+Writes (`query(..., retry=False)`: the PostgreSQL store's trajectory inserts, router/net/store_pg.py) are never sent
+twice: a write whose connection broke may have committed, so it fails instead. So that a database restart does not
+fail the first write after it, an idle connection is checked before a write is sent on it (libpq reads whatever
+the server sent meanwhile, a closed socket included: one `select` with no wait).
 """
 
 from __future__ import annotations
+
+import select
 
 import psycopg
 import trio
@@ -54,29 +61,53 @@ def _param(p) -> tuple[bytes | None, int]:
     return str(p).encode(), 0
 
 
+def _still_open(pg: pq.PGconn) -> bool:
+    """Whether an idle connection is still usable. Nothing arrives on a healthy idle connection; a server that
+    closed it (a restart, an administrator's termination) sent its notice and then the end of the socket, which
+    libpq reads in two receives: read until nothing is left, and a closed connection shows as broken."""
+    try:
+        for _ in range(4):
+            if not select.select([pg.socket], [], [], 0)[0]:
+                break
+            pg.consume_input()
+    except (psycopg.OperationalError, OSError, ValueError):
+        return False
+    return pg.status == pq.ConnStatus.OK
+
+
 class LoopConnections:
-    def __init__(self, conninfo: str, *, size: int = 8) -> None:
+    def __init__(self, conninfo: str, *, size: int = 8, settings: dict[str, str] | None = None) -> None:
+        """`settings`: run-time parameters SET on each new connection (the writes' `synchronous_commit`)."""
         self._info = conninfo
+        self._settings = dict(settings or {})
         self._idle: list[psycopg.Connection] = []  # queried through their libpq connection (`.pgconn`) only
         self._slots = trio.Semaphore(size)
         self._names: dict[bytes, bytes] = {}  # statement -> its prepared name (the same on every connection)
         self._prepared: dict[psycopg.Connection, set[bytes]] = {}  # connection -> the names prepared on it
 
-    async def query(self, sql: bytes, params: tuple = ()) -> list[tuple]:
-        """The rows of one query (QueryFailed). Bound it with a cancel scope: cancelled, its connection goes."""
+    async def query(self, sql: bytes, params: tuple = (), *, retry: bool = True) -> list[tuple]:
+        """The rows of one query (QueryFailed). Bound it with a cancel scope: cancelled, its connection goes.
+        `retry=False` for a write: not sent again after its connection broke (it may have committed)."""
         values, formats = zip(*map(_param, params)) if params else ((), ())
         try:  # a free slot is taken without a checkpoint: the query yields to the loop while it waits anyway
             self._slots.acquire_nowait()
         except trio.WouldBlock:
             await self._slots.acquire()
         try:
-            return await self._query(sql, values, formats)
+            return await self._query(sql, values, formats, retry)
         finally:
             self._slots.release()
 
-    async def _query(self, sql: bytes, values, formats) -> list[tuple]:
+    async def _query(self, sql: bytes, values, formats, retry: bool) -> list[tuple]:
         for attempt in range(2):
-            conn = self._idle.pop() if self._idle else await self._connect()
+            conn = None
+            while self._idle and conn is None:
+                conn = self._idle.pop()
+                if not retry and not _still_open(conn.pgconn):
+                    self._drop(conn)
+                    conn = None
+            if conn is None:
+                conn = await self._connect()
             name = self._names.get(sql)
             if name is None:  # (not setdefault: that would format a name on every query)
                 name = self._names[sql] = b"miles_router_%d" % len(self._names)
@@ -90,7 +121,7 @@ class LoopConnections:
             except _Broken as e:  # the server restarted or went away: the idle connections went with it
                 self._drop(conn)
                 self.close()
-                if attempt:
+                if attempt or not retry:
                     raise QueryFailed(str(e)) from None
                 continue
             except BaseException:  # an error answer keeps the connection usable; anything else does not
@@ -125,6 +156,8 @@ class LoopConnections:
             conn.execute("SET plan_cache_mode = force_generic_plan")
         except psycopg.errors.UndefinedObject:
             pass
+        for name, value in self._settings.items():
+            conn.execute(f"SET {name} = {value}")
         return conn
 
     def _drop(self, conn: psycopg.Connection) -> None:

@@ -8,7 +8,6 @@ This module imports neither trio nor numpy, so the writer process starts fast.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import time
@@ -58,9 +57,6 @@ CREATE TABLE IF NOT EXISTS miles_router.session_turns (
 );
 """
 _TABLES = ("meta", "trajectories", "sessions", "session_turns")
-_COPY = ("COPY miles_router.trajectories (digest, created, version, ntokens, nbytes, head, vlen, data) "
-         "FROM STDIN (FORMAT BINARY)")
-_COPY_TYPES = ["bytea", "float8", "text", "int4", "int4", "int8", "int4", "bytea"]
 _TOTALS = ("SELECT count(*), coalesce(sum(nbytes), 0), count(*) FILTER (WHERE NOT retrieved) "
            "FROM miles_router.trajectories")
 # (reads: router/net/pg_loop.py's $n parameters)
@@ -257,23 +253,16 @@ class PgWriter:
         return conn
 
     def _write_group(self, batch: list[Op]) -> dict:
+        """The batch's writes in one transaction, sent as one pipeline: BEGIN, the lock, a statement per write and
+        COMMIT in one round trip, answers read at its end. (Trajectory records are not written here: the router
+        inserts them from its event loop, router/net/store_pg.py.)"""
         t0 = time.perf_counter()
-        added = added_bytes = records = retrieved = 0
+        records = retrieved = 0
         error = None
         try:
             conn = self._writer_conn()
-            # A batch of trajectories alone is one COPY, which is its own transaction (all rows or none, committed,
-            # at `sync = "commit"` flushed, before the COPY's end is answered): two round trips fewer than BEGIN,
-            # COPY, COMMIT, so a shorter commit for every reply waiting on it
-            only_puts = all(op.kind == "put" for op in batch)
-            # A batch without trajectories (session turns, touches, deletions, retrieve marks) is sent as one
-            # pipeline: BEGIN, the lock, a statement per write and COMMIT in one round trip, answers read at its end
-            # (COPY cannot run in a pipeline, so a batch with trajectories waits for each statement's answer)
-            pipelined = not any(op.kind == "put" for op in batch)
             answers: list[tuple[Op, psycopg.Cursor]] = []  # the statements whose answers the batch reports
-            with (conn.pipeline() if pipelined else contextlib.nullcontext()), \
-                    (contextlib.nullcontext() if only_puts else conn.transaction()), conn.cursor() as cur:
-                rows: list = []
+            with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
                 digests: list = []
                 # The sessions this batch writes, locked in id order: a writer in another router locks them in the
                 # same order (no deadlock), a turn is written only while its session's row exists (a deletion
@@ -283,22 +272,9 @@ class PgWriter:
                 if sids:
                     cur.execute("SELECT id FROM miles_router.sessions WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
                                 (sids,))
-                for i, op in enumerate(batch):  # in queue order; consecutive ops of a kind share one statement
+                for i, op in enumerate(batch):  # in queue order; consecutive marks share one statement
                     following = batch[i + 1].kind if i + 1 < len(batch) else None
-                    if op.kind == "put":  # (QueuedStore._child_args: the records encoded by the router)
-                        for digest, blob, created, version, ntokens, head, vlen in op.args:
-                            rows.append((digest, created, version, ntokens, len(blob), head, vlen, blob))
-                            added_bytes += len(blob)
-                        added += len(op.args)
-                        records += len(op.args)
-                        if following != "put":
-                            # COPY: half the client CPU per record of an INSERT per row (measured), one round trip
-                            with cur.copy(_COPY) as copy:
-                                copy.set_types(_COPY_TYPES)
-                                for row in rows:
-                                    copy.write_row(row)
-                            rows = []
-                    elif op.kind == "retrieved":
+                    if op.kind == "retrieved":
                         digests.append(op.args)
                         if following != "retrieved":
                             marks = conn.cursor()
@@ -316,6 +292,8 @@ class PgWriter:
                     elif op.kind == "session_delete":
                         cur.execute("DELETE FROM miles_router.sessions WHERE id = %s", (op.args,))
                         cur.execute("DELETE FROM miles_router.session_turns WHERE session = %s", (op.args,))
+                    else:
+                        raise ValueError(f"the writer process does not write {op.kind!r}")
             for op, answer in answers:  # committed: what each statement answered
                 if op.kind == "session":
                     op.result = _session_written(answer, op.args[3])
@@ -326,19 +304,17 @@ class PgWriter:
             error = describe(e)
             if not isinstance(e, psycopg.Error):
                 log.exception("%s: writer failed", self.name)
-        if error is None:
-            self.payload_bytes += added_bytes
-        return dict(elapsed=time.perf_counter() - t0, records=records, error=error, added=added,
-                    added_bytes=added_bytes, retrieved=retrieved)
+        return dict(elapsed=time.perf_counter() - t0, records=records, error=error, retrieved=retrieved)
 
     def _run_own(self, op: Op) -> None:
         """A retention pass or a session expiry, in a transaction of its own."""
         try:
             conn = self._writer_conn()
             if op.kind == "maintain":
+                now, stale_versions, self.payload_bytes = op.args  # (the router's total: it writes the records)
                 if time.monotonic() - self._totals_at > TOTALS_EVERY_S:
                     self._read_totals(conn)  # other routers' writes and deletions
-                op.result = self.apply_retention(*op.args)
+                op.result = self.apply_retention(now, stale_versions)
             else:
                 op.result = _expire_sessions(conn, *op.args)
         except Exception as e:  # noqa: BLE001 - the waiter must hear about it

@@ -3,16 +3,19 @@
 `[store] url = "postgresql://user@host/db"` selects it (router/net/store_open.py). Same record format
 (router/wire/store.py, router/wire/session_store.py) and same guarantees as the SQLite store:
 
-- **A writer process, reads on the loop.** psycopg's async API runs on asyncio only, and the router runs on trio.
-  Writes use psycopg's synchronous API off the event loop exactly as router/net/store_sqlite.py does: ONE writer
+- **Trajectories and reads on the loop, the rest in a writer process.** psycopg's async API runs on asyncio only,
+  and the router runs on trio. Reads, which a fleet makes once per request, and the trajectory records, which
+  every persisting reply writes, go over libpq's nonblocking API on the event loop itself
+  (router/net/pg_loop.py): the loop sends a statement and waits for its socket as for any other. A record's
+  commit is then one round trip the loop waits on, not a hop to another process and that process's round
+  trips: ~0.6x the router CPU per `/generate` of the store's cost through the writer process (BENCHMARKS.md
+  §5). Everything else (session turns, retrieve marks, retention) uses psycopg's synchronous API in ONE writer
   (`PgWriter`, router/net/pg_writer.py with the schema, in a process of its own: router/net/writer_process.py)
-  owns the write connection; the event loop
-  only sends it work and reads its answers. Reads, which a fleet makes once per request, run on the event loop
-  itself through libpq's nonblocking API (router/net/pg_loop.py: under half the CPU of a worker thread and a
-  pool).
-- **Group commit.** The writer takes everything queued and writes it in ONE transaction (the records as one
-  binary COPY; a batch without records as one pipeline, a single round trip); records that finish while a commit
-  is in progress share the next one. `sync = "commit"`:
+  exactly as router/net/store_sqlite.py does; the event loop only sends it work and reads its answers.
+- **Group commit.** Records that finish while a commit of records is in progress share the next one: ONE
+  `INSERT` of all of them, its own transaction (`_write_records`). The writer process takes everything queued
+  and writes it in ONE transaction (a pipeline, a single round trip). A retrieve mark of a record still being
+  written waits for that record's commit (an earlier mark would find no row). `sync = "commit"`:
   `synchronous_commit = on` and the reply's end waits for the commit; `sync = "off"`: `synchronous_commit = off`
   and nobody waits (a read still sees records not yet committed).
 - **The database away.** Every wait is bounded: connecting by `store.timeout_s`;
@@ -40,7 +43,9 @@ out of line and uncompressed), `sessions` (with `last_used`, wall clock), `sessi
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 from collections.abc import Iterator, Sequence
 
 import trio
@@ -55,6 +60,21 @@ from router.wire import store as wire
 from router.wire.store import StoredTrajectory
 
 log = logging.getLogger("miles_router")
+
+MAX_RECORDS_PER_INSERT = 256
+_INSERT_COLUMNS = (("digest", "bytea"), ("created", "float8"), ("version", "text"), ("ntokens", "integer"),
+                   ("nbytes", "integer"), ("head", "bigint"), ("vlen", "integer"), ("data", "bytea"))
+
+
+@functools.cache
+def _insert_records(n: int) -> bytes:
+    """The INSERT of `n` records (router/net/pg_loop.py prepares it once per connection and size)."""
+    width = len(_INSERT_COLUMNS)
+    rows = ", ".join("(" + ", ".join(f"${i * width + j + 1}::{t}" for j, (_, t) in enumerate(_INSERT_COLUMNS)) + ")"
+                     for i in range(n))
+    return (f"INSERT INTO miles_router.trajectories ({', '.join(c for c, _ in _INSERT_COLUMNS)}) VALUES {rows}"
+            ).encode()
+
 
 
 class PgStore(QueuedStore):
@@ -87,17 +107,30 @@ class PgStore(QueuedStore):
                 cur.execute("SELECT DISTINCT head FROM miles_router.trajectories WHERE head IS NOT NULL")
                 self._heads.load(cur)
         self._reads: LoopConnections | None = None
+        self._writes: LoopConnections | None = None  # the records' connection (one: a commit at a time)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the writer process; reads connect when first made."""
+        """Start the writer process and the records' writer task; connections are made when first used."""
         self._reads = LoopConnections(self._info)
         if not self.read_only:  # (a read-only store refuses every write before it is queued)
+            self._writes = LoopConnections(self._info, size=1, settings={
+                "synchronous_commit": "on" if self.sync == "commit" else "off"})
+            self._records: list[Op] = []  # puts queued for the next INSERT
+            self._records_lot = trio.lowlevel.ParkingLot()
+            self._marks_after: list[Op] = []  # retrieve marks of records not committed yet
+            self._records_done = trio.Event()
             self._start_writer()
+            trio.lowlevel.spawn_system_task(self._write_records, name=f"{self.name}: records")
 
     async def aclose(self) -> None:
-        """Stop the writer after what is queued, within `wait_s`: a database that hangs must not hang the
+        """Stop the writers after what is queued, within `wait_s`: a database that hangs must not hang the
         router's shutdown (a writer stuck in a commit is killed, what it had not answered fails)."""
+        if self._writes is not None:
+            self._closing = True
+            self._records_lot.unpark_all()
+            with trio.move_on_after(self.wait_s):
+                await self._records_done.wait()
         if not await self._stop_writer(self.wait_s):
             log.warning("%s: the writer did not finish within %g s (the database does not answer); "
                         "stopped it", self.name, self.wait_s)
@@ -105,9 +138,10 @@ class PgStore(QueuedStore):
 
     def close_sync(self) -> None:
         """Close the connections (offline tools; the router uses aclose)."""
-        if self._reads is not None:
-            self._reads.close()
-            self._reads = None
+        for loop_conns in (self._reads, self._writes):
+            if loop_conns is not None:
+                loop_conns.close()
+        self._reads = self._writes = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -117,6 +151,74 @@ class PgStore(QueuedStore):
         return True  # the pass also re-reads the totals other routers moved (PgWriter, every TOTALS_EVERY_S)
 
     _child_module = "router.net.pg_writer"
+
+    def _child_args(self, op: Op) -> object:
+        """A retention pass gets the router's payload total with it: the writer process does not see the records
+        the loop writes."""
+        if op.kind == "maintain":
+            return (*op.args, self.payload_bytes)
+        return op.args
+
+    def _enqueue(self, op: Op) -> None:
+        """Records go to the loop's INSERT (`_write_records`), everything else to the writer process; a retrieve
+        mark of a record still being written waits for its commit."""
+        if op.kind == "put" and self._writes is not None:
+            self._records.append(op)
+            self._records_lot.unpark_all()
+        elif op.kind == "retrieved" and op.args in self._pending and self._writes is not None:
+            self._marks_after.append(op)
+        else:
+            super()._enqueue(op)
+
+    async def _write_records(self) -> None:
+        """The records' group commit, on the event loop: whatever was queued while the last INSERT ran is the
+        next one, ONE statement (its own transaction, flushed before its answer with `sync = "commit"`). An INSERT
+        whose connection broke is not sent again (it may have committed): its records fail, as a commit whose
+        outcome is unknown does in the writer process."""
+        try:
+            while True:
+                if not self._records:
+                    if self._closing:
+                        return
+                    await self._records_lot.park()
+                    continue
+                # at most MAX_RECORDS_PER_INSERT rows (whole operations): a statement has at most 65,535 parameters,
+                # and each size is a statement prepared once per connection
+                take, rows = 0, 0
+                while take < len(self._records) and (take == 0 or rows + len(self._records[take].args)
+                                                     <= MAX_RECORDS_PER_INSERT):
+                    rows += len(self._records[take].args)
+                    take += 1
+                batch, self._records = self._records[:take], self._records[take:]
+                params: list = []
+                added = added_bytes = 0
+                for op in batch:
+                    for r in op.args:  # the columns of _INSERT_COLUMNS
+                        blob = wire.encode(r.record)
+                        params += (r.digest, r.record.created, r.record.weight_version, r.record.ntokens, len(blob),
+                                   r.head, r.vlen, blob)
+                        added += 1
+                        added_bytes += len(blob)
+                t0, error = time.perf_counter(), None
+                with trio.move_on_after(self.wait_s) as waited:
+                    try:
+                        await self._writes.query(_insert_records(added), tuple(params), retry=False)
+                    except QueryFailed as e:
+                        error = str(e)
+                    except Exception as e:  # noqa: BLE001 - a bug fails these records, not the router
+                        log.exception("%s: writing records failed", self.name)
+                        error = f"{type(e).__name__}: {e}"
+                if waited.cancelled_caught:
+                    error = f"no commit within {self.wait_s:g} s (the database does not answer)"
+                ok = error is None
+                self._committed(batch, elapsed=time.perf_counter() - t0, records=added, error=error,
+                                added=added if ok else 0, added_bytes=added_bytes if ok else 0)
+                if self._marks_after:
+                    marks, self._marks_after = self._marks_after, []
+                    for op in marks:
+                        self._enqueue(op)
+        finally:
+            self._records_done.set()
 
     def _child_config(self) -> tuple:
         return self._info, self.sync, self.retention_s, self.max_bytes, self.payload_bytes, self.name

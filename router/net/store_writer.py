@@ -5,9 +5,11 @@ when the caller must know it is durable, waits for its commit.
 
 A backend subclasses `QueuedStore` and supplies its writer (`_child_module`, which serves a `write(batch)` that
 writes one group commit and returns its outcome), `_read_committed(digest)` (the stored blobs of one digest) and
-`_retention_due()`. Everything else here is the same for every backend: the operations' queue, the records queued
-but not yet committed (reads see them, so a trajectory is retrievable from the moment its reply ends, whatever
-`store.sync` says), the counters a batch moves, a write error's logging and recovery, and the waiters' wake-up.
+`_retention_due()`; it may route some operations elsewhere by overriding `_enqueue` (the PostgreSQL store
+inserts trajectory records from the event loop: router/net/store_pg.py). Everything else here is the same for
+every backend: the operations' queue, the records queued but not yet committed (reads see them, so a trajectory
+is retrievable from the moment its reply ends, whatever `store.sync` says), the counters a batch moves, a write
+error's logging and recovery, and the waiters' wake-up.
 """
 
 from __future__ import annotations
