@@ -218,6 +218,36 @@ async def test_a_record_whose_connection_broke_fails_and_is_not_sent_again(pg_ur
         await store.aclose()
 
 
+async def test_the_records_connection_is_reused_with_descriptors_past_1024(pg_url):
+    """The check of an idle connection before a write works whatever its descriptor's number (select() refuses
+    numbers past 1024, which a busy router's sockets reach): the records' connection is reused, not replaced."""
+    import resource
+
+    import psycopg
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the descriptor limit ({hard}) does not reach past 1024")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    store = PgStore(pg_url)
+    store.start()
+    admin = psycopg.connect(pg_url, autocommit=True)
+    try:
+        seen = []
+        for i in range(3):
+            await store.put([(text_digest(f"high descriptor {i}".encode()), _rec(i))], wait=True)
+            seen += _write_backends(admin)
+        assert store._writes._idle[0].pgconn.socket > 1024
+        assert len(set(seen)) == 1, seen  # one connection served the three writes
+    finally:
+        admin.close()
+        await store.aclose()
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 async def test_a_retrieve_mark_waits_for_its_records_commit(pg_url):
     """A trajectory retrieved while its record is still being written is marked retrieved once the record is
     there: the mark goes to the writer process and the record's INSERT runs on the loop, so a mark sent at once
