@@ -8,8 +8,8 @@
   every persisting reply writes, go over libpq's nonblocking API on the event loop itself
   (router/net/pg_loop.py): the loop sends a statement and waits for its socket as for any other. A record's
   commit is then one round trip the loop waits on, not a hop to another process and that process's round
-  trips: ~0.6x the router CPU per `/generate` of the store's cost through the writer process (BENCHMARKS.md
-  §5). Everything else (session turns, retrieve marks, retention) uses psycopg's synchronous API in ONE writer
+  trips: about half the router CPU per `/generate` the store cost through the writer process (BENCHMARKS.md
+  §5: +247 µs over memory-only against +496). Everything else (session turns, retrieve marks, retention) uses psycopg's synchronous API in ONE writer
   (`PgWriter`, router/net/pg_writer.py with the schema, in a process of its own: router/net/writer_process.py)
   exactly as router/net/store_sqlite.py does; the event loop only sends it work and reads its answers.
 - **Group commit.** Records that finish while a commit of records is in progress share the next one: ONE
@@ -74,7 +74,6 @@ def _insert_records(n: int) -> bytes:
                      for i in range(n))
     return (f"INSERT INTO miles_router.trajectories ({', '.join(c for c, _ in _INSERT_COLUMNS)}) VALUES {rows}"
             ).encode()
-
 
 
 class PgStore(QueuedStore):
