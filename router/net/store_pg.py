@@ -161,10 +161,10 @@ class PgStore(QueuedStore):
     def _enqueue(self, op: Op) -> None:
         """Records go to the loop's INSERT (`_write_records`), everything else to the writer process; a retrieve
         mark of a record still being written waits for its commit."""
-        if op.kind == "put" and self._writes is not None:
+        if op.kind == "put":  # (a read-only store, which has no `_writes`, refuses every put before it is queued)
             self._records.append(op)
             self._records_lot.unpark_all()
-        elif op.kind == "retrieved" and op.args in self._pending and self._writes is not None:
+        elif op.kind == "retrieved" and op.args in self._pending:
             self._marks_after.append(op)
         else:
             super()._enqueue(op)
@@ -183,11 +183,11 @@ class PgStore(QueuedStore):
                     continue
                 # at most MAX_RECORDS_PER_INSERT rows (whole operations): a statement has at most 65,535 parameters,
                 # and each size is a statement prepared once per connection
-                take, rows = 0, 0
-                while take < len(self._records) and (take == 0 or rows + len(self._records[take].args)
-                                                     <= MAX_RECORDS_PER_INSERT):
-                    rows += len(self._records[take].args)
-                    take += 1
+                take = rows = 0
+                for op in self._records:
+                    if take and rows + len(op.args) > MAX_RECORDS_PER_INSERT:
+                        break
+                    rows, take = rows + len(op.args), take + 1
                 batch, self._records = self._records[:take], self._records[take:]
                 params: list = []
                 added = added_bytes = 0
@@ -208,7 +208,7 @@ class PgStore(QueuedStore):
                         log.exception("%s: writing records failed", self.name)
                         error = f"{type(e).__name__}: {e}"
                 if waited.cancelled_caught:
-                    error = f"no commit within {self.wait_s:g} s (the database does not answer)"
+                    error = self._no_commit
                 ok = error is None
                 self._committed(batch, elapsed=time.perf_counter() - t0, records=added, error=error,
                                 added=added if ok else 0, added_bytes=added_bytes if ok else 0)

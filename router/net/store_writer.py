@@ -98,11 +98,15 @@ class QueuedStore(ProcessQueue):
             with trio.move_on_after(self.wait_s):
                 await op.done.wait()
         if not op.done.is_set():
-            raise StoreWriteError(f"{self.name}: cannot write: no commit within {self.wait_s:g} s "
-                                  "(the database does not answer)")
+            raise StoreWriteError(f"{self.name}: cannot write: {self._no_commit}")
         if op.error is not None:
             raise StoreWriteError(f"{self.name}: cannot write: {op.error}")
         return op.result
+
+    @property
+    def _no_commit(self) -> str:
+        """Why a write bounded by `wait_s` failed when its commit did not come in time."""
+        return f"no commit within {self.wait_s:g} s (the database does not answer)"
 
     def _refuse_writes(self) -> None:
         if self.read_only:
