@@ -9,6 +9,7 @@ import os
 import signal
 import re
 import sqlite3
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -187,6 +188,43 @@ async def test_sqlite_writer_process_killed_fails_what_it_had_not_answered_and_r
     child = store._child
     await store.aclose()
     assert child.poll() == 0  # closed: it wrote what it had and exited
+    other.close()
+
+
+async def test_writes_queued_during_a_commit_go_to_the_writer_in_one_send(tmp_path, monkeypatch):
+    """While the writer process has an operation it has not answered, nothing more is sent to it: what queues
+    meanwhile goes in one send when the answer comes (one system call on the event loop per commit, not per write),
+    and is written in one commit."""
+    from router.net.writer_process import ProcessQueue
+
+    sends: list[int] = []
+    send_all = ProcessQueue._send_all
+
+    async def counted(sock, data):
+        sends.append(len(data))
+        await send_all(sock, data)
+
+    monkeypatch.setattr(ProcessQueue, "_send_all", staticmethod(counted))
+    path = tmp_path / "s.db"
+    store = SqliteStore(path)
+    store.start()
+    await store.put([(b"a" * 16, _rec(0))], wait=True)
+    assert len(sends) == 2  # the configuration, the first write
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # the writer's next commit waits for this
+    commits = store.stats().commits
+    async with trio.open_nursery() as n:
+        n.start_soon(partial(store.put, [(b"b" * 16, _rec(1))], wait=True))
+        await trio.sleep(0.2)  # sent: the writer holds it, waiting for the lock
+        assert len(sends) == 3
+        for i in range(2, 12):  # one at a time, each in a later turn of the event loop
+            n.start_soon(partial(store.put, [(bytes([i]) * 16, _rec(i))], wait=True))
+            await trio.sleep(0.01)
+        assert len(sends) == 3, "nothing is sent while the writer has not answered"
+        other.execute("ROLLBACK")
+    assert len(sends) == 4, "what queued during the commit goes in one send"
+    assert store.stats().commits == commits + 2 and store.stats().rows == 12
+    await store.aclose()
     other.close()
 
 

@@ -15,6 +15,10 @@ directly: it runs on the loop). The child (`serve`) reads whatever has arrived, 
 (group commit: what arrives during a commit shares the next), and answers. A write is acknowledged only by that
 answer, which the child sends after its commit returned.
 
+The outbox is sent only while the child has nothing unanswered: what queues during a commit goes in one `send`
+when its answer arrives (the child could not read it sooner anyway), not in one `send` per operation, each a system
+call on the event loop (measured: BENCHMARKS.md §5).
+
 If the child dies, every operation it had not answered fails (`StoreWriteError` for whoever waits: it may or may
 not have been written) and a new child starts. If the router dies, the child reads the end of its socket, writes
 what it had received, and exits: nothing outlives the router. On close the parent sends everything queued, shuts
@@ -61,6 +65,7 @@ class ProcessQueue:
         self._seq = 0
         self._inflight: dict[int, Op] = {}  # sent (or about to be), not answered yet
         self._outbox: list[bytes] = []
+        self._sent_unanswered = 0  # operations sent to the current child that it has not answered
         self._outbox_lot = trio.lowlevel.ParkingLot()
         self._closing = False
         self._answered = False  # the current child answered a batch (a new one after it died starts at once)
@@ -72,7 +77,8 @@ class ProcessQueue:
         self._seq += 1
         self._inflight[self._seq] = op
         self._outbox.append(frame((self._seq, op.kind, self._child_args(op))))
-        self._outbox_lot.unpark_all()
+        if not self._sent_unanswered:  # (otherwise the child's answer wakes the sender)
+            self._outbox_lot.unpark_all()
 
     async def _stop_writer(self, timeout_s: float | None = None) -> bool:
         """Send what is queued, then wait for the child to write it and exit; False if it did not finish within
@@ -99,6 +105,7 @@ class ProcessQueue:
         ops = list(self._inflight.values())
         self._inflight.clear()
         self._outbox.clear()
+        self._sent_unanswered = 0
         if ops:
             self._committed(ops, elapsed=0.0, records=0, error=error)
 
@@ -110,8 +117,6 @@ class ProcessQueue:
                 env = dict(os.environ)  # the child imports the same router package as this process
                 root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
                 env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-                # the configuration goes first, over the socket (a database URL may hold a password: never argv)
-                self._outbox.insert(0, frame(self._child_config()))
                 try:
                     self._child = subprocess.Popen([sys.executable, "-m", self._child_module, str(theirs.fileno())],
                                                    pass_fds=[theirs.fileno()], env=env,
@@ -122,7 +127,9 @@ class ProcessQueue:
                     theirs.close()  # the child's now: its end of the socket closes when the child exits
                     with trio.socket.from_stdlib_socket(ours) as sock:
                         async with trio.open_nursery() as nursery:
-                            nursery.start_soon(self._send, sock)
+                            # the configuration first, over the socket (a database URL may hold a password: not
+                            # in argv)
+                            nursery.start_soon(self._send, sock, frame(self._child_config()))
                             await self._receive(sock)
                             nursery.cancel_scope.cancel()
                     status = await trio.to_thread.run_sync(self._child.wait)
@@ -147,21 +154,28 @@ class ProcessQueue:
         finally:
             self._writer_done.set()
 
-    async def _send(self, sock) -> None:
+    async def _send(self, sock, config: bytes) -> None:
         try:
+            await self._send_all(sock, config)
             while True:
-                if self._outbox:
-                    data = memoryview(b"".join(self._outbox))
+                if self._outbox and not self._sent_unanswered:
+                    data = b"".join(self._outbox)
+                    self._sent_unanswered += len(self._outbox)
                     self._outbox.clear()
-                    while data:
-                        data = data[await sock.send(data):]
-                elif self._closing:
+                    await self._send_all(sock, data)
+                elif self._closing and not self._outbox:
                     sock.shutdown(socket.SHUT_WR)
                     return
                 else:
                     await self._outbox_lot.park()
         except OSError:
             return  # the child is gone: `_receive` sees it too
+
+    @staticmethod
+    async def _send_all(sock, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[await sock.send(view):]
 
     async def _receive(self, sock) -> None:
         buf = bytearray()
@@ -176,6 +190,9 @@ class ProcessQueue:
             for seqs, outcome, results in unframe(buf):
                 self._answered = True
                 ops = {seq: self._inflight.pop(seq) for seq in seqs}
+                self._sent_unanswered -= len(seqs)
+                if not self._sent_unanswered and self._outbox:
+                    self._outbox_lot.unpark_all()
                 for seq, (result, error) in results.items():
                     ops[seq].result, ops[seq].error = result, error
                 self._batch_done(list(ops.values()), outcome)
