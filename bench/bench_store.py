@@ -41,6 +41,12 @@ per request, commit / memory (target <= 1.25x): the median over rounds of each r
 round run minutes apart at most, so a shared host's drift between rounds cancels out), with their range and the
 ratio of the two modes' medians.
 
+`--slices K` (default 4 for `shared-system`, 1 for the others) measures each round's points in K slices instead of
+one: every point's router is started first, then each is loaded for `--seconds` / K at a time (each slice after its
+own 1 s warm-up), K times, the order reversed in every other slice. A point's figures are its slices' sums. On a shared host whose speed drifts by 10-30% from one
+point to the next (the memory-only point alone read 979-1,354 µs per request within one 6-round run), adjacent
+slices a few seconds apart see nearly the same host, so each round's ratio carries much less of the drift.
+
 `--workload sessions` is agents on /sessions instead: each of c=16 connections is one agent at a time, POST
 /sessions, 8 chat turns (`/sessions/{id}/v1/chat/completions`, the same ~2 KB system prompt, the simulator's reply
 and a short tool result appended each turn), then DELETE; one "request" is one turn (the create and delete calls
@@ -235,15 +241,15 @@ SESSION_TURNS = 8  # chat turns per session in the sessions workload (then DELET
 WORKLOADS = {
     # unique prompts (their heads differ), tiny vocabulary, two workers: BENCHMARKS.md section 5's first table
     "unique": dict(prompt=unique_prompt, tokenizer="builtin:tiny", workers=2, concurrency=64, new_tokens=32,
-                   modes=("memory", "off", "commit"), prefill=0),
+                   modes=("memory", "off", "commit"), prefill=0, slices=1),
     # the RL norm: one long shared system prompt, a distinct question, real Qwen vocabulary (issue 19 item 6)
     "shared-system": dict(prompt=shared_system_prompt, tokenizer="builtin:qwen", workers=1, concurrency=16,
-                          new_tokens=64, modes=("memory", "commit"), prefill=20_000),
+                          new_tokens=64, modes=("memory", "commit"), prefill=20_000, slices=4),
     # agents on /sessions (issue 19 item 7's per-turn cost): each connection is one agent at a time, 8 chat turns
     # per session (a ~2 KB system prompt; the simulator's chat replies end by themselves, 10-100 tokens; a tool
     # result back), then DELETE
     "sessions": dict(prompt=session_messages, tokenizer="builtin:qwen", workers=1, concurrency=16, new_tokens=400,
-                     modes=("memory", "commit"), prefill=0),
+                     modes=("memory", "commit"), prefill=0, slices=1),
 }
 
 
@@ -372,6 +378,18 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int, repo: str =
             processes: int = 1) -> dict:
     """One point: a fresh router (from `repo`; `processes` router processes) in `mode`, loaded for args.seconds
     after a 1 s warm-up."""
+    point = start_point(tmp, sims, mode, args, round_, repo, label, processes)
+    try:
+        load_point(point, args, args.seconds, "")
+    except BaseException:
+        stop(point["router"])
+        raise
+    return finish_point(point, args)
+
+
+def start_point(tmp: str, sims: list[int], mode: str, args, round_: int, repo: str, label: str,
+                processes: int) -> dict:
+    """A fresh router for one point, serving (not loaded yet)."""
     port = free_port()
     name = mode + label
     store_path = args.pg_database() if is_pg(mode) else os.path.join(tmp, f"store-{name}-{round_}.db")
@@ -382,22 +400,47 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int, repo: str =
                         processes=processes)
     router = spawn([sys.executable, "-m", "router", "--config", cfg], os.path.join(tmp, f"router-{name}.log"), repo,
                    cpus=args.router_cpus)
+    point = dict(mode=mode, label=label, round=round_, port=port, store_path=store_path, router=router,
+                 processes=processes, ok=0, bad=0, elapsed=0.0, cpu=0.0, main=0.0, switches=0, db={})
     try:
         wait_http(f"http://127.0.0.1:{port}/health")
         wait_processes(port, processes)
-        client = subprocess.Popen([sys.executable, __file__, "_load", "--port", str(port), "--concurrency",
-                                   str(args.concurrency), "--seconds", str(args.seconds), "--warmup", "1.0",
-                                   "--tag", f"{mode}{round_}{label.replace('@', '-')}", "--workload", args.workload,
-                                   "--new-tokens", str(work["new_tokens"]), "--rate", str(args.rate)],
-                                  stdout=subprocess.PIPE, cwd=REPO)
-        PROCS.append(client)
-        time.sleep(1.0)  # the client's warm-up
-        (c0, main0, sw0), d0 = router_cpu(router.pid, processes), server_cpu(args)
-        out, _ = client.communicate(timeout=args.seconds + 60)
-        (c1, main1, sw1), d1 = router_cpu(router.pid, processes), server_cpu(args)
-        res = json.loads(out)
+    except BaseException:
+        stop(router)
+        raise
+    return point
+
+
+def load_point(point: dict, args, seconds: float, slice_tag: str) -> None:
+    """Load the point's router for `seconds` after a 1 s warm-up, adding the requests and the router's CPU to it."""
+    mode, label, router, processes = point["mode"], point["label"], point["router"], point["processes"]
+    work = WORKLOADS[args.workload]
+    client = subprocess.Popen([sys.executable, __file__, "_load", "--port", str(point["port"]), "--concurrency",
+                               str(args.concurrency), "--seconds", str(seconds), "--warmup", "1.0",
+                               "--tag", f"{mode}{point['round']}{label.replace('@', '-')}{slice_tag}",
+                               "--workload", args.workload, "--new-tokens", str(work["new_tokens"]),
+                               "--rate", str(args.rate)], stdout=subprocess.PIPE, cwd=REPO)
+    PROCS.append(client)
+    time.sleep(1.0)  # the client's warm-up
+    (c0, main0, sw0), d0 = router_cpu(router.pid, processes), server_cpu(args)
+    out, _ = client.communicate(timeout=seconds + 60)
+    (c1, main1, sw1), d1 = router_cpu(router.pid, processes), server_cpu(args)
+    res = json.loads(out)
+    point.update(ok=point["ok"] + res["ok"], bad=point["bad"] + res["bad"], elapsed=point["elapsed"] + res["elapsed"],
+                 cpu=point["cpu"] + c1 - c0, main=point["main"] + main1 - main0,
+                 switches=point["switches"] + sw1 - sw0)
+    if is_pg(mode) and d0 is not None:  # the database server's own work (in-process for SQLite)
+        for pid, t in d1.items():
+            point["db"][pid] = point["db"].get(pid, 0.0) + t - d0.get(pid, 0.0)
+
+
+def finish_point(point: dict, args) -> dict:
+    """The point's figures (its router's group commits read from /metrics), its router stopped."""
+    mode, store_path = point["mode"], point["store_path"]
+    res = {}
+    try:
         if mode != "memory":  # group commit as the router saw it (summed over processes: `process` labels)
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{point['port']}/metrics", timeout=5) as r:
                 m: dict[str, float] = {}
                 for name_, value in re.findall(r"^(miles_router_store_\w+(?:_sum|_count))(?:\{[^}]*\})? (\S+)$",
                                                r.read().decode(), re.M):
@@ -406,12 +449,13 @@ def measure(tmp: str, sims: list[int], mode: str, args, round_: int, repo: str =
             res.update(batch=m["miles_router_store_batch_records_sum"] / commits,
                        commit_ms=1e3 * m["miles_router_store_commit_seconds_sum"] / commits)
     finally:
-        stop(router)
-    ok = max(res["ok"], 1)
-    res.update(mode=mode, label=label, round=round_, rps=res["ok"] / res["elapsed"], cpu_us=(c1 - c0) * 1e6 / ok,
-               main_us=(main1 - main0) * 1e6 / ok, switches=(sw1 - sw0) / ok)
-    if is_pg(mode) and d0 is not None:  # the database server's own work (in-process for SQLite)
-        res["db_cpu_us"] = sum(t - d0.get(pid, 0.0) for pid, t in d1.items()) * 1e6 / ok
+        stop(point["router"])
+    ok = max(point["ok"], 1)
+    res.update(mode=mode, label=point["label"], round=point["round"], ok=point["ok"], bad=point["bad"],
+               elapsed=point["elapsed"], rps=point["ok"] / max(point["elapsed"], 1e-9), cpu_us=point["cpu"] * 1e6 / ok,
+               main_us=point["main"] * 1e6 / ok, switches=point["switches"] / ok)
+    if is_pg(mode) and args.cluster is not None:
+        res["db_cpu_us"] = sum(point["db"].values()) * 1e6 / ok
     if mode == "commit" and args.workload != "sessions":  # (session turns are not trajectories)
         conn = sqlite3.connect(store_path)
         rows, tokens, payload = conn.execute("SELECT count(*), total(ntokens), total(nbytes) FROM trajectories").fetchone()
@@ -441,6 +485,24 @@ def paired_ratios(results: list[dict], mode: str, base: str, label: str) -> list
     return [cpu[mode, r] / cpu[base, r] for (m, r) in sorted(cpu) if m == mode and (base, r) in cpu]
 
 
+def sliced_round(tmp: str, sims: list[int], args, round_: int, points: list) -> list[dict]:
+    """One round with --slices K: every point's router started first, then each loaded for args.seconds / K at a
+    time, K times, the points' order reversed in every other slice, so that a shared host's drift at the scale of
+    seconds hits every point alike (a router that is not loaded meanwhile idles)."""
+    started = []
+    try:
+        for mode, repo, label, n in points:
+            started.append(start_point(tmp, sims, mode, args, round_, repo, label, n))
+        for k in range(args.slices):
+            for point in started if k % 2 == 0 else started[::-1]:
+                load_point(point, args, args.seconds / args.slices, f"s{k}")
+    except BaseException:
+        for point in started:
+            stop(point["router"])
+        raise
+    return [finish_point(point, args) for point in started]
+
+
 def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str, int]]) -> None:
     """Every mode of every target (this checkout, --processes' counts of it for the PostgreSQL modes, and
     --compare-ref's), alternated within each round (reversed in odd rounds) so drift on a shared machine hits all
@@ -451,14 +513,18 @@ def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str, in
         # N > 1 processes: the shared PostgreSQL modes only; pg1-*: this checkout's single process only
         points = [(m, repo, label, n) for m in modes for label, repo, n in targets
                   if (n == 1 or m.startswith("pg-")) and not (label and m.startswith("pg1-"))]
-        for mode, repo, label, n in points if r % 2 == 0 else points[::-1]:
-            res = measure(tmp, sims, mode, args, r, repo, label, n)
+        ordered = points if r % 2 == 0 else points[::-1]
+        if args.slices > 1:
+            done = sliced_round(tmp, sims, args, r, ordered)
+        else:
+            done = (measure(tmp, sims, mode, args, r, repo, label, n) for mode, repo, label, n in ordered)
+        for res in done:
             results.append(res)
             extra = (f"  {res['batch']:.1f} trajectories/commit, {res['commit_ms']:.2f} ms/commit"
                      if "batch" in res else "")
             if "db_cpu_us" in res:
                 extra += f", database server {res['db_cpu_us']:.0f} µs/req"
-            print(f"round {r} {mode + label:>14}: {res['rps']:7.0f} req/s  router {res['cpu_us']:6.0f} µs/req "
+            print(f"round {r} {res['mode'] + res['label']:>14}: {res['rps']:7.0f} req/s  router {res['cpu_us']:6.0f} µs/req "
                   f"(event loop thread {res['main_us']:.0f}, {res['switches']:.2f} context switches)  "
                   f"bad {res['bad']}{extra}", flush=True)
     measured = {(x["mode"], x["label"]) for x in results}
@@ -633,6 +699,10 @@ def main() -> int:
                          "CPU per request compared at equal throughput (0 = closed loop, the default)")
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--slices", type=int,
+                    help="default: the workload's (4 shared-system, 1 the others). K > 1: each round starts every point's router first, then loads each for --seconds / K "
+                         "at a time, K times, alternating (each slice after its own 1 s warm-up): drift on a shared "
+                         "host at the scale of seconds then hits every point alike")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--compare-ref", metavar="GITREF",
                     help="also measure the router as of GITREF (a temporary git worktree) in the same run")
@@ -656,6 +726,7 @@ def main() -> int:
         args.seconds, args.rounds = 4.0, 1
     work = WORKLOADS[args.workload]
     args.concurrency = args.concurrency or work["concurrency"]
+    args.slices = args.slices or work["slices"]
     args.modes = tuple(args.modes.split(",")) if args.modes else work["modes"]
     args.prefill = work["prefill"] if args.prefill is None else args.prefill
     if not set(args.modes) <= {"memory", "off", "commit"}:
@@ -699,7 +770,8 @@ def main() -> int:
         wait_http(f"http://127.0.0.1:{p}/health")
     print(f"# bench_store.py --workload {args.workload}  (c={args.concurrency}"
           f"{', router pinned to CPU 0' if args.pin else ''}"
-          f"{f', paced to {args.rate:g} req/s' if args.rate else ''}, {args.seconds:g} s per point, "
+          f"{f', paced to {args.rate:g} req/s' if args.rate else ''}, {args.seconds:g} s per point"
+          f"{f' in {args.slices} slices' if args.slices > 1 else ''}, "
           f"{args.rounds} round(s), {args.prefill} trajectories in the store at the start of each store point; "
           f"logs in {tmp})")
     try:

@@ -194,7 +194,7 @@ async def test_sqlite_writer_process_killed_fails_what_it_had_not_answered_and_r
 async def test_writes_queued_during_a_commit_go_to_the_writer_in_one_send(tmp_path, monkeypatch):
     """While the writer process has an operation it has not answered, nothing more is sent to it: what queues
     meanwhile goes in one send when the answer comes (one system call on the event loop per commit, not per write),
-    and is written in one commit."""
+    and is written in one commit. The writer runs as SCHED_BATCH (woken by a send, it does not preempt the loop)."""
     from router.net.writer_process import ProcessQueue
 
     sends: list[int] = []
@@ -224,6 +224,8 @@ async def test_writes_queued_during_a_commit_go_to_the_writer_in_one_send(tmp_pa
         other.execute("ROLLBACK")
     assert len(sends) == 4, "what queued during the commit goes in one send"
     assert store.stats().commits == commits + 2 and store.stats().rows == 12
+    if hasattr(os, "SCHED_BATCH"):  # woken by a send, the writer does not preempt the event loop
+        assert os.sched_getscheduler(store._child.pid) == os.SCHED_BATCH
     await store.aclose()
     other.close()
 
