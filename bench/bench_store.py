@@ -43,9 +43,10 @@ ratio of the two modes' medians.
 
 `--slices K` (default 4 for `shared-system`, 1 for the others) measures each round's points in K slices instead of
 one: every point's router is started first, then each is loaded for `--seconds` / K at a time (each slice after its
-own 1 s warm-up), K times, the order reversed in every other slice. A point's figures are its slices' sums. On a shared host whose speed drifts by 10-30% from one
-point to the next (the memory-only point alone read 979-1,354 µs per request within one 6-round run), adjacent
-slices a few seconds apart see nearly the same host, so each round's ratio carries much less of the drift.
+own 1 s warm-up), K times, the order reversed in every other slice. A point's figures are its slices' sums. On a
+shared host whose speed drifts by 10-30% from one point to the next (the memory-only point alone read 979-1,354 µs
+per request within one 6-round run), adjacent slices a few seconds apart see nearly the same host, so each round's
+ratio carries much less of the drift.
 
 `--workload sessions` is agents on /sessions instead: each of c=16 connections is one agent at a time, POST
 /sessions, 8 chat turns (`/sessions/{id}/v1/chat/completions`, the same ~2 KB system prompt, the simulator's reply
