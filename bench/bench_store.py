@@ -459,10 +459,12 @@ def finish_point(point: dict, args) -> dict:
         res["db_cpu_us"] = sum(point["db"].values()) * 1e6 / ok
     if mode == "commit" and args.workload != "sessions":  # (session turns are not trajectories)
         conn = sqlite3.connect(store_path)
-        rows, tokens, payload = conn.execute("SELECT count(*), total(ntokens), total(nbytes) FROM trajectories").fetchone()
+        rows, tokens, payload = conn.execute(
+            "SELECT count(*), total(ntokens), total(nbytes) FROM trajectories").fetchone()
         conn.close()
         files = sum(os.path.getsize(store_path + s) for s in ("", "-wal", "-shm") if os.path.exists(store_path + s))
-        res.update(rows=rows, tokens=tokens, record_bytes_per_token=payload / tokens, file_bytes_per_token=files / tokens)
+        res.update(rows=rows, tokens=tokens, record_bytes_per_token=payload / tokens,
+                   file_bytes_per_token=files / tokens)
     for s in ("", "-wal", "-shm"):
         if os.path.exists(store_path + s):
             os.unlink(store_path + s)
@@ -525,7 +527,8 @@ def throughput(tmp: str, sims: list[int], args, targets: list[tuple[str, str, in
                      if "batch" in res else "")
             if "db_cpu_us" in res:
                 extra += f", database server {res['db_cpu_us']:.0f} µs/req"
-            print(f"round {r} {res['mode'] + res['label']:>14}: {res['rps']:7.0f} req/s  router {res['cpu_us']:6.0f} µs/req "
+            name = res["mode"] + res["label"]
+            print(f"round {r} {name:>14}: {res['rps']:7.0f} req/s  router {res['cpu_us']:6.0f} µs/req "
                   f"(event loop thread {res['main_us']:.0f}, {res['switches']:.2f} context switches)  "
                   f"bad {res['bad']}{extra}", flush=True)
     measured = {(x["mode"], x["label"]) for x in results}
