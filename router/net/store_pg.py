@@ -9,9 +9,10 @@
   (router/net/pg_loop.py): the loop sends a statement and waits for its socket as for any other. A record's
   commit is then one round trip the loop waits on, not a hop to another process and that process's round
   trips: about half the router CPU per `/generate` the store cost through the writer process (BENCHMARKS.md
-  §5: +247 µs over memory-only against +496). Everything else (session turns, retrieve marks, retention) uses psycopg's synchronous API in ONE writer
-  (`PgWriter`, router/net/pg_writer.py with the schema, in a process of its own: router/net/writer_process.py)
-  exactly as router/net/store_sqlite.py does; the event loop only sends it work and reads its answers.
+  §5: +247 µs over memory-only against +496). Everything else (session turns, retrieve marks, retention) uses
+  psycopg's synchronous API in ONE writer (`PgWriter`, router/net/pg_writer.py with the schema, in a process of
+  its own: router/net/writer_process.py) exactly as router/net/store_sqlite.py does; the event loop only sends
+  it work and reads its answers.
 - **Group commit.** Records that finish while a commit of records is in progress share the next one: ONE
   `INSERT` of all of them, its own transaction (`_write_records`). The writer process takes everything queued
   and writes it in ONE transaction (a pipeline, a single round trip). A retrieve mark of a record still being
